@@ -1,0 +1,14 @@
+"""Attention-pattern analysis of Vision Transformers (UNIP, ICLR 2025).
+
+The pieces, importable for notebooks:
+
+- :mod:`unip_analysis.checkpoints`  load any family's checkpoint into a timm ViT
+- :mod:`unip_analysis.attention`    stream attention maps out of a forward pass
+- :mod:`unip_analysis.metrics`      NMI and mean attention distance on [B, H, Q, K] tensors
+- :mod:`unip_analysis.patterns`     local / hybrid / global bands and the layer-selection rule
+- :mod:`unip_analysis.analyze`      run a model over images and collect per-layer statistics
+- :mod:`unip_analysis.selection`    the ``layer_selection.json`` contract (schema version 1)
+- :mod:`unip_analysis.plots`        figures
+"""
+
+__version__ = "0.1.0"

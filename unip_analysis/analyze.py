@@ -1,0 +1,234 @@
+"""Run a backbone over images and collect per-layer attention statistics while it runs.
+
+Notebook use::
+
+    from unip_analysis import checkpoints, analyze
+    bb = checkpoints.load_backbone("mae", "vit_base_patch16_224", "mae_pretrain_vit_base.pth")
+    res = analyze.analyze_backbone(bb, analyze.image_dataset("imgs/", 224, "infrared"), name="mae_b")
+    res.layer_table()        # pandas DataFrame: layer, nmi, CI, distance, pattern
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from . import images as imgs
+from .attention import observe_attention
+from .checkpoints import LoadedBackbone
+from .metrics import attention_distance, bootstrap_ci, nmi, patch_attention, patch_distance_matrix
+from .patterns import Thresholds, classify, default_thresholds, select_layer
+
+DEFAULT_QUERY_POINTS: tuple[tuple[float, float], ...] = ((0.5, 0.5), (0.25, 0.25), (0.75, 0.7))
+
+
+def image_dataset(
+    folder: str | Path, img_size: int, norm: str = "imagenet", limit: int | None = None
+) -> imgs.ImageFolder:
+    """The images under ``folder`` (recursive), resized/cropped to ``img_size`` and normalized."""
+    files = imgs.find_images(folder)
+    if limit is not None:
+        files = files[:limit]
+    mean, std = imgs.parse_normalization(norm)
+    return imgs.ImageFolder(files, img_size, mean, std)
+
+
+@dataclass
+class ModelAnalysis:
+    """Per-layer, per-head statistics of one backbone over a set of images."""
+
+    name: str
+    family: str
+    arch: str
+    weights: str
+    weights_sha256: str
+    depth: int
+    embed_dim: int
+    patch_size: int
+    num_prefix_tokens: int
+    heads_per_layer: list[int]
+    img_size: int
+    grid: tuple[int, int]
+    head_nmi: list[np.ndarray]  # per layer: [images, heads]
+    head_distance: list[np.ndarray]  # per layer: [images, heads], pixels
+    query_points: list[tuple[float, float]]
+    query_tokens: list[int]
+    query_maps: list[np.ndarray]  # per layer: [map_images, points, heads, grid_h, grid_w]
+    map_images: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def n_images(self) -> int:
+        return int(self.head_nmi[0].shape[0])
+
+    def layer_nmi(self) -> np.ndarray:
+        """Layer NMI: mean over heads and images (method.md section 1)."""
+        return np.array([h.mean() for h in self.head_nmi])
+
+    def layer_distance(self) -> np.ndarray:
+        return np.array([d.mean() for d in self.head_distance])
+
+    def layer_table(self, thresholds: Thresholds | None = None, n_boot: int = 1000) -> pd.DataFrame:
+        th = thresholds or default_thresholds(self.grid)
+        rows = []
+        for i, (hn, hd) in enumerate(zip(self.head_nmi, self.head_distance)):
+            lo, hi = bootstrap_ci(hn.mean(axis=1), n_boot=n_boot, seed=i)
+            v = float(hn.mean())
+            rows.append(
+                {
+                    "model": self.name,
+                    "layer": i + 1,
+                    "heads": hn.shape[1],
+                    "nmi": v,
+                    "nmi_ci_lo": lo,
+                    "nmi_ci_hi": hi,
+                    "attn_distance": float(hd.mean()),
+                    "pattern": classify(v, th),
+                }
+            )
+        return pd.DataFrame(rows)
+
+    def head_table(self) -> pd.DataFrame:
+        """Tidy: one row per layer x head, averaged over images."""
+        rows = []
+        for i, (hn, hd) in enumerate(zip(self.head_nmi, self.head_distance)):
+            for h in range(hn.shape[1]):
+                rows.append(
+                    {
+                        "model": self.name,
+                        "layer": i + 1,
+                        "head": h + 1,
+                        "nmi": float(hn[:, h].mean()),
+                        "nmi_std": float(hn[:, h].std()),
+                        "attn_distance": float(hd[:, h].mean()),
+                    }
+                )
+        return pd.DataFrame(rows)
+
+
+def query_token_indices(points: Sequence[tuple[float, float]], grid: tuple[int, int]) -> list[int]:
+    """(y, x) fractions of the image -> patch-token indices on a (rows, cols) grid."""
+    out = []
+    for y, x in points:
+        if not (0.0 <= y <= 1.0 and 0.0 <= x <= 1.0):
+            raise ValueError(f"query point ({y}, {x}) must be fractions of the image in [0, 1]")
+        r = min(int(y * grid[0]), grid[0] - 1)
+        c = min(int(x * grid[1]), grid[1] - 1)
+        out.append(r * grid[1] + c)
+    return out
+
+
+@torch.inference_mode()
+def analyze_backbone(
+    backbone: LoadedBackbone,
+    dataset: torch.utils.data.Dataset,
+    name: str = "model",
+    batch_size: int = 16,
+    device: str | torch.device = "cpu",
+    query_points: Sequence[tuple[float, float]] = DEFAULT_QUERY_POINTS,
+    map_images: int = 1,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> ModelAnalysis:
+    """Forward every image once; reduce each layer's attention to NMI / distance as it is produced.
+
+    Only the current layer's maps exist at any moment (plus ``map_images`` x query rows kept
+    for figures), so memory does not grow with depth.
+    """
+    model = backbone.model.to(device).eval()
+    grid = tuple(int(g) for g in model.patch_embed.grid_size)
+    npt = backbone.num_prefix_tokens
+    dist = patch_distance_matrix(grid, backbone.patch_size).float().to(device)
+    q_idx = query_token_indices(query_points, grid)
+    q_idx_t = torch.tensor(q_idx, device=device)
+    depth = backbone.depth
+    nmis: list[list[torch.Tensor]] = [[] for _ in range(depth)]
+    dists: list[list[torch.Tensor]] = [[] for _ in range(depth)]
+    maps: list[list[torch.Tensor]] = [[] for _ in range(depth)]
+    kept = {"n": 0}  # images whose query maps are already kept
+
+    def observer(layer: int, attn: torch.Tensor) -> None:
+        a = patch_attention(attn.float(), npt)
+        nmis[layer].append(nmi(a).cpu())
+        dists[layer].append(attention_distance(a, dist).cpu())
+        take = max(0, map_images - kept["n"])
+        if take:
+            rows = a[:take].index_select(2, q_idx_t)  # [b, H, P, N]
+            maps[layer].append(rows.permute(0, 2, 1, 3).reshape(*rows.shape[:1], len(q_idx), -1, *grid).cpu())
+
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers
+    )
+    bar = tqdm(loader, desc=f"analyse {name}", unit="batch", disable=not progress, leave=False)
+    with observe_attention(model, observer):
+        for batch in bar:
+            model.forward_features(batch.to(device, non_blocking=True))
+            kept["n"] += min(batch.shape[0], max(0, map_images - kept["n"]))
+    files = getattr(dataset, "files", [])
+    return ModelAnalysis(
+        name=name,
+        family=backbone.family,
+        arch=backbone.arch,
+        weights=backbone.path,
+        weights_sha256=backbone.sha256,
+        depth=depth,
+        embed_dim=backbone.embed_dim,
+        patch_size=backbone.patch_size,
+        num_prefix_tokens=npt,
+        heads_per_layer=backbone.heads_per_layer,
+        img_size=backbone.img_size,
+        grid=grid,
+        head_nmi=[torch.cat(v).double().numpy() for v in nmis],
+        head_distance=[torch.cat(v).double().numpy() for v in dists],
+        query_points=[tuple(p) for p in query_points],
+        query_tokens=q_idx,
+        query_maps=[torch.cat(v).numpy() if v else np.zeros((0,)) for v in maps],
+        map_images=[str(f) for f in files[:map_images]],
+        notes=list(backbone.notes),
+    )
+
+
+def model_entry(
+    res: ModelAnalysis,
+    thresholds: Thresholds,
+    layer: int | None = None,
+    fallback: str = "nearest",
+    n_boot: int = 1000,
+) -> dict:
+    """The ``models.NAME`` object of layer_selection.json for one analysis."""
+    table = res.layer_table(thresholds, n_boot=n_boot)
+    sel = select_layer(
+        table["nmi"].tolist(), table["pattern"].tolist(), thresholds, override=layer, fallback=fallback
+    )
+    layers = [
+        {
+            "layer": int(r.layer),
+            "nmi": float(r.nmi),
+            "nmi_ci95": [float(r.nmi_ci_lo), float(r.nmi_ci_hi)],
+            "attn_distance": float(r.attn_distance),
+            "pattern": str(r.pattern),
+            "head_nmi": [float(v) for v in res.head_nmi[int(r.layer) - 1].mean(axis=0)],
+        }
+        for r in table.itertuples()
+    ]
+    return {
+        "family": res.family,
+        "arch": res.arch,
+        "weights": str(Path(res.weights).resolve()),
+        "weights_sha256": res.weights_sha256,
+        "depth": res.depth,
+        "embed_dim": res.embed_dim,
+        "patch_size": res.patch_size,
+        "num_prefix_tokens": res.num_prefix_tokens,
+        "heads_per_layer": list(res.heads_per_layer),
+        "layers": layers,
+        "selected_layer": sel.layer,
+        "selected_heads": None if sel.layer is None else res.heads_per_layer[sel.layer - 1],
+        "selection_rule": sel.rule,
+    }
