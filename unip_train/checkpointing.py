@@ -1,0 +1,55 @@
+"""Atomic training checkpoints: written to a temp file and renamed, so a kill never leaves a
+half-written file and the previous checkpoint stays intact until the new one is complete.
+
+Files are read back with ``torch.load(weights_only=True)``: checkpoints hold tensors, numbers,
+strings, lists and dicts only (RNG states included), never pickled objects.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from unip_analysis.errors import CheckpointError
+from unip_analysis.files import atomic_write
+
+
+def _plain(obj: Any) -> Any:
+    """Convert numpy arrays / tuples inside RNG states to types weights_only loading accepts."""
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def save_checkpoint(path: str | Path, state: dict) -> Path:
+    """Atomically write ``state`` (model/optimizer state dicts, counters, RNG states)."""
+    plain = _plain(state)
+    return atomic_write(path, lambda tmp: torch.save(plain, tmp))
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: checkpoint to resume from not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read is reported the same way
+        raise CheckpointError(f"{path}: cannot read training checkpoint ({str(e).splitlines()[0]})") from None
+
+
+def numpy_state_from_plain(state: list) -> tuple:
+    """Inverse of :func:`_plain` for ``np.random.get_state()``."""
+    name, keys, pos, has_gauss, cached = state
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+    return (name, keys.astype(np.uint32), int(pos), int(has_gauss), float(cached))
