@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny models and images the tests make themselves. No test reaches the network."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+# Two xdist workers share two cores: one thread each keeps them from fighting.
+torch.set_num_threads(1)
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+TINY_ARCH = "vit_tiny_patch16_224(depth=4,embed_dim=64,num_heads=2,patch_size=8)"
+TINY_IMG = 32  # 4x4 patch grid with patch 8
+
+
+def write_images(folder: Path, n: int = 6, seed: int = 0, sizes=((40, 48), (32, 32))) -> Path:
+    """Grey 8-bit, grey 16-bit and RGB images of mixed sizes, in nested folders."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sub").mkdir(exist_ok=True)
+    for i in range(n):
+        h, w = sizes[i % len(sizes)]
+        kind = i % 3
+        if kind == 0:
+            Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8)).save(folder / f"g8_{i}.png")
+        elif kind == 1:
+            Image.fromarray(rng.integers(0, 65536, (h, w), dtype=np.uint16)).save(folder / "sub" / f"g16_{i}.png")
+        else:
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"rgb_{i}.jpg")
+    return folder
+
+
+@pytest.fixture
+def image_dir(tmp_path: Path) -> Path:
+    return write_images(tmp_path / "images")
+
+
+@pytest.fixture
+def tiny_timm_checkpoint(tmp_path: Path) -> tuple[str, Path]:
+    """(arch, path) of a tiny timm ViT saved as safetensors, with non-trivial weights."""
+    from safetensors.torch import save_file
+
+    from unip_analysis.checkpoints import build_vit
+
+    torch.manual_seed(0)
+    model = build_vit(TINY_ARCH, img_size=TINY_IMG)
+    path = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return TINY_ARCH, path
