@@ -1,0 +1,282 @@
+"""A small synthetic infrared segmentation dataset: warm objects on a cooler textured background.
+
+Every class has a characteristic shape *and* a characteristic temperature (grey-level) range, so a
+small model can learn it in a few hundred iterations on CPU:
+
+| class | shape | grey level (0-255) |
+|---|---|---|
+| background | smooth low-frequency noise + gradient | 30-90 |
+| person | upright ellipse body + round head | 200-240 |
+| car | wide rounded rectangle, hot wheels | 150-180 |
+| pole | thin vertical bar | 125-145 |
+| bicycle | two rings joined by a frame | 170-195 |
+| building | large block from the top edge, window grid | 100-120 |
+
+Scenes get slight blur and sensor noise. Label maps carry a thin 255 (ignore) band on the border
+of some objects, as hand-labelled infrared sets do.
+
+:func:`generate` writes the dataset in one of the layouts of :mod:`unip_train.seg_data`
+(SODA, MFNet, SCUT-Seg, folder), mapping these classes into the layout's class list
+(:data:`LAYOUT_CLASS_MAP`); :func:`generate_unlabelled` writes a plain image folder.
+
+    python -m unip_train.synthetic --layout soda --out DIR --train 40 --test 20 --size 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from .seg_data import IGNORE_INDEX, LAYOUTS
+
+CLASSES: list[str] = ["background", "person", "car", "pole", "bicycle", "building"]
+
+# Grey-level (temperature) range of each class; background is drawn separately.
+TEMPERATURE: dict[str, tuple[int, int]] = {
+    "person": (200, 240),
+    "car": (150, 180),
+    "pole": (125, 145),
+    "bicycle": (170, 195),
+    "building": (100, 120),
+}
+
+# Synthetic class index -> class index in each layout. Classes a layout lacks become its
+# background (index 0): MFNet has no pole or building class, SCUT-Seg no building.
+LAYOUT_CLASS_MAP: dict[str, list[int]] = {
+    "soda": [0, 1, 10, 5, 11, 2],  # background, person, car, pole, bicycle, building
+    "mfnet": [0, 2, 1, 0, 3, 0],  # unlabelled, person, car, -, bike, -
+    "scut": [0, 2, 4, 9, 3, 0],  # background, person, car, pole, rider (bicycle + rider), -
+    "folder": list(range(len(CLASSES))),
+}
+
+
+def _size_hw(size: int | tuple[int, int]) -> tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    h, w = size
+    return int(h), int(w)
+
+
+def _smooth_noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray:
+    """Low-frequency noise in [0, 1]: a coarse random grid upsampled with cubic splines."""
+    coarse = rng.random((cells, cells))
+    fine = ndimage.zoom(coarse, (h / cells, w / cells), order=3, mode="reflect")[:h, :w]
+    fine = np.pad(fine, ((0, h - fine.shape[0]), (0, w - fine.shape[1])), mode="edge")
+    lo, hi = fine.min(), fine.max()
+    return (fine - lo) / max(hi - lo, 1e-6)
+
+
+def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    angle = rng.uniform(0, 2 * np.pi)
+    grad = (np.cos(angle) * xx / w + np.sin(angle) * yy / h + 1.0) / 2.0
+    tex = 0.6 * _smooth_noise(rng, h, w, 5) + 0.4 * _smooth_noise(rng, h, w, 12)
+    lo = rng.uniform(30, 45)
+    return lo + (90 - lo) * (0.5 * tex + 0.5 * grad)
+
+
+def _ellipse(yy, xx, cy, cx, ry, rx) -> np.ndarray:
+    return ((yy - cy) / max(ry, 0.5)) ** 2 + ((xx - cx) / max(rx, 0.5)) ** 2 <= 1.0
+
+
+def _rounded_rect(yy, xx, top, left, hh, ww, r) -> np.ndarray:
+    inside = (yy >= top) & (yy < top + hh) & (xx >= left) & (xx < left + ww)
+    # Cut the corners: distance to the nearest inner-corner point must stay below r.
+    cy = np.clip(yy, top + r, top + hh - r)
+    cx = np.clip(xx, left + r, left + ww - r)
+    return inside & ((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r)
+
+
+def _ring(yy, xx, cy, cx, r, t) -> np.ndarray:
+    d = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)
+    return (d <= r) & (d >= r - t)
+
+
+def _segment(yy, xx, y0, x0, y1, x1, t) -> np.ndarray:
+    """Pixels within ``t`` of the segment (y0, x0)-(y1, x1)."""
+    vy, vx = y1 - y0, x1 - x0
+    n2 = max(vy * vy + vx * vx, 1e-6)
+    s = np.clip(((yy - y0) * vy + (xx - x0) * vx) / n2, 0.0, 1.0)
+    return (yy - (y0 + s * vy)) ** 2 + (xx - (x0 + s * vx)) ** 2 <= t * t
+
+
+def _shape(
+    name: str, rng: np.random.Generator, yy, xx, h: int, w: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Mask of one object, and an optional mask of a hotter part (wheels, windows, head)."""
+    if name == "person":
+        ph = rng.uniform(0.22, 0.38) * h
+        cx, foot = rng.uniform(0.08, 0.92) * w, rng.uniform(0.55, 0.98) * h
+        body_ry, body_rx = 0.38 * ph, rng.uniform(0.11, 0.15) * ph
+        body_cy = foot - body_ry
+        head_r = 0.11 * ph
+        head_cy = body_cy - body_ry - 0.8 * head_r
+        head = _ellipse(yy, xx, head_cy, cx, head_r, head_r)
+        return _ellipse(yy, xx, body_cy, cx, body_ry, body_rx) | head, head
+    if name == "car":
+        cw = rng.uniform(0.25, 0.42) * w
+        ch = rng.uniform(0.38, 0.55) * cw
+        left, top = rng.uniform(-0.1, 0.95) * w - cw / 2, rng.uniform(0.45, 0.95) * h - ch
+        body = _rounded_rect(yy, xx, top, left, ch, cw, 0.25 * ch)
+        wr = 0.18 * ch
+        wheels = _ellipse(yy, xx, top + ch - wr, left + 0.22 * cw, wr, wr) | _ellipse(
+            yy, xx, top + ch - wr, left + 0.78 * cw, wr, wr
+        )
+        return body, wheels & body
+    if name == "pole":
+        pw = max(2.0, rng.uniform(0.025, 0.045) * w)
+        left = rng.uniform(0.03, 0.95) * w
+        bottom = rng.uniform(0.7, 1.0) * h
+        top = bottom - rng.uniform(0.45, 0.8) * h
+        return (xx >= left) & (xx < left + pw) & (yy >= top) & (yy < bottom), None
+    if name == "bicycle":
+        r = rng.uniform(0.06, 0.09) * min(h, w)
+        t = max(1.5, 0.3 * r)
+        cx, cy = rng.uniform(0.15, 0.85) * w, rng.uniform(0.6, 0.9) * h
+        gap = 2.6 * r
+        a, b = cx - gap / 2, cx + gap / 2
+        frame = _segment(yy, xx, cy, a, cy - 1.1 * r, cx, t) | _segment(yy, xx, cy - 1.1 * r, cx, cy, b, t)
+        frame |= _segment(yy, xx, cy, a, cy, b, 0.7 * t)
+        return _ring(yy, xx, cy, a, r, t) | _ring(yy, xx, cy, b, r, t) | frame, None
+    if name == "building":
+        bw = rng.uniform(0.25, 0.5) * w
+        left = rng.uniform(-0.1, 0.9) * w - bw / 2
+        bottom = rng.uniform(0.35, 0.6) * h
+        mask = (xx >= left) & (xx < left + bw) & (yy < bottom)
+        step = max(4.0, 0.08 * min(h, w))
+        windows = mask & ((yy % step) < 0.45 * step) & (((xx - left) % step) < 0.45 * step)
+        return mask, windows
+    raise ValueError(f"unknown synthetic class {name!r}")
+
+
+# Painter's order (far to near) and how many of each a scene holds (inclusive range).
+_COUNTS: tuple[tuple[str, int, int], ...] = (
+    ("building", 0, 1),
+    ("pole", 0, 2),
+    ("car", 1, 2),
+    ("bicycle", 0, 1),
+    ("person", 1, 3),
+)
+
+
+def make_scene(rng: np.random.Generator, size: int | tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """One synthetic infrared scene: (uint8 image [H, W], uint8 label [H, W] over :data:`CLASSES`, 255 ignored)."""
+    h, w = _size_hw(size)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = _background(rng, h, w)
+    label = np.zeros((h, w), dtype=np.uint8)
+    ignore = np.zeros((h, w), dtype=bool)
+    for name, lo, hi in _COUNTS:
+        for _ in range(int(rng.integers(lo, hi + 1))):
+            mask, hot = _shape(name, rng, yy, xx, h, w)
+            if not mask.any():
+                continue
+            t_lo, t_hi = TEMPERATURE[name]
+            temp = rng.uniform(t_lo, t_hi)
+            # Objects are not flat: a little smooth texture keeps them from being a pure threshold.
+            surface = temp + 8.0 * (_smooth_noise(rng, h, w, 4) - 0.5)
+            img = np.where(mask, surface, img)
+            if hot is not None:
+                img = np.where(hot, np.minimum(temp + rng.uniform(12, 25), 250.0), img)
+            label[mask] = CLASSES.index(name)
+            ignore &= ~mask
+            if name in ("person", "car") and rng.random() < 0.5:
+                border = mask & ~ndimage.binary_erosion(mask)
+                ignore |= border
+    img = ndimage.gaussian_filter(img, sigma=rng.uniform(0.5, 1.0))
+    img = img + rng.normal(0.0, 3.0, size=img.shape)
+    label[ignore] = IGNORE_INDEX
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8), label
+
+
+def _write_image(path: Path, img: np.ndarray, rgbt: bool, rng: np.random.Generator) -> None:
+    if rgbt:
+        # MFNet stores RGB + thermal as one 4-channel PNG; the loader must pick the 4th channel.
+        rgb = np.clip(255 - img[..., None].astype(np.int16) + rng.integers(-20, 21, (*img.shape, 3)), 0, 255)
+        arr = np.concatenate([rgb.astype(np.uint8), img[..., None]], axis=2)
+        Image.fromarray(arr, mode="RGBA").save(path)
+    elif path.suffix == ".jpg":
+        Image.fromarray(img, mode="L").save(path, quality=95)
+    else:
+        Image.fromarray(img, mode="L").save(path)
+
+
+def generate(
+    out: str | Path,
+    layout: str,
+    n_train: int,
+    n_test: int,
+    size: int | tuple[int, int] = 128,
+    seed: int = 0,
+) -> Path:
+    """Write ``n_train`` + ``n_test`` scenes in ``layout`` (soda | mfnet | scut | folder) under ``out``.
+
+    MFNet also gets a ``val`` split of ``n_test`` scenes. The folder layout gets ``classes.txt``.
+    Stems are unique across splits. Returns ``out``.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
+    spec = LAYOUTS[layout]
+    out = Path(out)
+    (out / spec.image_dir).mkdir(parents=True, exist_ok=True)
+    (out / spec.label_dir).mkdir(parents=True, exist_ok=True)
+    lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+    lut[: len(CLASSES)] = LAYOUT_CLASS_MAP[layout]
+    counts = {"train": n_train, "val": n_test, "test": n_test}
+    rng = np.random.default_rng(seed)
+    index = 0
+    for split, split_file in spec.splits.items():
+        stems = []
+        for _ in range(counts[split]):
+            stem = f"{index:05d}"
+            index += 1
+            img, label = make_scene(rng, size)
+            _write_image(out / spec.image_dir / f"{stem}{spec.image_suffix}", img, spec.thermal_channel, rng)
+            Image.fromarray(lut[label], mode="L").save(out / spec.label_dir / f"{stem}{spec.label_suffix}")
+            stems.append(stem)
+        (out / split_file).write_text("".join(f"{s}\n" for s in stems))
+    if spec.classes is None:
+        (out / "classes.txt").write_text("".join(f"{c}\n" for c in CLASSES))
+    return out
+
+
+def generate_unlabelled(out: str | Path, n: int, size: int | tuple[int, int] = 128, seed: int = 0) -> Path:
+    """Write ``n`` grey PNG scenes (no labels) into the folder ``out``, for distillation or analysis."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        img, _ = make_scene(rng, size)
+        Image.fromarray(img, mode="L").save(out / f"{i:05d}.png")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m unip_train.synthetic", description="Write a synthetic infrared segmentation dataset."
+    )
+    p.add_argument("--layout", required=True, choices=[*LAYOUTS, "unlabelled"])
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--train", type=int, default=40, help="training scenes (unlabelled: all scenes)")
+    p.add_argument("--test", type=int, default=20, help="test scenes (MFNet: also val scenes)")
+    p.add_argument("--size", type=int, nargs="+", default=[128], help="SIZE or H W")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if len(args.size) not in (1, 2) or min(args.size) < 16:
+        p.error("--size takes one or two numbers, each at least 16")
+    size = args.size[0] if len(args.size) == 1 else (args.size[0], args.size[1])
+    if args.layout == "unlabelled":
+        out = generate_unlabelled(args.out, args.train, size, args.seed)
+    else:
+        out = generate(args.out, args.layout, args.train, args.test, size, args.seed)
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
