@@ -11,6 +11,7 @@ is an error naming the keys, because a silently random layer would make every nu
 
 from __future__ import annotations
 
+import argparse
 import ast
 import json
 import re
@@ -53,7 +54,10 @@ def read_weights_file(path: str | Path) -> Any:
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # Training checkpoints of MAE / DINO / iBOT carry their argparse.Namespace of options:
+        # a plain attribute bag, safe to allow; everything else stays refused.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(

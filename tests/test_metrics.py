@@ -1,0 +1,135 @@
+"""NMI and attention distance against independent implementations and known cases."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from unip_analysis.metrics import (
+    attention_distance,
+    bootstrap_ci,
+    local_window_attention,
+    nmi,
+    patch_attention,
+    patch_distance_matrix,
+    shared_attention,
+)
+from unip_analysis.patterns import Thresholds, classify, default_thresholds, prototype_nmi, select_layer
+
+
+def nmi_reference_formula(attn: torch.Tensor) -> torch.Tensor:
+    """The published formula term by term: p(q) uniform, p(k) = sum_q p(q) A[q,k],
+    I = sum_qk p(q) A log(A / p(k)), NMI = I / sqrt(H(Q) H(K))."""
+    b, h, q, k = attn.shape
+    pq = torch.full((b, h, q), 1.0 / q, dtype=torch.float64)
+    a = attn.double()
+    pk = (a * pq[..., None]).sum(dim=2)
+    mi = (a * pq[..., None] * torch.log(a / pk[:, :, None, :])).sum(dim=(2, 3))
+    hq = -(pq * torch.log(pq)).sum(-1)
+    hk = -(pk * torch.log(pk)).sum(-1)
+    return mi / torch.sqrt(hq * hk)
+
+
+def nmi_loops(a: np.ndarray) -> float:
+    """Plain-Python loops over one [N, N] map, from the definition of mutual information."""
+    n = a.shape[0]
+    pk = [sum(a[q, k] / n for q in range(n)) for k in range(n)]
+    mi = sum((1 / n) * a[q, k] * math.log(a[q, k] / pk[k]) for q in range(n) for k in range(n) if a[q, k] > 0)
+    hk = -sum(p * math.log(p) for p in pk if p > 0)
+    return mi / math.sqrt(math.log(n) * hk)
+
+
+def random_attention(b=3, h=4, n=1 + 49, seed=0, sharp=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, h, n, n, generator=g) * sharp).softmax(-1)
+
+
+def test_nmi_matches_reference_formula_to_1e5():
+    attn = patch_attention(random_attention(), num_prefix_tokens=1)
+    ours = nmi(attn)
+    ref = nmi_reference_formula(attn)
+    assert ours.shape == (3, 4)
+    assert torch.allclose(ours, ref, atol=1e-5, rtol=0)
+    assert not torch.allclose(ours, torch.zeros_like(ours))  # a non-trivial case
+
+
+def test_nmi_matches_plain_loops():
+    attn = patch_attention(random_attention(b=1, h=2, n=17, seed=3), num_prefix_tokens=1)
+    ours = nmi(attn)
+    for head in range(2):
+        assert ours[0, head].item() == pytest.approx(nmi_loops(attn[0, head].double().numpy()), abs=1e-6)
+
+
+def test_identical_rows_give_zero_and_identity_gives_one():
+    n = 36
+    shared = torch.rand(n).softmax(0).expand(n, n)[None, None]
+    assert nmi(shared).item() == pytest.approx(0.0, abs=1e-7)  # float32 input
+    assert nmi(shared_attention(n)[None, None]).item() == pytest.approx(0.0, abs=1e-9)
+    eye = patch_attention(torch.eye(n)[None, None], 0)  # + eps keeps logs finite
+    assert nmi(eye).item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_local_windows_read_high_and_mixtures_fall_between():
+    grid = (8, 8)
+    local = local_window_attention(grid, radius=1)[None, None]
+    v_local = nmi(local).item()
+    v_mix = nmi(0.5 * local + 0.5 * shared_attention(64)[None, None]).item()
+    assert v_local > 0.5
+    assert 0.0 < v_mix < v_local
+    # monotone in the local weight
+    vals = [prototype_nmi(grid, w) for w in (0.1, 0.3, 0.5, 0.7, 0.9)]
+    assert vals == sorted(vals)
+
+
+def test_patch_attention_drops_prefix_and_renormalizes():
+    attn = random_attention(b=1, h=1, n=1 + 4 + 16)  # cls + 4 registers + 4x4 grid
+    a = patch_attention(attn, num_prefix_tokens=5)
+    assert a.shape == (1, 1, 16, 16)
+    assert torch.allclose(a.sum(-1), torch.ones(1, 1, 16))
+
+
+def test_attention_distance_in_pixels():
+    d = patch_distance_matrix((3, 3), 16)
+    assert d[0, 1].item() == 16 and d[0, 4].item() == pytest.approx(16 * math.sqrt(2))
+    self_only = torch.eye(9)[None, None]
+    assert attention_distance(self_only, d).item() == 0.0
+    # all attention on the opposite corner from corner 0
+    a = torch.zeros(1, 1, 9, 9)
+    a[..., 8] = 1.0
+    expected = d[:, 8].mean().item()
+    assert attention_distance(a, d).item() == pytest.approx(expected)
+
+
+def test_bootstrap_ci_contains_mean_and_narrows_with_more_images():
+    rng = np.random.default_rng(0)
+    small = rng.normal(0.3, 0.05, 10)
+    large = rng.normal(0.3, 0.05, 1000)
+    lo_s, hi_s = bootstrap_ci(small)
+    lo_l, hi_l = bootstrap_ci(large)
+    assert lo_s <= small.mean() <= hi_s and lo_l <= large.mean() <= hi_l
+    assert (hi_l - lo_l) < (hi_s - lo_s)
+    assert bootstrap_ci(np.array([0.2])) == (0.2, 0.2)
+
+
+def test_default_thresholds_depend_on_grid_and_order_patterns():
+    t14, t28 = default_thresholds((14, 14)), default_thresholds((28, 28))
+    assert 0 < t14.global_max < t14.local_min < 1
+    assert t14 != t28  # derived at the analysed grid, not fixed numbers
+    th = Thresholds(0.05, 0.2)
+    assert [classify(v, th) for v in (0.01, 0.1, 0.5)] == ["global", "hybrid", "local"]
+
+
+def test_select_deepest_hybrid_override_and_fallback():
+    th = Thresholds(0.05, 0.2)
+    nmis = [0.5, 0.3, 0.15, 0.1, 0.3, 0.02]
+    pats = [classify(v, th) for v in nmis]
+    assert select_layer(nmis, pats, th).layer == 4
+    assert select_layer(nmis, pats, th, override=2).layer == 2
+    with pytest.raises(ValueError):
+        select_layer(nmis, pats, th, override=7)
+    all_local = [0.5, 0.4, 0.25, 0.3]
+    sel = select_layer(all_local, [classify(v, th) for v in all_local], th)
+    assert sel.fallback and sel.layer == 3 and "no layer is hybrid" in sel.rule
+    none = select_layer(all_local, [classify(v, th) for v in all_local], th, fallback="none")
+    assert none.layer is None
