@@ -4,6 +4,7 @@ import gc
 import weakref
 
 import numpy as np
+import pytest
 import torch
 
 from unip_analysis import analyze
@@ -18,36 +19,35 @@ ARCHS = [
 ]
 
 
-def test_captured_attention_reproduces_block_outputs():
-    for arch in ARCHS:
-        torch.manual_seed(0)
-        model = build_vit(arch, img_size=32).eval()
-        x = torch.randn(2, 3, 32, 32)
-        inputs, outputs = {}, {}
+@pytest.mark.parametrize("arch", ARCHS)
+def test_captured_attention_reproduces_block_outputs(arch):
+    torch.manual_seed(0)
+    model = build_vit(arch, img_size=32).eval()
+    x = torch.randn(2, 3, 32, 32)
+    inputs, outputs = {}, {}
 
-        def keep(i):
-            def hook(module, args, out):
-                inputs[i], outputs[i] = args[0], out  # returns None: the output is not replaced
+    def keep(i):
+        def hook(module, args, out):
+            inputs[i], outputs[i] = args[0], out  # returns None: the output is not replaced
 
-            return hook
+        return hook
 
-        hooks = [blk.attn.register_forward_hook(keep(i)) for i, blk in enumerate(model.blocks)]
-        with torch.no_grad():
-            model.forward_features(x)  # timm's own (fused) attention
-        for h in hooks:
-            h.remove()
-        captured = {}
-        with torch.no_grad(), observe_attention(model, lambda i, a: captured.__setitem__(i, a.clone())):
-            model.forward_features(x)
-        for i, blk in enumerate(model.blocks):
-            attn = captured[i]
-            assert torch.allclose(attn.sum(-1), torch.ones_like(attn.sum(-1)), atol=1e-5)
-            _, _, v = project_qkv(blk.attn, inputs[i])
-            out = (attn @ v).transpose(1, 2).reshape(2, -1, blk.attn.attn_dim)
-            out = blk.attn.proj(blk.attn.norm(out))
-            assert torch.allclose(out, outputs[i], atol=1e-5), (arch, i)
-        # and the patch is removed afterwards
-        assert "forward" not in vars(model.blocks[0].attn)
+    hooks = [blk.attn.register_forward_hook(keep(i)) for i, blk in enumerate(model.blocks)]
+    with torch.no_grad():
+        model.forward_features(x)  # timm's own (fused) attention
+    for h in hooks:
+        h.remove()
+    captured = {}
+    with torch.no_grad(), observe_attention(model, lambda i, a: captured.__setitem__(i, a.clone())):
+        model.forward_features(x)
+    for i, blk in enumerate(model.blocks):
+        attn = captured[i]
+        assert torch.allclose(attn.sum(-1), torch.ones_like(attn.sum(-1)), atol=1e-5)
+        _, _, v = project_qkv(blk.attn, inputs[i])
+        out = (attn @ v).transpose(1, 2).reshape(2, -1, blk.attn.attn_dim)
+        out = blk.attn.proj(blk.attn.norm(out))
+        assert torch.allclose(out, outputs[i], atol=1e-5), (arch, i)
+    assert "forward" not in vars(model.blocks[0].attn)  # the patch is removed afterwards
 
 
 def test_qk_logits_and_truncated_forward_match_the_map():
