@@ -133,3 +133,15 @@ def test_select_deepest_hybrid_override_and_fallback():
     assert sel.fallback and sel.layer == 3 and "no layer is hybrid" in sel.rule
     none = select_layer(all_local, [classify(v, th) for v in all_local], th, fallback="none")
     assert none.layer is None
+
+
+def test_fused_in_place_statistics_equal_the_pure_functions():
+    from unip_analysis.metrics import layer_statistics_
+
+    attn = random_attention(b=2, h=3, n=1 + 4 + 36, seed=5)
+    d = patch_distance_matrix((6, 6), 16)
+    a = patch_attention(attn, 5)
+    want_nmi, want_dist = nmi(a), attention_distance(a, d)
+    got_nmi, got_dist = layer_statistics_(attn.clone(), 5, d)
+    assert torch.allclose(got_nmi, want_nmi, atol=1e-6)
+    assert torch.allclose(got_dist, want_dist, rtol=1e-5)

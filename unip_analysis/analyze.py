@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from . import images as imgs
 from .attention import observe_attention
 from .checkpoints import LoadedBackbone
-from .metrics import attention_distance, bootstrap_ci, nmi, patch_attention, patch_distance_matrix
+from .metrics import bootstrap_ci, layer_statistics_, patch_attention, patch_distance_matrix
 from .patterns import Thresholds, classify, default_thresholds, select_layer
 
 DEFAULT_QUERY_POINTS: tuple[tuple[float, float], ...] = ((0.5, 0.5), (0.25, 0.25), (0.75, 0.7))
@@ -154,13 +154,14 @@ def analyze_backbone(
     kept = {"n": 0}  # images whose query maps are already kept
 
     def observer(layer: int, attn: torch.Tensor) -> None:
-        a = patch_attention(attn.float(), npt)
-        nmis[layer].append(nmi(a).cpu())
-        dists[layer].append(attention_distance(a, dist).cpu())
+        attn = attn.float()
         take = max(0, map_images - kept["n"])
-        if take:
-            rows = a[:take].index_select(2, q_idx_t)  # [b, H, P, N]
+        if take:  # a few query rows for the figures, before the map is consumed
+            rows = patch_attention(attn[:take], npt).index_select(2, q_idx_t)  # [b, H, P, N]
             maps[layer].append(rows.permute(0, 2, 1, 3).reshape(*rows.shape[:1], len(q_idx), -1, *grid).cpu())
+        layer_nmi, layer_dist = layer_statistics_(attn, npt, dist)
+        nmis[layer].append(layer_nmi.cpu())
+        dists[layer].append(layer_dist.cpu())
 
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers

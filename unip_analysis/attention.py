@@ -38,22 +38,28 @@ def qk_logits(attn: Attention, x: torch.Tensor) -> torch.Tensor:
     return (q * attn.scale) @ k.transpose(-2, -1)
 
 
+def _softmax_(logits: torch.Tensor) -> torch.Tensor:
+    """Row softmax computed in place: no second [B, H, N, N] buffer."""
+    logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
+    return logits.div_(logits.sum(dim=-1, keepdim=True))
+
+
 def _recording_forward(layer: int, observer: AttentionObserver):
     def forward(self: Attention, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
         B, N, _ = x.shape
         gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
         q, k, v = project_qkv(self, x)
-        logits = (q * self.scale) @ k.transpose(-2, -1)
+        attn = (q * self.scale) @ k.transpose(-2, -1)
         if attn_mask is not None:
-            logits = (
-                logits + attn_mask
-                if attn_mask.dtype != torch.bool
-                else logits.masked_fill(~attn_mask, float("-inf"))
-            )
-        attn = logits.softmax(dim=-1)
-        del logits
-        observer(layer, attn)
+            if attn_mask.dtype == torch.bool:
+                attn = attn.masked_fill(~attn_mask, float("-inf"))
+            else:
+                attn = attn + attn_mask
+        attn = _softmax_(attn)
         out = self.attn_drop(attn) @ v
+        # The block's output no longer needs the map: the observer owns it and may reduce it
+        # in place, so only this one [B, H, N, N] buffer ever exists.
+        observer(layer, attn)
         del attn
         out = out.transpose(1, 2).reshape(B, N, self.attn_dim)
         out = self.norm(out)
@@ -71,7 +77,9 @@ def observe_attention(
     """Within the context, every forward of ``model`` calls ``observer(layer_index0, attn)``.
 
     ``attn`` is the post-softmax map [B, heads, N, N] of block ``layer_index0`` (0-based),
-    prefix tokens included. ``layers`` limits observation to some blocks (0-based).
+    prefix tokens included. The block's output is already computed when the observer runs, so
+    the observer owns the map and may overwrite it (clone it to keep it). ``layers`` limits
+    observation to some blocks (0-based).
     """
     blocks = list(model.blocks)
     chosen = range(len(blocks)) if layers is None else layers

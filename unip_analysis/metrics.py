@@ -41,6 +41,29 @@ def nmi(attn: torch.Tensor) -> torch.Tensor:
     return mi / torch.sqrt(h_k * h_q)
 
 
+def layer_statistics_(
+    attn: torch.Tensor, num_prefix_tokens: int, distance: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """NMI and mean attention distance per (batch, head) from one raw post-softmax map.
+
+    Same values as ``nmi(patch_attention(attn))`` and ``attention_distance(...)``, but it
+    CONSUMES ``attn`` (overwrites it in place) so that the streaming analysis never holds a
+    second [B, H, N, N] buffer. Returns float64 tensors [B, H].
+    """
+    a = attn[..., num_prefix_tokens:, num_prefix_tokens:]  # view: rows and columns of patches
+    a.add_(EPS)
+    a.div_(a.sum(dim=-1, keepdim=True))
+    n_q = a.shape[-2]
+    d = distance.to(device=a.device, dtype=a.dtype)
+    # sum_qk A*d as a matrix-vector product: no elementwise [B, H, N, N] temporary
+    dist = (a.flatten(-2) @ d.flatten()).double() / n_q
+    p_k = a.mean(dim=-2, dtype=torch.float64)
+    h_k = -torch.special.xlogy(p_k, p_k).sum(-1)
+    h_k_given_q = -a.xlogy_(a).sum(dim=(-2, -1), dtype=torch.float64) / n_q
+    nmi_ = (h_k - h_k_given_q) / torch.sqrt(h_k * math.log(n_q))
+    return nmi_, dist
+
+
 def patch_distance_matrix(grid: tuple[int, int], patch_size: int | tuple[int, int]) -> torch.Tensor:
     """Euclidean distance in pixels between patch centres on a (rows, cols) grid: [N, N]."""
     ph, pw = (patch_size, patch_size) if isinstance(patch_size, int) else patch_size
