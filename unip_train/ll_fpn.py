@@ -1,0 +1,142 @@
+"""Necks that turn ViT tokens into a four-scale pyramid, and the segmentor that puts backbone, neck and
+heads together (method.md section 4).
+
+- LL-FPN (``neck="ll-fpn"``): only the last layer's patch tokens (stride = patch size, 16 for /16
+  models) feed all four scales: x4 = deconv2x -> BN -> GELU -> deconv2x, x2 = deconv2x, x1 = identity,
+  x0.5 = maxpool 2x2 (strides 4, 8, 16, 32 for /16 models).
+- Multi-layer (``neck="multi-layer"``): the same four transforms, each on a different intermediate
+  layer (blocks 4, 6, 8, 12 for a depth-12 model), as in BEiT/MAE segmentation.
+- Linear probing (``mode="lp"``): frozen backbone, chosen layers concatenated, BN + 1x1 conv.
+
+Layer numbers are 1-based everywhere a user sees them. The final LayerNorm of the backbone is
+applied to the last block's tokens only (that is the backbone's own output); intermediate layers
+are taken raw.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from unip_analysis.errors import UnipError
+
+from .heads import FCNHead, LinearProbeHead, UperHead
+
+NECKS = ("ll-fpn", "multi-layer")
+MODES = ("ft", "lp")
+AUX_INDEX = 2  # the stride-16 level (identity branch) feeds the auxiliary FCN head
+
+
+class ModelConfigError(UnipError):
+    """Segmentor options that do not fit the backbone (layer numbers, neck, mode)."""
+
+
+def default_layers(depth: int) -> list[int]:
+    """Blocks 4, 6, 8, 12 of a depth-12 model, scaled to ``depth`` (1-based)."""
+    return [max(1, round(depth * k / 12)) for k in (4, 6, 8, 12)]
+
+
+def check_layers(layers: Sequence[int], depth: int) -> list[int]:
+    bad = [n for n in layers if not 1 <= n <= depth]
+    if bad or not layers:
+        raise ModelConfigError(
+            f"--layers {','.join(map(str, layers)) or '(empty)'}: layer numbers are 1-based and must lie in "
+            f"1..{depth} for this {depth}-block backbone"
+        )
+    return [int(n) for n in layers]
+
+
+class FourScaleNeck(nn.Module):
+    """Four ViT maps at the patch stride -> strides x4, x2, x1, x0.5 finer/coarser (finest first)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.up4 = nn.Sequential(
+            nn.ConvTranspose2d(dim, dim, 2, stride=2),
+            nn.BatchNorm2d(dim),
+            nn.GELU(),
+            nn.ConvTranspose2d(dim, dim, 2, stride=2),
+        )
+        self.up2 = nn.ConvTranspose2d(dim, dim, 2, stride=2)
+        self.same = nn.Identity()
+        self.down2 = nn.MaxPool2d(2, stride=2)
+
+    def forward(self, feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        branches = (self.up4, self.up2, self.same, self.down2)
+        return [branch(f) for branch, f in zip(branches, feats)]
+
+
+class Segmentor(nn.Module):
+    """ViT backbone + neck + heads. ``forward(x)`` returns ``(logits, aux_logits)`` at the patch-grid
+    pyramid's finest resolution; ``aux_logits`` is ``None`` in linear probing and in eval mode."""
+
+    def __init__(
+        self,
+        backbone: VisionTransformer,
+        num_classes: int,
+        mode: str = "ft",
+        neck: str = "ll-fpn",
+        layers: Sequence[int] | None = None,
+        head_channels: int = 512,
+    ):
+        super().__init__()
+        if mode not in MODES:
+            raise ModelConfigError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
+        if neck not in NECKS:
+            raise ModelConfigError(f"--neck {neck!r}: expected one of {', '.join(NECKS)}")
+        depth, dim = len(backbone.blocks), int(backbone.embed_dim)
+        if layers is None:
+            layers = [depth] if (mode == "ft" and neck == "ll-fpn") else default_layers(depth)
+        layers = check_layers(layers, depth)
+        if mode == "ft" and neck == "ll-fpn" and layers != [depth]:
+            raise ModelConfigError(
+                f"--layers {','.join(map(str, layers))}: LL-FPN uses the last layer only; "
+                "use --neck multi-layer for intermediate layers"
+            )
+        if mode == "ft" and neck == "multi-layer" and len(layers) != 4:
+            raise ModelConfigError(f"--neck multi-layer needs exactly 4 layers, got {len(layers)}")
+        self.mode, self.neck_name, self.layers = mode, neck, layers
+        self.num_classes = num_classes
+        self.backbone = backbone
+        if mode == "lp":
+            self.backbone.eval().requires_grad_(False)
+            self.neck = None
+            self.decode_head = LinearProbeHead([dim] * len(layers), num_classes)
+            self.aux_head = None
+        else:
+            self.neck = FourScaleNeck(dim)
+            self.decode_head = UperHead([dim] * 4, head_channels, num_classes)
+            self.aux_head = FCNHead(dim, max(1, head_channels // 2), num_classes)
+
+    def train(self, mode: bool = True) -> Segmentor:
+        super().train(mode)
+        if self.mode == "lp":
+            self.backbone.eval()  # frozen: BN-free ViT, but dropout / drop path must stay off
+        return self
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Patch-token maps [B, dim, H/p, W/p] of ``self.layers`` (prefix tokens dropped)."""
+        depth = len(self.backbone.blocks)
+        idx = sorted(set(n - 1 for n in self.layers))
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.mode == "ft"):
+            maps = self.backbone.forward_intermediates(
+                x, indices=idx, norm=False, stop_early=True, output_fmt="NCHW", intermediates_only=True
+            )
+            by_index = dict(zip(idx, maps))
+            if depth - 1 in by_index:
+                last = by_index[depth - 1]
+                by_index[depth - 1] = self.backbone.norm(last.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return [by_index[n - 1] for n in self.layers]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        feats = self.features(x)
+        if self.mode == "lp":
+            return self.decode_head(feats), None
+        if self.neck_name == "ll-fpn":
+            feats = feats * 4
+        pyramid = self.neck(feats)
+        aux = self.aux_head(pyramid[AUX_INDEX]) if self.training else None
+        return self.decode_head(pyramid), aux
