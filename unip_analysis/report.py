@@ -1,0 +1,378 @@
+"""The outputs of one analysis run, built in memory first and written only at the end.
+
+- :func:`build_document`  the ``layer_selection.json`` document (schema: :mod:`unip_analysis.selection`)
+- :func:`layer_frame`     tidy per-layer table of a document (model, layer, nmi, CI, pattern, selected)
+- :func:`stats_frame`     tidy per-head table (``layer_stats.csv``)
+- :func:`render_figures`  the PNG figures, as bytes
+- :func:`render_html`     one self-contained ``report.html`` (figures embedded as base64, no external files)
+- :func:`write_report`    every file, each atomically, the JSON last
+
+Notebook use::
+
+    doc = report.build_document({"mae_b": analyze.model_entry(res, th)}, th, "imgs/", len(ds), 224, "infrared")
+    report.layer_frame(doc)
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+from . import __version__, plots, selection
+from .analyze import ModelAnalysis
+from .files import atomic_write_bytes, atomic_write_text
+from .patterns import Thresholds
+
+GENERATOR = f"unip-analyze {__version__}"
+STATS_FILENAME = "layer_stats.csv"
+REPORT_FILENAME = "report.html"
+FIGURES_DIR = "figures"
+STATS_COLUMNS = [
+    "model",
+    "layer",
+    "head",
+    "nmi",
+    "nmi_std",
+    "attn_distance",
+    "layer_nmi",
+    "layer_pattern",
+    "selected",
+]
+
+
+def build_document(
+    entries: Mapping[str, dict],
+    thresholds: Thresholds,
+    images_dir: str | Path,
+    image_count: int,
+    img_size: int,
+    norm: str,
+    created: datetime | None = None,
+) -> dict:
+    """The whole ``layer_selection.json`` document (schema version 1), validated.
+
+    ``entries`` maps model names to :func:`unip_analysis.analyze.model_entry` results.
+    """
+    created = created or datetime.now(timezone.utc)
+    doc = {
+        "schema_version": selection.SCHEMA_VERSION,
+        "generator": GENERATOR,
+        "created": created.astimezone(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "thresholds": {"global_max": float(thresholds.global_max), "local_min": float(thresholds.local_min)},
+        "images": {
+            "dir": str(Path(images_dir).resolve()),
+            "count": int(image_count),
+            "img_size": int(img_size),
+            "norm": str(norm),
+        },
+        "models": dict(entries),
+    }
+    return selection.validate(doc, selection.FILENAME)
+
+
+def layer_frame(doc: dict) -> pd.DataFrame:
+    """One row per model x layer: model, layer, depth, heads, nmi, nmi_ci_lo/hi, attn_distance,
+    pattern, selected (the input of :mod:`unip_analysis.plots`)."""
+    rows = []
+    for name, m in doc["models"].items():
+        for lay in m["layers"]:
+            rows.append(
+                {
+                    "model": name,
+                    "layer": lay["layer"],
+                    "depth": m["depth"],
+                    "heads": m["heads_per_layer"][lay["layer"] - 1],
+                    "nmi": lay["nmi"],
+                    "nmi_ci_lo": lay["nmi_ci95"][0],
+                    "nmi_ci_hi": lay["nmi_ci95"][1],
+                    "attn_distance": lay["attn_distance"],
+                    "pattern": lay["pattern"],
+                    "selected": lay["layer"] == m["selected_layer"],
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def stats_frame(analyses: Sequence[ModelAnalysis], doc: dict) -> pd.DataFrame:
+    """One row per model x layer x head (``layer_stats.csv``): head statistics over images,
+    with the layer's NMI, pattern and whether it is the selected layer."""
+    layers = layer_frame(doc)[["model", "layer", "nmi", "pattern", "selected"]].rename(
+        columns={"nmi": "layer_nmi", "pattern": "layer_pattern"}
+    )
+    heads = pd.concat([res.head_table() for res in analyses], ignore_index=True)
+    return heads.merge(layers, on=["model", "layer"], how="left", validate="many_to_one")[STATS_COLUMNS]
+
+
+def figure_names(models: Sequence[str]) -> dict[str, str]:
+    """File name of each model's attention-map figure: ``attention_maps_<model>.png``, made file-safe."""
+    out: dict[str, str] = {}
+    taken: set[str] = set()
+    for name in models:
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
+        candidate, k = stem, 2
+        while candidate.lower() in taken:
+            candidate, k = f"{stem}_{k}", k + 1
+        taken.add(candidate.lower())
+        out[name] = f"attention_maps_{candidate}.png"
+    return out
+
+
+def render_figures(analyses: Sequence[ModelAnalysis], doc: dict, thresholds: Thresholds) -> dict[str, bytes]:
+    """Figure file name -> PNG bytes: NMI curves, distance curves, pattern heat-map, attention maps."""
+    table = layer_frame(doc)
+    figs = {
+        "nmi_curves.png": plots.png_bytes(plots.plot_nmi_curves(table, thresholds)),
+        "attn_distance.png": plots.png_bytes(plots.plot_attn_distance(table)),
+        "pattern_heatmap.png": plots.png_bytes(plots.plot_pattern_heatmap(table)),
+    }
+    names = figure_names([res.name for res in analyses])
+    for res in analyses:
+        selected = doc["models"][res.name]["selected_layer"]
+        figs[names[res.name]] = plots.png_bytes(plots.plot_attention_maps(res, selected=selected))
+    return figs
+
+
+# --- text ----------------------------------------------------------------------------------
+
+
+def selection_summary(doc: dict) -> list[str]:
+    """Per model, one line with the selected layer and the rule; when no layer is hybrid, a
+    second line says so and what the fallback did."""
+    th = doc["thresholds"]
+    lines = []
+    for name, m in doc["models"].items():
+        sel = m["selected_layer"]
+        if sel is None:
+            lines.append(f"{name}: no layer selected ({m['selection_rule']})")
+        else:
+            pattern = m["layers"][sel - 1]["pattern"]
+            lines.append(
+                f"{name}: layer {sel} of {m['depth']} ({m['selected_heads']} heads, {pattern}, "
+                f"NMI {m['layers'][sel - 1]['nmi']:.4f}): {m['selection_rule']}"
+            )
+        if not any(lay["pattern"] == "hybrid" for lay in m["layers"]):
+            nmis = [lay["nmi"] for lay in m["layers"]]
+            what = (
+                "pass --layer N to choose one, or --fallback nearest"
+                if sel is None
+                else (
+                    "the user's --layer choice is used" if m["selection_rule"].startswith("override") else ""
+                )
+            )
+            if not what:
+                what = "the layer closest to the band is used instead (--fallback none to select nothing)"
+            lines.append(
+                f"  note: no layer of {name} is hybrid: layer NMI spans {min(nmis):.4f}..{max(nmis):.4f}, "
+                f"the hybrid band is ({th['global_max']:.4f}, {th['local_min']:.4f}); {what}"
+            )
+    return lines
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:2rem auto;max-width:1100px;
+color:#222;line-height:1.45;padding:0 1rem}
+h1{font-size:1.6rem;margin-bottom:.2rem}h2{border-bottom:1px solid #ddd;padding-bottom:.2rem;margin-top:2.2rem}
+table{border-collapse:collapse;margin:.6rem 0 1.2rem;font-size:.9rem}
+th,td{border:1px solid #ddd;padding:.25rem .55rem;text-align:left;vertical-align:top}
+th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
+tr.sel td{background:#fff6d5;font-weight:600}
+.pat{display:inline-block;padding:0 .45rem;border-radius:.6rem;color:#fff;font-size:.8rem}
+code{font-size:.85rem;word-break:break-all}.muted{color:#666}
+img{max-width:100%;height:auto;border:1px solid #eee;margin:.4rem 0}
+"""
+
+
+def _esc(value: object) -> str:
+    return html.escape(str(value))
+
+
+def _img(png: bytes, alt: str) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return f'<img alt="{_esc(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _table(
+    header: Sequence[str], rows: Sequence[Sequence[str]], row_classes: Sequence[str] | None = None
+) -> str:
+    """HTML table; cells are pre-escaped HTML."""
+    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
+    body = []
+    for i, row in enumerate(rows):
+        cls = f' class="{row_classes[i]}"' if row_classes and row_classes[i] else ""
+        body.append(f"<tr{cls}>" + "".join(row) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _td(value: object, num: bool = False) -> str:
+    return f'<td class="num">{_esc(value)}</td>' if num else f"<td>{_esc(value)}</td>"
+
+
+def _pattern_badge(pattern: str) -> str:
+    color = plots.PATTERN_COLORS.get(pattern, "#888")
+    return f'<td><span class="pat" style="background:{color}">{_esc(pattern)}</span></td>'
+
+
+def render_html(
+    doc: dict,
+    figures: Mapping[str, bytes],
+    thresholds_source: str = "",
+    notes: Mapping[str, Sequence[str]] | None = None,
+) -> str:
+    """One self-contained HTML page: summary, thresholds, figures, and per model its checkpoint,
+    selection and layer table. Opens offline: no external CSS, scripts or images."""
+    notes = notes or {}
+    th, im = doc["thresholds"], doc["images"]
+    names = figure_names(list(doc["models"]))
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>Attention-pattern analysis: {_esc(', '.join(doc['models']))}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        "<h1>Attention-pattern analysis</h1>",
+        f'<p class="muted">{_esc(doc["generator"])}, created {_esc(doc["created"])}. '
+        "NMI between queries and keys per layer (mean over heads and images); local / hybrid / global "
+        "patterns and the layer a distillation teacher should use (the deepest hybrid one, UNIP, ICLR 2025).</p>",
+        "<h2>Selected layers</h2>",
+    ]
+    summary_rows = []
+    for name, m in doc["models"].items():
+        sel = m["selected_layer"]
+        summary_rows.append(
+            [
+                _td(name),
+                _td(m["family"]),
+                f"<td><code>{_esc(m['arch'])}</code></td>",
+                _td(m["depth"], num=True),
+                _td("none" if sel is None else sel, num=True),
+                _td("" if m["selected_heads"] is None else m["selected_heads"], num=True),
+                _td("" if sel is None else m["layers"][sel - 1]["pattern"]),
+                _td(m["selection_rule"]),
+            ]
+        )
+    parts.append(
+        _table(
+            ["model", "family", "arch", "depth", "selected layer", "heads", "pattern", "rule"], summary_rows
+        )
+    )
+    parts += [
+        "<h2>Thresholds and images</h2>",
+        _table(
+            ["", "value"],
+            [
+                [_td("global_max (NMI at or below: global)"), _td(f"{th['global_max']:.4f}", num=True)],
+                [_td("local_min (NMI at or above: local)"), _td(f"{th['local_min']:.4f}", num=True)],
+                [_td("how they were set"), _td(thresholds_source or "not recorded")],
+                [_td("image folder"), f"<td><code>{_esc(im['dir'])}</code></td>"],
+                [_td("images analysed"), _td(im["count"], num=True)],
+                [_td("image size"), _td(f"{im['img_size']} px", num=True)],
+                [_td("normalization"), _td(im["norm"])],
+            ],
+        ),
+        "<h2>Figures</h2>",
+    ]
+    for fname, alt in (
+        ("nmi_curves.png", "NMI by depth"),
+        ("attn_distance.png", "attention distance by depth"),
+        ("pattern_heatmap.png", "pattern heat-map"),
+    ):
+        if fname in figures:
+            parts.append(_img(figures[fname], alt))
+    for name, m in doc["models"].items():
+        sel = m["selected_layer"]
+        parts.append(f"<h2>{_esc(name)}</h2>")
+        parts.append(
+            _table(
+                ["checkpoint", ""],
+                [
+                    [_td("family"), _td(m["family"])],
+                    [_td("arch"), f"<td><code>{_esc(m['arch'])}</code></td>"],
+                    [_td("weights"), f"<td><code>{_esc(m['weights'])}</code></td>"],
+                    [_td("sha256"), f"<td><code>{_esc(m['weights_sha256'])}</code></td>"],
+                    [
+                        _td("depth / width / patch"),
+                        _td(f"{m['depth']} blocks, embed dim {m['embed_dim']}, patch {m['patch_size']}"),
+                    ],
+                    [_td("prefix tokens"), _td(m["num_prefix_tokens"])],
+                    [
+                        _td("selected layer"),
+                        _td("none" if sel is None else f"{sel} ({m['selected_heads']} heads)"),
+                    ],
+                    [_td("rule"), _td(m["selection_rule"])],
+                ]
+                + [[_td("note"), _td(n)] for n in notes.get(name, [])],
+            )
+        )
+        rows, classes = [], []
+        for lay in m["layers"]:
+            lo, hi = lay["nmi_ci95"]
+            is_sel = lay["layer"] == sel
+            rows.append(
+                [
+                    _td(lay["layer"], num=True),
+                    _pattern_badge(lay["pattern"]),
+                    _td(f"{lay['nmi']:.4f}", num=True),
+                    _td(f"{lo:.4f} – {hi:.4f}", num=True),
+                    _td(f"{lay['attn_distance']:.1f}", num=True),
+                    _td(len(lay["head_nmi"]), num=True),
+                    _td("selected" if is_sel else ""),
+                ]
+            )
+            classes.append("sel" if is_sel else "")
+        parts.append(
+            _table(["layer", "pattern", "NMI", "95% CI", "distance (px)", "heads", ""], rows, classes)
+        )
+        if names[name] in figures:
+            parts.append(_img(figures[names[name]], f"attention maps of {name}"))
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+# --- the run's outputs -------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    """Everything one run writes, held in memory until :func:`write_report`."""
+
+    doc: dict
+    stats: pd.DataFrame
+    figures: dict[str, bytes]
+    html: str
+
+
+def build_report(
+    analyses: Sequence[ModelAnalysis],
+    entries: Mapping[str, dict],
+    thresholds: Thresholds,
+    images_dir: str | Path,
+    image_count: int,
+    norm: str,
+    created: datetime | None = None,
+) -> Report:
+    """Document, head table, figures and HTML of a run; nothing is written."""
+    img_size = analyses[0].img_size
+    doc = build_document(entries, thresholds, images_dir, image_count, img_size, norm, created)
+    figures = render_figures(analyses, doc, thresholds)
+    page = render_html(doc, figures, thresholds.source, {res.name: res.notes for res in analyses})
+    return Report(doc=doc, stats=stats_frame(analyses, doc), figures=figures, html=page)
+
+
+def write_report(rep: Report, out: str | Path) -> dict[str, Path]:
+    """Write every output under ``out``, each atomically; ``layer_selection.json`` goes last,
+    so its presence means the run finished. Returns what was written, by kind."""
+    out = Path(out)
+    written: dict[str, Path] = {}
+    for fname, png in rep.figures.items():
+        written[f"figure {fname}"] = atomic_write_bytes(out / FIGURES_DIR / fname, png)
+    written["per-head statistics"] = atomic_write_text(out / STATS_FILENAME, rep.stats.to_csv(index=False))
+    written["report"] = atomic_write_text(out / REPORT_FILENAME, rep.html)
+    written["layer selection"] = selection.write(out / selection.FILENAME, rep.doc)
+    return written
