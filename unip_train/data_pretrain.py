@@ -1,0 +1,203 @@
+"""InfMix-style distillation data (method.md section 3): infrared folders as they are, RGB
+folders converted to grey, mixed into one dataset; the pre-training augmentation; the sampler.
+
+Exact resume is designed in here. Which images an epoch visits and in what order is a
+permutation drawn from (seed, epoch); each sample's augmentation is drawn from a generator
+seeded by (seed, epoch, sample index). Nothing depends on RNG history or on how many batches a
+process has already produced, so a resumed run can start mid-epoch by skipping positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from unip_analysis.errors import ImageError
+from unip_analysis.images import find_images, normalize, read_image
+
+# ITU-R BT.601 luma, as PIL's "L" conversion.
+LUMA = (0.299, 0.587, 0.114)
+CROP_SCALE = (0.2, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+
+
+@dataclass
+class Source:
+    """One folder of the mix: ``kind`` is ``infrared`` (read as is) or ``rgb`` (made grey)."""
+
+    root: str
+    kind: str
+    found: int
+    files: list[Path]
+
+    def summary(self) -> dict:
+        return {"dir": self.root, "kind": self.kind, "found": self.found, "used": len(self.files)}
+
+
+def cap_per_class(files: Sequence[Path], root: Path, cap: int) -> list[Path]:
+    """At most ``cap`` images per immediate subfolder (class) of ``root``, the first ones in sorted
+    order, as the InfMix ImageNet subset keeps 200 per class. Files directly in ``root`` belong to
+    no class and are all kept, so a flat folder (COCO) passes unchanged."""
+    kept, counts = [], {}
+    for f in files:
+        rel = f.relative_to(root).parts
+        if len(rel) > 1:
+            counts[rel[0]] = counts.get(rel[0], 0) + 1
+            if counts[rel[0]] > cap:
+                continue
+        kept.append(f)
+    return kept
+
+
+def collect_source(
+    root: str | Path, kind: str, per_class_cap: int | None = None, max_images: int | None = None
+) -> Source:
+    """List one folder's images and apply the caps. ``max_images`` keeps an evenly spread subset
+    (a fixed seed-0 draw, sorted), so a capped source still covers all its subfolders."""
+    root = Path(root)
+    files = find_images(root)
+    found = len(files)
+    if per_class_cap is not None:
+        files = cap_per_class(files, root, per_class_cap)
+    if max_images is not None and len(files) > max_images:
+        keep = np.sort(np.random.default_rng(0).choice(len(files), size=max_images, replace=False))
+        files = [files[i] for i in keep]
+    return Source(str(root), kind, found, files)
+
+
+def to_grey(img: torch.Tensor) -> torch.Tensor:
+    """[3, H, W] colour -> luminance replicated to 3 channels; grey input is returned as is."""
+    if torch.equal(img[0], img[1]) and torch.equal(img[1], img[2]):
+        return img
+    y = LUMA[0] * img[0] + LUMA[1] * img[1] + LUMA[2] * img[2]
+    return y.expand(3, -1, -1).contiguous()
+
+
+def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """A generator that depends on (seed, epoch, index) only."""
+    state = np.random.SeedSequence([seed, epoch, index]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def random_resized_crop_box(
+    h: int, w: int, g: torch.Generator, scale=CROP_SCALE, ratio=CROP_RATIO
+) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a crop covering ``scale`` of the area with aspect in ``ratio``
+    (log-uniform); ten tries, then the largest central crop within ``ratio``."""
+    area = h * w
+    log_r = (np.log(ratio[0]), np.log(ratio[1]))
+    for _ in range(10):
+        u = torch.rand(4, generator=g, dtype=torch.float64).tolist()
+        target = area * (scale[0] + (scale[1] - scale[0]) * u[0])
+        aspect = float(np.exp(log_r[0] + (log_r[1] - log_r[0]) * u[1]))
+        cw, ch = round((target * aspect) ** 0.5), round((target / aspect) ** 0.5)
+        if 0 < cw <= w and 0 < ch <= h:
+            top = min(int(u[2] * (h - ch + 1)), h - ch)
+            left = min(int(u[3] * (w - cw + 1)), w - cw)
+            return top, left, ch, cw
+    in_ratio = w / h
+    if in_ratio < ratio[0]:
+        cw, ch = w, round(w / ratio[0])
+    elif in_ratio > ratio[1]:
+        ch, cw = h, round(h * ratio[1])
+    else:
+        cw, ch = w, h
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+def augment(img: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
+    """RandomResizedCrop(scale 0.2-1, bicubic) to ``size`` x ``size``, then a horizontal flip (p 0.5)."""
+    top, left, ch, cw = random_resized_crop_box(img.shape[1], img.shape[2], g)
+    crop = img[None, :, top : top + ch, left : left + cw]
+    out = F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True, align_corners=False)[0]
+    out = out.clamp_(0.0, 1.0)
+    if torch.rand(1, generator=g).item() < 0.5:
+        out = out.flip(-1)
+    return out
+
+
+class InfMix(torch.utils.data.Dataset):
+    """The sources' images, one index space. ``__getitem__`` returns (image, unreadable paths).
+
+    An unreadable image is replaced by the next readable one (index + 1, ...) so batches keep
+    their shape on every process; the paths skipped travel with the sample to be counted.
+    Call :meth:`set_epoch` before iterating (loader workers get a fresh copy each epoch).
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[Source],
+        size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        seed: int = 0,
+    ):
+        self.items = [(f, s.kind == "rgb") for s in sources for f in s.files]
+        if not self.items:
+            raise ImageError("the distillation data is empty after the per-source caps; check the folders")
+        self.size, self.mean, self.std, self.seed = size, tuple(mean), tuple(std), seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def load(self, index: int) -> torch.Tensor:
+        path, grey = self.items[index]
+        img = read_image(path)
+        return to_grey(img) if grey else img
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, list[str]]:
+        skipped = []
+        for tried in range(len(self.items)):
+            i = (index + tried) % len(self.items)
+            try:
+                img = self.load(i)
+            except ImageError:
+                skipped.append(str(self.items[i][0]))
+                continue
+            out = augment(img, self.size, sample_generator(self.seed, self.epoch, index))
+            return normalize(out, self.mean, self.std), skipped
+        raise ImageError(f"none of the {len(self.items)} distillation images can be read")
+
+
+def collate(batch: list[tuple[torch.Tensor, list[str]]]) -> tuple[torch.Tensor, list[str]]:
+    return torch.stack([b[0] for b in batch]), [p for b in batch for p in b[1]]
+
+
+class EpochSampler(torch.utils.data.Sampler[int]):
+    """This process's share of the epoch's permutation (DistributedSampler-like).
+
+    The permutation comes from (seed, epoch); it is padded by wrapping to a multiple of
+    ``world_size`` and dealt round-robin. ``set_epoch(epoch, start)`` skips the first ``start``
+    positions of this process's share: how a resumed run continues mid-epoch.
+    """
+
+    def __init__(self, n: int, world_size: int = 1, rank: int = 0, seed: int = 0):
+        self.n, self.world_size, self.rank, self.seed = n, world_size, rank, seed
+        self.per_rank = -(-n // world_size)
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def indices(self) -> list[int]:
+        state = np.random.SeedSequence([self.seed, self.epoch]).generate_state(2, dtype=np.uint32)
+        g = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+        perm = torch.randperm(self.n, generator=g).tolist()
+        total = self.per_rank * self.world_size
+        perm = (perm * -(-total // self.n))[:total]
+        return perm[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices()[self.start :])
+
+    def __len__(self) -> int:
+        return self.per_rank - self.start
