@@ -1,0 +1,356 @@
+"""``unip-analyze``: attention patterns of ViT checkpoints, and the layer a teacher should distil.
+
+    unip-analyze --checkpoint mae_b=mae:vit_base_patch16_224:mae_pretrain_vit_base.pth \\
+                 --checkpoint dino_b=dino:vit_base_patch16_224:dino_vitbase16_pretrain.pth \\
+                 --images infrared_samples/ --norm infrared --out analysis/
+
+or ``--manifest checkpoints.json`` with ``{"checkpoints": [{"name", "family", "arch", "path"}, ...]}``.
+Writes ``layer_selection.json``, ``layer_stats.csv``, ``figures/*.png`` and ``report.html`` into
+``--out``, only once every checkpoint and image has been read and analysed: bad input ends with
+one line on stderr, exit status 2, and nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__, analyze, checkpoints, images, report
+from .checkpoints import CheckpointSpec, LoadedBackbone
+from .errors import SpecError, UnipError
+from .patterns import Thresholds, default_thresholds
+
+PROG = "unip-analyze"
+EXIT_BAD_INPUT = 2
+_MANIFEST_KEYS = ("name", "family", "arch", "path")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing usage, so every bad input reads the same one line."""
+
+    def error(self, message: str):
+        raise SpecError(f"{message} (see {PROG} --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=PROG,
+        description="Per-layer attention NMI and distance of ViT checkpoints over an image folder; "
+        "classifies layers as local / hybrid / global and selects the deepest hybrid layer (UNIP).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    src = p.add_argument_group("what to analyse")
+    src.add_argument(
+        "--checkpoint",
+        action="append",
+        default=[],
+        metavar="NAME=FAMILY:ARCH:PATH",
+        help=f"a checkpoint to analyse (repeatable); FAMILY is one of {', '.join(checkpoints.FAMILIES)}",
+    )
+    src.add_argument(
+        "--manifest",
+        type=Path,
+        help='JSON file {"checkpoints": [{"name", "family", "arch", "path"}, ...]}; '
+        "relative paths are read from the manifest's folder",
+    )
+    src.add_argument("--images", type=Path, required=True, help="folder of images (searched recursively)")
+    src.add_argument("--out", type=Path, required=True, help="folder for the outputs")
+    src.add_argument("--img-size", type=_positive_int, help="input size (default: the arch's own)")
+    src.add_argument(
+        "--num-images", type=_positive_int, help="analyse only the first N images (sorted by path)"
+    )
+    src.add_argument(
+        "--norm",
+        default="imagenet",
+        help="image normalization: imagenet, infrared, infmix, or MEAN,STD (0-1 or 0-255 scale)",
+    )
+    sel = p.add_argument_group("patterns and layer selection")
+    sel.add_argument(
+        "--global-max", type=float, help="NMI at or below which a layer is global (default: derived)"
+    )
+    sel.add_argument(
+        "--local-min", type=float, help="NMI at or above which a layer is local (default: derived)"
+    )
+    sel.add_argument(
+        "--layer",
+        action="append",
+        default=[],
+        metavar="N | NAME=N",
+        help="select layer N (1-based) instead of the rule, for every model or for NAME (repeatable)",
+    )
+    sel.add_argument(
+        "--fallback",
+        choices=("nearest", "none"),
+        default="nearest",
+        help="when no layer is hybrid: the layer nearest the hybrid band, or none",
+    )
+    sel.add_argument("--bootstrap", type=_positive_int, default=1000, help="bootstrap resamples for NMI CIs")
+    fig = p.add_argument_group("figures")
+    fig.add_argument(
+        "--query-points",
+        default=";".join(f"{y},{x}" for y, x in analyze.DEFAULT_QUERY_POINTS),
+        help="query positions for attention maps, 'y,x;y,x' as fractions of the image",
+    )
+    fig.add_argument("--map-images", type=_non_negative_int, default=1, help="images shown in attention maps")
+    run = p.add_argument_group("running")
+    run.add_argument("--batch-size", type=_positive_int, default=16)
+    run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    run.add_argument(
+        "--num-workers", type=_non_negative_int, default=0, help="image-decoding worker processes"
+    )
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    return p
+
+
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+# --- parsing what the user asked for --------------------------------------------------------
+
+
+def read_manifest(path: str | Path) -> list[CheckpointSpec]:
+    """Checkpoint specs from a manifest; relative paths are resolved against the manifest's folder."""
+    path = Path(path).expanduser()
+    fix = 'expected {"checkpoints": [{"name": ..., "family": ..., "arch": ..., "path": ...}, ...]}'
+    if not path.is_file():
+        raise SpecError(f"{path}: manifest not found; pass an existing JSON file with --manifest")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SpecError(f"{path}: manifest is not valid JSON ({e}); {fix}") from None
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read manifest ({e.strerror})") from None
+    entries = doc.get("checkpoints") if isinstance(doc, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise SpecError(f"{path}: manifest has no non-empty 'checkpoints' list; {fix}")
+    specs = []
+    for i, e in enumerate(entries):
+        where = f"{path}: checkpoints[{i}]"
+        if not isinstance(e, dict):
+            raise SpecError(f"{where} is a {type(e).__name__}, not an object; {fix}")
+        missing = [k for k in _MANIFEST_KEYS if not isinstance(e.get(k), str) or not e[k].strip()]
+        unknown = sorted(set(e) - set(_MANIFEST_KEYS))
+        if missing or unknown:
+            what = [f"lacks {', '.join(missing)} (non-empty strings)"] if missing else []
+            what += [f"has unknown keys {', '.join(unknown)}"] if unknown else []
+            raise SpecError(f"{where} {' and '.join(what)}; {fix}")
+        if e["family"] not in checkpoints.FAMILIES:
+            raise SpecError(
+                f"{where}: unknown family {e['family']!r}; known: {', '.join(checkpoints.FAMILIES)}"
+            )
+        weights = Path(e["path"]).expanduser()
+        if not weights.is_absolute():
+            weights = path.parent / weights
+        specs.append(CheckpointSpec(e["name"].strip(), e["family"], e["arch"].strip(), str(weights)))
+    return specs
+
+
+def collect_specs(spec_texts: Sequence[str], manifest: Path | None) -> list[CheckpointSpec]:
+    specs = [checkpoints.parse_spec(t) for t in spec_texts]
+    if manifest is not None:
+        specs += read_manifest(manifest)
+    if not specs:
+        raise SpecError(
+            "no checkpoints given; pass --checkpoint NAME=FAMILY:ARCH:PATH or --manifest FILE.json"
+        )
+    seen: set[str] = set()
+    for s in specs:
+        if s.name in seen:
+            raise SpecError(f"model name {s.name!r} is given twice; every checkpoint needs its own NAME")
+        seen.add(s.name)
+    return specs
+
+
+def parse_layer_overrides(values: Sequence[str], names: Sequence[str]) -> dict[str, int]:
+    """``--layer N`` (every model) and ``--layer NAME=N`` (one model; wins over N) -> {name: N}."""
+    every: int | None = None
+    per: dict[str, int] = {}
+    for text in values:
+        name, eq, num = text.rpartition("=")
+        if not re.fullmatch(r"\s*\d+\s*", num) or (eq and not name.strip()):
+            raise SpecError(f"--layer {text!r}: expected N or NAME=N with N a 1-based layer number")
+        if not eq:
+            if every is not None:
+                raise SpecError(f"--layer given twice for every model ({every} and {int(num)})")
+            every = int(num)
+            continue
+        name = name.strip()
+        if name not in names:
+            raise SpecError(f"--layer {text!r}: no model named {name!r}; models: {', '.join(names)}")
+        if name in per:
+            raise SpecError(f"--layer given twice for {name!r}")
+        per[name] = int(num)
+    return {n: per.get(n, every) for n in names if per.get(n, every) is not None}
+
+
+def parse_query_points(text: str) -> list[tuple[float, float]]:
+    """``'0.5,0.5;0.25,0.25'`` -> [(y, x), ...] as fractions of the image."""
+    points = []
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        try:
+            y, x = (float(v) for v in part.split(","))
+        except ValueError:
+            raise SpecError(
+                f"--query-points {text!r}: expected 'y,x;y,x' fractions, e.g. 0.5,0.5;0.25,0.25"
+            ) from None
+        if not (0.0 <= y <= 1.0 and 0.0 <= x <= 1.0):
+            raise SpecError(
+                f"--query-points {text!r}: ({y}, {x}) is outside the image; use fractions in [0, 1]"
+            )
+        points.append((y, x))
+    if not points:
+        raise SpecError("--query-points is empty; give at least one 'y,x'")
+    return points
+
+
+def resolve_device(text: str) -> str:
+    import torch
+
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if text.startswith("cuda") and not torch.cuda.is_available():
+        raise SpecError(f"--device {text}: no CUDA device is visible; use --device cpu (or auto)")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise SpecError(f"--device {text!r}: expected cpu, cuda, cuda:N or auto")
+    return text
+
+
+def resolve_thresholds(
+    global_max: float | None, local_min: float | None, grids: dict[str, tuple[int, int]]
+) -> Thresholds:
+    """Given values win; missing ones are derived at the analysed token grid (one grid for all models)."""
+    if global_max is not None and local_min is not None:
+        return Thresholds(global_max, local_min, source="given with --global-max / --local-min")
+    if len(set(grids.values())) > 1:
+        listing = ", ".join(f"{n} {g[0]}x{g[1]}" for n, g in grids.items())
+        raise SpecError(
+            f"the models see different token grids ({listing}) and default thresholds depend on the grid; "
+            "pass --img-size so the grids agree, or give --global-max and --local-min"
+        )
+    derived = default_thresholds(next(iter(grids.values())))
+    if global_max is None and local_min is None:
+        return derived
+    given = "global_max" if global_max is not None else "local_min"
+    return Thresholds(
+        global_max if global_max is not None else derived.global_max,
+        local_min if local_min is not None else derived.local_min,
+        source=f"{given} given on the command line; the other {derived.source}",
+    )
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def run(args: argparse.Namespace) -> dict[str, Path]:
+    """Load, analyse, then write; returns the written paths. Raises UnipError on bad input."""
+    specs = collect_specs(args.checkpoint, args.manifest)
+    names = [s.name for s in specs]
+    overrides = parse_layer_overrides(args.layer, names)
+    points = parse_query_points(args.query_points)
+    images.parse_normalization(args.norm)  # fail on a bad --norm before loading anything
+    device = resolve_device(args.device)
+    if args.out.exists() and not args.out.is_dir():
+        raise SpecError(f"{args.out}: --out exists and is not a folder; pass a folder path")
+    n_found = len(images.find_images(args.images))
+
+    backbones: dict[str, LoadedBackbone] = {}
+    for s in specs:
+        _say(f"loading {s.name}: {s.family} {s.arch} from {s.path}")
+        bb = checkpoints.load_backbone(s.family, s.arch, s.path, img_size=args.img_size, device=device)
+        if s.name in overrides and not 1 <= overrides[s.name] <= bb.depth:
+            raise SpecError(f"--layer {overrides[s.name]} for {s.name!r} is outside 1..{bb.depth} ({s.path})")
+        backbones[s.name] = bb
+    sizes = {bb.img_size for bb in backbones.values()}
+    if len(sizes) > 1:
+        listing = ", ".join(f"{n} {bb.img_size}" for n, bb in backbones.items())
+        raise SpecError(f"the architectures default to different input sizes ({listing}); pass --img-size")
+    img_size = sizes.pop()
+    grids = {n: tuple(int(g) for g in bb.model.patch_embed.grid_size) for n, bb in backbones.items()}
+    th = resolve_thresholds(args.global_max, args.local_min, grids)
+    dataset = analyze.image_dataset(args.images, img_size, args.norm, limit=args.num_images)
+    _say(
+        f"images: {len(dataset)} of {n_found} under {args.images} at {img_size}px, norm {args.norm}\n"
+        f"thresholds: global_max={th.global_max:.4f} local_min={th.local_min:.4f} ({th.source})"
+    )
+
+    analyses, entries = [], {}
+    for name in names:
+        _say(f"analysing {name}")
+        res = analyze.analyze_backbone(
+            backbones.pop(name),  # drop our reference: one model's weights held at a time from here
+            dataset,
+            name=name,
+            batch_size=args.batch_size,
+            device=device,
+            query_points=points,
+            map_images=args.map_images,
+            num_workers=args.num_workers,
+            progress=not args.no_progress,
+        )
+        entries[name] = analyze.model_entry(res, th, overrides.get(name), args.fallback, args.bootstrap)
+        analyses.append(res)
+
+    rep = report.build_report(analyses, entries, th, args.images, len(dataset), args.norm)
+    written = report.write_report(rep, args.out)
+    for line in report.selection_summary(rep.doc):
+        _say(line)
+    _say("wrote:")
+    width = max(len(k) for k in written)
+    for kind, path in written.items():
+        _say(f"  {kind:<{width}}  {path}")
+    return written
+
+
+def error_line(err: BaseException) -> str:
+    """The error as one line. DataLoader workers re-raise with the worker's traceback in the
+    message; keep only its last line, the original message."""
+    msg = str(err)
+    if "Original Traceback" in msg:
+        last = [line for line in msg.splitlines() if line.strip()][-1].strip()
+        msg = re.sub(r"^[\w.]+: ", "", last, count=1)
+    if isinstance(err, OSError) and err.filename and err.strerror:
+        msg = f"{err.filename}: {err.strerror}"
+    return " ".join(msg.split()) or type(err).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point; returns the exit status (0 done, 2 bad input)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        run(args)
+    except (UnipError, ValueError, OSError) as err:
+        if debug:
+            raise
+        print(f"{PROG}: error: {error_line(err)}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
