@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -211,7 +210,3 @@ def weights_digest(model: torch.nn.Module) -> str:
 def lr_from_blr(blr: float, effective_batch: int) -> float:
     """MAE's linear scaling rule: ``lr = blr * effective_batch / 256``."""
     return blr * effective_batch / 256
-
-
-def is_finite(value: float) -> bool:
-    return math.isfinite(value)

@@ -1,0 +1,436 @@
+"""unip-pretrain (NMI-HAD distillation): the loss, the student, the data, the CLI end to end, exact resume."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_images
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from unip_analysis import analyze, selection
+from unip_analysis import checkpoints as ckpts
+from unip_analysis import images as imgs
+from unip_analysis.checkpoints import build_vit, load_backbone
+from unip_analysis.files import sha256_file
+from unip_analysis.patterns import default_thresholds
+from unip_train import data_pretrain, distill, pretrain
+from unip_train.distill import sincos_pos_embed_2d
+from unip_train.pretrain import LAST
+
+# Two blocks keep every run short; patch 8 at 64 px gives an 8x8 token grid, enough for locality.
+ARCH = "vit_tiny_patch16_224(depth=2,embed_dim=64,num_heads=2,patch_size=8)"
+IMG = 64
+REPO = Path(__file__).resolve().parents[1]
+
+
+def local_teacher(path: Path, sharpness: float = 2.0) -> Path:
+    """A ViT whose block 1 attends to neighbouring tokens.
+
+    Its tokens are dominated by a strong 2-D sin-cos position signal (each head's 32 channels
+    carry a full 2-D code; the patch projection is scaled down), and q = k = sharpness * token,
+    so q·k is largest for nearby positions.
+    """
+    torch.manual_seed(0)
+    model = build_vit(ARCH, img_size=IMG)
+    grid = tuple(model.patch_embed.grid_size)
+    with torch.no_grad():
+        per_head = sincos_pos_embed_2d(32, grid, 1)
+        model.pos_embed.copy_(torch.cat([per_head, per_head], dim=-1) * 4)
+        model.patch_embed.proj.weight.mul_(0.01)
+        attn = model.blocks[0].attn
+        eye = torch.eye(64) * sharpness
+        attn.qkv.weight[:64] = eye
+        attn.qkv.weight[64:128] = eye
+        attn.qkv.bias.zero_()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def analyse(family: str, weights: Path, images: Path, name: str) -> analyze.ModelAnalysis:
+    backbone = load_backbone(family, ARCH, weights, img_size=IMG)
+    data = analyze.image_dataset(images, IMG, "infmix")
+    return analyze.analyze_backbone(backbone, data, name=name, progress=False)
+
+
+def selection_doc(teacher: Path, images: Path, name: str = "t", layer: int = 1) -> dict:
+    """A real layer_selection.json document for the teacher, with ``layer`` selected."""
+    res = analyse("timm", teacher, images, name)
+    th = default_thresholds(res.grid)
+    entry = analyze.model_entry(res, th, layer=layer, n_boot=20)
+    return {
+        "schema_version": selection.SCHEMA_VERSION,
+        "generator": "tests",
+        "created": "2026-01-01T00:00:00Z",
+        "thresholds": {"global_max": th.global_max, "local_min": th.local_min},
+        "images": {"dir": str(images), "count": res.n_images, "img_size": IMG, "norm": "infmix"},
+        "models": {name: entry},
+    }
+
+
+def write_json(path: Path, doc: dict) -> Path:
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def base_args(sel: Path, images: Path, out: Path, **overrides) -> list[str]:
+    """A short CPU run: 12 images, batch 4, no workers, no progress bar."""
+    opts = {
+        "--selection": sel,
+        "--teacher": "t",
+        "--student": ARCH,
+        "--input-size": IMG,
+        "--infrared": images,
+        "--epochs": 1,
+        "--batch-size": 4,
+        "--accum-iter": 1,
+        "--warmup-epochs": 0,
+        "--lr": 1e-3,
+        "--num-workers": 0,
+        "--out": out,
+    }
+    opts.update({k if k.startswith("--") else "--" + k.replace("_", "-"): v for k, v in overrides.items()})
+    args = []
+    for k, v in opts.items():
+        if v is None:
+            continue
+        args += [k] if v is True else [k, str(v)]
+    return args + ["--no-progress"]
+
+
+def subprocess_env(**extra: str) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **extra)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def run_cli(args: list[str], env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "unip_train.pretrain", *args]
+    return subprocess.run(cmd, env=env or subprocess_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def read_log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict:
+    """Images, the local-attention teacher and its selection file (layer 1), shared by the module."""
+    root = tmp_path_factory.mktemp("pretrain")
+    images = write_images(root / "images", n=12)
+    teacher = local_teacher(root / "teacher.safetensors")
+    doc = selection_doc(teacher, images)
+    sel = root / "layer_selection.json"
+    selection.write(sel, doc)
+    return {"root": root, "images": images, "teacher": teacher, "doc": doc, "sel": sel}
+
+
+def fail(capsys, args: list[str], code: int = 2) -> str:
+    """Run the CLI expecting failure; return the one error line."""
+    assert pretrain.main(args) == code
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("unip-pretrain: error:")]
+    assert len(err) == 1, err
+    return err[0]
+
+
+# --- losses ------------------------------------------------------------------------------
+
+
+def test_kl_and_ce_equal_the_formula_computed_by_hand():
+    rng = np.random.default_rng(0)
+    t = rng.normal(size=(2, 3, 4, 5)) * 2
+    s = rng.normal(size=(2, 3, 4, 5)) * 2
+    kl_rows, ce_rows = [], []
+    for b, h, q in itertools.product(range(2), range(3), range(4)):
+        p = [math.exp(v) for v in t[b, h, q]]
+        p = [v / sum(p) for v in p]
+        r = [math.exp(v) for v in s[b, h, q]]
+        r = [v / sum(r) for v in r]
+        kl_rows.append(sum(pk * math.log(pk / rk) for pk, rk in zip(p, r)))
+        ce_rows.append(-sum(pk * math.log(rk) for pk, rk in zip(p, r)))
+    tt, ss = torch.tensor(t), torch.tensor(s)
+    assert distill.kl_loss(tt, ss).dtype == torch.float32
+    assert distill.kl_loss(tt, ss).item() == pytest.approx(sum(kl_rows) / len(kl_rows), rel=1e-5)
+    assert distill.ce_loss(tt, ss).item() == pytest.approx(sum(ce_rows) / len(ce_rows), rel=1e-5)
+    assert distill.kl_loss(tt, tt).item() == pytest.approx(0.0, abs=1e-6)
+    # bf16 inputs are computed in float32 too
+    assert distill.kl_loss(tt.bfloat16(), ss.bfloat16()).dtype == torch.float32
+
+
+# --- student ------------------------------------------------------------------------------
+
+
+def test_student_has_teacher_heads_last_mae_init_and_frozen_unused_parts():
+    torch.manual_seed(0)
+    model = distill.build_student(ARCH, last_heads=4, img_size=IMG)
+    assert [b.attn.num_heads for b in model.blocks] == [2, 4]
+    assert model.blocks[-1].attn.head_dim == 16
+    assert not model.pos_embed.requires_grad
+    assert torch.equal(model.pos_embed[0, 0], torch.zeros(64))
+    assert torch.allclose(model.pos_embed[:, 1:], distill.sincos_pos_embed_2d(64, (8, 8), 0))
+    assert model.cls_token.std().item() < 0.05
+    assert torch.equal(model.blocks[0].norm1.weight, torch.ones(64))
+    assert torch.equal(model.blocks[0].attn.qkv.bias, torch.zeros(192))
+    bound = math.sqrt(6 / (64 + 192))  # xavier-uniform bound of qkv
+    assert model.blocks[0].attn.qkv.weight.abs().max().item() <= bound
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "blocks.1.attn.qkv.weight" in trainable and "blocks.1.norm1.weight" in trainable
+    assert not trainable & {"blocks.1.mlp.fc1.weight", "blocks.1.attn.proj.weight", "norm.weight"}
+    # Every trainable parameter gets a gradient from the logits (DDP needs no unused search).
+    logits = distill.Student(model)(torch.randn(2, 3, IMG, IMG))
+    assert logits.shape == (2, 4, 65, 65)
+    logits.square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_sincos_neighbours_are_more_similar_than_far_tokens():
+    pe = distill.sincos_pos_embed_2d(64, (8, 8), 0)[0]
+    sim = pe @ pe.T
+    assert sim[0, 1] > sim[0, 63] and sim[9, 10] > sim[9, 55]
+
+
+# --- data ------------------------------------------------------------------------------------
+
+
+def test_per_class_cap_and_source_cap(tmp_path):
+    for cls in ("a", "b"):
+        write_images(tmp_path / "rgb" / cls, n=5, seed=len(cls))
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "rgb" / "flat.png")
+    src = data_pretrain.collect_source(tmp_path / "rgb", "rgb", per_class_cap=2)
+    assert src.found == 11 and len(src.files) == 5  # 2 per class + the file outside any class
+    capped = data_pretrain.collect_source(tmp_path / "rgb", "rgb", max_images=3)
+    assert len(capped.files) == 3 and capped.summary()["found"] == 11
+
+
+def test_rgb_folders_become_grey_infrared_stay_as_read(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    (tmp_path / "c").mkdir()
+    Image.fromarray(rgb).save(tmp_path / "c" / "x.png")
+    as_rgb = data_pretrain.InfMix(
+        [data_pretrain.collect_source(tmp_path / "c", "rgb")], 16, (0,) * 3, (1,) * 3
+    )
+    as_ir = data_pretrain.InfMix(
+        [data_pretrain.collect_source(tmp_path / "c", "infrared")], 16, (0,) * 3, (1,) * 3
+    )
+    grey = as_rgb.load(0)
+    assert torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2])
+    expected = (0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]) / 255
+    assert np.allclose(grey[0].numpy(), expected, atol=1e-5)
+    assert not torch.equal(as_ir.load(0)[0], as_ir.load(0)[1])
+
+
+def test_augmentation_depends_only_on_seed_epoch_and_index(image_dir):
+    src = data_pretrain.collect_source(image_dir, "infrared")
+    ds = data_pretrain.InfMix([src], 32, *imgs.NORMALIZATIONS["infmix"], seed=3)
+    a, _ = ds[1]
+    torch.manual_seed(123)  # global RNG history must not matter
+    b, _ = ds[1]
+    assert a.shape == (3, 32, 32) and torch.equal(a, b)
+    ds.set_epoch(1)
+    assert not torch.equal(ds[1][0], a)
+    # normalization: mean 0.3801 / std 0.1871
+    raw = data_pretrain.augment(ds.load(1), 32, data_pretrain.sample_generator(3, 0, 1))
+    assert torch.allclose(a, (raw - 0.3801) / 0.1871, atol=1e-6)
+
+
+def test_sampler_partitions_each_epoch_and_skips_for_resume():
+    shards = [data_pretrain.EpochSampler(10, world_size=3, rank=r, seed=1) for r in range(3)]
+    for s in shards:
+        s.set_epoch(2)
+    parts = [list(s) for s in shards]
+    assert all(len(p) == 4 for p in parts)  # padded to 12 = 3 x 4
+    assert set(itertools.chain(*parts)) == set(range(10))
+    again = data_pretrain.EpochSampler(10, 3, 0, seed=1)
+    again.set_epoch(2, start=2)
+    assert list(again) == parts[0][2:]
+    again.set_epoch(3)
+    assert list(again) != parts[0]
+
+
+# --- the command line, end to end ---------------------------------------------------------------
+
+
+def test_distillation_lowers_the_loss_and_moves_attention_toward_the_teacher(setup, tmp_path):
+    run = tmp_path / "run"
+    args = base_args(setup["sel"], setup["images"], run, epochs=60, lr=5e-3, warmup_epochs=1)
+    assert pretrain.main(args) == 0
+    log = read_log(run)
+    assert len(log) == 180 and log[-1]["step"] == 180
+    assert set(log[0]) == {"step", "epoch", "loss", "lr", "grad_norm", "images_per_s"}
+    first = log[0]["loss"]
+    last = float(np.mean([r["loss"] for r in log[-3:]]))
+    print(f"\nKL loss: first step {first:.4f}, last 3 steps {last:.4f} ({last / first:.2f} x)")
+    assert last <= 0.3 * first
+
+    # The student loads through the registry and its last layer's NMI moved toward the teacher's.
+    meta = ckpts.safetensors_metadata(run / "student.safetensors")
+    assert meta["format"] == "unip-student" and json.loads(meta["heads_per_layer"]) == [2, 2]
+    teacher_nmi = analyse("timm", setup["teacher"], setup["images"], "t").layer_nmi()[0]
+    after = analyse("unip", run / "student.safetensors", setup["images"], "s").layer_nmi()[-1]
+    torch.manual_seed(0)
+    init = distill.build_student(ARCH, last_heads=2, img_size=IMG)
+    distill.save_student(tmp_path / "init.safetensors", init, ARCH)
+    before = analyse("unip", tmp_path / "init.safetensors", setup["images"], "s0").layer_nmi()[-1]
+    print(
+        f"NMI last layer: student before {before:.4f}, after {after:.4f}; teacher layer 1 {teacher_nmi:.4f}"
+    )
+    assert teacher_nmi > before + 0.2  # the teacher is clearly local, the fresh student is not
+    assert abs(after - teacher_nmi) < 0.25 * abs(before - teacher_nmi)  # 3/4 of the way or more
+
+    info = json.loads((run / "student.json").read_text())
+    assert info["arch"] == ARCH and info["heads_per_layer"] == [2, 2]
+    assert info["teacher"]["layer"] == 1 and info["teacher"]["weights_sha256"] == sha256_file(
+        setup["teacher"]
+    )
+    assert info["data"]["sources"][0]["used"] == 12 and info["data"]["skipped_unreadable"] == 0
+    assert info["recipe"]["effective_batch"] == 4 and info["recipe"]["world_size"] == 1
+    assert info["recipe"]["weight_decay"] == 0.05 and info["recipe"]["loss"] == "kl"
+    assert sorted(p.name for p in run.iterdir()) == [
+        "checkpoint-20.pt",
+        "checkpoint-40.pt",
+        "checkpoint-60.pt",
+        "checkpoint-last.pt",
+        "log.jsonl",
+        "student.json",
+        "student.safetensors",
+    ]
+    ckpt = torch.load(run / "checkpoint-last.pt", weights_only=True)
+    assert ckpt["epoch"] == 60 and ckpt["step"] == 180
+
+
+def test_unreadable_images_are_skipped_and_counted_rgb_made_grey_ce_loss(setup, tmp_path, capsys):
+    data = write_images(tmp_path / "ir", n=6)
+    (data / "broken.png").write_bytes(b"not a png")
+    rgb = write_images(tmp_path / "rgb" / "cls", n=3, seed=1)
+    run = tmp_path / "run"
+    args = base_args(setup["sel"], data, run, loss="ce", rgb=rgb.parent, per_class_cap=2)
+    assert pretrain.main(args) == 0
+    assert "unreadable image skipped" in capsys.readouterr().err
+    info = json.loads((run / "student.json").read_text())
+    assert info["data"]["skipped_unreadable"] == 1
+    assert [s["used"] for s in info["data"]["sources"]] == [7, 2]
+    assert info["data"]["sources"][1]["kind"] == "rgb"
+    assert info["recipe"]["loss"] == "ce"
+
+
+def test_help_documents_every_option_and_the_effective_batch(capsys):
+    with pytest.raises(SystemExit):
+        pretrain.main(["--help"])
+    out = capsys.readouterr().out
+    for action in pretrain.get_args_parser()._actions:
+        for flag in action.option_strings:
+            assert flag in out
+    assert "4096 = 256 x 8 x 2" in out and "--batch-size x --accum-iter x processes" in out
+    parser = pretrain.get_args_parser()
+    defaults = parser.parse_args(["--selection", "s", "--teacher", "t", "--out", "o"])
+    assert (defaults.epochs, defaults.warmup_epochs, defaults.blr, defaults.weight_decay) == (
+        100,
+        5,
+        1.5e-4,
+        0.05,
+    )
+    assert (defaults.batch_size, defaults.accum_iter, defaults.input_size, defaults.drop_path) == (
+        256,
+        8,
+        224,
+        0.1,
+    )
+    assert (defaults.save_every, defaults.student, defaults.norm) == (20, "vit_small_patch16_224", "infmix")
+
+
+# --- refusals -------------------------------------------------------------------------------------
+
+
+def test_refuses_wrong_schema_version(setup, tmp_path, capsys):
+    doc = dict(setup["doc"], schema_version=2)
+    sel = write_json(tmp_path / "sel.json", doc)
+    assert "schema_version is 2" in fail(capsys, base_args(sel, setup["images"], tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_refuses_unknown_teacher(setup, tmp_path, capsys):
+    args = base_args(setup["sel"], setup["images"], tmp_path / "run", teacher="mae_l")
+    assert "no model named 'mae_l'" in fail(capsys, args)
+
+
+def test_refuses_null_selected_layer_unless_layer_given(setup, tmp_path, capsys):
+    doc = copy.deepcopy(setup["doc"])
+    doc["models"]["t"].update(selected_layer=None, selected_heads=None)
+    sel = write_json(tmp_path / "sel.json", doc)
+    assert "pass --layer N" in fail(capsys, base_args(sel, setup["images"], tmp_path / "run"))
+    assert pretrain.main(base_args(sel, setup["images"], tmp_path / "run", layer=1)) == 0
+    assert json.loads((tmp_path / "run" / "student.json").read_text())["teacher"]["layer"] == 1
+
+
+def test_refuses_teacher_whose_sha256_changed(setup, tmp_path, capsys):
+    doc = copy.deepcopy(setup["doc"])
+    doc["models"]["t"]["weights_sha256"] = "0" * 64
+    sel = write_json(tmp_path / "sel.json", doc)
+    assert "differs from 000000000000" in fail(capsys, base_args(sel, setup["images"], tmp_path / "run"))
+
+
+def test_refuses_empty_dataset_and_too_few_images(setup, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert "no images found" in fail(capsys, base_args(setup["sel"], tmp_path / "empty", tmp_path / "run"))
+    args = base_args(setup["sel"], setup["images"], tmp_path / "run", batch_size=8, accum_iter=2)
+    assert "fewer than one optimizer step of 8 x 2" in fail(capsys, args)
+
+
+def test_refuses_student_with_a_different_token_grid(setup, tmp_path, capsys):
+    other = "vit_tiny_patch16_224(depth=2,embed_dim=64,num_heads=2)"  # patch 16: 4x4 grid
+    args = base_args(setup["sel"], setup["images"], tmp_path / "run", student=other)
+    assert "8x8 patch grid (patch 8)" in fail(capsys, args)
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(setup, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = base_args(setup["sel"], setup["images"], run, lr=1e30, ckpt_every_steps=1)
+    line = fail(capsys, args, code=1)
+    assert "at optimizer step 2 (epoch 0" in line
+    ckpt = torch.load(run / LAST, weights_only=True)
+    assert ckpt["step"] == 1 and ckpt["iter_in_epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert len(read_log(run)) == 1 and not (run / "student.safetensors").exists()
+
+
+# --- exact resume ---------------------------------------------------------------------------------
+
+
+def test_sigkill_mid_epoch_then_resume_equals_the_uninterrupted_run(setup, tmp_path):
+    """2 epochs x 3 optimizer steps (2 micro-batches each); checkpoint every 2 steps; the killed run
+    dies right after step 5, so the resumed run restarts mid-epoch from step 4 and redoes step 5."""
+
+    def args(out: Path, *extra: str) -> list[str]:
+        common = dict(epochs=2, batch_size=2, accum_iter=2, ckpt_every_steps=2, drop_path=0.1)
+        return base_args(setup["sel"], setup["images"], out, **common) + list(extra)
+
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    done = run_cli(args(whole))
+    assert done.returncode == 0, done.stderr
+    died = run_cli(args(killed), env=subprocess_env(**{pretrain.KILL_ENV: "5"}))
+    assert died.returncode == -signal.SIGKILL, died.stderr
+    ckpt = torch.load(killed / LAST, weights_only=True)
+    assert (ckpt["epoch"], ckpt["iter_in_epoch"], ckpt["step"]) == (1, 2, 4)
+    assert len(read_log(killed)) == 5 and not (killed / "student.safetensors").exists()
+    resumed = run_cli(args(killed, "--resume", str(killed / LAST)))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout
+
+    a = load_file(whole / "student.safetensors")
+    b = load_file(killed / "student.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    opt_a = torch.load(whole / LAST, weights_only=True)["optimizer"]["state"]
+    opt_b = torch.load(killed / LAST, weights_only=True)["optimizer"]["state"]
+    assert all(torch.equal(opt_a[i]["exp_avg_sq"], opt_b[i]["exp_avg_sq"]) for i in opt_a)
+    assert [r["loss"] for r in read_log(whole)] == [r["loss"] for r in read_log(killed)]
