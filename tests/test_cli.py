@@ -174,11 +174,14 @@ def test_one_threshold_given_the_other_derived_and_fallback_none(
         "0.9",
         "--fallback",
         "none",
+        "--map-images",
+        "0",
     )
     assert rc == 0, err
     doc = selection.read(out / "layer_selection.json")
     assert doc["thresholds"]["local_min"] == 0.9
     assert "local_min given on the command line; the other derived" in stdout
+    assert sorted(p.name for p in (out / "figures").iterdir()) == sorted(FIGURES)  # no maps asked for
     m = doc["models"]["m"]
     if not any(lay["pattern"] == "hybrid" for lay in m["layers"]):  # random tiny weights: collapsed
         assert m["selected_layer"] is None and "pass --layer N" in stdout

@@ -309,7 +309,7 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
             query_points=points,
             map_images=args.map_images,
             num_workers=args.num_workers,
-            progress=not args.no_progress,
+            progress=not args.no_progress and sys.stderr.isatty(),  # no bar fragments in logs
         )
         entries[name] = analyze.model_entry(res, th, overrides.get(name), args.fallback, args.bootstrap)
         analyses.append(res)

@@ -188,7 +188,9 @@ def plot_pattern_heatmap(tables: Tables, ax=None, annotate: bool = True) -> Figu
     for i, model in enumerate(models):
         for r in frame[frame["model"] == model].itertuples():
             codes[i, int(r.layer) - 1] = PATTERNS.index(r.pattern)
-    fig, ax = _new_axes(ax, (max(5.0, 1.6 + 0.55 * depth), 1.4 + 0.55 * len(models)))
+    fig, ax = _new_axes(
+        ax, (max(5.0, 1.8 + (0.55 if depth <= 16 else 0.42) * depth), 1.4 + 0.55 * len(models))
+    )
     cmap = ListedColormap([PATTERN_COLORS[p] for p in PATTERNS]).with_extremes(bad="white")
     ax.imshow(
         np.ma.masked_invalid(codes), cmap=cmap, vmin=-0.5, vmax=len(PATTERNS) - 0.5, aspect="auto", alpha=0.85
@@ -239,6 +241,11 @@ def _display_image(path: str, size: int) -> np.ndarray | None:
     return img.mean(dim=0).numpy()
 
 
+def has_maps(res: ModelAnalysis) -> bool:
+    """Whether the analysis kept query maps (``map_images`` >= 1 and at least one image)."""
+    return bool(res.query_maps) and res.query_maps[0].ndim == 5 and res.query_maps[0].shape[0] > 0
+
+
 def plot_attention_maps(
     res: ModelAnalysis, layers: Sequence[int] | None = None, selected: int | None = None
 ) -> Figure:
@@ -248,9 +255,9 @@ def plot_attention_maps(
     cross. Each panel's colours are scaled to its own maximum, so local and global layers both read.
     """
     layers = list(layers) if layers is not None else map_layers(res.depth, selected)
-    n_img = int(res.query_maps[0].shape[0]) if res.query_maps and res.query_maps[0].ndim == 5 else 0
-    if n_img == 0:
+    if not has_maps(res):
         raise ValueError(f"{res.name}: no attention maps were kept (analyse with map_images >= 1)")
+    n_img = int(res.query_maps[0].shape[0])
     points = res.query_points
     rows = [(i, p) for i in range(n_img) for p in range(len(points))]
     cols = len(layers)

@@ -134,6 +134,8 @@ def render_figures(analyses: Sequence[ModelAnalysis], doc: dict, thresholds: Thr
     }
     names = figure_names([res.name for res in analyses])
     for res in analyses:
+        if not plots.has_maps(res):  # analysed with map_images=0
+            continue
         selected = doc["models"][res.name]["selected_layer"]
         figs[names[res.name]] = plots.png_bytes(plots.plot_attention_maps(res, selected=selected))
     return figs
