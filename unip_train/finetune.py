@@ -20,9 +20,8 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -85,7 +84,6 @@ class FinetuneConfig:
     ckpt_every: int = 1000
     resume: str | None = None  # checkpoint path, or "auto" for OUT/checkpoint.pt
     progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes stored with the run
 
 
 class FinetuneError(UnipError):
@@ -196,7 +194,42 @@ def run(cfg: FinetuneConfig) -> dict:
         du.cleanup()
 
 
+@dataclass
+class _Run:
+    """What the training loop needs, built once by :func:`_setup`."""
+
+    cfg: FinetuneConfig
+    dist: du.DistInfo
+    model: Segmentor  # the bare module: state dicts, evaluation
+    ddp: torch.nn.Module  # what the loop calls: DDP-wrapped under torchrun
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    sampler: DistributedSampler
+    loader: DataLoader
+    eval_set: SegDataset
+    backbone_info: dict
+    amp: bool
+    start: int
+
+
 def _train_and_evaluate(cfg: FinetuneConfig, dist: du.DistInfo) -> dict:
+    r = _setup(cfg, dist)
+    train_loop(r)
+    conf = evaluate(
+        r.model, r.eval_set, r.eval_set.num_classes, cfg.eval_window, cfg.eval_stride, dist.device,
+        amp=r.amp, rank=dist.rank, world_size=dist.world_size, progress=cfg.progress and dist.is_main,
+    )  # fmt: skip
+    metrics = _metrics(cfg, conf, r.eval_set)
+    if dist.is_main:
+        out = Path(cfg.out)
+        _save_model(out / "model.pt", r.model, cfg, r.eval_set.classes, r.backbone_info)
+        _write_metrics(out, metrics)
+    du.barrier()
+    return metrics
+
+
+def _setup(cfg: FinetuneConfig, dist: du.DistInfo) -> _Run:
+    """Datasets, model, optimizer, optional resume, DDP wrapper, loader."""
     out = Path(cfg.out)
     du.seed_everything(cfg.seed + dist.rank)
     amp = cfg.amp and dist.device.type == "cuda"
@@ -209,6 +242,7 @@ def _train_and_evaluate(cfg: FinetuneConfig, dist: du.DistInfo) -> dict:
     per_proc, rem = divmod(cfg.batch_size, dist.world_size)
     if rem or per_proc < 1:
         raise FinetuneError(f"--batch-size {cfg.batch_size} is not divisible by {dist.world_size} processes")
+    # SyncBatchNorm needs CUDA; on CPU each process normalizes its own images.
     sync_bn = dist.enabled and dist.device.type == "cuda"
     if cfg.mode == "ft" and per_proc < 2 and not sync_bn:
         raise FinetuneError("--batch-size: fine-tuning needs at least 2 images per process (BatchNorm)")
@@ -231,103 +265,70 @@ def _train_and_evaluate(cfg: FinetuneConfig, dist: du.DistInfo) -> dict:
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         start = int(ckpt["iter"])
-        rng = ckpt["rng"][dist.rank] if dist.rank < len(ckpt["rng"]) else ckpt["rng"][0]
-        du.set_rng_state(rng)
-    ddp = (
-        DistributedDataParallel(model, device_ids=[dist.device.index] if sync_bn else None)
-        if dist.enabled
-        else model
-    )
+        du.set_rng_state(ckpt["rng"][dist.rank if dist.rank < len(ckpt["rng"]) else 0])
+    ddp = model
+    if dist.enabled:
+        ddp = DistributedDataParallel(model, device_ids=[dist.device.index] if sync_bn else None)
 
     sampler = DistributedSampler(
         train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=cfg.seed, drop_last=True
     )
     loader = DataLoader(
-        train_set,
-        batch_size=per_proc,
-        sampler=sampler,
-        num_workers=cfg.workers,
-        drop_last=True,
-        pin_memory=dist.device.type == "cuda",
-        persistent_workers=cfg.workers > 0,
-    )
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
-        raise FinetuneError(f"{cfg.data_root}: too few training images for batch size {cfg.batch_size}")
-
+        train_set, batch_size=per_proc, sampler=sampler, num_workers=cfg.workers, drop_last=True,
+        pin_memory=dist.device.type == "cuda", persistent_workers=cfg.workers > 0,
+    )  # fmt: skip
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        _log(
-            out,
-            {
-                "event": "start",
-                "config": plain_config(cfg),
-                "backbone": backbone_info,
-                "world": dist.world_size,
-            },
-        )
-    bar = tqdm(
-        total=cfg.iters,
-        initial=start,
-        desc=f"{cfg.mode} {cfg.dataset}",
-        disable=not (cfg.progress and dist.is_main),
+        record = {"event": "start", "config": plain_config(cfg), "backbone": backbone_info}
+        _log(out, {**record, "world": dist.world_size, "resumed_from": start})
+    return _Run(
+        cfg, dist, model, ddp, optimizer, scaler, sampler, loader, eval_set, backbone_info, amp, start
     )
-    it, epoch = start, start // steps_per_epoch
+
+
+def train_loop(r: _Run) -> None:
+    """Iteration-based training: poly lr with linear warm-up, cross-entropy (255 ignored) on the main
+    head plus ``aux_weight`` times the auxiliary head's, fp16 autocast + grad scaling on CUDA.
+    A resumed run starts a fresh data epoch at the checkpointed iteration."""
+    cfg, dist, out = r.cfg, r.dist, Path(r.cfg.out)
+    show = cfg.progress and dist.is_main
+    bar = tqdm(total=cfg.iters, initial=r.start, desc=f"{cfg.mode} {cfg.dataset}", disable=not show)
+    it, epoch = r.start, r.start // len(r.loader)
     t0, running = time.time(), 0.0
-    ddp.train()
+    r.ddp.train()
     while it < cfg.iters:
-        sampler.set_epoch(epoch)
-        for img, label in loader:
+        r.sampler.set_epoch(epoch)
+        epoch += 1
+        for img, label in r.loader:
             if it >= cfg.iters:
                 break
             lr = poly_lr(it, cfg.iters, cfg.warmup_iters, cfg.lr)
-            set_lr(optimizer, lr)
+            set_lr(r.optimizer, lr)
             img = img.to(dist.device, non_blocking=True)
             label = label.to(dist.device, non_blocking=True)
-            with torch.autocast(device_type=dist.device.type, dtype=torch.float16, enabled=amp):
-                logits, aux = ddp(img)
+            with torch.autocast(device_type=dist.device.type, dtype=torch.float16, enabled=r.amp):
+                logits, aux = r.ddp(img)
             loss = seg_loss(logits, label)
             if aux is not None:
                 loss = loss + cfg.aux_weight * seg_loss(aux, label)
             if not math.isfinite(loss.item()):
                 raise FinetuneError(f"loss became {loss.item()} at iteration {it}; lower --lr")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            r.optimizer.zero_grad(set_to_none=True)
+            r.scaler.scale(loss).backward()
+            r.scaler.step(r.optimizer)
+            r.scaler.update()
             it += 1
             running += loss.item()
             bar.update(1)
             if it % cfg.log_every == 0 or it == cfg.iters:
-                n = (it - 1) % cfg.log_every + 1
-                mean = du.all_reduce_mean(running / n, dist.device)
+                mean = du.all_reduce_mean(running / ((it - 1) % cfg.log_every + 1), dist.device)
                 running = 0.0
                 if dist.is_main:
                     bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}")
                     _log(out, {"iter": it, "loss": mean, "lr": lr, "time": round(time.time() - t0, 2)})
             if it % cfg.ckpt_every == 0 or it == cfg.iters:
-                _save_training_state(out, model, optimizer, scaler, it, cfg, dist)
-        epoch += 1
+                _save_training_state(out, r.model, r.optimizer, r.scaler, it, cfg, dist)
     bar.close()
-
-    conf = evaluate(
-        model,
-        eval_set,
-        eval_set.num_classes,
-        cfg.eval_window,
-        cfg.eval_stride,
-        dist.device,
-        amp=amp,
-        rank=dist.rank,
-        world_size=dist.world_size,
-        progress=cfg.progress and dist.is_main,
-    )
-    metrics = _metrics(cfg, conf, eval_set)
-    if dist.is_main:
-        _save_model(out / "model.pt", model, cfg, eval_set.classes, backbone_info)
-        _write_metrics(out, metrics)
-    du.barrier()
-    return metrics
 
 
 def _save_training_state(out, model, optimizer, scaler, it, cfg, dist) -> None:

@@ -107,6 +107,12 @@ class Segmentor(nn.Module):
             self.decode_head = LinearProbeHead([dim] * len(layers), num_classes)
             self.aux_head = None
         else:
+            # Blocks after the deepest used layer (and the final norm, if the last block is unused)
+            # never see a gradient; freezing them keeps DDP from waiting for their gradients.
+            for blk in self.backbone.blocks[max(layers) :]:
+                blk.requires_grad_(False)
+            if depth not in layers:
+                self.backbone.norm.requires_grad_(False)
             self.neck = FourScaleNeck(dim)
             self.decode_head = UperHead([dim] * 4, head_channels, num_classes)
             self.aux_head = FCNHead(dim, max(1, head_channels // 2), num_classes)

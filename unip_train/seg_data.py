@@ -350,7 +350,7 @@ class TrainAugment:
         h, w = label.shape
         ph, pw = self.crop - h, self.crop - w
         if ph > 0 or pw > 0:
-            # Pad after normalization would put 0 at the dataset mean; pad with the mean grey level here.
+            # The mean grey level becomes 0 after normalization, as mmseg pads normalized inputs.
             img = F.pad(img, (0, pw, 0, ph), value=NORMALIZATIONS["infrared"][0][0] * 255.0)
             label = F.pad(label, (0, pw, 0, ph), value=IGNORE_INDEX)
         return img, label
