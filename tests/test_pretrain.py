@@ -357,6 +357,8 @@ def test_refuses_wrong_schema_version(setup, tmp_path, capsys):
     sel = write_json(tmp_path / "sel.json", doc)
     assert "schema_version is 2" in fail(capsys, base_args(sel, setup["images"], tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+    assert pretrain.main(base_args(sel, setup["images"], tmp_path / "run") + ["--debug"]) == 2
+    assert "Traceback" in capsys.readouterr().err
 
 
 def test_refuses_unknown_teacher(setup, tmp_path, capsys):
@@ -371,6 +373,9 @@ def test_refuses_null_selected_layer_unless_layer_given(setup, tmp_path, capsys)
     assert "pass --layer N" in fail(capsys, base_args(sel, setup["images"], tmp_path / "run"))
     assert pretrain.main(base_args(sel, setup["images"], tmp_path / "run", layer=1)) == 0
     assert json.loads((tmp_path / "run" / "student.json").read_text())["teacher"]["layer"] == 1
+    # A finished run folder is not overwritten by accident.
+    again = base_args(sel, setup["images"], tmp_path / "run", layer=1)
+    assert "pass --resume auto" in fail(capsys, again)
 
 
 def test_refuses_teacher_whose_sha256_changed(setup, tmp_path, capsys):
@@ -434,3 +439,23 @@ def test_sigkill_mid_epoch_then_resume_equals_the_uninterrupted_run(setup, tmp_p
     opt_b = torch.load(killed / LAST, weights_only=True)["optimizer"]["state"]
     assert all(torch.equal(opt_a[i]["exp_avg_sq"], opt_b[i]["exp_avg_sq"]) for i in opt_a)
     assert [r["loss"] for r in read_log(whole)] == [r["loss"] for r in read_log(killed)]
+
+
+def test_bf16_autocast_on_cpu_and_fp16_refused_without_cuda(setup, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert pretrain.main(base_args(setup["sel"], setup["images"], run, amp="bf16")) == 0
+    assert json.loads((run / "student.json").read_text())["recipe"]["amp_dtype"] == "bfloat16"
+    assert all(math.isfinite(r["loss"]) for r in read_log(run))
+    assert "--amp fp16 needs CUDA" in fail(
+        capsys, base_args(setup["sel"], setup["images"], tmp_path / "r2", amp="fp16")
+    )
+
+
+def test_resume_refuses_a_checkpoint_with_other_batch_settings(setup, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert pretrain.main(base_args(setup["sel"], setup["images"], run)) == 0
+    args = base_args(setup["sel"], setup["images"], run, batch_size=2, epochs=2, resume="auto")
+    assert "saved with batch_size=4, this run has 2" in fail(capsys, args)
+    # Same settings, more epochs: continues from the end of epoch 1.
+    assert pretrain.main(base_args(setup["sel"], setup["images"], run, epochs=2, resume="auto")) == 0
+    assert [r["step"] for r in read_log(run)] == [1, 2, 3, 4, 5, 6]

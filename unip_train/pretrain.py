@@ -136,7 +136,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--amp",
         choices=("auto", "bf16", "fp16", "none"),
         default="auto",
-        help="mixed precision on CUDA; auto: bf16 on CUDA, none on CPU",
+        help="mixed precision; auto: bf16 on CUDA (fp16 + loss scaling where bf16 is missing), none on CPU",
     )
     g.add_argument("--seed", type=int, default=0, help="data order, augmentation and init (0)")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cuda or cpu")
@@ -179,10 +179,11 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def amp_dtype(choice: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for float32. On CPU only an explicit bf16 turns autocast on."""
     if device.type != "cuda":
-        if choice in ("bf16", "fp16"):
-            raise SpecError(f"--amp {choice} needs CUDA; this run is on {device}; use --amp none")
-        return None
+        if choice == "fp16":
+            raise SpecError(f"--amp fp16 needs CUDA; this run is on {device}; use --amp bf16 or none")
+        return torch.bfloat16 if choice == "bf16" else None
     if choice == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[choice]
@@ -379,6 +380,10 @@ def train(args: argparse.Namespace) -> None:
         run.skipped.update(ckpt.get("skipped", []))
         run.truncate_log(int(ckpt["step"]))
         say(f"resumed from {path}: epoch {start_epoch}, micro-batch {start_iter}, step {ckpt['step']}")
+    elif (args.out / LAST).exists():
+        raise SpecError(
+            f"{args.out / LAST} exists: pass --resume auto to continue that run, or choose a new --out"
+        )
     elif info.is_main:
         run.log_path.unlink(missing_ok=True)
 
