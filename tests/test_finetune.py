@@ -236,6 +236,12 @@ def test_cli_errors_are_one_line_and_exit_2(tiny_timm_checkpoint, synthetic_fold
         and "--layers 2,9: layer numbers are 1-based and must lie in 1..4" in err
     )
 
+    missing = tmp_path / "nope.safetensors"
+    code, err = cli([*common, "--dataset", "folder", "--backbone", f"timm:{arch}:{missing}"], capsys)
+    assert code == 2 and err == f"unip-finetune: error: {missing}: checkpoint file not found\n"
+    code, err = cli([*common, "--dataset", "folder", "--backbone", "oops"], capsys)
+    assert code == 2 and err.startswith("unip-finetune: error: --backbone 'oops': expected FAMILY:ARCH:PATH")
+
     stem = (synthetic_folder / "train.txt").read_text().split()[0]
     label = synthetic_folder / "masks" / f"{stem}.png"
     arr = np.asarray(Image.open(label)).copy()

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from unip_analysis.checkpoints import FAMILIES, build_vit, load_backbone, set_attention_heads
+from unip_analysis.checkpoints import FAMILIES, build_vit, load_backbone, parse_spec, set_attention_heads
 from unip_analysis.errors import SpecError, UnipError
 from unip_analysis.files import atomic_write_text
 
@@ -91,17 +91,15 @@ class FinetuneError(UnipError):
 
 
 def parse_backbone(text: str) -> tuple[str, str, str]:
-    """``FAMILY:ARCH:PATH`` -> (family, arch, path); PATH may itself contain ':'."""
-    parts = text.split(":", 2)
-    if len(parts) != 3 or not all(p.strip() for p in parts):
+    """``FAMILY:ARCH:PATH`` -> (family, arch, path), parsed by the registry's spec parser."""
+    try:
+        spec = parse_spec(f"backbone={text}")
+    except SpecError:
         raise SpecError(
-            f"--backbone {text!r}: expected FAMILY:ARCH:PATH, for example "
-            "unip:vit_small_patch16_224:student.safetensors"
-        )
-    family, arch, path = (p.strip() for p in parts)
-    if family not in FAMILIES:
-        raise SpecError(f"--backbone {text!r}: unknown family {family!r}; known: {', '.join(FAMILIES)}")
-    return family, arch, path
+            f"--backbone {text!r}: expected FAMILY:ARCH:PATH with FAMILY one of {', '.join(FAMILIES)}, "
+            "for example unip:vit_small_patch16_224:student.safetensors"
+        ) from None
+    return spec.family, spec.arch, spec.path
 
 
 def resolve(cfg: FinetuneConfig) -> FinetuneConfig:
