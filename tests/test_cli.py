@@ -279,6 +279,8 @@ def _bad_case(kind: str, tmp: Path, st: Path, images: Path) -> tuple[list[str], 
         return ["--checkpoint", ok, "--checkpoint", ok], "'m' is given twice"
     if kind == "no checkpoints":
         return [], "no checkpoints given"
+    if kind == "out inside images":
+        return ["--checkpoint", ok, "--out", str(images / "analysis")], "inside the image folder"
     if kind == "bad option value":
         return ["--checkpoint", ok, "--batch-size", "0"], "--batch-size"
     raise AssertionError(kind)
@@ -311,6 +313,7 @@ BAD_KINDS = [
     "duplicate names",
     "no checkpoints",
     "bad option value",
+    "out inside images",
 ]
 
 
@@ -326,7 +329,7 @@ def test_bad_input_one_line_exit_2_nothing_written(kind, tiny_timm_checkpoint, i
     assert len(lines) == 1, err
     assert lines[0].startswith("unip-analyze: error: ")
     assert must_name in lines[0], lines[0]
-    assert not out.exists()  # not even the folder: no partial outputs
+    assert not out.exists() and not (image_dir / "analysis").exists()  # not even the folder
 
 
 def test_does_not_fit_errors_say_what_differs(tiny_timm_checkpoint, image_dir, tmp_path, capsys):

@@ -41,7 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Per-layer attention NMI and distance of ViT checkpoints over an image folder; "
         "classifies layers as local / hybrid / global and selects the deepest hybrid layer (UNIP).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     src = p.add_argument_group("what to analyse")
     src.add_argument(
@@ -54,26 +53,40 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument(
         "--manifest",
         type=Path,
-        help='JSON file {"checkpoints": [{"name", "family", "arch", "path"}, ...]}; '
+        metavar="FILE.json",
+        help='many checkpoints: {"checkpoints": [{"name", "family", "arch", "path"}, ...]}; '
         "relative paths are read from the manifest's folder",
     )
-    src.add_argument("--images", type=Path, required=True, help="folder of images (searched recursively)")
-    src.add_argument("--out", type=Path, required=True, help="folder for the outputs")
-    src.add_argument("--img-size", type=_positive_int, help="input size (default: the arch's own)")
     src.add_argument(
-        "--num-images", type=_positive_int, help="analyse only the first N images (sorted by path)"
+        "--images", type=Path, required=True, metavar="DIR", help="image folder (searched recursively)"
+    )
+    src.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for the outputs")
+    src.add_argument(
+        "--img-size", type=_positive_int, metavar="PX", help="input size (default: the arch's own)"
+    )
+    src.add_argument(
+        "--num-images",
+        type=_positive_int,
+        metavar="N",
+        help="analyse only the first N images (sorted by path)",
     )
     src.add_argument(
         "--norm",
         default="imagenet",
-        help="image normalization: imagenet, infrared, infmix, or MEAN,STD (0-1 or 0-255 scale)",
+        help="image normalization: imagenet (default), infrared, infmix, or MEAN,STD (0-1 or 0-255 scale)",
     )
     sel = p.add_argument_group("patterns and layer selection")
     sel.add_argument(
-        "--global-max", type=float, help="NMI at or below which a layer is global (default: derived)"
+        "--global-max",
+        type=float,
+        metavar="NMI",
+        help="NMI at or below which a layer is global (default: derived at the analysed token grid)",
     )
     sel.add_argument(
-        "--local-min", type=float, help="NMI at or above which a layer is local (default: derived)"
+        "--local-min",
+        type=float,
+        metavar="NMI",
+        help="NMI at or above which a layer is local (default: derived at the analysed token grid)",
     )
     sel.add_argument(
         "--layer",
@@ -86,23 +99,44 @@ def build_parser() -> argparse.ArgumentParser:
         "--fallback",
         choices=("nearest", "none"),
         default="nearest",
-        help="when no layer is hybrid: the layer nearest the hybrid band, or none",
+        help="when no layer is hybrid: the layer nearest the hybrid band (default), or none",
     )
-    sel.add_argument("--bootstrap", type=_positive_int, default=1000, help="bootstrap resamples for NMI CIs")
+    sel.add_argument(
+        "--bootstrap",
+        type=_positive_int,
+        default=1000,
+        metavar="N",
+        help="bootstrap resamples for the NMI 95%% intervals (default: 1000)",
+    )
     fig = p.add_argument_group("figures")
     fig.add_argument(
         "--query-points",
         default=";".join(f"{y},{x}" for y, x in analyze.DEFAULT_QUERY_POINTS),
-        help="query positions for attention maps, 'y,x;y,x' as fractions of the image",
+        metavar="Y,X;Y,X",
+        help="query positions for attention maps as fractions of the image (default: %(default)s)",
     )
-    fig.add_argument("--map-images", type=_non_negative_int, default=1, help="images shown in attention maps")
+    fig.add_argument(
+        "--map-images",
+        type=_non_negative_int,
+        default=1,
+        metavar="N",
+        help="images shown in the attention-map figures, 0 for none (default: 1)",
+    )
     run = p.add_argument_group("running")
-    run.add_argument("--batch-size", type=_positive_int, default=16)
-    run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     run.add_argument(
-        "--num-workers", type=_non_negative_int, default=0, help="image-decoding worker processes"
+        "--batch-size", type=_positive_int, default=16, metavar="N", help="images per forward (default: 16)"
     )
-    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument(
+        "--device", default="auto", help="cpu, cuda, cuda:N, or auto (default: cuda if available)"
+    )
+    run.add_argument(
+        "--num-workers",
+        type=_non_negative_int,
+        default=0,
+        metavar="N",
+        help="image-decoding worker processes (default: 0)",
+    )
+    run.add_argument("--no-progress", action="store_true", help="no progress bars (shown only on a terminal)")
     run.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     return p
@@ -276,6 +310,11 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
     if args.out.exists() and not args.out.is_dir():
         raise SpecError(f"{args.out}: --out exists and is not a folder; pass a folder path")
     n_found = len(images.find_images(args.images))
+    if args.out.resolve().is_relative_to(args.images.resolve()):
+        # Images are found recursively: the next run would read our figures as images.
+        raise SpecError(
+            f"{args.out}: --out lies inside the image folder {args.images}; choose a folder outside it"
+        )
 
     backbones: dict[str, LoadedBackbone] = {}
     for s in specs:
