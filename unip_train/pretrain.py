@@ -259,6 +259,35 @@ def resume_path(args: argparse.Namespace) -> Path | None:
     return Path(args.resume)
 
 
+def build_data(args: argparse.Namespace, info: distributed.DistInfo) -> tuple:
+    """(sources, dataset, sampler, loader, micro-batches per epoch) for this process."""
+    sources = [
+        collect_source(d, "infrared", max_images=args.max_images_per_source) for d in args.infrared
+    ] + [collect_source(d, "rgb", args.per_class_cap, args.max_images_per_source) for d in args.rgb]
+    mean, std = imgs.parse_normalization(args.norm)
+    dataset = InfMix(sources, args.input_size, mean, std, seed=args.seed)
+    sampler = EpochSampler(len(dataset), info.world_size, info.rank, seed=args.seed)
+    # Whole accumulation windows only: a partial one would leak gradients into the next epoch.
+    iters = sampler.per_rank // args.batch_size // args.accum_iter * args.accum_iter
+    if iters == 0:
+        raise SpecError(
+            f"{len(dataset)} images give each of {info.world_size} process(es) {sampler.per_rank} per epoch, "
+            f"fewer than one optimizer step of {args.batch_size} x {args.accum_iter}; "
+            "lower --batch-size / --accum-iter or add images"
+        )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        sampler=sampler,
+        num_workers=args.num_workers,
+        collate_fn=collate,
+        pin_memory=info.device.type == "cuda",
+        drop_last=True,
+        generator=torch.Generator(),  # keeps iterator creation off the global RNG (exact resume)
+    )
+    return sources, dataset, sampler, loader, iters
+
+
 def train(args: argparse.Namespace) -> None:
     check_args(args)
     info = distributed.init_distributed(args.device)
@@ -278,30 +307,7 @@ def train(args: argparse.Namespace) -> None:
     check_token_grids(teacher, vit, args.input_size)
     student = Student(vit).to(device)
 
-    # Data.
-    sources = [
-        collect_source(d, "infrared", max_images=args.max_images_per_source) for d in args.infrared
-    ] + [collect_source(d, "rgb", args.per_class_cap, args.max_images_per_source) for d in args.rgb]
-    mean, std = imgs.parse_normalization(args.norm)
-    dataset = InfMix(sources, args.input_size, mean, std, seed=args.seed)
-    sampler = EpochSampler(len(dataset), info.world_size, info.rank, seed=args.seed)
-    iters = sampler.per_rank // args.batch_size // args.accum_iter * args.accum_iter
-    if iters == 0:
-        raise SpecError(
-            f"{len(dataset)} images give each of {info.world_size} process(es) {sampler.per_rank} per epoch, "
-            f"fewer than one optimizer step of {args.batch_size} x {args.accum_iter}; "
-            "lower --batch-size / --accum-iter or add images"
-        )
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=args.batch_size,
-        sampler=sampler,
-        num_workers=args.num_workers,
-        collate_fn=collate,
-        pin_memory=device.type == "cuda",
-        drop_last=True,
-        generator=torch.Generator(),  # keeps iterator creation off the global RNG (exact resume)
-    )
+    sources, dataset, sampler, loader, iters = build_data(args, info)
 
     # Optimization.
     effective = args.batch_size * args.accum_iter * info.world_size
@@ -396,7 +402,7 @@ def train(args: argparse.Namespace) -> None:
         flush=True,
     )
     if ckpt is not None:  # last, so nothing in setup draws from the restored generators
-        rng = ckpt["rng"][info.rank] if len(ckpt["rng"]) == info.world_size else ckpt["rng"][0]
+        rng = ckpt["rng"][info.rank]  # same world size: check_resumable
         rng["numpy"] = checkpointing.numpy_state_from_plain(rng["numpy"])
         distributed.set_rng_state(rng)
 
