@@ -19,6 +19,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from . import __version__, analyze, checkpoints, images, report
 from .checkpoints import CheckpointSpec, LoadedBackbone
 from .errors import SpecError, UnipError
@@ -258,8 +260,6 @@ def parse_query_points(text: str) -> list[tuple[float, float]]:
 
 
 def resolve_device(text: str) -> str:
-    import torch
-
     if text == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if text.startswith("cuda") and not torch.cuda.is_available():
