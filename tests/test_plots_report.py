@@ -233,3 +233,20 @@ def test_write_report_writes_everything_atomically(analyses, tmp_path):
     assert json.loads((out / "layer_selection.json").read_text()) == rep.doc
     for f in rep.figures:
         assert (out / "figures" / f).read_bytes().startswith(PNG_MAGIC)
+
+
+def test_compare_profiles_states_difference_or_its_absence():
+    from unip_analysis.report import compare_profiles
+
+    def model(nmis, width=0.01):
+        layers = [
+            {"layer": i + 1, "nmi": v, "nmi_ci95": [v - width, v + width], "pattern": "hybrid"}
+            for i, v in enumerate(nmis)
+        ]
+        return {"depth": len(nmis), "layers": layers, "selected_layer": len(nmis)}
+
+    doc = {"models": {"mim": model([0.3, 0.3, 0.3, 0.3]), "sup": model([0.3, 0.3, 0.1, 0.05])}}
+    (line,) = compare_profiles(doc)
+    assert "differ at 2 of 4 layers" in line and "layers 3, 4" in line
+    doc = {"models": {"a": model([0.3, 0.2]), "b": model([0.305, 0.21])}}
+    assert "do NOT differ" in compare_profiles(doc)[0]

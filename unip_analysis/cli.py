@@ -355,7 +355,7 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
 
     rep = report.build_report(analyses, entries, th, args.images, len(dataset), args.norm)
     written = report.write_report(rep, args.out)
-    for line in report.selection_summary(rep.doc):
+    for line in report.selection_summary(rep.doc) + report.compare_profiles(rep.doc):
         _say(line)
     _say("wrote:")
     width = max(len(k) for k in written)

@@ -177,6 +177,41 @@ def selection_summary(doc: dict) -> list[str]:
     return lines
 
 
+def compare_profiles(doc: dict) -> list[str]:
+    """For each pair of models, whether their NMI-vs-depth profiles differ, stated plainly.
+
+    Two profiles differ at a layer when the layers' 95% bootstrap intervals do not overlap.
+    Models of different depth are compared at matching relative depth (nearest layer).
+    """
+    names = list(doc["models"])
+    lines = []
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            ma, mb = doc["models"][a], doc["models"][b]
+            differ, pattern_differ = [], []
+            for la in ma["layers"]:
+                j = round(la["layer"] / ma["depth"] * mb["depth"])
+                lb = mb["layers"][min(max(j, 1), mb["depth"]) - 1]
+                (alo, ahi), (blo, bhi) = la["nmi_ci95"], lb["nmi_ci95"]
+                if ahi < blo or bhi < alo:
+                    differ.append(la["layer"])
+                if la["pattern"] != lb["pattern"]:
+                    pattern_differ.append(la["layer"])
+            if differ:
+                lines.append(
+                    f"{a} vs {b}: NMI profiles differ at {len(differ)} of {ma['depth']} layers "
+                    f"(non-overlapping 95% intervals at layers {', '.join(map(str, differ))}); "
+                    f"patterns differ at {len(pattern_differ)} layers; selected layers "
+                    f"{ma['selected_layer']} and {mb['selected_layer']}"
+                )
+            else:
+                lines.append(
+                    f"{a} vs {b}: NMI profiles do NOT differ measurably: every layer's 95% interval overlaps "
+                    f"(selected layers {ma['selected_layer']} and {mb['selected_layer']})"
+                )
+    return lines
+
+
 _CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:2rem auto;max-width:1100px;
 color:#222;line-height:1.45;padding:0 1rem}
@@ -264,6 +299,10 @@ def render_html(
             ["model", "family", "arch", "depth", "selected layer", "heads", "pattern", "rule"], summary_rows
         )
     )
+    comparison = compare_profiles(doc)
+    if comparison:
+        parts.append("<h2>Do the profiles differ?</h2>")
+        parts.append("<ul>" + "".join(f"<li>{_esc(line)}</li>" for line in comparison) + "</ul>")
     parts += [
         "<h2>Thresholds and images</h2>",
         _table(
