@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m unip_analysis.demo --out demo_out
+	$(BIN)/python -m unip_train.demo --out demo_out
 
 test: $(STAMP)
 	$(BIN)/ruff check .
@@ -25,7 +25,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 figures: $(STAMP)
-	$(BIN)/python -m unip_analysis.demo --out demo_out --figures-dir figures
+	$(BIN)/python -m unip_train.demo --out demo_out --figures-dir figures
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_analysis.py

@@ -1,10 +1,11 @@
 """Train the two tiny demo teachers that `make demo` analyses (issue: embedded default).
 
-Both are the same timm ViT (DEMO_ARCH at 64x64, 8x8 patches -> 8x8 token grid), trained on
+Both are the same timm ViT (DEMO_ARCH at 64x64, 8x8 patches -> 8x8 token grid, MAE's init with a
+fixed 2-D sin-cos position embedding), trained on
 synthetic infrared scenes (unip_train.synthetic) with different objectives:
 
 - ``mim``: masked image modelling (SimMIM style): 60% of patches replaced by a learned mask
-  token, a linear head regresses their normalized pixels (L1 on masked patches only);
+  token, a linear head regresses their pixels (MSE on masked patches only);
 - ``sup``: supervised multi-label classification of which object classes are in the scene,
   from the cls token (binary cross-entropy).
 
@@ -29,6 +30,7 @@ from safetensors.torch import save_file
 from unip_analysis.checkpoints import build_vit
 from unip_analysis.images import NORMALIZATIONS
 from unip_train import synthetic
+from unip_train.distill import mae_init
 from unip_train.optim import cosine_lr, param_groups, set_lr
 
 DEMO_ARCH = "vit_tiny_patch16_224(depth=6,embed_dim=96,num_heads=3,patch_size=8)"
@@ -62,17 +64,21 @@ def encode(model, x: torch.Tensor, mask: torch.Tensor | None = None, mask_token=
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """[B, 3, H, W] grey image -> [B, patches, p*p] pixel targets (the normalized image itself).
+
+    Not normalized per patch (MAE's norm_pix_loss): these scenes are smooth inside a patch, so
+    per-patch normalization would leave mostly sensor noise to predict, and nothing to learn
+    from the neighbours."""
     g = x[:, :1]  # grey: one channel carries the image
     b, _, h, w = g.shape
-    t = g.reshape(b, 1, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p)
-    mu, var = t.mean(-1, keepdim=True), t.var(-1, keepdim=True)
-    return (t - mu) / (var + 1e-6).sqrt()  # per-patch normalized targets, as MAE's norm_pix_loss
+    return g.reshape(b, 1, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p)
 
 
 def train(objective: str, steps: int, batch: int, seed: int) -> tuple[torch.nn.Module, list[float]]:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = build_vit(DEMO_ARCH, img_size=IMG)
+    mae_init(model)  # both objectives: MAE's init with a fixed 2-D sin-cos position embedding
     p = model.patch_embed.patch_size[0]
     n_tok = model.patch_embed.num_patches
     extra = torch.nn.ModuleDict()
@@ -97,7 +103,7 @@ def train(objective: str, steps: int, batch: int, seed: int) -> tuple[torch.nn.M
             mask = torch.rand(batch, n_tok).argsort(1) < int(MASK_RATIO * n_tok)
             feats = encode(model, x, mask, mask_token)[:, model.num_prefix_tokens :]
             pred = extra["head"](feats)
-            loss = (F.l1_loss(pred, patchify(x, p), reduction="none").mean(-1) * mask).sum() / mask.sum()
+            loss = (F.mse_loss(pred, patchify(x, p), reduction="none").mean(-1) * mask).sum() / mask.sum()
         else:
             feats = encode(model, x)[:, 0]
             loss = F.binary_cross_entropy_with_logits(extra["head"](feats), present)
@@ -105,7 +111,7 @@ def train(objective: str, steps: int, batch: int, seed: int) -> tuple[torch.nn.M
         loss.backward()
         torch.nn.utils.clip_grad_norm_(wrapper.parameters(), 1.0)
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 100 == 0 or step == steps - 1:
             print(f"[{objective}] step {step:5d}/{steps} loss {np.mean(losses[-100:]):.4f} ({time.time() - t0:.0f}s)",
                   flush=True)
