@@ -105,7 +105,7 @@ def build_pair(student_arch: str, teacher_arch: str, layer: int, img: int, devic
 
     from unip_analysis.checkpoints import LoadedBackbone, build_vit
     from unip_train.distill import Student, Teacher, build_student
-    from unip_train.optim import param_groups
+    from unip_train.optim import adamw, param_groups
 
     pair, losses = {}, {}
     for variant in ("ours", "naive"):
@@ -122,7 +122,11 @@ def build_pair(student_arch: str, teacher_arch: str, layer: int, img: int, devic
             student = naive_module(s_vit, len(s_vit.blocks) - 1, no_grad=False)
         teacher, student = teacher.to(device), student.to(device)
         losses[variant] = eval_loss(student, teacher, img, device)
-        optimizer = torch.optim.AdamW(param_groups(s_vit, WEIGHT_DECAY), lr=BLR, betas=BETAS)
+        groups = param_groups(s_vit, WEIGHT_DECAY)
+        # ours: the product's optimizer (fused AdamW); naive: plain torch AdamW, as the reference uses
+        optimizer = (
+            adamw(groups, BLR, BETAS) if variant == "ours" else torch.optim.AdamW(groups, lr=BLR, betas=BETAS)
+        )
         if compile_:
             teacher, student = torch.compile(teacher), torch.compile(student)
         pair[variant] = (student, teacher, optimizer)

@@ -36,7 +36,7 @@ from unip_analysis.files import atomic_write_text
 from . import distributed as du
 from .checkpointing import load_checkpoint, save_checkpoint
 from .ll_fpn import NECKS, Segmentor
-from .optim import layer_decay_scale, param_groups, poly_lr, set_lr
+from .optim import adamw, layer_decay_scale, param_groups, poly_lr, set_lr
 from .seg_data import EVAL_SPLIT, IGNORE_INDEX, EvalResize, SegDataset, TrainAugment, get_layout
 from .seg_eval import evaluate, summarize
 
@@ -164,7 +164,7 @@ def build_optimizer(cfg: FinetuneConfig, model: Segmentor) -> torch.optim.AdamW:
     groups = param_groups(model, cfg.weight_decay, scale)
     for g in groups:
         g.pop("param_names")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+    return adamw(groups, lr=cfg.lr, betas=tuple(cfg.betas))
 
 
 def seg_loss(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:

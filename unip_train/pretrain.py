@@ -37,7 +37,7 @@ from .distill import (
     weights_digest,
 )
 from .engine_pretrain import LoopConfig, NonFiniteLoss, train_one_epoch
-from .optim import param_groups
+from .optim import adamw, param_groups
 
 PROG = "unip-pretrain"
 LAST = "checkpoint-last.pt"
@@ -324,7 +324,7 @@ def train(args: argparse.Namespace) -> None:
         clip_grad=args.clip_grad,
         amp_dtype=amp,
     )
-    optimizer = torch.optim.AdamW(param_groups(vit, args.weight_decay), lr=lr, betas=(0.9, 0.95))
+    optimizer = adamw(param_groups(vit, args.weight_decay), lr=lr, betas=(0.9, 0.95))
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     model = student
     if info.enabled:
