@@ -54,6 +54,13 @@ def _command(argv: list[str], prog: str) -> None:
     _say("$ " + " ".join([prog] + [f"'{a}'" if any(c in a for c in "(),= ") else a for a in argv]))
 
 
+def _run_cli(prog: str, main, argv: list[str]) -> None:
+    """Print the equivalent command, then run the CLI in-process; stop the demo if it fails."""
+    _command(argv, prog)
+    if main(argv) != 0:
+        raise SystemExit(f"demo: {prog} failed (see the message above)")
+
+
 def teacher_files(cache: Path) -> dict[str, Path]:
     """The shipped teachers; if absent (a stripped install), train short ones into the cache once."""
     shipped = {t: ASSETS / f"demo_teacher_{t}.safetensors" for t in TEACHERS}
@@ -107,9 +114,7 @@ def run(out: Path, quick: bool = False, figures_dir: Path | None = None) -> dict
         "--out",
         str(out / "analysis"),
     ]
-    _command(argv, "unip-analyze")
-    if analyze_cli.main(argv) != 0:
-        raise SystemExit("demo: analysis failed")
+    _run_cli("unip-analyze", analyze_cli.main, argv)
     sel_path = out / "analysis" / selection.FILENAME
     doc = selection.read(sel_path)
     for name, m in doc["models"].items():
@@ -150,9 +155,7 @@ def run(out: Path, quick: bool = False, figures_dir: Path | None = None) -> dict
         "--out",
         str(out / "pretrain"),
     ]
-    _command(argv, "unip-pretrain")
-    if pretrain.main(argv) != 0:
-        raise SystemExit("demo: distillation failed")
+    _run_cli("unip-pretrain", pretrain.main, argv)
     log = [json.loads(line) for line in (out / "pretrain" / "log.jsonl").read_text().splitlines()]
     _say(
         f"distillation loss {log[0]['loss']:.4f} -> {np.mean([r['loss'] for r in log[-5:]]):.4f} "
