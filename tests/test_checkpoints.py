@@ -189,6 +189,22 @@ def test_refuses_pickled_objects_and_truncated_files(tmp_path):
         load_backbone("timm", VIT, tmp_path / "absent.pth")
 
 
+@pytest.mark.parametrize("prefix", [b"", b"\x80\x02", b"\x80\x04", b"PK\x03\x04"])
+def test_garbage_files_always_give_a_checkpoint_error(tmp_path, prefix):
+    # Random bytes reach many different failure paths inside torch's unpickler (IndexError,
+    # UnpicklingError, zip errors...): every one must surface as one clear CheckpointError.
+    import random
+
+    from unip_analysis.checkpoints import read_weights_file
+
+    rng = random.Random(len(prefix))
+    for i in range(150):
+        bad = tmp_path / f"garbage{i}.pth"
+        bad.write_bytes(prefix + rng.randbytes(rng.randint(0, 3000)))
+        with pytest.raises(CheckpointError, match=f"garbage{i}.pth: (not a PyTorch|cannot read)"):
+            read_weights_file(bad)
+
+
 def test_specs_and_arch_parsing():
     s = parse_spec("mae_l=mae:vit_large_patch16_224:/ckpt/c:/x.pth")
     assert (s.name, s.family, s.arch, s.path) == ("mae_l", "mae", "vit_large_patch16_224", "/ckpt/c:/x.pth")

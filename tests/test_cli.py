@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -216,7 +217,7 @@ def _bad_case(kind: str, tmp: Path, st: Path, images: Path) -> tuple[list[str], 
         return ["--checkpoint", f"m=mae:{arch}:{bad}"], str(bad)
     if kind == "garbage pth":
         bad = tmp / "garbage.pth"
-        bad.write_bytes(os.urandom(5000))
+        bad.write_bytes(b"\x80\x02" + random.Random(0).randbytes(5000))  # pickle-like, then noise
         return ["--checkpoint", f"m=mae:{arch}:{bad}"], str(bad)
     if kind == "not a vit":
         bad = tmp / "resnet.pth"

@@ -15,7 +15,7 @@ import argparse
 import ast
 import json
 import re
-import zipfile
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,23 +53,35 @@ def read_weights_file(path: str | Path) -> Any:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive (PK..) or, in the legacy format, a pickle (protocol opcode 0x80).
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise CheckpointError(
+            f"{path}: not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle); "
+            "pass a .pth/.pt/.bin file written by torch.save, or a .safetensors file"
+        )
     try:
         # Training checkpoints of MAE / DINO / iBOT carry their argparse.Namespace of options:
         # a plain attribute bag, safe to allow; everything else stays refused.
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    except Exception as e:  # a corrupt file can raise almost anything from inside the unpickler
+        text = str(e)
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if refused or "unrecognized function" in text or "allowlisted" in text:
+            what = f" ({refused.group(1)})" if refused else ""
+            raise CheckpointError(
+                f"{path}: holds pickled Python objects beyond tensors{what}; refusing to unpickle it. "
+                "Re-save only the state dict (torch.save(model.state_dict(), ...)) or use safetensors"
+            ) from None
+        detail = text.split("WeightsUnpickler error:", 1)[-1]
+        lines = [ln.strip() for ln in detail.splitlines() if ln.strip()]
+        msg = lines[0] if lines else type(e).__name__
         raise CheckpointError(
             f"{path}: cannot read checkpoint ({msg}); it may be truncated or not a PyTorch file"
         ) from None
-    except Exception as e:  # pickle.UnpicklingError for files holding arbitrary objects
-        if type(e).__name__ == "UnpicklingError":
-            raise CheckpointError(
-                f"{path}: holds pickled Python objects beyond tensors; refusing to unpickle it. "
-                "Re-save only the state dict (torch.save(model.state_dict(), ...)) or use safetensors"
-            ) from None
-        raise
 
 
 def safetensors_metadata(path: str | Path) -> dict[str, str]:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from unip_analysis.checkpoints import read_weights_file
 from unip_analysis.errors import CheckpointError
 from unip_analysis.files import atomic_write
 
@@ -39,13 +40,14 @@ def save_checkpoint(path: str | Path, state: dict) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> dict:
+    """Read a training checkpoint through the registry's safe reader (weights_only, clear errors)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint to resume from not found")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure to read is reported the same way
-        raise CheckpointError(f"{path}: cannot read training checkpoint ({str(e).splitlines()[0]})") from None
+    state = read_weights_file(path)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a training checkpoint (holds a {type(state).__name__}, not a dict)")
+    return state
 
 
 def numpy_state_from_plain(state: list) -> tuple:
