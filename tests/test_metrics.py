@@ -135,13 +135,24 @@ def test_select_deepest_hybrid_override_and_fallback():
     assert none.layer is None
 
 
-def test_fused_in_place_statistics_equal_the_pure_functions():
+@pytest.mark.parametrize("chunks", [1, 5, 8, 36, 100])  # one block, uneven blocks, a row each, more than rows
+def test_fused_in_place_statistics_equal_the_pure_functions(chunks):
     from unip_analysis.metrics import layer_statistics_
 
     attn = random_attention(b=2, h=3, n=1 + 4 + 36, seed=5)
     d = patch_distance_matrix((6, 6), 16)
     a = patch_attention(attn, 5)
     want_nmi, want_dist = nmi(a), attention_distance(a, d)
-    got_nmi, got_dist = layer_statistics_(attn.clone(), 5, d)
+    got_nmi, got_dist = layer_statistics_(attn.clone(), 5, d, chunks=chunks)
     assert torch.allclose(got_nmi, want_nmi, atol=1e-6)
     assert torch.allclose(got_dist, want_dist, rtol=1e-5)
+    f_nmi, f_dist = layer_statistics_(attn.float(), 5, d.float(), chunks=chunks)  # as analysis runs it
+    assert torch.allclose(f_nmi, want_nmi, atol=1e-5)
+    assert torch.allclose(f_dist, want_dist, rtol=1e-4)
+
+
+def test_patch_attention_query_rows_equal_selecting_after_the_full_map():
+    attn = random_attention(b=2, h=3, n=1 + 4 + 36, seed=9)
+    rows = torch.tensor([0, 7, 35, 7])
+    want = patch_attention(attn, 5).index_select(-2, rows)
+    assert torch.equal(patch_attention(attn, 5, query_rows=rows), want)

@@ -157,7 +157,7 @@ def analyze_backbone(
         attn = attn.float()
         take = max(0, map_images - kept["n"])
         if take:  # a few query rows for the figures, before the map is consumed
-            rows = patch_attention(attn[:take], npt).index_select(2, q_idx_t)  # [b, H, P, N]
+            rows = patch_attention(attn[:take], npt, query_rows=q_idx_t)  # [b, H, P, N]
             maps[layer].append(rows.permute(0, 2, 1, 3).reshape(*rows.shape[:1], len(q_idx), -1, *grid).cpu())
         layer_nmi, layer_dist = layer_statistics_(attn, npt, dist)
         nmis[layer].append(layer_nmi.cpu())

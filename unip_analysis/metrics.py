@@ -13,12 +13,18 @@ import torch
 EPS = 1e-8  # added before renormalizing, as the reference analysis does
 
 
-def patch_attention(attn: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+def patch_attention(
+    attn: torch.Tensor, num_prefix_tokens: int, query_rows: torch.Tensor | None = None
+) -> torch.Tensor:
     """Drop prefix tokens (cls, dist, registers) from rows and columns; renormalize rows.
 
     ``A'[q, k] = (A[q, k] + eps) / sum_k (A[q, k] + eps)`` over patch tokens only.
+    ``query_rows`` (patch indices) keeps only those query rows, without copying the whole map.
     """
-    a = attn[..., num_prefix_tokens:, num_prefix_tokens:] + EPS
+    if query_rows is None:
+        a = attn[..., num_prefix_tokens:, num_prefix_tokens:] + EPS
+    else:
+        a = attn.index_select(-2, query_rows + num_prefix_tokens)[..., num_prefix_tokens:] + EPS
     return a / a.sum(dim=-1, keepdim=True)
 
 
@@ -42,26 +48,33 @@ def nmi(attn: torch.Tensor) -> torch.Tensor:
 
 
 def layer_statistics_(
-    attn: torch.Tensor, num_prefix_tokens: int, distance: torch.Tensor
+    attn: torch.Tensor, num_prefix_tokens: int, distance: torch.Tensor, chunks: int = 8
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """NMI and mean attention distance per (batch, head) from one raw post-softmax map.
 
     Same values as ``nmi(patch_attention(attn))`` and ``attention_distance(...)``, but it
     CONSUMES ``attn`` (overwrites it in place) so that the streaming analysis never holds a
-    second [B, H, N, N] buffer. Returns float64 tensors [B, H].
+    second [B, H, N, N] buffer: the map is reduced in ``chunks`` blocks of query rows, so every
+    temporary is at most about 1/``chunks`` of the map. Returns float64 tensors [B, H].
     """
     a = attn[..., num_prefix_tokens:, num_prefix_tokens:]  # view: rows and columns of patches
-    a.add_(EPS)
-    a.div_(a.sum(dim=-1, keepdim=True))
     n_q = a.shape[-2]
     d = distance.to(device=a.device, dtype=a.dtype)
-    # sum_qk A*d as a matrix-vector product: no elementwise [B, H, N, N] temporary
-    dist = (a.flatten(-2) @ d.flatten()).double() / n_q
-    p_k = a.mean(dim=-2, dtype=torch.float64)
+    step = max(1, math.ceil(n_q / max(1, chunks)))
+    p_k = torch.zeros(a.shape[:-2] + a.shape[-1:], dtype=torch.float64, device=a.device)
+    cond_ent = torch.zeros(a.shape[:-2], dtype=torch.float64, device=a.device)
+    dist = torch.zeros(a.shape[:-2], dtype=torch.float64, device=a.device)
+    for q0 in range(0, n_q, step):
+        rows = a[..., q0 : q0 + step, :]  # view into the map
+        rows.add_(EPS)
+        rows.div_(rows.sum(dim=-1, keepdim=True))
+        dist += torch.einsum("bhqk,qk->bh", rows, d[q0 : q0 + step])
+        p_k += rows.sum(dim=-2, dtype=torch.float64)
+        cond_ent -= rows.xlogy_(rows).sum(dim=(-2, -1), dtype=torch.float64)
+    p_k /= n_q
     h_k = -torch.special.xlogy(p_k, p_k).sum(-1)
-    h_k_given_q = -a.xlogy_(a).sum(dim=(-2, -1), dtype=torch.float64) / n_q
-    nmi_ = (h_k - h_k_given_q) / torch.sqrt(h_k * math.log(n_q))
-    return nmi_, dist
+    nmi_ = (h_k - cond_ent / n_q) / torch.sqrt(h_k * math.log(n_q))
+    return nmi_, dist / n_q
 
 
 def patch_distance_matrix(grid: tuple[int, int], patch_size: int | tuple[int, int]) -> torch.Tensor:
