@@ -10,7 +10,9 @@ Variants, on the same random weights and images, each measured in a fresh subpro
                     public analysis notebook does.
 
 Prints one JSON line: per configuration the median seconds per batch, peak RSS above the
-loaded-model baseline (MiB), the size of one layer's maps (MiB), and the ratios.
+loaded-model baseline (MiB; the peak counter is reset after the model is built, and read in a
+child whose allocator returns freed blocks to the OS, so it follows live memory; the default
+allocator's figure is reported beside it), the size of one layer's maps (MiB), and the ratios.
 
     .venv/bin/python benchmarks/bench_analysis.py            # ViT-S/16 224, ViT-B/16 224, ViT-B/16 448
     .venv/bin/python benchmarks/bench_analysis.py --quick    # tiny, for the smoke test
@@ -41,6 +43,24 @@ QUICK = [
 def rss_mib() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def reset_peak_rss() -> bool:
+    """Restart the kernel's peak-RSS counter (VmHWM) so that model building does not count."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
 
 
 def child(variant: str, arch: str, img: int, batch: int, repeats: int) -> dict:
@@ -86,13 +106,14 @@ def child(variant: str, arch: str, img: int, batch: int, repeats: int) -> dict:
     fn = {"plain": plain, "stream": stream, "stacked": stacked}[variant]
     with torch.inference_mode():
         base = rss_mib()
+        reset_peak_rss()
         fn()  # warm-up
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
+    peak = peak_rss_mib()
     tokens = grid[0] * grid[1] + npt
     heads = model.blocks[0].attn.num_heads
     return {
@@ -104,23 +125,25 @@ def child(variant: str, arch: str, img: int, batch: int, repeats: int) -> dict:
     }
 
 
-def run_variant(variant: str, cfg: dict, repeats: int) -> dict:
-    cmd = [
-        sys.executable,
-        __file__,
-        "--child",
-        variant,
-        "--arch",
-        cfg["arch"],
-        "--img",
-        str(cfg["img"]),
-        "--batch",
-        str(cfg["batch"]),
-        "--repeats",
-        str(repeats),
-    ]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+# Peak memory is read in a second child whose glibc malloc returns every block of 128 KiB or more
+# to the OS when it is freed: RSS then follows live tensors, not blocks the allocator keeps for
+# reuse (with the default allocator, freed map-sized blocks linger in RSS and the number mostly
+# measures fragmentation). Timing children use the default allocator.
+LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def run_child(variant: str, cfg: dict, repeats: int, threads: int, env: dict | None = None) -> dict:
+    cmd = [sys.executable, __file__, "--child", variant, "--arch", cfg["arch"], "--img", str(cfg["img"])]
+    cmd += ["--batch", str(cfg["batch"]), "--repeats", str(repeats), "--threads", str(threads)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, **(env or {})})
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_variant(variant: str, cfg: dict, repeats: int, threads: int) -> dict:
+    """Median time from a default-allocator child; peak memory from a live-memory child."""
+    timed = run_child(variant, cfg, repeats, threads)
+    live = run_child(variant, cfg, 1, threads, LIVE_MEMORY_ENV)
+    return {**timed, "peak_extra_mib_default_malloc": timed["peak_extra_mib"], "peak_extra_mib": live["peak_extra_mib"]}
 
 
 def main() -> int:
@@ -147,7 +170,7 @@ def main() -> int:
     repeats = 1 if args.quick else args.repeats
     results = []
     for cfg in configs:
-        r = {v: run_variant(v, cfg, repeats) for v in ("plain", "stream", "stacked")}
+        r = {v: run_variant(v, cfg, repeats, args.threads) for v in ("plain", "stream", "stacked")}
         a, b, c = r["plain"], r["stream"], r["stacked"]
         results.append(
             {
@@ -156,6 +179,9 @@ def main() -> int:
                 "depth": a["depth"],
                 "seconds": {k: round(v["median_s"], 4) for k, v in r.items()},
                 "peak_extra_mib": {k: round(v["peak_extra_mib"], 1) for k, v in r.items()},
+                "peak_extra_mib_default_malloc": {
+                    k: round(v["peak_extra_mib_default_malloc"], 1) for k, v in r.items()
+                },
                 "one_layer_maps_mib": round(a["one_layer_maps_mib"], 1),
                 "ratio_stream_over_plain": round(b["median_s"] / a["median_s"], 3),
                 "ratio_stacked_over_stream": round(c["median_s"] / b["median_s"], 3),

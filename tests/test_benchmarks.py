@@ -28,3 +28,4 @@ def test_bench_analysis_quick():
     assert set(res["seconds"]) == {"plain", "stream", "stacked"}
     assert all(v > 0 for v in res["seconds"].values())
     assert res["one_layer_maps_mib"] > 0 and "ratio_stream_over_plain" in res
+    assert set(res["peak_extra_mib"]) == set(res["peak_extra_mib_default_malloc"]) == set(res["seconds"])
