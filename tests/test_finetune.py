@@ -179,6 +179,56 @@ def test_multi_layer_neck_and_resume(tiny_timm_checkpoint, synthetic_folder, tmp
     assert iters == [5, 6, 10]  # the resumed run continued from iteration 6
 
 
+def test_sigkill_mid_epoch_then_resume_equals_the_uninterrupted_run(
+    tiny_timm_checkpoint, synthetic_folder, tmp_path: Path
+):
+    """8 train images, batch 4: 2 iterations per data epoch. Checkpoint every 3 iterations; the killed
+    run dies right after iteration 5, so the resumed run restarts mid-epoch from iteration 3 and
+    redoes 4 and 5. It uses loader workers, the uninterrupted run none: crops must not depend on it."""
+    from unip_train.finetune import KILL_ENV
+
+    arch, path = tiny_timm_checkpoint
+    kw = dict(iters=8, ckpt_every=3, log_every=1, head_channels=8)
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    want = run(config(tiny_timm_checkpoint, synthetic_folder, whole, **kw))
+
+    cmd = [sys.executable, "-m", "unip_train.finetune", "--backbone", f"timm:{arch}:{path}"]
+    cmd += ["--dataset", "folder", "--data-root", str(synthetic_folder), "--out", str(killed), "--crop", "32"]
+    cmd += ["--iters", "8", "--batch-size", "4", "--workers", "0", "--head-channels", "8", "--lr", "1e-3"]
+    cmd += ["--ckpt-every", "3", "--log-every", "1", "--no-progress"]
+    env = {**os.environ, KILL_ENV: "5", "OMP_NUM_THREADS": "1"}
+    died = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env=env, cwd=Path(__file__).parents[1]
+    )
+    assert died.returncode == -9, died.stderr[-2000:]
+    assert torch.load(killed / "checkpoint.pt", weights_only=True)["iter"] == 3
+    assert not (killed / "model.pt").exists()
+
+    got = run(config(tiny_timm_checkpoint, synthetic_folder, killed, resume="auto", workers=2, **kw))
+    a = torch.load(whole / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(killed / "model.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert got["miou"] == want["miou"] and got["per_class_iou"] == want["per_class_iou"]
+
+    def losses(run_dir: Path) -> dict:
+        lines = map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())
+        return {r["iter"]: r["loss"] for r in lines if "iter" in r}  # the resumed run's records win
+
+    assert losses(whole) == losses(killed)
+
+
+def test_resume_refuses_other_data_settings(tiny_timm_checkpoint, synthetic_folder, tmp_path: Path):
+    from unip_analysis.errors import CheckpointError
+
+    out = tmp_path / "run"
+    run(config(tiny_timm_checkpoint, synthetic_folder, out, iters=2, head_channels=8))
+    with pytest.raises(CheckpointError, match="saved with batch_size=4, this run has 2"):
+        run(config(tiny_timm_checkpoint, synthetic_folder, out, iters=4, batch_size=2, resume="auto"))
+    (out / "other.pt").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(CheckpointError, match="other.pt: cannot read"):
+        run(config(tiny_timm_checkpoint, synthetic_folder, out, iters=4, resume=str(out / "other.pt")))
+
+
 def test_resplit_last_heads_of_a_unip_student(tiny_timm_checkpoint, tmp_path: Path):
     arch, path = tiny_timm_checkpoint
     student = tmp_path / "student.safetensors"

@@ -25,7 +25,7 @@ from unip_analysis import images as imgs
 from unip_analysis.checkpoints import build_vit, load_backbone
 from unip_analysis.files import sha256_file
 from unip_analysis.patterns import default_thresholds
-from unip_train import data_pretrain, distill, pretrain
+from unip_train import data_pretrain, distill, pretrain, sampling
 from unip_train.distill import sincos_pos_embed_2d
 from unip_train.pretrain import LAST
 
@@ -240,18 +240,18 @@ def test_augmentation_depends_only_on_seed_epoch_and_index(image_dir):
     ds.set_epoch(1)
     assert not torch.equal(ds[1][0], a)
     # normalization: mean 0.3801 / std 0.1871
-    raw = data_pretrain.augment(ds.load(1), 32, data_pretrain.sample_generator(3, 0, 1))
+    raw = data_pretrain.augment(ds.load(1), 32, sampling.sample_generator(3, 0, 1))
     assert torch.allclose(a, (raw - 0.3801) / 0.1871, atol=1e-6)
 
 
 def test_sampler_partitions_each_epoch_and_skips_for_resume():
-    shards = [data_pretrain.EpochSampler(10, world_size=3, rank=r, seed=1) for r in range(3)]
+    shards = [sampling.EpochSampler(10, world_size=3, rank=r, seed=1) for r in range(3)]
     for s in shards:
         s.set_epoch(2)
     parts = [list(s) for s in shards]
     assert all(len(p) == 4 for p in parts)  # padded to 12 = 3 x 4
     assert set(itertools.chain(*parts)) == set(range(10))
-    again = data_pretrain.EpochSampler(10, 3, 0, seed=1)
+    again = sampling.EpochSampler(10, 3, 0, seed=1)
     again.set_epoch(2, start=2)
     assert list(again) == parts[0][2:]
     again.set_epoch(3)

@@ -46,7 +46,9 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"{path}: checkpoint to resume from not found")
     state = read_weights_file(path)
     if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: not a training checkpoint (holds a {type(state).__name__}, not a dict)")
+        raise CheckpointError(
+            f"{path}: not a training checkpoint (holds a {type(state).__name__}, not a dict)"
+        )
     return state
 
 
@@ -55,3 +57,22 @@ def numpy_state_from_plain(state: list) -> tuple:
     name, keys, pos, has_gauss, cached = state
     keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
     return (name, keys.astype(np.uint32), int(pos), int(has_gauss), float(cached))
+
+
+def restore_rng_state(state: dict) -> None:
+    """Set every RNG from a state saved by :func:`save_checkpoint` (``distributed.rng_state()``)."""
+    from .distributed import set_rng_state
+
+    state = dict(state)
+    state["numpy"] = numpy_state_from_plain(state["numpy"])
+    set_rng_state(state)
+
+
+def check_same_settings(path: str | Path, saved: dict, current: dict, keys) -> None:
+    """Refuse to resume when a setting that decides the data stream or the model differs."""
+    for key in keys:
+        if saved.get(key) != current.get(key):
+            raise CheckpointError(
+                f"{path}: saved with {key}={saved.get(key)!r}, this run has {current.get(key)!r}; "
+                "resume with the same settings, or start a new run folder"
+            )

@@ -1,15 +1,14 @@
 """InfMix-style distillation data (method.md section 3): infrared folders as they are, RGB
-folders converted to grey, mixed into one dataset; the pre-training augmentation; the sampler.
+folders converted to grey, mixed into one dataset; the pre-training augmentation.
 
-Exact resume is designed in here. Which images an epoch visits and in what order is a
-permutation drawn from (seed, epoch); each sample's augmentation is drawn from a generator
-seeded by (seed, epoch, sample index). Nothing depends on RNG history or on how many batches a
-process has already produced, so a resumed run can start mid-epoch by skipping positions.
+Each sample's augmentation draws from :func:`unip_train.sampling.sample_generator` (seed, epoch,
+index), and the epoch order from :class:`unip_train.sampling.EpochSampler`: nothing depends on
+RNG history, so a resumed run can start mid-epoch by skipping positions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,8 @@ import torch.nn.functional as F
 
 from unip_analysis.errors import ImageError
 from unip_analysis.images import find_images, normalize, read_image
+
+from .sampling import sample_generator
 
 # ITU-R BT.601 luma, as PIL's "L" conversion.
 LUMA = (0.299, 0.587, 0.114)
@@ -76,12 +77,6 @@ def to_grey(img: torch.Tensor) -> torch.Tensor:
         return img
     y = LUMA[0] * img[0] + LUMA[1] * img[1] + LUMA[2] * img[2]
     return y.expand(3, -1, -1).contiguous()
-
-
-def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
-    """A generator that depends on (seed, epoch, index) only."""
-    state = np.random.SeedSequence([seed, epoch, index]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
 def random_resized_crop_box(
@@ -170,34 +165,3 @@ class InfMix(torch.utils.data.Dataset):
 
 def collate(batch: list[tuple[torch.Tensor, list[str]]]) -> tuple[torch.Tensor, list[str]]:
     return torch.stack([b[0] for b in batch]), [p for b in batch for p in b[1]]
-
-
-class EpochSampler(torch.utils.data.Sampler[int]):
-    """This process's share of the epoch's permutation (DistributedSampler-like).
-
-    The permutation comes from (seed, epoch); it is padded by wrapping to a multiple of
-    ``world_size`` and dealt round-robin. ``set_epoch(epoch, start)`` skips the first ``start``
-    positions of this process's share: how a resumed run continues mid-epoch.
-    """
-
-    def __init__(self, n: int, world_size: int = 1, rank: int = 0, seed: int = 0):
-        self.n, self.world_size, self.rank, self.seed = n, world_size, rank, seed
-        self.per_rank = -(-n // world_size)
-        self.epoch, self.start = 0, 0
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
-
-    def indices(self) -> list[int]:
-        state = np.random.SeedSequence([self.seed, self.epoch]).generate_state(2, dtype=np.uint32)
-        g = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-        perm = torch.randperm(self.n, generator=g).tolist()
-        total = self.per_rank * self.world_size
-        perm = (perm * -(-total // self.n))[:total]
-        return perm[self.rank :: self.world_size]
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices()[self.start :])
-
-    def __len__(self) -> int:
-        return self.per_rank - self.start

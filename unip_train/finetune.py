@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from unip_analysis.checkpoints import FAMILIES, build_vit, load_backbone, parse_spec, set_attention_heads
@@ -34,9 +35,10 @@ from unip_analysis.errors import SpecError, UnipError
 from unip_analysis.files import atomic_write_text
 
 from . import distributed as du
-from .checkpointing import load_checkpoint, save_checkpoint
+from .checkpointing import check_same_settings, load_checkpoint, restore_rng_state, save_checkpoint
 from .ll_fpn import NECKS, Segmentor
 from .optim import adamw, layer_decay_scale, param_groups, poly_lr, set_lr
+from .sampling import EpochSampler
 from .seg_data import EVAL_SPLIT, IGNORE_INDEX, EvalResize, SegDataset, TrainAugment, get_layout
 from .seg_eval import evaluate, summarize
 
@@ -47,6 +49,11 @@ MODEL_FORMAT = "unip-finetune/1"
 DEFAULT_ITERS = {"soda": 14_400, "mfnet": 10_000, "scut": 16_800, "folder": 10_000}
 DEFAULT_LAYER_DECAY = {"ll-fpn": 0.85, "multi-layer": 0.65}
 REAL_WARMUP = 1500
+# Test-only: SIGKILL this process right after iteration N (exercises --resume).
+KILL_ENV = "UNIP_FINETUNE_SIGKILL_AT_ITER"
+# Resuming with any of these changed would visit other samples or build another model. (--iters may
+# grow: the run then continues on the longer schedule.)
+RESUME_MUST_MATCH = ("dataset", "mode", "neck", "layers", "crop", "batch_size", "seed", "world_size")
 
 
 @dataclass
@@ -202,7 +209,7 @@ class _Run:
     ddp: torch.nn.Module  # what the loop calls: DDP-wrapped under torchrun
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    sampler: DistributedSampler
+    sampler: EpochSampler
     loader: DataLoader
     eval_set: SegDataset
     backbone_info: dict
@@ -232,8 +239,9 @@ def _setup(cfg: FinetuneConfig, dist: du.DistInfo) -> _Run:
     du.seed_everything(cfg.seed + dist.rank)
     amp = cfg.amp and dist.device.type == "cuda"
     train_set = SegDataset(
-        cfg.data_root, cfg.dataset, cfg.train_split, cfg.num_classes, TrainAugment.for_crop(cfg.crop)
-    )
+        cfg.data_root, cfg.dataset, cfg.train_split, cfg.num_classes, TrainAugment.for_crop(cfg.crop),
+        seed=cfg.seed,
+    )  # fmt: skip
     eval_set = SegDataset(
         cfg.data_root, cfg.dataset, cfg.eval_split, cfg.num_classes, EvalResize.for_crop(cfg.crop)
     )
@@ -258,22 +266,31 @@ def _setup(cfg: FinetuneConfig, dist: du.DistInfo) -> _Run:
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     start = 0
     if cfg.resume:
-        ckpt = load_checkpoint(out / "checkpoint.pt" if cfg.resume == "auto" else cfg.resume)
+        path = out / "checkpoint.pt" if cfg.resume == "auto" else Path(cfg.resume)
+        ckpt = load_checkpoint(path)
+        for key in ("model", "optimizer", "scaler", "iter", "rng", "config"):
+            if key not in ckpt:
+                raise FinetuneError(f"{path}: not a {PROG} training checkpoint (no '{key}')")
+        saved = {**ckpt["config"], "world_size": len(ckpt["rng"])}
+        check_same_settings(
+            path, saved, {**plain_config(cfg), "world_size": dist.world_size}, RESUME_MUST_MATCH
+        )
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         start = int(ckpt["iter"])
-        du.set_rng_state(ckpt["rng"][dist.rank if dist.rank < len(ckpt["rng"]) else 0])
+        restore_rng_state(ckpt["rng"][dist.rank])  # what the model draws (drop path) continues exactly
     ddp = model
     if dist.enabled:
         ddp = DistributedDataParallel(model, device_ids=[dist.device.index] if sync_bn else None)
 
-    sampler = DistributedSampler(
-        train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=cfg.seed, drop_last=True
-    )
+    # Order from (seed, epoch), crops from (seed, epoch, index): a resumed run skips the positions it
+    # has done and sees the same samples. Workers are not persistent: they take the dataset's epoch
+    # when each epoch starts. The loader's own generator keeps iterator creation off the global RNG.
+    sampler = EpochSampler(len(train_set), dist.world_size, dist.rank, seed=cfg.seed)
     loader = DataLoader(
         train_set, batch_size=per_proc, sampler=sampler, num_workers=cfg.workers, drop_last=True,
-        pin_memory=dist.device.type == "cuda", persistent_workers=cfg.workers > 0,
+        pin_memory=dist.device.type == "cuda", generator=torch.Generator(),
     )  # fmt: skip
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -287,16 +304,20 @@ def _setup(cfg: FinetuneConfig, dist: du.DistInfo) -> _Run:
 def train_loop(r: _Run) -> None:
     """Iteration-based training: poly lr with linear warm-up, cross-entropy (255 ignored) on the main
     head plus ``aux_weight`` times the auxiliary head's, fp16 autocast + grad scaling on CUDA.
-    A resumed run starts a fresh data epoch at the checkpointed iteration."""
+    A resumed run continues mid-epoch exactly where the checkpoint was written."""
     cfg, dist, out = r.cfg, r.dist, Path(r.cfg.out)
     show = cfg.progress and dist.is_main
     bar = tqdm(total=cfg.iters, initial=r.start, desc=f"{cfg.mode} {cfg.dataset}", disable=not show)
-    it, epoch = r.start, r.start // len(r.loader)
+    per_proc = r.loader.batch_size
+    per_epoch = r.sampler.per_rank // per_proc  # iterations per data epoch (last partial batch dropped)
+    kill_at = int(os.environ[KILL_ENV]) if os.environ.get(KILL_ENV) else None
+    it = r.start
     t0, running = time.time(), 0.0
     r.ddp.train()
     while it < cfg.iters:
-        r.sampler.set_epoch(epoch)
-        epoch += 1
+        epoch, done = divmod(it, per_epoch)
+        r.sampler.set_epoch(epoch, start=done * per_proc)
+        r.loader.dataset.set_epoch(epoch)
         for img, label in r.loader:
             if it >= cfg.iters:
                 break
@@ -326,6 +347,8 @@ def train_loop(r: _Run) -> None:
                     _log(out, {"iter": it, "loss": mean, "lr": lr, "time": round(time.time() - t0, 2)})
             if it % cfg.ckpt_every == 0 or it == cfg.iters:
                 _save_training_state(out, r.model, r.optimizer, r.scaler, it, cfg, dist)
+            if kill_at == it:
+                os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
 
 

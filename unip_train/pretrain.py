@@ -25,7 +25,7 @@ from unip_analysis.errors import CheckpointError, SpecError, UnipError
 from unip_analysis.files import atomic_write_text
 
 from . import checkpointing, distributed
-from .data_pretrain import EpochSampler, InfMix, collate, collect_source
+from .data_pretrain import InfMix, collate, collect_source
 from .distill import (
     LOSSES,
     Student,
@@ -38,6 +38,7 @@ from .distill import (
 )
 from .engine_pretrain import LoopConfig, NonFiniteLoss, train_one_epoch
 from .optim import adamw, param_groups
+from .sampling import EpochSampler
 
 PROG = "unip-pretrain"
 LAST = "checkpoint-last.pt"
@@ -402,9 +403,7 @@ def train(args: argparse.Namespace) -> None:
         flush=True,
     )
     if ckpt is not None:  # last, so nothing in setup draws from the restored generators
-        rng = ckpt["rng"][info.rank]  # same world size: check_resumable
-        rng["numpy"] = checkpointing.numpy_state_from_plain(rng["numpy"])
-        distributed.set_rng_state(rng)
+        checkpointing.restore_rng_state(ckpt["rng"][info.rank])  # same world size: check_resumable
 
     criterion = LOSSES[args.loss]
     step = start_epoch * steps_per_epoch + start_iter // args.accum_iter
@@ -458,12 +457,7 @@ def check_resumable(ckpt: dict, recipe: dict, teacher_info: dict, path: Path) ->
     for key in ("model", "optimizer", "scaler", "epoch", "iter_in_epoch", "step", "rng", "recipe"):
         if key not in ckpt:
             raise CheckpointError(f"{path}: not a {PROG} checkpoint (no '{key}')")
-    for key in RESUME_MUST_MATCH:
-        if ckpt["recipe"].get(key) != recipe[key]:
-            raise CheckpointError(
-                f"{path}: saved with {key}={ckpt['recipe'].get(key)!r}, this run has {recipe[key]!r}; "
-                "resume with the same settings, or start a new run folder"
-            )
+    checkpointing.check_same_settings(path, ckpt["recipe"], recipe, RESUME_MUST_MATCH)
     saved = ckpt.get("teacher", {})
     for key in ("weights_sha256", "layer"):
         if saved.get(key) != teacher_info[key]:

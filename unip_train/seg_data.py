@@ -19,6 +19,8 @@ from PIL import Image, UnidentifiedImageError
 from unip_analysis.errors import ImageError, UnipError
 from unip_analysis.images import IMAGE_SUFFIXES, NORMALIZATIONS, read_image
 
+from .sampling import sample_generator
+
 IGNORE_INDEX = 255
 
 SODA_CLASSES = (
@@ -202,7 +204,10 @@ class SegDataset(torch.utils.data.Dataset):
 
     Files are checked when the dataset is built: every listed stem needs an image and a label map of
     the same size, and (``check_values``) label values within the class range or 255.
-    ``transform(img, label) -> (img, label)`` runs on the 0-255 grey image before normalization.
+    ``transform(img, label, g) -> (img, label)`` runs on the 0-255 grey image before normalization;
+    its random draws come from ``g``, a generator seeded by (``seed``, epoch, index) (see
+    :mod:`unip_train.sampling`), so augmentation does not depend on RNG history or loader workers.
+    Call :meth:`set_epoch` before each epoch (workers get a fresh copy of the dataset each epoch).
     """
 
     def __init__(
@@ -211,8 +216,9 @@ class SegDataset(torch.utils.data.Dataset):
         name: str,
         split: str,
         num_classes: int | None = None,
-        transform: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+        transform: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
         check_values: bool = True,
+        seed: int = 0,
     ):
         self.root = Path(root)
         if not self.root.is_dir():
@@ -223,6 +229,7 @@ class SegDataset(torch.utils.data.Dataset):
         self.classes = dataset_classes(name, self.root, num_classes)
         self.split = split
         self.transform = transform
+        self.seed, self.epoch = seed, 0
         self.mean, self.std = NORMALIZATIONS["infrared"]
         self.samples = []
         for stem in read_split(self.root, self.layout, split):
@@ -247,6 +254,9 @@ class SegDataset(torch.utils.data.Dataset):
             for s in self.samples:
                 read_label(s.label, len(self.classes))
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
     @property
     def num_classes(self) -> int:
         return len(self.classes)
@@ -264,7 +274,7 @@ class SegDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         img, label = self.load(i)
         if self.transform is not None:
-            img, label = self.transform(img, label)
+            img, label = self.transform(img, label, sample_generator(self.seed, self.epoch, i))
         return to_input(img, self.mean[0] * 255.0, self.std[0] * 255.0), label
 
 
@@ -298,7 +308,7 @@ class TrainAugment:
     photometric distortion (brightness, contrast), pad to the crop (label padding 255).
 
     The real recipe uses ``scale = (2048, 512)`` with 512 crops; :meth:`for_crop` scales it as
-    ``(4 * crop, crop)``. Random draws come from torch's generator (seeded per DataLoader worker).
+    ``(4 * crop, crop)``. Random draws come from ``g`` (torch's global generator when None).
     """
 
     crop: int
@@ -313,22 +323,26 @@ class TrainAugment:
     def for_crop(cls, crop: int) -> TrainAugment:
         return cls(crop=crop, scale=(4 * crop, crop))
 
-    def __call__(self, img: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        r = _uniform(*self.ratio_range)
+    def __call__(
+        self, img: torch.Tensor, label: torch.Tensor, g: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        r = _uniform(*self.ratio_range, g)
         h, w = img.shape
         img, label = resize(img, label, rescale_size(h, w, (self.scale[0] * r, self.scale[1] * r)))
-        img, label = self._crop(img, label)
-        if torch.rand(()) < self.flip_prob:
+        img, label = self._crop(img, label, g)
+        if torch.rand((), generator=g) < self.flip_prob:
             img, label = img.flip(-1), label.flip(-1)
-        img = self._photometric(img)
+        img = self._photometric(img, g)
         return self._pad(img, label)
 
-    def _crop(self, img: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _crop(
+        self, img: torch.Tensor, label: torch.Tensor, g: torch.Generator | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         h, w = label.shape
         ch, cw = min(self.crop, h), min(self.crop, w)
         for _ in range(10):
-            top = int(torch.randint(0, h - ch + 1, ()))
-            left = int(torch.randint(0, w - cw + 1, ()))
+            top = int(torch.randint(0, h - ch + 1, (), generator=g))
+            left = int(torch.randint(0, w - cw + 1, (), generator=g))
             lab = label[top : top + ch, left : left + cw]
             if self.cat_max_ratio >= 1.0:
                 break
@@ -339,11 +353,11 @@ class TrainAugment:
                 break
         return img[top : top + ch, left : left + cw], lab
 
-    def _photometric(self, img: torch.Tensor) -> torch.Tensor:
-        if torch.rand(()) < 0.5:
-            img = img + _uniform(-self.brightness_delta, self.brightness_delta)
-        if torch.rand(()) < 0.5:
-            img = img * _uniform(*self.contrast_range)
+    def _photometric(self, img: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+        if torch.rand((), generator=g) < 0.5:
+            img = img + _uniform(-self.brightness_delta, self.brightness_delta, g)
+        if torch.rand((), generator=g) < 0.5:
+            img = img * _uniform(*self.contrast_range, g)
         return img.clamp(0.0, 255.0)
 
     def _pad(self, img: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -356,8 +370,8 @@ class TrainAugment:
         return img, label
 
 
-def _uniform(lo: float, hi: float) -> float:
-    return lo + (hi - lo) * float(torch.rand(()))
+def _uniform(lo: float, hi: float, g: torch.Generator | None = None) -> float:
+    return lo + (hi - lo) * float(torch.rand((), generator=g))
 
 
 @dataclass
@@ -370,7 +384,10 @@ class EvalResize:
     def for_crop(cls, crop: int) -> EvalResize:
         return cls(scale=(4 * crop, crop))
 
-    def __call__(self, img: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, img: torch.Tensor, label: torch.Tensor, g: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``g`` is accepted for the common transform signature; nothing here is random."""
         size = rescale_size(*img.shape, self.scale)
         if size != tuple(img.shape):
             img, _ = resize(img, None, size)
