@@ -24,3 +24,15 @@ def test_demo_quick_runs_the_whole_pipeline(tmp_path, capsys):
     assert "mim vs sup: NMI profiles" in out  # the comparison is stated either way
     assert (tmp_path / "demo" / "analysis" / "report.html").stat().st_size > 10_000
     assert (tmp_path / "figures" / "nmi_curves.png").exists()
+
+
+def test_paired_verdict_needs_every_seed_to_agree():
+    import numpy as np
+
+    from unip_train.demo import paired_verdict
+
+    assert paired_verdict(np.array([0.03, 0.02, 0.05])).startswith("distillation helped")
+    assert paired_verdict(np.array([-0.03, -0.02, -0.05])).startswith("distillation hurt")
+    assert paired_verdict(np.array([0.10, -0.01, 0.05])).startswith("no clear difference")  # seeds disagree
+    assert paired_verdict(np.array([0.004, 0.006])).startswith("no clear difference")  # below the margin
+    assert "per seed +0.0300 +0.0200" in paired_verdict(np.array([0.03, 0.02]))

@@ -10,7 +10,8 @@
    one's layer; the report says whether the profiles differ.
 3. The ``mim`` teacher's selected layer is distilled into a student (UNIP distils MAE).
 4. The student is fine-tuned with LL-FPN and linear-probed; so is the same architecture from
-   random init, so the mIoU gain of the distillation is measured and shown, not asserted.
+   random init, with three seeds each (paired: a seed fixes the head's init and the data order),
+   so the mIoU gain of the distillation is measured and shown, not asserted.
 
 Every stage runs through the same entry points users call (unip-analyze, unip-pretrain,
 unip-finetune); the equivalent commands are printed. Runs in a few minutes on 2 CPU cores.
@@ -19,6 +20,7 @@ unip-finetune); the equivalent commands are printed. Runs in a few minutes on 2 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 import subprocess
@@ -170,31 +172,36 @@ def run(out: Path, quick: bool = False, figures_dir: Path | None = None) -> dict
     heads = json.loads((out / "pretrain" / "student.json").read_text())["heads_per_layer"]
     scratch = out / "scratch" / "student.safetensors"
     save_student(scratch, build_student(STUDENT, heads[-1], IMG), STUDENT)
-    results = {}
-    for mode in ("ft", "lp"):
-        for label, weights in (("distilled", student), ("random init", scratch)):
-            run_dir = out / f"{mode}_{'distilled' if label == 'distilled' else 'scratch'}"
-            cfg = finetune.FinetuneConfig(
-                backbone=f"unip:{STUDENT}:{weights}",
-                dataset="soda",
-                data_root=str(soda),
-                out=str(run_dir),
-                mode=mode,
-                iters=ft_iters,
-                crop=IMG,
-                batch_size=8,
-                lr=1e-3,
-                head_channels=64,
-                warmup_iters=ft_iters // 10,
-                workers=0,
-                log_every=50,
-            )
-            _say(
-                f"$ unip-finetune --backbone unip:'{STUDENT}':{weights} --dataset soda --data-root {soda} "
-                f"--mode {mode} --iters {ft_iters} --crop {IMG} --batch-size 8 --lr 1e-3 --head-channels 64 "
-                f"--out {run_dir}"
-            )
-            results[(mode, label)] = finetune.run(cfg)
+    # One run per seed and backbone; a seed fixes the head's init and the data order for both
+    # backbones, so the comparison is paired. A single run is too noisy to call a difference.
+    seeds = (0,) if quick else (0, 1, 2)
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for mode, seed, (label, weights) in itertools.product(
+        ("ft", "lp"), seeds, (("distilled", student), ("random init", scratch))
+    ):
+        run_dir = out / f"{mode}_{'distilled' if label == 'distilled' else 'scratch'}" / f"seed{seed}"
+        cfg = finetune.FinetuneConfig(
+            backbone=f"unip:{STUDENT}:{weights}",
+            dataset="soda",
+            data_root=str(soda),
+            out=str(run_dir),
+            mode=mode,
+            iters=ft_iters,
+            crop=IMG,
+            batch_size=8,
+            lr=1e-3,
+            head_channels=64,
+            warmup_iters=ft_iters // 10,
+            seed=seed,
+            workers=0,
+            log_every=50,
+        )
+        _say(
+            f"$ unip-finetune --backbone unip:'{STUDENT}':{weights} --dataset soda --data-root {soda} "
+            f"--mode {mode} --iters {ft_iters} --crop {IMG} --batch-size 8 --lr 1e-3 --head-channels 64 "
+            f"--seed {seed} --out {run_dir}"
+        )
+        runs.setdefault((mode, label), []).append(finetune.run(cfg))
     _say(f"({time.time() - t:.0f}s)")
 
     t = _stage(5, "summary")
@@ -208,27 +215,43 @@ def run(out: Path, quick: bool = False, figures_dir: Path | None = None) -> dict
     for line in compare_profiles(doc):
         _say(line)
     names = {"ft": "LL-FPN fine-tuning", "lp": "linear probe (frozen backbone)"}
-    for (mode, label), metrics in results.items():
+    results = {}
+    for (mode, label), metrics in runs.items():
+        mious = [m["miou"] for m in metrics]
+        results[(mode, label)] = {"miou": float(np.mean(mious)), "miou_per_seed": mious}
         _say(
-            f"mIoU, {names[mode]}, {label} backbone, {ft_iters} iterations: {metrics['miou']:.4f} "
-            f"(pixel accuracy {metrics['pixel_acc']:.4f})"
+            f"mIoU, {names[mode]}, {label} backbone, {ft_iters} iterations: mean {np.mean(mious):.4f} "
+            f"over seeds {list(seeds)} ({' '.join(f'{v:.4f}' for v in mious)})"
         )
     for mode in ("ft", "lp"):
-        gain = results[(mode, "distilled")]["miou"] - results[(mode, "random init")]["miou"]
-        verdict = (
-            "distillation helped"
-            if gain > 0.01
-            else ("no clear gain" if gain > -0.01 else "distillation hurt")
-        )
-        _say(f"{names[mode]}: distilled minus random init {gain:+.4f} mIoU ({verdict} at this tiny scale)")
+        gains = np.subtract(runs_miou(runs, mode, "distilled"), runs_miou(runs, mode, "random init"))
+        _say(f"{names[mode]}: distilled minus random init {gains.mean():+.4f} mIoU, {paired_verdict(gains)}")
     _say(f"report: {out / 'analysis' / 'report.html'}")
     _say(f"selection: {sel_path}")
     _say(f"demo finished in {time.time() - t_start:.0f}s")
     return {
         "selection": doc,
         "finetune": {f"{m} {label}": r for (m, label), r in results.items()},
+        "seeds": list(seeds),
         "seconds": time.time() - t_start,
     }
+
+
+def runs_miou(runs: dict, mode: str, label: str) -> list[float]:
+    return [m["miou"] for m in runs[(mode, label)]]
+
+
+def paired_verdict(gains: np.ndarray, margin: float = 0.01) -> str:
+    """What per-seed differences (distilled minus random init) support, said plainly: a difference
+    counts when every seed agrees on its sign and the mean clears ``margin``."""
+    per_seed = " ".join(f"{g:+.4f}" for g in gains)
+    if len(gains) > 1:
+        per_seed = f"per seed {per_seed}"
+    if gains.mean() > margin and (gains > 0).all():
+        return f"distillation helped at this tiny scale ({per_seed})"
+    if gains.mean() < -margin and (gains < 0).all():
+        return f"distillation hurt at this tiny scale ({per_seed})"
+    return f"no clear difference at this tiny scale ({per_seed})"
 
 
 def main(argv: list[str] | None = None) -> int:
