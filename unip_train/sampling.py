@@ -15,10 +15,15 @@ import numpy as np
 import torch
 
 
-def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
-    """A generator that depends on (seed, epoch, index) only."""
-    state = np.random.SeedSequence([seed, epoch, index]).generate_state(2, dtype=np.uint32)
+def keyed_generator(*keys: int) -> torch.Generator:
+    """A torch generator whose stream depends on ``keys`` only (mixed by numpy's SeedSequence)."""
+    state = np.random.SeedSequence(list(keys)).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The generator one sample's augmentation draws from in one epoch."""
+    return keyed_generator(seed, epoch, index)
 
 
 class EpochSampler(torch.utils.data.Sampler[int]):
@@ -38,9 +43,7 @@ class EpochSampler(torch.utils.data.Sampler[int]):
         self.epoch, self.start = epoch, start
 
     def indices(self) -> list[int]:
-        state = np.random.SeedSequence([self.seed, self.epoch]).generate_state(2, dtype=np.uint32)
-        g = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-        perm = torch.randperm(self.n, generator=g).tolist()
+        perm = torch.randperm(self.n, generator=keyed_generator(self.seed, self.epoch)).tolist()
         total = self.per_rank * self.world_size
         perm = (perm * -(-total // self.n))[:total]
         return perm[self.rank :: self.world_size]
