@@ -1,11 +1,11 @@
 """One NMI-HAD training step: what ``unip-pretrain`` runs vs the straightforward way.
 
-Both variants go through the product's own loop, :func:`unip_train.engine_pretrain.train_one_epoch`
+Both variants go through the product's own loop, :func:`unip_train.pretrain.engine.train_one_epoch`
 (forward, KL loss, backward, gradient norm, AdamW step), on the same weights, images, loss and
 optimizer settings; only the two modules handed to it differ:
 
-- ``ours``:  :class:`unip_train.distill.Teacher` (blocks after the distilled layer dropped, never
-             run) and :class:`unip_train.distill.Student` (timm's fused attention up to the last
+- ``ours``:  :class:`unip_train.pretrain.nmi_had.Teacher` (blocks after the distilled layer dropped, never
+             run) and :class:`unip_train.pretrain.nmi_had.Student` (timm's fused attention up to the last
              block, then that block's q·k logits only), exactly as ``unip-pretrain`` builds them;
 - ``naive``: the whole teacher (all its blocks) and the whole student, every block computing
              explicit attention (``softmax(q k^T * scale) @ v``) and keeping its pre-softmax logits,
@@ -104,8 +104,8 @@ def build_pair(student_arch: str, teacher_arch: str, layer: int, img: int, devic
     import torch
 
     from unip_analysis.checkpoints import LoadedBackbone, build_vit
-    from unip_train.distill import Student, Teacher, build_student
     from unip_train.optim import adamw, param_groups
+    from unip_train.pretrain.nmi_had import Student, Teacher, build_student
 
     pair, losses = {}, {}
     for variant in ("ours", "naive"):
@@ -138,7 +138,7 @@ def eval_loss(student, teacher, img: int, device) -> float:
     compute the same thing."""
     import torch
 
-    from unip_train.distill import kl_loss
+    from unip_train.pretrain.nmi_had import kl_loss
 
     torch.manual_seed(3)
     images = torch.randn(2, 3, img, img, device=device)
@@ -155,8 +155,8 @@ def measure(
     """Seconds per training step of each variant, interleaved, warm-up steps dropped."""
     import torch
 
-    from unip_train.distill import kl_loss, lr_from_blr
-    from unip_train.engine_pretrain import LoopConfig, train_one_epoch
+    from unip_train.pretrain.engine import LoopConfig, train_one_epoch
+    from unip_train.pretrain.nmi_had import kl_loss, lr_from_blr
 
     torch.manual_seed(2)
     images = torch.randn(batch, 3, img, img)

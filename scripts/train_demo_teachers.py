@@ -30,8 +30,8 @@ from safetensors.torch import save_file
 from unip_analysis.checkpoints import build_vit
 from unip_analysis.images import NORMALIZATIONS
 from unip_train import synthetic
-from unip_train.distill import mae_init
 from unip_train.optim import cosine_lr, param_groups, set_lr
+from unip_train.pretrain.nmi_had import mae_init
 
 DEMO_ARCH = "vit_tiny_patch16_224(depth=6,embed_dim=96,num_heads=3,patch_size=8)"
 IMG = 64

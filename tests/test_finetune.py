@@ -16,11 +16,11 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from unip_analysis.checkpoints import build_vit, load_backbone
-from unip_train.finetune import FinetuneConfig, build_backbone, build_optimizer, main, run
-from unip_train.ll_fpn import Segmentor
+from unip_train.finetune.cli import FinetuneConfig, build_backbone, build_optimizer, main, run
+from unip_train.finetune.datasets import IGNORE_INDEX, SegDataset
+from unip_train.finetune.evaluation import slide_logits, summarize, upsampled_logits
+from unip_train.finetune.ll_fpn import Segmentor
 from unip_train.optim import set_lr
-from unip_train.seg_data import IGNORE_INDEX, SegDataset
-from unip_train.seg_eval import slide_logits, summarize, upsampled_logits
 from unip_train.synthetic import generate
 
 TINY = "vit_tiny_patch16_224(depth=4,embed_dim=64,num_heads=2,patch_size=8)"
@@ -185,7 +185,7 @@ def test_sigkill_mid_epoch_then_resume_equals_the_uninterrupted_run(
     """8 train images, batch 4: 2 iterations per data epoch. Checkpoint every 3 iterations; the killed
     run dies right after iteration 5, so the resumed run restarts mid-epoch from iteration 3 and
     redoes 4 and 5. It uses loader workers, the uninterrupted run none: crops must not depend on it."""
-    from unip_train.finetune import KILL_ENV
+    from unip_train.finetune.cli import KILL_ENV
 
     arch, path = tiny_timm_checkpoint
     kw = dict(iters=8, ckpt_every=3, log_every=1, head_channels=8)

@@ -25,9 +25,12 @@ from unip_analysis import images as imgs
 from unip_analysis.checkpoints import build_vit, load_backbone
 from unip_analysis.files import sha256_file
 from unip_analysis.patterns import default_thresholds
-from unip_train import data_pretrain, distill, pretrain, sampling
-from unip_train.distill import sincos_pos_embed_2d
-from unip_train.pretrain import LAST
+from unip_train import sampling
+from unip_train.pretrain import cli as pretrain
+from unip_train.pretrain import data as data_pretrain
+from unip_train.pretrain import nmi_had as distill
+from unip_train.pretrain.cli import LAST
+from unip_train.pretrain.nmi_had import sincos_pos_embed_2d
 
 # Two blocks keep every run short; patch 8 at 64 px gives an 8x8 token grid, enough for locality.
 ARCH = "vit_tiny_patch16_224(depth=2,embed_dim=64,num_heads=2,patch_size=8)"

@@ -15,8 +15,8 @@ from test_pretrain import ARCH, IMG, LAST, base_args, local_teacher, read_log, s
 
 from unip_analysis import selection
 from unip_analysis.checkpoints import load_backbone
-from unip_train import pretrain
-from unip_train.distill import weights_digest
+from unip_train.pretrain import cli as pretrain
+from unip_train.pretrain.nmi_had import weights_digest
 
 pytestmark = pytest.mark.slow
 

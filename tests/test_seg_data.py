@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from unip_train.seg_data import (
+from unip_train.finetune.datasets import (
     IGNORE_INDEX,
     LAYOUTS,
     DatasetError,
@@ -19,7 +19,7 @@ from unip_train.seg_data import (
     TrainAugment,
     dataset_classes,
 )
-from unip_train.seg_eval import confusion_matrix, summarize
+from unip_train.finetune.evaluation import confusion_matrix, summarize
 from unip_train.synthetic import CLASSES, LAYOUT_CLASS_MAP, generate, make_scene
 
 SIZE = (40, 48)

@@ -35,7 +35,7 @@ from unip_analysis import selection
 from unip_analysis.checkpoints import safetensors_metadata
 
 from . import finetune, pretrain, synthetic
-from .distill import build_student, save_student
+from .pretrain.nmi_had import build_student, save_student
 
 ASSETS = Path(__file__).parent / "assets"
 TEACHERS = ("mim", "sup")

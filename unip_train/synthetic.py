@@ -15,7 +15,7 @@ small model can learn it in a few hundred iterations on CPU:
 Scenes get slight blur and sensor noise. Label maps carry a thin 255 (ignore) band on the border
 of some objects, as hand-labelled infrared sets do.
 
-:func:`generate` writes the dataset in one of the layouts of :mod:`unip_train.seg_data`
+:func:`generate` writes the dataset in one of the layouts of :mod:`unip_train.finetune.datasets`
 (SODA, MFNet, SCUT-Seg, folder), mapping these classes into the layout's class list
 (:data:`LAYOUT_CLASS_MAP`); :func:`generate_unlabelled` writes a plain image folder.
 
@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from .seg_data import IGNORE_INDEX, LAYOUTS
+from .finetune.datasets import IGNORE_INDEX, LAYOUTS
 
 CLASSES: list[str] = ["background", "person", "car", "pole", "bicycle", "building"]
 

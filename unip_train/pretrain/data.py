@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from unip_analysis.errors import ImageError
 from unip_analysis.images import find_images, normalize, read_image
 
-from .sampling import sample_generator
+from ..sampling import sample_generator
 
 # ITU-R BT.601 luma, as PIL's "L" conversion.
 LUMA = (0.299, 0.587, 0.114)

@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .seg_data import IGNORE_INDEX
+from .datasets import IGNORE_INDEX
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -55,7 +55,7 @@ def slide_logits(fn: LogitsFn, img: torch.Tensor, num_classes: int, window: int,
 
 
 def upsampled_logits(model: torch.nn.Module) -> LogitsFn:
-    """Logits of a :class:`~unip_train.ll_fpn.Segmentor` resized (bilinear) to its input size."""
+    """Logits of a :class:`~unip_train.finetune.ll_fpn.Segmentor` resized (bilinear) to its input size."""
 
     def fn(x: torch.Tensor) -> torch.Tensor:
         logits, _ = model(x)

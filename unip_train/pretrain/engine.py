@@ -17,8 +17,8 @@ from tqdm.auto import tqdm
 
 from unip_analysis.errors import UnipError
 
-from .distributed import all_reduce_mean
-from .optim import cosine_lr, set_lr
+from ..distributed import all_reduce_mean
+from ..optim import cosine_lr, set_lr
 
 
 class NonFiniteLoss(UnipError):

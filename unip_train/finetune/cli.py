@@ -34,13 +34,13 @@ from unip_analysis.checkpoints import FAMILIES, build_vit, load_backbone, parse_
 from unip_analysis.errors import SpecError, UnipError
 from unip_analysis.files import atomic_write_text
 
-from . import distributed as du
-from .checkpointing import check_same_settings, load_checkpoint, restore_rng_state, save_checkpoint
+from .. import distributed as du
+from ..checkpointing import check_same_settings, load_checkpoint, restore_rng_state, save_checkpoint
+from ..optim import adamw, layer_decay_scale, param_groups, poly_lr, set_lr
+from ..sampling import EpochSampler
+from .datasets import EVAL_SPLIT, IGNORE_INDEX, EvalResize, SegDataset, TrainAugment, get_layout
+from .evaluation import evaluate, summarize
 from .ll_fpn import NECKS, Segmentor
-from .optim import adamw, layer_decay_scale, param_groups, poly_lr, set_lr
-from .sampling import EpochSampler
-from .seg_data import EVAL_SPLIT, IGNORE_INDEX, EvalResize, SegDataset, TrainAugment, get_layout
-from .seg_eval import evaluate, summarize
 
 PROG = "unip-finetune"
 MODEL_FORMAT = "unip-finetune/1"
@@ -588,6 +588,3 @@ def main(argv: list[str] | None = None) -> int:
         )
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

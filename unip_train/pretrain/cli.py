@@ -1,7 +1,7 @@
 """``unip-pretrain``: NMI-HAD distillation of a teacher's selected layer into a small ViT (method.md s.2).
 
 Setup lives here (arguments, teacher, student, data, optimizer, resume, outputs); the loop is
-:func:`unip_train.engine_pretrain.train_one_epoch`. Run it as is, or under
+:func:`unip_train.pretrain.engine.train_one_epoch`. Run it as is, or under
 ``torchrun --nproc_per_node N -m unip_train.pretrain ...`` (or ``torchrun $(which unip-pretrain)``).
 """
 
@@ -24,9 +24,12 @@ from unip_analysis.checkpoints import heads_per_layer, load_backbone
 from unip_analysis.errors import CheckpointError, SpecError, UnipError
 from unip_analysis.files import atomic_write_text
 
-from . import checkpointing, distributed
-from .data_pretrain import InfMix, collate, collect_source
-from .distill import (
+from .. import checkpointing, distributed
+from ..optim import adamw, param_groups
+from ..sampling import EpochSampler
+from .data import InfMix, collate, collect_source
+from .engine import LoopConfig, NonFiniteLoss, train_one_epoch
+from .nmi_had import (
     LOSSES,
     Student,
     Teacher,
@@ -36,9 +39,6 @@ from .distill import (
     save_student,
     weights_digest,
 )
-from .engine_pretrain import LoopConfig, NonFiniteLoss, train_one_epoch
-from .optim import adamw, param_groups
-from .sampling import EpochSampler
 
 PROG = "unip-pretrain"
 LAST = "checkpoint-last.pt"
@@ -484,6 +484,3 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         distributed.cleanup()
 
-
-if __name__ == "__main__":
-    sys.exit(main())

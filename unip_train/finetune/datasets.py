@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from unip_analysis.errors import ImageError, UnipError
 from unip_analysis.images import IMAGE_SUFFIXES, NORMALIZATIONS, read_image
 
-from .sampling import sample_generator
+from ..sampling import sample_generator
 
 IGNORE_INDEX = 255
 
