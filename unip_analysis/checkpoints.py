@@ -161,10 +161,20 @@ def _family_timm(obj: Any, path: Path) -> StateDict:
     return _strip_prefixes(_tensors_only(_pick(obj, ("state_dict", "model"), path)))
 
 
+def _build_unip(arch: str, img_size: int | None, raw: Any, path: Path) -> VisionTransformer:
+    """A UNIP student keeps the distilled head count in its last block (safetensors metadata)."""
+    return build_vit(arch, img_size=img_size, heads_per_layer=student_heads(path))
+
+
 @dataclass(frozen=True)
 class Family:
+    """``extract(raw, path)``: the file's backbone weights with timm key names.
+    ``build(arch, img_size, raw, path)``: the model to load them into, where the family needs more
+    than :func:`build_vit` (head counts stored in the file, extra modules); ``None``: ``build_vit``."""
+
     extract: Callable[[Any, Path], StateDict]
     description: str
+    build: Callable[[str, int | None, Any, Path], VisionTransformer] | None = None
 
 
 FAMILIES: dict[str, Family] = {
@@ -175,7 +185,7 @@ FAMILIES: dict[str, Family] = {
     "deit": Family(_family_deit, 'DeiT .pth: ckpt["model"]; distilled variants keep dist_token'),
     "deit3": Family(_family_deit3, 'DeiT III .pth: ckpt["model"]; gamma_1/2 -> ls1/ls2'),
     "timm": Family(_family_timm, "timm .safetensors/.bin: the dict itself, timm key names"),
-    "unip": Family(_family_timm, "UNIP student .safetensors written by unip-pretrain"),
+    "unip": Family(_family_timm, "UNIP student .safetensors written by unip-pretrain", _build_unip),
 }
 
 
@@ -318,9 +328,9 @@ def load_backbone(
         raise SpecError(f"unknown checkpoint family {family!r}; known: {', '.join(FAMILIES)}")
     path = Path(path)
     raw = read_weights_file(path)
-    sd = FAMILIES[family].extract(raw, path)
-    heads = student_heads(path) if family == "unip" else None
-    model = build_vit(arch, img_size=img_size, heads_per_layer=heads)
+    fam = FAMILIES[family]
+    sd = fam.extract(raw, path)
+    model = fam.build(arch, img_size, raw, path) if fam.build else build_vit(arch, img_size=img_size)
     notes = adapt_state_dict(sd, model, path)
     load_strict(model, sd, path, arch)
     model.eval().requires_grad_(False).to(device)

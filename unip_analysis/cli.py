@@ -23,7 +23,7 @@ import torch
 
 from . import __version__, analyze, checkpoints, images, report
 from .checkpoints import CheckpointSpec, LoadedBackbone
-from .errors import SpecError, UnipError
+from .errors import SpecError, UnipError, error_line
 from .patterns import Thresholds, default_thresholds
 
 PROG = "unip-analyze"
@@ -362,18 +362,6 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
     for kind, path in written.items():
         _say(f"  {kind:<{width}}  {path}")
     return written
-
-
-def error_line(err: BaseException) -> str:
-    """The error as one line. DataLoader workers re-raise with the worker's traceback in the
-    message; keep only its last line, the original message."""
-    msg = str(err)
-    if "Original Traceback" in msg:
-        last = [line for line in msg.splitlines() if line.strip()][-1].strip()
-        msg = re.sub(r"^[\w.]+: ", "", last, count=1)
-    if isinstance(err, OSError) and err.filename and err.strerror:
-        msg = f"{err.filename}: {err.strerror}"
-    return " ".join(msg.split()) or type(err).__name__
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,4 +1,6 @@
-"""Errors a user can act on. CLIs print ``str(err)`` as one line and exit non-zero."""
+"""Errors a user can act on. CLIs print :func:`error_line` of the error and exit non-zero."""
+
+import re
 
 
 class UnipError(Exception):
@@ -19,3 +21,15 @@ class SelectionError(UnipError):
 
 class SpecError(UnipError):
     """A command-line specification (checkpoint spec, manifest, normalization) is malformed."""
+
+
+def error_line(err: BaseException) -> str:
+    """The error as one line. DataLoader workers re-raise with the worker's traceback in the
+    message; keep only its last line, the original message."""
+    msg = str(err)
+    if "Original Traceback" in msg:
+        last = [line for line in msg.splitlines() if line.strip()][-1].strip()
+        msg = re.sub(r"^[\w.]+: ", "", last, count=1)
+    if isinstance(err, OSError) and err.filename and err.strerror:
+        msg = f"{err.filename}: {err.strerror}"
+    return " ".join(msg.split()) or type(err).__name__

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from unip_analysis.checkpoints import FAMILIES, build_vit, load_backbone, parse_spec, set_attention_heads
-from unip_analysis.errors import SpecError, UnipError
+from unip_analysis.errors import SpecError, UnipError, error_line
 from unip_analysis.files import atomic_write_text
 
 from .. import distributed as du
@@ -556,16 +556,6 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
     )  # fmt: skip
 
 
-def _one_line(err: BaseException) -> str:
-    """DataLoader workers re-raise with the worker traceback in the message: keep the original line."""
-    text = str(err).strip()
-    if "Original Traceback" in text:
-        last = text.splitlines()[-1]
-        name = type(err).__name__
-        return last.split(f"{name}: ", 1)[-1]
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -580,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
     except UnipError as e:
         if args.debug:
             raise
-        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        print(f"{PROG}: error: {error_line(e)}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
         print(

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from unip_analysis import images as imgs
 from unip_analysis import selection
 from unip_analysis.checkpoints import heads_per_layer, load_backbone
-from unip_analysis.errors import CheckpointError, SpecError, UnipError
+from unip_analysis.errors import CheckpointError, SpecError, UnipError, error_line
 from unip_analysis.files import atomic_write_text
 
 from .. import checkpointing, distributed
@@ -474,12 +474,12 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLoss as e:
         if args.debug:
             traceback.print_exc()
-        print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
+        print(f"{PROG}: error: {error_line(e)}", file=sys.stderr, flush=True)
         return 1
     except UnipError as e:
         if args.debug:
             traceback.print_exc()
-        print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
+        print(f"{PROG}: error: {error_line(e)}", file=sys.stderr, flush=True)
         return 2
     finally:
         distributed.cleanup()

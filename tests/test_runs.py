@@ -1,0 +1,121 @@
+"""Run-folder conventions shared by the trainers: --config files, config.json, log.jsonl + TensorBoard,
+the default worker count, one-line errors from loader workers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from unip_analysis.errors import ImageError, SpecError, error_line
+from unip_train import runs
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="t")
+    p.add_argument("--config")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--infrared", type=Path, action="append", default=[])
+    p.add_argument("--amp", choices=("bf16", "none"), default="none")
+    return p
+
+
+@pytest.mark.parametrize("suffix", [".json", ".toml"])
+def test_config_file_sets_defaults_and_flags_override_it(tmp_path, suffix):
+    cfg = tmp_path / f"c{suffix}"
+    if suffix == ".json":
+        cfg.write_text(json.dumps({"batch-size": 32, "lr": 0.5, "out": "r", "infrared": ["a", "b"]}))
+    else:
+        cfg.write_text('batch_size = 32\nlr = 0.5\nout = "r"\ninfrared = ["a", "b"]\n')
+    args = runs.parse_with_config(parser(), ["--config", str(cfg)])
+    assert (args.batch_size, args.lr, args.out, args.infrared) == (32, 0.5, Path("r"), [Path("a"), Path("b")])
+    args = runs.parse_with_config(parser(), ["--config", str(cfg), "--batch-size", "4", "--out", "x"])
+    assert (args.batch_size, args.out, args.lr) == (4, Path("x"), 0.5)
+
+
+def test_config_file_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("batch_size = \n")
+    with pytest.raises(SpecError, match="bad.toml: cannot parse"):
+        runs.parse_with_config(parser(), ["--config", str(bad)])
+    unknown = tmp_path / "u.json"
+    unknown.write_text(json.dumps({"out": "r", "batchsize": 3}))
+    with pytest.raises(SpecError, match=r"u.json: unknown option\(s\) batchsize"):
+        runs.parse_with_config(parser(), ["--config", str(unknown)])
+    with pytest.raises(SpecError, match="not found"):
+        runs.parse_with_config(parser(), ["--config", str(tmp_path / "none.json")])
+    wrong = tmp_path / "w.json"
+    wrong.write_text(json.dumps({"out": "r", "batch_size": "many"}))
+    with pytest.raises(SpecError, match="batch_size = 'many'"):
+        runs.parse_with_config(parser(), ["--config", str(wrong)])
+    # a run's own config.json repeats the run: recorded derived values can be skipped
+    derived = tmp_path / "config.json"
+    derived.write_text(json.dumps({"out": "r", "world_size": 2}))
+    assert runs.parse_with_config(parser(), ["--config", str(derived)], ignore=["world_size"]).out == Path(
+        "r"
+    )
+
+
+def test_write_config_is_plain_json(tmp_path):
+    runs.write_config(tmp_path, {"out": tmp_path, "betas": (0.9, 0.95), "x": float("nan")})
+    data = json.loads((tmp_path / "config.json").read_text())
+    assert data == {"out": str(tmp_path), "betas": [0.9, 0.95], "x": None}
+
+
+def test_scalar_log_truncates_on_resume_and_writes_tensorboard(tmp_path):
+    log = runs.ScalarLog(tmp_path)
+    for s in range(1, 6):
+        log.write({"step": s, "loss": 1.0 / s, "note": "x"})
+    log.write({"event": "eval", "miou": 0.5})  # records without a step are kept, not plotted
+    log.close()
+    resumed = runs.ScalarLog(tmp_path, resume_step=3)
+    resumed.write({"step": 4, "loss": 9.0})
+    resumed.close()
+    lines = [json.loads(ln) for ln in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r.get("step") for r in lines] == [1, 2, 3, None, 4]
+    assert lines[-1]["loss"] == 9.0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    events = {e.step: e.value for e in acc.Scalars("train/loss")}
+    assert events == {
+        1: 1.0,
+        2: 0.5,
+        3: pytest.approx(1 / 3),
+        4: 9.0,
+    }  # step 4 and 5 of the killed run purged
+    fresh = runs.ScalarLog(tmp_path)  # not resuming: a new log
+    fresh.close()
+    assert not (tmp_path / "log.jsonl").exists()
+
+
+def test_default_num_workers_fits_the_machine(monkeypatch):
+    monkeypatch.setattr(runs, "available_cores", lambda: 2)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert runs.default_num_workers() == 2
+    monkeypatch.setattr(runs, "available_cores", lambda: 64)
+    assert runs.default_num_workers() == runs.MAX_DEFAULT_WORKERS
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    assert runs.default_num_workers() == 4
+
+
+class _Unreadable(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i):
+        raise ImageError(f"/data/x{i}.png: cannot decode image; remove or replace the file")
+
+
+def test_error_line_reduces_a_worker_traceback_to_the_original_message():
+    loader = torch.utils.data.DataLoader(_Unreadable(), batch_size=1, num_workers=1)
+    with pytest.raises(ImageError) as info:
+        next(iter(loader))
+    assert "Original Traceback" in str(info.value)
+    assert error_line(info.value) == "/data/x0.png: cannot decode image; remove or replace the file"

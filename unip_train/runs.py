@@ -1,0 +1,214 @@
+"""What every training run folder holds besides weights, and the command-line conventions both
+trainers share.
+
+- ``--config FILE`` (JSON or TOML) sets option defaults; flags on the command line override it
+  (:func:`parse_with_config`).
+- ``config.json``: the resolved configuration, written before the first step (:func:`write_config`).
+- ``log.jsonl``: one JSON object per line; TensorBoard scalars beside it in ``RUN/tensorboard``
+  when the optional ``tensorboard`` package is installed (:class:`ScalarLog`).
+- Loader workers default to the cores this process may use (:func:`default_num_workers`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from unip_analysis.errors import SpecError
+from unip_analysis.files import atomic_write_text
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+CONFIG_NAME = "config.json"
+LOG_NAME = "log.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+MAX_DEFAULT_WORKERS = 8
+
+
+# --- --config FILE ----------------------------------------------------------------------------
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A flat mapping of option names to values from a ``.json`` or ``.toml`` file.
+
+    Keys are long option names with ``-`` or ``_`` (``batch_size`` or ``batch-size``). A
+    ``config.json`` written by a run is accepted as is, so a run can be repeated from its folder.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: --config file not found; pass a .json or .toml file of option defaults")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            raise SpecError(f"{path}: --config must end in .json or .toml")
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
+        raise SpecError(f"{path}: cannot parse --config file ({e}); fix its syntax") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: --config must hold one table/object of option = value pairs")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def parse_with_config(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None = None,
+    ignore: Sequence[str] = (),
+) -> argparse.Namespace:
+    """``parser.parse_args(argv)`` where ``--config FILE`` (which ``parser`` must define) supplies
+    the defaults. Keys the parser does not know are refused with the file named; keys in ``ignore``
+    (derived values a ``config.json`` records, such as ``world_size``) are skipped."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if not known.config:
+        return parser.parse_args(argv)
+    values = read_config_file(known.config)
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    unknown = sorted(k for k in values if k not in actions and k not in ignore)
+    if unknown:
+        raise SpecError(
+            f"{known.config}: unknown option(s) {', '.join(unknown)}; keys are this command's long "
+            "option names (see --help)"
+        )
+    defaults = {}
+    for key, value in values.items():
+        if key not in actions:
+            continue
+        action = actions[key]
+        defaults[key] = _convert(action, value, known.config)
+        action.required = False  # given by the file; the command line may still override it
+    parser.set_defaults(**defaults)
+    return parser.parse_args(argv)
+
+
+def _convert(action: argparse.Action, value: Any, path: str) -> Any:
+    """A file value as argparse would have produced it from the command line."""
+    if value is None or action.type is None:
+        return value
+    try:
+        if isinstance(value, list):
+            return [action.type(v if isinstance(v, str) else str(v)) for v in value]
+        return action.type(value if isinstance(value, str) else str(value))
+    except (argparse.ArgumentTypeError, TypeError, ValueError) as e:
+        raise SpecError(f"{path}: option {action.dest} = {value!r}: {e}") from None
+
+
+def plain(value: Any) -> Any:
+    """JSON-ready copy: paths as strings, tuples as lists, non-finite floats as None."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_config(run_dir: str | Path, config: dict[str, Any]) -> Path:
+    """``RUN/config.json``: the resolved configuration (atomic write)."""
+    return atomic_write_text(Path(run_dir) / CONFIG_NAME, json.dumps(plain(config), indent=2) + "\n")
+
+
+# --- log.jsonl + TensorBoard --------------------------------------------------------------------
+
+
+class ScalarLog:
+    """Appends records to ``RUN/log.jsonl``; numeric fields also go to TensorBoard (``RUN/tensorboard``)
+    when ``tensorboard`` is installed. Only the process with ``enabled=True`` (rank 0) writes.
+
+    ``resume_step``: records past it (written by a run that was killed) are dropped from the log,
+    and TensorBoard events from that step on are purged, so a resumed run's curves do not double.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        enabled: bool = True,
+        step_key: str = "step",
+        resume_step: int | None = None,
+        tensorboard: bool = True,
+    ):
+        self.path = Path(run_dir) / LOG_NAME
+        self.enabled, self.step_key = enabled, step_key
+        self.writer = None
+        if not enabled:
+            return
+        if resume_step is None:
+            self.path.unlink(missing_ok=True)
+        else:
+            self._truncate(resume_step)
+        if tensorboard:
+            self.writer = _tensorboard_writer(Path(run_dir) / TENSORBOARD_DIR, resume_step)
+
+    def _truncate(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            value = json.loads(line).get(self.step_key)
+            if value is None or value <= step:
+                kept.append(line)
+        atomic_write_text(self.path, "".join(ln + "\n" for ln in kept))
+
+    def write(self, record: dict[str, Any], prefix: str = "train") -> None:
+        """One line of ``log.jsonl``; each finite number except the step also as ``prefix/name``."""
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(plain(record)) + "\n")
+        step = record.get(self.step_key)
+        if self.writer is not None and step is not None:
+            for key, value in record.items():
+                if key != self.step_key and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    if math.isfinite(value):
+                        self.writer.add_scalar(f"{prefix}/{key}", value, int(step))
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def _tensorboard_writer(folder: Path, purge_step: int | None):
+    """A SummaryWriter, or None when the ``tensorboard`` package is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # torch raises ImportError when tensorboard is missing
+        return None
+    return SummaryWriter(log_dir=str(folder), purge_step=None if purge_step is None else purge_step + 1)
+
+
+# --- data-loader workers ---------------------------------------------------------------------------
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        return os.cpu_count() or 1
+
+
+def default_num_workers(cap: int = MAX_DEFAULT_WORKERS) -> int:
+    """Loader workers per training process: the cores available divided among the processes that
+    torchrun starts on this machine (``LOCAL_WORLD_SIZE``), at most ``cap``."""
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(cap, available_cores() // local))
