@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from unip_analysis import selection
 from unip_analysis.checkpoints import build_vit, load_backbone
+from unip_analysis.errors import UnipError
 from unip_train.compare import (
     PlanError,
     build_outputs,
@@ -547,3 +548,24 @@ def test_time_left_comes_from_finished_cells():
     # mean 10 s; 4 queued + one running for 4 s (6 s left), 2 at a time: (40 + 6) / 2
     assert estimate_remaining([8.0, 12.0], 4, [4.0], 2) == pytest.approx(23.0)
     assert estimate_remaining([10.0], 0, [30.0], 2) == pytest.approx(0.0)
+
+
+def test_slurm_options_reach_the_sbatch_script(tmp_path: Path, monkeypatch):
+    """No cluster here: a stand-in ``srun`` on PATH lets submitit build its SLURM executor, whose
+    sbatch script must carry the command's options."""
+    pytest.importorskip("submitit")
+    from unip_train.compare.cli import build_parser, make_executor
+
+    args = ["--plan", "p.toml", "--out", str(tmp_path), "--executor", "slurm", "--slurm-partition", "gpu"]
+    args += ["--gpus-per-job", "1", "--cpus-per-job", "8", "--timeout-min", "600"]
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(UnipError, match='--executor slurm: Could not detect "srun"'):
+        make_executor(build_parser().parse_args(args))
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (tmp_path / "bin" / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    executor = make_executor(build_parser().parse_args(args))
+    script = executor._executor._make_submission_file_text("python -m x", "uid")
+    for line in ("--partition=gpu", "--gpus-per-node=1", "--cpus-per-task=8", "--time=600"):
+        assert f"#SBATCH {line}" in script, script

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; run the same command again to continue", file=sys.stderr)
         return 130
-    except (UnipError, ImportError) as e:
+    except UnipError as e:
         if args.debug:
             raise
         print(f"{PROG}: error: {error_line(e)}", file=sys.stderr)
@@ -114,9 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     for line in _verdicts(outputs.summary):
         _say(line)
     if done < len(outputs.runs):
+        how = (
+            "run without --report-only to run them"
+            if args.report_only
+            else "run the same command again to retry / resume them"
+        )
         print(
-            f"{PROG}: {len(outputs.runs) - done} cell(s) have no results (see {written['report']}); "
-            "run the same command again to retry / resume them",
+            f"{PROG}: {len(outputs.runs) - done} cell(s) have no results (see {written['report']}); {how}",
             file=sys.stderr,
         )
         return 1

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from unip_analysis.errors import UnipError
+
 from ..runs import available_cores
 from .cells import FINISHED, CellRun, read_metrics, record_attempt_end, record_attempt_start
 from .processes import PROCESS_LOG, last_line, run_finetune, start_finetune
@@ -147,21 +149,24 @@ class SubmititBackend:
 def submitit_executor(kind: str, folder: Path, **params: Any):
     """A submitit executor: ``slurm`` (``AutoExecutor(cluster="slurm")``) or ``local``
     (submitit's LocalExecutor); ``params`` go to ``update_parameters`` (``timeout_min``,
-    ``slurm_partition``, ``gpus_per_node``, ...)."""
+    ``slurm_partition``, ``gpus_per_node``, ...; None values are left out)."""
     try:
         import submitit
     except ImportError:
-        raise ImportError(
-            "the slurm / submitit-local executors need submitit: pip install 'unip-toolkit[compare]'"
+        raise UnipError(
+            f"--executor {kind} needs submitit: pip install 'unip-toolkit[compare]' (or pip install submitit)"
         ) from None
-    if kind == "local":
-        executor = submitit.LocalExecutor(folder=str(folder))
-        params.setdefault("timeout_min", SUBMITIT_TIMEOUT_MIN)
-    else:
-        executor = submitit.AutoExecutor(folder=str(folder), cluster=kind)
     params = {k: v for k, v in params.items() if v is not None}
-    if params:
-        executor.update_parameters(**params)
+    try:
+        if kind == "local":
+            executor = submitit.LocalExecutor(folder=str(folder))
+            params.setdefault("timeout_min", SUBMITIT_TIMEOUT_MIN)
+        else:
+            executor = submitit.AutoExecutor(folder=str(folder), cluster=kind)
+        if params:
+            executor.update_parameters(**params)
+    except (RuntimeError, ValueError) as e:  # no srun on this machine, a parameter submitit refuses
+        raise UnipError(f"--executor {kind}: {' '.join(str(e).split())}") from None
     return executor
 
 

@@ -25,6 +25,11 @@ from .cells import CellRun, read_metrics
 KEYS = ["backbone", "dataset", "mode", "layer"]
 CONFIDENCE = 0.95
 CLASS_PREFIX = "iou_"
+SUMMARY_COLUMNS = [
+    *KEYS, "n_seeds", "seeds", "miou_mean", "miou_sd", "miou_ci95_lo", "miou_ci95_hi",
+    "baseline", "n_paired", "diff_mean", "diff_ci95_lo", "diff_ci95_hi", "diff_per_seed", "signs",
+    "every_seed_agrees", "verdict",
+]  # fmt: skip
 
 
 def results_table(runs: Iterable[CellRun], out_prefix: str | None = None) -> pd.DataFrame:
@@ -109,9 +114,8 @@ def summarize(results: pd.DataFrame, baseline: str | None = None) -> pd.DataFram
         }  # fmt: skip
         row.update(_paired(values, per_seed.get((baseline, dataset, mode, layer)), backbone, baseline))
         rows.append(row)
-    out = pd.DataFrame(rows)
-    if len(out):
-        out["layer"] = pd.array(out["layer"], dtype="Int64")
+    out = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+    out["layer"] = pd.array(out["layer"], dtype="Int64")
     return out
 
 
