@@ -424,10 +424,14 @@ def test_two_jobs_run_side_by_side_and_write_every_output(two_jobs):
     plan, out, code, log = two_jobs
     assert code == 0, log
     lines = log.splitlines()
-    starts = [i for i, ln in enumerate(lines) if " start soda/" in ln]
-    dones = [i for i, ln in enumerate(lines) if " done soda/" in ln]
+    starts = [i for i, ln in enumerate(lines) if ln.startswith("start soda/")]
+    dones = [i for i, ln in enumerate(lines) if ln.startswith("done soda/")]
     assert len(starts) == 2 and len(dones) == 2 and max(starts) < min(dones), log  # both ran at once
-    assert "2 at a time on this machine (CPU, 1 threads)" in log and "1 left, about" in log and "to go" in log
+    assert (
+        "2 at a time on this machine (CPU, 1 thread)" in log
+        and "1 of 2 done, 1 left, about" in log
+        and "to go" in log
+    )
     for name in ("random", "tiny"):
         cell = out / "cells" / "soda" / name / "ft" / "seed0"
         assert {"metrics.json", "model.pt", "checkpoint.pt", "log.jsonl", RECORD} <= {

@@ -22,7 +22,7 @@ from typing import Any
 from unip_analysis.errors import UnipError
 
 from ..runs import available_cores
-from .cells import FINISHED, CellRun, read_metrics, record_attempt_end, record_attempt_start
+from .cells import FINISHED, RESUME, CellRun, read_metrics, record_attempt_end, record_attempt_start
 from .processes import PROCESS_LOG, last_line, run_finetune, start_finetune
 
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -209,7 +209,7 @@ def run_cells(
         raise ValueError(f"jobs must be at least 1, got {jobs}")
     todo = deque(r for r in runs if r.status != FINISHED)
     total, done_before = len(runs), len(runs) - len(todo)
-    resuming = sum(r.status == "resume" for r in todo)
+    resuming = sum(r.status == RESUME for r in todo)
     if not todo:
         say(f"all {total} cells finished earlier; nothing to run")
         return []
@@ -231,8 +231,8 @@ def run_cells(
                 handle, where = backend.start(run, slot)
                 running[slot] = (run, handle, time.time())
                 started += 1
-                how = "resume from checkpoint" if run.status == "resume" else "start"
-                say(f"[{started}/{total}] {how} {run.label} ({where})")
+                how = "resume from checkpoint" if run.status == RESUME else "start"
+                say(f"{how} {run.label} ({where}); cell {started} of {total}")
             time.sleep(backend.poll_seconds)
             for slot in [s for s, (_, h, _) in running.items() if h.done()]:
                 run, handle, t0 = running.pop(slot)
@@ -253,8 +253,8 @@ def run_cells(
                     )
                     miou = read_metrics(run.run_dir).get("miou")
                     say(
-                        f"[{finished}/{total}] done {run.label} in {format_seconds(seconds)}, mIoU {_num(miou)}; "
-                        f"{left} left, about {format_seconds(eta) if left else '0s'} to go"
+                        f"done {run.label} in {format_seconds(seconds)}, mIoU {_num(miou)}; {finished} of {total} "
+                        f"done, {left} left, about {format_seconds(eta) if left else '0s'} to go"
                     )
                 else:
                     outcome.message = outcome.message or _failure(run, exit_status)
@@ -262,6 +262,8 @@ def run_cells(
     except KeyboardInterrupt:
         say(f"interrupted: stopping {len(running)} running cell(s); run the same command again to resume")
         backend.stop()
+        for run, _, t0 in running.values():
+            record_attempt_end(run, time.time() - t0, None)
         raise
     return outcomes
 
