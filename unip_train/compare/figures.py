@@ -108,7 +108,7 @@ def plot_layerwise(
         raise ValueError(f"no layer-wise cells for {dataset} / {mode}")
     table = layer_frame(selection_doc) if selection_doc is not None else None
     fig, axes = plt.subplots(
-        len(backbones), 1, figsize=(8.2, 3.9 * len(backbones)), squeeze=False, layout="constrained"
+        len(backbones), 1, figsize=(8.2, 4.4 * len(backbones)), squeeze=False, layout="constrained"
     )
     for ax, name in zip(axes[:, 0], backbones):
         sb = s[s["backbone"] == name].sort_values("layer")
@@ -152,7 +152,15 @@ def plot_layerwise(
         ]
         if miou_ax is not ax:
             handles = [*_nmi_handles(ax), *handles]
-        ax.legend(handles=handles, fontsize=7.5, loc="upper right", framealpha=0.9)
+        # Below the panel: inside, it would cover the curves whatever corner it took.
+        ax.legend(
+            handles=handles,
+            fontsize=7.5,
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.16),
+            ncols=2,
+            frameon=False,
+        )
         depth = int(nmi["layer"].max()) if miou_ax is not ax else int(layers.max())
         ax.set_xticks(range(1, max(depth, int(layers.max())) + 1))
         ax.set_title(title, fontsize=9.5)
