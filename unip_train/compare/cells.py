@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,8 +56,6 @@ class CellRun:
 
     def shell_command(self) -> str:
         """The equivalent command line, for the report and for running a cell by hand."""
-        import shlex
-
         return "unip-finetune " + " ".join(shlex.quote(a) for a in self.command())
 
 

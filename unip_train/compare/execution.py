@@ -22,7 +22,7 @@ from typing import Any
 from unip_analysis.errors import UnipError
 
 from ..runs import available_cores
-from .cells import FINISHED, RESUME, CellRun, read_metrics, record_attempt_end, record_attempt_start
+from .cells import FINISHED, METRICS, RESUME, CellRun, read_metrics, record_attempt_end, record_attempt_start
 from .processes import PROCESS_LOG, last_line, run_finetune, start_finetune
 
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -244,7 +244,7 @@ def run_cells(
                 outcomes.append(outcome)
                 now = time.time()
                 left = len(todo) + len(running)
-                if outcome.ok and (run.run_dir / "metrics.json").is_file():
+                if outcome.ok and (run.run_dir / METRICS).is_file():
                     run.status = FINISHED
                     finished += 1
                     durations.append(seconds)

@@ -146,6 +146,9 @@ class Cell:
 
 @dataclass(frozen=True)
 class Plan:
+    """A checked plan: rows, datasets, modes, seeds, the baseline row, the common options and the
+    selection file; :meth:`cells` expands it."""
+
     path: Path | None
     text: str
     rows: tuple[Row, ...]
@@ -243,7 +246,7 @@ def plan_from_dict(
         sel_path = _path(sel_path, base)
     plan = Plan(
         path=path,
-        text=text if text is not None else json.dumps(data, indent=2),
+        text=text if text is not None else json.dumps(data, indent=2, default=str),
         rows=tuple(rows),
         datasets=tuple(datasets),
         modes=tuple(modes),
@@ -448,11 +451,14 @@ def _options(value: Any, where: str, known: dict) -> dict[str, Any]:
                 raise PlanError(f"{where}: {flag} is a flag; write {key} = true or false")
         elif isinstance(v, (bool, Mapping)) or v is None:
             raise PlanError(f"{where}: {flag} needs a value, found {v!r}")
-        elif action.type is not None:
+        else:
             try:
-                action.type(_text(v))
+                converted = action.type(_text(v)) if action.type is not None else _text(v)
             except Exception as e:  # argparse types raise ValueError / ArgumentTypeError
                 raise PlanError(f"{where}: {flag} = {v!r}: {e}") from None
+            if action.choices is not None and converted not in action.choices:
+                choices = ", ".join(map(str, action.choices))
+                raise PlanError(f"{where}: {flag} = {v!r}: expected one of {choices}")
         out[dest] = v
     return out
 

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .cells import CellRun, read_metrics
+from .cells import METRICS, CellRun, read_metrics
 
 KEYS = ["backbone", "dataset", "mode", "layer"]
 CONFIDENCE = 0.95
@@ -37,7 +37,7 @@ def results_table(runs: Iterable[CellRun], out_prefix: str | None = None) -> pd.
     made relative to it."""
     rows = []
     for run in runs:
-        if not (run.run_dir / "metrics.json").is_file():
+        if not (run.run_dir / METRICS).is_file():
             continue
         m = read_metrics(run.run_dir)
         c = run.cell
