@@ -1,0 +1,158 @@
+"""``report.html`` of a comparison: one self-contained page (figures embedded, no external files)
+with the summary over seeds, the paired differences and their verdicts, the figures, per-class
+IoU, every seed's numbers and every cell's command. Styling and HTML pieces are the analysis
+report's (:mod:`unip_analysis.report`), so both reports read alike.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+
+import pandas as pd
+
+from unip_analysis import __version__
+from unip_analysis.report import _CSS, _esc, _img, _table, _td
+
+from .cells import FINISHED, CellRun
+from .statistics import class_columns
+
+GENERATOR = f"unip-compare {__version__}"
+_EXTRA_CSS = "pre{background:#f7f7f7;padding:.6rem;overflow-x:auto;font-size:.8rem}details{margin:.6rem 0}"
+
+
+def _f(value: object, digits: int = 4, signed: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
+        return ""
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def _interval(lo: object, hi: object, signed: bool = False) -> str:
+    a, b = _f(lo, signed=signed), _f(hi, signed=signed)
+    return f"{a} to {b}" if a and b else "n/a (1 seed)"
+
+
+def _layer(value: object) -> str:
+    return (
+        ""
+        if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
+        else str(int(value))
+    )
+
+
+def summary_rows(summary: pd.DataFrame) -> list[list[str]]:
+    rows = []
+    for r in summary.itertuples(index=False):
+        rows.append(
+            [
+                _td(r.backbone), _td(r.dataset), _td(r.mode), _td(_layer(r.layer), num=True),
+                _td(r.n_seeds, num=True), _td(_f(r.miou_mean), num=True),
+                _td(_interval(r.miou_ci95_lo, r.miou_ci95_hi), num=True),
+                _td(_f(r.diff_mean, signed=True), num=True),
+                _td(_interval(r.diff_ci95_lo, r.diff_ci95_hi, signed=True) if r.n_paired else "", num=True),
+                f"<td><code>{_esc(r.diff_per_seed)}</code></td>", _td(r.verdict),
+            ]
+        )  # fmt: skip
+    return rows
+
+
+SUMMARY_HEADER = [
+    "backbone", "dataset", "mode", "layer", "seeds", "mean mIoU", "95% t interval",
+    "minus baseline", "95% t interval", "per seed (seed:difference)", "verdict",
+]  # fmt: skip
+
+
+def render_html(
+    runs: Sequence[CellRun],
+    results: pd.DataFrame,
+    summary: pd.DataFrame,
+    figures: Mapping[str, bytes],
+    plan_text: str,
+    plan_name: str,
+    baseline: str | None,
+    failures: Mapping[str, str] | None = None,
+    created: datetime | None = None,
+) -> str:
+    """The page; ``failures``: cell label -> why its last attempt failed."""
+    failures = dict(failures or {})
+    created = (created or datetime.now(timezone.utc)).isoformat(timespec="seconds")
+    finished = [r for r in runs if r.status == FINISHED]
+    missing = [r for r in runs if r.status != FINISHED]
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>Comparison: {_esc(plan_name)}</title>",
+        f"<style>{_CSS}{_EXTRA_CSS}</style></head><body>",
+        f"<h1>Comparison: {_esc(plan_name)}</h1>",
+        f'<p class="muted">{_esc(GENERATOR)}, created {_esc(created)}. Every cell is one unip-finetune run; '
+        "a seed fixes the head's initialisation and the data order for every row, so differences at the same "
+        "seed are paired. Intervals are Student-t 95% intervals over seeds (mean &plusmn; t<sub>0.975, n-1</sub> "
+        "&middot; sd / &radic;n). A difference is called only when every paired seed has the same sign.</p>",
+        f"<p><b>{len(finished)} of {len(runs)} cells finished.</b>"
+        + (
+            f" Baseline row: <b>{_esc(baseline)}</b>."
+            if baseline
+            else " No baseline row: no paired differences."
+        )
+        + "</p>",
+    ]
+    if missing:
+        items = "".join(
+            f"<li><code>{_esc(r.label)}</code>: {_esc(failures.get(r.label, 'not run yet' if r.status == 'new' else 'interrupted; will resume'))}</li>"
+            for r in missing
+        )
+        parts.append(f"<h2>Cells without results</h2><ul>{items}</ul>")
+    whole = summary[summary["layer"].isna()] if len(summary) else summary
+    layered = summary[summary["layer"].notna()] if len(summary) else summary
+    if len(whole):
+        parts += [
+            "<h2>Summary over seeds</h2>",
+            _table(SUMMARY_HEADER, summary_rows(whole), _row_classes(whole, baseline)),
+        ]
+    if len(figures):
+        parts.append("<h2>Figures</h2>")
+        parts += [_img(png, name) for name, png in figures.items()]
+    if len(layered):
+        parts += [
+            "<h2>Layer-wise probing</h2>",
+            _table(SUMMARY_HEADER, summary_rows(layered), _row_classes(layered, baseline)),
+        ]
+    if len(results):
+        parts.append(_class_table(results))
+        parts.append("<details><summary>Every cell's numbers</summary>")
+        header = ["backbone", "dataset", "mode", "layer", "seed", "mIoU", "pixel acc", "run folder"]
+        rows = [
+            [_td(r.backbone), _td(r.dataset), _td(r.mode), _td(_layer(r.layer), num=True), _td(r.seed, num=True),
+             _td(_f(r.miou), num=True), _td(_f(r.pixel_acc), num=True), f"<td><code>{_esc(r.run_dir)}</code></td>"]
+            for r in results.itertuples(index=False)
+        ]  # fmt: skip
+        parts += [_table(header, rows), "</details>"]
+    commands = "\n".join(r.shell_command() for r in runs)
+    parts += [
+        f"<details><summary>Commands of the {len(runs)} cells</summary><pre>{_esc(commands)}</pre></details>",
+        f"<details><summary>The plan</summary><pre>{_esc(plan_text)}</pre></details>",
+        "</body></html>",
+    ]
+    return "\n".join(parts) + "\n"
+
+
+def _row_classes(summary: pd.DataFrame, baseline: str | None) -> list[str]:
+    return ["sel" if b == baseline else "" for b in summary["backbone"]]
+
+
+def _class_table(results: pd.DataFrame) -> str:
+    """Mean IoU per class over seeds (whole-backbone modes), one table per dataset."""
+    whole = results[results["layer"].isna()]
+    parts = ["<details><summary>Per-class IoU (mean over seeds)</summary>"]
+    for dataset, d in whole.groupby("dataset", sort=False):
+        cols = [c for c in class_columns(d) if d[c].notna().any()]
+        means = d.groupby(["backbone", "mode"], sort=False)[cols].mean()
+        rows = [
+            [_td(b), _td(m), *(_td(_f(v, 3), num=True) for v in vals)]
+            for (b, m), vals in zip(means.index, means.to_numpy())
+        ]
+        parts += [f"<h3>{_esc(dataset)}</h3>", _table(["backbone", "mode", *(c[4:] for c in cols)], rows)]
+    parts.append("</details>")
+    return "".join(parts)
