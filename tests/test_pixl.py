@@ -5,17 +5,16 @@ small fake fine-tuning loop with save / restore mid-run."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from fake_loop import SegOutput, TinySegmentor, fake_context
 from torch import nn
 
 from unip_train.checkpointing import load_checkpoint, save_checkpoint
-from unip_train.distributed import DistInfo
 from unip_train.finetune import pixl as pixl_mod
 from unip_train.finetune.datasets import IGNORE_INDEX, SegDataset, TrainAugment
 from unip_train.finetune.pixl import (
@@ -99,7 +98,7 @@ def test_extension_uses_the_schedule_at_each_step(monkeypatch):
     real = pixl_mod.pixl_loss
     monkeypatch.setattr(pixl_mod, "pixl_loss", lambda *a, **k: seen.append(a[3]) or real(*a, **k))
     ext = PixlExtension(feature_dim=4, eta="0.3,0.01")
-    ext.setup(_ctx(TinySegmentor(dim=4), iters=11))
+    ext.setup(fake_context(TinySegmentor(dim=4), iters=11))
     emb, probs, labels = random_case(1, d=4, c=3)
     out = SegOutput(torch.log(probs), None, emb)
     for it in (0, 5, 10):
@@ -204,7 +203,9 @@ def test_loss_is_zero_not_nan_in_degenerate_cases(case: str):
         labels = torch.full_like(labels, IGNORE_INDEX)
     else:
         groups = []
-    loss = pixl_loss([emb, emb[..., ::2, ::2]], [probs, probs[..., ::2, ::2]], [labels, labels[..., ::2, ::2]], eta, groups)
+    loss = pixl_loss(
+        [emb, emb[..., ::2, ::2]], [probs, probs[..., ::2, ::2]], [labels, labels[..., ::2, ::2]], eta, groups
+    )
     assert torch.isfinite(loss) and float(loss) == 0.0
 
 
@@ -267,50 +268,10 @@ def test_linear_probe_mode_is_refused():
         PixlExtension.check_mode("lp")
     ext = PixlExtension()
     with pytest.raises(PixlError, match="--pixel-loss pixl"):
-        ext.setup(_ctx(TinySegmentor(), mode="lp"))
+        ext.setup(fake_context(TinySegmentor(), mode="lp"))
 
 
 # --- a fake fine-tuning loop ----------------------------------------------------------------------
-
-
-@dataclass
-class SegOutput:  # the loop's output record (unip_train/finetune/extensions.py), copied for the tests
-    logits: torch.Tensor
-    aux: torch.Tensor | None
-    features: torch.Tensor | None
-
-
-class Classifier(nn.Module):
-    def __init__(self, dim: int, num_classes: int):
-        super().__init__()
-        self.classifier = nn.Conv2d(dim, num_classes, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(x)
-
-
-class TinySegmentor(nn.Module):
-    """A conv 'segmentor' at stride 2 with the loop's output record and ``features=True``."""
-
-    def __init__(self, num_classes: int = 4, dim: int = 8):
-        super().__init__()
-        self.num_classes = num_classes
-        self.body = nn.Sequential(nn.Conv2d(3, dim, 3, stride=2, padding=1), nn.BatchNorm2d(dim), nn.ReLU())
-        self.decode_head = Classifier(dim, num_classes)
-        self.aux_head = nn.Conv2d(dim, num_classes, 1)
-
-    def forward(self, x: torch.Tensor, features: bool = False) -> SegOutput:
-        f = self.body(x)
-        aux = self.aux_head(f) if self.training else None
-        return SegOutput(self.decode_head(f), aux, f if features else None)
-
-
-def _ctx(model: nn.Module, iters: int = 6, mode: str = "ft", out: Path | None = None, train_set=None):
-    cfg = SimpleNamespace(crop=16, iters=iters, batch_size=2, workers=0, amp=False, mode=mode)
-    cpu = torch.device("cpu")
-    return SimpleNamespace(
-        cfg=cfg, model=model, dist=DistInfo(0, 1, 0, cpu), device=cpu, out=out, train_set=train_set, seed=0
-    )
 
 
 def _ce(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
@@ -333,12 +294,16 @@ def build_run(data: Path, out: Path, kinds: tuple[str, ...], pixl_weight: float 
         semi = MeanTeacherExtension(semi_data.files, semi_data.split, workers=0)
         exts.append(semi)
     if "pixl" in kinds:
-        exts.append(PixlExtension(weight=pixl_weight, pseudo_labels=semi.confident_pseudo_labels if semi else None))
-    ctx = _ctx(model, ITERS, out=out, train_set=semi_data.train_set)
+        exts.append(
+            PixlExtension(weight=pixl_weight, pseudo_labels=semi.confident_pseudo_labels if semi else None)
+        )
+    ctx = fake_context(model, ITERS, out=out, train_set=semi_data.train_set)
     for e in exts:
         e.setup(ctx)
     params = list(model.parameters()) + [p for e in exts for m in e.modules() for p in m.parameters()]
-    return SimpleNamespace(model=model, exts=exts, semi=semi, train=semi_data.train_set, opt=torch.optim.AdamW(params, lr=1e-2))
+    return SimpleNamespace(
+        model=model, exts=exts, semi=semi, train=semi_data.train_set, opt=torch.optim.AdamW(params, lr=1e-2)
+    )
 
 
 def fake_step(run, it: int, check_ema: bool = False) -> dict[str, float]:
@@ -369,7 +334,9 @@ def fake_step(run, it: int, check_ema: bool = False) -> dict[str, float]:
         student = run.model.state_dict()
         for k, t in run.semi.teacher.state_dict().items():
             if t.is_floating_point():
-                torch.testing.assert_close(t, alpha * before[k] + (1 - alpha) * student[k], rtol=1e-6, atol=1e-7)
+                torch.testing.assert_close(
+                    t, alpha * before[k] + (1 - alpha) * student[k], rtol=1e-6, atol=1e-7
+                )
                 if it == 0:
                     assert torch.equal(t, student[k])  # alpha_0 = 0: the teacher starts as the student
             else:
@@ -388,7 +355,9 @@ def test_fake_loop_runs_with_finite_terms_and_ema(tmp_path: Path, tiny_data: Pat
     teacher0 = {k: v.clone() for k, v in run.semi.teacher.state_dict().items()} if run.semi else None
     for it in range(ITERS):
         logged = fake_step(run, it, check_ema=True)
-        expected = {"loss"} | ({"semi_ce"} if "semi" in kinds else set()) | ({"pixl"} if "pixl" in kinds else set())
+        expected = (
+            {"loss"} | ({"semi_ce"} if "semi" in kinds else set()) | ({"pixl"} if "pixl" in kinds else set())
+        )
         assert set(logged) == expected  # every term is reported under its name
         assert all(math.isfinite(v) for v in logged.values())
     if run.semi is not None:
@@ -438,7 +407,7 @@ def test_weight_zero_contributes_exactly_nothing(tiny_data: Path, tmp_path: Path
     model = TinySegmentor(num_classes=5).train()
     ext = PixlExtension(weight=0.0)
     state = torch.get_rng_state()
-    ext.setup(_ctx(model))
+    ext.setup(fake_context(model))
     assert torch.equal(torch.get_rng_state(), state)
     g = torch.Generator().manual_seed(1)
     img = torch.randn(2, 3, 16, 16, generator=g)
@@ -459,3 +428,24 @@ def test_weight_zero_contributes_exactly_nothing(tiny_data: Path, tmp_path: Path
     assert all(torch.equal(a, b) for a, b in zip(plain, with_zero))
     ext.weight = 0.1  # the same call with a weight does move the features' gradients
     assert any(not torch.equal(a, b) for a, b in zip(plain, grads(True)))
+
+
+def test_extra_images_need_pseudo_labels_and_features(monkeypatch):
+    ext = PixlExtension(feature_dim=4)
+    ext.setup(fake_context(TinySegmentor(dim=4)))
+    emb, probs, labels = random_case(2, d=4, c=3)
+    out = SegOutput(torch.log(probs), None, emb)
+    with pytest.raises(RuntimeError, match="no pseudo-labels"):
+        ext.loss_terms(0, labels, out, out)
+    with pytest.raises(RuntimeError, match="features=True"):
+        ext.loss_terms(0, labels, SegOutput(out.logits, None, None), None)
+    # With pseudo-labels, the extra images take part with those classes, each paired with a labelled one.
+    seen = []
+    real = pixl_mod.pixl_loss
+    monkeypatch.setattr(pixl_mod, "pixl_loss", lambda *a, **k: seen.append(a) or real(*a, **k))
+    pseudo = torch.where(labels == IGNORE_INDEX, labels, (labels + 1) % 3)
+    ext.pseudo_labels = lambda: pseudo
+    assert torch.isfinite(ext.loss_terms(0, labels, out, out)["pixl"])
+    grid_labels, groups = seen[0][2], seen[0][4]
+    assert torch.equal(grid_labels[0], torch.cat([labels, pseudo])) and groups == [[0, 2], [1, 3]]
+    assert torch.equal(grid_labels[1][2:], pixl_mod.labels_to_grid(pseudo, grid_labels[1].shape[-2:]))

@@ -330,6 +330,8 @@ class PixlExtension:
         (pseudo-labels), at every scale of ``scales``."""
         if self.head is None:
             raise RuntimeError("PixlExtension.setup() must run before loss_terms()")
+        if out.features is None or (extra is not None and extra.features is None):
+            raise RuntimeError("PiXL needs SegOutput.features: run the segmentor with features=True")
         feats, logits, targets, n_extra = out.features, out.logits, labels, 0
         if extra is not None:
             pseudo = self.pseudo_labels() if self.pseudo_labels is not None else None
@@ -342,8 +344,7 @@ class PixlExtension:
             feats = torch.cat([feats, extra.features])
             logits = torch.cat([logits, extra.logits])
             targets = torch.cat([labels, pseudo.to(labels.device)])
-        if feats is None:
-            raise RuntimeError("PiXL needs SegOutput.features: run the segmentor with features=True")
+        feats = feats.float()  # fp16 under autocast: resize, normalise and compare in fp32
         embeddings, probs, grid_labels = [], [], []
         for s in self.scales:
             size = scaled_size(feats.shape[-2:], s)

@@ -151,6 +151,7 @@ class SemiData:
     train_set: SegDataset
     split: LabelSplit | None = None
     files: list[UnlabelledFile] = field(default_factory=list)
+    left_out: int = 0  # --unlabelled images skipped: labelled training images or evaluation images
 
 
 def prepare_semi(
@@ -160,13 +161,15 @@ def prepare_semi(
     seed: int = 0,
     out: str | Path | None = None,
     min_labelled: int = 1,
+    eval_images: Sequence[str | Path] = (),
 ) -> SemiData:
     """Split ``train_set`` by ``label_fraction`` and gather the unlabelled images.
 
     Every check runs before anything is written; the split files are written into ``out`` when it is
     given (pass it on the main process only). ``--unlabelled`` images that are labelled training
-    images are left out (compared by resolved path). ``min_labelled``: fewest labelled images allowed
-    (the batch size).
+    images or ``eval_images`` (the evaluation split: training on them, even without labels, would
+    leak the test set) are left out, compared by resolved path, and counted in ``left_out``.
+    ``min_labelled``: fewest labelled images allowed (the batch size).
     """
     dirs = [Path(d) for d in unlabelled_dirs or ()]
     if label_fraction is None and not dirs:
@@ -185,19 +188,23 @@ def prepare_semi(
                 f"--label-fraction {label_fraction}: keeps {len(labelled)} of {len(train_set)} training "
                 f"images labelled, fewer than one batch of {min_labelled}; raise the fraction or lower --batch-size"
             )
-    taken = {s.image.resolve() for s in labelled.samples} | {f.path.resolve() for f in files}
+    forbidden = {s.image.resolve() for s in labelled.samples} | {Path(p).resolve() for p in eval_images}
+    taken, left_out = {f.path.resolve() for f in files}, 0
     for d in dirs:
-        found = [f for f in list_unlabelled_dir(d) if f.path.resolve() not in taken]
-        if not found:
+        listed = list_unlabelled_dir(d)
+        usable = [f for f in listed if f.path.resolve() not in forbidden]
+        left_out += len(listed) - len(usable)
+        if not usable:
             raise SemiError(
-                f"--unlabelled {d}: every image in it is already a training image; pass a folder of other "
-                "label-free infrared images"
+                f"--unlabelled {d}: every image in it is a labelled training image or an evaluation image; "
+                "pass a folder of other label-free infrared images"
             )
+        found = [f for f in usable if f.path.resolve() not in taken]  # each image once
         taken |= {f.path.resolve() for f in found}
         files += found
     if out is not None and split is not None:
         write_split(out, split)
-    return SemiData(labelled, split, files)
+    return SemiData(labelled, split, files, left_out)
 
 
 def _first_per_stem(dataset: SegDataset) -> list:
