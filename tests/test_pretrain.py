@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import itertools
 import json
 import math
@@ -36,6 +37,8 @@ from unip_train.pretrain.nmi_had import sincos_pos_embed_2d
 ARCH = "vit_tiny_patch16_224(depth=2,embed_dim=64,num_heads=2,patch_size=8)"
 IMG = 64
 REPO = Path(__file__).resolve().parents[1]
+# The run folder's TensorBoard events folder exists when the optional package is installed.
+TENSORBOARD = ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
 
 
 def local_teacher(path: Path, sharpness: float = 2.0) -> Path:
@@ -299,15 +302,19 @@ def test_distillation_lowers_the_loss_and_moves_attention_toward_the_teacher(set
     assert info["data"]["sources"][0]["used"] == 12 and info["data"]["skipped_unreadable"] == 0
     assert info["recipe"]["effective_batch"] == 4 and info["recipe"]["world_size"] == 1
     assert info["recipe"]["weight_decay"] == 0.05 and info["recipe"]["loss"] == "kl"
-    assert sorted(p.name for p in run.iterdir()) == [
-        "checkpoint-20.pt",
-        "checkpoint-40.pt",
-        "checkpoint-60.pt",
-        "checkpoint-last.pt",
-        "log.jsonl",
-        "student.json",
-        "student.safetensors",
-    ]
+    assert sorted(p.name for p in run.iterdir()) == sorted(
+        [
+            "checkpoint-20.pt",
+            "checkpoint-40.pt",
+            "checkpoint-60.pt",
+            "checkpoint-last.pt",
+            "config.json",
+            "log.jsonl",
+            "student.json",
+            "student.safetensors",
+        ]
+        + TENSORBOARD
+    )
     ckpt = torch.load(run / "checkpoint-last.pt", weights_only=True)
     assert ckpt["epoch"] == 60 and ckpt["step"] == 180
 

@@ -71,6 +71,13 @@ def collect_source(
     return Source(str(root), kind, found, files)
 
 
+def collect_sources(args, proposals_root: Path | None = None) -> list[Source]:
+    """The folders of ``--infrared`` and ``--rgb`` with their caps applied."""
+    infrared = [collect_source(d, "infrared", max_images=args.max_images_per_source) for d in args.infrared]
+    rgb = [collect_source(d, "rgb", args.per_class_cap, args.max_images_per_source) for d in args.rgb]
+    return infrared + rgb
+
+
 def to_grey(img: torch.Tensor) -> torch.Tensor:
     """[3, H, W] colour -> luminance replicated to 3 channels; grey input is returned as is."""
     if torch.equal(img[0], img[1]) and torch.equal(img[1], img[2]):
