@@ -17,6 +17,7 @@ from pathlib import Path
 from unip_analysis.errors import SpecError, UnipError, error_line
 
 from .. import distributed, runs
+from .data import GREY_CHOICES
 from .engine import NonFiniteLoss
 from .method import PretrainMethod
 from .nmi_had import NmiHad
@@ -63,7 +64,15 @@ def get_args_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="DIR",
-        help="infrared folder, read as is (repeatable)",
+        help="folder of infrared images, every image under it (repeatable)",
+    )
+    g.add_argument(
+        "--infpre",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="InfPre / MSIP root: DIR/<dataset>/thermal/* only, paired rgb/ folders never read (repeatable)",
     )
     g.add_argument(
         "--rgb",
@@ -71,13 +80,21 @@ def get_args_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="DIR",
-        help="RGB folder, converted to grey (repeatable)",
+        help="RGB folder: ImageNet train (class subfolders) or COCO's flat train2017 (repeatable)",
     )
     g.add_argument(
         "--per-class-cap",
         type=int,
         metavar="N",
-        help="--rgb folders: at most N images per immediate subfolder (ImageNet subset: 200); files directly in the folder are kept",
+        help="--rgb folders: at most N images per class subfolder (InfMix: 200); images directly in the "
+        "folder (COCO) and --infrared/--infpre folders are never capped",
+    )
+    g.add_argument(
+        "--grey",
+        choices=GREY_CHOICES,
+        default="all",
+        help="convert to grey: all (every image, infrared included, as the UNIP reference; nmi-had "
+        "default), rgb (--rgb folders only), none (as read; pad default)",
     )
     g.add_argument(
         "--max-images-per-source",
@@ -110,7 +127,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, help="absolute learning rate; overrides --blr")
     g.add_argument("--min-lr", type=float, default=0.0, help="floor of the cosine schedule (0)")
     g.add_argument(
-        "--weight-decay", type=float, default=0.05, help="AdamW, none on biases/norms/tokens (0.05)"
+        "--weight-decay",
+        type=float,
+        default=0.05,
+        help="AdamW; none on biases and norms, cls/mask tokens decay as in the references (0.05)",
     )
     g.add_argument("--clip-grad", type=float, metavar="NORM", help="clip the gradient norm (off)")
     g.add_argument(
@@ -182,6 +202,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, P
     parser = get_args_parser()
     parser.set_defaults(**METHODS[name].defaults)
     args = runs.parse_with_config(parser, argv, ignore=DERIVED)
+    for action in parser._actions:  # a repeatable flag replaces the file's list instead of extending it
+        if isinstance(action, argparse._AppendAction) and action.dest in given:
+            setattr(args, action.dest, given[action.dest])
     named = set(given) | {k for k, v in from_file.items() if v is not None}
     owned = method_options(parser)
     for other, dests in owned.items():
@@ -206,8 +229,8 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ("epochs", "warmup_epochs", "ckpt_every_steps", "num_workers"):
         if getattr(args, name) < 0:
             raise SpecError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
-    if not args.infrared and not args.rgb:
-        raise SpecError("no data: pass at least one --infrared DIR or --rgb DIR")
+    if not args.infrared and not args.infpre and not args.rgb:
+        raise SpecError("no data: pass at least one --infrared DIR, --infpre DIR or --rgb DIR")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import save_file
+from timm.layers import DropPath
 from timm.models.vision_transformer import VisionTransformer
 
 from unip_analysis import selection
-from unip_analysis.attention import forward_until, layer_qk_logits, qk_logits
+from unip_analysis.attention import forward_until, qk_logits
 from unip_analysis.checkpoints import (
     LoadedBackbone,
     build_vit,
@@ -88,7 +89,8 @@ class Teacher(torch.nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return layer_qk_logits(self.model, images, self.layer0) / self.temperature
+        tokens = forward_until(self.model, images, self.layer0)
+        return float32_qk_logits(self.model.blocks[self.layer0], tokens) / self.temperature
 
 
 # --- student ---------------------------------------------------------------------------------
@@ -104,16 +106,27 @@ class Student(torch.nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         last = len(self.vit.blocks) - 1
         tokens = forward_until(self.vit, images, last)
-        blk = self.vit.blocks[last]
-        return qk_logits(blk.attn, blk.norm1(tokens))
+        return float32_qk_logits(self.vit.blocks[last], tokens)
+
+
+def float32_qk_logits(block: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """The distilled logits of ``block`` for the tokens entering it, computed in float32 whatever
+    autocast is on: the block's norm1, its q/k projection and q·k (method.md section 2: a bf16
+    target is ~70x noisier than fp16 against the fp32 one; the blocks before may run in bf16)."""
+    with torch.autocast(tokens.device.type, enabled=False):
+        return qk_logits(block.attn, block.norm1(tokens.float()))
 
 
 def build_student(
     arch: str, last_heads: int, img_size: int, drop_path_rate: float = 0.1
 ) -> VisionTransformer:
     """``arch`` with its default head counts except the last block, which gets ``last_heads``
-    (the teacher's at the distilled layer); MAE-style init; parameters the loss never reaches frozen."""
-    model = build_vit(arch, img_size=img_size, drop_path_rate=drop_path_rate)
+    (the teacher's at the distilled layer); MAE-style init; the same drop path rate in every block
+    (the reference's constant rate, not timm's 0..rate ramp); parameters the loss never reaches frozen."""
+    model = build_vit(arch, img_size=img_size)
+    for blk in model.blocks:
+        blk.drop_path1 = DropPath(drop_path_rate) if drop_path_rate > 0 else torch.nn.Identity()
+        blk.drop_path2 = DropPath(drop_path_rate) if drop_path_rate > 0 else torch.nn.Identity()
     set_attention_heads(model.blocks[-1].attn, int(last_heads))
     mae_init(model)
     freeze_unused(model)
@@ -266,7 +279,8 @@ class NmiHad(PretrainMethod):
         }
 
     def param_groups(self, weight_decay: float) -> list[dict]:
-        return param_groups(self.vit, weight_decay)
+        # timm's rule, as the reference (param_groups_weight_decay with no name list): cls_token decays.
+        return param_groups(self.vit, weight_decay, no_decay_names=())
 
     def loss(self, model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
         return self.criterion(self.teacher(images), model(images)), {}

@@ -108,7 +108,7 @@ def resume_path(args: argparse.Namespace) -> Path | None:
 
 def build_data(args: argparse.Namespace, method: PretrainMethod, info: distributed.DistInfo) -> tuple:
     """(sources, dataset, sampler, loader, micro-batches per epoch) for this process."""
-    sources = collect_sources(args, method.proposals_root())
+    sources = collect_sources(args)
     mean, std = imgs.parse_normalization(args.norm)
     dataset = InfMix(sources, args.input_size, mean, std, seed=args.seed)
     sampler = EpochSampler(len(dataset), info.world_size, info.rank, seed=args.seed)
