@@ -1,6 +1,7 @@
 """``unip-pretrain``: pre-train a ViT backbone on unlabelled (infrared) images.
 
 ``--method nmi-had`` (default): UNIP's hybrid-attention distillation (method.md section 2).
+``--method pad``: PAD's patch-wise-scale adapters, continued MAE pre-training (method.md section 7).
 Each method is a small object (:mod:`.method`); the run around it (data, optimizer, schedule,
 checkpoints, exact resume, logging, torchrun) is :mod:`.trainer`, the step :mod:`.engine`.
 Run it as is, or under ``torchrun --nproc_per_node N -m unip_train.pretrain ...``.
@@ -21,11 +22,12 @@ from .data import GREY_CHOICES
 from .engine import NonFiniteLoss
 from .method import PretrainMethod
 from .nmi_had import NmiHad
+from .pad import Pad
 from .trainer import DERIVED, KILL_ENV, LAST, PROG, train
 
 __all__ = ["KILL_ENV", "LAST", "METHODS", "get_args_parser", "main", "parse_args"]
 
-METHODS: dict[str, type[PretrainMethod]] = {m.name: m for m in (NmiHad,)}
+METHODS: dict[str, type[PretrainMethod]] = {m.name: m for m in (NmiHad, Pad)}
 DEFAULT_METHOD = "nmi-had"
 
 EPILOG = """\
@@ -39,7 +41,12 @@ Outputs in --out: config.json (the resolved configuration, written before the fi
 checkpoint-last.pt (resumable: --resume), checkpoint-EPOCH.pt every --save-every epochs and at the
 end, log.jsonl (one line per optimizer step; TensorBoard scalars in tensorboard/ when installed),
 and the backbone: nmi-had writes student.safetensors + student.json (load it with
-unip-analyze --checkpoint s=unip:ARCH:RUN/student.safetensors).
+unip-analyze --checkpoint s=unip:ARCH:RUN/student.safetensors); pad writes backbone.safetensors
+(timm keys + adapters + scale predictors, no decoder) + backbone.json (load it as
+pad:ARCH:RUN/backbone.safetensors in unip-analyze and unip-finetune).
+
+--method pad switches the defaults to PAD's recipe: 30 warm-up epochs, --blr 1e-4, --grey none,
+scale predictors frozen for the first round(0.6 x epochs) + 1 epochs. See docs/pad.md.
 """
 
 
@@ -48,7 +55,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Pre-train a ViT backbone on unlabelled images. --method nmi-had (default): train a "
         "student's last-block attention logits to match a frozen teacher's selected layer (UNIP, "
-        "method.md section 2). Defaults follow each method's published recipe.",
+        "method.md section 2). --method pad: continue MAE pre-training of a frozen MAE ViT through "
+        "patch-wise-scale adapters (PAD, method.md section 7). Defaults follow each method's published recipe.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -28,6 +28,7 @@ from unip_analysis.errors import ImageError
 from unip_analysis.images import find_images, normalize, read_image
 
 from ..sampling import sample_generator
+from .rois import roi_crop_box
 
 # ITU-R BT.601 luma, as PIL's "L" conversion.
 LUMA = (0.299, 0.587, 0.114)
@@ -170,9 +171,15 @@ def random_resized_crop_box(
     return (h - ch) // 2, (w - cw) // 2, ch, cw
 
 
-def augment(img: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
-    """RandomResizedCrop(scale 0.2-1, bicubic) to ``size`` x ``size``, then a horizontal flip (p 0.5)."""
-    top, left, ch, cw = random_resized_crop_box(img.shape[1], img.shape[2], g)
+def augment(
+    img: torch.Tensor, size: int, g: torch.Generator, proposals: np.ndarray | None = None
+) -> torch.Tensor:
+    """A crop resized to ``size`` x ``size`` (bicubic), then a horizontal flip (p 0.5). The crop is
+    placed around an object proposal when ``proposals`` give one (PAD, :func:`.rois.roi_crop_box`),
+    else it is RandomResizedCrop(scale 0.2-1)."""
+    h, w = img.shape[1], img.shape[2]
+    box = roi_crop_box(h, w, proposals, g) if proposals is not None else None
+    top, left, ch, cw = box if box is not None else random_resized_crop_box(h, w, g)
     crop = img[None, :, top : top + ch, left : left + cw]
     out = F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True, align_corners=False)[0]
     out = out.clamp_(0.0, 1.0)
@@ -196,11 +203,13 @@ class InfMix(torch.utils.data.Dataset):
         mean: Sequence[float],
         std: Sequence[float],
         seed: int = 0,
+        proposals: Sequence[np.ndarray | None] | None = None,
     ):
         self.items = [(f, s.grey) for s in sources for f in s.files]
         if not self.items:
-            raise ImageError("the distillation data is empty after the per-source caps; check the folders")
+            raise ImageError("the pre-training data is empty after the per-source caps; check the folders")
         self.size, self.mean, self.std, self.seed = size, tuple(mean), tuple(std), seed
+        self.proposals = list(proposals) if proposals is not None else [None] * len(self.items)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -223,9 +232,10 @@ class InfMix(torch.utils.data.Dataset):
             except ImageError:
                 skipped.append(str(self.items[i][0]))
                 continue
-            out = augment(img, self.size, sample_generator(self.seed, self.epoch, index))
+            g = sample_generator(self.seed, self.epoch, index)
+            out = augment(img, self.size, g, self.proposals[i])
             return normalize(out, self.mean, self.std), skipped
-        raise ImageError(f"none of the {len(self.items)} distillation images can be read")
+        raise ImageError(f"none of the {len(self.items)} pre-training images can be read")
 
 
 def collate(batch: list[tuple[torch.Tensor, list[str]]]) -> tuple[torch.Tensor, list[str]]:

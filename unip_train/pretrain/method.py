@@ -51,8 +51,9 @@ class PretrainMethod:
     def on_epoch(self, epoch: int) -> None:
         """Called before every epoch (also the first one after a resume)."""
 
-    def proposals_root(self) -> Path | None:
-        """Object-proposal folder for object-aware crops, or None for random resized crops."""
+    def proposals(self, sources: list) -> list | None:
+        """Per-image object proposals ([K, 4] boxes or None), aligned with the sources' files, for
+        object-aware crops; None: random resized crops for every image."""
         return None
 
     def identity(self) -> dict:

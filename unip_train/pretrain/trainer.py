@@ -110,7 +110,7 @@ def build_data(args: argparse.Namespace, method: PretrainMethod, info: distribut
     """(sources, dataset, sampler, loader, micro-batches per epoch) for this process."""
     sources = collect_sources(args)
     mean, std = imgs.parse_normalization(args.norm)
-    dataset = InfMix(sources, args.input_size, mean, std, seed=args.seed)
+    dataset = InfMix(sources, args.input_size, mean, std, seed=args.seed, proposals=method.proposals(sources))
     sampler = EpochSampler(len(dataset), info.world_size, info.rank, seed=args.seed)
     # Whole accumulation windows only: a partial one would leak gradients into the next epoch.
     iters = sampler.per_rank // args.batch_size // args.accum_iter * args.accum_iter
