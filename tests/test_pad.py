@@ -22,6 +22,7 @@ from test_pretrain import read_log, run_cli, subprocess_env
 
 from unip_analysis import pad_vit
 from unip_analysis.checkpoints import build_vit, load_backbone, safetensors_metadata
+from unip_analysis.errors import SpecError
 from unip_analysis.files import sha256_file
 from unip_analysis.images import find_images
 from unip_train import synthetic
@@ -249,8 +250,11 @@ def test_pad_switches_the_defaults_to_pads_recipe(files):
     )
     assert default_scale_frozen_epochs(100) == 61  # PAD's main_pretrain.py: epoch <= round(0.6 * 100)
     assert not hasattr(args, "selection") and not hasattr(args, "student")
-    nmi, _ = pretrain.parse_args(["--selection", "s", "--teacher", "t", "--infrared", "d", "--out", "o"])
+    nmi_argv = ["--selection", "s", "--teacher", "t", "--infrared", "d", "--out", "o"]
+    nmi, _ = pretrain.parse_args(nmi_argv)
     assert (nmi.warmup_epochs, nmi.blr, nmi.grey) == (5, 1.5e-4, "all") and not hasattr(nmi, "init")
+    with pytest.raises(SpecError, match="--init is an option of --method pad, not of --method nmi-had"):
+        pretrain.parse_args(nmi_argv + ["--init", f"mae:{ARCH}:x.pth"])
 
 
 def test_frozen_tensors_stay_bit_identical_and_the_scale_predictors_unfreeze_at_their_epoch(trained):
@@ -352,6 +356,8 @@ def test_bad_base_files_are_refused_with_one_line(files, tmp_path, capsys):
     spec = pad_args(files["base"], files["images"], out)
     spec[spec.index("--init") + 1] = f"dino:{ARCH}:{files['base']}"
     assert "needs the MAE decoder" in fail(capsys, spec)
+    spec[spec.index("--init") + 1] = f"mae:{ARCH[:-1]},reg_tokens=1):{files['base']}"
+    assert "is not an MAE ViT" in fail(capsys, spec)
     nmi_opts = pad_args(files["base"], files["images"], out, "--selection", "sel.json")
     assert "--selection is an option of --method nmi-had, not of --method pad" in fail(capsys, nmi_opts)
     no_init = [a for a in pad_args(files["base"], files["images"], out) if not a.startswith("mae:")]

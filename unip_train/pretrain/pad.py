@@ -183,7 +183,7 @@ class Pad(PretrainMethod):
 
     def build(self, device: torch.device) -> None:
         args = self.args
-        self.proposal_note = ""
+        self.proposal_note, self.proposals_found = "", 0
         base = read_mae_checkpoint(self.path)
         encoder = build_vit(self.arch, img_size=args.input_size)
         check_mae_encoder(encoder, self.arch)
@@ -250,6 +250,7 @@ class Pad(PretrainMethod):
         root = Path(self.args.rois) if self.args.rois is not None else None
         images = [(f, Path(s.root)) for s in sources for f in s.files]
         boxes, found = rois.load_all(images, root)
+        self.proposals_found = found
         where = str(root) if root is not None else "beside the images (<subset>/roi/)"
         if root is not None and found == 0:
             example = rois.proposal_file(root, images[0][1], images[0][0])
@@ -282,6 +283,8 @@ class Pad(PretrainMethod):
             )
         if self.args.rois == "none":
             out.append("--rois none: random resized crops instead of object-sensitive RoI crops")
+        elif self.proposals_found == 0:
+            out.append("no proposal files beside the images: random resized crops only (see unip-rois)")
         return out
 
     def info(self) -> dict:
@@ -317,7 +320,7 @@ class Pad(PretrainMethod):
         return (
             f"PAD: {self.family}:{self.arch} ({self.base_layout} layout) frozen + adapters r={self.args.adapter_width} "
             f"in {len(self.encoder.blocks)} blocks; decoder {dim} wide x {depth} blocks from {source}; "
-            f"scale predictors frozen for epochs 0..{self.args.scale_frozen_epochs - 1}\n{self.proposal_note}"
+            f"scale predictors train from epoch {self.args.scale_frozen_epochs} on\n{self.proposal_note}"
         )
 
     def backbone(self) -> nn.Module:

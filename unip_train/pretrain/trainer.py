@@ -174,7 +174,7 @@ def train(args: argparse.Namespace, method: PretrainMethod) -> None:
     optimizer = adamw(method.param_groups(args.weight_decay), lr=lr, betas=BETAS)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
 
-    recipe = {k: v for k, v in vars(args).items() if k not in NOT_RECORDED and not k.startswith("_")}
+    recipe = {k: v for k, v in vars(args).items() if k not in NOT_RECORDED}
     recipe.update(
         effective_batch=effective,
         world_size=info.world_size,
@@ -239,6 +239,7 @@ def train(args: argparse.Namespace, method: PretrainMethod) -> None:
     for epoch in range(start_epoch, args.epochs):
         method.on_epoch(epoch)
         if trainable(method.module) != wrapped_for:  # DDP syncs only what required grad when wrapped
+            model = None  # the previous wrapper and its gradient hooks go before a new one is made
             model, wrapped_for = wrap(method.module, info), trainable(method.module)
         dataset.set_epoch(epoch)
         sampler.set_epoch(epoch, start=start_iter * args.batch_size)
