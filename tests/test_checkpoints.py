@@ -219,4 +219,4 @@ def test_specs_and_arch_parsing():
         build_vit("no_such_model")
     with pytest.raises(SpecError, match="not a timm VisionTransformer"):
         build_vit("resnet18")
-    assert set(FAMILIES) == {"mae", "crossmae", "dino", "ibot", "deit", "deit3", "timm", "unip"}
+    assert set(FAMILIES) == {"mae", "crossmae", "dino", "ibot", "deit", "deit3", "timm", "unip", "pad"}

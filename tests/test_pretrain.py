@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import copy
+import importlib.util
 import itertools
 import json
 import math
@@ -22,7 +24,9 @@ from safetensors.torch import load_file, save_file
 from unip_analysis import analyze, selection
 from unip_analysis import checkpoints as ckpts
 from unip_analysis import images as imgs
+from unip_analysis.attention import qk_logits
 from unip_analysis.checkpoints import build_vit, load_backbone
+from unip_analysis.errors import ImageError
 from unip_analysis.files import sha256_file
 from unip_analysis.patterns import default_thresholds
 from unip_train import sampling
@@ -36,6 +40,8 @@ from unip_train.pretrain.nmi_had import sincos_pos_embed_2d
 ARCH = "vit_tiny_patch16_224(depth=2,embed_dim=64,num_heads=2,patch_size=8)"
 IMG = 64
 REPO = Path(__file__).resolve().parents[1]
+# The run folder's TensorBoard events folder exists when the optional package is installed.
+TENSORBOARD = ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
 
 
 def local_teacher(path: Path, sharpness: float = 2.0) -> Path:
@@ -299,15 +305,19 @@ def test_distillation_lowers_the_loss_and_moves_attention_toward_the_teacher(set
     assert info["data"]["sources"][0]["used"] == 12 and info["data"]["skipped_unreadable"] == 0
     assert info["recipe"]["effective_batch"] == 4 and info["recipe"]["world_size"] == 1
     assert info["recipe"]["weight_decay"] == 0.05 and info["recipe"]["loss"] == "kl"
-    assert sorted(p.name for p in run.iterdir()) == [
-        "checkpoint-20.pt",
-        "checkpoint-40.pt",
-        "checkpoint-60.pt",
-        "checkpoint-last.pt",
-        "log.jsonl",
-        "student.json",
-        "student.safetensors",
-    ]
+    assert sorted(p.name for p in run.iterdir()) == sorted(
+        [
+            "checkpoint-20.pt",
+            "checkpoint-40.pt",
+            "checkpoint-60.pt",
+            "checkpoint-last.pt",
+            "config.json",
+            "log.jsonl",
+            "student.json",
+            "student.safetensors",
+        ]
+        + TENSORBOARD
+    )
     ckpt = torch.load(run / "checkpoint-last.pt", weights_only=True)
     assert ckpt["epoch"] == 60 and ckpt["step"] == 180
 
@@ -462,3 +472,115 @@ def test_resume_refuses_a_checkpoint_with_other_batch_settings(setup, tmp_path, 
     # Same settings, more epochs: continues from the end of epoch 1.
     assert pretrain.main(base_args(setup["sel"], setup["images"], run, epochs=2, resume="auto")) == 0
     assert [r["step"] for r in read_log(run)] == [1, 2, 3, 4, 5, 6]
+
+
+# --- fidelity to the reference recipe (issue 9) ------------------------------------------------
+
+
+def test_student_drop_path_is_the_same_rate_in_every_block():
+    model = distill.build_student("vit_tiny_patch16_224(depth=4,embed_dim=64,num_heads=2)", 2, 32, 0.1)
+    rates = [(b.drop_path1.drop_prob, b.drop_path2.drop_prob) for b in model.blocks]
+    assert rates == [(0.1, 0.1)] * 4  # timm's ramp would give 0, 0.033, 0.067, 0.1
+    plain = distill.build_student(ARCH, 2, IMG, 0.0)
+    assert all(isinstance(b.drop_path1, torch.nn.Identity) for b in plain.blocks)
+
+
+def test_distilled_logits_reach_the_loss_in_float32_under_bf16_autocast(setup, tmp_path, monkeypatch):
+    """A full CLI step with --amp bf16: the blocks run in bf16, the distilled q·k logits never do."""
+    seen = []
+
+    def recording_kl(teacher_logits, student_logits):
+        seen.append((teacher_logits.dtype, student_logits.dtype, torch.is_autocast_enabled("cpu")))
+        return distill.kl_loss(teacher_logits, student_logits)
+
+    monkeypatch.setitem(distill.LOSSES, "kl", recording_kl)
+    run = tmp_path / "run"
+    assert pretrain.main(base_args(setup["sel"], setup["images"], run, amp="bf16")) == 0
+    assert len(seen) == 3  # 12 images / batch 4
+    assert all(s == (torch.float32, torch.float32, True) for s in seen)  # autocast was on around them
+    # Without the float32 guard the same autocast gives bf16 logits: the guard is what changes them.
+    blk = distill.build_student(ARCH, 2, IMG).blocks[-1]
+    tokens = torch.randn(2, 65, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert qk_logits(blk.attn, blk.norm1(tokens)).dtype == torch.bfloat16
+        guarded = distill.float32_qk_logits(blk, tokens)
+    assert guarded.dtype == torch.float32
+    torch.testing.assert_close(guarded, qk_logits(blk.attn, blk.norm1(tokens)), rtol=0, atol=0)
+
+
+def test_weight_decay_follows_the_reference_cls_token_decays(setup):
+    args = pretrain.get_args_parser().parse_args(base_args(setup["sel"], setup["images"], Path("unused")))
+    method = distill.NmiHad(args)
+    method.build(torch.device("cpu"))
+    decay = {n: g["weight_decay"] for g in method.param_groups(0.05) for n in g["param_names"]}
+    assert decay["cls_token"] == 0.05  # timm's param_groups_weight_decay, as UNIP's main_pretrain.py
+    assert decay["blocks.0.attn.qkv.weight"] == 0.05 and decay["patch_embed.proj.weight"] == 0.05
+    assert decay["blocks.0.attn.qkv.bias"] == 0.0 and decay["blocks.0.norm1.weight"] == 0.0
+    assert "pos_embed" not in decay  # fixed sin-cos, never trained
+
+
+def data_args(**kw) -> argparse.Namespace:
+    base = dict(infrared=[], infpre=[], rgb=[], per_class_cap=None, max_images_per_source=None, grey="all")
+    return argparse.Namespace(**{**base, **kw})
+
+
+def colour_image(path: Path, seed: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def is_grey(img: torch.Tensor) -> bool:
+    return torch.equal(img[0], img[1]) and torch.equal(img[1], img[2])
+
+
+def test_every_image_is_grey_by_default_infrared_included(tmp_path):
+    colour_image(tmp_path / "ir" / "pseudo_colour.png")
+    colour_image(tmp_path / "rgb" / "c" / "x.png", seed=1)
+    by_choice = {}
+    for grey in ("all", "rgb", "none"):
+        args = data_args(infrared=[tmp_path / "ir"], rgb=[tmp_path / "rgb"], grey=grey)
+        ds = data_pretrain.InfMix(data_pretrain.collect_sources(args), 16, (0,) * 3, (1,) * 3)
+        by_choice[grey] = [is_grey(ds.load(0)), is_grey(ds.load(1))]  # infrared, rgb
+    assert by_choice == {"all": [True, True], "rgb": [False, True], "none": [False, False]}
+    assert pretrain.get_args_parser().get_default("grey") == "all"
+
+
+def test_infpre_root_is_read_as_dataset_thermal_only(tmp_path, capsys):
+    root = tmp_path / "InfPre"
+    write_images(root / "ds1" / "thermal", n=3)
+    write_images(root / "ds1" / "rgb", n=4, seed=1)  # paired visible images: not InfPre
+    write_images(root / "ds2" / "thermal", n=2, seed=2, sizes=((32, 32),))
+    (root / "ds3" / "thermal").mkdir(parents=True)  # no images
+    write_images(root / "notes", n=2, seed=3)  # no thermal/ folder: not a dataset
+    src = data_pretrain.collect_infpre(root)
+    assert src.kind == "infpre" and src.found == 5 and len(src.files) == 5
+    assert all("thermal" in f.relative_to(root).parts[1] for f in src.files)
+    assert "ds3" in src.summary()["note"]
+    # --per-class-cap is for ImageNet class folders: InfPre and --infrared folders are never capped.
+    args = data_args(infpre=[root], infrared=[root / "ds1"], per_class_cap=1)
+    assert [len(s.files) for s in data_pretrain.collect_sources(args)] == [7, 5]
+    with pytest.raises(ImageError, match="no <dataset>/thermal/ folders"):
+        data_pretrain.collect_infpre(root / "ds1" / "rgb")
+
+
+def test_config_file_config_json_and_bare_resume(setup, tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'selection = "{setup["sel"]}"\nteacher = "t"\nepochs = 1\nbatch-size = 4\n')
+    run = tmp_path / "run"
+    args = base_args(setup["sel"], setup["images"], run)
+    args = [a for a in args if a not in ("--selection", str(setup["sel"]), "--teacher", "t")]
+    args += ["--epochs", "2", "--ckpt-every-steps", "1"]
+    killed = run_cli(["--config", str(cfg)] + args, env=subprocess_env(**{pretrain.KILL_ENV: "2"}))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    written = json.loads((run / "config.json").read_text())  # before the first step
+    assert len(read_log(run)) == 2 and written["infrared"] == [str(setup["images"])]
+    assert written["epochs"] == 2 and written["batch_size"] == 4 and written["selection"] == str(setup["sel"])
+    assert written["method"] == "nmi-had" and written["effective_batch"] == 4
+    assert written["started_from"]["teacher"]["layer"] == 1
+    # The run's own config.json is a valid --config; a bare --resume continues this run folder.
+    # --infrared on the command line replaces the file's list (it does not add the folder twice).
+    again = ["--config", str(run / "config.json"), "--infrared", str(setup["images"]), "--no-progress"]
+    assert pretrain.main(again + ["--resume"]) == 0
+    assert [r["step"] for r in read_log(run)] == [1, 2, 3, 4, 5, 6]
+    assert torch.load(run / LAST, weights_only=True)["recipe"]["images"] == 12

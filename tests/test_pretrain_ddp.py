@@ -11,12 +11,22 @@ import pytest
 import torch
 from conftest import write_images
 from safetensors.torch import load_file
-from test_pretrain import ARCH, IMG, LAST, base_args, local_teacher, read_log, selection_doc, subprocess_env
+from test_pretrain import (
+    ARCH,
+    IMG,
+    LAST,
+    TENSORBOARD,
+    base_args,
+    local_teacher,
+    read_log,
+    selection_doc,
+    subprocess_env,
+)
 
 from unip_analysis import selection
 from unip_analysis.checkpoints import load_backbone
+from unip_train.checkpointing import weights_digest
 from unip_train.pretrain import cli as pretrain
-from unip_train.pretrain.nmi_had import weights_digest
 
 pytestmark = pytest.mark.slow
 
@@ -50,13 +60,17 @@ def test_two_processes_agree_on_weights_and_resume_exactly(tmp_path: Path):
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]  # one writer: no duplicated lines
     ckpt = torch.load(whole / LAST, weights_only=True)
     assert len(ckpt["rng"]) == 2 and ckpt["step"] == 6
-    assert sorted(p.name for p in whole.iterdir()) == [
-        "checkpoint-2.pt",
-        "checkpoint-last.pt",
-        "log.jsonl",
-        "student.json",
-        "student.safetensors",
-    ]
+    assert sorted(p.name for p in whole.iterdir()) == sorted(
+        [
+            "checkpoint-2.pt",
+            "checkpoint-last.pt",
+            "config.json",
+            "log.jsonl",
+            "student.json",
+            "student.safetensors",
+        ]
+        + TENSORBOARD
+    )
 
     # Both processes SIGKILL themselves after step 5 (checkpoint at step 4, mid-epoch 2); resume.
     died = torchrun(args(killed), env=subprocess_env(**{pretrain.KILL_ENV: "5"}))

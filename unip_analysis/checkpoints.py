@@ -26,6 +26,7 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import Attention, VisionTransformer
 
+from . import pad_vit
 from .errors import CheckpointError, SpecError
 from .files import sha256_file
 
@@ -186,6 +187,7 @@ FAMILIES: dict[str, Family] = {
     "deit3": Family(_family_deit3, 'DeiT III .pth: ckpt["model"]; gamma_1/2 -> ls1/ls2'),
     "timm": Family(_family_timm, "timm .safetensors/.bin: the dict itself, timm key names"),
     "unip": Family(_family_timm, "UNIP student .safetensors written by unip-pretrain", _build_unip),
+    "pad": Family(pad_vit.extract, "PAD backbone (adapters) from unip-pretrain --method pad", pad_vit.build),
 }
 
 

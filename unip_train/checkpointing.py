@@ -7,6 +7,7 @@ strings, lists and dicts only (RNG states included), never pickled objects.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -76,3 +77,12 @@ def check_same_settings(path: str | Path, saved: dict, current: dict, keys) -> N
                 f"{path}: saved with {key}={saved.get(key)!r}, this run has {current.get(key)!r}; "
                 "resume with the same settings, or start a new run folder"
             )
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 over state-dict names and bytes: equal digests mean bitwise-equal weights."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -62,6 +62,15 @@ def all_reduce_mean(value: float, device: torch.device) -> float:
     return float(t.item()) / dist.get_world_size()
 
 
+def all_reduce_mean_list(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise mean of a list of floats over processes, in one collective."""
+    if not (dist.is_available() and dist.is_initialized()) or not values:
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / dist.get_world_size()).tolist()
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))

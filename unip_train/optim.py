@@ -10,25 +10,29 @@ import torch
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token", "reg_token", "mask_token")
 
 
-def no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
-    """Biases, norm weights (1-D tensors) and token/position embeddings get no weight decay."""
-    return param.ndim <= 1 or name.endswith(".bias") or any(n in name for n in NO_DECAY_NAMES)
+def no_weight_decay(name: str, param: torch.nn.Parameter, names: tuple[str, ...] = NO_DECAY_NAMES) -> bool:
+    """Biases, norm weights (1-D tensors) and parameters whose name contains one of ``names``
+    (token / position embeddings by default) get no weight decay."""
+    return param.ndim <= 1 or name.endswith(".bias") or any(n in name for n in names)
 
 
 def param_groups(
     model: torch.nn.Module,
     weight_decay: float,
     lr_scale: Callable[[str], float] | None = None,
+    no_decay_names: tuple[str, ...] = NO_DECAY_NAMES,
 ) -> list[dict]:
     """AdamW groups: decay / no-decay, optionally split further by a per-parameter lr scale.
 
     Each group carries ``lr_scale``; schedules set ``group['lr'] = lr * group['lr_scale']``.
+    ``no_decay_names=()`` is timm's ``param_groups_weight_decay`` rule (only 1-D tensors and biases
+    undecayed), which the UNIP and PAD pre-training scripts use: their cls_token / mask_token decay.
     """
     groups: dict[tuple[bool, float], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        decay = not no_weight_decay(name, p)
+        decay = not no_weight_decay(name, p, no_decay_names)
         scale = 1.0 if lr_scale is None else float(lr_scale(name))
         key = (decay, scale)
         if key not in groups:
@@ -88,6 +92,11 @@ def poly_lr(
         k = (1.0 - it / max(1, warmup)) * (1.0 - warmup_ratio)
         return decayed * (1.0 - k)
     return decayed
+
+
+def lr_from_blr(blr: float, effective_batch: int) -> float:
+    """MAE's linear scaling rule: ``lr = blr * effective_batch / 256``."""
+    return blr * effective_batch / 256
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from unip_analysis.checkpoints import FAMILIES, build_vit, load_backbone, parse_spec, set_attention_heads
 from unip_analysis.errors import SpecError, UnipError, error_line
 from unip_analysis.files import atomic_write_text
+from unip_analysis.pad_vit import adapter_width, add_adapters, drop_adapters
 
 from .. import distributed as du
 from ..checkpointing import check_same_settings, load_checkpoint, restore_rng_state, save_checkpoint
@@ -79,6 +80,7 @@ class FinetuneConfig:
     aux_weight: float = 0.4
     num_classes: int | None = None  # folder layout without classes.txt
     resplit_last_heads: bool = False
+    adapters: str = "keep"  # PAD backbones: keep (trained with the rest) | drop (plain ViT, ablation)
     eval_window: int | None = None  # default crop
     eval_stride: int | None = None  # default 2/3 of the window (341 for 512)
     train_split: str = "train"
@@ -155,6 +157,9 @@ def build_backbone(cfg: FinetuneConfig) -> tuple[torch.nn.Module, dict]:
         # The reference fine-tuning re-splits the student's last block to the default head count.
         set_attention_heads(model.blocks[-1].attn, default_heads(arch))
     info["heads_per_layer"] = [int(b.attn.num_heads) for b in model.blocks]
+    if cfg.adapters == "drop":
+        drop_adapters(model)
+    info["adapter_width"] = adapter_width(model)
     if cfg.mode == "ft":
         model.train().requires_grad_(True)
     return model, info
@@ -427,6 +432,8 @@ def load_model(path: str | Path) -> tuple[Segmentor, FinetuneConfig, dict]:
     cfg = FinetuneConfig(**{k: v for k, v in ckpt["config"].items() if k in known})
     info = ckpt["backbone"]
     backbone = build_vit(info["arch"], img_size=cfg.crop, heads_per_layer=info["heads_per_layer"])
+    if info.get("adapter_width"):
+        add_adapters(backbone, info["adapter_width"])
     model = build_segmentor(cfg, backbone, len(ckpt["classes"]))
     missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
     if missing or unexpected:
@@ -516,6 +523,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="re-split the last block into the arch's default head count",
     )
+    p.add_argument(
+        "--adapters",
+        choices=("keep", "drop"),
+        default="keep",
+        help="pad backbones: keep the adapters (trained with the rest, default) or drop them (plain ViT)",
+    )
     p.add_argument("--eval-window", type=int, help="sliding window (default: crop)")
     p.add_argument("--eval-stride", type=int, help="sliding stride (default: 2/3 window, 341 for 512)")
     p.add_argument("--eval-split", help="split to evaluate (default test)")
@@ -550,6 +563,7 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, layer_decay=args.layer_decay,
         warmup_iters=args.warmup_iters, head_channels=args.head_channels, num_classes=args.num_classes,
         resplit_last_heads=args.resplit_last_heads, eval_window=args.eval_window, eval_stride=args.eval_stride,
+        adapters=args.adapters,
         eval_split=args.eval_split, seed=args.seed, workers=args.workers, device=args.device,
         amp=not args.no_amp, log_every=args.log_every, ckpt_every=args.ckpt_every, resume=args.resume,
         progress=not args.no_progress,

@@ -1,5 +1,8 @@
-"""One epoch of NMI-HAD distillation: the whole training step in one screen (MAE's engine_pretrain).
+"""One pre-training epoch, whatever the method: the whole training step in one screen (MAE's
+engine_pretrain).
 
+A method only supplies ``step_loss(model, images) -> (loss, extras)``; accumulation, autocast,
+loss scaling, gradient clipping, the cosine schedule and the non-finite checks live here once.
 The learning rate follows the cosine schedule per optimizer step (not per micro-batch): it is set
 at the first micro-batch of each accumulation window, from the number of optimizer steps done.
 """
@@ -17,8 +20,11 @@ from tqdm.auto import tqdm
 
 from unip_analysis.errors import UnipError
 
-from ..distributed import all_reduce_mean
+from ..distributed import all_reduce_mean, all_reduce_mean_list
 from ..optim import cosine_lr, set_lr
+
+# (model, images) -> (scalar loss, extra numbers to log: name -> float or list of floats)
+StepLoss = Callable[[torch.nn.Module, torch.Tensor], tuple[torch.Tensor, dict]]
 
 
 class NonFiniteLoss(UnipError):
@@ -44,8 +50,7 @@ class LoopConfig:
 
 def train_one_epoch(
     model: torch.nn.Module,
-    teacher: torch.nn.Module,
-    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    step_loss: StepLoss,
     loader: torch.utils.data.DataLoader,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
@@ -57,14 +62,14 @@ def train_one_epoch(
     progress: bool = True,
 ) -> None:
     """Micro-batches ``start_iter .. iters_per_epoch-1`` of ``epoch``; ``on_step(record, iters_done)``
-    after every optimizer step (logging, mid-epoch checkpoints)."""
+    after every optimizer step (logging, mid-epoch checkpoints). ``model`` is what DDP wraps."""
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     accum = cfg.accum_iter
     step = epoch * cfg.steps_per_epoch + start_iter // accum  # optimizer steps done so far
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    window_losses, tic = [], time.perf_counter()
+    window_losses, window_extras, tic = [], [], time.perf_counter()
     bar = tqdm(total=cfg.iters_per_epoch, initial=start_iter, desc=f"epoch {epoch}", disable=not progress)
     for it, (images, skipped) in enumerate(loader, start=start_iter):
         if it >= cfg.iters_per_epoch:
@@ -79,18 +84,17 @@ def train_one_epoch(
         sync = contextlib.nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             with torch.autocast(device.type, dtype=cfg.amp_dtype, enabled=cfg.amp_dtype is not None):
-                target = teacher(images)
-                pred = model(images)
-            loss = criterion(target, pred)  # float32
+                loss, extras = step_loss(model, images)  # the loss itself is float32
             scaler.scale(loss / accum).backward()
         loss_value = all_reduce_mean(loss.item(), device)  # every process sees a nan on any of them
         if not math.isfinite(loss_value):
             raise NonFiniteLoss(
                 f"loss is {loss_value} at optimizer step {step + 1} (epoch {epoch}, micro-batch {it}); "
                 "stopped before the update; the last checkpoint written is intact. "
-                "Lower --lr/--blr, set --clip-grad, or check the teacher weights"
+                "Lower --lr/--blr, set --clip-grad, or check the starting weights"
             )
         window_losses.append(loss_value)
+        window_extras.append(extras)
         bar.update(1)
         if not last_micro:
             continue
@@ -113,8 +117,28 @@ def train_one_epoch(
             "lr": lr,
             "grad_norm": grad_norm,
             "images_per_s": cfg.effective_batch / max(toc - tic, 1e-9),
+            **mean_extras(window_extras, device),
         }
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
         on_step(record, it + 1)
-        window_losses, tic = [], time.perf_counter()
+        window_losses, window_extras, tic = [], [], time.perf_counter()
     bar.close()
+
+
+def mean_extras(extras: list[dict], device: torch.device) -> dict:
+    """Each extra number averaged over the window's micro-batches, then over processes (one
+    collective for all of them). Lists are averaged element-wise (e.g. one value per layer)."""
+    if not extras or not extras[0]:
+        return {}
+    keys = list(extras[0])
+    flat, shapes = [], []
+    for key in keys:
+        rows = [e[key] if isinstance(e[key], list) else [e[key]] for e in extras]
+        flat += [sum(col) / len(rows) for col in zip(*rows)]
+        shapes.append((key, len(rows[0]), isinstance(extras[0][key], list)))
+    flat = all_reduce_mean_list(flat, device)
+    out, i = {}, 0
+    for key, n, is_list in shapes:
+        out[key] = flat[i : i + n] if is_list else flat[i]
+        i += n
+    return out

@@ -1,4 +1,5 @@
-"""NMI-HAD pieces (method.md section 2): the frozen teacher, the student, MAE-style init, the losses.
+"""NMI-HAD (method.md section 2): the frozen teacher, the student, MAE-style init, the losses, and
+the ``--method nmi-had`` object the shared pre-training run drives.
 
 The distilled quantity is one layer's pre-softmax query-key logits ``(q @ k^T) * head_dim^-0.5``,
 [B, H, N+1, N+1] with the cls token kept. The teacher computes them at its selected layer; the
@@ -7,19 +8,31 @@ student at its last block, which therefore has the teacher's head count at that 
 
 from __future__ import annotations
 
-import hashlib
+import argparse
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
+from timm.layers import DropPath
 from timm.models.vision_transformer import VisionTransformer
 
-from unip_analysis.attention import forward_until, layer_qk_logits, qk_logits
-from unip_analysis.checkpoints import LoadedBackbone, build_vit, heads_per_layer, set_attention_heads
+from unip_analysis import selection
+from unip_analysis.attention import forward_until, qk_logits
+from unip_analysis.checkpoints import (
+    LoadedBackbone,
+    build_vit,
+    heads_per_layer,
+    load_backbone,
+    set_attention_heads,
+)
 from unip_analysis.errors import SpecError
-from unip_analysis.files import atomic_write
+from unip_analysis.files import atomic_write, atomic_write_text
+
+from .. import distributed
+from ..optim import param_groups
+from .method import PretrainMethod
 
 STUDENT_FORMAT = "unip-student"
 
@@ -76,7 +89,8 @@ class Teacher(torch.nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return layer_qk_logits(self.model, images, self.layer0) / self.temperature
+        tokens = forward_until(self.model, images, self.layer0)
+        return float32_qk_logits(self.model.blocks[self.layer0], tokens) / self.temperature
 
 
 # --- student ---------------------------------------------------------------------------------
@@ -92,16 +106,27 @@ class Student(torch.nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         last = len(self.vit.blocks) - 1
         tokens = forward_until(self.vit, images, last)
-        blk = self.vit.blocks[last]
-        return qk_logits(blk.attn, blk.norm1(tokens))
+        return float32_qk_logits(self.vit.blocks[last], tokens)
+
+
+def float32_qk_logits(block: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """The distilled logits of ``block`` for the tokens entering it, computed in float32 whatever
+    autocast is on: the block's norm1, its q/k projection and q·k (method.md section 2: a bf16
+    target is ~70x noisier than fp16 against the fp32 one; the blocks before may run in bf16)."""
+    with torch.autocast(tokens.device.type, enabled=False):
+        return qk_logits(block.attn, block.norm1(tokens.float()))
 
 
 def build_student(
     arch: str, last_heads: int, img_size: int, drop_path_rate: float = 0.1
 ) -> VisionTransformer:
     """``arch`` with its default head counts except the last block, which gets ``last_heads``
-    (the teacher's at the distilled layer); MAE-style init; parameters the loss never reaches frozen."""
-    model = build_vit(arch, img_size=img_size, drop_path_rate=drop_path_rate)
+    (the teacher's at the distilled layer); MAE-style init; the same drop path rate in every block
+    (the reference's constant rate, not timm's 0..rate ramp); parameters the loss never reaches frozen."""
+    model = build_vit(arch, img_size=img_size)
+    for blk in model.blocks:
+        blk.drop_path1 = DropPath(drop_path_rate) if drop_path_rate > 0 else torch.nn.Identity()
+        blk.drop_path2 = DropPath(drop_path_rate) if drop_path_rate > 0 else torch.nn.Identity()
     set_attention_heads(model.blocks[-1].attn, int(last_heads))
     mae_init(model)
     freeze_unused(model)
@@ -198,15 +223,96 @@ def save_student(path: str | Path, model: VisionTransformer, arch: str) -> Path:
     return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
 
 
-def weights_digest(model: torch.nn.Module) -> str:
-    """sha256 over parameter names and bytes: equal digests mean bitwise-equal weights."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+# --- the method ------------------------------------------------------------------------------
 
 
-def lr_from_blr(blr: float, effective_batch: int) -> float:
-    """MAE's linear scaling rule: ``lr = blr * effective_batch / 256``."""
-    return blr * effective_batch / 256
+class NmiHad(PretrainMethod):
+    """``--method nmi-had``: distil a teacher's selected layer into a student's last block."""
+
+    name = "nmi-had"
+    title = "NMI-HAD distillation (--method nmi-had, the default)"
+    resume_keys = ("student", "layer", "loss", "temperature", "drop_path")
+
+    @staticmethod
+    def add_arguments(g: argparse._ArgumentGroup) -> None:
+        g.add_argument("--selection", type=Path, help="layer_selection.json from unip-analyze (required)")
+        g.add_argument("--teacher", help="model name in the selection file (required)")
+        g.add_argument("--layer", type=int, help="1-based teacher layer to distil (default: selected_layer)")
+        g.add_argument(
+            "--student", default="vit_small_patch16_224", help="timm ViT name, optionally name(k=v,...)"
+        )
+        g.add_argument("--drop-path", type=float, default=0.1, help="student stochastic depth rate (0.1)")
+        g.add_argument(
+            "--loss", choices=sorted(LOSSES), default="kl", help="kl: KL(teacher||student) (default); ce"
+        )
+        g.add_argument("--temperature", type=float, default=1.0, help="teacher logits are divided by it (1)")
+
+    def check_args(self) -> None:
+        missing = [f"--{n}" for n in ("selection", "teacher") if getattr(self.args, n) is None]
+        if missing:
+            raise SpecError(
+                f"--method nmi-had needs {' and '.join(missing)}: the layer_selection.json from "
+                "unip-analyze and the teacher's name in it"
+            )
+
+    def build(self, device: torch.device) -> None:
+        args = self.args
+        # Teacher: the selection file says which checkpoint and which layer.
+        doc = selection.read(args.selection)
+        entry, layer = selection.resolve_teacher(doc, args.teacher, str(args.selection), layer=args.layer)
+        backbone = load_backbone(entry["family"], entry["arch"], entry["weights"], img_size=args.input_size)
+        self.teacher = Teacher(backbone, layer - 1, args.temperature).to(device)
+        # Seeded here too, so the student's init does not depend on what loading the teacher drew.
+        distributed.seed_everything(args.seed)
+        self.vit = build_student(args.student, self.teacher.heads, args.input_size, args.drop_path)
+        check_token_grids(self.teacher, self.vit, args.input_size)
+        self.module = Student(self.vit).to(device)
+        self.criterion = LOSSES[args.loss]
+        self.teacher_info = {
+            "name": args.teacher,
+            "family": entry["family"],
+            "arch": entry["arch"],
+            "weights": entry["weights"],
+            "weights_sha256": entry["weights_sha256"],
+            "layer": layer,
+            "heads": self.teacher.heads,
+        }
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        # timm's rule, as the reference (param_groups_weight_decay with no name list): cls_token decays.
+        return param_groups(self.vit, weight_decay, no_decay_names=())
+
+    def loss(self, model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        return self.criterion(self.teacher(images), model(images)), {}
+
+    def identity(self) -> dict:
+        return {
+            "teacher_sha256": self.teacher_info["weights_sha256"],
+            "teacher_layer": self.teacher_info["layer"],
+        }
+
+    def info(self) -> dict:
+        return {"teacher": self.teacher_info}
+
+    def describe(self) -> str:
+        t = self.teacher_info
+        return (
+            f"teacher {t['name']} ({t['family']}:{t['arch']}) layer {t['layer']}, {t['heads']} heads; "
+            f"student {self.args.student}, heads {heads_per_layer(self.vit)}"
+        )
+
+    def backbone(self) -> torch.nn.Module:
+        return self.vit
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.vit.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.vit.load_state_dict(state)
+
+    def export(self, out: Path, summary: dict) -> Path:
+        path = save_student(out / "student.safetensors", self.vit, self.args.student)
+        doc = {"arch": self.args.student, "heads_per_layer": heads_per_layer(self.vit)}
+        doc.update(teacher=self.teacher_info, **summary)
+        atomic_write_text(out / "student.json", json.dumps(doc, indent=2) + "\n")
+        return path

@@ -1,0 +1,297 @@
+"""The method-agnostic pre-training run: data, optimizer, schedule, precision, run folder,
+checkpoints and exact resume, logging, torchrun. A method (:mod:`.method`) plugs in what it trains.
+
+Setup lives in :func:`train`; the step is :func:`unip_train.pretrain.engine.train_one_epoch`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from unip_analysis import images as imgs
+from unip_analysis.errors import CheckpointError, SpecError, UnipError
+
+from .. import checkpointing, distributed, runs
+from ..optim import adamw, lr_from_blr
+from ..sampling import EpochSampler
+from .data import InfMix, collate, collect_sources
+from .engine import LoopConfig, train_one_epoch
+from .method import PretrainMethod
+
+PROG = "unip-pretrain"
+LAST = "checkpoint-last.pt"
+BETAS = (0.9, 0.95)
+# Test-only: SIGKILL this process right after optimizer step N (exercises --resume).
+KILL_ENV = "UNIP_PRETRAIN_SIGKILL_AT_STEP"
+# Resuming with any of these changed would visit different samples or train another model.
+RESUME_MUST_MATCH = ("method", "batch_size", "accum_iter", "world_size", "seed", "images", "input_size")
+# Values config.json records that are not options (so a run's config.json can be passed to --config).
+DERIVED = (
+    "effective_batch", "world_size", "lr_absolute", "steps_per_epoch", "total_steps", "warmup_steps",
+    "betas", "amp_dtype", "images", "started_from",
+)  # fmt: skip
+# Options that steer this process only, not the run: never recorded, never compared.
+NOT_RECORDED = ("debug", "no_progress", "resume", "device", "config")
+
+
+def amp_dtype(choice: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for float32. On CPU only an explicit bf16 turns autocast on."""
+    if device.type != "cuda":
+        if choice == "fp16":
+            raise SpecError(f"--amp fp16 needs CUDA; this run is on {device}; use --amp bf16 or none")
+        return torch.bfloat16 if choice == "bf16" else None
+    if choice == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[choice]
+
+
+def gather(obj: object) -> list:
+    """``obj`` from every process, in rank order (a one-element list without torchrun)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class RunFolder:
+    """The run folder: checkpoints, the step log, unreadable-image bookkeeping. Only rank 0 writes."""
+
+    def __init__(self, out: Path, info: distributed.DistInfo, state_fn, kill_at: int | None):
+        self.out, self.info, self.state_fn, self.kill_at = out, info, state_fn, kill_at
+        self.skipped: set[str] = set()
+        self.log: runs.ScalarLog | None = None
+
+    def note_skipped(self, paths: list[str]) -> None:
+        for p in paths:
+            if p not in self.skipped:
+                self.skipped.add(p)
+                print(f"{PROG}: warning: unreadable image skipped: {p}", file=sys.stderr, flush=True)
+
+    def all_skipped(self) -> list[str]:
+        return sorted(set().union(*gather(self.skipped)))
+
+    def save(self, epoch: int, iters_done: int, step: int, keep_epoch: bool = False) -> None:
+        """checkpoint-last.pt (and checkpoint-EPOCH.pt): a collective call, every process gives its RNG."""
+        state = self.state_fn(epoch, iters_done, step)
+        state["rng"] = gather(distributed.rng_state())
+        state["skipped"] = self.all_skipped()
+        if self.info.is_main:
+            checkpointing.save_checkpoint(self.out / LAST, state)
+            if keep_epoch:
+                checkpointing.save_checkpoint(self.out / f"checkpoint-{epoch}.pt", state)
+        distributed.barrier()
+
+    def after_step(self, record: dict, epoch: int, iters_done: int, iters_per_epoch: int, every: int) -> None:
+        self.log.write(record)
+        if every and record["step"] % every == 0 and iters_done < iters_per_epoch:
+            self.save(epoch, iters_done, record["step"])
+        if self.kill_at is not None and record["step"] == self.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def resume_path(args: argparse.Namespace) -> Path | None:
+    if args.resume is None:
+        return None
+    if args.resume == "auto":
+        path = args.out / LAST
+        return path if path.exists() else None
+    return Path(args.resume)
+
+
+def build_data(args: argparse.Namespace, method: PretrainMethod, info: distributed.DistInfo) -> tuple:
+    """(sources, dataset, sampler, loader, micro-batches per epoch) for this process."""
+    sources = collect_sources(args)
+    mean, std = imgs.parse_normalization(args.norm)
+    dataset = InfMix(sources, args.input_size, mean, std, seed=args.seed, proposals=method.proposals(sources))
+    sampler = EpochSampler(len(dataset), info.world_size, info.rank, seed=args.seed)
+    # Whole accumulation windows only: a partial one would leak gradients into the next epoch.
+    iters = sampler.per_rank // args.batch_size // args.accum_iter * args.accum_iter
+    if iters == 0:
+        raise SpecError(
+            f"{len(dataset)} images give each of {info.world_size} process(es) {sampler.per_rank} per epoch, "
+            f"fewer than one optimizer step of {args.batch_size} x {args.accum_iter}; "
+            "lower --batch-size / --accum-iter or add images"
+        )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        sampler=sampler,
+        num_workers=args.num_workers,
+        collate_fn=collate,
+        pin_memory=info.device.type == "cuda",
+        drop_last=True,
+        generator=torch.Generator(),  # keeps iterator creation off the global RNG (exact resume)
+    )
+    return sources, dataset, sampler, loader, iters
+
+
+def wrap(module: torch.nn.Module, info: distributed.DistInfo) -> torch.nn.Module:
+    """``module`` under DDP when torchrun started several processes (it syncs what requires grad)."""
+    if not info.enabled:
+        return module
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+
+def trainable(module: torch.nn.Module) -> tuple[int, ...]:
+    return tuple(id(p) for p in module.parameters() if p.requires_grad)
+
+
+def train(args: argparse.Namespace, method: PretrainMethod) -> None:
+    info = distributed.init_distributed(args.device)
+    device = info.device
+    amp = amp_dtype(args.amp, device)
+    say = print if info.is_main else (lambda *a, **k: None)
+
+    # Same seed on every process, so every process starts from the same weights.
+    distributed.seed_everything(args.seed)
+    method.build(device)
+    sources, dataset, sampler, loader, iters = build_data(args, method, info)
+
+    # Optimization.
+    effective = args.batch_size * args.accum_iter * info.world_size
+    lr = args.lr if args.lr is not None else lr_from_blr(args.blr, effective)
+    steps_per_epoch = iters // args.accum_iter
+    cfg = LoopConfig(
+        iters_per_epoch=iters,
+        accum_iter=args.accum_iter,
+        lr=lr,
+        min_lr=args.min_lr,
+        warmup_steps=round(args.warmup_epochs * steps_per_epoch),
+        total_steps=args.epochs * steps_per_epoch,
+        effective_batch=effective,
+        clip_grad=args.clip_grad,
+        amp_dtype=amp,
+    )
+    optimizer = adamw(method.param_groups(args.weight_decay), lr=lr, betas=BETAS)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+
+    recipe = {k: v for k, v in vars(args).items() if k not in NOT_RECORDED}
+    recipe.update(
+        effective_batch=effective,
+        world_size=info.world_size,
+        lr_absolute=lr,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=cfg.total_steps,
+        warmup_steps=cfg.warmup_steps,
+        betas=list(BETAS),
+        amp_dtype=str(amp).replace("torch.", "") if amp else "none",
+        images=len(dataset),
+    )
+    recipe = runs.plain(recipe)
+
+    def state(epoch: int, iters_done: int, step: int) -> dict:
+        return {
+            "model": method.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "epoch": epoch,
+            "iter_in_epoch": iters_done,
+            "step": step,
+            "recipe": recipe,
+            "identity": method.identity(),
+        }
+
+    kill_at = int(os.environ[KILL_ENV]) if os.environ.get(KILL_ENV) else None
+    run = RunFolder(args.out, info, state, kill_at)
+
+    start_epoch, start_iter, ckpt = 0, 0, None
+    path = resume_path(args)
+    if path is not None:
+        ckpt = checkpointing.load_checkpoint(path)
+        check_resumable(ckpt, recipe, method, path)
+        method.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, start_iter = int(ckpt["epoch"]), int(ckpt["iter_in_epoch"])
+        run.skipped.update(ckpt.get("skipped", []))
+        say(f"resumed from {path}: epoch {start_epoch}, micro-batch {start_iter}, step {ckpt['step']}")
+    elif (args.out / LAST).exists():
+        raise SpecError(
+            f"{args.out / LAST} exists: pass --resume auto (or a bare --resume) to continue that run, "
+            "or choose a new --out"
+        )
+    if info.is_main:  # everything is checked: the run folder may now be written
+        args.out.mkdir(parents=True, exist_ok=True)
+        runs.write_config(args.out, {**recipe, "started_from": method.info()})
+    run.log = runs.ScalarLog(args.out, info.is_main, resume_step=int(ckpt["step"]) if ckpt else None)
+
+    say(
+        f"{method.describe()}\n"
+        f"data: {len(dataset)} images from {len(sources)} folder(s); effective batch {effective} = "
+        f"{args.batch_size} x {args.accum_iter} x {info.world_size}; lr {lr:.3g}; "
+        f"{steps_per_epoch} steps/epoch x {args.epochs} epochs",
+        flush=True,
+    )
+    if ckpt is not None:  # last, so nothing in setup draws from the restored generators
+        checkpointing.restore_rng_state(ckpt["rng"][info.rank])  # same world size: check_resumable
+
+    model, wrapped_for = None, None
+    step = start_epoch * steps_per_epoch + start_iter // args.accum_iter
+    for epoch in range(start_epoch, args.epochs):
+        method.on_epoch(epoch)
+        if trainable(method.module) != wrapped_for:  # DDP syncs only what required grad when wrapped
+            model = None  # the previous wrapper and its gradient hooks go before a new one is made
+            model, wrapped_for = wrap(method.module, info), trainable(method.module)
+        dataset.set_epoch(epoch)
+        sampler.set_epoch(epoch, start=start_iter * args.batch_size)
+        train_one_epoch(
+            model,
+            method.loss,
+            loader,
+            optimizer,
+            scaler,
+            epoch,
+            cfg,
+            start_iter=start_iter,
+            on_step=lambda rec, done, e=epoch: run.after_step(rec, e, done, iters, args.ckpt_every_steps),
+            on_skipped=run.note_skipped,
+            progress=info.is_main and not args.no_progress,
+        )
+        start_iter = 0
+        step = (epoch + 1) * steps_per_epoch
+        done = epoch + 1
+        run.save(done, 0, step, keep_epoch=done % args.save_every == 0 or done == args.epochs)
+    run.log.close()
+
+    digests = gather(checkpointing.weights_digest(method.backbone()))
+    skipped = run.all_skipped()
+    if info.is_main:
+        summary = {
+            "data": {
+                "images": len(dataset),
+                "sources": [s.summary() for s in sources],
+                "skipped_unreadable": len(skipped),
+            },
+            "recipe": recipe,
+            "epochs_done": args.epochs,
+            "steps_done": step,
+            "weights_sha256_per_rank": digests,
+        }
+        written = method.export(args.out, summary)
+        say(f"wrote {written} ({len(skipped)} unreadable images skipped)")
+    if len(set(digests)) != 1:
+        raise UnipError(f"processes ended with different weights ({digests}); DDP did not keep them in sync")
+
+
+def check_resumable(ckpt: dict, recipe: dict, method: PretrainMethod, path: Path) -> None:
+    for key in ("model", "optimizer", "scaler", "epoch", "iter_in_epoch", "step", "rng", "recipe"):
+        if key not in ckpt:
+            raise CheckpointError(f"{path}: not a {PROG} checkpoint (no '{key}')")
+    keys = RESUME_MUST_MATCH + method.resume_keys
+    checkpointing.check_same_settings(path, ckpt["recipe"], recipe, keys)
+    saved = ckpt.get("identity", {})
+    for key, value in method.identity().items():
+        if saved.get(key) != value:
+            raise CheckpointError(
+                f"{path}: saved from starting weights with {key} {saved.get(key)!r}, this run has {value!r}; "
+                "resume with the same files, or start a new run folder"
+            )
