@@ -99,6 +99,11 @@ def _convert(action: argparse.Action, value: Any, path: str) -> Any:
     if value is None or action.type is None:
         return value
     try:
+        # argparse has no public name for "appends each use"; its private class is stable since 3.2.
+        repeated = isinstance(action, argparse._AppendAction)
+        if isinstance(value, list) and action.nargs is None and not repeated:
+            # One option value given as a list (``layers = [4, 6, 8, 12]``): its comma-separated form.
+            return action.type(",".join(map(str, value)))
         if isinstance(value, list):
             return [action.type(v if isinstance(v, str) else str(v)) for v in value]
         return action.type(value if isinstance(value, str) else str(value))

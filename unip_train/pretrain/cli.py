@@ -483,4 +483,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         distributed.cleanup()
-
