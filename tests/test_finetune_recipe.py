@@ -170,7 +170,10 @@ def test_head_widths_and_init_follow_the_configs():
     conv = model.aux_head.convs[0][0].weight.detach()  # 256 x 64 x 3 x 3
     assert abs(float(conv.std()) / math.sqrt(2 / (256 * 9)) - 1) < 0.05
     for head in (model.decode_head, model.aux_head):
-        assert abs(float(head.classifier.weight.detach().std()) - 0.01) < 0.002 and not head.classifier.bias.any()
+        assert (
+            abs(float(head.classifier.weight.detach().std()) - 0.01) < 0.002
+            and not head.classifier.bias.any()
+        )
 
 
 @pytest.mark.parametrize(
@@ -211,3 +214,17 @@ def test_multi_layer_run_with_relative_position_bias_reevaluates_the_same(tiny_t
     assert "backbone.blocks.3.ls2.gamma" in state
     again = evaluate_saved(out / "model.pt", out=tmp_path / "re", progress=False)
     assert again["miou"] == metrics["miou"] and again["per_class_iou"] == metrics["per_class_iou"]
+
+
+def test_cross_entropy_average_over_labelled_or_all_pixels():
+    from unip_train.finetune.engine import seg_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 8, 8)
+    label = torch.randint(0, 4, (2, 8, 8))
+    label[:, :, 6:] = 255  # a quarter ignored (padding, borders)
+    per_pixel = F.cross_entropy(logits, label, ignore_index=255, reduction="none")
+    torch.testing.assert_close(seg_loss(logits, label), per_pixel.sum() / (label != 255).sum())
+    # The reference (mmseg 0.11) divided by every pixel, so ignored pixels shrank its loss.
+    torch.testing.assert_close(seg_loss(logits, label, "all"), per_pixel.sum() / label.numel())
+    assert resolve(cfg_for()).ce_average == "labelled"

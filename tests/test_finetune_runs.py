@@ -124,6 +124,7 @@ def test_scut_as_released_through_the_cli(tiny_timm_checkpoint, tmp_path, capsys
         and "_labelIds.png: label values" in err
         and "--label-map none" in err
     )
+    assert not (tmp_path / "x").exists()  # nothing written
 
 
 def test_mfnet_unip_splits_as_eval_splits(tiny_timm_checkpoint, tmp_path):

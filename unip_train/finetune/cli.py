@@ -42,6 +42,7 @@ from ..optim import adamw, layer_decay_scale, param_groups
 from ..sampling import EpochSampler
 from .backbone import prepare_for_finetuning
 from .config import (
+    CE_AVERAGES,
     DEFAULT_ITERS,
     FinetuneConfig,
     FinetuneError,
@@ -469,6 +470,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--head-channels", type=int, help="UperNet channels (default: the backbone's embed dim)")
     g.add_argument("--aux-channels", type=int, default=256, help="auxiliary FCN head channels (default 256)")
     g.add_argument("--aux-weight", type=float, default=0.4, help="auxiliary loss weight (default 0.4)")
+    g.add_argument(
+        "--ce-average",
+        default="labelled",
+        choices=CE_AVERAGES,
+        help="cross-entropy over labelled pixels (default) | all pixels, as the reference's mmseg 0.11",
+    )
     g = p.add_argument_group("schedule")
     g.add_argument("--iters", type=int, help=f"training iterations (default: {iters})")
     g.add_argument(

@@ -28,6 +28,8 @@ DEFAULT_REL_POS_BIAS = {"ll-fpn": False, "multi-layer": True}
 # ViT-L and wider: fine-tuning batch 4 (2 GPUs x 2) and drop path 0.2; smaller ViTs 8 and 0.1.
 LARGE_EMBED_DIM = 1024
 AUX_CHANNELS = 256  # auxiliary FCN head (configs/_base_/models/upernet.py)
+# Cross-entropy denominator: labelled pixels (ours), or all pixels (mmsegmentation 0.11, the reference).
+CE_AVERAGES = ("labelled", "all")
 
 
 @dataclass
@@ -55,6 +57,7 @@ class FinetuneConfig:
     head_channels: int | None = None  # UperNet channels; default the backbone's embed dim
     aux_channels: int = AUX_CHANNELS  # auxiliary FCN head
     aux_weight: float = 0.4
+    ce_average: str = "labelled"  # labelled | all (the reference's mmseg 0.11: over all pixels)
     num_classes: int | None = None  # folder layout without classes.txt
     label_map: str = "auto"  # auto | none | cityscapes (SCUT-Seg label IDs)
     resplit_last_heads: bool = False
@@ -102,6 +105,8 @@ def resolve(cfg: FinetuneConfig) -> FinetuneConfig:
         raise FinetuneError(f"--mode {cfg.mode!r}: expected ft or lp")
     if cfg.neck not in NECKS:
         raise FinetuneError(f"--neck {cfg.neck!r}: expected one of {', '.join(NECKS)}")
+    if cfg.ce_average not in CE_AVERAGES:
+        raise FinetuneError(f"--ce-average {cfg.ce_average!r}: expected one of {', '.join(CE_AVERAGES)}")
     if cfg.label_map not in LABEL_MAPS:
         raise FinetuneError(f"--label-map {cfg.label_map!r}: expected one of {', '.join(LABEL_MAPS)}")
     _, arch, _ = parse_backbone(cfg.backbone)

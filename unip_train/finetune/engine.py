@@ -65,9 +65,13 @@ class TrainState:
         ]
 
 
-def seg_loss(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of logits upsampled (bilinear) to the label's size; 255 ignored."""
+def seg_loss(logits: torch.Tensor, label: torch.Tensor, average: str = "labelled") -> torch.Tensor:
+    """Cross-entropy of logits upsampled (bilinear) to the label's size; 255 ignored. ``average``:
+    ``labelled`` = mean over labelled pixels; ``all`` = their sum over all pixels, ignored and
+    padded ones included, as mmsegmentation 0.11 (the reference) reduced it."""
     logits = F.interpolate(logits.float(), size=label.shape[-2:], mode="bilinear", align_corners=False)
+    if average == "all":
+        return F.cross_entropy(logits, label, ignore_index=IGNORE_INDEX, reduction="sum") / label.numel()
     return F.cross_entropy(logits, label, ignore_index=IGNORE_INDEX)
 
 
@@ -147,9 +151,9 @@ def loss_terms(s: TrainState, it: int, img: torch.Tensor, label: torch.Tensor) -
         else:
             out = SegOutput(*s.ddp(batch), None)
     labelled, rest = out.split(img.shape[0])
-    terms = {"ce": seg_loss(labelled.logits, label)}
+    terms = {"ce": seg_loss(labelled.logits, label, s.cfg.ce_average)}
     if labelled.aux is not None:
-        terms["aux_ce"] = s.cfg.aux_weight * seg_loss(labelled.aux, label)
+        terms["aux_ce"] = s.cfg.aux_weight * seg_loss(labelled.aux, label, s.cfg.ce_average)
     for ext in s.extensions:
         for name, value in ext.loss_terms(it, label, labelled, rest).items():
             if name in terms:
