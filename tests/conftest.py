@@ -29,9 +29,7 @@ def write_images(folder: Path, n: int = 6, seed: int = 0, sizes=((40, 48), (32, 
         if kind == 0:
             Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8)).save(folder / f"g8_{i}.png")
         elif kind == 1:
-            Image.fromarray(rng.integers(0, 65536, (h, w), dtype=np.uint16)).save(
-                folder / "sub" / f"g16_{i}.png"
-            )
+            Image.fromarray(rng.integers(0, 65536, (h, w), dtype=np.uint16)).save(folder / "sub" / f"g16_{i}.png")
         else:
             Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"rgb_{i}.jpg")
     return folder

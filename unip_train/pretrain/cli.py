@@ -483,3 +483,4 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         distributed.cleanup()
+
