@@ -114,12 +114,15 @@ def chance_mious(ds: SegDataset) -> tuple[float, float]:
 def test_short_cpu_finetune_beats_chance_and_reevaluates(tiny_timm_checkpoint, tmp_path: Path, capsys):
     data = generate(tmp_path / "data", "folder", n_train=32, n_test=8, size=96, seed=0)
     out = tmp_path / "run"
-    cfg = config(tiny_timm_checkpoint, data, out, crop=64, head_channels=32, iters=250, log_every=50)
+    # The published recipe's parts (LayerScale, drop path, raw features, mmseg head init, aux head
+    # 256 wide), a higher lr than its 1e-4 for a 250-iteration toy run: with mmseg's head init,
+    # lr 1e-3 reached 0.20 here, 3e-3 0.50 (PyTorch's default head init reached 0.54 at 1e-3).
+    cfg = config(tiny_timm_checkpoint, data, out, crop=64, head_channels=32, iters=250, log_every=50, lr=3e-3)
     metrics = run(cfg)
     majority, prior = chance_mious(SegDataset(data, "folder", "test"))
     with capsys.disabled():
         print(f"\nmIoU {metrics['miou']:.3f} vs chance: majority {majority:.3f}, class prior {prior:.3f}")
-    # Measured: mIoU 0.53 vs chance 0.12 (majority) / 0.12 (class prior).
+    # Measured: mIoU 0.50 vs chance 0.12 (majority) / 0.12 (class prior).
     assert metrics["miou"] > 0.35 and metrics["miou"] > 2.5 * max(majority, prior)
     assert metrics["per_class_iou"]["person"] > 0.2 and metrics["pixel_acc"] > 0.85
 
@@ -175,7 +178,7 @@ def test_multi_layer_neck_and_resume(tiny_timm_checkpoint, synthetic_folder, tmp
         config(tiny_timm_checkpoint, synthetic_folder, out, neck="multi-layer", iters=10, resume="auto")
     )
     assert metrics["neck"] == "multi-layer" and metrics["layers"] is None
-    iters = [r["iter"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "iter" in r]
+    iters = [r["iter"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]
     assert iters == [5, 6, 10]  # the resumed run continued from iteration 6
 
 
@@ -212,7 +215,7 @@ def test_sigkill_mid_epoch_then_resume_equals_the_uninterrupted_run(
 
     def losses(run_dir: Path) -> dict:
         lines = map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())
-        return {r["iter"]: r["loss"] for r in lines if "iter" in r}  # the resumed run's records win
+        return {r["iter"]: r["loss"] for r in lines if "loss" in r}  # the resumed run's records win
 
     assert losses(whole) == losses(killed)
 
@@ -326,4 +329,4 @@ def test_torchrun_two_process_cpu_smoke(tiny_timm_checkpoint, synthetic_folder, 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["iters"] == 4 and metrics["num_images"] == 3
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert log[0]["world"] == 2 and [r["iter"] for r in log if "iter" in r] == [2, 4]
+    assert log[0]["world"] == 2 and [r["iter"] for r in log if "loss" in r] == [2, 4]

@@ -119,3 +119,19 @@ def test_error_line_reduces_a_worker_traceback_to_the_original_message():
         next(iter(loader))
     assert "Original Traceback" in str(info.value)
     assert error_line(info.value) == "/data/x0.png: cannot decode image; remove or replace the file"
+
+
+def test_config_keys_may_use_any_long_spelling_and_lists_for_single_options(tmp_path):
+    p = argparse.ArgumentParser(prog="t")
+    p.add_argument("--config")
+    p.add_argument("--num-workers", "--workers", dest="workers", type=int, default=2)
+    p.add_argument("--layers", type=lambda t: [int(x) for x in t.split(",")])
+    p.add_argument("--no-amp", dest="amp", action="store_false")
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"num_workers": 5, "layers": [4, 6, 8, 12], "amp": False}))
+    args = runs.parse_with_config(p, ["--config", str(cfg)])
+    assert (args.workers, args.layers, args.amp) == (5, [4, 6, 8, 12], False)
+    # A flag without a value is named by its dest only: "no_amp = true" is not "amp = true".
+    cfg.write_text(json.dumps({"no_amp": True}))
+    with pytest.raises(SpecError, match="unknown option"):
+        runs.parse_with_config(p, ["--config", str(cfg)])

@@ -77,6 +77,14 @@ def parse_with_config(
         return parser.parse_args(argv)
     values = read_config_file(known.config)
     actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    # An option that takes a value may also be named by any of its long spellings (``num_workers``
+    # for dest ``workers``); flags without a value only by their dest (``no_amp = true`` would
+    # otherwise read as amp = true).
+    for a in list(actions.values()):
+        if a.nargs != 0:
+            for opt in a.option_strings:
+                if opt.startswith("--"):
+                    actions.setdefault(opt[2:].replace("-", "_"), a)
     unknown = sorted(k for k in values if k not in actions and k not in ignore)
     if unknown:
         raise SpecError(
@@ -88,7 +96,7 @@ def parse_with_config(
         if key not in actions:
             continue
         action = actions[key]
-        defaults[key] = _convert(action, value, known.config)
+        defaults[action.dest] = _convert(action, value, known.config)
         action.required = False  # given by the file; the command line may still override it
     parser.set_defaults(**defaults)
     return parser.parse_args(argv)
@@ -99,6 +107,11 @@ def _convert(action: argparse.Action, value: Any, path: str) -> Any:
     if value is None or action.type is None:
         return value
     try:
+        # argparse has no public name for "appends each use"; its private class is stable since 3.2.
+        repeated = isinstance(action, argparse._AppendAction)
+        if isinstance(value, list) and action.nargs is None and not repeated:
+            # One option value given as a list (``layers = [4, 6, 8, 12]``): its comma-separated form.
+            return action.type(",".join(map(str, value)))
         if isinstance(value, list):
             return [action.type(v if isinstance(v, str) else str(v)) for v in value]
         return action.type(value if isinstance(value, str) else str(value))

@@ -16,15 +16,18 @@ Scenes get slight blur and sensor noise. Label maps carry a thin 255 (ignore) ba
 of some objects, as hand-labelled infrared sets do.
 
 :func:`generate` writes the dataset in one of the layouts of :mod:`unip_train.finetune.datasets`
-(SODA, MFNet, SCUT-Seg, folder), mapping these classes into the layout's class list
+(SODA, MFNet, SCUT-Seg, folder), as released or as UNIP prepares them, with the real files' quirks
+(palette PNGs, duplicate entries, Cityscapes label IDs, two-column split files, 4-channel or
+extracted thermal images), mapping these classes into the layout's class list
 (:data:`LAYOUT_CLASS_MAP`); :func:`generate_unlabelled` writes a plain image folder.
 
-    python -m unip_train.synthetic --layout soda --out DIR --train 40 --test 20 --size 128
+    python -m unip_train.synthetic --layout scut --variant release --out DIR --train 40 --test 20 --size 128
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -32,7 +35,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from .finetune.datasets import IGNORE_INDEX, LAYOUTS
+from .finetune.datasets import IGNORE_INDEX, LAYOUTS, SCUT_CITYSCAPES_IDS
 
 CLASSES: list[str] = ["background", "person", "car", "pole", "bicycle", "building"]
 
@@ -194,16 +197,54 @@ def make_scene(rng: np.random.Generator, size: int | tuple[int, int]) -> tuple[n
     return np.clip(np.rint(img), 0, 255).astype(np.uint8), label
 
 
-def _write_image(path: Path, img: np.ndarray, rgbt: bool, rng: np.random.Generator) -> None:
-    if rgbt:
-        # MFNet stores RGB + thermal as one 4-channel PNG; the loader must pick the 4th channel.
+def _write_image(path: Path, img: np.ndarray, rng: np.random.Generator, mfnet: str | None = None) -> None:
+    """``mfnet``: "rgbt" writes RGB + thermal as one 4-channel PNG (the release; the loader must pick
+    the 4th channel), "thermal" the thermal channel alone (UNIP's ``thermal_imgs/``). The RGB
+    channels are drawn either way, so both variants of one seed hold the same scenes."""
+    if mfnet is not None:
         rgb = np.clip(255 - img[..., None].astype(np.int16) + rng.integers(-20, 21, (*img.shape, 3)), 0, 255)
-        arr = np.concatenate([rgb.astype(np.uint8), img[..., None]], axis=2)
-        Image.fromarray(arr, mode="RGBA").save(path)
-    elif path.suffix == ".jpg":
+        if mfnet == "rgbt":
+            arr = np.concatenate([rgb.astype(np.uint8), img[..., None]], axis=2)
+            Image.fromarray(arr, mode="RGBA").save(path)
+            return
+    if path.suffix == ".jpg":
         Image.fromarray(img, mode="L").save(path, quality=95)
     else:
         Image.fromarray(img, mode="L").save(path)
+
+
+def voc_palette() -> list[int]:
+    """The PASCAL VOC colour map (256 RGB triples, bit-interleaved), which SODA's PNGs carry."""
+    palette = []
+    for i in range(256):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette += [r, g, b]
+    return palette
+
+
+def _write_label(path: Path, label: np.ndarray, palette: bool) -> None:
+    if palette:
+        im = Image.fromarray(label, mode="P")
+        im.putpalette(voc_palette())
+        im.save(path)
+    else:
+        Image.fromarray(label, mode="L" if label.dtype == np.uint8 else "I;16").save(path)
+
+
+VARIANTS = ("release", "unip")
+# Splits whose scenes are drawn (in this order); the other split files are derived lists.
+_SCENE_SPLITS = {
+    "soda": ("train", "test"),
+    "mfnet": ("train", "val", "test"),
+    "scut": ("train", "val"),
+    "folder": ("train", "test"),
+}
 
 
 def generate(
@@ -213,36 +254,82 @@ def generate(
     n_test: int,
     size: int | tuple[int, int] = 128,
     seed: int = 0,
+    variant: str = "release",
 ) -> Path:
-    """Write ``n_train`` + ``n_test`` scenes in ``layout`` (soda | mfnet | scut | folder) under ``out``.
+    """Write ``n_train`` + ``n_test`` scenes in ``layout`` (soda | mfnet | scut | folder) under ``out``,
+    with the files' real quirks (method.md section 5). ``variant``: the dataset as released, or as
+    UNIP's preparation leaves it (``unip``). Stems are unique across splits. Returns ``out``.
 
-    MFNet also gets a ``val`` split of ``n_test`` scenes. The folder layout gets ``classes.txt``.
-    Stems are unique across splits. Returns ``out``.
+    - soda (both variants): palette PNG labels (VOC colours, class indices); ``X (1).jpg`` and
+      ``~temp_X.jpg`` copies of the first image of each split, listed and on disk.
+    - mfnet: ``images/`` 4-channel RGB-T (release) or ``thermal_imgs/`` grey (unip, plus
+      ``val_test.txt`` = val + test); ``val`` has ``n_test`` scenes; ``test_day.txt`` /
+      ``test_night.txt`` split the test list in halves.
+    - scut: labels in Cityscapes label IDs named ``STEM_labelIds.png`` and two-column split files
+      (release), or 0-9 labels and one-column files (unip); ``train.txt`` and ``val.txt``, no ``test.txt``.
+    - folder: ``images/``, ``masks/``, ``train.txt`` / ``test.txt`` and ``classes.txt``.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
     spec = LAYOUTS[layout]
     out = Path(out)
-    (out / spec.image_dir).mkdir(parents=True, exist_ok=True)
+    unip = variant == "unip"
+    image_dir = "thermal_imgs" if layout == "mfnet" and unip else spec.image_dirs[-1]
+    mfnet = ("thermal" if unip else "rgbt") if layout == "mfnet" else None
+    cityscapes = layout == "scut" and not unip
+    (out / image_dir).mkdir(parents=True, exist_ok=True)
     (out / spec.label_dir).mkdir(parents=True, exist_ok=True)
     lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
     lut[: len(CLASSES)] = LAYOUT_CLASS_MAP[layout]
+    if cityscapes:
+        ids = np.array([*SCUT_CITYSCAPES_IDS, *([0] * (256 - len(SCUT_CITYSCAPES_IDS)))], dtype=np.uint8)
+        ids[IGNORE_INDEX] = IGNORE_INDEX
+        lut = ids[lut]
     counts = {"train": n_train, "val": n_test, "test": n_test}
     rng = np.random.default_rng(seed)
     index = 0
-    for split, split_file in spec.splits.items():
-        stems = []
+    lists: dict[str, list[str]] = {}
+    for split in _SCENE_SPLITS[layout]:
+        lines = []
         for _ in range(counts[split]):
             stem = f"{index:05d}"
             index += 1
             img, label = make_scene(rng, size)
-            _write_image(out / spec.image_dir / f"{stem}{spec.image_suffix}", img, spec.thermal_channel, rng)
-            Image.fromarray(lut[label], mode="L").save(out / spec.label_dir / f"{stem}{spec.label_suffix}")
-            stems.append(stem)
-        (out / split_file).write_text("".join(f"{s}\n" for s in stems))
+            label_name = f"{stem}_labelIds.png" if cityscapes else f"{stem}{spec.label_suffix}"
+            _write_image(out / image_dir / f"{stem}{spec.image_suffix}", img, rng, mfnet)
+            _write_label(out / spec.label_dir / label_name, lut[label], palette=layout == "soda")
+            if cityscapes:
+                lines.append(f"{image_dir}/{stem}{spec.image_suffix} {spec.label_dir}/{label_name}")
+            else:
+                lines.append(stem)
+        lists[split] = lines
+    if layout == "soda":
+        _add_soda_copies(out, spec, lists)
+    if layout == "mfnet":
+        half = len(lists["test"]) // 2
+        lists["test_day"], lists["test_night"] = lists["test"][:half], lists["test"][half:]
+        if unip:
+            lists["val_test"] = lists["val"] + lists["test"]
+    for split, lines in lists.items():
+        (out / spec.splits[split]).write_text("".join(f"{line}\n" for line in lines))
     if spec.classes is None:
         (out / "classes.txt").write_text("".join(f"{c}\n" for c in CLASSES))
     return out
+
+
+def _add_soda_copies(out: Path, spec, lists: dict[str, list[str]]) -> None:
+    """SODA's lists name copies of some images (``X (1).jpg``, ``~temp_X.jpg``); so do the files."""
+    for split, lines in lists.items():
+        if not lines:
+            continue
+        stem = lines[0]
+        copies = [f"{stem} (1)", f"~temp_{stem}"] if split == "train" else [f"{stem} (1)"]
+        for copy in copies:
+            shutil.copyfile(out / spec.image_dir / f"{stem}.jpg", out / spec.image_dir / f"{copy}.jpg")
+            shutil.copyfile(out / spec.label_dir / f"{stem}.png", out / spec.label_dir / f"{copy}.png")
+            lines.insert(1, f"{copy}.jpg")
 
 
 def generate_unlabelled(out: str | Path, n: int, size: int | tuple[int, int] = 128, seed: int = 0) -> Path:
@@ -266,6 +353,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test", type=int, default=20, help="test scenes (MFNet: also val scenes)")
     p.add_argument("--size", type=int, nargs="+", default=[128], help="SIZE or H W")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--variant",
+        choices=VARIANTS,
+        default="release",
+        help="files as released (default) or as UNIP prepares them",
+    )
     args = p.parse_args(argv)
     if len(args.size) not in (1, 2) or min(args.size) < 16:
         p.error("--size takes one or two numbers, each at least 16")
@@ -273,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.layout == "unlabelled":
         out = generate_unlabelled(args.out, args.train, size, args.seed)
     else:
-        out = generate(args.out, args.layout, args.train, args.test, size, args.seed)
+        out = generate(args.out, args.layout, args.train, args.test, size, args.seed, args.variant)
     print(out)
     return 0
 

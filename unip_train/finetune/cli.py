@@ -3,13 +3,17 @@ ViT backbone on an infrared segmentation dataset, then sliding-window mIoU (meth
 
     unip-finetune --backbone unip:vit_small_patch16_224:student.safetensors --dataset soda \\
         --data-root /data/SODA --mode ft --out runs/soda_ft
+    unip-finetune --config runs/soda_ft/config.json --out runs/soda_ft_again
     unip-finetune --eval-only --model runs/soda_ft/model.pt
     torchrun --nproc_per_node 2 -m unip_train.finetune ...   (same flags)
 
-From Python: ``run(FinetuneConfig(...)) -> metrics`` and ``evaluate_saved(path) -> metrics``.
+Set-up lives here (options, data, model, optimizer, resume, run folder); the loop is
+:func:`unip_train.finetune.engine.train`. From Python: ``run(FinetuneConfig(...)) -> metrics`` and
+``evaluate_saved(path) -> metrics``.
 
-A run folder holds ``checkpoint.pt`` (resumable training state), ``model.pt`` (state dict + config,
-``torch.load(weights_only=True)``), ``metrics.json`` and ``log.jsonl``.
+A run folder holds ``config.json`` (the resolved options, written before the first step),
+``checkpoint.pt`` (resumable training state), ``model.pt`` (state dict + config,
+``torch.load(weights_only=True)``), ``metrics.json``, ``log.jsonl`` and ``tensorboard/``.
 """
 
 from __future__ import annotations
@@ -18,125 +22,56 @@ import argparse
 import json
 import math
 import os
-import signal
 import sys
-import time
-from dataclasses import asdict, dataclass, fields, replace
+from collections.abc import Sequence
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from unip_analysis.checkpoints import FAMILIES, build_vit, load_backbone, parse_spec, set_attention_heads
-from unip_analysis.errors import SpecError, UnipError, error_line
+from unip_analysis.checkpoints import build_vit, load_backbone, set_attention_heads
+from unip_analysis.errors import UnipError, error_line
 from unip_analysis.files import atomic_write_text
 from unip_analysis.pad_vit import adapter_width, add_adapters, drop_adapters
 
 from .. import distributed as du
+from .. import runs
 from ..checkpointing import check_same_settings, load_checkpoint, restore_rng_state, save_checkpoint
-from ..optim import adamw, layer_decay_scale, param_groups, poly_lr, set_lr
+from ..optim import adamw, layer_decay_scale, param_groups
 from ..sampling import EpochSampler
-from .datasets import EVAL_SPLIT, IGNORE_INDEX, EvalResize, SegDataset, TrainAugment, get_layout
+from .backbone import prepare_for_finetuning
+from .config import (
+    CE_AVERAGES,
+    DEFAULT_ITERS,
+    FinetuneConfig,
+    FinetuneError,
+    parse_backbone,
+    plain_config,
+    resolve,
+)
+from .datasets import LABEL_MAPS, EvalResize, SegDataset, TrainAugment
+from .engine import KILL_ENV, TrainState, seg_loss, train
 from .evaluation import evaluate, summarize
+from .extensions import Extension, ExtensionContext, build_extensions, check_names
 from .ll_fpn import NECKS, Segmentor
 
-PROG = "unip-finetune"
-MODEL_FORMAT = "unip-finetune/1"
+__all__ = [
+    "KILL_ENV", "FinetuneConfig", "FinetuneError", "build_backbone", "build_optimizer", "evaluate_saved",
+    "load_model", "main", "parse_backbone", "resolve", "run", "seg_loss",
+]  # fmt: skip
 
-# method.md section 4: iterations of the published recipe per dataset.
-DEFAULT_ITERS = {"soda": 14_400, "mfnet": 10_000, "scut": 16_800, "folder": 10_000}
-DEFAULT_LAYER_DECAY = {"ll-fpn": 0.85, "multi-layer": 0.65}
-REAL_WARMUP = 1500
-# Test-only: SIGKILL this process right after iteration N (exercises --resume).
-KILL_ENV = "UNIP_FINETUNE_SIGKILL_AT_ITER"
+PROG = "unip-finetune"
+MODEL_FORMAT = "unip-finetune/2"  # 2: LayerScale / relative position bias / raw features / head widths
 # Resuming with any of these changed would visit other samples or build another model. (--iters may
 # grow: the run then continues on the longer schedule.)
-RESUME_MUST_MATCH = ("dataset", "mode", "neck", "layers", "crop", "batch_size", "seed", "world_size")
-
-
-@dataclass
-class FinetuneConfig:
-    """Every knob of a run. ``None`` means: derive from the recipe (see :func:`resolve`)."""
-
-    backbone: str  # FAMILY:ARCH:PATH, as for unip-analyze
-    dataset: str  # soda | mfnet | scut | folder
-    data_root: str
-    out: str
-    mode: str = "ft"  # ft | lp
-    neck: str = "ll-fpn"  # ll-fpn | multi-layer (ft only)
-    layers: list[int] | None = None  # 1-based; default last (ll-fpn) or 4,6,8,12 scaled to depth
-    iters: int | None = None  # default: the published count for the dataset
-    crop: int = 512
-    batch_size: int = 8  # total over all processes
-    lr: float = 1e-4
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.999)
-    layer_decay: float | None = None  # default 0.85 with ll-fpn, 0.65 multi-layer; 1.0 = off
-    warmup_iters: int | None = None  # default min(1500, iters // 5)
-    head_channels: int = 512
-    aux_weight: float = 0.4
-    num_classes: int | None = None  # folder layout without classes.txt
-    resplit_last_heads: bool = False
-    adapters: str = "keep"  # PAD backbones: keep (trained with the rest) | drop (plain ViT, ablation)
-    eval_window: int | None = None  # default crop
-    eval_stride: int | None = None  # default 2/3 of the window (341 for 512)
-    train_split: str = "train"
-    eval_split: str | None = None  # default test
-    seed: int = 0
-    workers: int = 2
-    device: str = "auto"
-    amp: bool = True  # mixed precision (fp16) on CUDA only
-    log_every: int = 20
-    ckpt_every: int = 1000
-    resume: str | None = None  # checkpoint path, or "auto" for OUT/checkpoint.pt
-    progress: bool = True
-
-
-class FinetuneError(UnipError):
-    """A fine-tuning option or run folder that cannot be used."""
-
-
-def parse_backbone(text: str) -> tuple[str, str, str]:
-    """``FAMILY:ARCH:PATH`` -> (family, arch, path), parsed by the registry's spec parser."""
-    try:
-        spec = parse_spec(f"backbone={text}")
-    except SpecError:
-        raise SpecError(
-            f"--backbone {text!r}: expected FAMILY:ARCH:PATH with FAMILY one of {', '.join(FAMILIES)}, "
-            "for example unip:vit_small_patch16_224:student.safetensors"
-        ) from None
-    return spec.family, spec.arch, spec.path
-
-
-def resolve(cfg: FinetuneConfig) -> FinetuneConfig:
-    """Fill recipe defaults and check the options that do not need files."""
-    get_layout(cfg.dataset)
-    if cfg.mode not in ("ft", "lp"):
-        raise FinetuneError(f"--mode {cfg.mode!r}: expected ft or lp")
-    if cfg.neck not in NECKS:
-        raise FinetuneError(f"--neck {cfg.neck!r}: expected one of {', '.join(NECKS)}")
-    iters = cfg.iters if cfg.iters is not None else DEFAULT_ITERS[cfg.dataset]
-    window = cfg.eval_window or cfg.crop
-    out = replace(
-        cfg,
-        iters=iters,
-        layers=list(cfg.layers) if cfg.layers is not None else None,
-        layer_decay=cfg.layer_decay if cfg.layer_decay is not None else DEFAULT_LAYER_DECAY[cfg.neck],
-        warmup_iters=cfg.warmup_iters if cfg.warmup_iters is not None else min(REAL_WARMUP, iters // 5),
-        eval_window=window,
-        eval_stride=cfg.eval_stride or max(1, int(window * 2 / 3)),
-        eval_split=cfg.eval_split or EVAL_SPLIT[cfg.dataset],
-        betas=tuple(cfg.betas),
-    )
-    for name in ("iters", "crop", "batch_size", "head_channels", "eval_window", "eval_stride"):
-        if getattr(out, name) < 1:
-            raise FinetuneError(f"--{name.replace('_', '-')} must be positive, got {getattr(out, name)}")
-    if out.eval_window < out.crop:
-        raise FinetuneError(f"--eval-window {out.eval_window} is smaller than --crop {out.crop}")
-    return out
+RESUME_MUST_MATCH = (
+    "dataset", "mode", "neck", "layers", "crop", "batch_size", "seed", "world_size", "extensions",
+    "layer_scale", "rel_pos_bias", "head_channels", "aux_channels",
+)  # fmt: skip
+# Values config.json records that are not options (read back with --config, they are skipped).
+DERIVED_KEYS = ("world_size", "extensions")
 
 
 # --- building -------------------------------------------------------------------------------
@@ -149,10 +84,17 @@ def default_heads(arch: str) -> int:
 
 
 def build_backbone(cfg: FinetuneConfig) -> tuple[torch.nn.Module, dict]:
+    """The pre-trained ViT with the fine-tuning parts added (ft mode) and where it came from."""
     family, arch, path = parse_backbone(cfg.backbone)
     loaded = load_backbone(family, arch, path, img_size=cfg.crop)
     model = loaded.model
-    info = {"family": family, "arch": arch, "path": path, "sha256": loaded.sha256, "notes": loaded.notes}
+    info = {
+        "family": family,
+        "arch": arch,
+        "path": path,
+        "sha256": loaded.sha256,
+        "notes": list(loaded.notes),
+    }
     if cfg.resplit_last_heads:
         # The reference fine-tuning re-splits the student's last block to the default head count.
         set_attention_heads(model.blocks[-1].attn, default_heads(arch))
@@ -161,95 +103,92 @@ def build_backbone(cfg: FinetuneConfig) -> tuple[torch.nn.Module, dict]:
         drop_adapters(model)
     info["adapter_width"] = adapter_width(model)
     if cfg.mode == "ft":
+        info["notes"] += prepare_for_finetuning(
+            model, cfg.drop_path or 0.0, cfg.layer_scale, bool(cfg.rel_pos_bias)
+        )
         model.train().requires_grad_(True)
     return model, info
 
 
 def build_segmentor(cfg: FinetuneConfig, backbone: torch.nn.Module, num_classes: int) -> Segmentor:
-    return Segmentor(backbone, num_classes, cfg.mode, cfg.neck, cfg.layers, cfg.head_channels)
+    return Segmentor(
+        backbone, num_classes, cfg.mode, cfg.neck, cfg.layers, cfg.head_channels, cfg.aux_channels
+    )
 
 
-def build_optimizer(cfg: FinetuneConfig, model: Segmentor) -> torch.optim.AdamW:
-    """AdamW over trainable parameters; backbone layers get lr scale ``decay ** (depth + 1 - layer)``."""
+def build_optimizer(
+    cfg: FinetuneConfig, model: Segmentor, extra: Sequence[torch.nn.Module] = ()
+) -> torch.optim.AdamW:
+    """AdamW over trainable parameters; backbone layers get lr scale ``decay ** (depth + 1 - layer)``;
+    ``extra`` modules (extensions') the base lr."""
     depth = len(model.backbone.blocks)
     scale = layer_decay_scale(depth, cfg.layer_decay) if cfg.mode == "ft" else None
     groups = param_groups(model, cfg.weight_decay, scale)
+    for module in extra:
+        groups += param_groups(module, cfg.weight_decay)
     for g in groups:
         g.pop("param_names")
     return adamw(groups, lr=cfg.lr, betas=tuple(cfg.betas))
 
 
-def seg_loss(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    logits = F.interpolate(logits.float(), size=label.shape[-2:], mode="bilinear", align_corners=False)
-    return F.cross_entropy(logits, label, ignore_index=IGNORE_INDEX)
-
-
 # --- the run ------------------------------------------------------------------------------------
 
 
-def plain_config(cfg: FinetuneConfig) -> dict:
-    """The config as JSON / weights_only-safe types."""
-    d = asdict(cfg)
-    d["betas"] = list(d["betas"])
-    return d
-
-
-def run(cfg: FinetuneConfig) -> dict:
-    """Train per ``cfg``, evaluate, write the run folder; returns the metrics dict."""
+def run(cfg: FinetuneConfig, extensions: Sequence[Extension] = ()) -> dict:
+    """Train per ``cfg`` (plus the extensions it asks for and ``extensions``), evaluate, write the
+    run folder; returns the metrics dict."""
     cfg = resolve(cfg)
     dist = du.init_distributed(cfg.device)
+    exts = build_extensions(cfg) + list(extensions)
+    check_names(exts)
+    state = None
     try:
-        return _train_and_evaluate(cfg, dist)
+        state, eval_set, backbone_info = setup(cfg, dist, exts)
+        cfg = state.cfg
+        train(state, save=lambda it: save_training_state(state, it))
+        conf = evaluate(
+            state.model, eval_set, eval_set.num_classes, cfg.eval_window, cfg.eval_stride, dist.device,
+            amp=state.amp, rank=dist.rank, world_size=dist.world_size, progress=cfg.progress and dist.is_main,
+        )  # fmt: skip
+        metrics = _metrics(cfg, conf, eval_set)
+        if dist.is_main:
+            out = Path(cfg.out)
+            _save_model(out / "model.pt", state.model, cfg, eval_set.classes, backbone_info)
+            atomic_write_text(out / "metrics.json", json.dumps(runs.plain(metrics), indent=2) + "\n")
+            state.log.write(
+                {
+                    "iter": cfg.iters,
+                    "event": "eval",
+                    "miou": metrics["miou"],
+                    "pixel_acc": metrics["pixel_acc"],
+                },
+                prefix="eval",
+            )
+        du.barrier()
+        return metrics
     finally:
+        if state is not None:
+            state.log.close()
         du.cleanup()
 
 
-@dataclass
-class _Run:
-    """What the training loop needs, built once by :func:`_setup`."""
-
-    cfg: FinetuneConfig
-    dist: du.DistInfo
-    model: Segmentor  # the bare module: state dicts, evaluation
-    ddp: torch.nn.Module  # what the loop calls: DDP-wrapped under torchrun
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    sampler: EpochSampler
-    loader: DataLoader
-    eval_set: SegDataset
-    backbone_info: dict
-    amp: bool
-    start: int
-
-
-def _train_and_evaluate(cfg: FinetuneConfig, dist: du.DistInfo) -> dict:
-    r = _setup(cfg, dist)
-    train_loop(r)
-    conf = evaluate(
-        r.model, r.eval_set, r.eval_set.num_classes, cfg.eval_window, cfg.eval_stride, dist.device,
-        amp=r.amp, rank=dist.rank, world_size=dist.world_size, progress=cfg.progress and dist.is_main,
-    )  # fmt: skip
-    metrics = _metrics(cfg, conf, r.eval_set)
-    if dist.is_main:
-        out = Path(cfg.out)
-        _save_model(out / "model.pt", r.model, cfg, r.eval_set.classes, r.backbone_info)
-        _write_metrics(out, metrics)
-    du.barrier()
-    return metrics
-
-
-def _setup(cfg: FinetuneConfig, dist: du.DistInfo) -> _Run:
-    """Datasets, model, optimizer, optional resume, DDP wrapper, loader."""
+def setup(
+    cfg: FinetuneConfig, dist: du.DistInfo, extensions: list[Extension]
+) -> tuple[TrainState, SegDataset, dict]:
+    """Datasets, model, extensions, optimizer, optional resume, DDP wrapper, loader, run folder."""
     out = Path(cfg.out)
     du.seed_everything(cfg.seed + dist.rank)
     amp = cfg.amp and dist.device.type == "cuda"
     train_set = SegDataset(
         cfg.data_root, cfg.dataset, cfg.train_split, cfg.num_classes, TrainAugment.for_crop(cfg.crop),
-        seed=cfg.seed,
+        seed=cfg.seed, label_map=cfg.label_map,
     )  # fmt: skip
+    # The evaluation split is read as the training split was (the detected label IDs included).
     eval_set = SegDataset(
-        cfg.data_root, cfg.dataset, cfg.eval_split, cfg.num_classes, EvalResize.for_crop(cfg.crop)
-    )
+        cfg.data_root, cfg.dataset, cfg.eval_split, cfg.num_classes, EvalResize.for_crop(cfg.crop),
+        label_map=train_set.label_map,
+    )  # fmt: skip
+    cfg = replace(cfg, label_map=train_set.label_map)
     per_proc, rem = divmod(cfg.batch_size, dist.world_size)
     if rem or per_proc < 1:
         raise FinetuneError(f"--batch-size {cfg.batch_size} is not divisible by {dist.world_size} processes")
@@ -267,20 +206,37 @@ def _setup(cfg: FinetuneConfig, dist: du.DistInfo) -> _Run:
     model = build_segmentor(cfg, backbone, train_set.num_classes).to(dist.device)
     if sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = build_optimizer(cfg, model)
+    ctx = ExtensionContext(cfg, model, dist, dist.device, out, train_set, cfg.seed)
+    ext_modules: dict[str, list[torch.nn.Module]] = {}
+    for ext in extensions:
+        ext.setup(ctx)
+        mods = [m.to(dist.device) for m in ext.modules()]
+        if sync_bn:
+            mods = [torch.nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in mods]
+        ext_modules[ext.name] = mods
+    all_ext_modules = [m for mods in ext_modules.values() for m in mods]
+    optimizer = build_optimizer(cfg, model, all_ext_modules)
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     start = 0
+    names = [e.name for e in extensions]
     if cfg.resume:
         path = out / "checkpoint.pt" if cfg.resume == "auto" else Path(cfg.resume)
         ckpt = load_checkpoint(path)
         for key in ("model", "optimizer", "scaler", "iter", "rng", "config"):
             if key not in ckpt:
                 raise FinetuneError(f"{path}: not a {PROG} training checkpoint (no '{key}')")
-        saved = {**ckpt["config"], "world_size": len(ckpt["rng"])}
-        check_same_settings(
-            path, saved, {**plain_config(cfg), "world_size": dist.world_size}, RESUME_MUST_MATCH
-        )
+        saved = {
+            **ckpt["config"],
+            "world_size": len(ckpt["rng"]),
+            "extensions": list(ckpt.get("extensions", {})),
+        }
+        current = {**plain_config(cfg), "world_size": dist.world_size, "extensions": names}
+        check_same_settings(path, saved, current, RESUME_MUST_MATCH)
         model.load_state_dict(ckpt["model"])
+        for ext in extensions:
+            for module, sd in zip(ext_modules[ext.name], ckpt["extension_modules"][ext.name]):
+                module.load_state_dict(sd)
+            ext.load_state_dict(ckpt["extensions"][ext.name])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         start = int(ckpt["iter"])
@@ -299,80 +255,50 @@ def _setup(cfg: FinetuneConfig, dist: du.DistInfo) -> _Run:
     )  # fmt: skip
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        record = {"event": "start", "config": plain_config(cfg), "backbone": backbone_info}
-        _log(out, {**record, "world": dist.world_size, "resumed_from": start})
-    return _Run(
-        cfg, dist, model, ddp, optimizer, scaler, sampler, loader, eval_set, backbone_info, amp, start
+        runs.write_config(out, {**config_record(cfg), "world_size": dist.world_size, "extensions": names})
+    log = runs.ScalarLog(
+        out, enabled=dist.is_main, step_key="iter", resume_step=start if cfg.resume else None
     )
+    notes = list(dict.fromkeys(train_set.notes + eval_set.notes + backbone_info["notes"]))
+    if dist.is_main:
+        for note in notes:
+            print(f"{PROG}: {note}", flush=True)
+    record = {"event": "start", "config": plain_config(cfg), "backbone": backbone_info, "notes": notes}
+    log.write({**record, "world": dist.world_size, "resumed_from": start, "extensions": names})
+    state = TrainState(
+        cfg, dist, model, ddp, optimizer, scaler, sampler, loader, log, amp, start, extensions, ext_modules
+    )
+    return state, eval_set, backbone_info
 
 
-def train_loop(r: _Run) -> None:
-    """Iteration-based training: poly lr with linear warm-up, cross-entropy (255 ignored) on the main
-    head plus ``aux_weight`` times the auxiliary head's, fp16 autocast + grad scaling on CUDA.
-    A resumed run continues mid-epoch exactly where the checkpoint was written."""
-    cfg, dist, out = r.cfg, r.dist, Path(r.cfg.out)
-    show = cfg.progress and dist.is_main
-    bar = tqdm(total=cfg.iters, initial=r.start, desc=f"{cfg.mode} {cfg.dataset}", disable=not show)
-    per_proc = r.loader.batch_size
-    per_epoch = r.sampler.per_rank // per_proc  # iterations per data epoch (last partial batch dropped)
-    kill_at = int(os.environ[KILL_ENV]) if os.environ.get(KILL_ENV) else None
-    it = r.start
-    t0, running = time.time(), 0.0
-    r.ddp.train()
-    while it < cfg.iters:
-        epoch, done = divmod(it, per_epoch)
-        r.sampler.set_epoch(epoch, start=done * per_proc)
-        r.loader.dataset.set_epoch(epoch)
-        for img, label in r.loader:
-            if it >= cfg.iters:
-                break
-            lr = poly_lr(it, cfg.iters, cfg.warmup_iters, cfg.lr)
-            set_lr(r.optimizer, lr)
-            img = img.to(dist.device, non_blocking=True)
-            label = label.to(dist.device, non_blocking=True)
-            with torch.autocast(device_type=dist.device.type, dtype=torch.float16, enabled=r.amp):
-                logits, aux = r.ddp(img)
-            loss = seg_loss(logits, label)
-            if aux is not None:
-                loss = loss + cfg.aux_weight * seg_loss(aux, label)
-            if not math.isfinite(loss.item()):
-                raise FinetuneError(f"loss became {loss.item()} at iteration {it}; lower --lr")
-            r.optimizer.zero_grad(set_to_none=True)
-            r.scaler.scale(loss).backward()
-            r.scaler.step(r.optimizer)
-            r.scaler.update()
-            it += 1
-            running += loss.item()
-            bar.update(1)
-            if it % cfg.log_every == 0 or it == cfg.iters:
-                mean = du.all_reduce_mean(running / ((it - 1) % cfg.log_every + 1), dist.device)
-                running = 0.0
-                if dist.is_main:
-                    bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}")
-                    _log(out, {"iter": it, "loss": mean, "lr": lr, "time": round(time.time() - t0, 2)})
-            if it % cfg.ckpt_every == 0 or it == cfg.iters:
-                _save_training_state(out, r.model, r.optimizer, r.scaler, it, cfg, dist)
-            if kill_at == it:
-                os.kill(os.getpid(), signal.SIGKILL)
-    bar.close()
+def config_record(cfg: FinetuneConfig) -> dict:
+    """What ``config.json`` holds: every option as resolved (``--config`` reads it back), not --resume."""
+    d = plain_config(cfg)
+    d.pop("resume")
+    return d
 
 
-def _save_training_state(out, model, optimizer, scaler, it, cfg, dist) -> None:
+def save_training_state(s: TrainState, it: int) -> None:
+    """Atomic ``checkpoint.pt``: model, extensions, optimizer, scaler, iteration, every rank's RNG."""
     # Every rank's RNG state is gathered so each resumes its own augmentation stream.
     states = [du.rng_state()]
-    if dist.enabled:
-        states = [None] * dist.world_size
+    if s.dist.enabled:
+        states = [None] * s.dist.world_size
         torch.distributed.all_gather_object(states, du.rng_state())
-    if dist.is_main:
+    if s.dist.is_main:
         save_checkpoint(
-            out / "checkpoint.pt",
+            Path(s.cfg.out) / "checkpoint.pt",
             {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
+                "model": s.model.state_dict(),
+                "extensions": {e.name: e.state_dict() for e in s.extensions},
+                "extension_modules": {
+                    name: [m.state_dict() for m in mods] for name, mods in s.extension_modules.items()
+                },
+                "optimizer": s.optimizer.state_dict(),
+                "scaler": s.scaler.state_dict(),
                 "iter": it,
                 "rng": states,
-                "config": plain_config(cfg),
+                "config": plain_config(s.cfg),
             },
         )
     du.barrier()
@@ -401,22 +327,12 @@ def _metrics(cfg: FinetuneConfig, conf, eval_set: SegDataset) -> dict:
         "per_class_iou": summary["per_class_iou"],
         "pixel_acc": summary["pixel_acc"],
         "split": cfg.eval_split,
+        "split_file": eval_set.split_path.name,
         "num_images": len(eval_set),
         "eval_window": cfg.eval_window,
         "eval_stride": cfg.eval_stride,
         "backbone": cfg.backbone,
     }
-
-
-def _write_metrics(out: Path, metrics: dict) -> None:
-    clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
-    atomic_write_text(out / "metrics.json", json.dumps(clean, indent=2) + "\n")
-    _log(out, {"event": "eval", "miou": clean["miou"], "pixel_acc": clean["pixel_acc"]})
-
-
-def _log(out: Path, record: dict) -> None:
-    with open(out / "log.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 # --- evaluation of a saved model ----------------------------------------------------------------
@@ -427,13 +343,19 @@ def load_model(path: str | Path) -> tuple[Segmentor, FinetuneConfig, dict]:
     path = Path(path)
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != MODEL_FORMAT:
-        raise FinetuneError(f"{path}: not a model.pt written by unip-finetune (format {MODEL_FORMAT})")
+        found = ckpt.get("format") if isinstance(ckpt, dict) else None
+        raise FinetuneError(
+            f"{path}: not a model.pt of this unip-finetune (format {MODEL_FORMAT}, found {found}); "
+            "fine-tune again to re-evaluate it"
+        )
     known = {f.name for f in fields(FinetuneConfig)}
     cfg = FinetuneConfig(**{k: v for k, v in ckpt["config"].items() if k in known})
     info = ckpt["backbone"]
     backbone = build_vit(info["arch"], img_size=cfg.crop, heads_per_layer=info["heads_per_layer"])
     if info.get("adapter_width"):
         add_adapters(backbone, info["adapter_width"])
+    if cfg.mode == "ft":
+        prepare_for_finetuning(backbone, cfg.drop_path or 0.0, cfg.layer_scale, bool(cfg.rel_pos_bias))
     model = build_segmentor(cfg, backbone, len(ckpt["classes"]))
     missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
     if missing or unexpected:
@@ -459,12 +381,16 @@ def evaluate_saved(
     try:
         model.to(dist.device)
         eval_set = SegDataset(
-            cfg.data_root, cfg.dataset, cfg.eval_split, cfg.num_classes, EvalResize.for_crop(cfg.crop)
-        )
+            cfg.data_root, cfg.dataset, cfg.eval_split, cfg.num_classes, EvalResize.for_crop(cfg.crop),
+            label_map=cfg.label_map,
+        )  # fmt: skip
         if eval_set.num_classes != model.num_classes:
             raise FinetuneError(
                 f"{cfg.data_root}: dataset has {eval_set.num_classes} classes, the model {model.num_classes}"
             )
+        if dist.is_main:
+            for note in eval_set.notes:
+                print(f"{PROG}: {note}", flush=True)
         amp = cfg.amp and dist.device.type == "cuda"
         conf = evaluate(
             model, eval_set, eval_set.num_classes, cfg.eval_window, cfg.eval_stride, dist.device, amp=amp,
@@ -474,7 +400,10 @@ def evaluate_saved(
         if dist.is_main:
             target = Path(out) if out is not None else Path(model_path).parent
             target.mkdir(parents=True, exist_ok=True)
-            _write_metrics(target, metrics)
+            atomic_write_text(target / "metrics.json", json.dumps(runs.plain(metrics), indent=2) + "\n")
+            record = {"event": "eval", "miou": metrics["miou"], "pixel_acc": metrics["pixel_acc"]}
+            with open(target / runs.LOG_NAME, "a", encoding="utf-8") as f:
+                f.write(json.dumps(runs.plain({**record, "split": cfg.eval_split})) + "\n")
         return metrics
     finally:
         du.cleanup()
@@ -496,56 +425,114 @@ def _layers(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every option's dest is the :class:`FinetuneConfig` field it sets (so config.json reads back)."""
+    iters = ", ".join(f"{k} {v}" for k, v in DEFAULT_ITERS.items())
     p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("--backbone", help="FAMILY:ARCH:PATH of the pre-trained ViT")
-    p.add_argument("--dataset", help="soda | mfnet | scut | folder")
-    p.add_argument("--data-root", help="folder holding the dataset in its layout")
-    p.add_argument("--mode", default="ft", help="ft (fine-tune, default) | lp (linear probing)")
-    p.add_argument("--neck", default="ll-fpn", help="ll-fpn (default) | multi-layer")
     p.add_argument(
+        "--config", help="JSON or TOML file of option defaults (a run's config.json works); flags override it"
+    )
+    g = p.add_argument_group("data and model")
+    g.add_argument("--backbone", help="FAMILY:ARCH:PATH of the pre-trained ViT")
+    g.add_argument("--dataset", help="soda | mfnet | scut | folder")
+    g.add_argument("--data-root", help="folder holding the dataset in its layout")
+    g.add_argument(
+        "--label-map",
+        default="auto",
+        choices=LABEL_MAPS,
+        help="SCUT-Seg labels: auto (detect Cityscapes label IDs, default) | none | cityscapes",
+    )
+    g.add_argument("--num-classes", type=int, help="folder layout without classes.txt")
+    g.add_argument("--train-split", default="train", help="split to train on (default train)")
+    g.add_argument(
+        "--eval-split",
+        help="split to evaluate (default test; MFNet also val, val_test, test_day, test_night)",
+    )
+    g.add_argument("--mode", default="ft", help="ft (fine-tune, default) | lp (linear probing)")
+    g.add_argument("--neck", default="ll-fpn", help=f"{' | '.join(NECKS)} (ft; default ll-fpn)")
+    g.add_argument(
         "--layers", type=_layers, help="1-based blocks, e.g. 4,6,8,12 (lp / multi-layer); 12 = one layer"
     )
-    p.add_argument(
-        "--iters", type=int, help="training iterations (default: SODA 14400, MFNet 10000, SCUT 16800)"
-    )
-    p.add_argument("--crop", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=8, help="total over processes (default 8)")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument(
-        "--layer-decay", type=float, help="layer-wise lr decay (default 0.85 ll-fpn, 0.65 multi-layer)"
-    )
-    p.add_argument("--warmup-iters", type=int, help="linear warm-up (default min(1500, iters/5))")
-    p.add_argument("--head-channels", type=int, default=512, help="UperNet channels (aux head: half)")
-    p.add_argument("--num-classes", type=int, help="folder layout without classes.txt")
-    p.add_argument(
+    g.add_argument(
         "--resplit-last-heads",
         action="store_true",
-        help="re-split the last block into the arch's default head count",
+        help="re-split the last block into the arch's default head count (as the reference)",
     )
-    p.add_argument(
+    g.add_argument(
         "--adapters",
         choices=("keep", "drop"),
         default="keep",
         help="pad backbones: keep the adapters (trained with the rest, default) or drop them (plain ViT)",
     )
-    p.add_argument("--eval-window", type=int, help="sliding window (default: crop)")
-    p.add_argument("--eval-stride", type=int, help="sliding stride (default: 2/3 window, 341 for 512)")
-    p.add_argument("--eval-split", help="split to evaluate (default test)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers per process")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--no-amp", action="store_true", help="full precision on CUDA")
-    p.add_argument("--log-every", type=int, default=20)
-    p.add_argument("--ckpt-every", type=int, default=1000)
-    p.add_argument(
-        "--resume", nargs="?", const="auto", help="resume from OUT/checkpoint.pt (or the given file)"
+    g.add_argument(
+        "--drop-path",
+        type=float,
+        help="stochastic depth of the last block, 0 at the first (default 0.1; 0.2 for ViT-L)",
     )
-    p.add_argument("--out", help="run folder")
-    p.add_argument("--eval-only", action="store_true", help="re-evaluate --model instead of training")
-    p.add_argument("--model", help="model.pt of a finished run (with --eval-only)")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    g.add_argument(
+        "--layer-scale",
+        type=float,
+        default=1.0,
+        help="LayerScale init in every block, trained (default 1.0; 0 = none)",
+    )
+    g.add_argument(
+        "--rel-pos-bias",
+        action=argparse.BooleanOptionalAction,
+        help="BEiT-style relative position bias (default: off with ll-fpn, on with multi-layer)",
+    )
+    g.add_argument("--head-channels", type=int, help="UperNet channels (default: the backbone's embed dim)")
+    g.add_argument("--aux-channels", type=int, default=256, help="auxiliary FCN head channels (default 256)")
+    g.add_argument("--aux-weight", type=float, default=0.4, help="auxiliary loss weight (default 0.4)")
+    g.add_argument(
+        "--ce-average",
+        default="labelled",
+        choices=CE_AVERAGES,
+        help="cross-entropy over labelled pixels (default) | all pixels, as the reference's mmseg 0.11",
+    )
+    g = p.add_argument_group("schedule")
+    g.add_argument("--iters", type=int, help=f"training iterations (default: {iters})")
+    g.add_argument(
+        "--warmup-iters",
+        type=int,
+        help="linear warm-up (default: SODA 1500, MFNet 1000, SCUT 1700; at most iters/5)",
+    )
+    g.add_argument("--crop", type=int, default=512)
+    g.add_argument(
+        "--batch-size", type=int, help="total over processes (default 8; 4 when fine-tuning ViT-L)"
+    )
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--weight-decay", type=float, default=0.05)
+    g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999), metavar=("B1", "B2"))
+    g.add_argument(
+        "--layer-decay", type=float, help="layer-wise lr decay (default 0.85 ll-fpn, 0.65 multi-layer)"
+    )
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval-window", type=int, help="sliding window (default: crop)")
+    g.add_argument("--eval-stride", type=int, help="sliding stride (default: 2/3 window, 341 for 512)")
+    g.add_argument("--eval-only", action="store_true", help="re-evaluate --model instead of training")
+    g.add_argument("--model", help="model.pt of a finished run (with --eval-only)")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", help="run folder")
+    g.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        help="continue this run folder (bare), or from the given checkpoint file",
+    )
+    g.add_argument(
+        "--num-workers",
+        "--workers",
+        dest="workers",
+        type=int,
+        default=2,
+        help="DataLoader workers per process",
+    )
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    g.add_argument("--no-amp", dest="amp", action="store_false", help="full precision on CUDA")
+    g.add_argument("--log-every", type=int, default=20)
+    g.add_argument("--ckpt-every", type=int, default=1000)
+    g.add_argument("--no-progress", dest="progress", action="store_false")
+    g.add_argument("--debug", action="store_true", help="show tracebacks")
     return p  # fmt: skip
 
 
@@ -557,38 +544,33 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
     ]
     if missing:
         raise FinetuneError(f"missing {', '.join(missing)} (or use --eval-only --model RUN/model.pt)")
-    return FinetuneConfig(
-        backbone=args.backbone, dataset=args.dataset, data_root=args.data_root, out=args.out,
-        mode=args.mode, neck=args.neck, layers=args.layers, iters=args.iters, crop=args.crop,
-        batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, layer_decay=args.layer_decay,
-        warmup_iters=args.warmup_iters, head_channels=args.head_channels, num_classes=args.num_classes,
-        resplit_last_heads=args.resplit_last_heads, eval_window=args.eval_window, eval_stride=args.eval_stride,
-        adapters=args.adapters,
-        eval_split=args.eval_split, seed=args.seed, workers=args.workers, device=args.device,
-        amp=not args.no_amp, log_every=args.log_every, ckpt_every=args.ckpt_every, resume=args.resume,
-        progress=not args.no_progress,
-    )  # fmt: skip
+    values = {f.name: getattr(args, f.name) for f in fields(FinetuneConfig)}
+    values["betas"] = tuple(values["betas"])
+    return FinetuneConfig(**values)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
     try:
+        args = runs.parse_with_config(build_parser(), argv, ignore=DERIVED_KEYS)
         if args.eval_only:
             if not args.model:
                 raise FinetuneError("--eval-only needs --model RUN/model.pt")
             metrics = evaluate_saved(
-                args.model, args.data_root, args.eval_split, args.out, args.device, not args.no_progress
+                args.model, args.data_root, args.eval_split, args.out, args.device, args.progress
             )
         else:
             metrics = run(config_from_args(args))
     except UnipError as e:
-        if args.debug:
+        if debug:
             raise
         print(f"{PROG}: error: {error_line(e)}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
+        miou = metrics["miou"]
+        shown = f"{miou:.4f}" if miou is not None and math.isfinite(miou) else "n/a"
         print(
-            f"mIoU {metrics['miou']:.4f}  pixel acc {metrics['pixel_acc']:.4f}  ({metrics['dataset']}, {metrics['mode']})"
+            f"mIoU {shown}  pixel acc {metrics['pixel_acc']:.4f}  ({metrics['dataset']}, {metrics['mode']})"
         )
     return 0
-

@@ -1,14 +1,27 @@
-"""Infrared segmentation datasets (method.md section 5): SODA, MFNet (thermal channel), SCUT-Seg and a
-generic folder layout. One table (:data:`LAYOUTS`) says where each layout keeps images, label maps
-and split files; the synthetic generator writes the same layouts from it.
+"""Infrared segmentation datasets (method.md section 5) as released and as UNIP prepares them:
+SODA, MFNet (thermal), SCUT-Seg and a generic folder layout. One table (:data:`LAYOUTS`) says where
+each layout keeps images, label maps and split files; the synthetic generator writes the same
+layouts (:mod:`unip_train.synthetic`).
 
-Label value 255 is ignored everywhere.
+What the real files hold, and how each is read:
+
+- SODA: palette PNGs (read as class indices, never as colours); the split lists hold copies
+  named ``X (1)`` and ``~temp_X`` next to ``X``: they are skipped and counted.
+- MFNet: UNIP's ``thermal_imgs/`` (the thermal channel, grey) or the release's 4-channel RGB-T
+  ``images/`` (the 4th channel is read); splits train / val / test, ``val_test`` (UNIP's
+  evaluation list), ``test_day`` and ``test_night``.
+- SCUT-Seg: labels in Cityscapes label IDs (the release) or 0-9 (UNIP's preparation), detected
+  from the values or named by ``--label-map``; split lines of one column (image name) or two
+  (image path, label path); ``val.txt`` is the test split when there is no ``test.txt``.
+
+Every such decision is recorded in :attr:`SegDataset.notes` for the run to log. Label 255 is ignored.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,41 +47,62 @@ MFNET_CLASSES = (
 SCUT_CLASSES = (
     "background", "road", "person", "rider", "car", "truck", "fence", "tree", "bus", "pole",
 )  # fmt: skip
+# The Cityscapes label ID of each SCUT-Seg class, in SCUT_CLASSES order (vegetation is "tree").
+SCUT_CITYSCAPES_IDS = (0, 7, 24, 25, 26, 27, 13, 21, 28, 17)
+
+# --label-map values: detect (auto), class indices as stored (none), Cityscapes label IDs.
+LABEL_MAPS = ("auto", "none", "cityscapes")
 
 
 @dataclass(frozen=True)
 class Layout:
     """Where a dataset layout keeps its files, relative to the data root.
 
-    Split files list one image stem per line; an image is ``image_dir/STEM + image_suffix`` and its
-    label map ``label_dir/STEM + label_suffix`` (other image suffixes are accepted when reading).
-    ``classes`` is ``None`` for the folder layout, whose classes come from ``classes.txt`` or
-    ``--num-classes``.
+    A split file lists one sample per line: an image name (``image_dir/STEM + image_suffix``,
+    label ``label_dir/STEM + label_suffix``; other image suffixes are accepted), or two columns,
+    image path and label path, relative to the data root. ``image_dirs`` are tried in order.
+    ``split_fallbacks`` name the split read when a split's file is absent. ``label_ids`` are the
+    label values the release stores for each class, when they are not the class indices.
+    ``classes`` is ``None`` for the folder layout (``classes.txt`` or ``--num-classes``).
     """
 
     name: str
-    image_dir: str
+    image_dirs: tuple[str, ...]
     image_suffix: str
     label_dir: str
     label_suffix: str
     splits: dict[str, str]
     classes: tuple[str, ...] | None
     thermal_channel: bool = False  # 4-channel RGB+thermal images: take the 4th channel
+    split_fallbacks: dict[str, str] = field(default_factory=dict)
+    label_ids: tuple[int, ...] | None = None
+    skip_copies: bool = False  # split lists hold "X (1)" / "~temp_X" copies of X
+
+    @property
+    def image_dir(self) -> str:
+        return self.image_dirs[0]
 
 
 LAYOUTS: dict[str, Layout] = {
     "soda": Layout(
-        "soda", "JPEGImages", ".jpg", "SegmentationClassPNG", ".png",
-        {"train": "train_infrared.txt", "test": "test_infrared.txt"}, SODA_CLASSES,
+        "soda", ("JPEGImages",), ".jpg", "SegmentationClassPNG", ".png",
+        {"train": "train_infrared.txt", "test": "test_infrared.txt"}, SODA_CLASSES, skip_copies=True,
     ),
     "mfnet": Layout(
-        "mfnet", "images", ".png", "labels", ".png",
-        {"train": "train.txt", "val": "val.txt", "test": "test.txt"}, MFNET_CLASSES, thermal_channel=True,
+        "mfnet", ("thermal_imgs", "images"), ".png", "labels", ".png",
+        {
+            "train": "train.txt", "val": "val.txt", "test": "test.txt", "val_test": "val_test.txt",
+            "test_day": "test_day.txt", "test_night": "test_night.txt",
+        },
+        MFNET_CLASSES, thermal_channel=True,
     ),
     "scut": Layout(
-        "scut", "images", ".jpg", "labels", ".png", {"train": "train.txt", "test": "test.txt"}, SCUT_CLASSES,
+        "scut", ("images",), ".jpg", "labels", ".png", {"train": "train.txt", "val": "val.txt", "test": "test.txt"},
+        SCUT_CLASSES, split_fallbacks={"test": "val"}, label_ids=SCUT_CITYSCAPES_IDS,
     ),
-    "folder": Layout("folder", "images", ".png", "masks", ".png", {"train": "train.txt", "test": "test.txt"}, None),
+    "folder": Layout(
+        "folder", ("images",), ".png", "masks", ".png", {"train": "train.txt", "test": "test.txt"}, None,
+    ),
 }  # fmt: skip
 
 # The split each layout evaluates on by default.
@@ -113,25 +147,92 @@ def get_layout(name: str) -> Layout:
     return LAYOUTS[name]
 
 
-def read_split(root: str | Path, layout: Layout, split: str) -> list[str]:
-    """Image stems listed in a split file (blank lines and ``#`` comments skipped)."""
+# --- split files ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SplitEntry:
+    """One line of a split file: an image name, or an image path and a label path (two columns)."""
+
+    image: str
+    label: str | None = None
+
+    @property
+    def stem(self) -> str:
+        p = Path(self.image)
+        return p.stem if p.suffix.lower() in IMAGE_SUFFIXES else p.name
+
+
+def _parse_line(line: str) -> SplitEntry:
+    parts = line.split()
+    # Two columns only when both look like image files: SODA names such as "X (1).jpg" hold spaces.
+    if len(parts) == 2 and all(Path(p).suffix.lower() in IMAGE_SUFFIXES for p in parts):
+        return SplitEntry(parts[0], parts[1])
+    return SplitEntry(line)
+
+
+def split_file(root: str | Path, layout: Layout, split: str) -> tuple[Path, list[str]]:
+    """The file listing ``split`` (following the layout's fallbacks) and notes on any fallback."""
     if split not in layout.splits:
         raise DatasetError(f"{layout.name} has no split {split!r}; splits: {', '.join(layout.splits)}")
     path = Path(root) / layout.splits[split]
+    fallback = layout.split_fallbacks.get(split)
+    if not path.exists() and fallback is not None and (Path(root) / layout.splits[fallback]).exists():
+        other = Path(root) / layout.splits[fallback]
+        note = (
+            f"{path.name} not found in {root}: split {split!r} reads {other.name}, as UNIP's preparation does"
+        )
+        return other, [note]
     if not path.exists():
         raise DatasetError(
             f"{path}: split file not found; the {layout.name} layout expects "
-            f"{', '.join(layout.splits.values())} in the data root, one image name per line"
+            f"{', '.join(layout.splits.values())} in the data root, one image name (or image and label "
+            "path) per line"
         )
-    stems = []
+    return path, []
+
+
+def read_split(root: str | Path, layout: Layout, split: str) -> list[SplitEntry]:
+    """Entries of a split file (blank lines and ``#`` comments skipped)."""
+    path, _ = split_file(root, layout, split)
+    return _read_entries(path)
+
+
+def _read_entries(path: Path) -> list[SplitEntry]:
+    entries = []
     for line in path.read_text(encoding="utf-8").splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
-            # Some releases list paths or names with suffixes; the stem is what identifies a sample.
-            stems.append(Path(line).stem if Path(line).suffix.lower() in IMAGE_SUFFIXES else Path(line).name)
-    if not stems:
+            entries.append(_parse_line(line))
+    if not entries:
         raise DatasetError(f"{path}: split file lists no images")
-    return stems
+    return entries
+
+
+_COPY_PATTERNS = (re.compile(r"^~temp_(.+)$"), re.compile(r"^(.+) \(\d+\)$"))
+
+
+def drop_copies(entries: list[SplitEntry]) -> tuple[list[SplitEntry], dict[str, int]]:
+    """Entries without SODA's duplicates: ``X (1)`` and ``~temp_X`` when ``X`` is listed too, and
+    repeated lines. Returns the kept entries and a count per kind of copy."""
+    stems = {e.stem for e in entries}
+    kept, seen = [], set()
+    counts = {"X (n)": 0, "~temp_X": 0, "repeated line": 0}
+    for e in entries:
+        base = None
+        for kind, rx in zip(("~temp_X", "X (n)"), _COPY_PATTERNS):
+            m = rx.match(e.stem)
+            if m and m.group(1) in stems:
+                base = kind
+                break
+        if base is not None:
+            counts[base] += 1
+        elif e.stem in seen:
+            counts["repeated line"] += 1
+        else:
+            seen.add(e.stem)
+            kept.append(e)
+    return kept, {k: v for k, v in counts.items() if v}
 
 
 def _find_file(folder: Path, stem: str, preferred: str) -> Path | None:
@@ -141,6 +242,22 @@ def _find_file(folder: Path, stem: str, preferred: str) -> Path | None:
             if p.exists():
                 return p
     return None
+
+
+def image_folder(root: Path, layout: Layout) -> tuple[str, list[str]]:
+    """The first of the layout's image folders present under ``root``, and a note when there is a choice."""
+    for name in layout.image_dirs:
+        if (root / name).is_dir():
+            if len(layout.image_dirs) == 1:
+                return name, []
+            what = (
+                "grey thermal images" if name == "thermal_imgs" else "4-channel RGB-T images: the 4th channel"
+            )
+            return name, [f"images from {name}/ ({what})"]
+    return layout.image_dirs[0], []  # missing: the first sample names the path that was expected
+
+
+# --- reading files ---------------------------------------------------------------------------------
 
 
 def read_grey(path: Path, thermal_channel: bool = False) -> np.ndarray:
@@ -162,25 +279,50 @@ def read_grey(path: Path, thermal_channel: bool = False) -> np.ndarray:
         raise DatasetError(str(e)) from None
 
 
-def read_label(path: Path, num_classes: int) -> np.ndarray:
-    """A label map as uint8 [H, W]; values must be < ``num_classes`` or 255 (ignored)."""
+def read_label_values(path: Path) -> np.ndarray:
+    """A label map as stored: uint8/uint16 [H, W]. Palette PNGs give their indices, not colours."""
     try:
         with Image.open(path) as im:
             if im.mode not in ("L", "P", "I", "I;16", "1"):
                 raise DatasetError(
                     f"{path}: label map has mode {im.mode} ({len(im.getbands())} channels); "
-                    "expected a single-channel PNG of class indices"
+                    "expected a single-channel or palette PNG of class indices"
                 )
-            arr = np.asarray(im)
+            return np.asarray(im)
     except (UnidentifiedImageError, OSError) as e:
         raise DatasetError(f"{path}: cannot decode label map ({e}); remove or replace the file") from None
-    bad = (arr >= num_classes) & (arr != IGNORE_INDEX)
-    if bad.any():
-        values = sorted(int(v) for v in np.unique(arr[bad]))[:8]
+
+
+def label_lut(label_ids: tuple[int, ...] | None) -> np.ndarray | None:
+    """Lookup table stored value -> class index (-1 for values no class has), 255 kept; None = identity."""
+    if label_ids is None:
+        return None
+    lut = np.full(65536, -1, dtype=np.int32)
+    lut[list(label_ids)] = np.arange(len(label_ids))
+    lut[IGNORE_INDEX] = IGNORE_INDEX
+    return lut
+
+
+def check_label_values(path: Path, values: np.ndarray, num_classes: int, hint: str) -> None:
+    """Refuse label values outside ``0..num_classes-1`` and 255; the message names the file, the
+    values and ``hint`` (the option that maps or sets the classes)."""
+    bad = values[((values < 0) | (values >= num_classes)) & (values != IGNORE_INDEX)]
+    if bad.size:
+        shown = sorted({int(v) for v in bad})[:8]
         raise DatasetError(
-            f"{path}: label values {values} are outside the {num_classes} classes 0..{num_classes - 1} "
-            f"(255 is the only other value allowed, meaning ignore); fix the label map or the class list"
+            f"{path}: label values {shown} are outside the {num_classes} classes 0..{num_classes - 1} "
+            f"(255 is the only other value allowed, meaning ignore); {hint}"
         )
+
+
+def read_label(
+    path: Path, num_classes: int, lut: np.ndarray | None = None, hint: str = "fix the label map"
+) -> np.ndarray:
+    """A label map as class indices uint8 [H, W]: stored values mapped by ``lut``, then checked."""
+    arr = read_label_values(path)
+    if lut is not None:
+        arr = lut[arr]
+    check_label_values(path, np.unique(arr), num_classes, hint)
     return arr.astype(np.uint8)
 
 
@@ -202,12 +344,15 @@ class Sample:
 class SegDataset(torch.utils.data.Dataset):
     """One split of a segmentation dataset: ``(image [3, H, W] normalized, label [H, W] int64)``.
 
-    Files are checked when the dataset is built: every listed stem needs an image and a label map of
-    the same size, and (``check_values``) label values within the class range or 255.
+    Files are checked when the dataset is built: every listed sample needs an image and a label map
+    of the same size, and (``check_values``) label values within the class range or 255 after the
+    label mapping. ``label_map`` is one of :data:`LABEL_MAPS`: ``auto`` detects SCUT-Seg's
+    Cityscapes label IDs from the values (the result is :attr:`label_map` and a note).
     ``transform(img, label, g) -> (img, label)`` runs on the 0-255 grey image before normalization;
     its random draws come from ``g``, a generator seeded by (``seed``, epoch, index) (see
     :mod:`unip_train.sampling`), so augmentation does not depend on RNG history or loader workers.
     Call :meth:`set_epoch` before each epoch (workers get a fresh copy of the dataset each epoch).
+    :attr:`notes` says what was decided about the files (fallback split, skipped copies, label IDs).
     """
 
     def __init__(
@@ -219,6 +364,7 @@ class SegDataset(torch.utils.data.Dataset):
         transform: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
         check_values: bool = True,
         seed: int = 0,
+        label_map: str = "auto",
     ):
         self.root = Path(root)
         if not self.root.is_dir():
@@ -231,28 +377,94 @@ class SegDataset(torch.utils.data.Dataset):
         self.transform = transform
         self.seed, self.epoch = seed, 0
         self.mean, self.std = NORMALIZATIONS["infrared"]
-        self.samples = []
-        for stem in read_split(self.root, self.layout, split):
-            img = _find_file(self.root / self.layout.image_dir, stem, self.layout.image_suffix)
-            lab = _find_file(self.root / self.layout.label_dir, stem, self.layout.label_suffix)
-            for what, p, folder in (
-                ("image", img, self.layout.image_dir),
-                ("label map", lab, self.layout.label_dir),
-            ):
+        self.notes: list[str] = []
+        path, notes = split_file(self.root, self.layout, split)
+        self.split_path = path
+        self.notes += notes
+        entries = _read_entries(path)
+        if self.layout.skip_copies:
+            entries, copies = drop_copies(entries)
+            if copies:
+                what = ", ".join(f"{n} {kind}" for kind, n in copies.items())
+                self.notes.append(f"{path.name}: skipped {sum(copies.values())} duplicate entries ({what})")
+        image_dir, notes = image_folder(self.root, self.layout)
+        self.notes += notes
+        self.samples = [self._locate(e, path, image_dir) for e in entries]
+        self.label_map = self._choose_label_map(label_map, check_values)
+        self.lut = label_lut(self.layout.label_ids if self.label_map == "cityscapes" else None)
+
+    def _locate(self, entry: SplitEntry, split_path: Path, image_dir: str) -> Sample:
+        if entry.label is not None:
+            img, lab = self.root / entry.image, self.root / entry.label
+            for what, p in (("image", img), ("label map", lab)):
+                if not p.is_file():
+                    raise DatasetError(
+                        f"{split_path}: lists {entry.image} {entry.label} but {what} {p} does not exist"
+                    )
+        else:
+            img = _find_file(self.root / image_dir, entry.stem, self.layout.image_suffix)
+            lab = _find_file(self.root / self.layout.label_dir, entry.stem, self.layout.label_suffix)
+            for what, p, folder in (("image", img, image_dir), ("label map", lab, self.layout.label_dir)):
                 if p is None:
                     raise DatasetError(
-                        f"{self.root / self.layout.splits[split]}: lists {stem!r} but {what} "
-                        f"{self.root / folder / (stem + '.*')} does not exist"
+                        f"{split_path}: lists {entry.stem!r} but {what} "
+                        f"{self.root / folder / (entry.stem + '.*')} does not exist"
                     )
-            if _image_size(img) != _image_size(lab):
-                raise DatasetError(
-                    f"{lab}: label map is {_image_size(lab)} (HxW) but image {img} is {_image_size(img)}; "
-                    "they must be the same size"
-                )
-            self.samples.append(Sample(stem, img, lab))
-        if check_values:
-            for s in self.samples:
-                read_label(s.label, len(self.classes))
+        if _image_size(img) != _image_size(lab):
+            raise DatasetError(
+                f"{lab}: label map is {_image_size(lab)} (HxW) but image {img} is {_image_size(img)}; "
+                "they must be the same size"
+            )
+        return Sample(entry.stem, img, lab)
+
+    def _range_hint(self, label_map: str) -> str:
+        if self.layout.label_ids is not None:
+            ids = ", ".join(map(str, self.layout.label_ids))
+            return (
+                f"read with --label-map {label_map} ({self.layout.name} classes are 0..{self.num_classes - 1} "
+                f"or, with --label-map cityscapes, the Cityscapes label IDs {ids})"
+            )
+        if self.layout.classes is None:
+            return "set the classes with classes.txt or --num-classes, or fix the label map"
+        return f"{self.layout.name} has {self.num_classes} classes; check --dataset or fix the label map"
+
+    def _choose_label_map(self, label_map: str, check_values: bool) -> str:
+        """Check every label map's values; with ``auto``, decide whether they are Cityscapes IDs."""
+        if label_map not in LABEL_MAPS:
+            raise DatasetError(f"--label-map {label_map!r}: expected one of {', '.join(LABEL_MAPS)}")
+        ids = self.layout.label_ids
+        if label_map == "cityscapes" and ids is None:
+            raise DatasetError(
+                f"--label-map cityscapes: only SCUT-Seg stores Cityscapes label IDs, not {self.layout.name}"
+            )
+        if not check_values:
+            return "none" if label_map == "auto" else label_map
+        values = {s.label: np.unique(read_label_values(s.label)) for s in self.samples}
+        if label_map == "auto":
+            label_map = "none"
+            if ids is not None:
+                found = np.unique(np.concatenate(list(values.values())))
+                found = found[found != IGNORE_INDEX]
+                as_indices = bool((found < self.num_classes).all())
+                as_ids = bool(np.isin(found, ids).all())
+                if as_ids and not as_indices:
+                    label_map = "cityscapes"
+                    self.notes.append(
+                        f"{self.layout.name} labels are Cityscapes label IDs ({', '.join(map(str, found))} found); "
+                        f"mapped to classes 0..{self.num_classes - 1} (--label-map cityscapes)"
+                    )
+                elif as_indices:
+                    note = f"{self.layout.name} labels read as class indices 0..{self.num_classes - 1} (--label-map none)"
+                    if as_ids:
+                        note += (
+                            "; these values are also Cityscapes IDs: pass --label-map cityscapes if they are"
+                        )
+                    self.notes.append(note)
+        lut = label_lut(ids if label_map == "cityscapes" else None)
+        hint = self._range_hint(label_map)
+        for path, v in values.items():
+            check_label_values(path, v if lut is None else lut[v], self.num_classes, hint)
+        return label_map
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -265,11 +477,11 @@ class SegDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def load(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw grey image [H, W] (0-255 float) and label [H, W] (int64), before any transform."""
+        """Raw grey image [H, W] (0-255 float) and label [H, W] (int64 class indices), before any transform."""
         s = self.samples[i]
         img = torch.from_numpy(read_grey(s.image, self.layout.thermal_channel))
-        label = torch.from_numpy(read_label(s.label, self.num_classes).astype(np.int64))
-        return img, label
+        label = read_label(s.label, self.num_classes, self.lut, self._range_hint(self.label_map))
+        return img, torch.from_numpy(label.astype(np.int64))
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         img, label = self.load(i)

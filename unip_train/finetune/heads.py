@@ -1,5 +1,10 @@
 """Segmentation heads in plain PyTorch: UperNet (pyramid pooling + FPN), the auxiliary FCN head, and the
-linear-probe head (BatchNorm + 1x1 conv). Each returns logits at the resolution of its finest input."""
+linear-probe head (one 1x1 conv). Each returns logits at the resolution of its finest input.
+
+Initialised as mmsegmentation initialises them (the reference fine-tuning, method.md section 4):
+conv-BN-ReLU convolutions Kaiming-normal (fan-out, ReLU gain), BatchNorm weight 1 and bias 0, the
+final 1x1 classifier N(0, 0.01) with bias 0 (:func:`init_like_mmseg`).
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,18 @@ class ConvBNReLU(nn.Sequential):
             nn.BatchNorm2d(cout),
             nn.ReLU(inplace=True),
         )
+
+
+def init_like_mmseg(head: nn.Module) -> None:
+    """Re-initialise ``head`` as mmsegmentation does: every conv-BN-ReLU conv Kaiming-normal with
+    fan-out and ReLU gain, BatchNorm (1, 0), and ``head.classifier`` N(0, 0.01) with bias 0."""
+    for m in head.modules():
+        if isinstance(m, ConvBNReLU):
+            nn.init.kaiming_normal_(m[0].weight, mode="fan_out", nonlinearity="relu")
+            nn.init.ones_(m[1].weight)
+            nn.init.zeros_(m[1].bias)
+    nn.init.normal_(head.classifier.weight, mean=0.0, std=0.01)
+    nn.init.zeros_(head.classifier.bias)
 
 
 def _upsample(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -61,7 +78,8 @@ class UperHead(nn.Module):
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(channels, num_classes, 1)
 
-    def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
+    def fused(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The fused map [B, channels, h, w] (finest level's size) before dropout and classifier."""
         top = feats[-1]
         levels = [lat(f) for lat, f in zip(self.lateral, feats[:-1])]
         levels.append(self.ppm_bottleneck(torch.cat([top, *self.ppm(top)], dim=1)))
@@ -69,8 +87,13 @@ class UperHead(nn.Module):
             levels[i - 1] = levels[i - 1] + _upsample(levels[i], levels[i - 1].shape[-2:])
         outs = [conv(x) for conv, x in zip(self.fpn, levels[:-1])] + [levels[-1]]
         size = outs[0].shape[-2:]
-        fused = self.fuse(torch.cat([outs[0]] + [_upsample(o, size) for o in outs[1:]], dim=1))
+        return self.fuse(torch.cat([outs[0]] + [_upsample(o, size) for o in outs[1:]], dim=1))
+
+    def classify(self, fused: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(fused))
+
+    def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.classify(self.fused(feats))
 
 
 class FCNHead(nn.Module):
@@ -88,16 +111,21 @@ class FCNHead(nn.Module):
 
 
 class LinearProbeHead(nn.Module):
-    """Linear probing (method.md section 4): feature maps resized to the first's size, concatenated,
-    BatchNorm, 1x1 conv. Nothing but a per-pixel linear classifier on normalized features."""
+    """Linear probing (method.md section 4): feature maps resized (bilinear) to the first's size,
+    concatenated, one 1x1 conv. Nothing but a per-pixel linear classifier on the raw features: no
+    normalization, no dropout (the reference's FCNHead with no convs, resize_concat)."""
 
     def __init__(self, in_channels: Sequence[int], num_classes: int):
         super().__init__()
-        total = int(sum(in_channels))
-        self.bn = nn.BatchNorm2d(total)
-        self.classifier = nn.Conv2d(total, num_classes, 1)
+        self.classifier = nn.Conv2d(int(sum(in_channels)), num_classes, 1)
+
+    def fused(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The concatenated features [B, sum(channels), h, w] the classifier reads."""
+        size = feats[0].shape[-2:]
+        return torch.cat([feats[0]] + [_upsample(f, size) for f in feats[1:]], dim=1)
+
+    def classify(self, fused: torch.Tensor) -> torch.Tensor:
+        return self.classifier(fused)
 
     def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
-        size = feats[0].shape[-2:]
-        x = torch.cat([feats[0]] + [_upsample(f, size) for f in feats[1:]], dim=1)
-        return self.classifier(self.bn(x))
+        return self.classify(self.fused(feats))

@@ -6,11 +6,11 @@ heads together (method.md section 4).
   x0.5 = maxpool 2x2 (strides 4, 8, 16, 32 for /16 models).
 - Multi-layer (``neck="multi-layer"``): the same four transforms, each on a different intermediate
   layer (blocks 4, 6, 8, 12 for a depth-12 model), as in BEiT/MAE segmentation.
-- Linear probing (``mode="lp"``): frozen backbone, chosen layers concatenated, BN + 1x1 conv.
+- Linear probing (``mode="lp"``): frozen backbone, chosen layers concatenated, one 1x1 conv.
 
-Layer numbers are 1-based everywhere a user sees them. The final LayerNorm of the backbone is
-applied to the last block's tokens only (that is the backbone's own output); intermediate layers
-are taken raw.
+Layer numbers are 1-based everywhere a user sees them. Every layer is read RAW, the last one
+included: the backbone's final LayerNorm is never applied (as the reference's ``use_norm=False``);
+it stays frozen and unused.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from torch import nn
 
 from unip_analysis.errors import UnipError
 
-from .heads import FCNHead, LinearProbeHead, UperHead
+from .extensions import SegOutput
+from .heads import FCNHead, LinearProbeHead, UperHead, init_like_mmseg
 
 NECKS = ("ll-fpn", "multi-layer")
 MODES = ("ft", "lp")
@@ -71,7 +72,14 @@ class FourScaleNeck(nn.Module):
 
 class Segmentor(nn.Module):
     """ViT backbone + neck + heads. ``forward(x)`` returns ``(logits, aux_logits)`` at the patch-grid
-    pyramid's finest resolution; ``aux_logits`` is ``None`` in linear probing and in eval mode."""
+    pyramid's finest resolution; ``aux_logits`` is ``None`` in linear probing and in eval mode.
+    ``forward(x, features=True)`` returns a :class:`~unip_train.finetune.extensions.SegOutput`
+    that also holds the decode head's fused map (UperNet: before dropout and classifier; linear
+    probing: the concatenated features).
+
+    ``head_channels``: UperNet width (default: the backbone's embed dim, as the reference configs);
+    ``aux_channels``: the auxiliary FCN head's width (256 in the reference).
+    """
 
     def __init__(
         self,
@@ -80,7 +88,8 @@ class Segmentor(nn.Module):
         mode: str = "ft",
         neck: str = "ll-fpn",
         layers: Sequence[int] | None = None,
-        head_channels: int = 512,
+        head_channels: int | None = None,
+        aux_channels: int = 256,
     ):
         super().__init__()
         if mode not in MODES:
@@ -106,16 +115,18 @@ class Segmentor(nn.Module):
             self.neck = None
             self.decode_head = LinearProbeHead([dim] * len(layers), num_classes)
             self.aux_head = None
+            init_like_mmseg(self.decode_head)
         else:
-            # Blocks after the deepest used layer (and the final norm, if the last block is unused)
-            # never see a gradient; freezing them keeps DDP from waiting for their gradients.
+            # Blocks after the deepest used layer and the final norm (layers are read raw) never
+            # see a gradient; freezing them keeps DDP from waiting for their gradients.
             for blk in self.backbone.blocks[max(layers) :]:
                 blk.requires_grad_(False)
-            if depth not in layers:
-                self.backbone.norm.requires_grad_(False)
+            self.backbone.norm.requires_grad_(False)
             self.neck = FourScaleNeck(dim)
-            self.decode_head = UperHead([dim] * 4, head_channels, num_classes)
-            self.aux_head = FCNHead(dim, max(1, head_channels // 2), num_classes)
+            self.decode_head = UperHead([dim] * 4, head_channels or dim, num_classes)
+            self.aux_head = FCNHead(dim, aux_channels, num_classes)
+            init_like_mmseg(self.decode_head)
+            init_like_mmseg(self.aux_head)
 
     def train(self, mode: bool = True) -> Segmentor:
         super().train(mode)
@@ -123,26 +134,29 @@ class Segmentor(nn.Module):
             self.backbone.eval()  # frozen: BN-free ViT, but dropout / drop path must stay off
         return self
 
-    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Patch-token maps [B, dim, H/p, W/p] of ``self.layers`` (prefix tokens dropped)."""
-        depth = len(self.backbone.blocks)
+    def layer_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Raw patch-token maps [B, dim, H/p, W/p] of ``self.layers`` (prefix tokens dropped, no
+        final norm)."""
         idx = sorted(set(n - 1 for n in self.layers))
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.mode == "ft"):
             maps = self.backbone.forward_intermediates(
                 x, indices=idx, norm=False, stop_early=True, output_fmt="NCHW", intermediates_only=True
             )
-            by_index = dict(zip(idx, maps))
-            if depth - 1 in by_index:
-                last = by_index[depth - 1]
-                by_index[depth - 1] = self.backbone.norm(last.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        by_index = dict(zip(idx, maps))
         return [by_index[n - 1] for n in self.layers]
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        feats = self.features(x)
-        if self.mode == "lp":
-            return self.decode_head(feats), None
-        if self.neck_name == "ll-fpn":
-            feats = feats * 4
-        pyramid = self.neck(feats)
-        aux = self.aux_head(pyramid[AUX_INDEX]) if self.training else None
-        return self.decode_head(pyramid), aux
+    def forward(
+        self, x: torch.Tensor, features: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | SegOutput:
+        feats = self.layer_maps(x)
+        aux = None
+        if self.mode == "ft":
+            if self.neck_name == "ll-fpn":
+                feats = feats * 4
+            feats = self.neck(feats)
+            aux = self.aux_head(feats[AUX_INDEX]) if self.training else None
+        fused = self.decode_head.fused(feats)
+        logits = self.decode_head.classify(fused)
+        if features:
+            return SegOutput(logits, aux, fused)
+        return logits, aux

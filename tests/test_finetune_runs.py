@@ -1,0 +1,155 @@
+"""What a unip-finetune run folder holds and how a run is configured: --config files (JSON/TOML),
+config.json written before the first step and readable back, log.jsonl + TensorBoard scalars, a bare
+--resume, and the real dataset layouts through the command line (their decisions printed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from unip_train.finetune.cli import main
+from unip_train.synthetic import generate
+
+
+def common(ckpt: tuple[str, Path], data: Path, dataset: str = "folder") -> list[str]:
+    arch, path = ckpt
+    return [
+        "--backbone", f"timm:{arch}:{path}", "--dataset", dataset, "--data-root", str(data), "--crop", "32",
+        "--batch-size", "2", "--num-workers", "0", "--head-channels", "16", "--aux-channels", "16",
+        "--lr", "1e-3", "--log-every", "1", "--no-progress",
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    return generate(tmp_path / "data", "folder", n_train=4, n_test=2, size=40, seed=0)
+
+
+def test_config_file_sets_defaults_and_config_json_repeats_the_run(tiny_timm_checkpoint, folder, tmp_path):
+    arch, path = tiny_timm_checkpoint
+    toml = tmp_path / "ft.toml"
+    toml.write_text(
+        f'backbone = "timm:{arch}:{path}"\ndataset = "folder"\ndata_root = "{folder}"\ncrop = 32\n'
+        "batch_size = 2\nnum_workers = 0\nhead_channels = 16\naux_channels = 16\niters = 50\nlr = 1e-3\n"
+        "progress = false\n"
+    )
+    first = tmp_path / "first"
+    assert main(["--config", str(toml), "--iters", "2", "--out", str(first)]) == 0  # the flag wins
+    cfg = json.loads((first / "config.json").read_text())
+    assert cfg["iters"] == 2 and cfg["crop"] == 32 and cfg["workers"] == 0 and cfg["head_channels"] == 16
+    # Resolved recipe values are written out, not left as "default".
+    assert (cfg["drop_path"], cfg["layer_scale"], cfg["rel_pos_bias"], cfg["layer_decay"]) == (
+        0.1,
+        1.0,
+        False,
+        0.85,
+    )
+    assert cfg["warmup_iters"] == 0 and cfg["eval_split"] == "test" and cfg["world_size"] == 1
+    assert "resume" not in cfg and cfg["extensions"] == []
+
+    second = tmp_path / "second"
+    assert main(["--config", str(first / "config.json"), "--out", str(second)]) == 0
+    again = json.loads((second / "config.json").read_text())
+    assert {k: v for k, v in again.items() if k != "out"} == {k: v for k, v in cfg.items() if k != "out"}
+    a = torch.load(first / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(second / "model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same run, repeated from its config.json
+
+
+def test_layers_from_a_json_config(tiny_timm_checkpoint, folder, tmp_path):
+    cfg = tmp_path / "lp.json"
+    cfg.write_text(json.dumps({"mode": "lp", "layers": [2, 4], "iters": 2}))
+    out = tmp_path / "lp"
+    assert main([*common(tiny_timm_checkpoint, folder), "--config", str(cfg), "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["layers"] == [2, 4]
+    assert json.loads((out / "metrics.json").read_text())["layers"] == [2, 4]
+
+
+def test_config_file_errors_are_one_line(tiny_timm_checkpoint, folder, tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"iterations": 5}))
+    code = main([*common(tiny_timm_checkpoint, folder), "--config", str(bad), "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and f"{bad}: unknown option(s) iterations" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_log_and_tensorboard_scalars_and_bare_resume(tiny_timm_checkpoint, folder, tmp_path):
+    out = tmp_path / "run"
+    args = [*common(tiny_timm_checkpoint, folder), "--out", str(out)]
+    assert main([*args, "--iters", "2"]) == 0
+    assert main([*args, "--iters", "4", "--resume"]) == 0  # bare: continue this run folder
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "loss" in r]
+    assert [r["iter"] for r in steps] == [1, 2, 3, 4]
+    assert all(r["grad_norm"] > 0 and r["lr"] > 0 for r in steps)
+    assert [r["resumed_from"] for r in log if r.get("event") == "start"] == [0, 2]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/ce", "train/aux_ce", "eval/miou"} <= tags
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]
+    miou = json.loads((out / "metrics.json").read_text())["miou"]
+    assert (
+        acc.Scalars("eval/miou")[-1].value == pytest.approx(miou) and acc.Scalars("eval/miou")[-1].step == 4
+    )
+
+
+def test_scut_as_released_through_the_cli(tiny_timm_checkpoint, tmp_path, capsys):
+    data = generate(tmp_path / "scut", "scut", n_train=4, n_test=2, size=40, seed=0, variant="release")
+    out = tmp_path / "run"
+    assert main([*common(tiny_timm_checkpoint, data, "scut"), "--iters", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "Cityscapes label IDs" in printed and "test.txt not found" in printed  # never silent
+    assert json.loads((out / "config.json").read_text())["label_map"] == "cityscapes"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["split"], metrics["split_file"], metrics["num_images"]) == ("test", "val.txt", 2)
+    notes = [
+        r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if r.get("event") == "start"
+    ]
+    assert any("Cityscapes label IDs" in n for n in notes[0]["notes"])
+    # Told the labels are class indices, the run stops at the first file with the value and the option.
+    code = main(
+        [*common(tiny_timm_checkpoint, data, "scut"), "--label-map", "none", "--out", str(tmp_path / "x")]
+    )
+    err = capsys.readouterr().err
+    assert (
+        code == 2
+        and err.count("\n") == 1
+        and "_labelIds.png: label values" in err
+        and "--label-map none" in err
+    )
+    assert not (tmp_path / "x").exists()  # nothing written
+
+
+def test_mfnet_unip_splits_as_eval_splits(tiny_timm_checkpoint, tmp_path):
+    data = generate(tmp_path / "mfnet", "mfnet", n_train=4, n_test=2, size=40, seed=0, variant="unip")
+    out = tmp_path / "run"
+    args = [*common(tiny_timm_checkpoint, data, "mfnet"), "--iters", "2", "--out", str(out)]
+    assert main([*args, "--eval-split", "val_test"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["split_file"], metrics["num_images"]) == ("val_test.txt", 4)
+    for split, n in (("test_day", 1), ("test_night", 1)):
+        re = tmp_path / split
+        assert (
+            main(
+                [
+                    "--eval-only",
+                    "--model",
+                    str(out / "model.pt"),
+                    "--eval-split",
+                    split,
+                    "--out",
+                    str(re),
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
+        m = json.loads((re / "metrics.json").read_text())
+        assert (m["split"], m["split_file"], m["num_images"]) == (split, f"{split}.txt", n)

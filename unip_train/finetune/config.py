@@ -1,0 +1,159 @@
+"""Every knob of a ``unip-finetune`` run and the published recipe's defaults (method.md section 4).
+
+The numbers come from casiatao/UNIP's ``UNIP_segmentation/configs`` and ``train_scripts`` (see
+docs/parity.md for each file); :func:`resolve` fills what a run leaves unset from them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+from unip_analysis.checkpoints import FAMILIES, build_vit, parse_spec
+from unip_analysis.errors import SpecError, UnipError
+
+from .datasets import EVAL_SPLIT, LABEL_MAPS, get_layout
+from .ll_fpn import NECKS
+
+# Iterations and linear warm-up of the published schedule per dataset (configs/fine_tuning/*:
+# runner.max_iters, lr_config.warmup_iters; the linear-probing configs use the same). The folder
+# layout has no reference: 10,000 iterations, warm-up as SODA's.
+DEFAULT_ITERS = {"soda": 14_400, "mfnet": 9_800, "scut": 16_800, "folder": 10_000}
+DEFAULT_WARMUP = {"soda": 1_500, "mfnet": 1_000, "scut": 1_700, "folder": 1_500}
+# Layer-wise lr decay: 0.85 in the LL-FPN launch scripts, 0.65 in the (multi-layer) configs.
+DEFAULT_LAYER_DECAY = {"ll-fpn": 0.85, "multi-layer": 0.65}
+# Relative position bias: the configs switch it on; the LL-FPN launch scripts switch it off.
+DEFAULT_REL_POS_BIAS = {"ll-fpn": False, "multi-layer": True}
+# ViT-L and wider: fine-tuning batch 4 (2 GPUs x 2) and drop path 0.2; smaller ViTs 8 and 0.1.
+LARGE_EMBED_DIM = 1024
+AUX_CHANNELS = 256  # auxiliary FCN head (configs/_base_/models/upernet.py)
+# Cross-entropy denominator: labelled pixels (ours), or all pixels (mmsegmentation 0.11, the reference).
+CE_AVERAGES = ("labelled", "all")
+
+
+@dataclass
+class FinetuneConfig:
+    """Every knob of a run. ``None`` means: derive from the recipe (see :func:`resolve`)."""
+
+    backbone: str  # FAMILY:ARCH:PATH, as for unip-analyze
+    dataset: str  # soda | mfnet | scut | folder
+    data_root: str
+    out: str
+    mode: str = "ft"  # ft | lp
+    neck: str = "ll-fpn"  # ll-fpn | multi-layer (ft only)
+    layers: list[int] | None = None  # 1-based; default last (ll-fpn) or 4,6,8,12 scaled to depth
+    iters: int | None = None  # default: the published count for the dataset
+    crop: int = 512
+    batch_size: int | None = None  # total over processes; default 8 (4 when fine-tuning ViT-L)
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    layer_decay: float | None = None  # default 0.85 with ll-fpn, 0.65 multi-layer; 1.0 = off
+    warmup_iters: int | None = None  # default: the dataset's warm-up, at most iters // 5
+    drop_path: float | None = None  # stochastic depth, 0 -> rate over the blocks; default 0.1 (ViT-L 0.2)
+    layer_scale: float = 1.0  # LayerScale init in every block (0 = none); ft only
+    rel_pos_bias: bool | None = None  # BEiT-style relative position bias; default per neck
+    head_channels: int | None = None  # UperNet channels; default the backbone's embed dim
+    aux_channels: int = AUX_CHANNELS  # auxiliary FCN head
+    aux_weight: float = 0.4
+    ce_average: str = "labelled"  # labelled | all (the reference's mmseg 0.11: over all pixels)
+    num_classes: int | None = None  # folder layout without classes.txt
+    label_map: str = "auto"  # auto | none | cityscapes (SCUT-Seg label IDs)
+    resplit_last_heads: bool = False
+    adapters: str = "keep"  # PAD backbones: keep (trained with the rest) | drop (plain ViT, ablation)
+    eval_window: int | None = None  # default crop
+    eval_stride: int | None = None  # default 2/3 of the window (341 for 512)
+    train_split: str = "train"
+    eval_split: str | None = None  # default test
+    seed: int = 0
+    workers: int = 2
+    device: str = "auto"
+    amp: bool = True  # mixed precision (fp16) on CUDA only
+    log_every: int = 20
+    ckpt_every: int = 1000
+    resume: str | None = None  # checkpoint path, or "auto" for OUT/checkpoint.pt
+    progress: bool = True
+
+
+class FinetuneError(UnipError):
+    """A fine-tuning option or run folder that cannot be used."""
+
+
+def parse_backbone(text: str) -> tuple[str, str, str]:
+    """``FAMILY:ARCH:PATH`` -> (family, arch, path), parsed by the registry's spec parser."""
+    try:
+        spec = parse_spec(f"backbone={text}")
+    except SpecError:
+        raise SpecError(
+            f"--backbone {text!r}: expected FAMILY:ARCH:PATH with FAMILY one of {', '.join(FAMILIES)}, "
+            "for example unip:vit_small_patch16_224:student.safetensors"
+        ) from None
+    return spec.family, spec.arch, spec.path
+
+
+def arch_shape(arch: str) -> tuple[int, int]:
+    """(depth, embed_dim) of an architecture, built on the meta device (no memory, no init)."""
+    with torch.device("meta"):
+        model = build_vit(arch)
+    return len(model.blocks), int(model.embed_dim)
+
+
+def resolve(cfg: FinetuneConfig) -> FinetuneConfig:
+    """Fill recipe defaults and check the options that do not need data files."""
+    get_layout(cfg.dataset)
+    if cfg.mode not in ("ft", "lp"):
+        raise FinetuneError(f"--mode {cfg.mode!r}: expected ft or lp")
+    if cfg.neck not in NECKS:
+        raise FinetuneError(f"--neck {cfg.neck!r}: expected one of {', '.join(NECKS)}")
+    if cfg.ce_average not in CE_AVERAGES:
+        raise FinetuneError(f"--ce-average {cfg.ce_average!r}: expected one of {', '.join(CE_AVERAGES)}")
+    if cfg.label_map not in LABEL_MAPS:
+        raise FinetuneError(f"--label-map {cfg.label_map!r}: expected one of {', '.join(LABEL_MAPS)}")
+    _, arch, _ = parse_backbone(cfg.backbone)
+    _, dim = arch_shape(arch)
+    large = dim >= LARGE_EMBED_DIM
+    iters = cfg.iters if cfg.iters is not None else DEFAULT_ITERS[cfg.dataset]
+    window = cfg.eval_window or cfg.crop
+    out = replace(
+        cfg,
+        iters=iters,
+        batch_size=cfg.batch_size or (4 if large and cfg.mode == "ft" else 8),
+        layers=list(cfg.layers) if cfg.layers is not None else None,
+        layer_decay=cfg.layer_decay if cfg.layer_decay is not None else DEFAULT_LAYER_DECAY[cfg.neck],
+        warmup_iters=(
+            cfg.warmup_iters if cfg.warmup_iters is not None else min(DEFAULT_WARMUP[cfg.dataset], iters // 5)
+        ),
+        drop_path=cfg.drop_path if cfg.drop_path is not None else (0.2 if large else 0.1),
+        rel_pos_bias=cfg.rel_pos_bias if cfg.rel_pos_bias is not None else DEFAULT_REL_POS_BIAS[cfg.neck],
+        head_channels=cfg.head_channels or dim,
+        eval_window=window,
+        eval_stride=cfg.eval_stride or max(1, int(window * 2 / 3)),
+        eval_split=cfg.eval_split or EVAL_SPLIT[cfg.dataset],
+        betas=tuple(cfg.betas),
+    )
+    for name in (
+        "iters",
+        "crop",
+        "batch_size",
+        "head_channels",
+        "aux_channels",
+        "eval_window",
+        "eval_stride",
+    ):
+        if getattr(out, name) < 1:
+            raise FinetuneError(f"--{name.replace('_', '-')} must be positive, got {getattr(out, name)}")
+    if not 0.0 <= out.drop_path < 1.0:
+        raise FinetuneError(f"--drop-path {out.drop_path}: expected a rate in [0, 1)")
+    if out.layer_scale < 0:
+        raise FinetuneError(f"--layer-scale {out.layer_scale}: expected an initial value >= 0 (0 = none)")
+    if out.eval_window < out.crop:
+        raise FinetuneError(f"--eval-window {out.eval_window} is smaller than --crop {out.crop}")
+    return out
+
+
+def plain_config(cfg: FinetuneConfig) -> dict:
+    """The config as JSON / weights_only-safe types."""
+    d = asdict(cfg)
+    d["betas"] = list(d["betas"])
+    return d

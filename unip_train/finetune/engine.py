@@ -1,0 +1,187 @@
+"""The fine-tuning loop: the whole training step in one screen (MAE's engine_finetune).
+
+Set-up (model, data, optimizer, resume, run folder) is :func:`unip_train.finetune.cli.setup`;
+this module only trains. Per iteration: poly lr with linear warm-up, one forward over the batch
+(plus any extension's extra images), cross-entropy (255 ignored) on the main head plus
+``aux_weight`` x the auxiliary head's, plus each extension's loss terms, fp16 autocast and grad
+scaling on CUDA, the optimizer step, then the extensions' ``after_step``. A resumed run continues
+mid-epoch exactly where its checkpoint was written.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .. import distributed as du
+from ..optim import poly_lr, set_lr
+from ..runs import ScalarLog
+from ..sampling import EpochSampler
+from .config import FinetuneConfig, FinetuneError
+from .datasets import IGNORE_INDEX
+from .extensions import Extension, SegOutput
+from .ll_fpn import Segmentor
+
+# Test-only: SIGKILL this process right after iteration N (exercises --resume).
+KILL_ENV = "UNIP_FINETUNE_SIGKILL_AT_ITER"
+
+
+@dataclass
+class TrainState:
+    """What the loop needs, built once by the set-up."""
+
+    cfg: FinetuneConfig
+    dist: du.DistInfo
+    model: Segmentor  # the bare module: state dicts, evaluation
+    ddp: torch.nn.Module  # what the loop calls: DDP-wrapped under torchrun
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    sampler: EpochSampler
+    loader: DataLoader
+    log: ScalarLog
+    amp: bool
+    start: int  # iterations already done (resume)
+    extensions: list[Extension] = field(default_factory=list)
+    extension_modules: dict[str, list[torch.nn.Module]] = field(default_factory=dict)  # by extension name
+
+    @property
+    def extension_params(self) -> list[torch.nn.Parameter]:
+        return [
+            p
+            for mods in self.extension_modules.values()
+            for m in mods
+            for p in m.parameters()
+            if p.requires_grad
+        ]
+
+
+def seg_loss(logits: torch.Tensor, label: torch.Tensor, average: str = "labelled") -> torch.Tensor:
+    """Cross-entropy of logits upsampled (bilinear) to the label's size; 255 ignored. ``average``:
+    ``labelled`` = mean over labelled pixels; ``all`` = their sum over all pixels, ignored and
+    padded ones included, as mmsegmentation 0.11 (the reference) reduced it."""
+    logits = F.interpolate(logits.float(), size=label.shape[-2:], mode="bilinear", align_corners=False)
+    if average == "all":
+        return F.cross_entropy(logits, label, ignore_index=IGNORE_INDEX, reduction="sum") / label.numel()
+    return F.cross_entropy(logits, label, ignore_index=IGNORE_INDEX)
+
+
+def train(s: TrainState, save: Callable[[int], None]) -> None:
+    """Iterations ``s.start .. cfg.iters - 1``; ``save(it)`` writes the checkpoint after iteration ``it``."""
+    cfg, dist = s.cfg, s.dist
+    per_proc = s.loader.batch_size
+    per_epoch = s.sampler.per_rank // per_proc  # iterations per data epoch (last partial batch dropped)
+    kill_at = int(os.environ[KILL_ENV]) if os.environ.get(KILL_ENV) else None
+    params = [p for g in s.optimizer.param_groups for p in g["params"]]
+    bar = tqdm(
+        total=cfg.iters,
+        initial=s.start,
+        desc=f"{cfg.mode} {cfg.dataset}",
+        disable=not s.log.enabled or not cfg.progress,
+    )
+    it, t0, sums = s.start, time.time(), {}
+    s.ddp.train()
+    while it < cfg.iters:
+        epoch, done = divmod(it, per_epoch)
+        s.sampler.set_epoch(epoch, start=done * per_proc)
+        s.loader.dataset.set_epoch(epoch)
+        for img, label in s.loader:
+            if it >= cfg.iters:
+                break
+            lr = poly_lr(it, cfg.iters, cfg.warmup_iters, cfg.lr)
+            set_lr(s.optimizer, lr)
+            terms = loss_terms(
+                s, it, img.to(dist.device, non_blocking=True), label.to(dist.device, non_blocking=True)
+            )
+            loss = sum_terms(terms)
+            if not math.isfinite(loss.item()):
+                raise FinetuneError(f"loss became {loss.item()} at iteration {it}; lower --lr")
+            s.optimizer.zero_grad(set_to_none=True)
+            s.scaler.scale(loss).backward()
+            if dist.enabled and s.extension_modules:
+                average_gradients(s.extension_params, dist.world_size)  # DDP averages only the segmentor's
+            logging = (it + 1) % cfg.log_every == 0 or it + 1 == cfg.iters
+            if logging:
+                s.scaler.unscale_(s.optimizer)  # the norm of the true gradients; the step is unchanged
+                grad_norm = gradient_norm(params)
+            s.scaler.step(s.optimizer)
+            s.scaler.update()
+            for ext in s.extensions:
+                ext.after_step(it)
+            for name, value in [("loss", loss), *terms.items()]:
+                sums[name] = sums.get(name, 0.0) + value.item()
+            it += 1
+            bar.update(1)
+            if logging:
+                steps = (it - 1) % cfg.log_every + 1
+                record = {k: du.all_reduce_mean(v / steps, dist.device) for k, v in sums.items()}
+                record = {
+                    "iter": it,
+                    **record,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "time": round(time.time() - t0, 2),
+                }
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+                s.log.write(record)
+                sums = {}
+            if it % cfg.ckpt_every == 0 or it == cfg.iters:
+                save(it)
+            if kill_at == it:
+                os.kill(os.getpid(), signal.SIGKILL)
+    bar.close()
+
+
+def loss_terms(s: TrainState, it: int, img: torch.Tensor, label: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every named loss term of iteration ``it``: ``ce``, ``aux_ce`` (weighted), then the extensions'."""
+    extra = [x for x in (e.extra_images(it) for e in s.extensions) if x is not None]
+    batch = torch.cat([img, *(x.to(img.device, non_blocking=True) for x in extra)]) if extra else img
+    with torch.autocast(device_type=s.dist.device.type, dtype=torch.float16, enabled=s.amp):
+        if any(e.needs_features for e in s.extensions):
+            out = s.ddp(batch, features=True)
+        else:
+            out = SegOutput(*s.ddp(batch), None)
+    labelled, rest = out.split(img.shape[0])
+    terms = {"ce": seg_loss(labelled.logits, label, s.cfg.ce_average)}
+    if labelled.aux is not None:
+        terms["aux_ce"] = s.cfg.aux_weight * seg_loss(labelled.aux, label, s.cfg.ce_average)
+    for ext in s.extensions:
+        for name, value in ext.loss_terms(it, label, labelled, rest).items():
+            if name in terms:
+                raise FinetuneError(
+                    f"extension {ext.name!r} returned loss term {name!r}, a name already used"
+                )
+            terms[name] = value
+    return terms
+
+
+def sum_terms(terms: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The total loss, summed in the terms' order."""
+    values = iter(terms.values())
+    total = next(values)
+    for v in values:
+        total = total + v
+    return total
+
+
+def average_gradients(params: list[torch.nn.Parameter], world_size: int) -> None:
+    """Mean of each parameter's gradient over processes (what DDP does for the wrapped model)."""
+    for p in params:
+        if p.grad is not None:
+            torch.distributed.all_reduce(p.grad)
+            p.grad.div_(world_size)
+
+
+def gradient_norm(params: list[torch.nn.Parameter]) -> float:
+    """L2 norm of all gradients together (inf/nan when fp16 overflowed; the scaler skips that step)."""
+    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return float(torch.stack(norms).norm()) if norms else 0.0
