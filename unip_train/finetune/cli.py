@@ -45,6 +45,7 @@ from .backbone import prepare_for_finetuning
 from .config import (
     CE_AVERAGES,
     DEFAULT_ITERS,
+    PIXEL_LOSSES,
     FinetuneConfig,
     FinetuneError,
     parse_backbone,
@@ -56,6 +57,8 @@ from .engine import KILL_ENV, TrainState, seg_loss, train
 from .evaluation import evaluate, summarize
 from .extensions import Extension, ExtensionContext, build_extensions, check_names
 from .ll_fpn import NECKS, Segmentor
+from .pixl import DEFAULT_ETA, DEFAULT_SCALES, DEFAULT_TAU, DEFAULT_WEIGHT, SCALE_RULES
+from .semi import DEFAULT_DECAY, DEFAULT_THRESHOLD, prepare_semi, write_split
 
 __all__ = [
     "KILL_ENV", "FinetuneConfig", "FinetuneError", "build_backbone", "build_optimizer", "evaluate_saved",
@@ -68,7 +71,8 @@ MODEL_FORMAT = "unip-finetune/2"  # 2: LayerScale / relative position bias / raw
 # grow: the run then continues on the longer schedule.)
 RESUME_MUST_MATCH = (
     "dataset", "mode", "neck", "layers", "crop", "batch_size", "seed", "world_size", "extensions",
-    "layer_scale", "rel_pos_bias", "head_channels", "aux_channels",
+    "layer_scale", "rel_pos_bias", "head_channels", "aux_channels", "pixel_loss", "pixl_scales",
+    "label_fraction", "unlabelled",
 )  # fmt: skip
 # Values config.json records that are not options (read back with --config, they are skipped).
 DERIVED_KEYS = ("world_size", "extensions")
@@ -139,11 +143,9 @@ def run(cfg: FinetuneConfig, extensions: Sequence[Extension] = ()) -> dict:
     run folder; returns the metrics dict."""
     cfg = resolve(cfg)
     dist = du.init_distributed(cfg.device)
-    exts = build_extensions(cfg) + list(extensions)
-    check_names(exts)
     state = None
     try:
-        state, eval_set, backbone_info = setup(cfg, dist, exts)
+        state, eval_set, backbone_info = setup(cfg, dist, list(extensions))
         cfg = state.cfg
         train(state, save=lambda it: save_training_state(state, it))
         conf = evaluate(
@@ -189,6 +191,14 @@ def setup(
         label_map=train_set.label_map,
     )  # fmt: skip
     cfg = replace(cfg, label_map=train_set.label_map)
+    # Semi-supervision: the labelled part of the split, and the images the mean teacher labels.
+    semi = prepare_semi(
+        train_set, cfg.label_fraction, cfg.unlabelled, cfg.seed, min_labelled=cfg.batch_size or 1,
+        eval_images=[s.image for s in eval_set.samples],
+    )  # fmt: skip
+    train_set = semi.train_set
+    extensions = build_extensions(cfg, semi) + list(extensions)
+    check_names(extensions)
     per_proc, rem = divmod(cfg.batch_size, dist.world_size)
     if rem or per_proc < 1:
         raise FinetuneError(f"--batch-size {cfg.batch_size} is not divisible by {dist.world_size} processes")
@@ -256,10 +266,21 @@ def setup(
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         runs.write_config(out, {**config_record(cfg), "world_size": dist.world_size, "extensions": names})
+        if semi.split is not None:
+            write_split(out, semi.split)
     log = runs.ScalarLog(
         out, enabled=dist.is_main, step_key="iter", resume_step=start if cfg.resume else None
     )
     notes = list(dict.fromkeys(train_set.notes + eval_set.notes + backbone_info["notes"]))
+    if semi.files:
+        notes.append(
+            f"semi-supervised: {len(train_set)} labelled and {len(semi.files)} unlabelled training images"
+            + (
+                f" ({semi.left_out} --unlabelled images left out: labelled or evaluation images)"
+                if semi.left_out
+                else ""
+            )
+        )
     if dist.is_main:
         for note in notes:
             print(f"{PROG}: {note}", flush=True)
@@ -487,6 +508,52 @@ def build_parser() -> argparse.ArgumentParser:
         default="labelled",
         choices=CE_AVERAGES,
         help="cross-entropy over labelled pixels (default) | all pixels, as the reference's mmseg 0.11",
+    )
+    g = p.add_argument_group("pixel-level learning (PiXL) and semi-supervision (docs/pixl.md)")
+    g.add_argument(
+        "--pixel-loss",
+        default="none",
+        choices=PIXEL_LOSSES,
+        help="none (default) | pixl: PiXL's drift-to-prototype InfoNCE on the decode head's features (ft)",
+    )
+    g.add_argument("--pixl-weight", type=float, default=DEFAULT_WEIGHT, help="PiXL loss weight (0.1)")
+    g.add_argument("--pixl-tau", type=float, default=DEFAULT_TAU, help="InfoNCE temperature (0.1)")
+    g.add_argument(
+        "--pixl-eta",
+        default=",".join(map(str, DEFAULT_ETA)),
+        metavar="START,END",
+        help="drift-pixel fraction, linear from START at the first step to END at the last (0.2,0.001)",
+    )
+    g.add_argument(
+        "--pixl-scales",
+        default=",".join(map(str, DEFAULT_SCALES)),
+        help="feature scales for the prototypes; drift pixels of the first are aligned (1,0.5)",
+    )
+    g.add_argument(
+        "--pixl-scale-rule",
+        default="count",
+        choices=SCALE_RULES,
+        help="per class, the scale with more joint pixels (count, default) or the larger joint share",
+    )
+    g.add_argument(
+        "--label-fraction",
+        metavar="F",
+        help="keep a seeded fraction F (e.g. 1/8) of the training split labelled; the rest is unlabelled "
+        "and labelled by a mean teacher (writes labelled.txt / unlabelled.txt)",
+    )
+    g.add_argument(
+        "--unlabelled",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="extra label-free images for the mean teacher (repeatable)",
+    )
+    g.add_argument("--ema-decay", type=float, default=DEFAULT_DECAY, help="mean teacher EMA (0.999)")
+    g.add_argument(
+        "--pseudo-threshold",
+        type=float,
+        default=DEFAULT_THRESHOLD,
+        help="pseudo-label confidence; the loss is weighted by the confident fraction (0.968)",
     )
     g = p.add_argument_group("schedule")
     g.add_argument("--iters", type=int, help=f"training iterations (default: {iters})")

@@ -6,7 +6,7 @@ docs/parity.md for each file); :func:`resolve` fills what a run leaves unset fro
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -15,6 +15,8 @@ from unip_analysis.errors import SpecError, UnipError
 
 from .datasets import EVAL_SPLIT, LABEL_MAPS, get_layout
 from .ll_fpn import NECKS
+from .pixl import DEFAULT_ETA, DEFAULT_SCALES, DEFAULT_TAU, DEFAULT_WEIGHT, PixlExtension
+from .semi import DEFAULT_DECAY, DEFAULT_THRESHOLD, check_teacher_options, parse_label_fraction
 
 # Iterations and linear warm-up of the published schedule per dataset (configs/fine_tuning/*:
 # runner.max_iters, lr_config.warmup_iters; the linear-probing configs use the same). The folder
@@ -30,6 +32,7 @@ LARGE_EMBED_DIM = 1024
 AUX_CHANNELS = 256  # auxiliary FCN head (configs/_base_/models/upernet.py)
 # Cross-entropy denominator: labelled pixels (ours), or all pixels (mmsegmentation 0.11, the reference).
 CE_AVERAGES = ("labelled", "all")
+PIXEL_LOSSES = ("none", "pixl")  # pixl: PiXL (method.md section 8)
 
 
 @dataclass
@@ -62,6 +65,17 @@ class FinetuneConfig:
     label_map: str = "auto"  # auto | none | cityscapes (SCUT-Seg label IDs)
     resplit_last_heads: bool = False
     adapters: str = "keep"  # PAD backbones: keep (trained with the rest) | drop (plain ViT, ablation)
+    # Pixel-level learning (PiXL) and semi-supervision (mean teacher); see docs/pixl.md.
+    pixel_loss: str = "none"  # none | pixl
+    pixl_weight: float = DEFAULT_WEIGHT
+    pixl_tau: float = DEFAULT_TAU
+    pixl_eta: str = ",".join(map(str, DEFAULT_ETA))  # START,END of the drift fraction
+    pixl_scales: str = ",".join(map(str, DEFAULT_SCALES))
+    pixl_scale_rule: str = "count"  # count | share
+    label_fraction: str | None = None  # e.g. "1/8": the rest of the training split is unlabelled
+    unlabelled: list[str] = field(default_factory=list)  # folders of extra label-free images
+    ema_decay: float = DEFAULT_DECAY
+    pseudo_threshold: float = DEFAULT_THRESHOLD
     eval_window: int | None = None  # default crop
     eval_stride: int | None = None  # default 2/3 of the window (341 for 512)
     train_split: str = "train"
@@ -110,6 +124,16 @@ def resolve(cfg: FinetuneConfig) -> FinetuneConfig:
         raise FinetuneError(f"--ce-average {cfg.ce_average!r}: expected one of {', '.join(CE_AVERAGES)}")
     if cfg.label_map not in LABEL_MAPS:
         raise FinetuneError(f"--label-map {cfg.label_map!r}: expected one of {', '.join(LABEL_MAPS)}")
+    if cfg.pixel_loss not in PIXEL_LOSSES:
+        raise FinetuneError(f"--pixel-loss {cfg.pixel_loss!r}: expected one of {', '.join(PIXEL_LOSSES)}")
+    if cfg.pixel_loss == "pixl":
+        PixlExtension.check_mode(cfg.mode)
+        # Built once here to check its options before anything is written.
+        PixlExtension(cfg.pixl_weight, cfg.pixl_tau, cfg.pixl_eta, cfg.pixl_scales, cfg.pixl_scale_rule)
+    if cfg.label_fraction is not None:
+        parse_label_fraction(cfg.label_fraction)
+    if cfg.label_fraction is not None or cfg.unlabelled:
+        check_teacher_options(cfg.ema_decay, cfg.pseudo_threshold)
     _, arch, _ = parse_backbone(cfg.backbone)
     _, dim = arch_shape(arch)
     large = dim >= LARGE_EMBED_DIM
@@ -131,6 +155,8 @@ def resolve(cfg: FinetuneConfig) -> FinetuneConfig:
         eval_stride=cfg.eval_stride or max(1, int(window * 2 / 3)),
         eval_split=cfg.eval_split or EVAL_SPLIT[cfg.dataset],
         betas=tuple(cfg.betas),
+        label_fraction=None if cfg.label_fraction is None else str(cfg.label_fraction),
+        unlabelled=[str(d) for d in cfg.unlabelled or ()],
     )
     for name in (
         "iters",

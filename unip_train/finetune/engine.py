@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -28,9 +27,9 @@ from ..optim import poly_lr, set_lr
 from ..runs import ScalarLog
 from ..sampling import EpochSampler
 from .config import FinetuneConfig, FinetuneError
-from .datasets import IGNORE_INDEX
 from .extensions import Extension, SegOutput
 from .ll_fpn import Segmentor
+from .losses import seg_loss
 
 # Test-only: SIGKILL this process right after iteration N (exercises --resume).
 KILL_ENV = "UNIP_FINETUNE_SIGKILL_AT_ITER"
@@ -63,16 +62,6 @@ class TrainState:
             for p in m.parameters()
             if p.requires_grad
         ]
-
-
-def seg_loss(logits: torch.Tensor, label: torch.Tensor, average: str = "labelled") -> torch.Tensor:
-    """Cross-entropy of logits upsampled (bilinear) to the label's size; 255 ignored. ``average``:
-    ``labelled`` = mean over labelled pixels; ``all`` = their sum over all pixels, ignored and
-    padded ones included, as mmsegmentation 0.11 (the reference) reduced it."""
-    logits = F.interpolate(logits.float(), size=label.shape[-2:], mode="bilinear", align_corners=False)
-    if average == "all":
-        return F.cross_entropy(logits, label, ignore_index=IGNORE_INDEX, reduction="sum") / label.numel()
-    return F.cross_entropy(logits, label, ignore_index=IGNORE_INDEX)
 
 
 def train(s: TrainState, save: Callable[[int], None]) -> None:

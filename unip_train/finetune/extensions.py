@@ -26,6 +26,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .pixl import PixlExtension
+from .semi import MeanTeacherExtension, SemiData
+
 if TYPE_CHECKING:  # imported for annotations only: the config and datasets import this module's users
     from ..distributed import DistInfo
     from .config import FinetuneConfig
@@ -105,13 +108,29 @@ class Extension:
         """Restore what :meth:`state_dict` returned."""
 
 
-def build_extensions(cfg: FinetuneConfig) -> list[Extension]:
-    """The extensions ``cfg`` asks for, in the order their loss terms are added.
-
-    Each feature that plugs in here turns its options into an :class:`Extension` (none yet: plain
-    supervised fine-tuning). :func:`unip_train.finetune.cli.run` also accepts extensions built in Python.
-    """
-    return []
+def build_extensions(cfg: FinetuneConfig, semi: SemiData | None = None) -> list[Extension]:
+    """The extensions ``cfg`` asks for, in the order their loss terms are added: the mean teacher
+    when ``semi`` has unlabelled images (``--label-fraction`` / ``--unlabelled``), then PiXL
+    (``--pixel-loss pixl``), which takes the unlabelled images' classes from the teacher's confident
+    pseudo-labels. :func:`unip_train.finetune.cli.run` also accepts extensions built in Python."""
+    exts: list[Extension] = []
+    teacher = None
+    if semi is not None and semi.files:
+        teacher = MeanTeacherExtension(semi.files, semi.split, cfg.ema_decay, cfg.pseudo_threshold)
+        exts.append(teacher)
+    if cfg.pixel_loss == "pixl":
+        pseudo = teacher.confident_pseudo_labels if teacher is not None else None
+        exts.append(
+            PixlExtension(
+                cfg.pixl_weight,
+                cfg.pixl_tau,
+                cfg.pixl_eta,
+                cfg.pixl_scales,
+                cfg.pixl_scale_rule,
+                pseudo_labels=pseudo,
+            )  # fmt: skip
+        )
+    return exts
 
 
 def check_names(extensions: list[Extension]) -> None:

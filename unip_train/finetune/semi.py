@@ -41,6 +41,7 @@ from unip_analysis.images import IMAGE_SUFFIXES, NORMALIZATIONS, find_images
 
 from ..sampling import EpochSampler, keyed_generator, sample_generator
 from .datasets import IGNORE_INDEX, SegDataset, TrainAugment, read_grey, to_input
+from .losses import seg_loss
 
 DEFAULT_DECAY = 0.999
 DEFAULT_THRESHOLD = 0.968  # DACS's confidence threshold
@@ -319,12 +320,12 @@ def _logits_of(output) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-def upsampled_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of logits bilinearly upsampled to the label size (255 ignored); 0 if all ignored."""
-    logits = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
-    if not bool((labels != IGNORE_INDEX).any()):
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
+def check_teacher_options(decay: float, threshold: float) -> None:
+    """The mean teacher's EMA decay in [0, 1) and pseudo-label confidence threshold in [0, 1]."""
+    if not 0.0 <= decay < 1.0:
+        raise SemiError(f"--ema-decay {decay}: expected a number in [0, 1), such as 0.999")
+    if not 0.0 <= threshold <= 1.0:
+        raise SemiError(f"--pseudo-threshold {threshold}: expected a probability in [0, 1], such as 0.968")
 
 
 class MeanTeacherExtension:
@@ -353,12 +354,7 @@ class MeanTeacherExtension:
     ):
         if not files:
             raise SemiError("no unlabelled images: give --label-fraction below 1 or --unlabelled DIR")
-        if not 0.0 <= decay < 1.0:
-            raise SemiError(f"--ema-decay {decay}: expected a number in [0, 1), such as 0.999")
-        if not 0.0 <= threshold <= 1.0:
-            raise SemiError(
-                f"--pseudo-threshold {threshold}: expected a probability in [0, 1], such as 0.968"
-            )
+        check_teacher_options(decay, threshold)
         self.files, self.split = list(files), split
         self.decay, self.threshold, self.weight = float(decay), float(threshold), float(weight)
         self.batch_size, self.workers, self.student_photometric = batch_size, workers, student_photometric
@@ -422,7 +418,7 @@ class MeanTeacherExtension:
     def loss_terms(self, it: int, labels: torch.Tensor, out, extra=None) -> dict[str, torch.Tensor]:
         if extra is None or self._pseudo is None:
             return {}
-        ce = upsampled_ce(extra.logits, self._pseudo)
+        ce = seg_loss(extra.logits, self._pseudo)
         return {"semi_ce": self.weight * self._conf_weight * ce}
 
     def after_step(self, it: int) -> None:
