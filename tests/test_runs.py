@@ -135,3 +135,31 @@ def test_config_keys_may_use_any_long_spelling_and_lists_for_single_options(tmp_
     cfg.write_text(json.dumps({"no_amp": True}))
     with pytest.raises(SpecError, match="unknown option"):
         runs.parse_with_config(p, ["--config", str(cfg)])
+
+
+def test_repeatable_option_on_the_command_line_replaces_the_files_list(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('out = "r"\ninfrared = ["a", "b"]\n')
+    args = runs.parse_with_config(parser(), ["--config", str(cfg), "--infrared", "c"])
+    assert args.infrared == [Path("c")]
+    assert runs.parse_with_config(parser(), ["--config", str(cfg)]).infrared == [Path("a"), Path("b")]
+    # without --config, repeats accumulate as usual
+    assert runs.parse_with_config(
+        parser(), ["--out", "r", "--infrared", "x", "--infrared", "y"]
+    ).infrared == [
+        Path("x"),
+        Path("y"),
+    ]
+
+
+def test_scalar_log_plots_one_curve_per_list_element(tmp_path):
+    log = runs.ScalarLog(tmp_path)
+    log.write({"step": 1, "scale_mean": [0.5, 0.25], "flag": True})
+    log.close()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert sorted(tags) == ["train/scale_mean/0", "train/scale_mean/1"]
+    assert acc.Scalars("train/scale_mean/1")[0].value == 0.25

@@ -98,8 +98,18 @@ def parse_with_config(
         action = actions[key]
         defaults[action.dest] = _convert(action, value, known.config)
         action.required = False  # given by the file; the command line may still override it
-    parser.set_defaults(**defaults)
-    return parser.parse_args(argv)
+    # argparse appends a repeatable option's values to its default, so a list from the file would be
+    # extended by the same option on the command line: parse those from None, and let the command
+    # line replace the file's list.
+    appended = [
+        a.dest for a in parser._actions if isinstance(a, argparse._AppendAction) and a.dest in defaults
+    ]
+    parser.set_defaults(**{**defaults, **dict.fromkeys(appended)})
+    args = parser.parse_args(argv)
+    for dest in appended:
+        if getattr(args, dest) is None:
+            setattr(args, dest, defaults[dest])
+    return args
 
 
 def _convert(action: argparse.Action, value: Any, path: str) -> Any:
@@ -189,9 +199,14 @@ class ScalarLog:
         step = record.get(self.step_key)
         if self.writer is not None and step is not None:
             for key, value in record.items():
-                if key != self.step_key and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    if math.isfinite(value):
-                        self.writer.add_scalar(f"{prefix}/{key}", value, int(step))
+                if key == self.step_key:
+                    continue
+                # A list of numbers (one per layer, say) becomes one curve per element: name/0, name/1...
+                values = enumerate(value) if isinstance(value, list) else [(None, value)]
+                for i, v in values:
+                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                        tag = f"{prefix}/{key}" if i is None else f"{prefix}/{key}/{i}"
+                        self.writer.add_scalar(tag, v, int(step))
             self.writer.flush()
 
     def close(self) -> None:

@@ -210,9 +210,6 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, P
     parser = get_args_parser()
     parser.set_defaults(**METHODS[name].defaults)
     args = runs.parse_with_config(parser, argv, ignore=DERIVED)
-    for action in parser._actions:  # a repeatable flag replaces the file's list instead of extending it
-        if isinstance(action, argparse._AppendAction) and action.dest in given:
-            setattr(args, action.dest, given[action.dest])
     named = set(given) | {k for k, v in from_file.items() if v is not None}
     owned = method_options(parser)
     for other, dests in owned.items():
