@@ -45,7 +45,9 @@ CONFIGS = [
     {"arch": "vit_large_patch16_224", "img": 448, "batch": 2},
     {"arch": "vit_base_patch16_224", "img": 1024, "batch": 1},
 ]
-QUICK = [{"arch": "vit_tiny_patch16_224(depth=2,embed_dim=64,num_heads=2,patch_size=8)", "img": 32, "batch": 2}]
+QUICK = [
+    {"arch": "vit_tiny_patch16_224(depth=2,embed_dim=64,num_heads=2,patch_size=8)", "img": 32, "batch": 2}
+]
 STACKED_MAPS_PER_LAYER = 6.0  # a prediction for choosing the depth (c) runs at, on the safe side
 
 
@@ -172,7 +174,11 @@ def run_variant(
         return {**live, "peak_extra_mib_default_malloc": float("nan")}
     timed = run_child(variant, cfg, repeats, threads, depth)
     live = run_child(variant, cfg, 1, threads, depth, LIVE_MEMORY_ENV)
-    return {**timed, "peak_extra_mib_default_malloc": timed["peak_extra_mib"], "peak_extra_mib": live["peak_extra_mib"]}
+    return {
+        **timed,
+        "peak_extra_mib_default_malloc": timed["peak_extra_mib"],
+        "peak_extra_mib": live["peak_extra_mib"],
+    }
 
 
 def stacked_depth(plain: dict, batch: int, max_gib: float) -> int | None:
@@ -200,17 +206,21 @@ def measure(cfg: dict, repeats: int, threads: int, stacked_max_gib: float, quick
         "tokens": a["tokens"],
         "depth": a["depth"],
         "seconds": {k: round(v["median_s"], 4) for k, v in (("plain", a), ("stream", b), ("stacked", c))},
-        "peak_extra_mib": {k: round(v["peak_extra_mib"], 1) for k, v in (("plain", a), ("stream", b), ("stacked", c))},
+        "peak_extra_mib": {
+            k: round(v["peak_extra_mib"], 1) for k, v in (("plain", a), ("stream", b), ("stacked", c))
+        },
         "peak_extra_mib_default_malloc": {
             k: round(v["peak_extra_mib_default_malloc"], 1)
             for k, v in (("plain", a), ("stream", b), ("stacked", c))
             if not quick
         },
-        "one_layer_maps_mib": round(maps, 1),
+        "one_layer_maps_mib": round(maps, 4),
         "ratio_stream_over_plain": round(b["median_s"] / a["median_s"], 3),
         "ratio_stacked_over_stream": round(c["median_s"] / b["median_s"], 3),
         "stream_extra_over_plain_in_layer_maps": round((b["peak_extra_mib"] - a["peak_extra_mib"]) / maps, 3),
-        "stacked_extra_over_plain_in_layer_maps": round((c["peak_extra_mib"] - a["peak_extra_mib"]) / maps, 2),
+        "stacked_extra_over_plain_in_layer_maps": round(
+            (c["peak_extra_mib"] - a["peak_extra_mib"]) / maps, 2
+        ),
     }
     if depth is not None:
         result["stacked_extrapolated_from_depth"] = depth
@@ -229,7 +239,11 @@ def main() -> int:
         help="memory the stacked variant may use before it is extrapolated from fewer blocks (default 4)",
     )
     ap.add_argument(
-        "--only", type=int, action="append", metavar="I", help="run configuration I only (0-based; repeatable)"
+        "--only",
+        type=int,
+        action="append",
+        metavar="I",
+        help="run configuration I only (0-based; repeatable)",
     )
     ap.add_argument("--child", choices=["plain", "stream", "stacked"], help=argparse.SUPPRESS)
     ap.add_argument("--arch")

@@ -83,7 +83,9 @@ def nmi_reference(attn: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
     return mi / torch.sqrt(hq * hk)
 
 
-def distance_reference(attn: torch.Tensor, num_prefix_tokens: int, grid: tuple[int, int], patch: int) -> torch.Tensor:
+def distance_reference(
+    attn: torch.Tensor, num_prefix_tokens: int, grid: tuple[int, int], patch: int
+) -> torch.Tensor:
     """Mean attention distance in pixels with rows renormalized with 1e-32 (cl-vs-mim)."""
     a = patch_rows(attn, num_prefix_tokens, 1e-32)
     centres = [(r * patch, c * patch) for r in range(grid[0]) for c in range(grid[1])]

@@ -1,7 +1,6 @@
 """Captured attention is the model's real attention, for every supported attention class, and the
 capture never holds a layer's whole map."""
 
-import gc
 import weakref
 
 import numpy as np
@@ -118,8 +117,10 @@ def test_query_blocks_cover_every_row_once_and_never_a_whole_map():
 
 def test_no_block_is_a_layers_whole_map_and_blocks_are_freed():
     """The largest buffer the observer ever sees is a block of rows, and the previous block is
-    gone when the next arrives."""
-    model = build_vit("vit_tiny_patch16_224(depth=3,embed_dim=64,num_heads=2,patch_size=8)", img_size=32).eval()
+    gone (freed, not merely unreferenced by us) when the next arrives."""
+    model = build_vit(
+        "vit_tiny_patch16_224(depth=3,embed_dim=64,num_heads=2,patch_size=8)", img_size=32
+    ).eval()
     seen_rows, alive = [], []
     previous: list[weakref.ref] = []
 
@@ -128,7 +129,6 @@ def test_no_block_is_a_layers_whole_map_and_blocks_are_freed():
             pass
 
         def rows(self, layer, q0, probs):
-            gc.collect()
             alive.extend(ref() is not None for ref in previous)
             previous[:] = [weakref.ref(probs)]
             seen_rows.append(probs.shape[2])
@@ -154,7 +154,9 @@ def test_unsupported_attention_is_refused_by_name():
         with observe_attention(model, AttentionMaps()):
             pass
     with pytest.raises(SpecError, match="ResPostBlock"):
-        build_vit("vit_tiny_patch16_224(depth=2,embed_dim=64,num_heads=2,patch_size=8,block_fn='ResPostBlock')")
+        build_vit(
+            "vit_tiny_patch16_224(depth=2,embed_dim=64,num_heads=2,patch_size=8,block_fn='ResPostBlock')"
+        )
 
 
 def test_analysis_layer_nmi_equals_direct_computation(tiny_timm_checkpoint, image_dir):

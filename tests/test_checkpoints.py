@@ -217,9 +217,23 @@ def test_specs_and_arch_parsing():
     )
     with pytest.raises(SpecError, match="not a timm model"):
         build_vit("no_such_model")
-    with pytest.raises(SpecError, match="ResNet; attention analysis supports timm's VisionTransformer, Beit and Eva"):
+    with pytest.raises(
+        SpecError, match="ResNet; attention analysis supports timm's VisionTransformer, Beit and Eva"
+    ):
         build_vit("resnet18")
-    assert set(FAMILIES) == {"mae", "crossmae", "dino", "dinov2", "ibot", "deit", "deit3", "beit", "timm", "unip", "hf"}
+    assert set(FAMILIES) == {
+        "mae",
+        "crossmae",
+        "dino",
+        "dinov2",
+        "ibot",
+        "deit",
+        "deit3",
+        "beit",
+        "timm",
+        "unip",
+        "hf",
+    }
     hub = parse_spec("mae_b=timm:vit_base_patch16_224.mae")  # timm's pretrained weights: no PATH
     assert (hub.family, hub.arch, hub.path) == ("timm", "vit_base_patch16_224.mae", None)
     with pytest.raises(SpecError, match="NAME=timm:ARCH.TAG"):

@@ -343,7 +343,9 @@ def embed_tokens(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     return model.norm_pre(x)
 
 
-def _run_until(model: torch.nn.Module, x: torch.Tensor, layer: int) -> tuple[torch.Tensor, Callable[[int], dict]]:
+def _run_until(
+    model: torch.nn.Module, x: torch.Tensor, layer: int
+) -> tuple[torch.Tensor, Callable[[int], dict]]:
     context = block_context(model)
     tokens = embed_tokens(model, x)
     for i, blk in enumerate(model.blocks[:layer]):

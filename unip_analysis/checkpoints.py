@@ -285,7 +285,8 @@ FAMILIES: dict[str, Family] = {
         _build_beit,
     ),
     "timm": Family(
-        _family_timm, "timm .safetensors/.bin: the dict itself, timm key names; or timm:ARCH.TAG from the HF cache"
+        _family_timm,
+        "timm .safetensors/.bin: the dict itself, timm key names; or timm:ARCH.TAG from the HF cache",
     ),
     "unip": Family(
         _family_unip,
@@ -420,7 +421,9 @@ def student_heads(path: Path, raw: Any = None) -> tuple[list[int] | None, str]:
     if path.suffix == ".safetensors":
         meta = safetensors_metadata(path)
         if "heads_per_layer" in meta:
-            return [int(h) for h in json.loads(meta["heads_per_layer"])], "head counts from the file's metadata"
+            return [
+                int(h) for h in json.loads(meta["heads_per_layer"])
+            ], "head counts from the file's metadata"
     args = raw.get("args") if isinstance(raw, Mapping) else None
     last = getattr(args, "last_heads", None) if args is not None else None
     if last is not None:
@@ -454,7 +457,9 @@ def load_backbone(
     notes: list[str] = []
     if path is None:
         if family != "timm":
-            raise SpecError(f"family {family!r} needs a PATH; only timm:ARCH.TAG reads timm's pretrained weights")
+            raise SpecError(
+                f"family {family!r} needs a PATH; only timm:ARCH.TAG reads timm's pretrained weights"
+            )
         weights, hub_note = timm_hub_weights(arch, allow_download)
         notes.append(hub_note)
         path = weights
@@ -494,7 +499,9 @@ def adapt_state_dict(
         # Global-pool fine-tuned checkpoints (MAE/BEiT style) carry fc_norm instead of norm.
         # Attention does not depend on the final norm; keep a plain LayerNorm and say so.
         sd["norm.weight"], sd["norm.bias"] = target["norm.weight"].clone(), target["norm.bias"].clone()
-        notes.append("final norm absent (checkpoint has fc_norm for global pooling); a plain LayerNorm stands in")
+        notes.append(
+            "final norm absent (checkpoint has fc_norm for global pooling); a plain LayerNorm stands in"
+        )
     for k in [k for k in sd if _HEAD_KEYS.match(k) and k not in target]:
         del sd[k]
     if optional is not None:
@@ -586,6 +593,11 @@ def timm_hub_weights(arch: str, allow_download: bool = False) -> tuple[Path, str
     from huggingface_hub import hf_hub_download
 
     name, _ = parse_arch(arch)
+    if "." not in name:
+        raise SpecError(
+            f"timm:{name} without a PATH names timm's pretrained weights: add the tag, ARCH.TAG "
+            f"(see timm.list_pretrained('{name}*')), or give the weights file as timm:{name}:PATH"
+        )
     try:
         cfg = timm.models.get_pretrained_cfg(name)
     except RuntimeError as e:  # timm's message names the unknown tag

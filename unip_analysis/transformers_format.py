@@ -65,8 +65,12 @@ def weights_file(path: Path) -> Path:
         weights = path
     else:
         if not folder.is_dir():
-            raise CheckpointError(f"{path}: not found; pass a transformers model folder (config.json + weights)")
-        if (folder / "model.safetensors.index.json").exists() or (folder / "pytorch_model.bin.index.json").exists():
+            raise CheckpointError(
+                f"{path}: not found; pass a transformers model folder (config.json + weights)"
+            )
+        if (folder / "model.safetensors.index.json").exists() or (
+            folder / "pytorch_model.bin.index.json"
+        ).exists():
             raise CheckpointError(
                 f"{folder}: the weights are sharded over several files; merge them into one "
                 "model.safetensors (transformers: save_pretrained(..., max_shard_size='100GB'))"
@@ -138,7 +142,9 @@ def dinov2_to_timm(sd: StateDict) -> StateDict:
     """DINOv2's layout -> timm's ``vit_*_dinov2`` models: SwiGLU ``w12`` / ``w3`` -> ``fc1`` / ``fc2``;
     with registers, timm adds no position to prefix tokens, so the cls token absorbs its position
     (a constant) and the registers become ``reg_token``."""
-    out = {re.sub(r"\.mlp\.w12\.", ".mlp.fc1.", re.sub(r"\.mlp\.w3\.", ".mlp.fc2.", k)): v for k, v in sd.items()}
+    out = {
+        re.sub(r"\.mlp\.w12\.", ".mlp.fc1.", re.sub(r"\.mlp\.w3\.", ".mlp.fc2.", k)): v for k, v in sd.items()
+    }
     if "register_tokens" in out:
         out["reg_token"] = out.pop("register_tokens")
         pos = out["pos_embed"]
@@ -147,7 +153,12 @@ def dinov2_to_timm(sd: StateDict) -> StateDict:
     return out
 
 
-_ACTIVATIONS = {"gelu": None, "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "quick_gelu": "quick_gelu"}
+_ACTIVATIONS = {
+    "gelu": None,
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "quick_gelu": "quick_gelu",
+}
 
 
 def timm_kwargs(config: dict[str, Any], folder: Path) -> dict[str, Any]:
@@ -190,7 +201,11 @@ def check_config(config: dict[str, Any], model: torch.nn.Module, arch: str, fold
     if "intermediate_size" in config and config.get("model_type") != "dinov2":
         ours["intermediate_size"] = int(blocks[0].mlp.fc1.out_features)
         theirs["intermediate_size"] = config["intermediate_size"]
-    wrong = [f"{k} {theirs[k]} (arch: {ours[k]})" for k in ours if theirs[k] is not None and int(theirs[k]) != ours[k]]
+    wrong = [
+        f"{k} {theirs[k]} (arch: {ours[k]})"
+        for k in ours
+        if theirs[k] is not None and int(theirs[k]) != ours[k]
+    ]
     if wrong:
         raise SpecError(
             f"{folder / 'config.json'} does not describe {arch}: {', '.join(wrong)}; "
