@@ -12,8 +12,9 @@ Variants, on the same random weights and images, each measured in fresh subproce
                     notebook does.
 
 Prints one JSON line: per configuration the median seconds per batch, peak RSS above the
-loaded-model baseline (MiB; the peak counter is reset after the model is built, and read in a
-child whose allocator returns freed blocks to the OS, so it follows live memory; the default
+baseline after one warm-up batch (MiB; the kernel's peak counter is reset after the warm-up, so
+neither model building nor the code and libraries a first call loads count, and it is read in
+a child whose allocator returns freed blocks to the OS, so it follows live memory; the default
 allocator's figure is reported beside it), the size of one layer's maps (MiB), and the ratios.
 
 Where (c) would need more than ``--stacked-max-gib`` (default 4 GiB; predicted as 6 maps per
@@ -78,7 +79,8 @@ def one_layer_maps_mib(batch: int, heads: int, tokens: int) -> float:
     return batch * heads * tokens * tokens * 4 / 2**20
 
 
-def child(variant: str, arch: str, img: int, batch: int, repeats: int, depth: int | None) -> dict:
+def child(variants: list[str], arch: str, img: int, batch: int, repeats: int, depth: int | None) -> dict:
+    """Measure each of ``variants`` in this process: {variant: {median_s, peak_extra_mib, ...}}."""
     import torch
 
     from unip_analysis.attention import AttentionMaps, observe_attention
@@ -94,7 +96,7 @@ def child(variant: str, arch: str, img: int, batch: int, repeats: int, depth: in
     grid = tuple(model.patch_embed.grid_size)
     patch = model.patch_embed.patch_size[0]
     npt = model.num_prefix_tokens
-    if variant == "stream":
+    if "stream" in variants:
         from unip_analysis.analyze import LayerObserver  # pandas and friends: only where needed
 
         observer = LayerObserver(len(model.blocks), grid, patch, npt)
@@ -125,25 +127,26 @@ def child(variant: str, arch: str, img: int, batch: int, repeats: int, depth: in
         b = b / b.sum(-1, keepdim=True)
         _ = (b * patch_distance_matrix(grid, patch).to(b.dtype)).sum((-2, -1)) / n
 
-    fn = {"plain": plain, "stream": stream, "stacked": stacked}[variant]
-    with torch.inference_mode():
-        base = rss_mib()
-        reset_peak_rss()
-        fn()  # warm-up
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    peak = peak_rss_mib()
-    tokens = grid[0] * grid[1] + npt
-    return {
-        "median_s": statistics.median(times),
-        "peak_extra_mib": peak - base,
-        "heads": int(model.blocks[0].attn.num_heads),
-        "depth": full_depth,
-        "tokens": tokens,
-    }
+    results = {}
+    for variant in variants:
+        fn = {"plain": plain, "stream": stream, "stacked": stacked}[variant]
+        with torch.inference_mode():
+            fn()  # warm-up: loads code and libraries once; not part of the peak
+            base = rss_mib()
+            reset_peak_rss()
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+        results[variant] = {
+            "median_s": statistics.median(times),
+            "peak_extra_mib": peak_rss_mib() - base,
+            "heads": int(model.blocks[0].attn.num_heads),
+            "depth": full_depth,
+            "tokens": grid[0] * grid[1] + npt,
+        }
+    return results
 
 
 # Peak memory is read in a second child whose glibc malloc returns every block of 128 KiB or more
@@ -157,21 +160,17 @@ def run_child(
     variant: str, cfg: dict, repeats: int, threads: int, depth: int | None = None, env: dict | None = None
 ) -> dict:
     cmd = [sys.executable, __file__, "--child", variant, "--arch", cfg["arch"], "--img", str(cfg["img"])]
+    # ``variant`` may name several, comma-separated: one child measures them one after the other
     cmd += ["--batch", str(cfg["batch"]), "--repeats", str(repeats), "--threads", str(threads)]
     if depth is not None:
         cmd += ["--depth", str(depth)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, **(env or {})})
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    results = json.loads(out.stdout.strip().splitlines()[-1])
+    return results if "," in variant else results[variant]
 
 
-def run_variant(
-    variant: str, cfg: dict, repeats: int, threads: int, depth: int | None = None, quick: bool = False
-) -> dict:
-    """Median time from a default-allocator child; peak memory from a live-memory child.
-    ``quick``: one live-memory child gives both (the smoke test's numbers are not results)."""
-    if quick:
-        live = run_child(variant, cfg, repeats, threads, depth, LIVE_MEMORY_ENV)
-        return {**live, "peak_extra_mib_default_malloc": float("nan")}
+def run_variant(variant: str, cfg: dict, repeats: int, threads: int, depth: int | None = None) -> dict:
+    """Median time from a default-allocator child; peak memory from a live-memory child."""
     timed = run_child(variant, cfg, repeats, threads, depth)
     live = run_child(variant, cfg, 1, threads, depth, LIVE_MEMORY_ENV)
     return {
@@ -189,14 +188,21 @@ def stacked_depth(plain: dict, batch: int, max_gib: float) -> int | None:
 
 
 def measure(cfg: dict, repeats: int, threads: int, stacked_max_gib: float, quick: bool = False) -> dict:
-    a = run_variant("plain", cfg, repeats, threads, quick=quick)
-    b = run_variant("stream", cfg, repeats, threads, quick=quick)
-    depth = stacked_depth(a, cfg["batch"], stacked_max_gib)
-    c = run_variant("stacked", cfg, repeats, threads, depth, quick=quick)
+    if quick:  # the smoke test: one child runs all three (its numbers are not results)
+        both = run_child("plain,stream,stacked", cfg, repeats, threads, None, LIVE_MEMORY_ENV)
+        a, b, c = (
+            dict(both[v], peak_extra_mib_default_malloc=float("nan")) for v in ("plain", "stream", "stacked")
+        )
+        depth = None
+    else:
+        a = run_variant("plain", cfg, repeats, threads)
+        b = run_variant("stream", cfg, repeats, threads)
+        depth = stacked_depth(a, cfg["batch"], stacked_max_gib)
+        c = run_variant("stacked", cfg, repeats, threads, depth)
     if depth is not None:
         # Sums of per-layer terms: scale (c)'s cost above plain inference by depth / d. Plain
         # inference of the truncated model is measured too, so only the analysis part is scaled.
-        a_part = run_variant("plain", cfg, repeats, threads, depth, quick=quick)
+        a_part = run_variant("plain", cfg, repeats, threads, depth)
         scale = a["depth"] / depth
         for key in ("median_s", "peak_extra_mib", "peak_extra_mib_default_malloc"):
             c[key] = a[key] + (c[key] - a_part[key]) * scale
@@ -245,7 +251,7 @@ def main() -> int:
         metavar="I",
         help="run configuration I only (0-based; repeatable)",
     )
-    ap.add_argument("--child", choices=["plain", "stream", "stacked"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", help=argparse.SUPPRESS)  # comma-separated variants
     ap.add_argument("--arch")
     ap.add_argument("--img", type=int)
     ap.add_argument("--batch", type=int)
@@ -256,7 +262,8 @@ def main() -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        print(json.dumps(child(args.child, args.arch, args.img, args.batch, args.repeats, args.depth)))
+        variants = args.child.split(",")
+        print(json.dumps(child(variants, args.arch, args.img, args.batch, args.repeats, args.depth)))
         return 0
     from importlib.metadata import version
 

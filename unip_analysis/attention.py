@@ -219,15 +219,17 @@ def _streaming_forward(layer: int, observer: AttentionObserver, num_prefix_token
         _refuse_masks(self, context)
         q, k, v = project_qkv(self, x, **context)
         batch, heads, tokens, _ = q.shape
-        heads_out = v.new_empty(v.shape)
+        # q, k, v are views into one fused projection. Contiguous copies, made once per layer,
+        # free it (the copies take the same memory) and spare every block's products a copy.
+        q, k_t, v = q.contiguous(), k.transpose(-2, -1).contiguous(), v.contiguous()
+        del k
+        heads_out = torch.empty_like(v)
         observer.start_layer(layer, (batch, heads, tokens))
         rows = rows_per_block(batch, heads, tokens, block_bytes)
         # Logits and softmax in fp32 whatever autocast chose for the projections: half-precision
         # logits can overflow and would put rounding noise into every statistic.
         with torch.autocast(x.device.type, enabled=False):
-            # Contiguous once per layer, or every block's product would copy them again.
-            k_t = k.float().transpose(-2, -1).contiguous()
-            v = v.contiguous()
+            k_t = k_t.float()
             for q0, q1 in query_blocks(tokens, num_prefix_tokens, rows):
                 logits = (q[:, :, q0:q1].float() * self.scale) @ k_t
                 bias = logit_bias(self, context, q0, q1)
