@@ -269,3 +269,49 @@ def test_beit_and_eva_load_through_timm_and_build_vit():
     """build_vit makes every supported family's timm model and nothing else."""
     assert type(build_vit(f"beit_base_patch16_224({SMALL})", img_size=IMG)).__name__ == "Beit"
     assert type(build_vit(f"eva02_tiny_patch14_224({SMALL})", img_size=IMG)).__name__ == "Eva"
+
+
+def classic_file(family: str, sd: dict, tmp_path: Path) -> Path:
+    """MAE / DINO / iBOT / DeiT / DeiT III files as their repositories save them."""
+    path = tmp_path / f"{family}.pth"
+    if family == "mae":
+        model = dict(sd, mask_token=torch.zeros(1, 1, 32), **{"decoder_embed.weight": torch.randn(32, 64)})
+        torch.save(
+            {"model": model, "epoch": 799, "args": argparse.Namespace(model="mae_vit_base_patch16")}, path
+        )
+    elif family == "dino":
+        teacher = {f"module.backbone.{k}": v for k, v in sd.items()} | {
+            "module.head.mlp.0.weight": torch.randn(8, 64)
+        }
+        torch.save({"teacher": teacher, "student": teacher, "epoch": 100}, path)
+    elif family == "ibot":
+        teacher = {f"backbone.{k}": v for k, v in sd.items()} | {"backbone.masked_embed": torch.zeros(64)}
+        torch.save({"state_dict": teacher}, path)
+    elif family == "deit":
+        torch.save(
+            {"model": sd | {"head.weight": torch.randn(10, 64), "head_dist.weight": torch.randn(10, 64)}},
+            path,
+        )
+    else:  # deit3: LayerScale as gamma_1 / gamma_2
+        renamed = {
+            k.replace(".ls1.gamma", ".gamma_1").replace(".ls2.gamma", ".gamma_2"): v for k, v in sd.items()
+        }
+        torch.save({"model": renamed}, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "family,arch",
+    [
+        ("mae", f"vit_base_patch16_224({SMALL})"),
+        ("dino", f"vit_small_patch16_224({SMALL})"),
+        ("ibot", f"vit_small_patch16_224({SMALL})"),
+        ("deit", f"deit_tiny_distilled_patch16_224({SMALL})"),
+        ("deit3", f"deit3_small_patch16_224({SMALL})"),
+    ],
+)
+def test_classic_families_analysis_equals_timm_reference(tmp_path, family, arch):
+    reference = timm_model(arch)
+    bb = load_backbone(family, arch, classic_file(family, state(reference), tmp_path), img_size=IMG)
+    assert_loaded(bb, reference)
+    analyse_and_compare(bb, reference)
