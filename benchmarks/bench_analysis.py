@@ -11,11 +11,12 @@ Variants, on the same random weights and images, each measured in fresh subproce
                     term by term) and distance on the stacked maps, as the public analysis
                     notebook does.
 
-Prints one JSON line: per configuration the median seconds per batch, peak RSS above the
-baseline after one warm-up batch (MiB; the kernel's peak counter is reset after the warm-up, so
-neither model building nor the code and libraries a first call loads count, and it is read in
-a child whose allocator returns freed blocks to the OS, so it follows live memory; the default
-allocator's figure is reported beside it), the size of one layer's maps (MiB), and the ratios.
+Prints one JSON line: per configuration the median seconds per batch (one child runs the
+variants alternately, repeat by repeat, so that load changes on a shared machine move all of
+them alike), peak RSS above the baseline after one warm-up batch (MiB; read in a child of its own
+per variant, with the kernel's peak counter reset after the warm-up so that neither model
+building nor the code a first call loads counts, and with glibc returning freed blocks to the
+OS so that RSS follows live tensors), the size of one layer's maps (MiB), and the ratios.
 
 Where (c) would need more than ``--stacked-max-gib`` (default 4 GiB; predicted as 6 maps per
 layer, above the 4.7 to 4.9 measured at 224 and 448 px) it runs on the first ``d`` blocks only,
@@ -127,57 +128,67 @@ def child(variants: list[str], arch: str, img: int, batch: int, repeats: int, de
         b = b / b.sum(-1, keepdim=True)
         _ = (b * patch_distance_matrix(grid, patch).to(b.dtype)).sum((-2, -1)) / n
 
-    results = {}
-    for variant in variants:
-        fn = {"plain": plain, "stream": stream, "stacked": stacked}[variant]
-        with torch.inference_mode():
-            fn()  # warm-up: loads code and libraries once; not part of the peak
+    fns = {"plain": plain, "stream": stream, "stacked": stacked}
+    peaks, times = {}, {v: [] for v in variants}
+    with torch.inference_mode():
+        for variant in variants:
+            fns[variant]()  # warm-up: loads code and libraries once; not part of the peak
+        for variant in variants:  # one batch each, the kernel's peak counter reset before it
             base = rss_mib()
             reset_peak_rss()
-            times = []
-            for _ in range(repeats):
+            fns[variant]()
+            peaks[variant] = peak_rss_mib() - base
+        # Variants alternate repeat by repeat, so that a change in the machine's load between
+        # them moves every variant alike and leaves the ratios alone.
+        for _ in range(repeats):
+            for variant in variants:
                 t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-        results[variant] = {
-            "median_s": statistics.median(times),
-            "peak_extra_mib": peak_rss_mib() - base,
-            "heads": int(model.blocks[0].attn.num_heads),
-            "depth": full_depth,
-            "tokens": grid[0] * grid[1] + npt,
-        }
-    return results
+                fns[variant]()
+                times[variant].append(time.perf_counter() - t0)
+    shape = {
+        "heads": int(model.blocks[0].attn.num_heads),
+        "depth": full_depth,
+        "tokens": grid[0] * grid[1] + npt,
+    }
+    return {
+        v: {"median_s": statistics.median(times[v]), "peak_extra_mib": peaks[v], **shape} for v in variants
+    }
 
 
-# Peak memory is read in a second child whose glibc malloc returns every block of 128 KiB or more
-# to the OS when it is freed: RSS then follows live tensors, not blocks the allocator keeps for
-# reuse (with the default allocator, freed map-sized blocks linger in RSS and the number mostly
-# measures fragmentation). Timing children use the default allocator.
+# Peak memory is read in a child of its own per variant whose glibc malloc returns every block of
+# 128 KiB or more to the OS when it is freed: RSS then follows live tensors, not blocks the
+# allocator keeps for reuse (with the default allocator, freed map-sized blocks linger in RSS and
+# the number mostly measures fragmentation). Times come from one default-allocator child that
+# runs the variants alternately.
 LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 def run_child(
-    variant: str, cfg: dict, repeats: int, threads: int, depth: int | None = None, env: dict | None = None
+    variants: list[str],
+    cfg: dict,
+    repeats: int,
+    threads: int,
+    depth: int | None = None,
+    env: dict | None = None,
 ) -> dict:
-    cmd = [sys.executable, __file__, "--child", variant, "--arch", cfg["arch"], "--img", str(cfg["img"])]
-    # ``variant`` may name several, comma-separated: one child measures them one after the other
-    cmd += ["--batch", str(cfg["batch"]), "--repeats", str(repeats), "--threads", str(threads)]
-    if depth is not None:
-        cmd += ["--depth", str(depth)]
+    cmd = [sys.executable, __file__, "--child", ",".join(variants), "--arch", cfg["arch"]]
+    cmd += ["--img", str(cfg["img"]), "--batch", str(cfg["batch"]), "--repeats", str(repeats)]
+    cmd += ["--threads", str(threads)] + (["--depth", str(depth)] if depth is not None else [])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, **(env or {})})
-    results = json.loads(out.stdout.strip().splitlines()[-1])
-    return results if "," in variant else results[variant]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run_variant(variant: str, cfg: dict, repeats: int, threads: int, depth: int | None = None) -> dict:
-    """Median time from a default-allocator child; peak memory from a live-memory child."""
-    timed = run_child(variant, cfg, repeats, threads, depth)
-    live = run_child(variant, cfg, 1, threads, depth, LIVE_MEMORY_ENV)
-    return {
-        **timed,
-        "peak_extra_mib_default_malloc": timed["peak_extra_mib"],
-        "peak_extra_mib": live["peak_extra_mib"],
-    }
+def run_variants(
+    variants: list[str], cfg: dict, repeats: int, threads: int, depth: int | None = None
+) -> dict:
+    """Times from one child running ``variants`` alternately; each variant's peak memory from a
+    live-memory child of its own (one repeat)."""
+    timed = run_child(variants, cfg, repeats, threads, depth)
+    for v in variants:
+        timed[v]["peak_extra_mib"] = run_child([v], cfg, 1, threads, depth, LIVE_MEMORY_ENV)[v][
+            "peak_extra_mib"
+        ]
+    return timed
 
 
 def stacked_depth(plain: dict, batch: int, max_gib: float) -> int | None:
@@ -188,24 +199,27 @@ def stacked_depth(plain: dict, batch: int, max_gib: float) -> int | None:
 
 
 def measure(cfg: dict, repeats: int, threads: int, stacked_max_gib: float, quick: bool = False) -> dict:
-    if quick:  # the smoke test: one child runs all three (its numbers are not results)
-        both = run_child("plain,stream,stacked", cfg, repeats, threads, None, LIVE_MEMORY_ENV)
-        a, b, c = (
-            dict(both[v], peak_extra_mib_default_malloc=float("nan")) for v in ("plain", "stream", "stacked")
-        )
+    if quick:  # the smoke test: one child does everything (its numbers are not results)
+        r = run_child(["plain", "stream", "stacked"], cfg, repeats, threads, None, LIVE_MEMORY_ENV)
+        a, b, c = r["plain"], r["stream"], r["stacked"]
         depth = None
     else:
-        a = run_variant("plain", cfg, repeats, threads)
-        b = run_variant("stream", cfg, repeats, threads)
-        depth = stacked_depth(a, cfg["batch"], stacked_max_gib)
-        c = run_variant("stacked", cfg, repeats, threads, depth)
-    if depth is not None:
-        # Sums of per-layer terms: scale (c)'s cost above plain inference by depth / d. Plain
-        # inference of the truncated model is measured too, so only the analysis part is scaled.
-        a_part = run_variant("plain", cfg, repeats, threads, depth)
-        scale = a["depth"] / depth
-        for key in ("median_s", "peak_extra_mib", "peak_extra_mib_default_malloc"):
-            c[key] = a[key] + (c[key] - a_part[key]) * scale
+        # (c) needs the shape (a) reports to decide whether it fits: a small probe first.
+        probe = run_child(["plain"], dict(cfg, batch=1), 1, threads, 1)["plain"]
+        depth = stacked_depth(probe, cfg["batch"], stacked_max_gib)
+        if depth is None:
+            r = run_variants(["plain", "stream", "stacked"], cfg, repeats, threads)
+            a, b, c = r["plain"], r["stream"], r["stacked"]
+        else:
+            r = run_variants(["plain", "stream"], cfg, repeats, threads)
+            a, b = r["plain"], r["stream"]
+            # Sums of per-layer terms: (c)'s cost above plain inference of the same truncated
+            # model, scaled by depth / d, added to plain inference of the whole model.
+            part = run_variants(["plain", "stacked"], cfg, repeats, threads, depth)
+            scale = a["depth"] / depth
+            c = dict(part["stacked"])
+            for key in ("median_s", "peak_extra_mib"):
+                c[key] = a[key] + (part["stacked"][key] - part["plain"][key]) * scale
     maps = one_layer_maps_mib(cfg["batch"], a["heads"], a["tokens"])
     result = {
         **cfg,
@@ -214,11 +228,6 @@ def measure(cfg: dict, repeats: int, threads: int, stacked_max_gib: float, quick
         "seconds": {k: round(v["median_s"], 4) for k, v in (("plain", a), ("stream", b), ("stacked", c))},
         "peak_extra_mib": {
             k: round(v["peak_extra_mib"], 1) for k, v in (("plain", a), ("stream", b), ("stacked", c))
-        },
-        "peak_extra_mib_default_malloc": {
-            k: round(v["peak_extra_mib_default_malloc"], 1)
-            for k, v in (("plain", a), ("stream", b), ("stacked", c))
-            if not quick
         },
         "one_layer_maps_mib": round(maps, 4),
         "ratio_stream_over_plain": round(b["median_s"] / a["median_s"], 3),
