@@ -1,20 +1,30 @@
 """Analysis speed and memory: plain inference vs our streaming analysis vs the straightforward way.
 
-Variants, on the same random weights and images, each measured in a fresh subprocess:
+Variants, on the same random weights and images, each measured in fresh subprocesses:
 
 - (a) ``plain``:    ``model.forward_features`` with timm's fused attention;
-- (b) ``stream``:   our analysis: NMI and attention distance of every layer, reduced while the
-                    forward runs (one layer's map alive at a time);
-- (c) ``stacked``:  a forward that returns every layer's attention maps, then NMI (reference
-                    formula, term by term) and distance computed on the stacked maps, as the
-                    public analysis notebook does.
+- (b) ``stream``:   our analysis (``unip_analysis.analyze.LayerObserver`` under
+                    ``observe_attention``): every layer's attention computed a block of query rows
+                    at a time and reduced to NMI and attention distance at once; no layer's whole
+                    [B, H, N, N] map ever exists;
+- (c) ``stacked``:  a forward that keeps every layer's full map, then NMI (reference formula,
+                    term by term) and distance on the stacked maps, as the public analysis
+                    notebook does.
 
-Prints one JSON line: per configuration the median seconds per batch, peak RSS above the
-loaded-model baseline (MiB; the peak counter is reset after the model is built, and read in a
-child whose allocator returns freed blocks to the OS, so it follows live memory; the default
-allocator's figure is reported beside it), the size of one layer's maps (MiB), and the ratios.
+Prints one JSON line: per configuration the median seconds per batch (one child runs the
+variants alternately, repeat by repeat, so that load changes on a shared machine move all of
+them alike), peak RSS above the baseline after one warm-up batch (MiB; read in a child of its own
+per variant, with the kernel's peak counter reset after the warm-up so that neither model
+building nor the code a first call loads counts, and with glibc returning freed blocks to the
+OS so that RSS follows live tensors), the size of one layer's maps (MiB), and the ratios.
 
-    .venv/bin/python benchmarks/bench_analysis.py            # ViT-S/16 224, ViT-B/16 224, ViT-B/16 448
+Where (c) would need more than ``--stacked-max-gib`` (default 4 GiB; predicted as 6 maps per
+layer, above the 4.7 to 4.9 measured at 224 and 448 px) it runs on the first ``d`` blocks only,
+the most that fit, and its extra memory and time are scaled by ``depth / d``: both are sums of
+per-layer terms (each layer adds its maps and their reduction). Such entries are marked
+``"stacked_extrapolated_from_depth": d``.
+
+    .venv/bin/python benchmarks/bench_analysis.py            # the five configurations below
     .venv/bin/python benchmarks/bench_analysis.py --quick    # tiny, for the smoke test
 """
 
@@ -34,10 +44,13 @@ CONFIGS = [
     {"arch": "vit_small_patch16_224", "img": 224, "batch": 8},
     {"arch": "vit_base_patch16_224", "img": 224, "batch": 8},
     {"arch": "vit_base_patch16_224", "img": 448, "batch": 4},
+    {"arch": "vit_large_patch16_224", "img": 448, "batch": 2},
+    {"arch": "vit_base_patch16_224", "img": 1024, "batch": 1},
 ]
 QUICK = [
-    {"arch": "vit_tiny_patch16_224(depth=4,embed_dim=64,num_heads=2,patch_size=8)", "img": 64, "batch": 2}
+    {"arch": "vit_tiny_patch16_224(depth=2,embed_dim=64,num_heads=2,patch_size=8)", "img": 32, "batch": 2}
 ]
+STACKED_MAPS_PER_LAYER = 6.0  # a prediction for choosing the depth (c) runs at, on the safe side
 
 
 def rss_mib() -> float:
@@ -63,36 +76,46 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
 
 
-def child(variant: str, arch: str, img: int, batch: int, repeats: int) -> dict:
+def one_layer_maps_mib(batch: int, heads: int, tokens: int) -> float:
+    return batch * heads * tokens * tokens * 4 / 2**20
+
+
+def child(variants: list[str], arch: str, img: int, batch: int, repeats: int, depth: int | None) -> dict:
+    """Measure each of ``variants`` in this process: {variant: {median_s, peak_extra_mib, ...}}."""
     import torch
 
-    from unip_analysis.attention import observe_attention
+    from unip_analysis.attention import AttentionMaps, observe_attention
     from unip_analysis.checkpoints import build_vit
-    from unip_analysis.metrics import layer_statistics_, patch_distance_matrix
+    from unip_analysis.metrics import patch_distance_matrix
 
     torch.manual_seed(0)
     model = build_vit(arch, img_size=img).eval()
+    full_depth = len(model.blocks)
+    if depth is not None:
+        model.blocks = model.blocks[:depth]
     x = torch.randn(batch, 3, img, img)
     grid = tuple(model.patch_embed.grid_size)
-    dist = patch_distance_matrix(grid, model.patch_embed.patch_size[0]).float()
+    patch = model.patch_embed.patch_size[0]
     npt = model.num_prefix_tokens
+    if "stream" in variants:
+        from unip_analysis.analyze import LayerObserver  # pandas and friends: only where needed
+
+        observer = LayerObserver(len(model.blocks), grid, patch, npt)
 
     def plain():
         model.forward_features(x)
 
     def stream():
-        def observer(layer, attn):
-            layer_statistics_(attn, npt, dist)
-
+        observer.start_batch(batch)
         with observe_attention(model, observer):
             model.forward_features(x)
 
     def stacked():
-        maps = []
-        with observe_attention(model, lambda i, a: maps.append(a.clone())):
+        maps = AttentionMaps()
+        with observe_attention(model, maps):
             model.forward_features(x)
-        attns = torch.stack(maps)  # [L, B, H, T, T]
-        maps.clear()
+        attns = torch.stack([maps.maps[i] for i in sorted(maps.maps)])  # [L, B, H, T, T]
+        maps.maps.clear()
         a = attns[..., npt:, npt:] + 1e-8
         a = a / a.sum(-1, keepdim=True)
         n = a.shape[-1]
@@ -101,49 +124,122 @@ def child(variant: str, arch: str, img: int, batch: int, repeats: int) -> dict:
         mi = (a * pq[..., None] * torch.log(a / pk[..., None, :])).sum((-2, -1))
         hk = -(pk * torch.log(pk)).sum(-1)
         _ = mi / torch.sqrt(hk * torch.log(torch.tensor(float(n))))
-        _ = (a * dist.to(a.dtype)).sum((-2, -1)) / n
+        b = attns[..., npt:, npt:] + 1e-32
+        b = b / b.sum(-1, keepdim=True)
+        _ = (b * patch_distance_matrix(grid, patch).to(b.dtype)).sum((-2, -1)) / n
 
-    fn = {"plain": plain, "stream": stream, "stacked": stacked}[variant]
+    fns = {"plain": plain, "stream": stream, "stacked": stacked}
+    peaks, times = {}, {v: [] for v in variants}
     with torch.inference_mode():
-        base = rss_mib()
-        reset_peak_rss()
-        fn()  # warm-up
-        times = []
+        for variant in variants:
+            fns[variant]()  # warm-up: loads code and libraries once; not part of the peak
+        for variant in variants:  # one batch each, the kernel's peak counter reset before it
+            base = rss_mib()
+            reset_peak_rss()
+            fns[variant]()
+            peaks[variant] = peak_rss_mib() - base
+        # Variants alternate repeat by repeat, so that a change in the machine's load between
+        # them moves every variant alike and leaves the ratios alone.
         for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    peak = peak_rss_mib()
-    tokens = grid[0] * grid[1] + npt
-    heads = model.blocks[0].attn.num_heads
+            for variant in variants:
+                t0 = time.perf_counter()
+                fns[variant]()
+                times[variant].append(time.perf_counter() - t0)
+    shape = {
+        "heads": int(model.blocks[0].attn.num_heads),
+        "depth": full_depth,
+        "tokens": grid[0] * grid[1] + npt,
+    }
     return {
-        "median_s": statistics.median(times),
-        "peak_extra_mib": peak - base,
-        "one_layer_maps_mib": batch * heads * tokens * tokens * 4 / 2**20,
-        "depth": len(model.blocks),
-        "tokens": tokens,
+        v: {"median_s": statistics.median(times[v]), "peak_extra_mib": peaks[v], **shape} for v in variants
     }
 
 
-# Peak memory is read in a second child whose glibc malloc returns every block of 128 KiB or more
-# to the OS when it is freed: RSS then follows live tensors, not blocks the allocator keeps for
-# reuse (with the default allocator, freed map-sized blocks linger in RSS and the number mostly
-# measures fragmentation). Timing children use the default allocator.
+# Peak memory is read in a child of its own per variant whose glibc malloc returns every block of
+# 128 KiB or more to the OS when it is freed: RSS then follows live tensors, not blocks the
+# allocator keeps for reuse (with the default allocator, freed map-sized blocks linger in RSS and
+# the number mostly measures fragmentation). Times come from one default-allocator child that
+# runs the variants alternately.
 LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
-def run_child(variant: str, cfg: dict, repeats: int, threads: int, env: dict | None = None) -> dict:
-    cmd = [sys.executable, __file__, "--child", variant, "--arch", cfg["arch"], "--img", str(cfg["img"])]
-    cmd += ["--batch", str(cfg["batch"]), "--repeats", str(repeats), "--threads", str(threads)]
+def run_child(
+    variants: list[str],
+    cfg: dict,
+    repeats: int,
+    threads: int,
+    depth: int | None = None,
+    env: dict | None = None,
+) -> dict:
+    cmd = [sys.executable, __file__, "--child", ",".join(variants), "--arch", cfg["arch"]]
+    cmd += ["--img", str(cfg["img"]), "--batch", str(cfg["batch"]), "--repeats", str(repeats)]
+    cmd += ["--threads", str(threads)] + (["--depth", str(depth)] if depth is not None else [])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, **(env or {})})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run_variant(variant: str, cfg: dict, repeats: int, threads: int) -> dict:
-    """Median time from a default-allocator child; peak memory from a live-memory child."""
-    timed = run_child(variant, cfg, repeats, threads)
-    live = run_child(variant, cfg, 1, threads, LIVE_MEMORY_ENV)
-    return {**timed, "peak_extra_mib_default_malloc": timed["peak_extra_mib"], "peak_extra_mib": live["peak_extra_mib"]}
+def run_variants(
+    variants: list[str], cfg: dict, repeats: int, threads: int, depth: int | None = None
+) -> dict:
+    """Times from one child running ``variants`` alternately; each variant's peak memory from a
+    live-memory child of its own (one repeat)."""
+    timed = run_child(variants, cfg, repeats, threads, depth)
+    for v in variants:
+        timed[v]["peak_extra_mib"] = run_child([v], cfg, 1, threads, depth, LIVE_MEMORY_ENV)[v][
+            "peak_extra_mib"
+        ]
+    return timed
+
+
+def stacked_depth(plain: dict, batch: int, max_gib: float) -> int | None:
+    """Blocks (c) can run within ``max_gib``; ``None`` when the whole model fits."""
+    per_layer_mib = STACKED_MAPS_PER_LAYER * one_layer_maps_mib(batch, plain["heads"], plain["tokens"])
+    fits = int(max_gib * 1024 // per_layer_mib)
+    return None if fits >= plain["depth"] else max(1, fits)
+
+
+def measure(cfg: dict, repeats: int, threads: int, stacked_max_gib: float, quick: bool = False) -> dict:
+    if quick:  # the smoke test: one child does everything (its numbers are not results)
+        r = run_child(["plain", "stream", "stacked"], cfg, repeats, threads, None, LIVE_MEMORY_ENV)
+        a, b, c = r["plain"], r["stream"], r["stacked"]
+        depth = None
+    else:
+        # (c) needs the shape (a) reports to decide whether it fits: a small probe first.
+        probe = run_child(["plain"], dict(cfg, batch=1), 1, threads, 1)["plain"]
+        depth = stacked_depth(probe, cfg["batch"], stacked_max_gib)
+        if depth is None:
+            r = run_variants(["plain", "stream", "stacked"], cfg, repeats, threads)
+            a, b, c = r["plain"], r["stream"], r["stacked"]
+        else:
+            r = run_variants(["plain", "stream"], cfg, repeats, threads)
+            a, b = r["plain"], r["stream"]
+            # Sums of per-layer terms: (c)'s cost above plain inference of the same truncated
+            # model, scaled by depth / d, added to plain inference of the whole model.
+            part = run_variants(["plain", "stacked"], cfg, repeats, threads, depth)
+            scale = a["depth"] / depth
+            c = dict(part["stacked"])
+            for key in ("median_s", "peak_extra_mib"):
+                c[key] = a[key] + (part["stacked"][key] - part["plain"][key]) * scale
+    maps = one_layer_maps_mib(cfg["batch"], a["heads"], a["tokens"])
+    result = {
+        **cfg,
+        "tokens": a["tokens"],
+        "depth": a["depth"],
+        "seconds": {k: round(v["median_s"], 4) for k, v in (("plain", a), ("stream", b), ("stacked", c))},
+        "peak_extra_mib": {
+            k: round(v["peak_extra_mib"], 1) for k, v in (("plain", a), ("stream", b), ("stacked", c))
+        },
+        "one_layer_maps_mib": round(maps, 4),
+        "ratio_stream_over_plain": round(b["median_s"] / a["median_s"], 3),
+        "ratio_stacked_over_stream": round(c["median_s"] / b["median_s"], 3),
+        "stream_extra_over_plain_in_layer_maps": round((b["peak_extra_mib"] - a["peak_extra_mib"]) / maps, 3),
+        "stacked_extra_over_plain_in_layer_maps": round(
+            (c["peak_extra_mib"] - a["peak_extra_mib"]) / maps, 2
+        ),
+    }
+    if depth is not None:
+        result["stacked_extrapolated_from_depth"] = depth
+    return result
 
 
 def main() -> int:
@@ -151,56 +247,47 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="tiny model, one repeat (smoke test)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads in the children (0: torch default)")
-    ap.add_argument("--child", choices=["plain", "stream", "stacked"], help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--stacked-max-gib",
+        type=float,
+        default=4.0,
+        help="memory the stacked variant may use before it is extrapolated from fewer blocks (default 4)",
+    )
+    ap.add_argument(
+        "--only",
+        type=int,
+        action="append",
+        metavar="I",
+        help="run configuration I only (0-based; repeatable)",
+    )
+    ap.add_argument("--child", help=argparse.SUPPRESS)  # comma-separated variants
     ap.add_argument("--arch")
     ap.add_argument("--img", type=int)
     ap.add_argument("--batch", type=int)
+    ap.add_argument("--depth", type=int)
     args = ap.parse_args()
     if args.child:
         if args.threads:
             import torch
 
             torch.set_num_threads(args.threads)
-        print(json.dumps(child(args.child, args.arch, args.img, args.batch, args.repeats)))
+        variants = args.child.split(",")
+        print(json.dumps(child(variants, args.arch, args.img, args.batch, args.repeats, args.depth)))
         return 0
-    import timm
-    import torch
+    from importlib.metadata import version
 
-    configs = QUICK if args.quick else CONFIGS
+    configs = QUICK if args.quick else [c for i, c in enumerate(CONFIGS) if not args.only or i in args.only]
     repeats = 1 if args.quick else args.repeats
-    results = []
-    for cfg in configs:
-        r = {v: run_variant(v, cfg, repeats, args.threads) for v in ("plain", "stream", "stacked")}
-        a, b, c = r["plain"], r["stream"], r["stacked"]
-        results.append(
-            {
-                **cfg,
-                "tokens": a["tokens"],
-                "depth": a["depth"],
-                "seconds": {k: round(v["median_s"], 4) for k, v in r.items()},
-                "peak_extra_mib": {k: round(v["peak_extra_mib"], 1) for k, v in r.items()},
-                "peak_extra_mib_default_malloc": {
-                    k: round(v["peak_extra_mib_default_malloc"], 1) for k, v in r.items()
-                },
-                "one_layer_maps_mib": round(a["one_layer_maps_mib"], 1),
-                "ratio_stream_over_plain": round(b["median_s"] / a["median_s"], 3),
-                "ratio_stacked_over_stream": round(c["median_s"] / b["median_s"], 3),
-                "stream_extra_over_plain_in_layer_maps": round(
-                    (b["peak_extra_mib"] - a["peak_extra_mib"]) / a["one_layer_maps_mib"], 2
-                ),
-                "stacked_extra_over_plain_in_layer_maps": round(
-                    (c["peak_extra_mib"] - a["peak_extra_mib"]) / a["one_layer_maps_mib"], 2
-                ),
-            }
-        )
+    results = [measure(cfg, repeats, args.threads, args.stacked_max_gib, args.quick) for cfg in configs]
     print(
         json.dumps(
             {
                 "benchmark": "analysis",
                 "machine": f"{platform.machine()} {os.cpu_count()} cpu",
-                "torch": torch.__version__,
-                "timm": timm.__version__,
+                "torch": version("torch"),
+                "timm": version("timm"),
                 "repeats": repeats,
+                "threads": args.threads or "torch default",
                 "results": results,
             }
         )

@@ -28,4 +28,19 @@ def test_bench_analysis_quick():
     assert set(res["seconds"]) == {"plain", "stream", "stacked"}
     assert all(v > 0 for v in res["seconds"].values())
     assert res["one_layer_maps_mib"] > 0 and "ratio_stream_over_plain" in res
-    assert set(res["peak_extra_mib"]) == set(res["peak_extra_mib_default_malloc"]) == set(res["seconds"])
+    assert set(res["peak_extra_mib"]) == set(res["seconds"])
+    assert "stream_extra_over_plain_in_layer_maps" in res and "stacked_extrapolated_from_depth" not in res
+
+
+def test_bench_analysis_extrapolates_the_stacked_variant_by_depth():
+    """Where (c) would not fit, it runs on fewer blocks; the depth it ran at is chosen from the
+    memory limit, and the whole model is run when it fits."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_analysis
+    finally:
+        sys.path.pop(0)
+    plain = {"heads": 12, "tokens": 4097, "depth": 12}  # ViT-B/16 at 1024 px: 768 MiB of maps a layer
+    assert bench_analysis.stacked_depth(plain, 1, max_gib=4.0) == 1
+    assert bench_analysis.stacked_depth(plain, 1, max_gib=60.0) is None
+    assert bench_analysis.stacked_depth({"heads": 6, "tokens": 197, "depth": 12}, 8, 4.0) is None

@@ -217,6 +217,25 @@ def test_specs_and_arch_parsing():
     )
     with pytest.raises(SpecError, match="not a timm model"):
         build_vit("no_such_model")
-    with pytest.raises(SpecError, match="not a timm VisionTransformer"):
+    with pytest.raises(
+        SpecError, match="ResNet; attention analysis supports timm's VisionTransformer, Beit and Eva"
+    ):
         build_vit("resnet18")
-    assert set(FAMILIES) == {"mae", "crossmae", "dino", "ibot", "deit", "deit3", "timm", "unip", "pad"}
+    assert set(FAMILIES) == {
+        "mae",
+        "crossmae",
+        "dino",
+        "dinov2",
+        "ibot",
+        "deit",
+        "deit3",
+        "beit",
+        "timm",
+        "unip",
+        "hf",
+        "pad",
+    }
+    hub = parse_spec("mae_b=timm:vit_base_patch16_224.mae")  # timm's pretrained weights: no PATH
+    assert (hub.family, hub.arch, hub.path) == ("timm", "vit_base_patch16_224.mae", None)
+    with pytest.raises(SpecError, match="NAME=timm:ARCH.TAG"):
+        parse_spec("mae_b=mae:vit_base_patch16_224")

@@ -15,7 +15,7 @@ import torch
 from conftest import TINY_ARCH, TINY_IMG
 from safetensors.torch import load_file, save_file
 
-from unip_analysis import cli, selection
+from unip_analysis import analyze, cli, selection
 from unip_analysis.checkpoints import build_vit
 from unip_analysis.errors import CheckpointError, SpecError
 from unip_analysis.files import sha256_file
@@ -284,6 +284,16 @@ def _bad_case(kind: str, tmp: Path, st: Path, images: Path) -> tuple[list[str], 
         return ["--checkpoint", ok, "--out", str(images / "analysis")], "inside the image folder"
     if kind == "bad option value":
         return ["--checkpoint", ok, "--batch-size", "0"], "--batch-size"
+    if kind == "timm tag not in the cache":
+        os.environ["HF_HUB_CACHE"] = str(tmp / "empty_hub")  # restored by the test's monkeypatch
+        return ["--checkpoint", "m=timm:vit_base_patch16_224.mae(depth=2)"], "--allow-download"
+    if kind == "unsupported architecture":
+        return ["--checkpoint", f"m=timm:swin_tiny_patch4_window7_224:{st}"], "SwinTransformer"
+    if kind == "transformers folder without config":
+        folder = tmp / "hf_model"
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(st.read_bytes())
+        return ["--checkpoint", f"m=hf:{arch}:{folder}"], "no config.json"
     raise AssertionError(kind)
 
 
@@ -315,12 +325,19 @@ BAD_KINDS = [
     "no checkpoints",
     "bad option value",
     "out inside images",
+    "timm tag not in the cache",
+    "unsupported architecture",
+    "transformers folder without config",
 ]
 
 
 @pytest.mark.parametrize("kind", BAD_KINDS)
-def test_bad_input_one_line_exit_2_nothing_written(kind, tiny_timm_checkpoint, image_dir, tmp_path, capsys):
+def test_bad_input_one_line_exit_2_nothing_written(
+    kind, tiny_timm_checkpoint, image_dir, tmp_path, capsys, monkeypatch
+):
     _, st = tiny_timm_checkpoint
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", os.environ.get("HF_HUB_CACHE", str(tmp_path / "no_hub")))
     extra, must_name = _bad_case(kind, tmp_path, st, image_dir)
     out = tmp_path / "out"
     argv = common(image_dir, out) + extra  # a later --images wins over the common one
@@ -371,3 +388,48 @@ def test_option_parsers():
     with pytest.raises(SpecError, match="different token grids"):
         cli.resolve_thresholds(None, 0.3, {"a": (4, 4), "b": (14, 14)})
     assert cli.resolve_thresholds(0.01, 0.3, {"a": (4, 4), "b": (14, 14)}).local_min == 0.3
+
+
+def test_published_formats_end_to_end_nmi_equals_timm_explicit_attention(
+    image_dir, tmp_path, capsys, monkeypatch
+):
+    """unip-analyze on a transformers folder, a timm pretrained tag from the HF cache, a CrossMAE
+    wfm file and a BEiT model: each layer's NMI in layer_selection.json equals the published
+    formula on timm's own explicit attention of a reference model over the same images."""
+    from attention_reference import nmi_reference, timm_explicit_attention
+    from published_formats import IMG, SMALL, crossmae_file, hf_case, hub_cache, state, timm_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    hf_arch, folder, hf_ref, _ = hf_case("Dinov2WithRegistersModel", tmp_path)
+    tag_ref = timm_model(f"vit_base_patch16_224({SMALL})")
+    hub_cache(tmp_path / "hub", "timm/vit_base_patch16_224.mae", state(tag_ref))
+    cross_ref = timm_model(f"vit_tiny_patch16_224({SMALL})")
+    cross = crossmae_file(tmp_path / "crossmae.pth", state(cross_ref))
+    beit_ref = timm_model(f"beitv2_base_patch16_224({SMALL})")
+    save_file({k: v.contiguous() for k, v in state(beit_ref).items()}, str(tmp_path / "beitv2.safetensors"))
+    out = tmp_path / "out"
+    rc, stdout, err = run_main(
+        capsys,
+        "--checkpoint", f"dinov2=hf:{hf_arch}:{folder}",
+        "--checkpoint", f"mae_tag=timm:vit_base_patch16_224.mae({SMALL})",
+        "--checkpoint", f"crossmae=crossmae:vit_tiny_patch16_224({SMALL}):{cross}",
+        "--checkpoint", f"beitv2=timm:beitv2_base_patch16_224({SMALL}):{tmp_path / 'beitv2.safetensors'}",
+        *common(image_dir, out),
+        "--map-images", "1",
+    )  # fmt: skip
+    assert rc == 0, err
+    assert "note: final norm absent (CrossMAE" in stdout and "from the Hugging Face cache" in stdout
+    doc = selection.read(out / "layer_selection.json")
+    x = torch.stack([analyze.image_dataset(image_dir, IMG, "imagenet")[i] for i in range(6)])
+    for name, ref in (
+        ("dinov2", hf_ref),
+        ("mae_tag", tag_ref),
+        ("crossmae", cross_ref),
+        ("beitv2", beit_ref),
+    ):
+        maps, *_ = timm_explicit_attention(ref, x)
+        want = [nmi_reference(maps[i], ref.num_prefix_tokens).mean().item() for i in range(len(ref.blocks))]
+        got = [layer["nmi"] for layer in doc["models"][name]["layers"]]
+        assert got == pytest.approx(want, abs=1e-6), name
+    assert doc["models"]["dinov2"]["num_prefix_tokens"] == 5

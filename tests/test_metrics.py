@@ -135,20 +135,56 @@ def test_select_deepest_hybrid_override_and_fallback():
     assert none.layer is None
 
 
-@pytest.mark.parametrize("chunks", [1, 5, 8, 36, 100])  # one block, uneven blocks, a row each, more than rows
-def test_fused_in_place_statistics_equal_the_pure_functions(chunks):
-    from unip_analysis.metrics import layer_statistics_
+@pytest.mark.parametrize("rows", [1, 5, 8, 36, 100])  # a row each, uneven blocks, one block, more than rows
+def test_streamed_statistics_equal_the_reference_formulas(rows):
+    from attention_reference import distance_reference, nmi_reference
+
+    from unip_analysis.metrics import map_statistics
 
     attn = random_attention(b=2, h=3, n=1 + 4 + 36, seed=5)
+    want_nmi, want_dist = nmi_reference(attn, 5), distance_reference(attn, 5, (6, 6), 16)
+    got_nmi, got_dist = map_statistics(attn.double(), 5, (6, 6), 16, rows=rows)
+    assert torch.allclose(got_nmi, want_nmi, atol=1e-9, rtol=0)
+    assert torch.allclose(got_dist, want_dist, rtol=1e-9)
+    f_nmi, f_dist = map_statistics(attn.float(), 5, (6, 6), 16, rows=rows)  # as the analysis runs it
+    assert torch.allclose(f_nmi, want_nmi, atol=1e-6, rtol=0)
+    assert torch.allclose(f_dist, want_dist, rtol=1e-5)
+    assert torch.allclose(got_nmi, nmi(patch_attention(attn, 5)), atol=1e-9)  # the pure function agrees
+
+
+def test_distance_renormalizes_with_1e32_and_nmi_with_1e8():
+    """Rows that put nearly all mass on the cls token (patch mass ~1e-7): 1e-8 would pull the
+    distance toward the uniform row's; the reference uses 1e-32 there (method.md section 1)."""
+    from attention_reference import distance_reference, nmi_reference
+
+    from unip_analysis.metrics import DISTANCE_EPS, NMI_EPS, attention_distance, map_statistics
+
+    assert (NMI_EPS, DISTANCE_EPS) == (1e-8, 1e-32)
+    g = torch.Generator().manual_seed(1)
+    n = 1 + 36
+    logits = torch.randn(1, 2, n, n, generator=g) * 2
+    logits[..., 0] += 22.0  # every query: almost everything on cls
+    attn = logits.double().softmax(-1)
+    assert attn[..., 1:, 1:].sum(-1).max() < 1e-4
     d = patch_distance_matrix((6, 6), 16)
-    a = patch_attention(attn, 5)
-    want_nmi, want_dist = nmi(a), attention_distance(a, d)
-    got_nmi, got_dist = layer_statistics_(attn.clone(), 5, d, chunks=chunks)
-    assert torch.allclose(got_nmi, want_nmi, atol=1e-6)
-    assert torch.allclose(got_dist, want_dist, rtol=1e-5)
-    f_nmi, f_dist = layer_statistics_(attn.float(), 5, d.float(), chunks=chunks)  # as analysis runs it
-    assert torch.allclose(f_nmi, want_nmi, atol=1e-5)
-    assert torch.allclose(f_dist, want_dist, rtol=1e-4)
+    got_nmi, got_dist = map_statistics(attn, 1, (6, 6), 16, rows=7)
+    with_1e32 = attention_distance(patch_attention(attn, 1, eps=DISTANCE_EPS), d)
+    with_1e8 = attention_distance(patch_attention(attn, 1, eps=NMI_EPS), d)
+    assert torch.allclose(got_dist, with_1e32, rtol=1e-9)
+    assert torch.allclose(got_dist, distance_reference(attn, 1, (6, 6), 16), rtol=1e-9)
+    assert (got_dist - with_1e8).abs().max() > 0.5  # the choice of eps matters here, in pixels
+    assert torch.allclose(got_nmi, nmi_reference(attn, 1), atol=1e-9)
+
+
+def test_streaming_statistics_refuse_prefix_rows_and_missing_rows():
+    from unip_analysis.metrics import StreamingStatistics
+
+    stats = StreamingStatistics(1, 1, (2, 2), 16, num_prefix_tokens=1)
+    with pytest.raises(ValueError, match="prefix"):
+        stats.add_(0, torch.full((1, 1, 1, 5), 0.2))
+    stats.add_(1, torch.full((1, 1, 2, 5), 0.2))
+    with pytest.raises(ValueError, match="saw 2 patch query rows of 4"):
+        stats.result()
 
 
 def test_patch_attention_query_rows_equal_selecting_after_the_full_map():

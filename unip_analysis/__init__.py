@@ -2,8 +2,8 @@
 
 The pieces, importable for notebooks:
 
-- :mod:`unip_analysis.checkpoints`  load any family's checkpoint into a timm ViT
-- :mod:`unip_analysis.attention`    stream attention maps out of a forward pass
+- :mod:`unip_analysis.checkpoints`  load any family's checkpoint into a timm ViT / BEiT / EVA
+- :mod:`unip_analysis.attention`    attention computed and observed a block of query rows at a time
 - :mod:`unip_analysis.metrics`      NMI and mean attention distance on [B, H, Q, K] tensors
 - :mod:`unip_analysis.patterns`     local / hybrid / global bands and the layer-selection rule
 - :mod:`unip_analysis.analyze`      run a model over images and collect per-layer statistics

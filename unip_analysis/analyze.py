@@ -10,6 +10,7 @@ Notebook use::
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 from . import images as imgs
 from .attention import observe_attention
 from .checkpoints import LoadedBackbone
-from .metrics import bootstrap_ci, layer_statistics_, patch_attention, patch_distance_matrix
+from .metrics import NMI_EPS, StreamingStatistics, bootstrap_ci
 from .patterns import Thresholds, classify, default_thresholds, select_layer
 
 DEFAULT_QUERY_POINTS: tuple[tuple[float, float], ...] = ((0.5, 0.5), (0.25, 0.25), (0.75, 0.7))
@@ -124,6 +125,77 @@ def query_token_indices(points: Sequence[tuple[float, float]], grid: tuple[int, 
     return out
 
 
+class LayerObserver:
+    """Turns each layer's attention rows into per-(image, head) NMI and distance as they arrive,
+    and keeps the rows of a few query points of the first ``map_images`` images for figures.
+
+    ``nmi[layer]`` / ``distance[layer]``: one [B, H] tensor per forward; ``maps[layer]``: one
+    [images, points, H, grid_h, grid_w] tensor per forward that still had figure images to keep.
+    """
+
+    def __init__(
+        self,
+        depth: int,
+        grid: tuple[int, int],
+        patch_size: int,
+        num_prefix_tokens: int,
+        query_tokens: Sequence[int] = (),
+        map_images: int = 0,
+        device: torch.device | str = "cpu",
+    ):
+        self.grid, self.patch_size, self.npt, self.device = grid, patch_size, num_prefix_tokens, device
+        self.query_tokens = list(query_tokens)
+        self.map_images_left = map_images
+        self.nmi: list[list[torch.Tensor]] = [[] for _ in range(depth)]
+        self.distance: list[list[torch.Tensor]] = [[] for _ in range(depth)]
+        self.maps: list[list[torch.Tensor]] = [[] for _ in range(depth)]
+        self._stats: StreamingStatistics | None = None
+        self._rows: torch.Tensor | None = None
+        self._take = 0
+
+    def start_batch(self, batch: int) -> None:
+        """Called before each forward: how many of this batch's images the figures still need."""
+        self._take = min(batch, self.map_images_left)
+        self.map_images_left -= self._take
+
+    def start_layer(self, layer: int, shape: tuple[int, int, int]) -> None:
+        batch, heads, _ = shape
+        self._stats = StreamingStatistics(batch, heads, self.grid, self.patch_size, self.npt, self.device)
+        self._rows = None
+        if self._take and self.query_tokens:
+            n = self.grid[0] * self.grid[1]
+            self._rows = torch.zeros(self._take, len(self.query_tokens), heads, n)
+
+    def rows(self, layer: int, q0: int, probs: torch.Tensor) -> None:
+        if q0 < self.npt:
+            return  # prefix queries: not part of either statistic
+        if self._rows is not None:  # figure rows first: the statistics consume the block
+            p0, p1 = q0 - self.npt, q0 - self.npt + probs.shape[2]
+            for j, token in enumerate(self.query_tokens):
+                if p0 <= token < p1:
+                    row = probs[: self._take, :, token - p0, self.npt :] + NMI_EPS  # [images, H, P]
+                    self._rows[:, j] = (row / row.sum(-1, keepdim=True)).cpu()
+        self._stats.add_(q0, probs)
+
+    def end_layer(self, layer: int) -> None:
+        layer_nmi, layer_dist = self._stats.result()
+        self.nmi[layer].append(layer_nmi.cpu())
+        self.distance[layer].append(layer_dist.cpu())
+        if self._rows is not None:
+            self.maps[layer].append(self._rows.reshape(*self._rows.shape[:3], *self.grid))
+        self._stats = self._rows = None
+
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: str | torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Autocast to ``dtype`` on ``device``'s type, or nothing for full precision (``None``)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
 @torch.inference_mode()
 def analyze_backbone(
     backbone: LoadedBackbone,
@@ -135,42 +207,33 @@ def analyze_backbone(
     map_images: int = 1,
     num_workers: int = 0,
     progress: bool = True,
+    precision: str = "fp32",
 ) -> ModelAnalysis:
     """Forward every image once; reduce each layer's attention to NMI / distance as it is produced.
 
-    Only the current layer's maps exist at any moment (plus ``map_images`` x query rows kept
-    for figures), so memory does not grow with depth.
+    Attention is computed a block of query rows at a time and reduced at once, so no layer's
+    whole [B, H, N, N] map exists (plus ``map_images`` x query rows kept for figures).
+    ``precision`` bf16 / fp16 runs the model under autocast; the logits, softmax and statistics
+    stay in fp32 / fp64.
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     model = backbone.model.to(device).eval()
     grid = tuple(int(g) for g in model.patch_embed.grid_size)
-    npt = backbone.num_prefix_tokens
-    dist = patch_distance_matrix(grid, backbone.patch_size).float().to(device)
     q_idx = query_token_indices(query_points, grid)
-    q_idx_t = torch.tensor(q_idx, device=device)
-    depth = backbone.depth
-    nmis: list[list[torch.Tensor]] = [[] for _ in range(depth)]
-    dists: list[list[torch.Tensor]] = [[] for _ in range(depth)]
-    maps: list[list[torch.Tensor]] = [[] for _ in range(depth)]
-    kept = {"n": 0}  # images whose query maps are already kept
-
-    def observer(layer: int, attn: torch.Tensor) -> None:
-        attn = attn.float()
-        take = max(0, map_images - kept["n"])
-        if take:  # a few query rows for the figures, before the map is consumed
-            rows = patch_attention(attn[:take], npt, query_rows=q_idx_t)  # [b, H, P, N]
-            maps[layer].append(rows.permute(0, 2, 1, 3).reshape(*rows.shape[:1], len(q_idx), -1, *grid).cpu())
-        layer_nmi, layer_dist = layer_statistics_(attn, npt, dist)
-        nmis[layer].append(layer_nmi.cpu())
-        dists[layer].append(layer_dist.cpu())
-
+    observer = LayerObserver(
+        backbone.depth, grid, backbone.patch_size, backbone.num_prefix_tokens, q_idx, map_images, device
+    )
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers
     )
     bar = tqdm(loader, desc=f"analyse {name}", unit="batch", disable=not progress, leave=False)
+    dtype = PRECISIONS[precision]
     with observe_attention(model, observer):
         for batch in bar:
-            model.forward_features(batch.to(device, non_blocking=True))
-            kept["n"] += min(batch.shape[0], max(0, map_images - kept["n"]))
+            observer.start_batch(batch.shape[0])
+            with autocast(device, dtype):
+                model.forward_features(batch.to(device, non_blocking=True))
     files = getattr(dataset, "files", [])
     return ModelAnalysis(
         name=name,
@@ -178,18 +241,18 @@ def analyze_backbone(
         arch=backbone.arch,
         weights=backbone.path,
         weights_sha256=backbone.sha256,
-        depth=depth,
+        depth=backbone.depth,
         embed_dim=backbone.embed_dim,
         patch_size=backbone.patch_size,
-        num_prefix_tokens=npt,
+        num_prefix_tokens=backbone.num_prefix_tokens,
         heads_per_layer=backbone.heads_per_layer,
         img_size=backbone.img_size,
         grid=grid,
-        head_nmi=[torch.cat(v).double().numpy() for v in nmis],
-        head_distance=[torch.cat(v).double().numpy() for v in dists],
+        head_nmi=[torch.cat(v).double().numpy() for v in observer.nmi],
+        head_distance=[torch.cat(v).double().numpy() for v in observer.distance],
         query_points=[tuple(p) for p in query_points],
         query_tokens=q_idx,
-        query_maps=[torch.cat(v).numpy() if v else np.zeros((0,)) for v in maps],
+        query_maps=[torch.cat(v).numpy() if v else np.zeros((0,)) for v in observer.maps],
         map_images=[str(f) for f in files[:map_images]],
         notes=list(backbone.notes),
     )

@@ -1,95 +1,271 @@
-"""Streaming attention out of timm ViTs.
+"""Attention of timm ViTs, computed and observed one block of query rows at a time.
 
-:func:`observe_attention` swaps each block's attention forward for an explicit one that hands
-the post-softmax map of that block to a callback, then carries on with the same arithmetic as
-timm's ``Attention``. The callback reduces the map to statistics straight away, so only one
-layer's maps are alive at any time: peak memory does not grow with depth.
+Inside :func:`observe_attention` every supported attention module runs an explicit forward:
+for one block of query rows at a time it computes the pre-softmax logits (in fp32, whatever the
+model's dtype), the softmax, the block's output rows, and hands the post-softmax rows to an
+observer that reduces them to statistics. No [B, H, N, N] map of a whole layer ever exists: the
+largest buffer is one block of rows, a few MiB (see :func:`rows_per_block`).
 
-:func:`qk_logits` is the pre-softmax query-key product that NMI-HAD distils (method.md
-section 2); the analysis, the teacher and the student all compute it here.
+:func:`qk_logits` is what NMI-HAD distils (method.md section 2): the scaled query-key product
+plus whatever the block adds before its softmax. The analysis, the teacher and the student all
+compute it here. Supported attention classes and what each adds before the softmax:
+
+- timm ``Attention`` (ViT, DeiT, DINOv2, CLIP, SigLIP, registers): q/k norm where configured;
+- BEiT ``beit.Attention``: relative position bias (its own table and/or the model's shared one);
+- EVA ``EvaAttention`` and ``AttentionRope``: rotary embedding of the patch tokens' q and k.
+
+Any other attention class is refused with an error that names it.
 """
 
 from __future__ import annotations
 
+import math
 import types
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import Any, Protocol
 
 import torch
-from timm.models.vision_transformer import Attention
+from timm.layers import apply_rot_embed_cat
+from timm.layers.attention import Attention, AttentionRope
+from timm.models.beit import Attention as BeitAttention
+from timm.models.beit import Beit
+from timm.models.eva import Eva, EvaAttention, EvaBlockPostNorm
+from timm.models.vision_transformer import ResPostBlock, VisionTransformer
 
-AttentionObserver = Callable[[int, torch.Tensor], None]
+from .errors import SpecError
+
+SUPPORTED_ATTENTION: tuple[type, ...] = (Attention, BeitAttention, EvaAttention, AttentionRope)
+SUPPORTED_MODELS: tuple[type, ...] = (VisionTransformer, Beit, Eva)
+# Blocks that normalise after attention: the attention's input is not norm1(x) there.
+_POST_NORM_BLOCKS: tuple[type, ...] = (ResPostBlock, EvaBlockPostNorm)
+
+# One block of query rows holds at most this many bytes of fp32 logits: small enough to stay in
+# cache while the softmax and the statistics pass over it, large enough that per-block overhead
+# is negligible.
+DEFAULT_BLOCK_BYTES = 4 * 2**20
 
 
-def project_qkv(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k, v as [B, heads, N, head_dim], after q/k norm (as timm's Attention computes them)."""
+# --- which models and attention classes are supported ----------------------------------------
+
+
+def _class_name(obj: object) -> str:
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def check_supported(model: torch.nn.Module, what: str = "the model") -> None:
+    """Raise :class:`SpecError` naming the class unless every block's attention can be captured."""
+    if not isinstance(model, SUPPORTED_MODELS):
+        raise SpecError(
+            f"{what} is a {_class_name(model)}; attention analysis supports timm's VisionTransformer, "
+            "Beit and Eva models"
+        )
+    for i, blk in enumerate(model.blocks):
+        attn = getattr(blk, "attn", None)
+        if isinstance(blk, _POST_NORM_BLOCKS):
+            raise SpecError(
+                f"{what}: block {i + 1} is a {_class_name(blk)} (normalisation after attention), "
+                "which the capture does not support"
+            )
+        if type(attn) not in SUPPORTED_ATTENTION:
+            found = _class_name(attn) if attn is not None else f"{_class_name(blk)} without an .attn module"
+            names = ", ".join(f"{c.__module__}.{c.__qualname__}" for c in SUPPORTED_ATTENTION)
+            raise SpecError(
+                f"{what}: block {i + 1} uses {found}, an attention class the capture does not support "
+                f"(supported: {names})"
+            )
+
+
+# --- what each attention class computes -----------------------------------------------------
+
+
+def project_qkv(
+    attn: torch.nn.Module, x: torch.Tensor, **context: Any
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v as [B, heads, N, head_dim], exactly as the attention module computes them before
+    its softmax: projection (fused or separate, BEiT/EVA's q/v-only bias), q/k norm, and the
+    rotary embedding of the patch tokens when the block passes ``rope``.
+
+    ``x`` is the attention module's input (the block's ``norm1`` output); ``context`` the keyword
+    arguments the block passes to its attention (``rope``, ``shared_rel_pos_bias``)."""
     B, N, _ = x.shape
-    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    return attn.q_norm(q), attn.k_norm(k), v
-
-
-def qk_logits(attn: Attention, x: torch.Tensor) -> torch.Tensor:
-    """Scaled query-key logits before softmax, ``(q @ k^T) * head_dim^-0.5``: [B, heads, N, N].
-
-    ``x`` is the attention module's input (the block's ``norm1`` output).
-    """
-    q, k, _ = project_qkv(attn, x)
-    return (q * attn.scale) @ k.transpose(-2, -1)
-
-
-def _softmax_(logits: torch.Tensor) -> torch.Tensor:
-    """Row softmax computed in place: no second [B, H, N, N] buffer."""
-    logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
-    return logits.div_(logits.sum(dim=-1, keepdim=True))
-
-
-def _recording_forward(layer: int, observer: AttentionObserver):
-    def forward(self: Attention, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
-        B, N, _ = x.shape
-        gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
-        q, k, v = project_qkv(self, x)
-        attn = (q * self.scale) @ k.transpose(-2, -1)
-        if attn_mask is not None:
-            if attn_mask.dtype == torch.bool:
-                attn = attn.masked_fill(~attn_mask, float("-inf"))
+    heads = attn.num_heads
+    if getattr(attn, "qkv", None) is not None:
+        q_bias = getattr(attn, "q_bias", None)
+        if q_bias is None:
+            qkv = attn.qkv(x)
+        else:  # BEiT / EVA: learned q and v biases, k bias fixed at zero
+            bias = torch.cat((q_bias, attn.k_bias, attn.v_bias))
+            if getattr(attn, "qkv_bias_separate", False):
+                qkv = attn.qkv(x) + bias
             else:
-                attn = attn + attn_mask
-        attn = _softmax_(attn)
-        out = self.attn_drop(attn) @ v
-        # The block's output no longer needs the map: the observer owns it and may reduce it
-        # in place, so only this one [B, H, N, N] buffer ever exists.
-        observer(layer, attn)
-        del attn
-        out = out.transpose(1, 2).reshape(B, N, self.attn_dim)
-        out = self.norm(out)
-        if gate is not None:
-            out = out * gate
-        return self.proj_drop(self.proj(out))
+                qkv = torch.nn.functional.linear(x, attn.qkv.weight, bias)
+        q, k, v = qkv.reshape(B, N, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    else:  # separate projections; k/v may have fewer heads (grouped-query attention)
+        kv_heads = getattr(attn, "num_kv_heads", heads)
+        q = attn.q_proj(x).reshape(B, N, heads, -1).transpose(1, 2)
+        k = attn.k_proj(x).reshape(B, N, kv_heads, -1).transpose(1, 2)
+        v = attn.v_proj(x).reshape(B, N, kv_heads, -1).transpose(1, 2)
+    q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+    if q_norm is not None:
+        q, k = q_norm(q), k_norm(k)
+    rope = context.get("rope")
+    if rope is not None:
+        npt = attn.num_prefix_tokens
+        half = getattr(attn, "rotate_half", False)
+        q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=half)], dim=2).type_as(v)
+        k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], dim=2).type_as(v)
+    groups = getattr(attn, "num_kv_groups", 1)
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    return q, k, v
+
+
+def logit_bias(
+    attn: torch.nn.Module, context: Mapping[str, Any], q0: int = 0, q1: int | None = None
+) -> torch.Tensor | None:
+    """What the block adds to the logits of query rows ``q0:q1`` before the softmax:
+    [1 or B, heads, rows, N], or ``None``. BEiT: its relative position bias table indexed by
+    (query, key) position, plus the model's shared table when the block receives one."""
+    bias = None
+    table = getattr(attn, "relative_position_bias_table", None)
+    if table is not None:
+        index = attn.relative_position_index[q0:q1]  # [rows, N]
+        rows, n = index.shape
+        bias = table[index.reshape(-1)].view(rows, n, -1).permute(2, 0, 1).unsqueeze(0)
+    shared = context.get("shared_rel_pos_bias")
+    if shared is not None:
+        rows = shared[..., q0:q1, :]
+        bias = rows if bias is None else bias + rows
+    return bias
+
+
+def qk_logits(attn: torch.nn.Module, x: torch.Tensor, **context: Any) -> torch.Tensor:
+    """Pre-softmax logits ``(q @ k^T) * head_dim^-0.5 (+ the block's position bias)``: [B, heads, N, N].
+
+    ``x`` is the attention module's input (the block's ``norm1`` output); ``context`` what the
+    block passes to its attention (EVA's ``rope``, BEiT's ``shared_rel_pos_bias``): see
+    :func:`block_context`. Computed in the inputs' dtype, as the module computes it."""
+    _refuse_masks(attn, context)
+    q, k, _ = project_qkv(attn, x, **context)
+    logits = (q * attn.scale) @ k.transpose(-2, -1)
+    bias = logit_bias(attn, context)
+    return logits if bias is None else logits + bias
+
+
+def attention_output(attn: torch.nn.Module, heads_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The module's output from ``softmax(logits) @ v`` ([B, heads, N, head_dim]): merge heads,
+    then the output norm and gate where the class has them, projection, dropout."""
+    B, N, _ = x.shape
+    out = heads_out.transpose(1, 2).reshape(B, N, -1)
+    norm = getattr(attn, "norm", None)
+    if norm is not None:
+        out = norm(out)
+    gate = getattr(attn, "gate", None)
+    if gate is not None:
+        out = out * gate(x).sigmoid()
+    return attn.proj_drop(attn.proj(out))
+
+
+def _refuse_masks(attn: torch.nn.Module, context: Mapping[str, Any]) -> None:
+    if context.get("attn_mask") is not None or context.get("is_causal"):
+        raise SpecError(
+            f"{type(attn).__name__} was called with an attention mask; the capture analyses "
+            "unmasked self-attention only"
+        )
+
+
+# --- blocks of query rows ----------------------------------------------------------------------
+
+
+def rows_per_block(batch: int, heads: int, tokens: int, block_bytes: int = DEFAULT_BLOCK_BYTES) -> int:
+    """Query rows per block: as many as fit ``block_bytes`` of fp32 logits, and never more than
+    half the rows, so that no block is a layer's whole map."""
+    per_row = batch * heads * tokens * 4
+    return max(1, min(math.ceil(tokens / 2), block_bytes // per_row))
+
+
+def query_blocks(tokens: int, num_prefix_tokens: int, rows: int) -> Iterator[tuple[int, int]]:
+    """``[q0, q1)`` ranges covering every query row: the prefix tokens' rows alone first, then the
+    patch rows ``rows`` at a time, so that a block never mixes prefix and patch queries."""
+    if num_prefix_tokens:
+        yield 0, num_prefix_tokens
+    for q0 in range(num_prefix_tokens, tokens, rows):
+        yield q0, min(tokens, q0 + rows)
+
+
+# --- observing ---------------------------------------------------------------------------------
+
+
+class AttentionObserver(Protocol):
+    """Receives each observed layer's post-softmax attention, one block of query rows at a time."""
+
+    def start_layer(self, layer: int, shape: tuple[int, int, int]) -> None:
+        """Layer ``layer`` (0-based) begins; its map would be [batch, heads, tokens, tokens]."""
+
+    def rows(self, layer: int, q0: int, probs: torch.Tensor) -> None:
+        """Rows ``q0 : q0 + probs.shape[2]`` of the map, fp32 [batch, heads, rows, tokens], prefix
+        tokens included. The block's output rows are already computed: the observer owns
+        ``probs`` and may overwrite it."""
+
+    def end_layer(self, layer: int) -> None:
+        """Every row of layer ``layer`` has been delivered."""
+
+
+def _streaming_forward(layer: int, observer: AttentionObserver, num_prefix_tokens: int, block_bytes: int):
+    def forward(self: torch.nn.Module, x: torch.Tensor, **context: Any) -> torch.Tensor:
+        _refuse_masks(self, context)
+        q, k, v = project_qkv(self, x, **context)
+        batch, heads, tokens, _ = q.shape
+        # q, k, v are views into one fused projection. Contiguous copies, made once per layer,
+        # free it (the copies take the same memory) and spare every block's products a copy.
+        q, k_t, v = q.contiguous(), k.transpose(-2, -1).contiguous(), v.contiguous()
+        del k
+        heads_out = torch.empty_like(v)
+        observer.start_layer(layer, (batch, heads, tokens))
+        rows = rows_per_block(batch, heads, tokens, block_bytes)
+        # Logits and softmax in fp32 whatever autocast chose for the projections: half-precision
+        # logits can overflow and would put rounding noise into every statistic.
+        with torch.autocast(x.device.type, enabled=False):
+            k_t = k_t.float()
+            for q0, q1 in query_blocks(tokens, num_prefix_tokens, rows):
+                logits = (q[:, :, q0:q1].float() * self.scale) @ k_t
+                bias = logit_bias(self, context, q0, q1)
+                if bias is not None:
+                    logits += bias
+                probs = logits.softmax(dim=-1)
+                del logits
+                heads_out[:, :, q0:q1] = self.attn_drop(probs).to(v.dtype) @ v
+                observer.rows(layer, q0, probs)
+                del probs
+        observer.end_layer(layer)
+        return attention_output(self, heads_out, x)
 
     return forward
 
 
 @contextmanager
 def observe_attention(
-    model: torch.nn.Module, observer: AttentionObserver, layers: Sequence[int] | None = None
+    model: torch.nn.Module,
+    observer: AttentionObserver,
+    layers: Sequence[int] | None = None,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
 ) -> Iterator[None]:
-    """Within the context, every forward of ``model`` calls ``observer(layer_index0, attn)``.
-
-    ``attn`` is the post-softmax map [B, heads, N, N] of block ``layer_index0`` (0-based),
-    prefix tokens included. The block's output is already computed when the observer runs, so
-    the observer owns the map and may overwrite it (clone it to keep it). ``layers`` limits
-    observation to some blocks (0-based).
-    """
+    """Within the context, every forward of ``model`` hands each block's attention to ``observer``
+    a block of query rows at a time (see :class:`AttentionObserver`); the model's outputs are the
+    same as without observation (up to float rounding). ``layers`` limits observation to some
+    blocks (0-based). Unsupported attention classes are refused, naming the class."""
+    check_supported(model)
     blocks = list(model.blocks)
     chosen = range(len(blocks)) if layers is None else layers
+    npt = int(model.num_prefix_tokens)
     patched = []
     try:
         for i in chosen:
             attn = blocks[i].attn
-            if not isinstance(attn, Attention):
-                raise TypeError(f"block {i + 1} uses {type(attn).__name__}, not timm's Attention")
-            attn.forward = types.MethodType(_recording_forward(i, observer), attn)
+            attn.forward = types.MethodType(_streaming_forward(i, observer, npt, block_bytes), attn)
             patched.append(attn)
         yield
     finally:
@@ -97,20 +273,97 @@ def observe_attention(
             del attn.forward  # falls back to the class's forward
 
 
+class AttentionMaps:
+    """An observer that assembles each layer's full map [B, H, N, N] (fp32, prefix tokens included).
+
+    For tests and small inputs only: it holds every layer's map, which is exactly what the
+    streaming analysis avoids."""
+
+    def __init__(self) -> None:
+        self.maps: dict[int, torch.Tensor] = {}
+
+    def start_layer(self, layer: int, shape: tuple[int, int, int]) -> None:
+        self.maps.pop(layer, None)
+
+    def rows(self, layer: int, q0: int, probs: torch.Tensor) -> None:
+        if layer not in self.maps:
+            b, h, _, n = probs.shape
+            self.maps[layer] = probs.new_empty(b, h, n, n)
+        self.maps[layer][:, :, q0 : q0 + probs.shape[2]] = probs
+
+    def end_layer(self, layer: int) -> None:
+        pass
+
+
+def attention_maps(model: torch.nn.Module, images: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Every layer's full post-softmax map for ``images`` (tests and small inputs: O(depth N^2))."""
+    collector = AttentionMaps()
+    with torch.no_grad(), observe_attention(model, collector):
+        model.forward_features(images)
+    return collector.maps
+
+
+# --- running a model part of the way -----------------------------------------------------------
+
+
+def block_context(model: torch.nn.Module) -> Callable[[int], dict]:
+    """``context(i)``: the keyword arguments block ``i`` passes on to its attention (EVA's rotary
+    embedding, BEiT's shared relative position bias), as the model's own forward computes them."""
+    if isinstance(model, Eva):
+        rope = _eva_rope(model)
+        if rope is not None and getattr(model, "rope_mixed", False):
+            return lambda i: {"rope": rope[i]}  # one embedding per block
+        return lambda i: {"rope": rope}
+    if isinstance(model, Beit) and model.rel_pos_bias is not None:
+        shared = model.rel_pos_bias()
+        return lambda i: {"shared_rel_pos_bias": shared}
+    return lambda i: {}
+
+
+def _eva_rope(model: Eva) -> torch.Tensor | None:
+    if model.rope is None:
+        return None
+    if hasattr(model.rope, "feat_shape"):
+        return model.rope.get_embed()
+    return model.rope.get_embed(shape=model.patch_embed.grid_size)
+
+
+def embed_tokens(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Token sequence entering block 0: patch embedding, prefix tokens, position embedding,
+    pre-norm, as the model's ``forward_features`` computes it."""
+    x = model.patch_embed(images)
+    if isinstance(model, Eva):
+        x, _ = model._pos_embed(x)  # the rotary embedding comes from block_context
+    elif isinstance(model, Beit):
+        x = torch.cat((model.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        if model.pos_embed is not None:
+            x = x + model.pos_embed
+        return model.pos_drop(x)
+    else:
+        x = model._pos_embed(x)
+        x = model.patch_drop(x)
+    return model.norm_pre(x)
+
+
+def _run_until(
+    model: torch.nn.Module, x: torch.Tensor, layer: int
+) -> tuple[torch.Tensor, Callable[[int], dict]]:
+    context = block_context(model)
+    tokens = embed_tokens(model, x)
+    for i, blk in enumerate(model.blocks[:layer]):
+        tokens = blk(tokens, **context(i))
+    return tokens, context
+
+
 def forward_until(model: torch.nn.Module, x: torch.Tensor, layer: int) -> torch.Tensor:
-    """Token sequence entering block ``layer`` (0-based): patch embed, prefix tokens, pos embed,
-    then blocks ``0 .. layer-1``. Nothing after that block is computed."""
-    x = model.patch_embed(x)
-    x = model._pos_embed(x)
-    x = model.patch_drop(x)
-    x = model.norm_pre(x)
-    for blk in model.blocks[:layer]:
-        x = blk(x)
-    return x
+    """Token sequence entering block ``layer`` (0-based): embedding, prefix tokens, position
+    embedding, then blocks ``0 .. layer-1``. Nothing after that block is computed."""
+    return _run_until(model, x, layer)[0]
 
 
 def layer_qk_logits(model: torch.nn.Module, x: torch.Tensor, layer: int) -> torch.Tensor:
-    """Pre-softmax logits of block ``layer`` (0-based) for images ``x``, running only up to it."""
-    tokens = forward_until(model, x, layer)
+    """Pre-softmax logits of block ``layer`` (0-based) for images ``x``, running only up to it
+    (pre-norm blocks: the attention's input is ``norm1`` of the block's input)."""
+    tokens, context = _run_until(model, x, layer)
     blk = model.blocks[layer]
-    return qk_logits(blk.attn, blk.norm1(tokens))
+    return qk_logits(blk.attn, blk.norm1(tokens), **context(layer))

@@ -1,12 +1,18 @@
 """One registry of checkpoint families, shared by analysis, the distillation teacher and fine-tuning.
 
-A checkpoint is named ``FAMILY:ARCH:PATH``. ARCH is any timm ViT name, optionally with keyword
-overrides for ``timm.create_model``: ``vit_tiny_patch16_224(depth=6,embed_dim=128,num_heads=4)``.
+A checkpoint is named ``FAMILY:ARCH:PATH``. ARCH is any timm ViT, BEiT or EVA name, optionally
+with keyword overrides for ``timm.create_model``: ``vit_tiny_patch16_224(depth=6,embed_dim=128)``.
+``timm:ARCH.TAG`` without a PATH names timm's pretrained weights, read from the local Hugging Face
+cache (fetched only when the caller allows downloads).
 
 Each family is one small function that turns the file as its authors publish it into a state
-dict with timm's key names (method.md section 6). :func:`load_backbone` then adapts the position
-embedding to the requested image size and loads strictly: a missing or unexpected backbone key
-is an error naming the keys, because a silently random layer would make every number wrong.
+dict with timm's key names (method.md section 6), plus, where the file decides more than the
+weights, a ``build`` hook (head counts, BEiT's bias layout, transformers' LayerNorm eps).
+:func:`load_backbone` then adapts position embeddings to the requested image size and loads
+strictly: a missing or unexpected backbone key is an error naming the keys, because a silently
+random layer would make every number wrong. What a family's files may lack (CrossMAE's final
+norm, a pooling module no analysis uses) is filled from the model's initialisation and said
+in the backbone's notes.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import os
 import re
 import warnings
 from collections.abc import Callable, Mapping
@@ -23,17 +30,21 @@ from typing import Any
 
 import timm
 import torch
-from timm.layers import resample_abs_pos_embed
-from timm.models.vision_transformer import Attention, VisionTransformer
+from timm.layers import resample_abs_pos_embed, resize_rel_pos_bias_table
+from timm.models.vision_transformer import Attention
 
-from . import pad_vit
+from . import pad_vit, transformers_format
+from .attention import check_supported
 from .errors import CheckpointError, SpecError
 from .files import sha256_file
 
 StateDict = dict[str, torch.Tensor]
 
-# Keys of the classifier / pooling head: never part of the analysed backbone.
+# Classifier heads: dropped when the model (built with num_classes=0) has no such module.
 _HEAD_KEYS = re.compile(r"^(head|head_dist|fc_norm|attn_pool)\.")
+# Pooling modules that survive without a classifier (SigLIP's attn_pool, fc_norm of average
+# pooling): loaded from the file when it has them; never used by analysis or LL-FPN.
+_POOL_KEYS = re.compile(r"^(fc_norm|attn_pool)\.")
 
 
 # --- reading files -------------------------------------------------------------------
@@ -140,9 +151,22 @@ def _family_mae(obj: Any, path: Path) -> StateDict:
     return _drop(sd, r"^(decoder_|decoder\.|mask_token$)")
 
 
+def _family_crossmae(obj: Any, path: Path) -> StateDict:
+    """CrossMAE's released "wfm" models: MAE's layout without an encoder norm, plus the decoder's
+    per-block norms of the weighted feature maps (``dec_norms.*``) and the weights (``wfm.*``)."""
+    return _drop(_family_mae(obj, path), r"^(dec_norms\.|wfm\.)")
+
+
 def _family_dino(obj: Any, path: Path) -> StateDict:
     sd = _strip_prefixes(_tensors_only(_pick(obj, ("teacher", "model", "state_dict"), path)))
     return _drop(sd, r"^head\.")
+
+
+def _family_dinov2(obj: Any, path: Path) -> StateDict:
+    """DINOv2's own release (torch hub ``dinov2_vit*14[_reg4]_pretrain.pth``): timm names except
+    the register tokens, the SwiGLU weights of ViT-g, and a mask token for iBOT-style training."""
+    sd = _drop(_family_dino(obj, path), r"^mask_token$")
+    return transformers_format.dinov2_to_timm(sd)
 
 
 def _family_ibot(obj: Any, path: Path) -> StateDict:
@@ -158,35 +182,125 @@ def _family_deit3(obj: Any, path: Path) -> StateDict:
     return _layerscale_names(_family_deit(obj, path))
 
 
+def _family_beit(obj: Any, path: Path) -> StateDict:
+    """BEiT / BEiT v2 (microsoft/unilm, the names timm's Beit kept): ``ckpt["model"]`` (v2 may keep
+    ``ckpt["module"]``); the MIM head, mask token and v2's patch-aggregation layers dropped."""
+    sd = _strip_prefixes(_tensors_only(_pick(obj, ("model", "module", "state_dict"), path)))
+    return _drop(sd, r"^(mask_token$|lm_head\.|cls_pt_layers\.)")
+
+
+def _build_beit(arch: str, img_size: int | None, raw: Any, path: Path) -> torch.nn.Module:
+    """The BEiT layout the file has: pre-training files share one relative position bias across
+    blocks and keep the final norm; fine-tuned ones have a table per block and fc_norm."""
+    sd = _family_beit(raw, path)
+    layout: dict[str, Any] = {}
+    if "rel_pos_bias.relative_position_bias_table" in sd:
+        layout.update(use_shared_rel_pos_bias=True, use_rel_pos_bias=False)
+    elif any(k.endswith("attn.relative_position_bias_table") for k in sd):
+        layout.update(use_shared_rel_pos_bias=False, use_rel_pos_bias=True)
+    if "norm.weight" in sd and "fc_norm.weight" not in sd:
+        layout["use_fc_norm"] = False
+    layout["use_abs_pos_emb"] = "pos_embed" in sd
+    if not any(k.endswith(".gamma_1") for k in sd):
+        layout["init_values"] = None
+    return build_vit(arch, img_size=img_size, **layout)
+
+
 def _family_timm(obj: Any, path: Path) -> StateDict:
     return _strip_prefixes(_tensors_only(_pick(obj, ("state_dict", "model"), path)))
 
 
-def _build_unip(arch: str, img_size: int | None, raw: Any, path: Path) -> VisionTransformer:
-    """A UNIP student keeps the distilled head count in its last block (safetensors metadata)."""
-    return build_vit(arch, img_size=img_size, heads_per_layer=student_heads(path))
+def _family_unip(obj: Any, path: Path) -> StateDict:
+    """A UNIP student: ours (safetensors, timm names) or the released ones (MAE's training
+    format, ``ckpt["model"]`` with timm names and ``ckpt["args"]``)."""
+    return _strip_prefixes(_tensors_only(_pick(obj, ("model", "state_dict"), path)))
+
+
+def _build_unip(arch: str, img_size: int | None, raw: Any, path: Path) -> torch.nn.Module:
+    """A UNIP student's last block has the teacher's head count: rebuilt from the file."""
+    heads, _ = student_heads(path, raw)
+    if heads is not None and len(heads) == 1:  # released files record the last block's count only
+        model = build_vit(arch, img_size=img_size)
+        set_attention_heads(model.blocks[-1].attn, heads[0])
+        return model
+    return build_vit(arch, img_size=img_size, heads_per_layer=heads)
+
+
+def _notes_unip(raw: Any, path: Path) -> list[str]:
+    _, source = student_heads(path, raw)
+    return [source]
+
+
+def _family_hf(obj: Any, path: Path) -> StateDict:
+    return transformers_format.to_timm(_tensors_only(_pick(obj, ("state_dict",), path)))
+
+
+def _build_hf(arch: str, img_size: int | None, raw: Any, path: Path) -> torch.nn.Module:
+    """The timm arch, with the folder's config.json deciding LayerNorm eps and the activation;
+    any disagreement in shape (width, depth, heads, patch, registers) is an error."""
+    config = transformers_format.read_config(path.parent / "config.json")
+    model = build_vit(arch, img_size=img_size, **transformers_format.timm_kwargs(config, path.parent))
+    transformers_format.check_config(config, model, arch, path.parent)
+    return model
 
 
 @dataclass(frozen=True)
 class Family:
     """``extract(raw, path)``: the file's backbone weights with timm key names.
     ``build(arch, img_size, raw, path)``: the model to load them into, where the family needs more
-    than :func:`build_vit` (head counts stored in the file, extra modules); ``None``: ``build_vit``."""
+    than :func:`build_vit` (head counts stored in the file, extra modules); ``None``: ``build_vit``.
+    ``locate(path)``: the weights file behind what the user named (a folder for transformers).
+    ``optional``: model keys (regex) the published files lack, and why; filled from the model's
+    initialisation with a note. ``notes(raw, path)``: more notes for the user."""
 
     extract: Callable[[Any, Path], StateDict]
     description: str
-    build: Callable[[str, int | None, Any, Path], VisionTransformer] | None = None
+    build: Callable[[str, int | None, Any, Path], torch.nn.Module] | None = None
+    locate: Callable[[Path], Path] | None = None
+    optional: tuple[str, str] | None = None
+    notes: Callable[[Any, Path], list[str]] | None = None
 
 
 FAMILIES: dict[str, Family] = {
     "mae": Family(_family_mae, 'MAE .pth: ckpt["model"]; decoder_* and mask_token dropped'),
-    "crossmae": Family(_family_mae, "CrossMAE .pth: as MAE"),
+    "crossmae": Family(
+        _family_crossmae,
+        'CrossMAE .pth (wfm models): ckpt["model"]; no encoder norm; decoder, dec_norms, wfm dropped',
+        optional=(
+            r"^norm\.(weight|bias)$",
+            "final norm absent (CrossMAE's wfm encoders have none): a plain LayerNorm (weight 1, bias 0) "
+            "stands in; attention does not use it and LL-FPN / linear probing read raw block outputs",
+        ),
+    ),
     "dino": Family(_family_dino, 'DINO .pth: backbone dict, or ckpt["teacher"] with backbone./module.'),
+    "dinov2": Family(
+        _family_dinov2, "DINOv2 .pth (torch hub release): register_tokens, mask_token, SwiGLU w12/w3 mapped"
+    ),
     "ibot": Family(_family_ibot, 'iBOT .pth: ckpt["state_dict"] or ckpt["teacher"]; masked_embed dropped'),
     "deit": Family(_family_deit, 'DeiT .pth: ckpt["model"]; distilled variants keep dist_token'),
     "deit3": Family(_family_deit3, 'DeiT III .pth: ckpt["model"]; gamma_1/2 -> ls1/ls2'),
-    "timm": Family(_family_timm, "timm .safetensors/.bin: the dict itself, timm key names"),
-    "unip": Family(_family_timm, "UNIP student .safetensors written by unip-pretrain", _build_unip),
+    "beit": Family(
+        _family_beit,
+        'BEiT / BEiT v2 .pth (unilm): ckpt["model"]; shared or per-block relative position bias as in the file',
+        _build_beit,
+    ),
+    "timm": Family(
+        _family_timm,
+        "timm .safetensors/.bin: the dict itself, timm key names; or timm:ARCH.TAG from the HF cache",
+    ),
+    "unip": Family(
+        _family_unip,
+        'UNIP student: ours (.safetensors + student.json) or released (.pth, ckpt["args"].last_heads)',
+        _build_unip,
+        notes=_notes_unip,
+    ),
+    "hf": Family(
+        _family_hf,
+        "transformers folder (config.json + model.safetensors / pytorch_model.bin): ViT, ViTMAE, "
+        "DINOv2 (+ registers), DeiT",
+        _build_hf,
+        locate=transformers_format.weights_file,
+    ),
     "pad": Family(pad_vit.extract, "PAD backbone (adapters) from unip-pretrain --method pad", pad_vit.build),
 }
 
@@ -218,8 +332,9 @@ def parse_arch(arch: str) -> tuple[str, dict[str, Any]]:
 
 def build_vit(
     arch: str, img_size: int | None = None, heads_per_layer: list[int] | None = None, **extra: Any
-) -> VisionTransformer:
-    """A randomly initialised timm ViT; ``heads_per_layer`` re-splits blocks' head counts."""
+) -> torch.nn.Module:
+    """A randomly initialised timm ViT / BEiT / EVA without classifier; ``heads_per_layer``
+    re-splits blocks' head counts (timm ViT attention only). ``extra`` overrides the arch's kwargs."""
     name, kwargs = parse_arch(arch)
     if not timm.is_model(name):
         raise SpecError(f"architecture {name!r} is not a timm model name (see timm.list_models('vit_*'))")
@@ -231,29 +346,25 @@ def build_vit(
         model = timm.create_model(name, pretrained=False, **kwargs)
     except TypeError as e:
         raise SpecError(f"architecture {arch!r}: {e}") from None
-    if not isinstance(model, VisionTransformer):
-        raise SpecError(
-            f"architecture {name!r} is a {type(model).__name__}, not a timm VisionTransformer; "
-            "attention analysis needs a ViT"
-        )
-    for i, blk in enumerate(model.blocks):
-        if not isinstance(blk.attn, Attention):
-            raise SpecError(
-                f"architecture {name!r}: block {i + 1} uses {type(blk.attn).__name__}, "
-                "not timm's Attention; this model family is not supported"
-            )
+    check_supported(model, f"architecture {name!r}")
     if heads_per_layer is not None:
         if len(heads_per_layer) != len(model.blocks):
             raise SpecError(
                 f"heads_per_layer has {len(heads_per_layer)} entries but {name} has {len(model.blocks)} blocks"
             )
         for blk, heads in zip(model.blocks, heads_per_layer):
-            set_attention_heads(blk.attn, int(heads))
+            if int(heads) != blk.attn.num_heads:
+                set_attention_heads(blk.attn, int(heads))
     return model
 
 
-def set_attention_heads(attn: Attention, heads: int) -> None:
+def set_attention_heads(attn: torch.nn.Module, heads: int) -> None:
     """Re-split an attention module into ``heads`` heads; qkv/proj weights keep their shapes."""
+    if type(attn) is not Attention:
+        raise SpecError(
+            f"re-splitting heads needs timm's ViT Attention; {type(attn).__name__} ties its parameters "
+            "(position bias, rotary embedding) to the head count"
+        )
     dim = attn.attn_dim
     if dim % heads:
         raise SpecError(f"cannot split attention width {dim} into {heads} heads")
@@ -264,7 +375,7 @@ def set_attention_heads(attn: Attention, heads: int) -> None:
     attn.scale = attn.head_dim**-0.5
 
 
-def heads_per_layer(model: VisionTransformer) -> list[int]:
+def heads_per_layer(model: torch.nn.Module) -> list[int]:
     return [int(b.attn.num_heads) for b in model.blocks]
 
 
@@ -275,7 +386,7 @@ def heads_per_layer(model: VisionTransformer) -> list[int]:
 class LoadedBackbone:
     """A ViT with a family's weights loaded, and where they came from."""
 
-    model: VisionTransformer
+    model: torch.nn.Module
     family: str
     arch: str
     path: str
@@ -304,62 +415,114 @@ class LoadedBackbone:
         return heads_per_layer(self.model)
 
 
-def student_heads(path: Path) -> list[int] | None:
-    """Heads per block of a UNIP student, from the safetensors header or student.json beside it."""
+def student_heads(path: Path, raw: Any = None) -> tuple[list[int] | None, str]:
+    """Heads per block of a UNIP student, and where that came from: our safetensors header or
+    student.json beside the file (every block), or a released file's ``args.last_heads`` (the
+    last block only, as a one-element list)."""
     if path.suffix == ".safetensors":
         meta = safetensors_metadata(path)
         if "heads_per_layer" in meta:
-            return [int(h) for h in json.loads(meta["heads_per_layer"])]
+            return [
+                int(h) for h in json.loads(meta["heads_per_layer"])
+            ], "head counts from the file's metadata"
+    args = raw.get("args") if isinstance(raw, Mapping) else None
+    last = getattr(args, "last_heads", None) if args is not None else None
+    if last is not None:
+        return [int(last)], f"last block split into {int(last)} heads (args.last_heads in the file)"
     side = path.with_name("student.json")
     if side.exists():
         info = json.loads(side.read_text())
         if "heads_per_layer" in info:
-            return [int(h) for h in info["heads_per_layer"]]
-    return None
+            return [int(h) for h in info["heads_per_layer"]], f"head counts from {side}"
+    return None, (
+        "the file records no head counts (no metadata, args.last_heads or student.json): "
+        "analysed with the architecture's default split"
+    )
 
 
 def load_backbone(
     family: str,
     arch: str,
-    path: str | Path,
+    path: str | Path | None,
     img_size: int | None = None,
     device: str | torch.device = "cpu",
+    allow_download: bool = False,
 ) -> LoadedBackbone:
-    """Build ``arch`` and load a ``family`` checkpoint into it, strictly. Frozen in eval mode."""
+    """Build ``arch`` and load a ``family`` checkpoint into it, strictly. Frozen in eval mode.
+
+    ``path`` ``None`` (family ``timm`` only): timm's pretrained weights for ``arch`` (``ARCH.TAG``)
+    from the local Hugging Face cache; ``allow_download`` lets a missing file be fetched."""
     if family not in FAMILIES:
         raise SpecError(f"unknown checkpoint family {family!r}; known: {', '.join(FAMILIES)}")
-    path = Path(path)
-    raw = read_weights_file(path)
     fam = FAMILIES[family]
-    sd = fam.extract(raw, path)
-    model = fam.build(arch, img_size, raw, path) if fam.build else build_vit(arch, img_size=img_size)
-    notes = adapt_state_dict(sd, model, path)
-    load_strict(model, sd, path, arch)
+    notes: list[str] = []
+    if path is None:
+        if family != "timm":
+            raise SpecError(
+                f"family {family!r} needs a PATH; only timm:ARCH.TAG reads timm's pretrained weights"
+            )
+        weights, hub_note = timm_hub_weights(arch, allow_download)
+        notes.append(hub_note)
+        path = weights
+    path = Path(path)
+    weights = fam.locate(path) if fam.locate else path
+    raw = read_weights_file(weights)
+    sd = fam.extract(raw, weights)
+    model = fam.build(arch, img_size, raw, weights) if fam.build else build_vit(arch, img_size=img_size)
+    if fam.notes:
+        notes += fam.notes(raw, weights)
+    notes += adapt_state_dict(sd, model, weights, fam.optional)
+    load_strict(model, sd, weights, arch)
     model.eval().requires_grad_(False).to(device)
     return LoadedBackbone(
         model=model,
         family=family,
         arch=arch,
         path=str(path),
-        sha256=sha256_file(path),
+        sha256=sha256_file(weights),
         img_size=int(model.patch_embed.img_size[0]),
         notes=notes,
     )
 
 
-def adapt_state_dict(sd: StateDict, model: VisionTransformer, path: Path) -> list[str]:
-    """Adapt ``sd`` in place to ``model``: drop classifier heads, resize pos_embed. Returns notes."""
+def adapt_state_dict(
+    sd: StateDict, model: torch.nn.Module, path: Path, optional: tuple[str, str] | None = None
+) -> list[str]:
+    """Adapt ``sd`` in place to ``model``: drop classifier heads and buffers the model computes
+    itself, fill what the family's files may lack, resize position embeddings and BEiT's
+    relative position tables. Returns notes for the user."""
     notes = []
     target = model.state_dict()
+    computed = {name for name, _ in model.named_buffers()} - set(target)  # non-persistent buffers
+    for k in [k for k in sd if k in computed or k.endswith("relative_position_index")]:
+        del sd[k]
     if "fc_norm.weight" in sd and "norm.weight" not in sd and "norm.weight" in target:
         # Global-pool fine-tuned checkpoints (MAE/BEiT style) carry fc_norm instead of norm.
-        # Attention does not depend on the final norm; keep it at identity and say so.
+        # Attention does not depend on the final norm; keep a plain LayerNorm and say so.
         sd["norm.weight"], sd["norm.bias"] = target["norm.weight"].clone(), target["norm.bias"].clone()
-        notes.append("final norm absent (checkpoint has fc_norm for global pooling); left at identity")
-    for k in [k for k in sd if _HEAD_KEYS.match(k)]:
+        notes.append(
+            "final norm absent (checkpoint has fc_norm for global pooling); a plain LayerNorm stands in"
+        )
+    for k in [k for k in sd if _HEAD_KEYS.match(k) and k not in target]:
         del sd[k]
+    if optional is not None:
+        pattern, why = optional
+        filled = [k for k in target if re.match(pattern, k) and k not in sd]
+        for k in filled:
+            sd[k] = target[k].clone()
+        if filled:
+            notes.append(why)
+    pool = [k for k in target if _POOL_KEYS.match(k) and k not in sd]
+    if pool:
+        for k in pool:
+            sd[k] = target[k].clone()
+        modules = sorted({k.split(".")[0] for k in pool})
+        notes.append(
+            f"pooling module {', '.join(modules)} absent from the file: left at initialisation "
+            "(no analysis or fine-tuning path uses it)"
+        )
     pe = sd.get("pos_embed")
-    if pe is not None and "pos_embed" in target and pe.shape != target["pos_embed"].shape:
+    if pe is not None and target.get("pos_embed") is not None and pe.shape != target["pos_embed"].shape:
         prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
         n_src = pe.shape[1] - prefix
         side = int(round(n_src**0.5))
@@ -373,6 +536,12 @@ def adapt_state_dict(sd: StateDict, model: VisionTransformer, path: Path) -> lis
             pe, new_size=list(grid), old_size=[side, side], num_prefix_tokens=prefix
         )
         notes.append(f"pos_embed resized from {side}x{side} to {grid[0]}x{grid[1]}")
+    for k in [k for k in sd if k.endswith("relative_position_bias_table") and k in target]:
+        if sd[k].shape != target[k].shape:
+            window = tuple(model.patch_embed.grid_size)
+            sd[k] = resize_rel_pos_bias_table(sd[k], new_window_size=window, new_bias_shape=target[k].shape)
+            if not any("relative position" in n for n in notes):
+                notes.append(f"relative position bias tables resized to a {window[0]}x{window[1]} window")
     return notes
 
 
@@ -406,24 +575,82 @@ def _short(keys: list[str], n: int = 5) -> str:
     return ", ".join(keys[:n]) + (f", ... {len(keys) - n} more" if len(keys) > n else "")
 
 
+# --- timm's pretrained weights in the Hugging Face cache -----------------------------------------
+
+
+def hub_cache_dir() -> str | None:
+    """The Hugging Face hub cache as the environment names it now (HF_HUB_CACHE, HF_HOME/hub);
+    ``None``: huggingface_hub's default (~/.cache/huggingface/hub)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return str(Path(os.environ["HF_HOME"]) / "hub")
+    return None
+
+
+def timm_hub_weights(arch: str, allow_download: bool = False) -> tuple[Path, str]:
+    """The weights file of timm's pretrained ``ARCH.TAG`` in the local Hugging Face cache, and a
+    note naming it. Never touches the network unless ``allow_download``."""
+    from huggingface_hub import hf_hub_download
+
+    name, _ = parse_arch(arch)
+    if "." not in name:
+        raise SpecError(
+            f"timm:{name} without a PATH names timm's pretrained weights: add the tag, ARCH.TAG "
+            f"(see timm.list_pretrained('{name}*')), or give the weights file as timm:{name}:PATH"
+        )
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except RuntimeError as e:  # timm's message names the unknown tag
+        raise SpecError(f"timm:{name}: {e} (see timm.list_pretrained('{name.split('.')[0]}*'))") from None
+    if cfg is None or not getattr(cfg, "hf_hub_id", None):
+        raise SpecError(
+            f"timm:{name}: timm knows no Hugging Face hub weights for it; download the file yourself "
+            "and name it as timm:ARCH:PATH"
+        )
+    repo = cfg.hf_hub_id
+    cache = hub_cache_dir()
+    failures = []
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        try:
+            file = hf_hub_download(repo, filename, cache_dir=cache, local_files_only=not allow_download)
+            return Path(file), f"timm pretrained weights {repo}/{filename} from the Hugging Face cache"
+        except Exception as e:  # not cached, not on the hub, or no network: try the next name
+            failures.append(f"{filename}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    where = cache or "the default Hugging Face cache (~/.cache/huggingface/hub)"
+    if not allow_download:
+        raise CheckpointError(
+            f"timm:{name}: {repo} is not in {where}; fetch it once with --allow-download "
+            f"(or huggingface-cli download {repo}), or pass the file as timm:ARCH:PATH"
+        )
+    raise CheckpointError(f"timm:{name}: could not fetch {repo} ({'; '.join(failures)})")
+
+
 @dataclass(frozen=True)
 class CheckpointSpec:
     name: str
     family: str
     arch: str
-    path: str
+    path: str | None  # None: timm's pretrained weights (timm:ARCH.TAG)
 
 
 def parse_spec(text: str) -> CheckpointSpec:
-    """``NAME=FAMILY:ARCH:PATH`` -> :class:`CheckpointSpec` (PATH may itself contain ':')."""
+    """``NAME=FAMILY:ARCH:PATH`` (PATH may itself contain ':'), or ``NAME=timm:ARCH.TAG`` for timm's
+    pretrained weights from the Hugging Face cache -> :class:`CheckpointSpec`."""
     name, eq, rest = text.partition("=")
     parts = rest.split(":", 2) if eq else []
-    if not eq or len(parts) != 3 or not name.strip() or not all(p.strip() for p in parts):
-        raise SpecError(
-            f"checkpoint spec {text!r}: expected NAME=FAMILY:ARCH:PATH, "
-            "for example mae_l=mae:vit_large_patch16_224:/ckpt/mae_pretrain_vit_large.pth"
-        )
+    if len(parts) == 2 and parts[0].strip() == "timm":
+        parts.append("")
+    fix = (
+        f"checkpoint spec {text!r}: expected NAME=FAMILY:ARCH:PATH, "
+        "for example mae_l=mae:vit_large_patch16_224:/ckpt/mae_pretrain_vit_large.pth, "
+        "or NAME=timm:ARCH.TAG for timm's pretrained weights"
+    )
+    if not eq or len(parts) != 3 or not name.strip() or not all(p.strip() for p in parts[:2]):
+        raise SpecError(fix)
     family, arch, path = (p.strip() for p in parts)
     if family not in FAMILIES:
         raise SpecError(f"checkpoint spec {text!r}: unknown family {family!r}; known: {', '.join(FAMILIES)}")
-    return CheckpointSpec(name.strip(), family, arch, path)
+    if not path and family != "timm":
+        raise SpecError(fix)
+    return CheckpointSpec(name.strip(), family, arch, path or None)

@@ -50,14 +50,21 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME=FAMILY:ARCH:PATH",
-        help=f"a checkpoint to analyse (repeatable); FAMILY is one of {', '.join(checkpoints.FAMILIES)}",
+        help=f"a checkpoint to analyse (repeatable); FAMILY is one of {', '.join(checkpoints.FAMILIES)}; "
+        "NAME=timm:ARCH.TAG (no PATH) reads timm's pretrained weights from the local Hugging Face cache",
     )
     src.add_argument(
         "--manifest",
         type=Path,
         metavar="FILE.json",
         help='many checkpoints: {"checkpoints": [{"name", "family", "arch", "path"}, ...]}; '
-        "relative paths are read from the manifest's folder",
+        'relative paths are read from the manifest\'s folder; "path": null with family timm and ARCH.TAG '
+        "reads timm's pretrained weights",
+    )
+    src.add_argument(
+        "--allow-download",
+        action="store_true",
+        help="let NAME=timm:ARCH.TAG fetch weights missing from the Hugging Face cache (default: never)",
     )
     src.add_argument(
         "--images", type=Path, required=True, metavar="DIR", help="image folder (searched recursively)"
@@ -132,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", default="auto", help="cpu, cuda, cuda:N, or auto (default: cuda if available)"
     )
     run.add_argument(
+        "--precision",
+        choices=tuple(analyze.PRECISIONS),
+        default="fp32",
+        help="run the models under bf16 / fp16 autocast; logits, softmax and statistics stay fp32 / fp64 "
+        "(default: fp32)",
+    )
+    run.add_argument(
         "--num-workers",
         type=_non_negative_int,
         default=0,
@@ -184,7 +198,12 @@ def read_manifest(path: str | Path) -> list[CheckpointSpec]:
         where = f"{path}: checkpoints[{i}]"
         if not isinstance(e, dict):
             raise SpecError(f"{where} is a {type(e).__name__}, not an object; {fix}")
-        missing = [k for k in _MANIFEST_KEYS if not isinstance(e.get(k), str) or not e[k].strip()]
+        needed = [
+            k
+            for k in _MANIFEST_KEYS
+            if not (k == "path" and e.get("family") == "timm" and k in e and e[k] is None)
+        ]
+        missing = [k for k in needed if not isinstance(e.get(k), str) or not e[k].strip()]
         unknown = sorted(set(e) - set(_MANIFEST_KEYS))
         if missing or unknown:
             what = [f"lacks {', '.join(missing)} (non-empty strings)"] if missing else []
@@ -194,6 +213,9 @@ def read_manifest(path: str | Path) -> list[CheckpointSpec]:
             raise SpecError(
                 f"{where}: unknown family {e['family']!r}; known: {', '.join(checkpoints.FAMILIES)}"
             )
+        if e["path"] is None:  # "path": null: timm's pretrained weights, from the Hugging Face cache
+            specs.append(CheckpointSpec(e["name"].strip(), e["family"], e["arch"].strip(), None))
+            continue
         weights = Path(e["path"]).expanduser()
         if not weights.is_absolute():
             weights = path.parent / weights
@@ -318,10 +340,21 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
 
     backbones: dict[str, LoadedBackbone] = {}
     for s in specs:
-        _say(f"loading {s.name}: {s.family} {s.arch} from {s.path}")
-        bb = checkpoints.load_backbone(s.family, s.arch, s.path, img_size=args.img_size, device=device)
+        _say(f"loading {s.name}: {s.family} {s.arch} from {s.path or 'the Hugging Face cache'}")
+        bb = checkpoints.load_backbone(
+            s.family,
+            s.arch,
+            s.path,
+            img_size=args.img_size,
+            device=device,
+            allow_download=args.allow_download,
+        )
+        for note in bb.notes:
+            _say(f"  note: {note}")
         if s.name in overrides and not 1 <= overrides[s.name] <= bb.depth:
-            raise SpecError(f"--layer {overrides[s.name]} for {s.name!r} is outside 1..{bb.depth} ({s.path})")
+            raise SpecError(
+                f"--layer {overrides[s.name]} for {s.name!r} is outside 1..{bb.depth} ({bb.path})"
+            )
         backbones[s.name] = bb
     sizes = {bb.img_size for bb in backbones.values()}
     if len(sizes) > 1:
@@ -349,6 +382,7 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
             map_images=args.map_images,
             num_workers=args.num_workers,
             progress=not args.no_progress and sys.stderr.isatty(),  # no bar fragments in logs
+            precision=args.precision,
         )
         entries[name] = analyze.model_entry(res, th, overrides.get(name), args.fallback, args.bootstrap)
         analyses.append(res)

@@ -10,21 +10,27 @@ import math
 import numpy as np
 import torch
 
-EPS = 1e-8  # added before renormalizing, as the reference analysis does
+NMI_EPS = 1e-8  # added before renormalizing the patch rows for NMI, as the reference analysis does
+DISTANCE_EPS = 1e-32  # ... and for the attention distance (method.md section 1)
+EPS = NMI_EPS
 
 
 def patch_attention(
-    attn: torch.Tensor, num_prefix_tokens: int, query_rows: torch.Tensor | None = None
+    attn: torch.Tensor,
+    num_prefix_tokens: int,
+    query_rows: torch.Tensor | None = None,
+    eps: float = NMI_EPS,
 ) -> torch.Tensor:
     """Drop prefix tokens (cls, dist, registers) from rows and columns; renormalize rows.
 
-    ``A'[q, k] = (A[q, k] + eps) / sum_k (A[q, k] + eps)`` over patch tokens only.
+    ``A'[q, k] = (A[q, k] + eps) / sum_k (A[q, k] + eps)`` over patch tokens only; ``eps`` is
+    1e-8 for NMI and 1e-32 for the attention distance (method.md section 1).
     ``query_rows`` (patch indices) keeps only those query rows, without copying the whole map.
     """
     if query_rows is None:
-        a = attn[..., num_prefix_tokens:, num_prefix_tokens:] + EPS
+        a = attn[..., num_prefix_tokens:, num_prefix_tokens:] + eps
     else:
-        a = attn.index_select(-2, query_rows + num_prefix_tokens)[..., num_prefix_tokens:] + EPS
+        a = attn.index_select(-2, query_rows + num_prefix_tokens)[..., num_prefix_tokens:] + eps
     return a / a.sum(dim=-1, keepdim=True)
 
 
@@ -47,47 +53,113 @@ def nmi(attn: torch.Tensor) -> torch.Tensor:
     return mi / torch.sqrt(h_k * h_q)
 
 
-def layer_statistics_(
-    attn: torch.Tensor, num_prefix_tokens: int, distance: torch.Tensor, chunks: int = 8
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """NMI and mean attention distance per (batch, head) from one raw post-softmax map.
+def patch_centres(grid: tuple[int, int], patch_size: int | tuple[int, int]) -> torch.Tensor:
+    """(y, x) of every patch on a (rows, cols) grid in pixels, row-major: [rows * cols, 2] float64."""
+    ph, pw = (patch_size, patch_size) if isinstance(patch_size, int) else patch_size
+    rows, cols = grid
+    yy, xx = torch.meshgrid(torch.arange(rows) * ph, torch.arange(cols) * pw, indexing="ij")
+    return torch.stack([yy.flatten(), xx.flatten()], dim=1).double()
 
-    Same values as ``nmi(patch_attention(attn))`` and ``attention_distance(...)``, but it
-    CONSUMES ``attn`` (overwrites it in place) so that the streaming analysis never holds a
-    second [B, H, N, N] buffer: the map is reduced in ``chunks`` blocks of query rows, so every
-    temporary is at most about 1/``chunks`` of the map. Returns float64 tensors [B, H].
+
+class StreamingStatistics:
+    """NMI and mean attention distance per (image, head) of one layer, accumulated over blocks
+    of query rows so that the layer's map never has to exist (method.md section 1).
+
+    Per patch query q, with A its post-softmax row over patch keys (prefix columns dropped):
+    ``p(k|q) = (A + 1e-8) / Z_q`` for NMI and ``(A + 1e-32) / Z'_q`` for the distance. Per block
+    it keeps, in fp64: ``sum_q p(k|q)`` (for p(k), the mean over ALL queries, needed before H(K)
+    can be computed), ``sum_q H(K|q)`` and ``sum_q sum_k p(k|q) d(q, k)``. :meth:`result` then
+    gives ``NMI = (H(K) - mean_q H(K|q)) / sqrt(H(K) log N)`` and the mean distance in pixels.
     """
-    a = attn[..., num_prefix_tokens:, num_prefix_tokens:]  # view: rows and columns of patches
-    n_q = a.shape[-2]
-    d = distance.to(device=a.device, dtype=a.dtype)
-    step = max(1, math.ceil(n_q / max(1, chunks)))
-    p_k = torch.zeros(a.shape[:-2] + a.shape[-1:], dtype=torch.float64, device=a.device)
-    cond_ent = torch.zeros(a.shape[:-2], dtype=torch.float64, device=a.device)
-    dist = torch.zeros(a.shape[:-2], dtype=torch.float64, device=a.device)
-    for q0 in range(0, n_q, step):
-        rows = a[..., q0 : q0 + step, :]  # view into the map
-        rows.add_(EPS)
-        rows.div_(rows.sum(dim=-1, keepdim=True))
-        dist += torch.einsum("bhqk,qk->bh", rows, d[q0 : q0 + step])
-        p_k += rows.sum(dim=-2, dtype=torch.float64)
-        cond_ent -= rows.xlogy_(rows).sum(dim=(-2, -1), dtype=torch.float64)
-    p_k /= n_q
-    h_k = -torch.special.xlogy(p_k, p_k).sum(-1)
-    nmi_ = (h_k - cond_ent / n_q) / torch.sqrt(h_k * math.log(n_q))
-    return nmi_, dist / n_q
+
+    def __init__(
+        self,
+        batch: int,
+        heads: int,
+        grid: tuple[int, int],
+        patch_size: int | tuple[int, int],
+        num_prefix_tokens: int,
+        device: torch.device | str = "cpu",
+    ):
+        self.num_prefix_tokens = num_prefix_tokens
+        self.centres = patch_centres(grid, patch_size).to(device)
+        self.num_patches = n = self.centres.shape[0]
+        f64 = {"dtype": torch.float64, "device": device}
+        self.prob_k = torch.zeros(batch, heads, n, **f64)  # sum_q p(k|q)
+        self.cond_entropy = torch.zeros(batch, heads, **f64)  # sum_q H(K|q)
+        self.distance = torch.zeros(batch, heads, **f64)  # sum_q sum_k p(k|q) d(q, k)
+        self.rows_seen = 0
+
+    def add_(self, q0: int, probs: torch.Tensor) -> None:
+        """Add rows ``q0 : q0 + rows`` (token indices, all patch queries) of the post-softmax map,
+        fp32 [B, H, rows, tokens] with prefix key columns included. Overwrites ``probs``."""
+        npt = self.num_prefix_tokens
+        if q0 < npt:
+            raise ValueError(f"rows from {q0} include prefix queries (the first {npt} tokens)")
+        a = probs[..., npt:]  # view: patch keys, [B, H, rows, P]
+        n, rows = self.num_patches, a.shape[-2]
+        p0 = q0 - npt
+        # Sums over one row's keys run in the block's dtype (pairwise summation, ~1e-7 relative);
+        # everything accumulated across rows and blocks is fp64. Products with the whole
+        # (contiguous) rows, prefix columns weighted 0, avoid copying the strided patch view.
+        mass = a.sum(dim=-1).double()  # patch mass of each row, before any eps
+        d = torch.cdist(self.centres[p0 : p0 + rows], self.centres)  # [rows, P] pixels
+        d_rows = torch.nn.functional.pad(d.to(probs.dtype), (npt, 0))  # zero for prefix keys
+        weighted = torch.einsum("bhqk,qk->bhq", probs, d_rows).double()  # sum_k A d
+        self.distance += ((weighted + DISTANCE_EPS * d.sum(-1)) / (mass + n * DISTANCE_EPS)).sum(-1)
+        z = mass + n * NMI_EPS  # normaliser of (A + 1e-8) over patch keys
+        inv_z = 1.0 / z
+        self.prob_k += (inv_z.to(probs.dtype).unsqueeze(-2) @ probs).squeeze(-2)[..., npt:]
+        self.prob_k += NMI_EPS * inv_z.sum(-1, keepdim=True)
+        # H(K|q) = log Z - sum_k (A + eps) log(A + eps) / Z. A + eps > 0, so x log x needs no
+        # xlogy (several times slower); the block is consumed in place.
+        a.add_(NMI_EPS)
+        log_a = a.log()
+        plogp = log_a.mul_(a).sum(dim=-1).double()
+        del log_a
+        self.cond_entropy += (torch.log(z) - plogp * inv_z).sum(-1)
+        self.rows_seen += rows
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(NMI, mean attention distance in pixels), each float64 [B, H]."""
+        n = self.num_patches
+        if self.rows_seen != n:
+            raise ValueError(f"statistics saw {self.rows_seen} patch query rows of {n}")
+        p_k = self.prob_k / n
+        h_k = -torch.special.xlogy(p_k, p_k).sum(-1)
+        nmi_ = (h_k - self.cond_entropy / n) / torch.sqrt(h_k * math.log(n))
+        return nmi_, self.distance / n
+
+
+def map_statistics(
+    attn: torch.Tensor,
+    num_prefix_tokens: int,
+    grid: tuple[int, int],
+    patch_size: int | tuple[int, int],
+    rows: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """NMI and mean attention distance per (batch, head) of a whole post-softmax map [B, H, N, N],
+    fed to :class:`StreamingStatistics` ``rows`` query rows at a time (default: all at once).
+    The map is not modified. Returns float64 tensors [B, H]."""
+    b, h, n, _ = attn.shape
+    stats = StreamingStatistics(b, h, grid, patch_size, num_prefix_tokens, attn.device)
+    step = rows or n
+    for q0 in range(num_prefix_tokens, n, step):
+        block = attn[:, :, q0 : q0 + step].clone()
+        stats.add_(q0, block if block.dtype in (torch.float32, torch.float64) else block.float())
+    return stats.result()
 
 
 def patch_distance_matrix(grid: tuple[int, int], patch_size: int | tuple[int, int]) -> torch.Tensor:
     """Euclidean distance in pixels between patch centres on a (rows, cols) grid: [N, N]."""
-    ph, pw = (patch_size, patch_size) if isinstance(patch_size, int) else patch_size
-    rows, cols = grid
-    yy, xx = torch.meshgrid(torch.arange(rows) * ph, torch.arange(cols) * pw, indexing="ij")
-    pos = torch.stack([yy.flatten(), xx.flatten()], dim=1).double()
+    pos = patch_centres(grid, patch_size)
     return torch.cdist(pos, pos)
 
 
 def attention_distance(attn: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
-    """Mean attention distance per (batch, head): mean_q sum_k A[q, k] * d(q, k), in pixels."""
+    """Mean attention distance per (batch, head): mean_q sum_k A[q, k] * d(q, k), in pixels.
+
+    ``attn``: patch rows renormalized with 1e-32 (``patch_attention(..., eps=DISTANCE_EPS)``)."""
     d = distance.to(device=attn.device, dtype=attn.dtype)
     return (attn * d).sum(dim=(-2, -1), dtype=torch.float64) / attn.shape[-2]
 
