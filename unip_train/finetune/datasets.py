@@ -32,7 +32,7 @@ from PIL import Image, UnidentifiedImageError
 from unip_analysis.errors import ImageError, UnipError
 from unip_analysis.images import IMAGE_SUFFIXES, NORMALIZATIONS, read_image
 
-from ..sampling import sample_generator
+from ..sampling import KeyedDataset, sample_generator
 
 IGNORE_INDEX = 255
 
@@ -341,7 +341,7 @@ class Sample:
     label: Path
 
 
-class SegDataset(torch.utils.data.Dataset):
+class SegDataset(KeyedDataset):
     """One split of a segmentation dataset: ``(image [3, H, W] normalized, label [H, W] int64)``.
 
     Files are checked when the dataset is built: every listed sample needs an image and a label map
@@ -350,8 +350,8 @@ class SegDataset(torch.utils.data.Dataset):
     Cityscapes label IDs from the values (the result is :attr:`label_map` and a note).
     ``transform(img, label, g) -> (img, label)`` runs on the 0-255 grey image before normalization;
     its random draws come from ``g``, a generator seeded by (``seed``, epoch, index) (see
-    :mod:`unip_train.sampling`), so augmentation does not depend on RNG history or loader workers.
-    Call :meth:`set_epoch` before each epoch (workers get a fresh copy of the dataset each epoch).
+    :mod:`unip_train.sampling`), so augmentation does not depend on RNG history or loader workers;
+    the training loader indexes it by ``(epoch, index)`` keys (:class:`~unip_train.sampling.KeyedDataset`).
     :attr:`notes` says what was decided about the files (fallback split, skipped copies, label IDs).
     """
 
@@ -375,7 +375,7 @@ class SegDataset(torch.utils.data.Dataset):
         self.classes = dataset_classes(name, self.root, num_classes)
         self.split = split
         self.transform = transform
-        self.seed, self.epoch = seed, 0
+        self.seed = seed
         self.mean, self.std = NORMALIZATIONS["infrared"]
         self.notes: list[str] = []
         path, notes = split_file(self.root, self.layout, split)
@@ -466,9 +466,6 @@ class SegDataset(torch.utils.data.Dataset):
             check_label_values(path, v if lut is None else lut[v], self.num_classes, hint)
         return label_map
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
     @property
     def num_classes(self) -> int:
         return len(self.classes)
@@ -483,10 +480,11 @@ class SegDataset(torch.utils.data.Dataset):
         label = read_label(s.label, self.num_classes, self.lut, self._range_hint(self.label_map))
         return img, torch.from_numpy(label.astype(np.int64))
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def item(self, i: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample ``i`` transformed with the draws of (seed, ``epoch``, ``i``)."""
         img, label = self.load(i)
         if self.transform is not None:
-            img, label = self.transform(img, label, sample_generator(self.seed, self.epoch, i))
+            img, label = self.transform(img, label, sample_generator(self.seed, epoch, i))
         return to_input(img, self.mean[0] * 255.0, self.std[0] * 255.0), label
 
 
