@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from unip_analysis.errors import ImageError, UnipError
-from unip_analysis.images import IMAGE_SUFFIXES, NORMALIZATIONS, read_image
+from unip_analysis.images import IMAGE_SUFFIXES, NORMALIZATIONS, read_unit_array
 
 from ..sampling import KeyedDataset, sample_generator
 
@@ -274,9 +274,15 @@ def read_grey(path: Path, thermal_channel: bool = False) -> np.ndarray:
         except (UnidentifiedImageError, OSError) as e:
             raise DatasetError(f"{path}: cannot decode image ({e}); remove or replace the file") from None
     try:
-        return read_image(path).mean(dim=0).mul_(255.0).numpy()
+        arr = read_unit_array(path)
     except ImageError as e:
         raise DatasetError(str(e)) from None
+    if arr.ndim == 3:
+        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).mean(dim=0).mul_(255.0).numpy()
+    # Grey: the float32 mean of the three replicated channels, (v + v + v) / 3, without the copies
+    # (bit for bit what averaging read_image's output gives, so crops do not depend on the path).
+    v = torch.from_numpy(arr)
+    return (((v + v) + v) / 3).mul_(255.0).numpy()
 
 
 def read_label_values(path: Path) -> np.ndarray:
@@ -322,7 +328,9 @@ def read_label(
     arr = read_label_values(path)
     if lut is not None:
         arr = lut[arr]
-    check_label_values(path, np.unique(arr), num_classes, hint)
+    # One vectorised pass; the distinct values are gathered only to name the bad ones.
+    if (((arr < 0) | (arr >= num_classes)) & (arr != IGNORE_INDEX)).any():
+        check_label_values(path, np.unique(arr), num_classes, hint)
     return arr.astype(np.uint8)
 
 
