@@ -45,6 +45,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from clocks import cpu_seconds
+
 ARCHS = ("vit_tiny_patch16_224", "vit_small_patch16_224")
 CROPS = (128, 256)
 LIGHT = 32  # the "ll-fpn" row's UperNet and auxiliary widths
@@ -124,8 +126,10 @@ def real_loop(state, warmup: int, timed: int) -> dict:
     from unip_train.finetune.cli import save_training_state
     from unip_train.finetune.engine import train
 
-    stamps: list[float] = []
-    hook = state.optimizer.register_step_post_hook(lambda *_: stamps.append(time.perf_counter()))
+    stamps: list[tuple[float, float]] = []  # (wall, CPU of this process and its workers) per step
+    hook = state.optimizer.register_step_post_hook(
+        lambda *_: stamps.append((time.perf_counter(), cpu_seconds()))
+    )
     saves: list[float] = []
 
     def save(it: int) -> None:
@@ -141,12 +145,13 @@ def real_loop(state, warmup: int, timed: int) -> dict:
         state.log.close()
     total = time.perf_counter() - t0
     # Step `warmup - 1` ends the warm-up; the window holds `timed` whole iterations after it.
-    window = stamps[warmup + timed - 1] - stamps[warmup - 1]
+    (wall0, cpu0), (wall1, cpu1) = stamps[warmup - 1], stamps[warmup + timed - 1]
     ckpt = statistics.median(saves)
     return {
-        "s_per_iter": window / timed + ckpt / state.cfg.ckpt_every,
+        "s_per_iter": (wall1 - wall0) / timed + ckpt / state.cfg.ckpt_every,
+        "cpu_s_per_iter": (cpu1 - cpu0) / timed,
         "checkpoint_s": ckpt,
-        "first_iter_s": stamps[0] - t0,
+        "first_iter_s": stamps[0][0] - t0,
         "run_s": total,
     }
 
@@ -200,8 +205,8 @@ class Split:
             h.remove()
 
 
-def bare_loop(state, steps: int, seed: int = 0) -> tuple[list[float], list[dict]]:
-    """``steps`` bare iterations on ready-made tensors: seconds each, and each one's split."""
+def bare_loop(state, steps: int, seed: int = 0) -> tuple[list[float], list[float], list[dict]]:
+    """``steps`` bare iterations on ready-made tensors: wall and CPU seconds each, and each one's split."""
     import torch
 
     from unip_train.finetune.losses import seg_loss
@@ -213,10 +218,11 @@ def bare_loop(state, steps: int, seed: int = 0) -> tuple[list[float], list[dict]
     label = torch.randint(0, model.num_classes, (b, cfg.crop, cfg.crop), generator=g)
     model.train()
     split = Split(model)
-    times, splits = [], []
+    times, cpu, splits = [], [], []
     try:
         for _ in range(steps):
             split.t = {}
+            c0 = cpu_seconds()
             t0 = time.perf_counter()
             logits, aux = model(img)
             loss = seg_loss(logits, label, cfg.ce_average)
@@ -229,6 +235,7 @@ def bare_loop(state, steps: int, seed: int = 0) -> tuple[list[float], list[dict]
             opt.step()
             t_end = time.perf_counter()
             times.append(t_end - t0)
+            cpu.append(cpu_seconds() - c0)
             t = split.t
             bb_f = t["backbone_fwd"]
             neck_f = t.get("neck_fwd", bb_f)
@@ -247,7 +254,7 @@ def bare_loop(state, steps: int, seed: int = 0) -> tuple[list[float], list[dict]
             )
     finally:
         split.remove()
-    return times, splits
+    return times, cpu, splits
 
 
 def summarize_split(splits: list[dict]) -> dict:
@@ -266,6 +273,17 @@ def summarize_split(splits: list[dict]) -> dict:
     }
 
 
+def data_seconds(state, batches: int = 2) -> float:
+    """Seconds one process takes to read and augment one batch of the run's training data."""
+    dataset, stream = state.loader.dataset, state.loader.batch_sampler
+    stream.set_range(0, batches)
+    keys = [k for batch in stream for k in batch]
+    t0 = time.perf_counter()
+    for key in keys:
+        dataset[key]
+    return (time.perf_counter() - t0) / batches
+
+
 # --- one configuration -----------------------------------------------------------------------------
 
 
@@ -277,10 +295,11 @@ def run_config(root: Path, arch: str, crop: int, head: str, args) -> dict:
     state = build_state(cfg)
     # Bare halves before and after the real loop, so a drifting machine load hits both alike.
     bare_loop(state, args.warmup)
-    first, split_a = bare_loop(state, (args.timed + 1) // 2)
+    first, first_cpu, split_a = bare_loop(state, (args.timed + 1) // 2)
     real = real_loop(state, args.warmup, args.timed)
-    second, split_b = bare_loop(state, args.timed // 2) if args.timed > 1 else ([], [])
-    bare = statistics.fmean(first + second)
+    second, second_cpu, split_b = bare_loop(state, args.timed // 2) if args.timed > 1 else ([], [], [])
+    bare, bare_cpu = statistics.fmean(first + second), statistics.fmean(first_cpu + second_cpu)
+    data = data_seconds(state)
     return {
         "arch": arch,
         "crop": crop,
@@ -294,6 +313,10 @@ def run_config(root: Path, arch: str, crop: int, head: str, args) -> dict:
         "real_s_per_iter": round(real["s_per_iter"], 4),
         "bare_s_per_iter": round(bare, 4),
         "ratio_real_over_bare": round(real["s_per_iter"] / bare, 3),
+        "real_cpu_s_per_iter": round(real["cpu_s_per_iter"], 4),
+        "bare_cpu_s_per_iter": round(bare_cpu, 4),
+        "ratio_cpu_real_over_bare": round(real["cpu_s_per_iter"] / bare_cpu, 3),
+        "data_s_per_batch": round(data, 4),
         "checkpoint_s": round(real["checkpoint_s"], 3),
         "first_iter_s": round(real["first_iter_s"], 3),
         "split": summarize_split(split_a + split_b),

@@ -40,6 +40,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from clocks import cpu_seconds
+
 METHODS = ("nmi-had", "pad")
 FULL = {
     "student": "vit_small_patch16_224",
@@ -156,18 +158,20 @@ def argv_for(method: str, root: Path, images: Path, out: Path, c: dict, args) ->
 # --- the loops -------------------------------------------------------------------------------------
 
 
-def bare_loop(method, optimizer, images, steps: int) -> list[float]:
-    """Seconds of each of ``steps`` bare steps: zero_grad, the method's loss, backward, step."""
-    times = []
+def bare_loop(method, optimizer, images, steps: int) -> tuple[list[float], list[float]]:
+    """Wall and CPU seconds of each of ``steps`` bare steps: zero_grad, the method's loss, backward, step."""
+    times, cpu = [], []
     method.module.train()
     for _ in range(steps):
+        c0 = cpu_seconds()
         t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         loss, _ = method.loss(method.module, images)
         loss.backward()
         optimizer.step()
         times.append(time.perf_counter() - t0)
-    return times
+        cpu.append(cpu_seconds() - c0)
+    return times, cpu
 
 
 def run_method(name: str, root: Path, images: Path, c: dict, args) -> dict:
@@ -188,13 +192,16 @@ def run_method(name: str, root: Path, images: Path, c: dict, args) -> dict:
     method.on_epoch(0)  # what trains in the first epoch, as the run sets it
     optimizer = adamw(method.param_groups(opts.weight_decay), lr=lr, betas=trainer.BETAS)
     bare_loop(method, optimizer, batch, args.warmup)
-    first = bare_loop(method, optimizer, batch, (args.timed + 1) // 2)
+    first, first_cpu = bare_loop(method, optimizer, batch, (args.timed + 1) // 2)
 
     # Real: the whole run; every optimizer step stamped; checkpoint writes timed.
-    stamps, saved, saves = [], [], []
-    hook = register_optimizer_step_post_hook(
-        lambda opt, *_: (stamps.append(time.perf_counter()), saved.append(opt))
-    )
+    stamps, saved, saves = [], [], []  # (wall, CPU of this process and its workers) per step
+
+    def stamp(opt, *_):
+        stamps.append((time.perf_counter(), cpu_seconds()))
+        saved.append(opt)
+
+    hook = register_optimizer_step_post_hook(stamp)
     save = trainer.RunFolder.save
 
     def timed_save(self, *a, **k):
@@ -211,13 +218,14 @@ def run_method(name: str, root: Path, images: Path, c: dict, args) -> dict:
         hook.remove()
         trainer.RunFolder.save = save
     total = time.perf_counter() - t0
-    window = stamps[args.warmup + args.timed - 1] - stamps[args.warmup - 1]
+    (wall0, cpu0), (wall1, cpu1) = stamps[args.warmup - 1], stamps[args.warmup + args.timed - 1]
     ckpt = statistics.median(saves)
-    real = window / args.timed + ckpt / CKPT_EVERY_STEPS
+    real = (wall1 - wall0) / args.timed + ckpt / CKPT_EVERY_STEPS
+    real_cpu = (cpu1 - cpu0) / args.timed
 
     # Bare, second half: the model the run trained, with the run's own optimizer.
-    second = bare_loop(method, saved[-1], batch, args.timed // 2)
-    bare = statistics.fmean(first + second)
+    second, second_cpu = bare_loop(method, saved[-1], batch, args.timed // 2)
+    bare, bare_cpu = statistics.fmean(first + second), statistics.fmean(first_cpu + second_cpu)
     return {
         "method": name,
         "img": c["img"],
@@ -227,8 +235,11 @@ def run_method(name: str, root: Path, images: Path, c: dict, args) -> dict:
         "real_s_per_step": round(real, 4),
         "bare_s_per_step": round(bare, 4),
         "ratio_real_over_bare": round(real / bare, 3),
+        "real_cpu_s_per_step": round(real_cpu, 4),
+        "bare_cpu_s_per_step": round(bare_cpu, 4),
+        "ratio_cpu_real_over_bare": round(real_cpu / bare_cpu, 3),
         "checkpoint_s": round(ckpt, 3),
-        "first_step_s": round(stamps[0] - t0, 3),
+        "first_step_s": round(stamps[0][0] - t0, 3),
         "run_s": round(total, 2),
     }
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from unip_analysis.errors import ImageError
-from unip_analysis.images import find_images, normalize, read_image
+from unip_analysis.images import find_images, normalize, read_image, read_unit_array
 
 from ..sampling import KeyedDataset, sample_generator
 from .rois import roi_crop_box
@@ -215,9 +215,19 @@ class InfMix(KeyedDataset):
         return len(self.items)
 
     def load(self, index: int) -> torch.Tensor:
+        """Image ``index`` as [3, H, W] in [0, 1] (grey replicated, as :func:`read_image` reads it)."""
+        return self.pixels(index).expand(3, -1, -1)
+
+    def pixels(self, index: int) -> torch.Tensor:
+        """Image ``index`` in [0, 1] with the channels it has: [1, H, W] when grey (stored grey, or
+        made grey by ``--grey``), [3, H, W] when colour. Grey images are cropped and resized once,
+        not three times, and replicated when normalized: the same values as three equal channels."""
         path, grey = self.items[index]
-        img = read_image(path)
-        return to_grey(img) if grey else img
+        arr = read_unit_array(path)
+        if arr.ndim == 2:
+            return torch.from_numpy(arr)[None]
+        img = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+        return to_grey(img)[:1] if grey else img
 
     def item(self, index: int, epoch: int) -> tuple[torch.Tensor, list[str]]:
         """Sample ``index`` as drawn in ``epoch`` (the draws of its key, whichever image is read)."""
@@ -225,13 +235,13 @@ class InfMix(KeyedDataset):
         for tried in range(len(self.items)):
             i = (index + tried) % len(self.items)
             try:
-                img = self.load(i)
+                img = self.pixels(i)
             except ImageError:
                 skipped.append(str(self.items[i][0]))
                 continue
             g = sample_generator(self.seed, epoch, index)
             out = augment(img, self.size, g, self.proposals[i])
-            return normalize(out, self.mean, self.std), skipped
+            return normalize(out.expand(3, -1, -1), self.mean, self.std), skipped
         raise ImageError(f"none of the {len(self.items)} pre-training images can be read")
 
 
