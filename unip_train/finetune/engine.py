@@ -87,7 +87,7 @@ def train(s: TrainState, save: Callable[[int], None]) -> None:
         s.scaler.scale(loss).backward()
         # Every number this step logs in one transfer, once the backward is queued (one sync on CUDA);
         # a non-finite loss still stops the run before the update.
-        values = torch.stack([t.detach().float() for t in (loss, *terms.values())]).tolist()
+        values = scalar_values([loss, *terms.values()])
         if not math.isfinite(values[0]):
             raise FinetuneError(f"loss became {values[0]} at iteration {it}; lower --lr")
         if dist.enabled and s.extension_modules:
@@ -154,6 +154,13 @@ def sum_terms(terms: dict[str, torch.Tensor]) -> torch.Tensor:
     for v in values:
         total = total + v
     return total
+
+
+def scalar_values(tensors: list[torch.Tensor]) -> list[float]:
+    """The values of one-element tensors, read in one device-to-host transfer (one ``.item()`` each
+    would synchronise a GPU once per term)."""
+    device = tensors[0].device
+    return torch.cat([t.detach().float().reshape(1).to(device) for t in tensors]).tolist()
 
 
 def average_gradients(params: list[torch.nn.Parameter], world_size: int) -> None:

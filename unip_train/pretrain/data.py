@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from unip_analysis.errors import ImageError
-from unip_analysis.images import find_images, normalize, read_image, read_unit_array
+from unip_analysis.images import find_images, normalize, read_unit_array
 
 from ..sampling import KeyedDataset, sample_generator
 from .rois import roi_crop_box
@@ -215,7 +215,7 @@ class InfMix(KeyedDataset):
         return len(self.items)
 
     def load(self, index: int) -> torch.Tensor:
-        """Image ``index`` as [3, H, W] in [0, 1] (grey replicated, as :func:`read_image` reads it)."""
+        """Image ``index`` as [3, H, W] in [0, 1] (grey replicated, as :func:`unip_analysis.images.read_image` reads it)."""
         return self.pixels(index).expand(3, -1, -1)
 
     def pixels(self, index: int) -> torch.Tensor:
