@@ -201,6 +201,10 @@ def test_mean_teacher_stream_with_workers_equals_no_workers_and_starts_them_once
         seqs.append([ext.extra_images(it) for it in range(7)])  # 4 epochs
     assert all(torch.equal(a, b) for a, b in zip(*seqs))
     assert len(pids(log)) == 2 and os.getpid() not in pids(log)
+    resumed = MeanTeacherExtension(files, workers=2)
+    resumed.setup(fake_context(model))
+    resumed.load_state_dict(ext.state_dict())
+    assert all(torch.equal(resumed.extra_images(it), seqs[0][it]) for it in range(3, 7))  # mid-epoch
 
 
 # --- pre-training ----------------------------------------------------------------------------------
