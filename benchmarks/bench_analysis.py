@@ -143,7 +143,11 @@ def run_variant(variant: str, cfg: dict, repeats: int, threads: int) -> dict:
     """Median time from a default-allocator child; peak memory from a live-memory child."""
     timed = run_child(variant, cfg, repeats, threads)
     live = run_child(variant, cfg, 1, threads, LIVE_MEMORY_ENV)
-    return {**timed, "peak_extra_mib_default_malloc": timed["peak_extra_mib"], "peak_extra_mib": live["peak_extra_mib"]}
+    return {
+        **timed,
+        "peak_extra_mib_default_malloc": timed["peak_extra_mib"],
+        "peak_extra_mib": live["peak_extra_mib"],
+    }
 
 
 def main() -> int:

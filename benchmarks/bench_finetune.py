@@ -37,15 +37,13 @@ import argparse
 import contextlib
 import hashlib
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from clocks import cpu_seconds
+from machine import cpu_seconds, emit, environment
 
 ARCHS = ("vit_tiny_patch16_224", "vit_small_patch16_224")
 CROPS = (128, 256)
@@ -382,7 +380,6 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     ap.add_argument("--out", help="also write the JSON line to this file")
     args = ap.parse_args()
-    import timm
     import torch
 
     if args.threads:
@@ -394,7 +391,6 @@ def main() -> int:
         args.train_images, args.small_iters, args.small_rounds = 8, QUICK["small_iters"], 1
     if args.warmup < 1 or args.timed < 1:
         ap.error("--warmup and --timed must be at least 1")
-    from unip_train.runs import available_cores
 
     with tempfile.TemporaryDirectory(prefix="bench_finetune_") as tmp:
         root = Path(tmp)
@@ -408,12 +404,7 @@ def main() -> int:
     ratios = [r["ratio_real_over_bare"] for r in results]
     report = {
         "benchmark": "finetune_loop",
-        "machine": f"{platform.machine()} {os.cpu_count()} cpu ({available_cores()} available)",
-        "load_average_1min": round(os.getloadavg()[0], 2),
-        "threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "torch": torch.__version__,
-        "timm": timm.__version__,
+        **environment(),
         "image_size": list(args.image_size),
         "train_images": args.train_images,
         "warmup": args.warmup,
@@ -423,10 +414,7 @@ def main() -> int:
         "results": results,
         "small_data": small,
     }
-    line = json.dumps(report)
-    if args.out:
-        Path(args.out).write_text(line + "\n")
-    print(line)
+    emit(report, args.out)
     return 0
 
 

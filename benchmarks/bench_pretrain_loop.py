@@ -32,15 +32,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from clocks import cpu_seconds
+from machine import cpu_seconds, emit, environment
 
 METHODS = ("nmi-had", "pad")
 FULL = {
@@ -254,7 +252,6 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     ap.add_argument("--out", help="also write the JSON line to this file")
     args = ap.parse_args()
-    import timm
     import torch
 
     if args.threads:
@@ -264,7 +261,6 @@ def main() -> int:
         args.warmup, args.timed = 1, 2
     if args.warmup < 1 or args.timed < 1:
         ap.error("--warmup and --timed must be at least 1")
-    from unip_train.runs import available_cores
 
     with tempfile.TemporaryDirectory(prefix="bench_pretrain_loop_") as tmp:
         root = Path(tmp)
@@ -277,12 +273,7 @@ def main() -> int:
     ratios = [r["ratio_real_over_bare"] for r in results]
     report = {
         "benchmark": "pretrain_loop",
-        "machine": f"{platform.machine()} {os.cpu_count()} cpu ({available_cores()} available)",
-        "load_average_1min": round(os.getloadavg()[0], 2),
-        "threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "torch": torch.__version__,
-        "timm": timm.__version__,
+        **environment(),
         "student": c["student"],
         "teacher": c["teacher"],
         "teacher_layer": c["layer"],
@@ -295,10 +286,7 @@ def main() -> int:
         "target_met_cpu": max(ratios) <= TARGET_RATIO,
         "results": results,
     }
-    line = json.dumps(report)
-    if args.out:
-        Path(args.out).write_text(line + "\n")
-    print(line)
+    emit(report, args.out)
     return 0
 
 

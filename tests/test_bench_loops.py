@@ -1,23 +1,7 @@
 """Smoke tests of the loop benchmarks (benchmarks/bench_finetune.py, bench_pretrain_loop.py) at tiny
 size: they drive the real loops, time the bare ones, and report every field. No time is asserted."""
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_quick(script: str) -> dict:
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--threads", "1"],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+from test_benchmarks import run_quick  # the same way of running a benchmark's --quick mode
 
 
 def test_bench_finetune_quick():
