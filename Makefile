@@ -30,3 +30,5 @@ figures: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_analysis.py
 	$(BIN)/python benchmarks/bench_pretrain.py
+	$(BIN)/python benchmarks/bench_pretrain_loop.py --out benchmarks/results_pretrain_loop.json
+	$(BIN)/python benchmarks/bench_finetune.py --out benchmarks/results_finetune.json

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from unip_analysis import workers
 from unip_analysis.errors import ImageError, SpecError, error_line
 from unip_train import runs
 
@@ -96,10 +97,10 @@ def test_scalar_log_truncates_on_resume_and_writes_tensorboard(tmp_path):
 
 
 def test_default_num_workers_fits_the_machine(monkeypatch):
-    monkeypatch.setattr(runs, "available_cores", lambda: 2)
+    monkeypatch.setattr(workers, "available_cores", lambda: 2)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert runs.default_num_workers() == 2
-    monkeypatch.setattr(runs, "available_cores", lambda: 64)
+    monkeypatch.setattr(workers, "available_cores", lambda: 64)
     assert runs.default_num_workers() == runs.MAX_DEFAULT_WORKERS
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
     assert runs.default_num_workers() == 4

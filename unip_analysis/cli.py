@@ -25,6 +25,7 @@ from . import __version__, analyze, checkpoints, images, report
 from .checkpoints import CheckpointSpec, LoadedBackbone
 from .errors import SpecError, UnipError, error_line
 from .patterns import Thresholds, default_thresholds
+from .workers import MAX_DEFAULT_WORKERS, default_num_workers
 
 PROG = "unip-analyze"
 EXIT_BAD_INPUT = 2
@@ -147,10 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--num-workers",
+        "--workers",
         type=_non_negative_int,
-        default=0,
+        default=default_num_workers(),
         metavar="N",
-        help="image-decoding worker processes (default: 0)",
+        help=f"image-decoding worker processes (default: the cores available, at most {MAX_DEFAULT_WORKERS}: "
+        f"{default_num_workers()} here)",
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bars (shown only on a terminal)")
     run.add_argument("--debug", action="store_true", help="show the full traceback on errors")

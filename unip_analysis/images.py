@@ -66,18 +66,24 @@ def read_image(path: str | Path) -> torch.Tensor:
 
     8-bit images are divided by 255, 16-bit ones by 65535; grey is replicated to 3 channels.
     """
+    arr = read_unit_array(path)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+def read_unit_array(path: str | Path) -> np.ndarray:
+    """Decode one image as stored: float32 [H, W] (grey) or [H, W, 3] (colour) in [0, 1], scaled
+    as :func:`read_image` scales it (which replicates grey to three channels on top)."""
     path = Path(path)
     try:
         with Image.open(path) as im:
             im.load()
-            arr = _to_unit_array(im)
+            return _to_unit_array(im)
     except FileNotFoundError:
         raise ImageError(f"{path}: file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{path}: cannot decode image ({e}); remove or replace the file") from None
-    if arr.ndim == 2:
-        arr = np.repeat(arr[:, :, None], 3, axis=2)
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
 def _to_unit_array(im: Image.Image) -> np.ndarray:

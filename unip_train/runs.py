@@ -6,7 +6,8 @@ trainers share.
 - ``config.json``: the resolved configuration, written before the first step (:func:`write_config`).
 - ``log.jsonl``: one JSON object per line; TensorBoard scalars beside it in ``RUN/tensorboard``
   when the optional ``tensorboard`` package is installed (:class:`ScalarLog`).
-- Loader workers default to the cores this process may use (:func:`default_num_workers`).
+- Loader workers default to the cores this process may use (:func:`default_num_workers`, defined in
+  :mod:`unip_analysis.workers` so that ``unip-analyze`` shares it).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +22,12 @@ from typing import Any
 
 from unip_analysis.errors import SpecError
 from unip_analysis.files import atomic_write_text
+from unip_analysis.workers import MAX_DEFAULT_WORKERS, available_cores, default_num_workers
+
+__all__ = [
+    "MAX_DEFAULT_WORKERS", "ScalarLog", "available_cores", "default_num_workers", "parse_with_config",
+    "plain", "read_config_file", "write_config",
+]  # fmt: skip
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -31,7 +37,6 @@ else:  # pragma: no cover - Python 3.10
 CONFIG_NAME = "config.json"
 LOG_NAME = "log.jsonl"
 TENSORBOARD_DIR = "tensorboard"
-MAX_DEFAULT_WORKERS = 8
 
 
 # --- --config FILE ----------------------------------------------------------------------------
@@ -222,21 +227,3 @@ def _tensorboard_writer(folder: Path, purge_step: int | None):
     except ImportError:  # torch raises ImportError when tensorboard is missing
         return None
     return SummaryWriter(log_dir=str(folder), purge_step=None if purge_step is None else purge_step + 1)
-
-
-# --- data-loader workers ---------------------------------------------------------------------------
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, which containers and taskset narrow)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - macOS, Windows
-        return os.cpu_count() or 1
-
-
-def default_num_workers(cap: int = MAX_DEFAULT_WORKERS) -> int:
-    """Loader workers per training process: the cores available divided among the processes that
-    torchrun starts on this machine (``LOCAL_WORLD_SIZE``), at most ``cap``."""
-    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(0, min(cap, available_cores() // local))

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 
 from unip_analysis.checkpoints import build_vit, load_backbone, set_attention_heads
 from unip_analysis.errors import UnipError, error_line
@@ -40,7 +39,7 @@ from .. import distributed as du
 from .. import runs
 from ..checkpointing import check_same_settings, load_checkpoint, restore_rng_state, save_checkpoint
 from ..optim import adamw, layer_decay_scale, param_groups
-from ..sampling import EpochSampler
+from ..sampling import EpochSampler, KeyBatches, keyed_loader
 from .backbone import prepare_for_finetuning
 from .config import (
     CE_AVERAGES,
@@ -255,14 +254,11 @@ def setup(
     if dist.enabled:
         ddp = DistributedDataParallel(model, device_ids=[dist.device.index] if sync_bn else None)
 
-    # Order from (seed, epoch), crops from (seed, epoch, index): a resumed run skips the positions it
-    # has done and sees the same samples. Workers are not persistent: they take the dataset's epoch
-    # when each epoch starts. The loader's own generator keeps iterator creation off the global RNG.
-    sampler = EpochSampler(len(train_set), dist.world_size, dist.rank, seed=cfg.seed)
-    loader = DataLoader(
-        train_set, batch_size=per_proc, sampler=sampler, num_workers=cfg.workers, drop_last=True,
-        pin_memory=dist.device.type == "cuda", generator=torch.Generator(),
-    )  # fmt: skip
+    # Order from (seed, epoch), crops from (seed, epoch, index): batches of (epoch, index) keys from
+    # the resumed iteration on; the workers start once and serve every epoch (unip_train.sampling).
+    batches = KeyBatches(EpochSampler(len(train_set), dist.world_size, dist.rank, seed=cfg.seed), per_proc)
+    batches.set_range(start, cfg.iters)
+    loader = keyed_loader(train_set, batches, cfg.workers, pin_memory=dist.device.type == "cuda")
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         runs.write_config(out, {**config_record(cfg), "world_size": dist.world_size, "extensions": names})
@@ -287,7 +283,7 @@ def setup(
     record = {"event": "start", "config": plain_config(cfg), "backbone": backbone_info, "notes": notes}
     log.write({**record, "world": dist.world_size, "resumed_from": start, "extensions": names})
     state = TrainState(
-        cfg, dist, model, ddp, optimizer, scaler, sampler, loader, log, amp, start, extensions, ext_modules
+        cfg, dist, model, ddp, optimizer, scaler, loader, log, amp, start, extensions, ext_modules
     )
     return state, eval_set, backbone_info
 
@@ -591,8 +587,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         dest="workers",
         type=int,
-        default=2,
-        help="DataLoader workers per process",
+        default=runs.default_num_workers(),
+        help=f"data loader processes per training process, started once (cores / local processes, at most "
+        f"{runs.MAX_DEFAULT_WORKERS}: {runs.default_num_workers()} here)",
     )
     g.add_argument("--device", default="auto", help="auto | cpu | cuda")
     g.add_argument("--no-amp", dest="amp", action="store_false", help="full precision on CUDA")

@@ -13,6 +13,7 @@ import torch
 from unip_analysis.checkpoints import FAMILIES, build_vit, parse_spec
 from unip_analysis.errors import SpecError, UnipError
 
+from ..runs import default_num_workers
 from .datasets import EVAL_SPLIT, LABEL_MAPS, get_layout
 from .ll_fpn import NECKS
 from .pixl import DEFAULT_ETA, DEFAULT_SCALES, DEFAULT_TAU, DEFAULT_WEIGHT, PixlExtension
@@ -81,7 +82,7 @@ class FinetuneConfig:
     train_split: str = "train"
     eval_split: str | None = None  # default test
     seed: int = 0
-    workers: int = 2
+    workers: int = field(default_factory=default_num_workers)  # loader processes: the cores, capped
     device: str = "auto"
     amp: bool = True  # mixed precision (fp16) on CUDA only
     log_every: int = 20
@@ -169,6 +170,8 @@ def resolve(cfg: FinetuneConfig) -> FinetuneConfig:
     ):
         if getattr(out, name) < 1:
             raise FinetuneError(f"--{name.replace('_', '-')} must be positive, got {getattr(out, name)}")
+    if out.workers < 0:
+        raise FinetuneError(f"--num-workers {out.workers}: expected 0 (load in this process) or more")
     if not 0.0 <= out.drop_path < 1.0:
         raise FinetuneError(f"--drop-path {out.drop_path}: expected a rate in [0, 1)")
     if out.layer_scale < 0:

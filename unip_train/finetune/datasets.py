@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from unip_analysis.errors import ImageError, UnipError
-from unip_analysis.images import IMAGE_SUFFIXES, NORMALIZATIONS, read_image
+from unip_analysis.images import IMAGE_SUFFIXES, NORMALIZATIONS, read_unit_array
 
-from ..sampling import sample_generator
+from ..sampling import KeyedDataset, sample_generator
 
 IGNORE_INDEX = 255
 
@@ -274,9 +274,15 @@ def read_grey(path: Path, thermal_channel: bool = False) -> np.ndarray:
         except (UnidentifiedImageError, OSError) as e:
             raise DatasetError(f"{path}: cannot decode image ({e}); remove or replace the file") from None
     try:
-        return read_image(path).mean(dim=0).mul_(255.0).numpy()
+        arr = read_unit_array(path)
     except ImageError as e:
         raise DatasetError(str(e)) from None
+    if arr.ndim == 3:
+        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).mean(dim=0).mul_(255.0).numpy()
+    # Grey: the float32 mean of the three replicated channels, (v + v + v) / 3, without the copies
+    # (bit for bit what averaging read_image's output gives, so crops do not depend on the path).
+    v = torch.from_numpy(arr)
+    return (((v + v) + v) / 3).mul_(255.0).numpy()
 
 
 def read_label_values(path: Path) -> np.ndarray:
@@ -322,7 +328,9 @@ def read_label(
     arr = read_label_values(path)
     if lut is not None:
         arr = lut[arr]
-    check_label_values(path, np.unique(arr), num_classes, hint)
+    # One vectorised pass; the distinct values are gathered only to name the bad ones.
+    if (((arr < 0) | (arr >= num_classes)) & (arr != IGNORE_INDEX)).any():
+        check_label_values(path, np.unique(arr), num_classes, hint)
     return arr.astype(np.uint8)
 
 
@@ -341,7 +349,7 @@ class Sample:
     label: Path
 
 
-class SegDataset(torch.utils.data.Dataset):
+class SegDataset(KeyedDataset):
     """One split of a segmentation dataset: ``(image [3, H, W] normalized, label [H, W] int64)``.
 
     Files are checked when the dataset is built: every listed sample needs an image and a label map
@@ -350,8 +358,8 @@ class SegDataset(torch.utils.data.Dataset):
     Cityscapes label IDs from the values (the result is :attr:`label_map` and a note).
     ``transform(img, label, g) -> (img, label)`` runs on the 0-255 grey image before normalization;
     its random draws come from ``g``, a generator seeded by (``seed``, epoch, index) (see
-    :mod:`unip_train.sampling`), so augmentation does not depend on RNG history or loader workers.
-    Call :meth:`set_epoch` before each epoch (workers get a fresh copy of the dataset each epoch).
+    :mod:`unip_train.sampling`), so augmentation does not depend on RNG history or loader workers;
+    the training loader indexes it by ``(epoch, index)`` keys (:class:`~unip_train.sampling.KeyedDataset`).
     :attr:`notes` says what was decided about the files (fallback split, skipped copies, label IDs).
     """
 
@@ -375,7 +383,7 @@ class SegDataset(torch.utils.data.Dataset):
         self.classes = dataset_classes(name, self.root, num_classes)
         self.split = split
         self.transform = transform
-        self.seed, self.epoch = seed, 0
+        self.seed = seed
         self.mean, self.std = NORMALIZATIONS["infrared"]
         self.notes: list[str] = []
         path, notes = split_file(self.root, self.layout, split)
@@ -466,9 +474,6 @@ class SegDataset(torch.utils.data.Dataset):
             check_label_values(path, v if lut is None else lut[v], self.num_classes, hint)
         return label_map
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
     @property
     def num_classes(self) -> int:
         return len(self.classes)
@@ -483,10 +488,11 @@ class SegDataset(torch.utils.data.Dataset):
         label = read_label(s.label, self.num_classes, self.lut, self._range_hint(self.label_map))
         return img, torch.from_numpy(label.astype(np.int64))
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def item(self, i: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample ``i`` transformed with the draws of (seed, ``epoch``, ``i``)."""
         img, label = self.load(i)
         if self.transform is not None:
-            img, label = self.transform(img, label, sample_generator(self.seed, self.epoch, i))
+            img, label = self.transform(img, label, sample_generator(self.seed, epoch, i))
         return to_input(img, self.mean[0] * 255.0, self.std[0] * 255.0), label
 
 

@@ -25,7 +25,6 @@ from tqdm import tqdm
 from .. import distributed as du
 from ..optim import poly_lr, set_lr
 from ..runs import ScalarLog
-from ..sampling import EpochSampler
 from .config import FinetuneConfig, FinetuneError
 from .extensions import Extension, SegOutput
 from .ll_fpn import Segmentor
@@ -45,8 +44,7 @@ class TrainState:
     ddp: torch.nn.Module  # what the loop calls: DDP-wrapped under torchrun
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    sampler: EpochSampler
-    loader: DataLoader
+    loader: DataLoader  # batches from iteration ``start`` to the last (its batch sampler's range)
     log: ScalarLog
     amp: bool
     start: int  # iterations already done (resume)
@@ -67,8 +65,6 @@ class TrainState:
 def train(s: TrainState, save: Callable[[int], None]) -> None:
     """Iterations ``s.start .. cfg.iters - 1``; ``save(it)`` writes the checkpoint after iteration ``it``."""
     cfg, dist = s.cfg, s.dist
-    per_proc = s.loader.batch_size
-    per_epoch = s.sampler.per_rank // per_proc  # iterations per data epoch (last partial batch dropped)
     kill_at = int(os.environ[KILL_ENV]) if os.environ.get(KILL_ENV) else None
     params = [p for g in s.optimizer.param_groups for p in g["params"]]
     bar = tqdm(
@@ -77,56 +73,54 @@ def train(s: TrainState, save: Callable[[int], None]) -> None:
         desc=f"{cfg.mode} {cfg.dataset}",
         disable=not s.log.enabled or not cfg.progress,
     )
-    it, t0, sums = s.start, time.time(), {}
+    t0, sums = time.time(), {}
     s.ddp.train()
-    while it < cfg.iters:
-        epoch, done = divmod(it, per_epoch)
-        s.sampler.set_epoch(epoch, start=done * per_proc)
-        s.loader.dataset.set_epoch(epoch)
-        for img, label in s.loader:
-            if it >= cfg.iters:
-                break
-            lr = poly_lr(it, cfg.iters, cfg.warmup_iters, cfg.lr)
-            set_lr(s.optimizer, lr)
-            terms = loss_terms(
-                s, it, img.to(dist.device, non_blocking=True), label.to(dist.device, non_blocking=True)
-            )
-            loss = sum_terms(terms)
-            if not math.isfinite(loss.item()):
-                raise FinetuneError(f"loss became {loss.item()} at iteration {it}; lower --lr")
-            s.optimizer.zero_grad(set_to_none=True)
-            s.scaler.scale(loss).backward()
-            if dist.enabled and s.extension_modules:
-                average_gradients(s.extension_params, dist.world_size)  # DDP averages only the segmentor's
-            logging = (it + 1) % cfg.log_every == 0 or it + 1 == cfg.iters
-            if logging:
-                s.scaler.unscale_(s.optimizer)  # the norm of the true gradients; the step is unchanged
-                grad_norm = gradient_norm(params)
-            s.scaler.step(s.optimizer)
-            s.scaler.update()
-            for ext in s.extensions:
-                ext.after_step(it)
-            for name, value in [("loss", loss), *terms.items()]:
-                sums[name] = sums.get(name, 0.0) + value.item()
-            it += 1
-            bar.update(1)
-            if logging:
-                steps = (it - 1) % cfg.log_every + 1
-                record = {k: du.all_reduce_mean(v / steps, dist.device) for k, v in sums.items()}
-                record = {
-                    "iter": it,
-                    **record,
-                    "lr": lr,
-                    "grad_norm": grad_norm,
-                    "time": round(time.time() - t0, 2),
-                }
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
-                s.log.write(record)
-                sums = {}
-            if it % cfg.ckpt_every == 0 or it == cfg.iters:
-                save(it)
-            if kill_at == it:
-                os.kill(os.getpid(), signal.SIGKILL)
+    # One pass over the loader for the whole run: its batches carry their epoch (unip_train.sampling).
+    for it, (img, label) in zip(range(s.start, cfg.iters), s.loader):
+        lr = poly_lr(it, cfg.iters, cfg.warmup_iters, cfg.lr)
+        set_lr(s.optimizer, lr)
+        terms = loss_terms(
+            s, it, img.to(dist.device, non_blocking=True), label.to(dist.device, non_blocking=True)
+        )
+        loss = sum_terms(terms)
+        s.optimizer.zero_grad(set_to_none=True)
+        s.scaler.scale(loss).backward()
+        # Every number this step logs in one transfer, once the backward is queued (one sync on CUDA);
+        # a non-finite loss still stops the run before the update.
+        values = scalar_values([loss, *terms.values()])
+        if not math.isfinite(values[0]):
+            raise FinetuneError(f"loss became {values[0]} at iteration {it}; lower --lr")
+        if dist.enabled and s.extension_modules:
+            average_gradients(s.extension_params, dist.world_size)  # DDP averages only the segmentor's
+        logging = (it + 1) % cfg.log_every == 0 or it + 1 == cfg.iters
+        if logging:
+            s.scaler.unscale_(s.optimizer)  # the norm of the true gradients; the step is unchanged
+            grad_norm = gradient_norm(params)
+        s.scaler.step(s.optimizer)
+        s.scaler.update()
+        for ext in s.extensions:
+            ext.after_step(it)
+        for name, value in zip(("loss", *terms), values):
+            sums[name] = sums.get(name, 0.0) + value
+        it += 1
+        bar.update(1)
+        if logging:
+            steps = (it - 1) % cfg.log_every + 1
+            record = {k: du.all_reduce_mean(v / steps, dist.device) for k, v in sums.items()}
+            record = {
+                "iter": it,
+                **record,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "time": round(time.time() - t0, 2),
+            }
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+            s.log.write(record)
+            sums = {}
+        if it % cfg.ckpt_every == 0 or it == cfg.iters:
+            save(it)
+        if kill_at == it:
+            os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
 
 
@@ -160,6 +154,13 @@ def sum_terms(terms: dict[str, torch.Tensor]) -> torch.Tensor:
     for v in values:
         total = total + v
     return total
+
+
+def scalar_values(tensors: list[torch.Tensor]) -> list[float]:
+    """The values of one-element tensors, read in one device-to-host transfer (one ``.item()`` each
+    would synchronise a GPU once per term)."""
+    device = tensors[0].device
+    return torch.cat([t.detach().float().reshape(1).to(device) for t in tensors]).tolist()
 
 
 def average_gradients(params: list[torch.nn.Parameter], world_size: int) -> None:

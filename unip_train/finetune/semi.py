@@ -33,13 +33,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
 
 from unip_analysis.errors import ImageError, UnipError
 from unip_analysis.files import atomic_write_text
 from unip_analysis.images import IMAGE_SUFFIXES, NORMALIZATIONS, find_images
 
-from ..sampling import EpochSampler, keyed_generator, sample_generator
+from ..sampling import EpochSampler, KeyBatches, KeyedDataset, keyed_generator, keyed_loader, sample_generator
 from .datasets import IGNORE_INDEX, SegDataset, TrainAugment, read_grey, to_input
 from .losses import seg_loss
 
@@ -230,7 +229,7 @@ def stream_seed(seed: int, key: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(key)]).generate_state(1)[0])
 
 
-class UnlabelledSet(torch.utils.data.Dataset):
+class UnlabelledSet(KeyedDataset):
     """Unlabelled images -> (student view [3, crop, crop], teacher view [3, crop, crop], real [crop, crop]).
 
     The teacher's (weak) view: random rescale, crop and flip of the fine-tuning recipe
@@ -243,7 +242,7 @@ class UnlabelledSet(torch.utils.data.Dataset):
         self, files: Sequence[UnlabelledFile], crop: int, seed: int = 0, student_photometric: bool = True
     ):
         self.files = list(files)
-        self.seed, self.epoch = seed, 0
+        self.seed = seed
         base = TrainAugment.for_crop(crop)
         # No label steers the crop (cat_max_ratio 1 = accept the first draw).
         self.weak = replace(base, cat_max_ratio=1.0, brightness_delta=0.0, contrast_range=(1.0, 1.0))
@@ -251,19 +250,17 @@ class UnlabelledSet(torch.utils.data.Dataset):
         mean, std = NORMALIZATIONS["infrared"]
         self.mean, self.std = mean[0] * 255.0, std[0] * 255.0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def item(self, i: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Both views of image ``i`` as drawn in ``epoch``."""
         f = self.files[i]
         grey = torch.from_numpy(read_grey(f.path, f.thermal_channel))
         blank = torch.zeros(grey.shape, dtype=torch.int64)  # padding turns into 255
         # Two generators from one key: the same draws, hence the same rescale, crop and flip.
-        weak, mask = self.weak(grey, blank, sample_generator(self.seed, self.epoch, i))
-        student, _ = self.student(grey, blank, sample_generator(self.seed, self.epoch, i))
+        weak, mask = self.weak(grey, blank, sample_generator(self.seed, epoch, i))
+        student, _ = self.student(grey, blank, sample_generator(self.seed, epoch, i))
         return (
             to_input(student, self.mean, self.std),
             to_input(weak, self.mean, self.std),
@@ -363,7 +360,7 @@ class MeanTeacherExtension:
         self._confident: torch.Tensor | None = None
         self._conf_weight: torch.Tensor | None = None
         self._iter: Iterator | None = None
-        self._at: tuple[int, int] | None = None  # (epoch, iteration) the open iterator serves next
+        self._at: int | None = None  # the iteration the open stream serves next
 
     def setup(self, ctx) -> None:
         """Teacher = a copy of ``ctx.model``; the unlabelled loader for this process (``ctx.dist``)."""
@@ -382,24 +379,20 @@ class MeanTeacherExtension:
                 f"unlabelled batch of {b}; add images with --unlabelled or lower --batch-size"
             )
         workers = self.workers if self.workers is not None else int(getattr(ctx.cfg, "workers", 0))
-        # Its own generator keeps iterator creation off the global RNG (as the labelled loader's).
-        self.loader = DataLoader(
-            self.dataset, batch_size=b, sampler=self.sampler, num_workers=workers, drop_last=True,
-            pin_memory=self.device.type == "cuda", generator=torch.Generator(),
-        )  # fmt: skip
+        self.batches = KeyBatches(self.sampler, b, self.per_epoch)
+        self.loader = keyed_loader(self.dataset, self.batches, workers, pin_memory=self.device.type == "cuda")
 
     def modules(self) -> list[nn.Module]:
         return []
 
     def _next_batch(self, it: int):
         """The unlabelled batch of iteration ``it``: position ``it mod per_epoch`` of epoch
-        ``it // per_epoch`` of this process's share; a function of ``it`` alone."""
-        epoch, done = divmod(it, self.per_epoch)
-        if self._iter is None or self._at != (epoch, it):
-            self.sampler.set_epoch(epoch, start=done * self.loader.batch_size)
-            self.dataset.set_epoch(epoch)
+        ``it // per_epoch`` of this process's share; a function of ``it`` alone. Consecutive
+        iterations read one stream (its workers start once); any other ``it`` opens it there."""
+        if self._iter is None or self._at != it:
+            self.batches.set_range(it)
             self._iter = iter(self.loader)
-        self._at = (epoch, it + 1) if done + 1 < self.per_epoch else None
+        self._at = it + 1
         return next(self._iter)
 
     def extra_images(self, it: int) -> torch.Tensor:

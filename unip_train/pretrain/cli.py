@@ -117,6 +117,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--num-workers",
+        "--workers",
         type=int,
         default=runs.default_num_workers(),
         help=f"data loader processes per training process (cores / local processes, at most "

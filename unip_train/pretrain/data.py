@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from unip_analysis.errors import ImageError
-from unip_analysis.images import find_images, normalize, read_image
+from unip_analysis.images import find_images, normalize, read_unit_array
 
-from ..sampling import sample_generator
+from ..sampling import KeyedDataset, sample_generator
 from .rois import roi_crop_box
 
 # ITU-R BT.601 luma, as PIL's "L" conversion.
@@ -188,12 +188,12 @@ def augment(
     return out
 
 
-class InfMix(torch.utils.data.Dataset):
+class InfMix(KeyedDataset):
     """The sources' images, one index space. ``__getitem__`` returns (image, unreadable paths).
 
     An unreadable image is replaced by the next readable one (index + 1, ...) so batches keep
     their shape on every process; the paths skipped travel with the sample to be counted.
-    Call :meth:`set_epoch` before iterating (loader workers get a fresh copy each epoch).
+    The training loader indexes it by ``(epoch, index)`` keys (:class:`~unip_train.sampling.KeyedDataset`).
     """
 
     def __init__(
@@ -210,31 +210,38 @@ class InfMix(torch.utils.data.Dataset):
             raise ImageError("the pre-training data is empty after the per-source caps; check the folders")
         self.size, self.mean, self.std, self.seed = size, tuple(mean), tuple(std), seed
         self.proposals = list(proposals) if proposals is not None else [None] * len(self.items)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.items)
 
     def load(self, index: int) -> torch.Tensor:
-        path, grey = self.items[index]
-        img = read_image(path)
-        return to_grey(img) if grey else img
+        """Image ``index`` as [3, H, W] in [0, 1] (grey replicated, as :func:`unip_analysis.images.read_image` reads it)."""
+        return self.pixels(index).expand(3, -1, -1)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, list[str]]:
+    def pixels(self, index: int) -> torch.Tensor:
+        """Image ``index`` in [0, 1] with the channels it has: [1, H, W] when grey (stored grey, or
+        made grey by ``--grey``), [3, H, W] when colour. Grey images are cropped and resized once,
+        not three times, and replicated when normalized: the same values as three equal channels."""
+        path, grey = self.items[index]
+        arr = read_unit_array(path)
+        if arr.ndim == 2:
+            return torch.from_numpy(arr)[None]
+        img = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+        return to_grey(img)[:1] if grey else img
+
+    def item(self, index: int, epoch: int) -> tuple[torch.Tensor, list[str]]:
+        """Sample ``index`` as drawn in ``epoch`` (the draws of its key, whichever image is read)."""
         skipped = []
         for tried in range(len(self.items)):
             i = (index + tried) % len(self.items)
             try:
-                img = self.load(i)
+                img = self.pixels(i)
             except ImageError:
                 skipped.append(str(self.items[i][0]))
                 continue
-            g = sample_generator(self.seed, self.epoch, index)
+            g = sample_generator(self.seed, epoch, index)
             out = augment(img, self.size, g, self.proposals[i])
-            return normalize(out, self.mean, self.std), skipped
+            return normalize(out.expand(3, -1, -1), self.mean, self.std), skipped
         raise ImageError(f"none of the {len(self.items)} pre-training images can be read")
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -51,7 +51,7 @@ class LoopConfig:
 def train_one_epoch(
     model: torch.nn.Module,
     step_loss: StepLoss,
-    loader: torch.utils.data.DataLoader,
+    loader: Iterable[tuple[torch.Tensor, list[str]]],
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     epoch: int,
@@ -61,8 +61,10 @@ def train_one_epoch(
     on_skipped: Callable[[list[str]], None] = lambda paths: None,
     progress: bool = True,
 ) -> None:
-    """Micro-batches ``start_iter .. iters_per_epoch-1`` of ``epoch``; ``on_step(record, iters_done)``
-    after every optimizer step (logging, mid-epoch checkpoints). ``model`` is what DDP wraps."""
+    """Micro-batches ``start_iter .. iters_per_epoch-1`` of ``epoch``, the next ones ``loader`` gives
+    (a loader iterator that runs on across epochs: no more is drawn from it); ``on_step(record,
+    iters_done)`` after every optimizer step (logging, mid-epoch checkpoints). ``model`` is what DDP
+    wraps."""
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     accum = cfg.accum_iter
@@ -71,9 +73,7 @@ def train_one_epoch(
     optimizer.zero_grad(set_to_none=True)
     window_losses, window_extras, tic = [], [], time.perf_counter()
     bar = tqdm(total=cfg.iters_per_epoch, initial=start_iter, desc=f"epoch {epoch}", disable=not progress)
-    for it, (images, skipped) in enumerate(loader, start=start_iter):
-        if it >= cfg.iters_per_epoch:
-            break
+    for it, (images, skipped) in zip(range(start_iter, cfg.iters_per_epoch), loader):
         on_skipped(skipped)
         if it % accum == 0:
             lr = cosine_lr(step, cfg.total_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr)

@@ -53,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.max_aspect,
         help=f"keep boxes with aspect <= R ({d.max_aspect:g})",
     )
-    p.add_argument("--num-workers", type=int, default=max(1, runs.default_num_workers()), help="processes")
+    p.add_argument(
+        "--num-workers", "--workers", type=int, default=max(1, runs.default_num_workers()), help="processes"
+    )
     p.add_argument("--overwrite", action="store_true", help="recompute files that exist")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p  # fmt: skip

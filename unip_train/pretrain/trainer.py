@@ -20,7 +20,7 @@ from unip_analysis.errors import CheckpointError, SpecError, UnipError
 
 from .. import checkpointing, distributed, runs
 from ..optim import adamw, lr_from_blr
-from ..sampling import EpochSampler
+from ..sampling import EpochSampler, KeyBatches, keyed_loader
 from .data import InfMix, collate, collect_sources
 from .engine import LoopConfig, train_one_epoch
 from .method import PretrainMethod
@@ -107,7 +107,7 @@ def resume_path(args: argparse.Namespace) -> Path | None:
 
 
 def build_data(args: argparse.Namespace, method: PretrainMethod, info: distributed.DistInfo) -> tuple:
-    """(sources, dataset, sampler, loader, micro-batches per epoch) for this process."""
+    """(sources, dataset, batches, loader, micro-batches per epoch) for this process."""
     sources = collect_sources(args)
     mean, std = imgs.parse_normalization(args.norm)
     dataset = InfMix(sources, args.input_size, mean, std, seed=args.seed, proposals=method.proposals(sources))
@@ -120,17 +120,11 @@ def build_data(args: argparse.Namespace, method: PretrainMethod, info: distribut
             f"fewer than one optimizer step of {args.batch_size} x {args.accum_iter}; "
             "lower --batch-size / --accum-iter or add images"
         )
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=args.batch_size,
-        sampler=sampler,
-        num_workers=args.num_workers,
-        collate_fn=collate,
-        pin_memory=info.device.type == "cuda",
-        drop_last=True,
-        generator=torch.Generator(),  # keeps iterator creation off the global RNG (exact resume)
+    batches = KeyBatches(sampler, args.batch_size, per_epoch=iters)
+    loader = keyed_loader(
+        dataset, batches, args.num_workers, pin_memory=info.device.type == "cuda", collate_fn=collate
     )
-    return sources, dataset, sampler, loader, iters
+    return sources, dataset, batches, loader, iters
 
 
 def wrap(module: torch.nn.Module, info: distributed.DistInfo) -> torch.nn.Module:
@@ -154,7 +148,7 @@ def train(args: argparse.Namespace, method: PretrainMethod) -> None:
     # Same seed on every process, so every process starts from the same weights.
     distributed.seed_everything(args.seed)
     method.build(device)
-    sources, dataset, sampler, loader, iters = build_data(args, method, info)
+    sources, dataset, batches, loader, iters = build_data(args, method, info)
 
     # Optimization.
     effective = args.batch_size * args.accum_iter * info.world_size
@@ -236,17 +230,19 @@ def train(args: argparse.Namespace, method: PretrainMethod) -> None:
 
     model, wrapped_for = None, None
     step = start_epoch * steps_per_epoch + start_iter // args.accum_iter
+    # One loader pass from the resumed micro-batch to the last: every batch carries its epoch, so
+    # the workers start once and run on across epoch ends and checkpoints.
+    batches.set_range(start_epoch * iters + start_iter, args.epochs * iters)
+    stream = iter(loader)
     for epoch in range(start_epoch, args.epochs):
         method.on_epoch(epoch)
         if trainable(method.module) != wrapped_for:  # DDP syncs only what required grad when wrapped
             model = None  # the previous wrapper and its gradient hooks go before a new one is made
             model, wrapped_for = wrap(method.module, info), trainable(method.module)
-        dataset.set_epoch(epoch)
-        sampler.set_epoch(epoch, start=start_iter * args.batch_size)
         train_one_epoch(
             model,
             method.loss,
-            loader,
+            stream,
             optimizer,
             scaler,
             epoch,

@@ -1,0 +1,37 @@
+"""Smoke tests of the loop benchmarks (benchmarks/bench_finetune.py, bench_pretrain_loop.py) at tiny
+size: they drive the real loops, time the bare ones, and report every field. No time is asserted."""
+
+from test_benchmarks import run_quick  # the same way of running a benchmark's --quick mode
+
+
+def test_bench_finetune_quick():
+    report = run_quick("bench_finetune.py")
+    assert [(r["head"], r["mode"]) for r in report["results"]] == [
+        ("upernet", "ft"),
+        ("ll-fpn", "ft"),
+        ("linear", "lp"),
+    ]
+    for res in report["results"]:
+        assert res["real_s_per_iter"] > 0 and res["bare_s_per_iter"] > 0 and res["data_s_per_batch"] > 0
+        ratio = res["real_s_per_iter"] / res["bare_s_per_iter"]  # of the rounded times
+        assert abs(res["ratio_real_over_bare"] - ratio) <= 0.01 * ratio
+        parts = res["split"]["seconds"]
+        assert parts["backbone_fwd"] > 0 and parts["heads_fwd"] > 0 and parts["heads_bwd"] > 0
+        assert abs(sum(res["split"]["share"].values()) - 1) < 0.01
+        if res["mode"] == "ft":  # the backbone and the neck train: their backward is timed
+            assert parts["backbone_bwd"] > 0 and parts["neck_fwd"] > 0 and parts["neck_bwd"] > 0
+        else:  # linear probing: a frozen backbone, no neck
+            assert parts["backbone_bwd"] == parts["neck_fwd"] == parts["neck_bwd"] == 0
+    upernet, light, _ = report["results"]
+    assert light["aux_channels"] == light["head_channels"] == 32 and upernet["aux_channels"] == 256
+    small = report["small_data"]
+    assert set(small["seconds"]) == {"workers_0", "workers_default"} and small["ratio_default_over_0"] > 0
+
+
+def test_bench_pretrain_loop_quick():
+    report = run_quick("bench_pretrain_loop.py")
+    assert [r["method"] for r in report["results"]] == ["nmi-had", "pad"]
+    for res in report["results"]:
+        assert res["steps"] == 3 and res["real_s_per_step"] > 0 and res["bare_s_per_step"] > 0
+        ratio = res["real_s_per_step"] / res["bare_s_per_step"]  # of the rounded times
+        assert abs(res["ratio_real_over_bare"] - ratio) <= 0.01 * ratio
