@@ -69,3 +69,42 @@ def test_lamp_is_the_spot_on_a_pole():
         on_pole += bool((below == pole).any())
     assert lamps >= 10
     assert on_pole / lamps > 0.8
+
+
+def test_test_split_does_not_depend_on_the_number_of_training_scenes(tmp_path):
+    few = demo_task.generate_labelled(tmp_path / "few", 2, 3, size=32, seed=7)
+    many = demo_task.generate_labelled(tmp_path / "many", 5, 3, size=32, seed=7)
+    test_files = {k: v for k, v in _files(few).items() if "test" in k.name}
+    assert len(test_files) == 7  # 3 images, 3 label maps, the split file
+    assert all(_files(many)[k] == v for k, v in test_files.items())
+
+
+def _teacher_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "train_demo_teachers.py"
+    spec = importlib.util.spec_from_file_location("train_demo_teachers", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_teacher_script_writes_a_float16_timm_checkpoint_with_its_command(tmp_path):
+    import json
+
+    import torch
+
+    from unip_analysis.checkpoints import load_backbone, safetensors_metadata
+
+    script = _teacher_script()
+    for objective in ("mim", "sup"):
+        argv = ["--objective", objective, "--steps", "2", "--batch", "4", "--pool", "8"]
+        assert script.main([*argv, "--probe-every", "1", "--out", str(tmp_path)]) == 0
+        path = tmp_path / f"demo_teacher_{objective}.safetensors"
+        meta = safetensors_metadata(path)
+        assert meta["made_by"].endswith(f"--out {tmp_path}") and f"--objective {objective}" in meta["made_by"]
+        assert json.loads(path.with_suffix(".json").read_text()) == meta
+        assert len(meta["probe_nmi_by_layer"].split()) == 8
+        loaded = load_backbone("timm", meta["arch"], path, img_size=int(meta["img_size"]))
+        assert loaded.depth == 8 and loaded.model.pos_embed.dtype == torch.float32

@@ -152,18 +152,19 @@ def make_scene(rng: np.random.Generator, size: int = DEFAULT_SIZE) -> tuple[np.n
 def generate_labelled(
     out: str | Path, n_train: int, n_test: int, size: int = DEFAULT_SIZE, seed: int = 0
 ) -> Path:
-    """Write ``n_train`` + ``n_test`` labelled scenes in the SODA layout under ``out``; returns ``out``."""
+    """Write ``n_train`` + ``n_test`` labelled scenes in the SODA layout under ``out``; returns ``out``.
+
+    Each split draws from its own stream (seeded by ``seed`` and the split), so the test scenes do
+    not change when ``n_train`` does: runs with fewer labels are scored on the same test set."""
     spec = LAYOUTS["soda"]
     out = Path(out)
     (out / spec.image_dir).mkdir(parents=True, exist_ok=True)
     (out / spec.label_dir).mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    index = 0
-    for split, count in (("train", n_train), ("test", n_test)):
+    for split_id, (split, count) in enumerate((("train", n_train), ("test", n_test))):
+        rng = np.random.default_rng([seed, split_id])
         stems = []
-        for _ in range(count):
-            stem = f"{index:05d}"
-            index += 1
+        for i in range(count):
+            stem = f"{split}{i:05d}"
             img, label = make_scene(rng, size)
             # Lossless PNG under SODA's .jpg name would confuse readers; keep SODA's JPEG at quality 95.
             Image.fromarray(img, mode="L").save(
