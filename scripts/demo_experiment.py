@@ -193,15 +193,23 @@ def finetune_cell(args, name: str, backbone: str, dim: int, mode: str, seed: int
 
 
 def summarize(
-    results: dict[tuple[str, str], list[float]], seeds: list[int], baseline: str = "random"
+    results: dict[tuple[str, str], list[float]],
+    seeds: list[int],
+    labels: dict[str, str] | None = None,
+    baseline: str = "random",
 ) -> list[str]:
     """Table lines: mIoU per seed and mean per row and mode, then the paired difference to ``baseline``
     per seed; a difference is called only when every seed agrees on its sign and the mean exceeds 0.01."""
+    labels = labels or {}
+    width = max(len(labels.get(row, row)) for row, _ in results) + 2
     lines = [
-        f"{'row':<10}{'mode':<6}" + "".join(f"seed{s:<6}" for s in seeds) + "mean    vs random (per seed)"
+        f"{'row':<{width}}{'mode':<6}"
+        + "".join(f"seed{s:<6}" for s in seeds)
+        + "mean    vs random (per seed)"
     ]
     for (row, mode), mious in results.items():
-        line = f"{row:<10}{mode:<6}" + "".join(f"{v:<10.4f}" for v in mious) + f"{np.mean(mious):<8.4f}"
+        line = f"{labels.get(row, row):<{width}}{mode:<6}" + "".join(f"{v:<10.4f}" for v in mious)
+        line += f"{np.mean(mious):<8.4f}"
         base = results.get((baseline, mode))
         if base is not None and row != baseline:
             d = np.subtract(mious, base)
@@ -268,7 +276,10 @@ def main(argv: list[str] | None = None) -> int:
         "\nselected layers: "
         + ", ".join(f"{n} {m['selected_layer']} of {m['depth']}" for n, m in doc["models"].items())
     )
-    for line in summarize(results, seeds):
+    labels = {r: f"{r} (layer {distilled_layer(mim, r)})" for r in rows if r in ("selected", "last", "local")}
+    if "last" in labels and distilled_layer(mim, "last") == distilled_layer(mim, "selected"):
+        labels["last"] = f"last (layer {mim['depth']} = selected)"
+    for line in summarize(results, seeds, labels):
         say(line)
     say("times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     return 0
