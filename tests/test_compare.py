@@ -208,6 +208,46 @@ def test_good_plan_in_toml_and_json_expands_to_the_same_cells(assets: Path):
     assert [c.label for c in same.cells()] == [c.label for c in cells]
 
 
+def test_a_row_can_run_a_subset_of_the_modes(assets: Path):
+    """``modes = [...]`` in a row: that row's cells exist in those modes only (layer-wise probing of
+    some rows without probing every row at every layer)."""
+    plan = plan_from_dict(
+        base_plan(
+            assets,
+            backbones=[
+                {"name": "random", "backbone": f"random:{TINY}"},
+                {
+                    "name": "tiny",
+                    "backbone": f"timm:{TINY}:{assets / 'tiny.safetensors'}",
+                    "modes": ["lp-layerwise"],
+                },
+            ],
+            modes=["ft", {"mode": "lp", "layerwise": "all"}],
+        ),
+        assets,
+    )
+    labels = [c.label for c in plan.cells()]
+    assert "soda/random/ft/seed0" in labels and "soda/tiny/lp-layerwise_L02/seed0" in labels
+    assert not any(label.startswith("soda/tiny/ft/") for label in labels)
+    assert sum(label.startswith("soda/random/lp-layerwise") for label in labels) == 4
+
+
+def test_option_aliases_name_the_same_option(assets: Path):
+    """unip-finetune spells the loader option --num-workers and keeps --workers: a plan may use
+    either, and the cells' arguments do not depend on which."""
+    cells = {
+        spelling: plan_from_dict(
+            base_plan(
+                assets, finetune={**{k: v for k, v in CELL_OPTIONS.items() if k != "workers"}, spelling: 0}
+            ),
+            assets,
+        ).cells()
+        for spelling in ("num-workers", "num_workers", "workers")
+    }
+    assert {c[0].options["workers"] for c in cells.values()} == {0}
+    assert len({tuple(sorted(c[0].options)) for c in cells.values()}) == 1
+
+
 def tomllib_load(path: Path) -> dict:
     from unip_train.compare.plan import tomllib
 
@@ -251,6 +291,10 @@ def _bad(assets: Path):
         ("unknown mode", {"modes": ["finetune"]}, r"modes\[0\]: mode 'finetune': expected ft"),
         ("layer-wise fine-tuning", {"modes": [{"mode": "ft", "layerwise": [1]}]}, r"modes\[0\]: layerwise is for mode lp"),
         ("layer too deep", {"modes": [{"mode": "lp", "layers": [2, 9]}]}, r"modes\[0\] 'lp': layer 9 is deeper than backbone 'random' \(4 blocks\)"),
+        ("row mode not in the plan", {"backbones": [{**rows[0], "modes": ["lp"]}]},
+         r"backbones\[0\] 'random': modes 'lp' not in the plan's modes \(ft\)"),
+        ("row modes not a list", {"backbones": [{**rows[0], "modes": "ft"}]},
+         r"backbones\[0\] 'random': modes must be a list"),
         ("baseline not a row", {"baseline": "mae"}, r"baseline 'mae' is not the name of a backbones entry"),
         ("seeds", {"seeds": [0, 0]}, r"seeds must be a list of distinct"),
         ("unknown option", {"finetune": {"iterations": 4}}, r"\[finetune\]: --iterations is not a unip-finetune option"),

@@ -17,6 +17,7 @@ full before any cell runs. The schema and its validation live here and nowhere e
     backbone = "runs/unip_s"                   # a unip-pretrain (or PAD) run folder, or FAMILY:ARCH:PATH
     selection_model = "unip_s"                 # its name in layer_selection.json (default: name)
     options = { resplit-last-heads = true }    # options of this row only
+    modes = ["ft"]                             # the modes this row runs (default: all of them)
 
     [[datasets]]
     dataset = "soda"                           # unip-finetune --dataset (layout)
@@ -77,7 +78,7 @@ MANAGED_OPTIONS = {
 }
 
 _TOP_KEYS = {"seeds", "baseline", "layer_selection", "finetune", "backbones", "datasets", "modes"}
-_BACKBONE_KEYS = {"name", "backbone", "options", "selection_model"}
+_BACKBONE_KEYS = {"name", "backbone", "options", "selection_model", "modes"}
 _DATASET_KEYS = {"name", "dataset", "root", "options"}
 _MODE_KEYS = {"name", "mode", "layers", "layerwise", "options"}
 
@@ -96,6 +97,7 @@ class Row:
     depth: int
     options: dict[str, Any] = field(default_factory=dict)
     selection_model: str | None = None
+    modes: tuple[str, ...] | None = None  # the mode names this row runs (None: every mode)
 
 
 @dataclass(frozen=True)
@@ -172,6 +174,8 @@ class Plan:
             for ds in self.datasets:
                 for mode in self.modes:
                     for row in rows:
+                        if row.modes is not None and mode.name not in row.modes:
+                            continue
                         options = {**self.options, **ds.options, **mode.options, **row.options}
                         for layer in _probe_layers(mode, row):
                             out.append(Cell(row, ds, mode, layer, seed, options))
@@ -231,8 +235,18 @@ def plan_from_dict(
             f"{src}: baseline {baseline!r} is not the name of a backbones entry "
             f"({', '.join(r.name for r in rows)})"
         )
+    mode_names = {m.name for m in modes}
+    for i, row in enumerate(rows):
+        unknown = [m for m in row.modes or () if m not in mode_names]
+        if unknown:
+            raise PlanError(
+                f"{src}: backbones[{i}] {row.name!r}: modes {', '.join(map(repr, unknown))} not in the "
+                f"plan's modes ({', '.join(sorted(mode_names))})"
+            )
     for i, mode in enumerate(modes):
         for row in rows:
+            if row.modes is not None and mode.name not in row.modes:
+                continue
             for layer in [*(mode.layers or ()), *(() if mode.layerwise in (None, "all") else mode.layerwise)]:
                 if layer > row.depth:
                     raise PlanError(
@@ -336,6 +350,11 @@ def _row(entry: Any, where: str, base: Path, known: dict) -> Row:
     sel = entry.get("selection_model")
     if sel is not None and not isinstance(sel, str):
         raise PlanError(f"{where}: selection_model must be a model name of the layer_selection file")
+    modes = entry.get("modes")
+    if modes is not None and (
+        not isinstance(modes, list) or not modes or not all(isinstance(m, str) for m in modes)
+    ):
+        raise PlanError(f'{where}: modes must be a list of the plan\'s mode names, for example ["ft"]')
     return Row(
         name=name,
         source=entry["backbone"],
@@ -343,6 +362,7 @@ def _row(entry: Any, where: str, base: Path, known: dict) -> Row:
         depth=depth,
         options=_options(entry.get("options", {}), where, known),
         selection_model=sel,
+        modes=None if modes is None else tuple(modes),
     )
 
 
@@ -426,11 +446,14 @@ def _seeds(value: Any, src: str) -> tuple[int, ...]:
 
 
 def finetune_options() -> dict[str, Any]:
-    """unip-finetune's long options: ``{dest: argparse action}`` (from its own parser)."""
+    """unip-finetune's long options: ``{name: argparse action}`` for every long spelling, aliases
+    included (``num_workers`` and ``workers``), from its own parser."""
     from unip_train.finetune.cli import build_parser
 
     parser = build_parser()
-    return {a.dest: a for a in parser._actions if any(s.startswith("--") for s in a.option_strings)}
+    return {
+        s[2:].replace("-", "_"): a for a in parser._actions for s in a.option_strings if s.startswith("--")
+    }
 
 
 def _options(value: Any, where: str, known: dict) -> dict[str, Any]:
@@ -446,6 +469,9 @@ def _options(value: Any, where: str, known: dict) -> dict[str, Any]:
         if dest not in known:
             raise PlanError(f"{where}: {flag} is not a unip-finetune option (see unip-finetune --help)")
         action = known[dest]
+        dest = action.dest  # one name per option, whichever spelling the plan used
+        if dest in MANAGED_OPTIONS:
+            raise PlanError(f"{where}: option {key!r} is set by {MANAGED_OPTIONS[dest]}, not by options")
         if action.nargs == 0:  # a flag such as --resplit-last-heads
             if not isinstance(v, bool):
                 raise PlanError(f"{where}: {flag} is a flag; write {key} = true or false")
