@@ -355,7 +355,9 @@ def test_bad_base_files_are_refused_with_one_line(files, tmp_path, capsys):
     assert not out.exists()
     spec = pad_args(files["base"], files["images"], out)
     spec[spec.index("--init") + 1] = f"dino:{ARCH}:{files['base']}"
-    assert "needs the MAE decoder" in fail(capsys, spec)
+    assert "needs the MAE decoder" in fail(capsys, spec) and "--decoder random" in fail(capsys, spec)
+    spec[spec.index("--init") + 1] = f"nosuch:{ARCH}:{files['base']}"
+    assert "--init family 'nosuch': unknown" in fail(capsys, spec)
     spec[spec.index("--init") + 1] = f"mae:{ARCH[:-1]},reg_tokens=1):{files['base']}"
     assert "is not an MAE ViT" in fail(capsys, spec)
     nmi_opts = pad_args(files["base"], files["images"], out, "--selection", "sel.json")
@@ -378,6 +380,24 @@ def test_random_decoder_runs_and_records_the_departure(files, tmp_path):
     doc = json.loads((out / "backbone.json").read_text())
     assert doc["decoder"]["source"] == "random"
     assert any(d.startswith("--decoder random") for d in doc["departures_from_pad"])
+
+
+def test_random_decoder_continues_any_familys_encoder(files, tmp_path):
+    """With --decoder random the base needs no MAE file: a timm safetensors encoder (the demo's MIM
+    teacher is one) is read through the shared registry, frozen, and exported unchanged."""
+
+    encoder = mae_model()[0]
+    sd = {k: v.contiguous() for k, v in encoder.state_dict().items()}
+    save_file(sd, str(tmp_path / "enc.safetensors"))
+    out = tmp_path / "run"
+    args = pad_args(tmp_path / "enc.safetensors", files["images"], out, rois="none", epochs=1,
+                    decoder="random", decoder_dim=32, decoder_depth=1)  # fmt: skip
+    args[args.index("--init") + 1] = f"timm:{ARCH}:{tmp_path / 'enc.safetensors'}"
+    assert pretrain.main(args) == 0
+    doc = json.loads((out / "backbone.json").read_text())
+    assert doc["base"]["family"] == "timm" and doc["base"]["layout"] == "timm family"
+    exported = load_file(str(out / "backbone.safetensors"))
+    assert all(torch.equal(exported[k], v) for k, v in sd.items())  # the encoder stayed frozen
 
 
 def test_malformed_proposal_file_is_refused_naming_the_file(files, tmp_path, capsys):

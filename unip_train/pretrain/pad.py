@@ -20,7 +20,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from unip_analysis import pad_vit
-from unip_analysis.checkpoints import adapt_state_dict, build_vit, load_strict
+from unip_analysis.checkpoints import FAMILIES, adapt_state_dict, build_vit, load_backbone, load_strict
 from unip_analysis.errors import CheckpointError, SpecError
 from unip_analysis.files import atomic_write, atomic_write_text, sha256_file
 
@@ -160,10 +160,14 @@ class Pad(PretrainMethod):
         self.family, self.arch, path = (p.strip() for p in parts)
         self.path = Path(path)
         if self.family not in BASE_FAMILIES:
-            raise SpecError(
-                f"--init family {self.family!r}: PAD continues MAE pre-training and needs the MAE decoder, "
-                f"which only {', '.join(BASE_FAMILIES)} files hold"
-            )
+            if self.family not in FAMILIES:
+                raise SpecError(f"--init family {self.family!r}: unknown; known: {', '.join(FAMILIES)}")
+            if args.decoder != "random":
+                raise SpecError(
+                    f"--init family {self.family!r}: PAD continues MAE pre-training and needs the MAE "
+                    f"decoder, which only {', '.join(BASE_FAMILIES)} files hold; or pass --decoder random "
+                    "(a fresh decoder on this encoder; departs from PAD)"
+                )
         if not 0 < args.mask_ratio < 1:
             raise SpecError(f"--mask-ratio must lie in (0, 1), got {args.mask_ratio}")
         if args.decoder == "file" and (args.decoder_dim or args.decoder_depth):
@@ -184,11 +188,21 @@ class Pad(PretrainMethod):
     def build(self, device: torch.device) -> None:
         args = self.args
         self.proposal_note, self.proposals_found = "", 0
-        base = read_mae_checkpoint(self.path)
-        encoder = build_vit(self.arch, img_size=args.input_size)
-        check_mae_encoder(encoder, self.arch)
-        self.notes = adapt_state_dict(base.encoder, encoder, self.path)
-        load_strict(encoder, base.encoder, self.path, self.arch)
+        if self.family in BASE_FAMILIES:
+            base = read_mae_checkpoint(self.path)
+            encoder = build_vit(self.arch, img_size=args.input_size)
+            check_mae_encoder(encoder, self.arch)
+            self.notes = adapt_state_dict(base.encoder, encoder, self.path)
+            load_strict(encoder, base.encoder, self.path, self.arch)
+            self.base_layout = base.layout
+            self.base_sha256 = sha256_file(self.path)
+        else:  # --decoder random (check_args): any family's encoder, read by the shared registry
+            loaded = load_backbone(self.family, self.arch, self.path, img_size=args.input_size)
+            encoder = loaded.model.train()
+            check_mae_encoder(encoder, self.arch)
+            self.notes = loaded.notes
+            self.base_layout = f"{self.family} family"
+            self.base_sha256 = loaded.sha256
         grid = tuple(int(g) for g in encoder.patch_embed.grid_size)
         patch = int(encoder.patch_embed.patch_size[0])
         if args.decoder == "file":
@@ -209,8 +223,6 @@ class Pad(PretrainMethod):
         pad_vit.add_adapters(encoder, args.adapter_width)
         self.encoder = encoder
         self.module = PadMae(encoder, decoder, args.mask_ratio).to(device)
-        self.base_sha256 = sha256_file(self.path)
-        self.base_layout = base.layout
         self.set_trainable()
 
     def new_decoder(self, encoder, grid, patch: int, dim: int, depth: int) -> MaeDecoder:
