@@ -161,6 +161,16 @@ _ACTIVATIONS = {
 }
 
 
+BUILD_KEYS = ("layer_norm_eps", "hidden_act", "use_swiglu_ffn")  # what timm_kwargs reads
+
+
+def build_config(path: Path) -> dict[str, Any]:
+    """The part of a folder's config.json that decides how the timm model is built (see
+    :func:`timm_kwargs`); kept with a fine-tuned model so it can be rebuilt without the folder."""
+    config = read_config(weights_file(path).parent / "config.json")
+    return {k: config[k] for k in BUILD_KEYS if k in config}
+
+
 def timm_kwargs(config: dict[str, Any], folder: Path) -> dict[str, Any]:
     """timm build arguments the config decides: LayerNorm eps, and the activation if not GELU."""
     eps = float(config.get("layer_norm_eps", 1e-12))

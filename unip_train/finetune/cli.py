@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from unip_analysis import transformers_format
 from unip_analysis.checkpoints import build_vit, load_backbone, set_attention_heads
 from unip_analysis.errors import UnipError, error_line
 from unip_analysis.files import atomic_write_text
@@ -102,6 +103,8 @@ def build_backbone(cfg: FinetuneConfig) -> tuple[torch.nn.Module, dict]:
         # The reference fine-tuning re-splits the student's last block to the default head count.
         set_attention_heads(model.blocks[-1].attn, default_heads(arch))
     info["heads_per_layer"] = [int(b.attn.num_heads) for b in model.blocks]
+    if family == "hf":  # LayerNorm eps and activation come from config.json, not the arch's defaults
+        info["hf_build"] = transformers_format.build_config(Path(path))
     if cfg.adapters == "drop":
         drop_adapters(model)
     info["adapter_width"] = adapter_width(model)
@@ -368,7 +371,8 @@ def load_model(path: str | Path) -> tuple[Segmentor, FinetuneConfig, dict]:
     known = {f.name for f in fields(FinetuneConfig)}
     cfg = FinetuneConfig(**{k: v for k, v in ckpt["config"].items() if k in known})
     info = ckpt["backbone"]
-    backbone = build_vit(info["arch"], img_size=cfg.crop, heads_per_layer=info["heads_per_layer"])
+    kwargs = transformers_format.timm_kwargs(info["hf_build"], path) if "hf_build" in info else {}
+    backbone = build_vit(info["arch"], img_size=cfg.crop, heads_per_layer=info["heads_per_layer"], **kwargs)
     if info.get("adapter_width"):
         add_adapters(backbone, info["adapter_width"])
     if cfg.mode == "ft":
