@@ -212,7 +212,8 @@ def compare_profiles(doc: dict) -> list[str]:
     return lines
 
 
-_CSS = """
+# HTML pieces shared by the offline reports (this one and unip-compare's).
+CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:2rem auto;max-width:1100px;
 color:#222;line-height:1.45;padding:0 1rem}
 h1{font-size:1.6rem;margin-bottom:.2rem}h2{border-bottom:1px solid #ddd;padding-bottom:.2rem;margin-top:2.2rem}
@@ -226,20 +227,22 @@ img{max-width:100%;height:auto;border:1px solid #eee;margin:.4rem 0}
 """
 
 
-def _esc(value: object) -> str:
+def esc(value: object) -> str:
+    """``value`` as text safe inside HTML."""
     return html.escape(str(value))
 
 
-def _img(png: bytes, alt: str) -> str:
+def img_tag(png: bytes, alt: str) -> str:
+    """An ``<img>`` with the PNG embedded (the report stays one file that opens offline)."""
     data = base64.b64encode(png).decode("ascii")
-    return f'<img alt="{_esc(alt)}" src="data:image/png;base64,{data}">'
+    return f'<img alt="{esc(alt)}" src="data:image/png;base64,{data}">'
 
 
-def _table(
+def html_table(
     header: Sequence[str], rows: Sequence[Sequence[str]], row_classes: Sequence[str] | None = None
 ) -> str:
     """HTML table; cells are pre-escaped HTML."""
-    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
+    head = "".join(f"<th>{esc(h)}</th>" for h in header)
     body = []
     for i, row in enumerate(rows):
         cls = f' class="{row_classes[i]}"' if row_classes and row_classes[i] else ""
@@ -247,13 +250,14 @@ def _table(
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
-def _td(value: object, num: bool = False) -> str:
-    return f'<td class="num">{_esc(value)}</td>' if num else f"<td>{_esc(value)}</td>"
+def td(value: object, num: bool = False) -> str:
+    """One escaped cell; ``num`` right-aligns it."""
+    return f'<td class="num">{esc(value)}</td>' if num else f"<td>{esc(value)}</td>"
 
 
 def _pattern_badge(pattern: str) -> str:
     color = plots.PATTERN_COLORS.get(pattern, "#888")
-    return f'<td><span class="pat" style="background:{color}">{_esc(pattern)}</span></td>'
+    return f'<td><span class="pat" style="background:{color}">{esc(pattern)}</span></td>'
 
 
 def render_html(
@@ -271,10 +275,10 @@ def render_html(
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>Attention-pattern analysis: {_esc(', '.join(doc['models']))}</title>",
-        f"<style>{_CSS}</style></head><body>",
+        f"<title>Attention-pattern analysis: {esc(', '.join(doc['models']))}</title>",
+        f"<style>{CSS}</style></head><body>",
         "<h1>Attention-pattern analysis</h1>",
-        f'<p class="muted">{_esc(doc["generator"])}, created {_esc(doc["created"])}. '
+        f'<p class="muted">{esc(doc["generator"])}, created {esc(doc["created"])}. '
         "NMI between queries and keys per layer (mean over heads and images); local / hybrid / global "
         "patterns and the layer a distillation teacher should use (the deepest hybrid one, UNIP, ICLR 2025).</p>",
         "<h2>Selected layers</h2>",
@@ -284,37 +288,37 @@ def render_html(
         sel = m["selected_layer"]
         summary_rows.append(
             [
-                _td(name),
-                _td(m["family"]),
-                f"<td><code>{_esc(m['arch'])}</code></td>",
-                _td(m["depth"], num=True),
-                _td("none" if sel is None else sel, num=True),
-                _td("" if m["selected_heads"] is None else m["selected_heads"], num=True),
-                _td("" if sel is None else m["layers"][sel - 1]["pattern"]),
-                _td(m["selection_rule"]),
+                td(name),
+                td(m["family"]),
+                f"<td><code>{esc(m['arch'])}</code></td>",
+                td(m["depth"], num=True),
+                td("none" if sel is None else sel, num=True),
+                td("" if m["selected_heads"] is None else m["selected_heads"], num=True),
+                td("" if sel is None else m["layers"][sel - 1]["pattern"]),
+                td(m["selection_rule"]),
             ]
         )
     parts.append(
-        _table(
+        html_table(
             ["model", "family", "arch", "depth", "selected layer", "heads", "pattern", "rule"], summary_rows
         )
     )
     comparison = compare_profiles(doc)
     if comparison:
         parts.append("<h2>Do the profiles differ?</h2>")
-        parts.append("<ul>" + "".join(f"<li>{_esc(line)}</li>" for line in comparison) + "</ul>")
+        parts.append("<ul>" + "".join(f"<li>{esc(line)}</li>" for line in comparison) + "</ul>")
     parts += [
         "<h2>Thresholds and images</h2>",
-        _table(
+        html_table(
             ["", "value"],
             [
-                [_td("global_max (NMI at or below: global)"), _td(f"{th['global_max']:.4f}", num=True)],
-                [_td("local_min (NMI at or above: local)"), _td(f"{th['local_min']:.4f}", num=True)],
-                [_td("how they were set"), _td(thresholds_source or "not recorded")],
-                [_td("image folder"), f"<td><code>{_esc(im['dir'])}</code></td>"],
-                [_td("images analysed"), _td(im["count"], num=True)],
-                [_td("image size"), _td(f"{im['img_size']} px", num=True)],
-                [_td("normalization"), _td(im["norm"])],
+                [td("global_max (NMI at or below: global)"), td(f"{th['global_max']:.4f}", num=True)],
+                [td("local_min (NMI at or above: local)"), td(f"{th['local_min']:.4f}", num=True)],
+                [td("how they were set"), td(thresholds_source or "not recorded")],
+                [td("image folder"), f"<td><code>{esc(im['dir'])}</code></td>"],
+                [td("images analysed"), td(im["count"], num=True)],
+                [td("image size"), td(f"{im['img_size']} px", num=True)],
+                [td("normalization"), td(im["norm"])],
             ],
         ),
         "<h2>Figures</h2>",
@@ -325,30 +329,30 @@ def render_html(
         ("pattern_heatmap.png", "pattern heat-map"),
     ):
         if fname in figures:
-            parts.append(_img(figures[fname], alt))
+            parts.append(img_tag(figures[fname], alt))
     for name, m in doc["models"].items():
         sel = m["selected_layer"]
-        parts.append(f"<h2>{_esc(name)}</h2>")
+        parts.append(f"<h2>{esc(name)}</h2>")
         parts.append(
-            _table(
+            html_table(
                 ["checkpoint", ""],
                 [
-                    [_td("family"), _td(m["family"])],
-                    [_td("arch"), f"<td><code>{_esc(m['arch'])}</code></td>"],
-                    [_td("weights"), f"<td><code>{_esc(m['weights'])}</code></td>"],
-                    [_td("sha256"), f"<td><code>{_esc(m['weights_sha256'])}</code></td>"],
+                    [td("family"), td(m["family"])],
+                    [td("arch"), f"<td><code>{esc(m['arch'])}</code></td>"],
+                    [td("weights"), f"<td><code>{esc(m['weights'])}</code></td>"],
+                    [td("sha256"), f"<td><code>{esc(m['weights_sha256'])}</code></td>"],
                     [
-                        _td("depth / width / patch"),
-                        _td(f"{m['depth']} blocks, embed dim {m['embed_dim']}, patch {m['patch_size']}"),
+                        td("depth / width / patch"),
+                        td(f"{m['depth']} blocks, embed dim {m['embed_dim']}, patch {m['patch_size']}"),
                     ],
-                    [_td("prefix tokens"), _td(m["num_prefix_tokens"])],
+                    [td("prefix tokens"), td(m["num_prefix_tokens"])],
                     [
-                        _td("selected layer"),
-                        _td("none" if sel is None else f"{sel} ({m['selected_heads']} heads)"),
+                        td("selected layer"),
+                        td("none" if sel is None else f"{sel} ({m['selected_heads']} heads)"),
                     ],
-                    [_td("rule"), _td(m["selection_rule"])],
+                    [td("rule"), td(m["selection_rule"])],
                 ]
-                + [[_td("note"), _td(n)] for n in notes.get(name, [])],
+                + [[td("note"), td(n)] for n in notes.get(name, [])],
             )
         )
         rows, classes = [], []
@@ -357,21 +361,21 @@ def render_html(
             is_sel = lay["layer"] == sel
             rows.append(
                 [
-                    _td(lay["layer"], num=True),
+                    td(lay["layer"], num=True),
                     _pattern_badge(lay["pattern"]),
-                    _td(f"{lay['nmi']:.4f}", num=True),
-                    _td(f"{lo:.4f} – {hi:.4f}", num=True),
-                    _td(f"{lay['attn_distance']:.1f}", num=True),
-                    _td(len(lay["head_nmi"]), num=True),
-                    _td("selected" if is_sel else ""),
+                    td(f"{lay['nmi']:.4f}", num=True),
+                    td(f"{lo:.4f} – {hi:.4f}", num=True),
+                    td(f"{lay['attn_distance']:.1f}", num=True),
+                    td(len(lay["head_nmi"]), num=True),
+                    td("selected" if is_sel else ""),
                 ]
             )
             classes.append("sel" if is_sel else "")
         parts.append(
-            _table(["layer", "pattern", "NMI", "95% CI", "distance (px)", "heads", ""], rows, classes)
+            html_table(["layer", "pattern", "NMI", "95% CI", "distance (px)", "heads", ""], rows, classes)
         )
         if names[name] in figures:
-            parts.append(_img(figures[names[name]], f"attention maps of {name}"))
+            parts.append(img_tag(figures[names[name]], f"attention maps of {name}"))
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 

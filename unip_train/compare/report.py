@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 import pandas as pd
 
 from unip_analysis import __version__
-from unip_analysis.report import _CSS, _esc, _img, _table, _td
+from unip_analysis.report import CSS, esc, html_table, img_tag, td
 
 from .cells import FINISHED, CellRun
 from .statistics import class_columns
@@ -46,12 +46,12 @@ def summary_rows(summary: pd.DataFrame) -> list[list[str]]:
     for r in summary.itertuples(index=False):
         rows.append(
             [
-                _td(r.backbone), _td(r.dataset), _td(r.mode), _td(_layer(r.layer), num=True),
-                _td(r.n_seeds, num=True), _td(_f(r.miou_mean), num=True),
-                _td(_interval(r.miou_ci95_lo, r.miou_ci95_hi), num=True),
-                _td(_f(r.diff_mean, signed=True), num=True),
-                _td(_interval(r.diff_ci95_lo, r.diff_ci95_hi, signed=True) if r.n_paired else "", num=True),
-                f"<td><code>{_esc(r.diff_per_seed)}</code></td>", _td(r.verdict),
+                td(r.backbone), td(r.dataset), td(r.mode), td(_layer(r.layer), num=True),
+                td(r.n_seeds, num=True), td(_f(r.miou_mean), num=True),
+                td(_interval(r.miou_ci95_lo, r.miou_ci95_hi), num=True),
+                td(_f(r.diff_mean, signed=True), num=True),
+                td(_interval(r.diff_ci95_lo, r.diff_ci95_hi, signed=True) if r.n_paired else "", num=True),
+                f"<td><code>{esc(r.diff_per_seed)}</code></td>", td(r.verdict),
             ]
         )  # fmt: skip
     return rows
@@ -83,16 +83,16 @@ def render_html(
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>Comparison: {_esc(plan_name)}</title>",
-        f"<style>{_CSS}{_EXTRA_CSS}</style></head><body>",
-        f"<h1>Comparison: {_esc(plan_name)}</h1>",
-        f'<p class="muted">{_esc(GENERATOR)}, created {_esc(created)}. Every cell is one unip-finetune run; '
+        f"<title>Comparison: {esc(plan_name)}</title>",
+        f"<style>{CSS}{_EXTRA_CSS}</style></head><body>",
+        f"<h1>Comparison: {esc(plan_name)}</h1>",
+        f'<p class="muted">{esc(GENERATOR)}, created {esc(created)}. Every cell is one unip-finetune run; '
         "a seed fixes the head's initialisation and the data order for every row, so differences at the same "
         "seed are paired. Intervals are Student-t 95% intervals over seeds (mean &plusmn; t<sub>0.975, n-1</sub> "
         "&middot; sd / &radic;n). A difference is called only when every paired seed has the same sign.</p>",
         f"<p><b>{len(finished)} of {len(runs)} cells finished.</b>"
         + (
-            f" Baseline row: <b>{_esc(baseline)}</b>."
+            f" Baseline row: <b>{esc(baseline)}</b>."
             if baseline
             else " No baseline row: no paired differences."
         )
@@ -100,7 +100,7 @@ def render_html(
     ]
     if missing:
         items = "".join(
-            f"<li><code>{_esc(r.label)}</code>: {_esc(failures.get(r.label, 'not run yet' if r.status == 'new' else 'interrupted; will resume'))}</li>"
+            f"<li><code>{esc(r.label)}</code>: {esc(failures.get(r.label, 'not run yet' if r.status == 'new' else 'interrupted; will resume'))}</li>"
             for r in missing
         )
         parts.append(f"<h2>Cells without results</h2><ul>{items}</ul>")
@@ -109,30 +109,30 @@ def render_html(
     if len(whole):
         parts += [
             "<h2>Summary over seeds</h2>",
-            _table(SUMMARY_HEADER, summary_rows(whole), _row_classes(whole, baseline)),
+            html_table(SUMMARY_HEADER, summary_rows(whole), _row_classes(whole, baseline)),
         ]
     if len(figures):
         parts.append("<h2>Figures</h2>")
-        parts += [_img(png, name) for name, png in figures.items()]
+        parts += [img_tag(png, name) for name, png in figures.items()]
     if len(layered):
         parts += [
             "<h2>Layer-wise probing</h2>",
-            _table(SUMMARY_HEADER, summary_rows(layered), _row_classes(layered, baseline)),
+            html_table(SUMMARY_HEADER, summary_rows(layered), _row_classes(layered, baseline)),
         ]
     if len(results):
         parts.append(_class_table(results))
         parts.append("<details><summary>Every cell's numbers</summary>")
         header = ["backbone", "dataset", "mode", "layer", "seed", "mIoU", "pixel acc", "run folder"]
         rows = [
-            [_td(r.backbone), _td(r.dataset), _td(r.mode), _td(_layer(r.layer), num=True), _td(r.seed, num=True),
-             _td(_f(r.miou), num=True), _td(_f(r.pixel_acc), num=True), f"<td><code>{_esc(r.run_dir)}</code></td>"]
+            [td(r.backbone), td(r.dataset), td(r.mode), td(_layer(r.layer), num=True), td(r.seed, num=True),
+             td(_f(r.miou), num=True), td(_f(r.pixel_acc), num=True), f"<td><code>{esc(r.run_dir)}</code></td>"]
             for r in results.itertuples(index=False)
         ]  # fmt: skip
-        parts += [_table(header, rows), "</details>"]
+        parts += [html_table(header, rows), "</details>"]
     commands = "\n".join(r.shell_command() for r in runs)
     parts += [
-        f"<details><summary>Commands of the {len(runs)} cells</summary><pre>{_esc(commands)}</pre></details>",
-        f"<details><summary>The plan</summary><pre>{_esc(plan_text)}</pre></details>",
+        f"<details><summary>Commands of the {len(runs)} cells</summary><pre>{esc(commands)}</pre></details>",
+        f"<details><summary>The plan</summary><pre>{esc(plan_text)}</pre></details>",
         "</body></html>",
     ]
     return "\n".join(parts) + "\n"
@@ -150,9 +150,9 @@ def _class_table(results: pd.DataFrame) -> str:
         cols = [c for c in class_columns(d) if d[c].notna().any()]
         means = d.groupby(["backbone", "mode"], sort=False)[cols].mean()
         rows = [
-            [_td(b), _td(m), *(_td(_f(v, 3), num=True) for v in vals)]
+            [td(b), td(m), *(td(_f(v, 3), num=True) for v in vals)]
             for (b, m), vals in zip(means.index, means.to_numpy())
         ]
-        parts += [f"<h3>{_esc(dataset)}</h3>", _table(["backbone", "mode", *(c[4:] for c in cols)], rows)]
+        parts += [f"<h3>{esc(dataset)}</h3>", html_table(["backbone", "mode", *(c[4:] for c in cols)], rows)]
     parts.append("</details>")
     return "".join(parts)
