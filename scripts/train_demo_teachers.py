@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from timm.models.vision_transformer import Block
 
-from unip_analysis.attention import observe_attention
+from unip_analysis.attention import attention_maps
 from unip_analysis.checkpoints import build_vit
 from unip_analysis.images import NORMALIZATIONS, normalize
 from unip_analysis.metrics import nmi, patch_attention
@@ -208,16 +208,11 @@ def info_nce(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def layer_nmi(vit: torch.nn.Module, x: torch.Tensor) -> list[float]:
     """Mean NMI over images and heads of every layer (method.md section 1), on batch ``x``."""
-    out: dict[int, float] = {}
-
-    def observe(layer: int, attn: torch.Tensor) -> None:
-        out[layer] = float(nmi(patch_attention(attn, vit.num_prefix_tokens)).mean())
-
     was_training = vit.training
     vit.eval()
-    with observe_attention(vit, observe):
-        vit(x)
+    maps = attention_maps(vit, x)  # 64 tokens a layer at the demo's size: full maps are small
     vit.train(was_training)
+    out = {layer: float(nmi(patch_attention(attn, vit.num_prefix_tokens)).mean()) for layer, attn in maps.items()}
     return [out[i] for i in range(len(vit.blocks))]
 
 

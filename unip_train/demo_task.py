@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from . import synthetic
 from .finetune.datasets import LAYOUTS, SODA_CLASSES
 from .synthetic import _background, _ellipse, _ring, _rounded_rect, _segment, _smooth_noise
 
@@ -178,13 +179,7 @@ def generate_labelled(
 
 def generate_unlabelled(out: str | Path, n: int, size: int = DEFAULT_SIZE, seed: int = 0) -> Path:
     """Write ``n`` grey PNG scenes (no labels) into the folder ``out``; returns ``out``."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        img, _ = make_scene(rng, size)
-        Image.fromarray(img, mode="L").save(out / f"{i:05d}.png")
-    return out
+    return synthetic.generate_unlabelled(out, n, size, seed, scene=make_scene)
 
 
 def scenes(n: int, size: int = DEFAULT_SIZE, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -332,13 +332,17 @@ def _add_soda_copies(out: Path, spec, lists: dict[str, list[str]]) -> None:
             lines.insert(1, f"{copy}.jpg")
 
 
-def generate_unlabelled(out: str | Path, n: int, size: int | tuple[int, int] = 128, seed: int = 0) -> Path:
-    """Write ``n`` grey PNG scenes (no labels) into the folder ``out``, for distillation or analysis."""
+def generate_unlabelled(
+    out: str | Path, n: int, size: int | tuple[int, int] = 128, seed: int = 0, scene=None
+) -> Path:
+    """Write ``n`` grey PNG scenes (no labels) into the folder ``out``, for distillation or analysis.
+    ``scene(rng, size) -> (image, label)`` draws one (default: this module's scenes)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
+    scene = scene or make_scene
     for i in range(n):
-        img, _ = make_scene(rng, size)
+        img, _ = scene(rng, size)
         Image.fromarray(img, mode="L").save(out / f"{i:05d}.png")
     return out
 
