@@ -1,10 +1,10 @@
-# Two entry points: `make demo` and `make test`. Both create .venv and install on first use.
+# Entry points: `make demo`, `make experiment` and `make test`. Each creates .venv and install on first use.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint figures bench
+.PHONY: install demo experiment test lint figures bench
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -15,7 +15,10 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m unip_train.demo --out demo_out
+	$(BIN)/python -m unip_train.demo --preset demo --out demo_out
+
+experiment: $(STAMP)
+	$(BIN)/python -m unip_train.demo --preset experiment --out demo_out
 
 test: $(STAMP)
 	$(BIN)/ruff check .
@@ -25,7 +28,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 figures: $(STAMP)
-	$(BIN)/python -m unip_train.demo --out demo_out --figures-dir figures
+	$(BIN)/python -m unip_train.demo --preset experiment --out demo_out --figures-dir figures
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_analysis.py

@@ -74,11 +74,11 @@ def check_attention_patterns(nb: nbformat.NotebookNode, out: Path) -> dict:
     assert set(doc["models"]) == {"demo_mim", "demo_sup"}
     assert doc["images"]["count"] == 32 and doc["images"]["img_size"] == 64
     for m in doc["models"].values():
-        assert m["depth"] == 6 and 1 <= m["selected_layer"] <= 6
+        assert m["depth"] == 8 and 1 <= m["selected_layer"] <= 8
     # The last cell reports what the file holds.
     last = text_of(nb.cells[-1])
     for name, m in doc["models"].items():
-        assert f"{name}: selected layer {m['selected_layer']} of 6 (3 heads)" in last
+        assert f"{name}: selected layer {m['selected_layer']} of 8 (4 heads)" in last
     # Figures: sample images, NMI + distance, two attention-map grids, the heat-map.
     assert png_count(nb) >= 5
     # The comparison states something about the pair.

@@ -1,31 +1,39 @@
-"""`make demo`: the whole UNIP pipeline, end to end, on data and teachers the project provides.
+"""`make demo` / `make experiment`: the UNIP paper's comparison in miniature, end to end (docs/demo.md).
 
-    analysis -> layer selection -> NMI-HAD distillation -> LL-FPN fine-tuning -> mIoU
+    demo task (unip_train.demo_task): many unlabelled scenes, a few labelled ones (SODA layout)
+      -> unip-analyze of the two shipped teachers (MIM and supervised) -> layer_selection.json
+      -> unip-pretrain: NMI-HAD students (the MIM teacher's selected layer; the ablation layer);
+         PAD continual pre-training of the MIM teacher
+      -> unip-compare: every row fine-tuned (LL-FPN) with paired seeds; layer-wise linear probing
+         of both teachers -> results.csv, summary.csv, figures, report.html
 
-1. Synthetic infrared data (unip_train.synthetic): unlabelled scenes for analysis and
-   distillation, and a labelled set in the SODA layout for fine-tuning.
-2. Two shipped tiny teachers trained with different objectives on those scenes
-   (scripts/train_demo_teachers.py): masked-image modelling (``mim``) and supervised
-   classification (``sup``). The analysis compares their NMI-vs-depth profiles and picks each
-   one's layer; the report says whether the profiles differ.
-3. The ``mim`` teacher's selected layer is distilled into a student (UNIP distils MAE).
-4. The student is fine-tuned with LL-FPN and linear-probed; so is the same architecture from
-   random init, with three seeds each (paired: a seed fixes the head's init and the data order),
-   so the mIoU gain of the distillation is measured and shown, not asserted.
+Rows of the comparison (``--preset demo`` runs the first two; ``--preset experiment`` all):
 
-Every stage runs through the same entry points users call (unip-analyze, unip-pretrain,
-unip-finetune); the equivalent commands are printed. Runs in a few minutes on 2 CPU cores.
+| row | backbone |
+|---|---|
+| random | the student architecture, timm's random init drawn from the seed |
+| selected | NMI-HAD student distilled from the MIM teacher's selected (deepest hybrid) layer |
+| teacher | the MIM teacher itself, fine-tuned directly |
+| last | NMI-HAD student distilled from the teacher's last layer (the paper's ablation); when the last
+  layer *is* the selected one, the row is ``local`` instead: the teacher's most local layer |
+| pad | PAD continual pre-training of the MIM teacher (adapters + patch-wise scale) |
+| selected_pixl | the selected student fine-tuned with PiXL's pixel loss on the same few labels |
+
+Every stage runs through the entry points users call (unip-analyze, unip-pretrain, unip-compare,
+which runs unip-finetune per cell) and prints the equivalent command. Finished stages and cells are
+reused, so an interrupted demo continues where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
+import csv
 import json
+import os
 import shutil
-import subprocess
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,235 +42,366 @@ from unip_analysis import cli as analyze_cli
 from unip_analysis import selection
 from unip_analysis.checkpoints import safetensors_metadata
 
-from . import finetune, pretrain, synthetic
-from .pretrain.nmi_had import build_student, save_student
+from . import demo_task
+from .compare import cli as compare_cli
+from .pretrain import cli as pretrain_cli
 
 ASSETS = Path(__file__).parent / "assets"
 TEACHERS = ("mim", "sup")
 IMG = 64
-STUDENT = "vit_tiny_patch16_224(depth=6,embed_dim=96,num_heads=3,patch_size=8)"
+STUDENT = "vit_tiny_patch16_224(depth=6,embed_dim=64,num_heads=2,patch_size=8)"
+ROWS = ("random", "selected", "teacher", "last", "pad", "selected_pixl")
 
 
-def _say(msg: str) -> None:
+@dataclass(frozen=True)
+class Preset:
+    rows: tuple[str, ...]
+    seeds: tuple[int, ...]
+    unlabelled: int = 2000
+    train: int = 32
+    test: int = 100
+    distill_epochs: int = 8
+    pad_epochs: int = 8
+    ft_iters: int = 300
+    lp_iters: int = 300
+    layerwise: str | tuple[int, ...] | None = "all"  # layer-wise probing of the teachers
+    probed: tuple[str, ...] = TEACHERS  # the teachers probed layer by layer
+    analysis_images: int = 256
+
+
+PRESETS = {
+    "demo": Preset(rows=("random", "selected"), seeds=(0, 1, 2), probed=("mim",)),
+    "experiment": Preset(rows=ROWS, seeds=(0, 1, 2)),
+    # The test suite's size: every stage runs, nothing is learned.
+    "quick": Preset(
+        rows=("random", "selected"),
+        seeds=(0, 1),
+        unlabelled=64,
+        train=8,
+        test=4,
+        distill_epochs=1,
+        pad_epochs=1,
+        ft_iters=4,
+        lp_iters=4,
+        layerwise=(1, 8),
+        analysis_images=32,
+    ),
+}
+
+
+def say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _stage(n: int, title: str) -> float:
-    _say(f"\n=== [{n}/5] {title} ===")
+def stage(n: int, total: int, title: str) -> float:
+    say(f"\n=== [{n}/{total}] {title} ===")
     return time.time()
 
 
-def _command(argv: list[str], prog: str) -> None:
-    _say("$ " + " ".join([prog] + [f"'{a}'" if any(c in a for c in "(),= ") else a for a in argv]))
-
-
-def _run_cli(prog: str, main, argv: list[str]) -> None:
-    """Print the equivalent command, then run the CLI in-process; stop the demo if it fails."""
-    _command(argv, prog)
+def run_cli(prog: str, main, argv: list[str]) -> None:
+    """Print the equivalent command, run the CLI in this process, stop the demo if it fails."""
+    quoted = [f"'{a}'" if any(c in a for c in "(),= ") else a for a in argv]
+    say("$ " + " ".join([prog, *quoted]))
     if main(argv) != 0:
         raise SystemExit(f"demo: {prog} failed (see the message above)")
 
 
-def teacher_files(cache: Path) -> dict[str, Path]:
-    """The shipped teachers; if absent (a stripped install), train short ones into the cache once."""
-    shipped = {t: ASSETS / f"demo_teacher_{t}.safetensors" for t in TEACHERS}
-    if all(p.exists() for p in shipped.values()):
-        return shipped
-    cached = {t: cache / f"demo_teacher_{t}.safetensors" for t in TEACHERS}
-    if not all(p.exists() for p in cached.values()):
-        _say(f"shipped teachers not found; training short ones into {cache} (once)")
-        script = Path(__file__).resolve().parents[1] / "scripts" / "train_demo_teachers.py"
-        subprocess.run([sys.executable, str(script), "--steps", "300", "--out", str(cache)], check=True)
-    return cached
+def teacher_files() -> dict[str, Path]:
+    files = {t: ASSETS / f"demo_teacher_{t}.safetensors" for t in TEACHERS}
+    missing = [str(p) for p in files.values() if not p.exists()]
+    if missing:
+        raise SystemExit(
+            f"demo: {missing[0]}: shipped demo teacher not found; reinstall the package, or train the "
+            "teachers with scripts/train_demo_teachers.py --objective mim|sup --out unip_train/assets"
+        )
+    return files
 
 
-def run(out: Path, quick: bool = False, figures_dir: Path | None = None) -> dict:
+def distilled_layer(model: dict, which: str) -> int:
+    """The teacher's layer a row distils (1-based): selected, last, or the most local (highest NMI)."""
+    if which == "selected":
+        return int(model["selected_layer"])
+    if which == "last":
+        return int(model["depth"])
+    return 1 + int(np.argmax([layer["nmi"] for layer in model["layers"]]))
+
+
+def distil(out: Path, sel_path: Path, unlabelled: Path, layer: int, selected: int, p: Preset) -> Path:
+    """NMI-HAD of the MIM teacher's ``layer`` into the student; returns the run folder."""
+    run = out / f"pretrain_layer{layer}"
+    if not (run / "student.safetensors").exists():
+        argv = ["--selection", str(sel_path), "--teacher", "mim"]
+        if layer != selected:  # the selected layer is what unip-pretrain reads from the file
+            argv += ["--layer", str(layer)]
+        argv += ["--student", STUDENT, "--input-size", str(IMG), "--infrared", str(unlabelled),
+                 "--norm", "infrared", "--epochs", str(p.distill_epochs), "--warmup-epochs", "1",
+                 "--batch-size", "64", "--accum-iter", "1", "--lr", "1e-3", "--num-workers", "0",
+                 "--save-every", str(p.distill_epochs), "--ckpt-every-steps", "0", "--no-progress",
+                 "--out", str(run)]  # fmt: skip
+        run_cli("unip-pretrain", pretrain_cli.main, argv)
+    say(f"  layer {layer}: distillation loss {loss_curve(run / 'log.jsonl')}")
+    return run
+
+
+def pad(out: Path, teacher: Path, unlabelled: Path, p: Preset) -> Path:
+    """PAD continual pre-training of the MIM teacher. The shipped teacher holds no MAE decoder (only
+    the encoder was kept), so a small fresh one is built: a departure PAD's run records."""
+    run = out / "pretrain_pad"
+    if not (run / "backbone.safetensors").exists():
+        arch = safetensors_metadata(teacher)["arch"]
+        argv = ["--method", "pad", "--init", f"timm:{arch}:{teacher}", "--decoder", "random",
+                "--decoder-dim", "96", "--decoder-depth", "2", "--decoder-heads", "4", "--rois", "none",
+                "--input-size", str(IMG), "--infrared", str(unlabelled), "--norm", "infrared",
+                "--epochs", str(p.pad_epochs), "--warmup-epochs", "1",
+                "--scale-frozen-epochs", str(max(1, round(0.6 * p.pad_epochs))), "--batch-size", "64",
+                "--accum-iter", "1", "--lr", "1e-3", "--num-workers", "0", "--save-every",
+                str(p.pad_epochs), "--ckpt-every-steps", "0", "--no-progress", "--out", str(run)]  # fmt: skip
+        run_cli("unip-pretrain", pretrain_cli.main, argv)
+    say(f"  PAD: reconstruction loss {loss_curve(run / 'log.jsonl')}")
+    return run
+
+
+def loss_curve(log: Path) -> str:
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    return f"{np.mean(losses[:5]):.4f} -> {np.mean(losses[-5:]):.4f} over {len(losses)} steps"
+
+
+def make_plan(out: Path, soda: Path, backbones: list[dict], p: Preset) -> Path:
+    """The unip-compare plan of the demo (JSON): the rows fine-tuned, the teachers probed by layer."""
+    modes: list = [{"mode": "ft"}]
+    if p.layerwise is not None:
+        layerwise = p.layerwise if isinstance(p.layerwise, str) else list(p.layerwise)
+        modes.append({"mode": "lp", "layerwise": layerwise, "options": {"iters": p.lp_iters, "lr": 1e-2}})
+    plan = {
+        "seeds": list(p.seeds),
+        "baseline": "random",
+        "layer_selection": str(out / "analysis" / selection.FILENAME),
+        "finetune": {
+            "iters": p.ft_iters,
+            "crop": IMG,
+            "batch-size": 8,
+            "lr": 8e-3,  # chosen at seed 0: 2e-3, 4e-3, 8e-3 raised every row (docs/demo.md)
+            "warmup-iters": max(1, p.ft_iters // 10),
+            "num-workers": 0,
+            "log-every": 50,
+        },  # fmt: skip
+        "backbones": backbones,
+        "datasets": [{"dataset": "soda", "root": str(soda)}],
+        "modes": modes,
+    }
+    path = out / "plan.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(plan, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_summary(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def table(summary: list[dict], labels: dict[str, str], mode: str = "ft") -> list[str]:
+    """The fine-tuning rows of summary.csv as a fixed-width table: mIoU per seed, mean, interval,
+    the paired difference against random init at each seed, and unip-compare's verdict."""
+    rows = [r for r in summary if r["mode"] == mode and not r["layer"]]
+    width = max(len(labels.get(r["backbone"], r["backbone"])) for r in rows) + 2
+    lines = [f"{'row':<{width}}{'mIoU mean [95% interval]':<28}{'vs random per seed':<30}verdict"]
+    for r in rows:
+        interval = f"{float(r['miou_mean']):.4f}"
+        if r["miou_ci95_lo"]:
+            interval += f" [{float(r['miou_ci95_lo']):.3f}, {float(r['miou_ci95_hi']):.3f}]"
+        diffs = " ".join(f"{float(d.split(':')[1]):+.4f}" for d in r["diff_per_seed"].split()) or "-"
+        lines.append(
+            f"{labels.get(r['backbone'], r['backbone']):<{width}}{interval:<28}{diffs:<30}{r['verdict']}"
+        )
+    return lines
+
+
+def layerwise_lines(summary: list[dict], doc: dict) -> list[str]:
+    """Per teacher: probe mIoU by layer beside the layer's NMI and pattern, and where each peaks."""
+    lines = []
+    for name in TEACHERS:
+        rows = sorted(
+            (r for r in summary if r["backbone"] == f"{name}_teacher" and r["layer"]),
+            key=lambda r: int(r["layer"]),
+        )
+        if not rows:
+            continue
+        layers = {lay["layer"]: lay for lay in doc["models"][name]["layers"]}
+        cells = [
+            f"L{r['layer']} {float(r['miou_mean']):.3f} ({layers[int(r['layer'])]['pattern'][0]})"
+            for r in rows
+        ]
+        best = max(rows, key=lambda r: float(r["miou_mean"]))
+        lines.append(
+            f"  {name}: " + "  ".join(cells) + f"  -> probing peaks at layer {best['layer']}, "
+            f"selected layer {doc['models'][name]['selected_layer']}"
+        )
+    return lines
+
+
+def run(
+    out: Path,
+    preset: str = "demo",
+    rows: tuple[str, ...] | None = None,
+    jobs: int | None = None,
+    figures_dir: Path | None = None,
+) -> dict:
+    """Run the demo into ``out``; returns the selection document, the summary rows and the time."""
     t_start = time.time()
-    out = out.resolve()
-    n_unlab, n_train, n_test = (96, 32, 8) if quick else (512, 160, 40)
-    epochs, ft_iters = (1, 20) if quick else (40, 200)
+    p = PRESETS[preset]
+    if rows is not None:
+        p = replace(p, rows=rows)
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    total = 5
 
-    t = _stage(1, "synthetic infrared data")
-    unlabelled = synthetic.generate_unlabelled(out / "data" / "unlabelled", n_unlab, size=IMG, seed=1)
-    soda = synthetic.generate(out / "data" / "soda", "soda", n_train, n_test, size=96, seed=2)
-    _say(
-        f"{n_unlab} unlabelled scenes in {unlabelled}; SODA-layout set ({n_train} train / {n_test} test) "
-        f"in {soda} ({time.time() - t:.0f}s)"
+    t = stage(1, total, "synthetic infrared task: many unlabelled scenes, a few labelled ones")
+    unlabelled = out / "data" / "unlabelled"
+    soda = out / "data" / "soda"
+    if not (soda / "test_infrared.txt").exists():
+        demo_task.generate_unlabelled(unlabelled, p.unlabelled, IMG, seed=1)
+        demo_task.generate_labelled(soda, p.train, p.test, IMG, seed=2)
+    say(
+        f"{p.unlabelled} unlabelled scenes in {unlabelled}; {p.train} labelled train / {p.test} test "
+        f"scenes (SODA layout) in {soda} ({time.time() - t:.0f}s)"
     )
 
-    t = _stage(2, "attention analysis of two teachers (unip-analyze)")
-    teachers = teacher_files(out / "cache")
-    for name, path in teachers.items():
-        meta = safetensors_metadata(path)
-        _say(
-            f"teacher {name}: {meta.get('objective', '?')} objective, {meta.get('steps', '?')} steps, "
-            f"made by `{meta.get('made_by', 'scripts/train_demo_teachers.py')}`"
-        )
-    arch = safetensors_metadata(teachers["mim"])["arch"]
-    argv = [a for name, p in teachers.items() for a in ("--checkpoint", f"{name}=timm:{arch}:{p}")]
-    argv += [
-        "--images",
-        str(unlabelled),
-        "--img-size",
-        str(IMG),
-        "--norm",
-        "infrared",
-        "--num-images",
-        "128" if quick else "256",
-        "--batch-size",
-        "32",
-        "--map-images",
-        "1",
-        "--out",
-        str(out / "analysis"),
-    ]
-    _run_cli("unip-analyze", analyze_cli.main, argv)
+    t = stage(2, total, "attention analysis of the two shipped teachers (unip-analyze)")
+    teachers = teacher_files()
     sel_path = out / "analysis" / selection.FILENAME
+    if not sel_path.exists():
+        argv = []
+        for name, path in teachers.items():
+            meta = safetensors_metadata(path)
+            say(f"teacher {name}: {meta.get('objective', '?')}, {meta.get('steps', '?')} steps")
+            argv += ["--checkpoint", f"{name}=timm:{meta['arch']}:{path}"]
+        argv += ["--images", str(unlabelled), "--img-size", str(IMG), "--norm", "infrared",
+                 "--num-images", str(p.analysis_images), "--batch-size", "32", "--map-images", "1",
+                 "--no-progress", "--out", str(out / "analysis")]  # fmt: skip
+        run_cli("unip-analyze", analyze_cli.main, argv)
     doc = selection.read(sel_path)
     for name, m in doc["models"].items():
-        curve = " ".join(f"{lay['nmi']:.3f}" for lay in m["layers"])
-        _say(f"  {name} NMI by layer: {curve} -> selected layer {m['selected_layer']}")
-    _say(f"({time.time() - t:.0f}s)")
-
-    t = _stage(3, "NMI-HAD distillation of the mim teacher's selected layer (unip-pretrain)")
-    argv = [
-        "--selection",
-        str(sel_path),
-        "--teacher",
-        "mim",
-        "--student",
-        STUDENT,
-        "--input-size",
-        str(IMG),
-        "--infrared",
-        str(unlabelled),
-        "--norm",
-        "infrared",
-        "--epochs",
-        str(epochs),
-        "--warmup-epochs",
-        "1",
-        "--batch-size",
-        "32",
-        "--accum-iter",
-        "1",
-        "--lr",
-        "1e-3",
-        "--num-workers",
-        "0",
-        "--save-every",
-        str(epochs),
-        "--ckpt-every-steps",
-        "0",
-        "--out",
-        str(out / "pretrain"),
-    ]
-    _run_cli("unip-pretrain", pretrain.main, argv)
-    log = [json.loads(line) for line in (out / "pretrain" / "log.jsonl").read_text().splitlines()]
-    _say(
-        f"distillation loss {log[0]['loss']:.4f} -> {np.mean([r['loss'] for r in log[-5:]]):.4f} "
-        f"over {len(log)} steps ({time.time() - t:.0f}s)"
-    )
-
-    t = _stage(
-        4,
-        "LL-FPN fine-tuning and linear probing on SODA-layout data (unip-finetune): distilled vs random init",
-    )
-    student = out / "pretrain" / "student.safetensors"
-    heads = json.loads((out / "pretrain" / "student.json").read_text())["heads_per_layer"]
-    scratch = out / "scratch" / "student.safetensors"
-    save_student(scratch, build_student(STUDENT, heads[-1], IMG), STUDENT)
-    # One run per seed and backbone; a seed fixes the head's init and the data order for both
-    # backbones, so the comparison is paired. A single run is too noisy to call a difference.
-    seeds = (0,) if quick else (0, 1, 2)
-    runs: dict[tuple[str, str], list[dict]] = {}
-    for mode, seed, (label, weights) in itertools.product(
-        ("ft", "lp"), seeds, (("distilled", student), ("random init", scratch))
-    ):
-        run_dir = out / f"{mode}_{'distilled' if label == 'distilled' else 'scratch'}" / f"seed{seed}"
-        cfg = finetune.FinetuneConfig(
-            backbone=f"unip:{STUDENT}:{weights}",
-            dataset="soda",
-            data_root=str(soda),
-            out=str(run_dir),
-            mode=mode,
-            iters=ft_iters,
-            crop=IMG,
-            batch_size=8,
-            lr=1e-3,
-            head_channels=64,
-            warmup_iters=ft_iters // 10,
-            seed=seed,
-            workers=0,
-            log_every=50,
+        curve = " ".join(f"{lay['nmi']:.3f}{lay['pattern'][0]}" for lay in m["layers"])
+        say(
+            f"  {name}: NMI by layer (l/h/g = local/hybrid/global) {curve} -> selected layer {m['selected_layer']}"
         )
-        _say(
-            f"$ unip-finetune --backbone unip:'{STUDENT}':{weights} --dataset soda --data-root {soda} "
-            f"--mode {mode} --iters {ft_iters} --crop {IMG} --batch-size 8 --lr 1e-3 --head-channels 64 "
-            f"--seed {seed} --out {run_dir}"
-        )
-        runs.setdefault((mode, label), []).append(finetune.run(cfg))
-    _say(f"({time.time() - t:.0f}s)")
+    say(f"({time.time() - t:.0f}s)")
 
-    t = _stage(5, "summary")
-    if figures_dir is not None:
-        figures_dir.mkdir(parents=True, exist_ok=True)
-        for png in (out / "analysis" / "figures").glob("*.png"):
-            shutil.copy2(png, figures_dir / png.name)
-        _say(f"figures copied to {figures_dir}")
+    t = stage(3, total, "pre-training: NMI-HAD students of the MIM teacher, PAD (unip-pretrain)")
+    mim = doc["models"]["mim"]
+    selected = distilled_layer(mim, "selected")
+    ablation, ablation_row = distilled_layer(mim, "last"), "last"
+    if ablation == selected:
+        ablation, ablation_row = distilled_layer(mim, "local"), "local"
+        if "last" in p.rows:
+            say(
+                f"  the MIM teacher's last layer ({mim['depth']}) is its selected layer: the last-layer "
+                f"ablation would repeat the selected row, so the ablation row distils its most local "
+                f"layer ({ablation}) instead"
+            )
+    labels = {"random": "random init", "selected": f"NMI-HAD, layer {selected} (selected)",
+              "teacher": "MIM teacher", "last": f"NMI-HAD, layer {ablation} (last)",
+              "local": f"NMI-HAD, layer {ablation} (most local)", "pad": "PAD of the MIM teacher",
+              "selected_pixl": f"NMI-HAD, layer {selected} + PiXL", "mim_teacher": "MIM teacher (probe)",
+              "sup_teacher": "supervised teacher (probe)"}  # fmt: skip
+    arch = safetensors_metadata(teachers["mim"])["arch"]
+    backbones: list[dict] = []
+    ft_only = ["ft"]
+    for row in p.rows:
+        if row == "random":
+            backbones.append({"name": "random", "backbone": f"random:{STUDENT}", "modes": ft_only})
+        elif row in ("selected", "selected_pixl"):
+            entry = {"name": row, "backbone": str(distil(out, sel_path, unlabelled, selected, selected, p))}
+            if row == "selected_pixl":
+                entry["options"] = {"pixel-loss": "pixl"}
+            backbones.append({**entry, "modes": ft_only})
+        elif row == "last":
+            run_dir = distil(out, sel_path, unlabelled, ablation, selected, p)
+            backbones.append({"name": ablation_row, "backbone": str(run_dir), "modes": ft_only})
+        elif row == "teacher":
+            backbones.append(
+                {"name": "teacher", "backbone": f"timm:{arch}:{teachers['mim']}", "modes": ft_only}
+            )
+        elif row == "pad":
+            backbones.append({"name": "pad", "backbone": str(pad(out, teachers["mim"], unlabelled, p)), "modes": ft_only})  # fmt: skip
+    if p.layerwise is not None:
+        for name in p.probed:
+            backbones.append({"name": f"{name}_teacher", "backbone": f"timm:{arch}:{teachers[name]}",
+                              "selection_model": name, "modes": ["lp-layerwise"]})  # fmt: skip
+    say(f"({time.time() - t:.0f}s)")
+
+    t = stage(
+        4, total, "fine-tuning (LL-FPN) of every row and layer-wise probing of the teachers (unip-compare)"
+    )
+    plan = make_plan(out, soda, backbones, p)
+    jobs = jobs or max(1, min(2, len(os.sched_getaffinity(0))))
+    run_cli(
+        "unip-compare",
+        compare_cli.main,
+        ["--plan", str(plan), "--out", str(out / "compare"), "--jobs", str(jobs)],
+    )
+    say(f"({time.time() - t:.0f}s)")
+
+    stage(5, total, "summary")
+    summary = read_summary(out / "compare" / "summary.csv")
     from unip_analysis.report import compare_profiles
 
     for line in compare_profiles(doc):
-        _say(line)
-    names = {"ft": "LL-FPN fine-tuning", "lp": "linear probe (frozen backbone)"}
-    results = {}
-    for (mode, label), metrics in runs.items():
-        mious = [m["miou"] for m in metrics]
-        results[(mode, label)] = {"miou": float(np.mean(mious)), "miou_per_seed": mious}
-        _say(
-            f"mIoU, {names[mode]}, {label} backbone, {ft_iters} iterations: mean {np.mean(mious):.4f} "
-            f"over seeds {list(seeds)} ({' '.join(f'{v:.4f}' for v in mious)})"
-        )
-    for mode in ("ft", "lp"):
-        gains = np.subtract(runs_miou(runs, mode, "distilled"), runs_miou(runs, mode, "random init"))
-        _say(f"{names[mode]}: distilled minus random init {gains.mean():+.4f} mIoU, {paired_verdict(gains)}")
-    _say(f"report: {out / 'analysis' / 'report.html'}")
-    _say(f"selection: {sel_path}")
-    _say(f"demo finished in {time.time() - t_start:.0f}s")
-    return {
-        "selection": doc,
-        "finetune": {f"{m} {label}": r for (m, label), r in results.items()},
-        "seeds": list(seeds),
-        "seconds": time.time() - t_start,
-    }
-
-
-def runs_miou(runs: dict, mode: str, label: str) -> list[float]:
-    return [m["miou"] for m in runs[(mode, label)]]
-
-
-def paired_verdict(gains: np.ndarray, margin: float = 0.01) -> str:
-    """What per-seed differences (distilled minus random init) support, said plainly: a difference
-    counts when every seed agrees on its sign and the mean clears ``margin``."""
-    per_seed = " ".join(f"{g:+.4f}" for g in gains)
-    if len(gains) > 1:
-        per_seed = f"per seed {per_seed}"
-    if gains.mean() > margin and (gains > 0).all():
-        return f"distillation helped at this tiny scale ({per_seed})"
-    if gains.mean() < -margin and (gains < 0).all():
-        return f"distillation hurt at this tiny scale ({per_seed})"
-    return f"no clear difference at this tiny scale ({per_seed})"
+        say(line)
+    say(
+        f"\nLL-FPN fine-tuning on {p.train} labelled scenes, {p.ft_iters} iterations, seeds "
+        f"{', '.join(map(str, p.seeds))} (paired: a seed fixes the head's init and the data order):"
+    )
+    for line in table(summary, labels):
+        say("  " + line)
+    probe = layerwise_lines(summary, doc)
+    if probe:
+        say("\nlayer-wise linear probing of the teachers (mIoU, mean over seeds; pattern of the layer):")
+        for line in probe:
+            say(line)
+    if figures_dir is not None:
+        figures_dir.mkdir(parents=True, exist_ok=True)
+        for png in [
+            *(out / "analysis" / "figures").glob("*.png"),
+            *(out / "compare" / "figures").glob("*.png"),
+        ]:
+            shutil.copy2(png, figures_dir / png.name)
+        say(f"figures copied to {figures_dir}")
+    say(f"\nanalysis report: {out / 'analysis' / 'report.html'}")
+    say(f"comparison report: {out / 'compare' / 'report.html'}")
+    seconds = time.time() - t_start
+    say(f"demo ({preset}) finished in {seconds / 60:.1f} min")
+    return {"selection": doc, "summary": summary, "labels": labels, "seconds": seconds}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("demo_out"))
-    ap.add_argument("--quick", action="store_true", help="tiny settings (the test suite uses this)")
-    ap.add_argument("--figures-dir", type=Path, help="also copy the analysis figures here (make figures)")
+    ap.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="demo",
+        help="demo: random vs selected (make demo, ~10 min on 2 cores); experiment: every row "
+        "(make experiment, ~40 min); quick: tiny settings (the test suite)",
+    )
+    ap.add_argument("--rows", help=f"comma-separated rows, overriding the preset's ({','.join(ROWS)})")
+    ap.add_argument("--jobs", type=int, help="fine-tuning cells at a time (default: min(2, cores))")
+    ap.add_argument("--figures-dir", type=Path, help="also copy the figures here (make figures)")
     args = ap.parse_args(argv)
-    run(args.out, quick=args.quick, figures_dir=args.figures_dir)
+    rows = None
+    if args.rows:
+        rows = tuple(args.rows.split(","))
+        unknown = [r for r in rows if r not in ROWS]
+        if unknown:
+            ap.error(f"--rows {','.join(unknown)}: expected some of {','.join(ROWS)}")
+        if "random" not in rows:
+            ap.error("--rows must include random (the baseline of the paired differences)")
+    run(args.out, preset=args.preset, rows=rows, jobs=args.jobs, figures_dir=args.figures_dir)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())
