@@ -24,6 +24,7 @@ from unip_analysis import images as imgs
 from unip_analysis import workers
 from unip_analysis.checkpoints import build_vit
 from unip_train.finetune import cli as finetune
+from unip_train.finetune import config as finetune_config
 from unip_train.finetune.datasets import SegDataset, read_grey
 from unip_train.pretrain import cli as pretrain
 from unip_train.pretrain.data import InfMix
@@ -254,18 +255,32 @@ def test_pretrain_sigkill_and_resume_with_persistent_workers_is_bit_identical(
 
 
 def test_every_cli_defaults_to_the_machines_cores_and_takes_both_spellings(monkeypatch):
+    """The parsers leave the count open (None); each CLI resolves it with its --device: the cores
+    for a GPU run (tests/test_runs.py checks the CPU rule)."""
+    from dataclasses import replace
+
     from unip_analysis import cli as analyze_cli
 
     def default(parser: argparse.ArgumentParser, dest: str) -> int:
         return next(a for a in parser._actions if a.dest == dest).default
 
+    assert default(finetune.build_parser(), "workers") is None
+    assert default(pretrain.get_args_parser(), "num_workers") is None
+    assert default(analyze_cli.build_parser(), "num_workers") is None
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     for cores in (1, 3):
         monkeypatch.setattr(workers, "available_cores", lambda cores=cores: cores)
-        assert default(finetune.build_parser(), "workers") == cores
-        assert default(pretrain.get_args_parser(), "num_workers") == cores
-        assert default(analyze_cli.build_parser(), "num_workers") == cores
-        cfg = finetune.FinetuneConfig(backbone="x", dataset="folder", data_root=".", out=".")
-        assert cfg.workers == cores
+        cfg = finetune.FinetuneConfig(
+            backbone="timm:vit_tiny_patch16_224:w.safetensors", dataset="folder", data_root=".", out=".",
+            device="cuda", num_classes=2,
+        )  # fmt: skip
+        assert cfg.workers is None and finetune_config.resolve(cfg).workers == cores
+        assert finetune_config.resolve(replace(cfg, workers=0)).workers == 0
+        args = pretrain.get_args_parser().parse_args(
+            ["--selection", "s", "--teacher", "t", "--infrared", "d", "--device", "cuda", "--out", "o"]
+        )
+        pretrain.check_args(args)
+        assert args.num_workers == cores
     for parser, dest in (
         (finetune.build_parser(), "workers"),
         (pretrain.get_args_parser(), "num_workers"),
@@ -288,7 +303,7 @@ def test_no_worker_count_warning_with_the_default_on_a_two_core_machine(monkeypa
             list(keyed_loader(Keys(), stream, num_workers=n))
         return [str(w.message) for w in caught if "worker" in str(w.message)]
 
-    assert workers.default_num_workers() == 2 and warned(2) == []
+    assert workers.default_num_workers("cuda") == 2 and warned(2) == []
     assert warned(3)  # the warning the default avoids
 
 

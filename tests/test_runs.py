@@ -99,11 +99,50 @@ def test_scalar_log_truncates_on_resume_and_writes_tensorboard(tmp_path):
 def test_default_num_workers_fits_the_machine(monkeypatch):
     monkeypatch.setattr(workers, "available_cores", lambda: 2)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert runs.default_num_workers() == 2
+    assert runs.default_num_workers("cuda") == 2
     monkeypatch.setattr(workers, "available_cores", lambda: 64)
-    assert runs.default_num_workers() == runs.MAX_DEFAULT_WORKERS
+    assert runs.default_num_workers("cuda") == runs.MAX_DEFAULT_WORKERS
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
-    assert runs.default_num_workers() == 4
+    assert runs.default_num_workers("cuda") == 4
+
+
+def test_default_num_workers_leaves_the_cpu_to_the_compute(monkeypatch):
+    """A model on the CPU computes with torch's threads on the same cores: workers get only the
+    cores those threads leave free."""
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(workers, "available_cores", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert runs.default_num_workers("cpu") == 0
+    monkeypatch.setattr(workers, "available_cores", lambda: 16)
+    assert runs.default_num_workers("cpu") == 8 and runs.default_num_workers("cuda:0") == 8
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 12)
+    assert runs.default_num_workers("cpu") == 4
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert runs.default_num_workers("auto") == 4  # auto without a GPU is the CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert runs.default_num_workers("auto") == 8
+
+
+def test_clis_resolve_the_worker_default_with_their_device(monkeypatch, tmp_path):
+    from dataclasses import replace
+
+    from unip_train.finetune.config import FinetuneConfig, resolve
+    from unip_train.pretrain import cli as pretrain_cli
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(workers, "available_cores", lambda: 4)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    cfg = FinetuneConfig(
+        backbone="timm:vit_tiny_patch16_224:w.safetensors", dataset="soda", data_root=str(tmp_path), out="o",
+        device="cpu",
+    )  # fmt: skip
+    assert resolve(cfg).workers == 0
+    assert resolve(replace(cfg, device="cuda")).workers == 4
+    assert resolve(replace(cfg, workers=3)).workers == 3
+    args = pretrain_cli.get_args_parser().parse_args(["--selection", "s.json", "--teacher", "t", "--infrared", "d",
+                                                      "--device", "cpu", "--out", "o"])  # fmt: skip
+    pretrain_cli.check_args(args)
+    assert args.num_workers == 0
 
 
 class _Unreadable(torch.utils.data.Dataset):

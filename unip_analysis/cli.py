@@ -150,10 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-workers",
         "--workers",
         type=_non_negative_int,
-        default=default_num_workers(),
+        default=None,
         metavar="N",
-        help=f"image-decoding worker processes (default: the cores available, at most {MAX_DEFAULT_WORKERS}: "
-        f"{default_num_workers()} here)",
+        help=f"image-decoding worker processes (default: the cores available, at most {MAX_DEFAULT_WORKERS}, "
+        f"less torch's threads when the model runs on the CPU: {default_num_workers()} here with --device auto)",
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bars (shown only on a terminal)")
     run.add_argument("--debug", action="store_true", help="show the full traceback on errors")
@@ -383,7 +383,7 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
             device=device,
             query_points=points,
             map_images=args.map_images,
-            num_workers=args.num_workers,
+            num_workers=args.num_workers if args.num_workers is not None else default_num_workers(args.device),
             progress=not args.no_progress and sys.stderr.isatty(),  # no bar fragments in logs
             precision=args.precision,
         )

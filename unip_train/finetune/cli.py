@@ -591,9 +591,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         dest="workers",
         type=int,
-        default=runs.default_num_workers(),
-        help=f"data loader processes per training process, started once (cores / local processes, at most "
-        f"{runs.MAX_DEFAULT_WORKERS}: {runs.default_num_workers()} here)",
+        default=None,
+        help=f"data loader processes per training process, started once (default: cores / local processes, at "
+        f"most {runs.MAX_DEFAULT_WORKERS}, less torch's threads when the model runs on the CPU: "
+        f"{runs.default_num_workers()} here with --device auto)",
     )
     g.add_argument("--device", default="auto", help="auto | cpu | cuda")
     g.add_argument("--no-amp", dest="amp", action="store_false", help="full precision on CUDA")

@@ -82,7 +82,7 @@ class FinetuneConfig:
     train_split: str = "train"
     eval_split: str | None = None  # default test
     seed: int = 0
-    workers: int = field(default_factory=default_num_workers)  # loader processes: the cores, capped
+    workers: int | None = None  # loader processes; None: default_num_workers(device), see normalize
     device: str = "auto"
     amp: bool = True  # mixed precision (fp16) on CUDA only
     log_every: int = 20
@@ -158,6 +158,7 @@ def resolve(cfg: FinetuneConfig) -> FinetuneConfig:
         betas=tuple(cfg.betas),
         label_fraction=None if cfg.label_fraction is None else str(cfg.label_fraction),
         unlabelled=[str(d) for d in cfg.unlabelled or ()],
+        workers=cfg.workers if cfg.workers is not None else default_num_workers(cfg.device),
     )
     for name in (
         "iters",

@@ -119,9 +119,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--num-workers",
         "--workers",
         type=int,
-        default=runs.default_num_workers(),
-        help=f"data loader processes per training process (cores / local processes, at most "
-        f"{runs.MAX_DEFAULT_WORKERS}: {runs.default_num_workers()} here)",
+        default=None,
+        help=f"data loader processes per training process (default: cores / local processes, at most "
+        f"{runs.MAX_DEFAULT_WORKERS}, less torch's threads when the model runs on the CPU: "
+        f"{runs.default_num_workers()} here with --device auto)",
     )
     g = p.add_argument_group("optimization")
     g.add_argument("--epochs", type=int, default=100, help="(100)")
@@ -232,6 +233,8 @@ def check_args(args: argparse.Namespace) -> None:
     for name in positive:
         if getattr(args, name) < 1:
             raise SpecError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.num_workers is None:
+        args.num_workers = runs.default_num_workers(args.device)
     for name in ("epochs", "warmup_epochs", "ckpt_every_steps", "num_workers"):
         if getattr(args, name) < 0:
             raise SpecError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
