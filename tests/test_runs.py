@@ -121,6 +121,8 @@ def test_default_num_workers_leaves_the_cpu_to_the_compute(monkeypatch):
     assert runs.default_num_workers("auto") == 4  # auto without a GPU is the CPU
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert runs.default_num_workers("auto") == 8
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert runs.default_num_workers(None) == 8  # no model (unip-rois): every core
 
 
 def test_clis_resolve_the_worker_default_with_their_device(monkeypatch, tmp_path):

@@ -29,8 +29,11 @@ def available_cores() -> int:
 
 
 def computes_on_cpu(device: str | None = "auto") -> bool:
-    """Whether a run with ``--device device`` computes on the CPU (``auto``: when no GPU is seen)."""
-    device = (device or "auto").lower()
+    """Whether a run with ``--device device`` computes on the CPU (``auto``: when no GPU is seen;
+    ``None``: no model at all, as in unip-rois)."""
+    if device is None:
+        return False
+    device = device.lower()
     return device.startswith("cpu") or (device == "auto" and not torch.cuda.is_available())
 
 
