@@ -25,6 +25,7 @@ from unip_analysis import workers
 from unip_analysis.checkpoints import build_vit
 from unip_train.finetune import cli as finetune
 from unip_train.finetune import config as finetune_config
+from unip_train.finetune import datasets as finetune_datasets
 from unip_train.finetune.datasets import SegDataset, read_grey
 from unip_train.pretrain import cli as pretrain
 from unip_train.pretrain.data import InfMix
@@ -346,3 +347,34 @@ def test_analyze_worker_error_is_one_line(tiny_vit, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "Original" not in proc.stderr
     (line,) = proc.stderr.splitlines()
     assert line.startswith(f"unip-analyze: error: {bad}: cannot decode image")
+
+
+# --- decoded images kept in memory ---------------------------------------------------------------
+
+
+def test_cached_images_give_the_same_samples_within_the_budget(folder, monkeypatch):
+    from unip_train.finetune.datasets import TrainAugment
+    from unip_train.finetune.semi import labelled_subset
+
+    def dataset(cache_mb: float) -> SegDataset:
+        ds = SegDataset(folder, "folder", "train", transform=TrainAugment.for_crop(32), seed=3)
+        ds.cache_mb = cache_mb
+        return ds
+
+    plain, cached = dataset(0), dataset(1024)
+    decodes = []
+    real_read = finetune_datasets.read_grey
+    monkeypatch.setattr(finetune_datasets, "read_grey", lambda *a: decodes.append(a[0]) or real_read(*a))
+    for epoch in range(3):
+        for i in range(len(plain)):
+            for a, b in zip(plain.item(i, epoch), cached.item(i, epoch)):
+                assert a.dtype == b.dtype and torch.equal(a, b)
+    assert len(decodes) == 3 * len(plain) + len(plain)  # the cached dataset decoded each file once
+    # A subset (label-fraction runs) shares the cache by file, never by index.
+    sub = labelled_subset(cached, [cached.samples[5].stem])
+    assert torch.equal(sub.load(0)[0], plain.load(5)[0])
+    # The budget bounds it: one 40 x 40 pair is 8,000 bytes; room for 3 of them.
+    small = dataset(3 * 8000 / 2**20)
+    for i in range(len(small)):
+        small.load(i)
+    assert len(small._cache) == 3 and small._cached_bytes == 24000

@@ -192,6 +192,7 @@ def setup(
         cfg.data_root, cfg.dataset, cfg.eval_split, cfg.num_classes, EvalResize.for_crop(cfg.crop),
         label_map=train_set.label_map,
     )  # fmt: skip
+    train_set.cache_mb = cfg.cache_mb
     cfg = replace(cfg, label_map=train_set.label_map)
     # Semi-supervision: the labelled part of the split, and the images the mean teacher labels.
     semi = prepare_semi(
@@ -595,6 +596,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"data loader processes per training process, started once (default: cores / local processes, at "
         f"most {runs.MAX_DEFAULT_WORKERS}, less torch's threads when the model runs on the CPU: "
         f"{runs.default_num_workers()} here with --device auto)",
+    )
+    g.add_argument(
+        "--cache-mb",
+        type=float,
+        default=1024.0,
+        help="decoded training images kept in memory, MiB per training process, shared among its loader "
+        "workers (1024; 0: decode every time). Results do not depend on it",
     )
     g.add_argument("--device", default="auto", help="auto | cpu | cuda")
     g.add_argument("--no-amp", dest="amp", action="store_false", help="full precision on CUDA")

@@ -83,6 +83,7 @@ class FinetuneConfig:
     eval_split: str | None = None  # default test
     seed: int = 0
     workers: int | None = None  # loader processes; None: default_num_workers(device), see normalize
+    cache_mb: float = 1024.0  # decoded training images kept in memory per process (0: none)
     device: str = "auto"
     amp: bool = True  # mixed precision (fp16) on CUDA only
     log_every: int = 20
@@ -171,6 +172,8 @@ def resolve(cfg: FinetuneConfig) -> FinetuneConfig:
     ):
         if getattr(out, name) < 1:
             raise FinetuneError(f"--{name.replace('_', '-')} must be positive, got {getattr(out, name)}")
+    if out.cache_mb < 0:
+        raise FinetuneError(f"--cache-mb {out.cache_mb}: expected 0 (no cache) or more")
     if out.workers < 0:
         raise FinetuneError(f"--num-workers {out.workers}: expected 0 (load in this process) or more")
     if not 0.0 <= out.drop_path < 1.0:

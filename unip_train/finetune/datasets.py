@@ -400,6 +400,9 @@ class SegDataset(KeyedDataset):
         self.samples = [self._locate(e, path, image_dir) for e in entries]
         self.label_map = self._choose_label_map(label_map, check_values)
         self.lut = label_lut(self.layout.label_ids if self.label_map == "cityscapes" else None)
+        self.cache_mb = 0.0  # decoded images kept in memory (see load); the trainer sets it
+        self._cache: dict[Path, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cached_bytes = 0
 
     def _locate(self, entry: SplitEntry, split_path: Path, image_dir: str) -> Sample:
         if entry.label is not None:
@@ -482,11 +485,28 @@ class SegDataset(KeyedDataset):
         return len(self.samples)
 
     def load(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw grey image [H, W] (0-255 float) and label [H, W] (int64 class indices), before any transform."""
+        """Raw grey image [H, W] (0-255 float) and label [H, W] (int64 class indices), before any transform.
+
+        Decoded pairs are kept in memory up to :attr:`cache_mb` per training process (shared out
+        among its loader workers, each of which holds its own), first come first kept: later epochs
+        read them without decoding. The values are the decoded ones, so a run is the same with or
+        without the cache. Transforms must not modify the image in place (none does)."""
         s = self.samples[i]
-        img = torch.from_numpy(read_grey(s.image, self.layout.thermal_channel))
-        label = read_label(s.label, self.num_classes, self.lut, self._range_hint(self.label_map))
-        return img, torch.from_numpy(label.astype(np.int64))
+        hit = self._cache.get(s.image)  # keyed by file: subsets (labelled_subset) share the cache
+        if hit is None:
+            img = torch.from_numpy(read_grey(s.image, self.layout.thermal_channel))
+            label = torch.from_numpy(read_label(s.label, self.num_classes, self.lut, self._range_hint(self.label_map)))
+            hit = (img, label)
+            size = img.nbytes + label.nbytes
+            if self._cached_bytes + size <= self._cache_budget():
+                self._cache[s.image] = hit
+                self._cached_bytes += size
+        img, label = hit
+        return img, label.long()
+
+    def _cache_budget(self) -> float:
+        info = torch.utils.data.get_worker_info()
+        return self.cache_mb * 2**20 / (info.num_workers if info is not None else 1)
 
     def item(self, i: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample ``i`` transformed with the draws of (seed, ``epoch``, ``i``)."""
