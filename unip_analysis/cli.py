@@ -13,7 +13,6 @@ one line on stderr, exit status 2, and nothing written.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ import torch
 from . import __version__, analyze, checkpoints, images, report
 from .checkpoints import CheckpointSpec, LoadedBackbone
 from .errors import SpecError, UnipError, error_line
+from .files import read_json
 from .patterns import Thresholds, default_thresholds
 from .workers import MAX_DEFAULT_WORKERS, default_num_workers
 
@@ -187,12 +187,7 @@ def read_manifest(path: str | Path) -> list[CheckpointSpec]:
     fix = 'expected {"checkpoints": [{"name": ..., "family": ..., "arch": ..., "path": ...}, ...]}'
     if not path.is_file():
         raise SpecError(f"{path}: manifest not found; pass an existing JSON file with --manifest")
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SpecError(f"{path}: manifest is not valid JSON ({e}); {fix}") from None
-    except OSError as e:
-        raise SpecError(f"{path}: cannot read manifest ({e.strerror})") from None
+    doc = read_json(path, SpecError, "manifest", fix)
     entries = doc.get("checkpoints") if isinstance(doc, dict) else None
     if not isinstance(entries, list) or not entries:
         raise SpecError(f"{path}: manifest has no non-empty 'checkpoints' list; {fix}")
@@ -383,7 +378,9 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
             device=device,
             query_points=points,
             map_images=args.map_images,
-            num_workers=args.num_workers if args.num_workers is not None else default_num_workers(args.device),
+            num_workers=args.num_workers
+            if args.num_workers is not None
+            else default_num_workers(args.device),
             progress=not args.no_progress and sys.stderr.isatty(),  # no bar fragments in logs
             precision=args.precision,
         )

@@ -1,12 +1,14 @@
-"""Atomic writes and content hashes shared by every output the toolkit produces."""
+"""Atomic writes, content hashes and JSON reading shared by every file the toolkit writes or reads."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -47,3 +49,15 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return atomic_write(path, lambda p: p.write_bytes(data))
+
+
+def read_json(path: str | os.PathLike, error: type[Exception], what: str = "file", fix: str = "") -> Any:
+    """The parsed content of a JSON file. A file that cannot be read or is not JSON raises ``error``
+    with one line that names it: ``PATH: WHAT is not valid JSON (...); FIX``."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: {what} is not valid JSON ({e}){'; ' + fix if fix else ''}") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read the {what} ({e.strerror})") from None

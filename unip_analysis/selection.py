@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SelectionError
-from .files import atomic_write_text, sha256_file
+from .files import atomic_write_text, read_json, sha256_file
 from .patterns import PATTERNS
 
 SCHEMA_VERSION = 1
@@ -136,11 +136,9 @@ def read(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise SelectionError(f"{path}: selection file not found; run unip-analyze first")
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SelectionError(f"{path}: not valid JSON ({e}); regenerate it with unip-analyze") from None
-    return validate(doc, str(path))
+    return validate(
+        read_json(path, SelectionError, "selection file", "regenerate it with unip-analyze"), str(path)
+    )
 
 
 def model_entry(doc: dict, name: str, src: str = "layer_selection.json") -> dict:

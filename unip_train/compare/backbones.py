@@ -19,6 +19,7 @@ from pathlib import Path
 
 from unip_analysis.checkpoints import FAMILIES, parse_arch
 from unip_analysis.errors import SpecError
+from unip_analysis.files import read_json
 
 RANDOM_FAMILY = "random"
 # Run folders: (weights file, json beside it, family when the json does not name one).
@@ -97,10 +98,7 @@ def _run_folder(folder: Path) -> Backbone:
             continue
         if not weights.is_file():
             raise SpecError(f"{folder}: has {json_name} but no {weights_name}; the run did not finish")
-        try:
-            info = json.loads(info_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise SpecError(f"{info_path}: not valid JSON ({e})") from None
+        info = read_json(info_path, SpecError, json_name)
         arch = info.get("arch") if isinstance(info, dict) else None
         if not isinstance(arch, str) or not arch:
             raise SpecError(f"{info_path}: no 'arch' entry naming the architecture")
