@@ -41,6 +41,7 @@ import numpy as np
 from unip_analysis import cli as analyze_cli
 from unip_analysis import selection
 from unip_analysis.checkpoints import safetensors_metadata
+from unip_analysis.workers import available_cores
 
 from . import demo_task
 from .compare import cli as compare_cli
@@ -337,7 +338,7 @@ def run(
         4, total, "fine-tuning (LL-FPN) of every row and layer-wise probing of the teachers (unip-compare)"
     )
     plan = make_plan(out, soda, backbones, p)
-    jobs = jobs or max(1, min(2, len(os.sched_getaffinity(0))))
+    jobs = jobs or max(1, min(2, available_cores()))
     run_cli(
         "unip-compare",
         compare_cli.main,
