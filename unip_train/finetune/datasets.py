@@ -585,7 +585,11 @@ class TrainAugment:
             if self.cat_max_ratio >= 1.0:
                 break
             # Accept a crop unless one class fills more than cat_max_ratio of its labelled pixels.
-            counts = torch.bincount(lab[lab != IGNORE_INDEX].flatten())
+            # (Counting every value and dropping the ignore index's count is the same as counting
+            # the labelled pixels, without the masked copy.)
+            counts = torch.bincount(lab.flatten())
+            if len(counts) > IGNORE_INDEX:
+                counts[IGNORE_INDEX] = 0
             counts = counts[counts > 0]
             if len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio:
                 break
