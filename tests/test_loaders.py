@@ -357,9 +357,7 @@ def test_cached_images_give_the_same_samples_within_the_budget(folder, monkeypat
     from unip_train.finetune.semi import labelled_subset
 
     def dataset(cache_mb: float) -> SegDataset:
-        ds = SegDataset(folder, "folder", "train", transform=TrainAugment.for_crop(32), seed=3)
-        ds.cache_mb = cache_mb
-        return ds
+        return SegDataset(folder, "folder", "train", transform=TrainAugment.for_crop(32), seed=3, cache_mb=cache_mb)
 
     plain, cached = dataset(0), dataset(1024)
     decodes = []

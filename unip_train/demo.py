@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import shutil
 import sys
 import time
@@ -41,6 +40,7 @@ import numpy as np
 from unip_analysis import cli as analyze_cli
 from unip_analysis import selection
 from unip_analysis.checkpoints import safetensors_metadata
+from unip_analysis.files import atomic_write_text
 from unip_analysis.workers import available_cores
 
 from . import demo_task
@@ -191,11 +191,7 @@ def make_plan(out: Path, soda: Path, backbones: list[dict], p: Preset) -> Path:
         "datasets": [{"dataset": "soda", "root": str(soda)}],
         "modes": modes,
     }
-    path = out / "plan.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(plan, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(out / "plan.json", json.dumps(plan, indent=2) + "\n")
 
 
 def read_summary(path: Path) -> list[dict]:

@@ -185,14 +185,13 @@ def setup(
     amp = cfg.amp and dist.device.type == "cuda"
     train_set = SegDataset(
         cfg.data_root, cfg.dataset, cfg.train_split, cfg.num_classes, TrainAugment.for_crop(cfg.crop),
-        seed=cfg.seed, label_map=cfg.label_map,
+        seed=cfg.seed, label_map=cfg.label_map, cache_mb=cfg.cache_mb,
     )  # fmt: skip
     # The evaluation split is read as the training split was (the detected label IDs included).
     eval_set = SegDataset(
         cfg.data_root, cfg.dataset, cfg.eval_split, cfg.num_classes, EvalResize.for_crop(cfg.crop),
         label_map=train_set.label_map,
     )  # fmt: skip
-    train_set.cache_mb = cfg.cache_mb
     cfg = replace(cfg, label_map=train_set.label_map)
     # Semi-supervision: the labelled part of the split, and the images the mean teacher labels.
     semi = prepare_semi(

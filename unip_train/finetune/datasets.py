@@ -373,6 +373,7 @@ class SegDataset(KeyedDataset):
         check_values: bool = True,
         seed: int = 0,
         label_map: str = "auto",
+        cache_mb: float = 0.0,
     ):
         self.root = Path(root)
         if not self.root.is_dir():
@@ -400,7 +401,7 @@ class SegDataset(KeyedDataset):
         self.samples = [self._locate(e, path, image_dir) for e in entries]
         self.label_map = self._choose_label_map(label_map, check_values)
         self.lut = label_lut(self.layout.label_ids if self.label_map == "cityscapes" else None)
-        self.cache_mb = 0.0  # decoded images kept in memory (see load); the trainer sets it
+        self.cache_mb = cache_mb  # decoded images kept in memory (see load)
         self._cache: dict[Path, tuple[torch.Tensor, torch.Tensor]] = {}
         self._cached_bytes = 0
 
