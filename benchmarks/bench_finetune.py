@@ -23,12 +23,21 @@ loss), forward and backward, and the optimizer step (timestamps from module and 
 batch 4 (2 iterations an epoch), 80 iterations, the whole ``train`` call timed with no workers and
 with the default count, alternating.
 
+Variants (``--variants``, each a ``+``-joined set): ``default`` (the product's options: ``--amp auto``,
+float32 on the CPU, bf16 on CUDA), ``fp32``, ``fp16``, ``bf16`` (``--amp``), ``cl``
+(``--channels-last``) and ``compile`` (``--compile``); e.g. ``bf16+cl+compile``. The bare loop runs
+the same precision, memory order and compiled module. On CUDA both loops synchronise once a step to
+be timed, and the backbone / neck / heads split is left out (host timestamps would not bound the
+kernels).
+
 Prints one JSON line; each configuration's ``ratio_real_over_bare`` is real / bare seconds per
 iteration (target <= 1.10 on the CPU).
 
     .venv/bin/python benchmarks/bench_finetune.py                      # the full grid (long on 2 cores)
     .venv/bin/python benchmarks/bench_finetune.py --heads linear --archs vit_tiny_patch16_224
     .venv/bin/python benchmarks/bench_finetune.py --quick              # tiny, for the smoke test
+    python benchmarks/bench_finetune.py --device cuda --archs vit_small_patch16_224 --crops 512 \
+        --variants default fp32 fp16 bf16+cl bf16+compile        # GPU precision / layout / compile rows
 """
 
 from __future__ import annotations
@@ -94,11 +103,37 @@ def make_data(root: Path, n: int, size: tuple[int, int]) -> Path:
     return out
 
 
-def config(backbone: str, data: Path, out: Path, crop: int, iters: int, workers: int | None, **kw):
+def variant_options(name: str) -> dict:
+    """``--variants`` entry -> unip-finetune options, e.g. ``bf16+cl`` -> amp bf16, channels_last."""
+    opts: dict = {}
+    for part in name.split("+"):
+        if part in ("fp32", "fp16", "bf16"):
+            opts["amp"] = {"fp32": "none"}.get(part, part)
+        elif part == "cl":
+            opts["channels_last"] = True
+        elif part == "compile":
+            opts["compile"] = True
+        elif part != "default":
+            raise SystemExit(f"--variants {name!r}: parts are default, fp32, fp16, bf16, cl, compile")
+    return opts
+
+
+def config(
+    backbone: str,
+    data: Path,
+    out: Path,
+    crop: int,
+    iters: int,
+    workers: int | None,
+    device: str = "cpu",
+    **kw,
+):
     """unip-finetune's defaults, with the benchmark's crop, head, length and run folder."""
     from unip_train.finetune.config import FinetuneConfig, resolve
 
-    opts = dict(backbone=backbone, dataset="folder", data_root=str(data), out=str(out), crop=crop)
+    opts = dict(
+        backbone=backbone, dataset="folder", data_root=str(data), out=str(out), crop=crop, device=device
+    )
     opts.update(iters=iters, progress=False, **kw)  # no progress bar: the JSON line is the output
     if workers is not None:
         opts["workers"] = workers
@@ -114,7 +149,7 @@ def build_state(cfg):
     from unip_train.finetune.cli import setup
 
     with contextlib.redirect_stdout(sys.stderr):  # its notes; stdout holds the JSON line only
-        state, _, _ = setup(cfg, du.init_distributed("cpu"), [])
+        state, _, _ = setup(cfg, du.init_distributed(cfg.device), [])
     return state
 
 
@@ -125,9 +160,13 @@ def real_loop(state, warmup: int, timed: int) -> dict:
     from unip_train.finetune.engine import train
 
     stamps: list[tuple[float, float]] = []  # (wall, CPU of this process and its workers) per step
-    hook = state.optimizer.register_step_post_hook(
-        lambda *_: stamps.append((time.perf_counter(), cpu_seconds()))
-    )
+    sync = device_sync(state.dist.device)
+
+    def stamp(*_) -> None:
+        sync()
+        stamps.append((time.perf_counter(), cpu_seconds()))
+
+    hook = state.optimizer.register_step_post_hook(stamp)
     saves: list[float] = []
 
     def save(it: int) -> None:
@@ -203,37 +242,56 @@ class Split:
             h.remove()
 
 
+def device_sync(device):
+    """What makes a host timestamp bound the device's work: a CUDA synchronise, nothing on the CPU."""
+    import torch
+
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
 def bare_loop(state, steps: int, seed: int = 0) -> tuple[list[float], list[float], list[dict]]:
-    """``steps`` bare iterations on ready-made tensors: wall and CPU seconds each, and each one's split."""
+    """``steps`` bare iterations on ready-made tensors: wall and CPU seconds each, and each one's split
+    (the split on the CPU and without --compile only; empty otherwise)."""
     import torch
 
     from unip_train.finetune.losses import seg_loss
+    from unip_train.precision import autocast
 
-    cfg, model, opt = state.cfg, state.model, state.optimizer
+    cfg, model, opt, scaler = state.cfg, state.ddp, state.optimizer, state.scaler
+    device = state.dist.device
     g = torch.Generator().manual_seed(seed)
     b = cfg.batch_size
-    img = torch.randn(b, 3, cfg.crop, cfg.crop, generator=g)
-    label = torch.randint(0, model.num_classes, (b, cfg.crop, cfg.crop), generator=g)
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    img = torch.randn(b, 3, cfg.crop, cfg.crop, generator=g).to(device, memory_format=fmt)
+    label = torch.randint(0, state.model.num_classes, (b, cfg.crop, cfg.crop), generator=g).to(device)
+    sync = device_sync(device)
     model.train()
-    split = Split(model)
+    split = Split(state.model) if device.type == "cpu" and not cfg.compile else None
     times, cpu, splits = [], [], []
     try:
         for _ in range(steps):
-            split.t = {}
+            if split is not None:
+                split.t = {}
+            sync()
             c0 = cpu_seconds()
             t0 = time.perf_counter()
-            logits, aux = model(img)
-            loss = seg_loss(logits, label, cfg.ce_average)
-            if aux is not None:
-                loss = loss + cfg.aux_weight * seg_loss(aux, label, cfg.ce_average)
+            with autocast(device, state.amp):
+                logits, aux = model(img)
+                loss = seg_loss(logits, label, cfg.ce_average)
+                if aux is not None:
+                    loss = loss + cfg.aux_weight * seg_loss(aux, label, cfg.ce_average)
             t_loss = time.perf_counter()
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             t_bwd = time.perf_counter()
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
+            sync()
             t_end = time.perf_counter()
             times.append(t_end - t0)
             cpu.append(cpu_seconds() - c0)
+            if split is None:
+                continue
             t = split.t
             bb_f = t["backbone_fwd"]
             neck_f = t.get("neck_fwd", bb_f)
@@ -251,12 +309,15 @@ def bare_loop(state, steps: int, seed: int = 0) -> tuple[list[float], list[float
                 }
             )
     finally:
-        split.remove()
+        if split is not None:
+            split.remove()
     return times, cpu, splits
 
 
-def summarize_split(splits: list[dict]) -> dict:
-    """Mean seconds per part, and the shares of backbone / neck / heads / optimizer."""
+def summarize_split(splits: list[dict]) -> dict | None:
+    """Mean seconds per part, and the shares of backbone / neck / heads / optimizer (None: no split)."""
+    if not splits:
+        return None
     mean = {k: statistics.fmean(s[k] for s in splits) for k in splits[0]}
     total = sum(mean.values())
     parts = {
@@ -285,11 +346,12 @@ def data_seconds(state, batches: int = 2) -> float:
 # --- one configuration -----------------------------------------------------------------------------
 
 
-def run_config(root: Path, arch: str, crop: int, head: str, args) -> dict:
+def run_config(root: Path, arch: str, crop: int, head: str, variant: str, args) -> dict:
     backbone = make_backbone(root, arch, crop)
     data = make_data(root, args.train_images, args.image_size)
     out = Path(tempfile.mkdtemp(dir=root))
-    cfg = config(backbone, data, out, crop, args.warmup + args.timed, args.num_workers, **HEADS[head])
+    opts = {**HEADS[head], **variant_options(variant)}
+    cfg = config(backbone, data, out, crop, args.warmup + args.timed, args.num_workers, args.device, **opts)
     state = build_state(cfg)
     # Bare halves before and after the real loop, so a drifting machine load hits both alike.
     bare_loop(state, args.warmup)
@@ -302,6 +364,9 @@ def run_config(root: Path, arch: str, crop: int, head: str, args) -> dict:
         "arch": arch,
         "crop": crop,
         "head": head,
+        "variant": variant,
+        "amp": str(state.amp).replace("torch.", "") if state.amp else "float32",
+        "device": str(state.dist.device),
         "mode": cfg.mode,
         "head_channels": cfg.head_channels if cfg.mode == "ft" else None,
         "aux_channels": cfg.aux_channels if cfg.mode == "ft" else None,
@@ -331,14 +396,22 @@ def small_data(root: Path, args) -> dict:
     crop = args.crops[0] if args.quick else SMALL["crop"]
     backbone = make_backbone(root, arch, crop)
     data = make_data(root, SMALL["images"], args.image_size)
-    default = args.num_workers if args.num_workers is not None else default_num_workers()
+    default = args.num_workers if args.num_workers is not None else default_num_workers(args.device)
     seconds: dict[str, list[float]] = {"workers_0": [], "workers_default": []}
     cpu: dict[str, list[float]] = {"workers_0": [], "workers_default": []}
     for _ in range(args.small_rounds):
         for key, workers in (("workers_0", 0), ("workers_default", default)):
             out = Path(tempfile.mkdtemp(dir=root))
             cfg = config(
-                backbone, data, out, crop, args.small_iters, workers, mode="lp", batch_size=SMALL["batch"]
+                backbone,
+                data,
+                out,
+                crop,
+                args.small_iters,
+                workers,
+                args.device,
+                mode="lp",
+                batch_size=SMALL["batch"],
             )
             state = build_state(cfg)
             c0, t0 = cpu_seconds(), time.perf_counter()
@@ -378,6 +451,13 @@ def main() -> int:
     ap.add_argument("--small-rounds", type=int, default=2, help="small-data runs per setting (2)")
     ap.add_argument("--no-small-data", action="store_true", help="skip the small-data comparison")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    ap.add_argument(
+        "--variants",
+        nargs="+",
+        default=["default"],
+        help="precision / layout / compile sets to run, e.g. default fp32 fp16 bf16+cl bf16+compile (default)",
+    )
     ap.add_argument("--out", help="also write the JSON line to this file")
     args = ap.parse_args()
     import torch
@@ -391,6 +471,8 @@ def main() -> int:
         args.train_images, args.small_iters, args.small_rounds = 8, QUICK["small_iters"], 1
     if args.warmup < 1 or args.timed < 1:
         ap.error("--warmup and --timed must be at least 1")
+    for variant in args.variants:
+        variant_options(variant)  # a misspelt variant fails before any run
 
     with tempfile.TemporaryDirectory(prefix="bench_finetune_") as tmp:
         root = Path(tmp)
@@ -398,7 +480,8 @@ def main() -> int:
         for arch in args.archs:
             for crop in args.crops:
                 for head in args.heads:
-                    results.append(run_config(root, arch, crop, head, args))
+                    for variant in args.variants:
+                        results.append(run_config(root, arch, crop, head, variant, args))
                     print(json.dumps(results[-1]), file=sys.stderr, flush=True)  # progress
         small = None if args.no_small_data else small_data(root, args)
     ratios = [r["ratio_real_over_bare"] for r in results]
@@ -410,7 +493,7 @@ def main() -> int:
         "warmup": args.warmup,
         "timed": args.timed,
         "target_ratio_cpu": TARGET_RATIO,
-        "target_met_cpu": max(ratios) <= TARGET_RATIO,
+        "target_met_cpu": max(ratios) <= TARGET_RATIO if args.device == "cpu" else None,
         "results": results,
         "small_data": small,
     }

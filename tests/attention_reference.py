@@ -75,7 +75,7 @@ def nmi_reference(attn: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
     I = sum_qk p(q) p(k|q) log(p(k|q) / p(k)), NMI = I / sqrt(H(Q) H(K)); rows with eps 1e-8."""
     a = patch_rows(attn, num_prefix_tokens, 1e-8)
     n = a.shape[-2]
-    pq = torch.full(a.shape[:-1], 1.0 / n, dtype=torch.float64)
+    pq = torch.full(a.shape[:-1], 1.0 / n, dtype=torch.float64, device=a.device)
     pk = (a * pq[..., None]).sum(-2)
     mi = (a * pq[..., None] * torch.log(a / pk[..., None, :])).sum((-2, -1))
     hq = -(pq * torch.log(pq)).sum(-1)
@@ -89,5 +89,7 @@ def distance_reference(
     """Mean attention distance in pixels with rows renormalized with 1e-32 (cl-vs-mim)."""
     a = patch_rows(attn, num_prefix_tokens, 1e-32)
     centres = [(r * patch, c * patch) for r in range(grid[0]) for c in range(grid[1])]
-    d = torch.tensor([[math.dist(p, q) for q in centres] for p in centres], dtype=torch.float64)
+    d = torch.tensor(
+        [[math.dist(p, q) for q in centres] for p in centres], dtype=torch.float64, device=a.device
+    )
     return (a * d).sum((-2, -1)) / a.shape[-2]

@@ -14,6 +14,26 @@ from PIL import Image
 torch.set_num_threads(1)
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+
+def pytest_configure(config):
+    """The suite is the CPU suite on every machine (CI has no GPU; bit-identical resume and the CPU
+    messages are what it asserts): unless the run selects the CUDA tests (``pytest -m cuda``), CUDA is
+    hidden from this process and every process it starts, before torch first looks for a device."""
+    if "cuda" not in (config.option.markexpr or ""):
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
+# A test or parameter that needs a GPU: selected by ``pytest -m cuda``, skipped where CUDA is not
+# visible (asked at set-up, never at import: the suite hides CUDA first, see pytest_configure).
+CUDA = pytest.mark.cuda
+
+
+@pytest.fixture(autouse=True)
+def _skip_without_cuda(request):
+    if request.node.get_closest_marker("cuda") and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device (pytest -m cuda on a GPU machine)")
+
+
 TINY_ARCH = "vit_tiny_patch16_224(depth=4,embed_dim=64,num_heads=2,patch_size=8)"
 TINY_IMG = 32  # 4x4 patch grid with patch 8
 
@@ -29,7 +49,9 @@ def write_images(folder: Path, n: int = 6, seed: int = 0, sizes=((40, 48), (32, 
         if kind == 0:
             Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8)).save(folder / f"g8_{i}.png")
         elif kind == 1:
-            Image.fromarray(rng.integers(0, 65536, (h, w), dtype=np.uint16)).save(folder / "sub" / f"g16_{i}.png")
+            Image.fromarray(rng.integers(0, 65536, (h, w), dtype=np.uint16)).save(
+                folder / "sub" / f"g16_{i}.png"
+            )
         else:
             Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"rgb_{i}.jpg")
     return folder

@@ -28,6 +28,16 @@ def test_bench_finetune_quick():
     assert set(small["seconds"]) == {"workers_0", "workers_default"} and small["ratio_default_over_0"] > 0
 
 
+def test_bench_finetune_variants_set_precision_and_memory_order():
+    report = run_quick(
+        "bench_finetune.py", "--heads", "linear", "--variants", "default", "bf16+cl", "--no-small-data"
+    )
+    default, bf16_cl = report["results"]
+    assert (default["variant"], default["amp"], default["device"]) == ("default", "float32", "cpu")
+    assert (bf16_cl["variant"], bf16_cl["amp"]) == ("bf16+cl", "bfloat16")
+    assert bf16_cl["real_s_per_iter"] > 0 and bf16_cl["split"]["seconds"]["backbone_fwd"] > 0
+
+
 def test_bench_pretrain_loop_quick():
     report = run_quick("bench_pretrain_loop.py")
     assert [r["method"] for r in report["results"]] == ["nmi-had", "pad"]

@@ -11,9 +11,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_quick(script: str) -> dict:
+def run_quick(script: str, *extra: str) -> dict:
     out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--threads", "1"],
+        [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--threads", "1", *extra],
         check=True,
         capture_output=True,
         text=True,

@@ -27,7 +27,7 @@ from published_formats import (
 from safetensors.torch import save_file
 
 from unip_analysis import analyze
-from unip_analysis.checkpoints import build_vit, load_backbone
+from unip_analysis.checkpoints import beit_final_norm, build_vit, load_backbone
 from unip_analysis.errors import CheckpointError, SpecError
 
 
@@ -164,7 +164,10 @@ def test_dinov2_release_with_and_without_registers(tmp_path, registers):
 
 
 def test_beit_pretraining_file_with_shared_bias_and_finetuned_file(tmp_path):
-    shared_arch = f"beit_base_patch16_224({SMALL},use_shared_rel_pos_bias=True,use_rel_pos_bias=False,use_fc_norm=False)"
+    final_norm = ",".join(f"{k}={v!r}" for k, v in beit_final_norm().items())  # per timm version
+    shared_arch = (
+        f"beit_base_patch16_224({SMALL},use_shared_rel_pos_bias=True,use_rel_pos_bias=False,{final_norm})"
+    )
     reference = timm_model(shared_arch)
     sd = state(reference)
     assert "rel_pos_bias.relative_position_bias_table" in sd and "norm.weight" in sd

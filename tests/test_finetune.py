@@ -146,6 +146,43 @@ def test_short_cpu_finetune_beats_chance_and_reevaluates(tiny_timm_checkpoint, t
     assert again["miou"] == pytest.approx(metrics["miou"], abs=1e-9)
 
 
+def test_precision_and_memory_order_options_on_cpu(tiny_timm_checkpoint, synthetic_folder, tmp_path, capsys):
+    """--amp auto is float32 on the CPU (bit-identical to none), bf16 autocasts, fp16 is refused in one
+    line; --channels-last trains the same weights up to summation order; a config file of an earlier
+    version (amp true / false) still reads."""
+
+    def weights(name: str, **kw) -> dict[str, torch.Tensor]:
+        run(config(tiny_timm_checkpoint, synthetic_folder, tmp_path / name, iters=3, **kw))
+        return torch.load(tmp_path / name / "model.pt", weights_only=True)["state_dict"]
+
+    auto, none = weights("auto", amp="auto"), weights("none", amp="none")
+    assert all(torch.equal(auto[k], none[k]) for k in auto)
+    bf16 = weights("bf16", amp="bf16")
+    assert any(not torch.equal(bf16[k], none[k]) for k in none)  # the bf16 forward moved the weights
+    weights("cl", channels_last=True, log_every=1)
+    weights("none1", amp="none", log_every=1)
+
+    def losses(name: str) -> list[float]:
+        log = [json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in log if "loss" in r]
+
+    # Compared by the loss of each step: Adam turns summation-order noise in the ~0 gradients of the
+    # biases before BatchNorm into lr-sized steps, which change no output.
+    assert losses("cl") == pytest.approx(losses("none1"), rel=1e-5) and len(losses("cl")) == 3
+
+    arch, path = tiny_timm_checkpoint
+    common = ["--backbone", f"timm:{arch}:{path}", "--dataset", "folder", "--data-root", str(synthetic_folder),
+              "--crop", "32", "--iters", "1", "--num-workers", "0", "--no-progress"]  # fmt: skip
+    capsys.readouterr()
+    assert main([*common, "--out", str(tmp_path / "fp16"), "--amp", "fp16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "unip-finetune: error: --amp fp16 needs CUDA; this run is on cpu; use --amp bf16 or none"
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"amp": True, "head_channels": 16, "aux_channels": 16, "batch_size": 4}))
+    assert main([*common, "--config", str(old), "--out", str(tmp_path / "old")]) == 0
+    assert json.loads((tmp_path / "old" / "config.json").read_text())["amp"] == "auto"
+
+
 def test_linear_probe_leaves_backbone_bit_identical(tiny_timm_checkpoint, synthetic_folder, tmp_path: Path):
     arch, path = tiny_timm_checkpoint
     out = tmp_path / "lp"

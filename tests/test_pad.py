@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_images
+from conftest import CUDA, write_images
 from safetensors.torch import load_file, save_file
 from test_pretrain import read_log, run_cli, subprocess_env
 
@@ -382,7 +382,8 @@ def test_random_decoder_runs_and_records_the_departure(files, tmp_path):
     assert any(d.startswith("--decoder random") for d in doc["departures_from_pad"])
 
 
-def test_random_decoder_continues_any_familys_encoder(files, tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_random_decoder_continues_any_familys_encoder(files, tmp_path, device):
     """With --decoder random the base needs no MAE file: a timm safetensors encoder (the demo's MIM
     teacher is one) is read through the shared registry, frozen, and exported unchanged."""
 
@@ -391,7 +392,7 @@ def test_random_decoder_continues_any_familys_encoder(files, tmp_path):
     save_file(sd, str(tmp_path / "enc.safetensors"))
     out = tmp_path / "run"
     args = pad_args(tmp_path / "enc.safetensors", files["images"], out, rois="none", epochs=1,
-                    decoder="random", decoder_dim=32, decoder_depth=1)  # fmt: skip
+                    decoder="random", decoder_dim=32, decoder_depth=1, device=device)  # fmt: skip
     args[args.index("--init") + 1] = f"timm:{ARCH}:{tmp_path / 'enc.safetensors'}"
     assert pretrain.main(args) == 0
     doc = json.loads((out / "backbone.json").read_text())

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_images
+from conftest import CUDA, write_images
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -485,17 +485,18 @@ def test_student_drop_path_is_the_same_rate_in_every_block():
     assert all(isinstance(b.drop_path1, torch.nn.Identity) for b in plain.blocks)
 
 
-def test_distilled_logits_reach_the_loss_in_float32_under_bf16_autocast(setup, tmp_path, monkeypatch):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_distilled_logits_reach_the_loss_in_float32_under_bf16_autocast(setup, tmp_path, monkeypatch, device):
     """A full CLI step with --amp bf16: the blocks run in bf16, the distilled q·k logits never do."""
     seen = []
 
     def recording_kl(teacher_logits, student_logits):
-        seen.append((teacher_logits.dtype, student_logits.dtype, torch.is_autocast_enabled("cpu")))
+        seen.append((teacher_logits.dtype, student_logits.dtype, torch.is_autocast_enabled(device)))
         return distill.kl_loss(teacher_logits, student_logits)
 
     monkeypatch.setitem(distill.LOSSES, "kl", recording_kl)
     run = tmp_path / "run"
-    assert pretrain.main(base_args(setup["sel"], setup["images"], run, amp="bf16")) == 0
+    assert pretrain.main(base_args(setup["sel"], setup["images"], run, amp="bf16", device=device)) == 0
     assert len(seen) == 3  # 12 images / batch 4
     assert all(s == (torch.float32, torch.float32, True) for s in seen)  # autocast was on around them
     # Without the float32 guard the same autocast gives bf16 logits: the guard is what changes them.

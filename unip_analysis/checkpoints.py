@@ -189,6 +189,19 @@ def _family_beit(obj: Any, path: Path) -> StateDict:
     return _drop(sd, r"^(mask_token$|lm_head\.|cls_pt_layers\.)")
 
 
+def beit_final_norm() -> dict[str, Any]:
+    """timm ``Beit`` keyword arguments for a final norm and no ``fc_norm``: ``use_fc_norm=False`` where
+    timm has it (1.0.31 has, 1.0.29 has not), else class-token pooling, which is how earlier versions
+    choose it."""
+    import inspect
+
+    from timm.models.beit import Beit
+
+    if "use_fc_norm" in inspect.signature(Beit.__init__).parameters:
+        return {"use_fc_norm": False}
+    return {"global_pool": "token"}
+
+
 def _build_beit(arch: str, img_size: int | None, raw: Any, path: Path) -> torch.nn.Module:
     """The BEiT layout the file has: pre-training files share one relative position bias across
     blocks and keep the final norm; fine-tuned ones have a table per block and fc_norm."""
@@ -199,7 +212,7 @@ def _build_beit(arch: str, img_size: int | None, raw: Any, path: Path) -> torch.
     elif any(k.endswith("attn.relative_position_bias_table") for k in sd):
         layout.update(use_shared_rel_pos_bias=False, use_rel_pos_bias=True)
     if "norm.weight" in sd and "fc_norm.weight" not in sd:
-        layout["use_fc_norm"] = False
+        layout.update(beit_final_norm())
     layout["use_abs_pos_emb"] = "pos_embed" in sd
     if not any(k.endswith(".gamma_1") for k in sd):
         layout["init_values"] = None

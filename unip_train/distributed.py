@@ -10,6 +10,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from unip_analysis.errors import SpecError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -36,6 +38,14 @@ def init_distributed(device: str = "auto") -> DistInfo:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SpecError("--device cuda: no CUDA device is visible to this process; use --device cpu")
+        count = torch.cuda.device_count()
+        if local >= count:
+            raise SpecError(
+                f"torchrun started process {local} on this machine, which has {count} GPU(s): one process per "
+                f"GPU (--nproc-per-node {count}), or --device cpu"
+            )
         dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():

@@ -40,6 +40,7 @@ from .. import distributed as du
 from .. import runs
 from ..checkpointing import check_same_settings, load_checkpoint, restore_rng_state, save_checkpoint
 from ..optim import adamw, layer_decay_scale, param_groups
+from ..precision import AMP_CHOICES, amp_dtype, grad_scaler
 from ..sampling import EpochSampler, KeyBatches, keyed_loader
 from .backbone import prepare_for_finetuning
 from .config import (
@@ -182,7 +183,7 @@ def setup(
     """Datasets, model, extensions, optimizer, optional resume, DDP wrapper, loader, run folder."""
     out = Path(cfg.out)
     du.seed_everything(cfg.seed + dist.rank)
-    amp = cfg.amp and dist.device.type == "cuda"
+    amp = amp_dtype(cfg.amp, dist.device)
     train_set = SegDataset(
         cfg.data_root, cfg.dataset, cfg.train_split, cfg.num_classes, TrainAugment.for_crop(cfg.crop),
         seed=cfg.seed, label_map=cfg.label_map, cache_mb=cfg.cache_mb,
@@ -216,6 +217,8 @@ def setup(
 
     backbone, backbone_info = build_backbone(cfg)
     model = build_segmentor(cfg, backbone, train_set.num_classes).to(dist.device)
+    if cfg.channels_last:  # 4-D weights (patch embedding, neck, heads) in NHWC order
+        model = model.to(memory_format=torch.channels_last)
     if sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ctx = ExtensionContext(cfg, model, dist, dist.device, out, train_set, cfg.seed)
@@ -228,7 +231,7 @@ def setup(
         ext_modules[ext.name] = mods
     all_ext_modules = [m for mods in ext_modules.values() for m in mods]
     optimizer = build_optimizer(cfg, model, all_ext_modules)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    scaler = grad_scaler(dist.device, amp)
     start = 0
     names = [e.name for e in extensions]
     if cfg.resume:
@@ -256,6 +259,8 @@ def setup(
     ddp = model
     if dist.enabled:
         ddp = DistributedDataParallel(model, device_ids=[dist.device.index] if sync_bn else None)
+    if cfg.compile:  # the training forward only; state dicts and evaluation use the plain module
+        ddp = torch.compile(ddp)
 
     # Order from (seed, epoch), crops from (seed, epoch, index): batches of (epoch, index) keys from
     # the resumed iteration on; the workers start once and serve every epoch (unip_train.sampling).
@@ -412,7 +417,7 @@ def evaluate_saved(
         if dist.is_main:
             for note in eval_set.notes:
                 print(f"{PROG}: {note}", flush=True)
-        amp = cfg.amp and dist.device.type == "cuda"
+        amp = amp_dtype(cfg.amp, dist.device)
         conf = evaluate(
             model, eval_set, eval_set.num_classes, cfg.eval_window, cfg.eval_stride, dist.device, amp=amp,
             rank=dist.rank, world_size=dist.world_size, progress=progress and dist.is_main,
@@ -604,7 +609,24 @@ def build_parser() -> argparse.ArgumentParser:
         "workers (1024; 0: decode every time). Results do not depend on it",
     )
     g.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    g.add_argument("--no-amp", dest="amp", action="store_false", help="full precision on CUDA")
+    g.add_argument(
+        "--amp",
+        choices=AMP_CHOICES,
+        default="auto",
+        help="mixed precision of training and evaluation; auto: bf16 on CUDA (fp16 + loss scaling where "
+        "bf16 is missing), none on the CPU",
+    )
+    g.add_argument("--no-amp", dest="amp", action="store_const", const="none", help="same as --amp none")
+    g.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="NHWC memory order for the convolutions (patch embedding, neck, heads); results as without",
+    )
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the training step's model (compiles once at the start; evaluation runs it plain)",
+    )
     g.add_argument("--log-every", type=int, default=20)
     g.add_argument("--ckpt-every", type=int, default=1000)
     g.add_argument("--no-progress", dest="progress", action="store_false")

@@ -13,6 +13,7 @@ import torch
 from unip_analysis.checkpoints import FAMILIES, build_vit, parse_spec
 from unip_analysis.errors import SpecError, UnipError
 
+from ..precision import normalize_amp
 from ..runs import default_num_workers
 from .datasets import EVAL_SPLIT, LABEL_MAPS, get_layout
 from .ll_fpn import NECKS
@@ -85,7 +86,9 @@ class FinetuneConfig:
     workers: int | None = None  # loader processes; None: default_num_workers(device), see normalize
     cache_mb: float = 1024.0  # decoded training images kept in memory per process (0: none)
     device: str = "auto"
-    amp: bool = True  # mixed precision (fp16) on CUDA only
+    amp: str = "auto"  # auto | bf16 | fp16 | none (unip_train.precision: auto is bf16 on CUDA, none on CPU)
+    channels_last: bool = False  # convolutions of the neck and heads in NHWC memory order
+    compile: bool = False  # torch.compile the training forward (evaluation runs the plain model)
     log_every: int = 20
     ckpt_every: int = 1000
     resume: str | None = None  # checkpoint path, or "auto" for OUT/checkpoint.pt
@@ -160,6 +163,7 @@ def resolve(cfg: FinetuneConfig) -> FinetuneConfig:
         label_fraction=None if cfg.label_fraction is None else str(cfg.label_fraction),
         unlabelled=[str(d) for d in cfg.unlabelled or ()],
         workers=cfg.workers if cfg.workers is not None else default_num_workers(cfg.device),
+        amp=normalize_amp(cfg.amp),
     )
     for name in (
         "iters",

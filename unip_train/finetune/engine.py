@@ -3,8 +3,8 @@
 Set-up (model, data, optimizer, resume, run folder) is :func:`unip_train.finetune.cli.setup`;
 this module only trains. Per iteration: poly lr with linear warm-up, one forward over the batch
 (plus any extension's extra images), cross-entropy (255 ignored) on the main head plus
-``aux_weight`` x the auxiliary head's, plus each extension's loss terms, fp16 autocast and grad
-scaling on CUDA, the optimizer step, then the extensions' ``after_step``. A resumed run continues
+``aux_weight`` x the auxiliary head's, plus each extension's loss terms, autocast to ``--amp``'s
+dtype (loss scaling with fp16), the optimizer step, then the extensions' ``after_step``. A resumed run continues
 mid-epoch exactly where its checkpoint was written.
 """
 
@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from .. import distributed as du
 from ..optim import poly_lr, set_lr
+from ..precision import autocast
 from ..runs import ScalarLog
 from .config import FinetuneConfig, FinetuneError
 from .extensions import Extension, SegOutput
@@ -46,7 +47,7 @@ class TrainState:
     scaler: torch.amp.GradScaler
     loader: DataLoader  # batches from iteration ``start`` to the last (its batch sampler's range)
     log: ScalarLog
-    amp: bool
+    amp: torch.dtype | None  # autocast dtype; None: float32
     start: int  # iterations already done (resume)
     extensions: list[Extension] = field(default_factory=list)
     extension_modules: dict[str, list[torch.nn.Module]] = field(default_factory=dict)  # by extension name
@@ -75,13 +76,13 @@ def train(s: TrainState, save: Callable[[int], None]) -> None:
     )
     t0, sums = time.time(), {}
     s.ddp.train()
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     # One pass over the loader for the whole run: its batches carry their epoch (unip_train.sampling).
     for it, (img, label) in zip(range(s.start, cfg.iters), s.loader):
         lr = poly_lr(it, cfg.iters, cfg.warmup_iters, cfg.lr)
         set_lr(s.optimizer, lr)
-        terms = loss_terms(
-            s, it, img.to(dist.device, non_blocking=True), label.to(dist.device, non_blocking=True)
-        )
+        img = img.to(dist.device, non_blocking=True, memory_format=memory_format)
+        terms = loss_terms(s, it, img, label.to(dist.device, non_blocking=True))
         loss = sum_terms(terms)
         s.optimizer.zero_grad(set_to_none=True)
         s.scaler.scale(loss).backward()
@@ -128,7 +129,7 @@ def loss_terms(s: TrainState, it: int, img: torch.Tensor, label: torch.Tensor) -
     """Every named loss term of iteration ``it``: ``ce``, ``aux_ce`` (weighted), then the extensions'."""
     extra = [x for x in (e.extra_images(it) for e in s.extensions) if x is not None]
     batch = torch.cat([img, *(x.to(img.device, non_blocking=True) for x in extra)]) if extra else img
-    with torch.autocast(device_type=s.dist.device.type, dtype=torch.float16, enabled=s.amp):
+    with autocast(s.dist.device, s.amp):
         if any(e.needs_features for e in s.extensions):
             out = s.ddp(batch, features=True)
         else:

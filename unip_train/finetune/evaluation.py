@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..precision import autocast
 from .datasets import IGNORE_INDEX
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
@@ -101,7 +102,7 @@ def evaluate(
     window: int,
     stride: int,
     device: torch.device,
-    amp: bool = False,
+    amp: torch.dtype | None = None,
     rank: int = 0,
     world_size: int = 1,
     progress: bool = True,
@@ -117,7 +118,7 @@ def evaluate(
     for i in tqdm(indices, desc="eval", disable=not progress, leave=False, dynamic_ncols=True):
         img, label = dataset[i]
         img = img.unsqueeze(0).to(device)
-        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
+        with autocast(device, amp):
             logits = slide_logits(fn, img, num_classes, window, stride)
         if logits.shape[-2:] != label.shape[-2:]:
             logits = F.interpolate(logits, size=label.shape[-2:], mode="bilinear", align_corners=False)

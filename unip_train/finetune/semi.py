@@ -38,6 +38,7 @@ from unip_analysis.errors import ImageError, UnipError
 from unip_analysis.files import atomic_write_text
 from unip_analysis.images import IMAGE_SUFFIXES, NORMALIZATIONS, find_images
 
+from ..precision import amp_dtype, autocast
 from ..sampling import EpochSampler, KeyBatches, KeyedDataset, keyed_generator, keyed_loader, sample_generator
 from .datasets import IGNORE_INDEX, SegDataset, TrainAugment, read_grey, to_input
 from .losses import seg_loss
@@ -365,7 +366,7 @@ class MeanTeacherExtension:
     def setup(self, ctx) -> None:
         """Teacher = a copy of ``ctx.model``; the unlabelled loader for this process (``ctx.dist``)."""
         self.device, self.student = torch.device(ctx.device), ctx.model
-        self.amp = bool(getattr(ctx.cfg, "amp", False)) and self.device.type == "cuda"
+        self.amp = amp_dtype(getattr(ctx.cfg, "amp", "none"), self.device)
         self.teacher = copy.deepcopy(ctx.model).to(self.device).eval().requires_grad_(False)
         world, rank = ctx.dist.world_size, ctx.dist.rank
         b = self.batch_size or max(1, int(ctx.cfg.batch_size) // world)
@@ -398,7 +399,7 @@ class MeanTeacherExtension:
     def extra_images(self, it: int) -> torch.Tensor:
         """Student views [b, 3, crop, crop] of iteration ``it``; the teacher labels the weak views."""
         student, weak, real = (t.to(self.device, non_blocking=True) for t in self._next_batch(it))
-        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+        with torch.no_grad(), autocast(self.device, self.amp):
             logits = _logits_of(self.teacher(weak))
         logits = F.interpolate(logits.float(), size=real.shape[-2:], mode="bilinear", align_corners=False)
         self._pseudo, self._confident, self._conf_weight = pseudo_labels(logits, real, self.threshold)

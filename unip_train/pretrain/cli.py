@@ -18,6 +18,7 @@ from pathlib import Path
 from unip_analysis.errors import SpecError, UnipError, error_line
 
 from .. import distributed, runs
+from ..precision import AMP_CHOICES
 from .data import GREY_CHOICES
 from .engine import NonFiniteLoss
 from .method import PretrainMethod
@@ -145,7 +146,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip-grad", type=float, metavar="NORM", help="clip the gradient norm (off)")
     g.add_argument(
         "--amp",
-        choices=("auto", "bf16", "fp16", "none"),
+        choices=AMP_CHOICES,
         default="auto",
         help="mixed precision; auto: bf16 on CUDA (fp16 + loss scaling where bf16 is missing), none on CPU",
     )

@@ -22,6 +22,7 @@ from unip_analysis.errors import UnipError
 
 from ..distributed import all_reduce_mean, all_reduce_mean_list
 from ..optim import cosine_lr, set_lr
+from ..precision import autocast
 
 # (model, images) -> (scalar loss, extra numbers to log: name -> float or list of floats)
 StepLoss = Callable[[torch.nn.Module, torch.Tensor], tuple[torch.Tensor, dict]]
@@ -83,7 +84,7 @@ def train_one_epoch(
         # DDP averages gradients only on the last micro-batch of the window.
         sync = contextlib.nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
-            with torch.autocast(device.type, dtype=cfg.amp_dtype, enabled=cfg.amp_dtype is not None):
+            with autocast(device, cfg.amp_dtype):
                 loss, extras = step_loss(model, images)  # the loss itself is float32
             scaler.scale(loss / accum).backward()
         loss_value = all_reduce_mean(loss.item(), device)  # every process sees a nan on any of them

@@ -20,6 +20,7 @@ from unip_analysis.errors import CheckpointError, SpecError, UnipError
 
 from .. import checkpointing, distributed, runs
 from ..optim import adamw, lr_from_blr
+from ..precision import amp_dtype, dtype_name, grad_scaler
 from ..sampling import EpochSampler, KeyBatches, keyed_loader
 from .data import InfMix, collate, collect_sources
 from .engine import LoopConfig, train_one_epoch
@@ -39,17 +40,6 @@ DERIVED = (
 )  # fmt: skip
 # Options that steer this process only, not the run: never recorded, never compared.
 NOT_RECORDED = ("debug", "no_progress", "resume", "device", "config")
-
-
-def amp_dtype(choice: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for float32. On CPU only an explicit bf16 turns autocast on."""
-    if device.type != "cuda":
-        if choice == "fp16":
-            raise SpecError(f"--amp fp16 needs CUDA; this run is on {device}; use --amp bf16 or none")
-        return torch.bfloat16 if choice == "bf16" else None
-    if choice == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[choice]
 
 
 def gather(obj: object) -> list:
@@ -166,7 +156,7 @@ def train(args: argparse.Namespace, method: PretrainMethod) -> None:
         amp_dtype=amp,
     )
     optimizer = adamw(method.param_groups(args.weight_decay), lr=lr, betas=BETAS)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    scaler = grad_scaler(device, amp)
 
     recipe = {k: v for k, v in vars(args).items() if k not in NOT_RECORDED}
     recipe.update(
@@ -177,7 +167,7 @@ def train(args: argparse.Namespace, method: PretrainMethod) -> None:
         total_steps=cfg.total_steps,
         warmup_steps=cfg.warmup_steps,
         betas=list(BETAS),
-        amp_dtype=str(amp).replace("torch.", "") if amp else "none",
+        amp_dtype=dtype_name(amp),
         images=len(dataset),
     )
     recipe = runs.plain(recipe)
