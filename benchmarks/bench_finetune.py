@@ -24,8 +24,9 @@ batch 4 (2 iterations an epoch), 80 iterations, the whole ``train`` call timed w
 with the default count, alternating.
 
 Variants (``--variants``, each a ``+``-joined set): ``default`` (the product's options: ``--amp auto``,
-float32 on the CPU, bf16 on CUDA), ``fp32``, ``fp16``, ``bf16`` (``--amp``), ``cl``
-(``--channels-last``) and ``compile`` (``--compile``); e.g. ``bf16+cl+compile``. The bare loop runs
+float32 on the CPU, bf16 on CUDA; channels-last), ``fp32``, ``fp16``, ``bf16`` (``--amp``), ``cl`` /
+``nocl`` (``--channels-last`` / ``--no-channels-last``) and ``compile`` (``--compile``); e.g.
+``bf16+nocl``. The bare loop runs
 the same precision, memory order and compiled module. On CUDA both loops synchronise once a step to
 be timed, and the backbone / neck / heads split is left out (host timestamps would not bound the
 kernels).
@@ -37,7 +38,7 @@ iteration (target <= 1.10 on the CPU).
     .venv/bin/python benchmarks/bench_finetune.py --heads linear --archs vit_tiny_patch16_224
     .venv/bin/python benchmarks/bench_finetune.py --quick              # tiny, for the smoke test
     python benchmarks/bench_finetune.py --device cuda --archs vit_small_patch16_224 --crops 512 \
-        --variants default fp32 fp16 bf16+cl bf16+compile        # GPU precision / layout / compile rows
+        --variants default fp32 fp16 bf16+nocl bf16+compile      # GPU precision / layout / compile rows
 """
 
 from __future__ import annotations
@@ -104,17 +105,17 @@ def make_data(root: Path, n: int, size: tuple[int, int]) -> Path:
 
 
 def variant_options(name: str) -> dict:
-    """``--variants`` entry -> unip-finetune options, e.g. ``bf16+cl`` -> amp bf16, channels_last."""
+    """``--variants`` entry -> unip-finetune options, e.g. ``bf16+nocl`` -> amp bf16, contiguous."""
     opts: dict = {}
     for part in name.split("+"):
         if part in ("fp32", "fp16", "bf16"):
             opts["amp"] = {"fp32": "none"}.get(part, part)
-        elif part == "cl":
-            opts["channels_last"] = True
+        elif part in ("cl", "nocl"):
+            opts["channels_last"] = part == "cl"
         elif part == "compile":
             opts["compile"] = True
         elif part != "default":
-            raise SystemExit(f"--variants {name!r}: parts are default, fp32, fp16, bf16, cl, compile")
+            raise SystemExit(f"--variants {name!r}: parts are default, fp32, fp16, bf16, cl, nocl, compile")
     return opts
 
 
@@ -367,6 +368,8 @@ def run_config(root: Path, arch: str, crop: int, head: str, variant: str, args) 
         "variant": variant,
         "amp": str(state.amp).replace("torch.", "") if state.amp else "float32",
         "device": str(state.dist.device),
+        "channels_last": cfg.channels_last,
+        "compile": cfg.compile,
         "mode": cfg.mode,
         "head_channels": cfg.head_channels if cfg.mode == "ft" else None,
         "aux_channels": cfg.aux_channels if cfg.mode == "ft" else None,
@@ -456,7 +459,7 @@ def main() -> int:
         "--variants",
         nargs="+",
         default=["default"],
-        help="precision / layout / compile sets to run, e.g. default fp32 fp16 bf16+cl bf16+compile (default)",
+        help="precision / layout / compile sets to run, e.g. default fp32 fp16 bf16+nocl bf16+compile (default: default)",
     )
     ap.add_argument("--out", help="also write the JSON line to this file")
     args = ap.parse_args()

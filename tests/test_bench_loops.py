@@ -30,12 +30,17 @@ def test_bench_finetune_quick():
 
 def test_bench_finetune_variants_set_precision_and_memory_order():
     report = run_quick(
-        "bench_finetune.py", "--heads", "linear", "--variants", "default", "bf16+cl", "--no-small-data"
+        "bench_finetune.py", "--heads", "linear", "--variants", "default", "bf16+nocl", "--no-small-data"
     )
-    default, bf16_cl = report["results"]
-    assert (default["variant"], default["amp"], default["device"]) == ("default", "float32", "cpu")
-    assert (bf16_cl["variant"], bf16_cl["amp"]) == ("bf16+cl", "bfloat16")
-    assert bf16_cl["real_s_per_iter"] > 0 and bf16_cl["split"]["seconds"]["backbone_fwd"] > 0
+    default, other = report["results"]
+    assert (default["variant"], default["amp"], default["device"], default["channels_last"]) == (
+        "default",
+        "float32",
+        "cpu",
+        True,
+    )
+    assert (other["variant"], other["amp"], other["channels_last"]) == ("bf16+nocl", "bfloat16", False)
+    assert other["real_s_per_iter"] > 0 and other["split"]["seconds"]["backbone_fwd"] > 0
 
 
 def test_bench_pretrain_loop_quick():

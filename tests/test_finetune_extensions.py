@@ -137,7 +137,7 @@ def test_no_extension_is_bit_identical_to_the_loop_before_extensions(setup_files
     monkeypatch.setattr(ll_fpn, "init_like_mmseg", lambda head: None)
     old_recipe = dict(
         neck="multi-layer", layers=[1, 2, 3, 3], head_channels=16, aux_channels=8, drop_path=0.0,
-        layer_scale=0.0, rel_pos_bias=False, log_every=2,
+        layer_scale=0.0, rel_pos_bias=False, log_every=2, channels_last=False,
     )  # fmt: skip
     run(config(setup_files, tmp_path / "plain", **old_recipe))
     assert digest(weights(tmp_path / "plain")) == PRE_EXTENSION_DIGEST

@@ -21,6 +21,7 @@ from unip_train.finetune.datasets import (
     SegDataset,
     TrainAugment,
     dataset_classes,
+    nearest_indices,
 )
 from unip_train.finetune.evaluation import confusion_matrix, summarize
 from unip_train.synthetic import CLASSES, LAYOUT_CLASS_MAP, generate, make_scene
@@ -106,6 +107,61 @@ def test_train_augment_crops_pads_and_keeps_label_values():
     small = TrainAugment(crop=64, scale=(64, 16), ratio_range=(1.0, 1.0))
     _, padded = small(torch.from_numpy(img).float(), torch.from_numpy(label).long())
     assert (padded[20:, :] == IGNORE_INDEX).all()
+
+
+def reference_augment(aug: TrainAugment, img, label, g):
+    """The recipe as first written: resize the whole image and label map (nearest through float), then
+    try crops on the resized map. The augmentation must stay bit-identical to it."""
+    import torch.nn.functional as F
+
+    from unip_train.finetune.datasets import _uniform, rescale_size
+
+    r = _uniform(*aug.ratio_range, g)
+    size = rescale_size(*img.shape, (aug.scale[0] * r, aug.scale[1] * r))
+    img = F.interpolate(img[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+    label = F.interpolate(label[None, None].float(), size=size, mode="nearest")[0, 0].long()
+    h, w = label.shape
+    ch, cw = min(aug.crop, h), min(aug.crop, w)
+    for _ in range(10):
+        top = int(torch.randint(0, h - ch + 1, (), generator=g))
+        left = int(torch.randint(0, w - cw + 1, (), generator=g))
+        lab = label[top : top + ch, left : left + cw]
+        counts = torch.bincount(lab[lab != IGNORE_INDEX].flatten())
+        counts = counts[counts > 0]
+        if len(counts) > 1 and counts.max() / counts.sum() < aug.cat_max_ratio:
+            break
+    img = img[top : top + ch, left : left + cw]
+    if torch.rand((), generator=g) < aug.flip_prob:
+        img, lab = img.flip(-1), lab.flip(-1)
+    return aug._pad(aug._photometric(img, g), lab)
+
+
+def test_nearest_indices_are_pytorchs_nearest_resize():
+    rng = np.random.default_rng(1)
+    for n_in, n_out in [(480, 160), (640, 213), (480, 1024), (7, 3), (3, 7), (1, 5), (5, 1)] + [
+        tuple(rng.integers(1, 1500, 2)) for _ in range(200)
+    ]:
+        label = torch.from_numpy(rng.integers(0, 256, (2, n_in))).float()
+        want = torch.nn.functional.interpolate(label[None], size=n_out, mode="nearest")[0]
+        assert torch.equal(label[:, nearest_indices(int(n_in), int(n_out))], want), (n_in, n_out)
+
+
+@pytest.mark.parametrize("crop", [32, 128, 512])
+def test_train_augment_is_bit_identical_to_resizing_the_whole_label_first(crop):
+    """Labels resized only where a crop is tried, kept uint8 until the end: the same images, labels and
+    random draws as the full-size float resize for scenes of several sizes and classes."""
+    rng = np.random.default_rng(crop)
+    aug = TrainAugment.for_crop(crop)
+    for i in range(12):
+        h, w = [(480, 640), (512, 640), (60, 90), (300, 200)][i % 4]
+        img, label = make_scene(rng, (h, w))
+        label[rng.random((h, w)) < 0.05] = IGNORE_INDEX
+        img, label = torch.from_numpy(img).float(), torch.from_numpy(label.astype(np.uint8))
+        ga, gb = torch.Generator().manual_seed(i), torch.Generator().manual_seed(i)
+        got_img, got_label = aug(img, label, ga)
+        want_img, want_label = reference_augment(aug, img, label.long(), gb)
+        assert torch.equal(got_img, want_img) and torch.equal(got_label.long(), want_label)
+        assert torch.equal(ga.get_state(), gb.get_state())  # the same draws, no more
 
 
 def test_eval_resize_keeps_ratio_and_label():

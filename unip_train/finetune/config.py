@@ -87,7 +87,7 @@ class FinetuneConfig:
     cache_mb: float = 1024.0  # decoded training images kept in memory per process (0: none)
     device: str = "auto"
     amp: str = "auto"  # auto | bf16 | fp16 | none (unip_train.precision: auto is bf16 on CUDA, none on CPU)
-    channels_last: bool = False  # convolutions of the neck and heads in NHWC memory order
+    channels_last: bool = True  # NHWC memory order for the convolutions (faster on CPU and CUDA alike)
     compile: bool = False  # torch.compile the training forward (evaluation runs the plain model)
     log_every: int = 20
     ckpt_every: int = 1000

@@ -486,7 +486,8 @@ class SegDataset(KeyedDataset):
         return len(self.samples)
 
     def load(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw grey image [H, W] (0-255 float) and label [H, W] (int64 class indices), before any transform.
+        """Raw grey image [H, W] (0-255 float) and label [H, W] (uint8 class indices, 255 ignored), before
+        any transform.
 
         Decoded pairs are kept in memory up to :attr:`cache_mb` per training process (shared out
         among its loader workers, each of which holds its own), first come first kept: later epochs
@@ -496,14 +497,15 @@ class SegDataset(KeyedDataset):
         hit = self._cache.get(s.image)  # keyed by file: subsets (labelled_subset) share the cache
         if hit is None:
             img = torch.from_numpy(read_grey(s.image, self.layout.thermal_channel))
-            label = torch.from_numpy(read_label(s.label, self.num_classes, self.lut, self._range_hint(self.label_map)))
+            label = torch.from_numpy(
+                read_label(s.label, self.num_classes, self.lut, self._range_hint(self.label_map))
+            )
             hit = (img, label)
             size = img.nbytes + label.nbytes
             if self._cached_bytes + size <= self._cache_budget():
                 self._cache[s.image] = hit
                 self._cached_bytes += size
-        img, label = hit
-        return img, label.long()
+        return hit
 
     def _cache_budget(self) -> float:
         info = torch.utils.data.get_worker_info()
@@ -514,7 +516,7 @@ class SegDataset(KeyedDataset):
         img, label = self.load(i)
         if self.transform is not None:
             img, label = self.transform(img, label, sample_generator(self.seed, epoch, i))
-        return to_input(img, self.mean[0] * 255.0, self.std[0] * 255.0), label
+        return to_input(img, self.mean[0] * 255.0, self.std[0] * 255.0), label.long()
 
 
 def to_input(grey: torch.Tensor, mean: float, std: float) -> torch.Tensor:
@@ -530,6 +532,14 @@ def rescale_size(h: int, w: int, scale: tuple[int, int]) -> tuple[int, int]:
     long_edge, short_edge = max(scale), min(scale)
     factor = min(long_edge / max(h, w), short_edge / min(h, w))
     return max(1, int(h * factor + 0.5)), max(1, int(w * factor + 0.5))
+
+
+def nearest_indices(n_in: int, n_out: int) -> torch.Tensor:
+    """The source index of each of ``n_out`` positions under ``F.interpolate(mode="nearest")`` from
+    ``n_in``: PyTorch's own kernel applied to the indices (exact in float32 below 2**24), so that
+    ``label[rows[:, None], cols]`` is the nearest resize of ``label``, any part of it on its own."""
+    src = torch.arange(n_in, dtype=torch.float32)[None, None]
+    return F.interpolate(src, size=n_out, mode="nearest")[0, 0].long()
 
 
 def resize(img: torch.Tensor, label: torch.Tensor | None, size: tuple[int, int]):
@@ -567,22 +577,32 @@ class TrainAugment:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         r = _uniform(*self.ratio_range, g)
         h, w = img.shape
-        img, label = resize(img, label, rescale_size(h, w, (self.scale[0] * r, self.scale[1] * r)))
-        img, label = self._crop(img, label, g)
+        size = rescale_size(h, w, (self.scale[0] * r, self.scale[1] * r))
+        img, _ = resize(img, None, size)
+        # The label is resized only where a crop is tried: the nearest resize of the whole map, cropped,
+        # equals the crop's indices applied to the map (the same values, without the full-size copy).
+        img, label = self._crop(img, label, nearest_indices(h, size[0]), nearest_indices(w, size[1]), g)
         if torch.rand((), generator=g) < self.flip_prob:
             img, label = img.flip(-1), label.flip(-1)
         img = self._photometric(img, g)
         return self._pad(img, label)
 
     def _crop(
-        self, img: torch.Tensor, label: torch.Tensor, g: torch.Generator | None
+        self,
+        img: torch.Tensor,
+        label: torch.Tensor,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+        g: torch.Generator | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        h, w = label.shape
+        """A crop of the resized image and label (``label`` at its own size, resized through ``rows``
+        and ``cols``: :func:`nearest_indices`)."""
+        h, w = img.shape
         ch, cw = min(self.crop, h), min(self.crop, w)
         for _ in range(10):
             top = int(torch.randint(0, h - ch + 1, (), generator=g))
             left = int(torch.randint(0, w - cw + 1, (), generator=g))
-            lab = label[top : top + ch, left : left + cw]
+            lab = label.index_select(0, rows[top : top + ch]).index_select(1, cols[left : left + cw])
             if self.cat_max_ratio >= 1.0:
                 break
             # Accept a crop unless one class fills more than cat_max_ratio of its labelled pixels.
