@@ -53,7 +53,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import cpu_seconds, emit, environment
+from machine import cpu_seconds, device_sync, emit, environment
 
 ARCHS = ("vit_tiny_patch16_224", "vit_small_patch16_224")
 CROPS = (128, 256)
@@ -241,13 +241,6 @@ class Split:
         del self.model.layer_maps
         for h in self.handles:
             h.remove()
-
-
-def device_sync(device):
-    """What makes a host timestamp bound the device's work: a CUDA synchronise, nothing on the CPU."""
-    import torch
-
-    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
 def bare_loop(state, steps: int, seed: int = 0) -> tuple[list[float], list[float], list[dict]]:

@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import cpu_seconds, emit, environment
+from machine import cpu_seconds, device_sync, emit, environment
 
 METHODS = ("nmi-had", "pad")
 FULL = {
@@ -155,13 +155,6 @@ def argv_for(method: str, root: Path, images: Path, out: Path, c: dict, args) ->
 
 
 # --- the loops -------------------------------------------------------------------------------------
-
-
-def device_sync(device):
-    """What makes a host timestamp bound the device's work: a CUDA synchronise, nothing on the CPU."""
-    import torch
-
-    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
 def bare_loop(method, optimizer, images, steps: int, amp=None) -> tuple[list[float], list[float]]:

@@ -40,6 +40,13 @@ def cpu_seconds() -> float:
     return total
 
 
+def device_sync(device):
+    """What makes a host timestamp bound the device's work: a CUDA synchronise, nothing on the CPU."""
+    import torch
+
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
 def environment() -> dict:
     """Machine, its load, torch threads, GPU, library versions: the head of every report."""
     import timm
