@@ -19,6 +19,7 @@ Every such decision is recorded in :attr:`SegDataset.notes` for the run to log. 
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -534,10 +535,12 @@ def rescale_size(h: int, w: int, scale: tuple[int, int]) -> tuple[int, int]:
     return max(1, int(h * factor + 0.5)), max(1, int(w * factor + 0.5))
 
 
+@functools.lru_cache(maxsize=4096)
 def nearest_indices(n_in: int, n_out: int) -> torch.Tensor:
     """The source index of each of ``n_out`` positions under ``F.interpolate(mode="nearest")`` from
     ``n_in``: PyTorch's own kernel applied to the indices (exact in float32 below 2**24), so that
-    ``label[rows[:, None], cols]`` is the nearest resize of ``label``, any part of it on its own."""
+    ``label[rows[:, None], cols]`` is the nearest resize of ``label``, any part of it on its own.
+    Kept per size pair (a run sees a few hundred): callers only read the result."""
     src = torch.arange(n_in, dtype=torch.float32)[None, None]
     return F.interpolate(src, size=n_out, mode="nearest")[0, 0].long()
 
