@@ -614,8 +614,18 @@ class TrainAugment:
             if self.cat_max_ratio >= 1.0:
                 break
             window = np.take(np.take(lab_np, rows_np[top : top + ch], 0), cols_np[left : left + cw], 1)
-            # Accept a crop unless one class fills more than cat_max_ratio of its labelled pixels
-            # (every value counted, then the ignore index's count dropped: the labelled pixels).
+            # Accept a crop unless one class fills more than cat_max_ratio of its labelled pixels.
+            # Class 0 (the background of the infrared datasets) is counted first, with two
+            # vectorised comparisons: if it alone reaches the ratio the largest class does too
+            # (float32 division is monotonic), and the window is refused without a full count. On
+            # background-heavy scenes most tried windows end here; a class count of a window that
+            # is mostly one value is slow (every pixel adds to the same counter).
+            labelled = window.size - np.count_nonzero(window == IGNORE_INDEX)
+            if labelled == 0:
+                continue
+            if np.float32(window.size - np.count_nonzero(window)) / np.float32(labelled) >= limit:
+                continue
+            # Every value counted, then the ignore index's count dropped: the labelled pixels.
             counts = torch.bincount(torch.from_numpy(window).flatten()).numpy()
             if len(counts) > IGNORE_INDEX:
                 counts[IGNORE_INDEX] = 0
