@@ -545,13 +545,9 @@ def nearest_indices(n_in: int, n_out: int) -> torch.Tensor:
     return F.interpolate(src, size=n_out, mode="nearest")[0, 0].long()
 
 
-def resize(img: torch.Tensor, label: torch.Tensor | None, size: tuple[int, int]):
-    """Bilinear for the image, nearest for the label."""
-    out = F.interpolate(img[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
-    if label is None:
-        return out, None
-    lab = F.interpolate(label[None, None].float(), size=size, mode="nearest")[0, 0].long()
-    return out, lab
+def resize(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of a grey image [H, W] (labels: :func:`nearest_indices`)."""
+    return F.interpolate(img[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
 
 
 @dataclass
@@ -581,7 +577,7 @@ class TrainAugment:
         r = _uniform(*self.ratio_range, g)
         h, w = img.shape
         size = rescale_size(h, w, (self.scale[0] * r, self.scale[1] * r))
-        img, _ = resize(img, None, size)
+        img = resize(img, size)
         # The label is resized only where a crop is tried: the nearest resize of the whole map, cropped,
         # equals the crop's indices applied to the map (the same values, without the full-size copy).
         img, label = self._crop(img, label, nearest_indices(h, size[0]), nearest_indices(w, size[1]), g)
@@ -611,9 +607,9 @@ class TrainAugment:
         for _ in range(10):
             top = int(torch.randint(0, h - ch + 1, (), generator=g))
             left = int(torch.randint(0, w - cw + 1, (), generator=g))
+            window = np.take(np.take(lab_np, rows_np[top : top + ch], 0), cols_np[left : left + cw], 1)
             if self.cat_max_ratio >= 1.0:
                 break
-            window = np.take(np.take(lab_np, rows_np[top : top + ch], 0), cols_np[left : left + cw], 1)
             # Accept a crop unless one class fills more than cat_max_ratio of its labelled pixels.
             # Class 0 (the background of the infrared datasets) is counted first, with two
             # vectorised comparisons: if it alone reaches the ratio the largest class does too
@@ -632,7 +628,6 @@ class TrainAugment:
             counts = counts[counts > 0]
             if len(counts) > 1 and np.float32(counts.max()) / np.float32(counts.sum()) < limit:
                 break
-        window = np.take(np.take(lab_np, rows_np[top : top + ch], 0), cols_np[left : left + cw], 1)
         return img[top : top + ch, left : left + cw], torch.from_numpy(window)
 
     def _photometric(self, img: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
@@ -672,5 +667,5 @@ class EvalResize:
         """``g`` is accepted for the common transform signature; nothing here is random."""
         size = rescale_size(*img.shape, self.scale)
         if size != tuple(img.shape):
-            img, _ = resize(img, None, size)
+            img = resize(img, size)
         return img, label
