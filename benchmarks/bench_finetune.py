@@ -246,23 +246,40 @@ class Split:
             h.remove()
 
 
+def bare_step(state, img, label) -> tuple[float, float]:
+    """One bare iteration: forward, the loss (main + aux_weight x auxiliary cross-entropy), backward,
+    the optimizer step. Returns the timestamps at which the loss and the backward were done."""
+    from unip_train.finetune.losses import seg_loss
+    from unip_train.precision import autocast
+
+    cfg, scaler, opt = state.cfg, state.scaler, state.optimizer
+    with autocast(state.dist.device, state.amp):
+        logits, aux = state.ddp(img)
+        loss = seg_loss(logits, label, cfg.ce_average)
+        if aux is not None:
+            loss = loss + cfg.aux_weight * seg_loss(aux, label, cfg.ce_average)
+    t_loss = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    t_bwd = time.perf_counter()
+    scaler.step(opt)
+    scaler.update()
+    return t_loss, t_bwd
+
+
 def bare_loop(state, steps: int, seed: int = 0) -> tuple[list[float], list[float], list[dict]]:
     """``steps`` bare iterations on ready-made tensors: wall and CPU seconds each, and each one's split
     (the split on the CPU and without --compile only; empty otherwise)."""
     import torch
 
-    from unip_train.finetune.losses import seg_loss
-    from unip_train.precision import autocast
-
-    cfg, model, opt, scaler = state.cfg, state.ddp, state.optimizer, state.scaler
-    device = state.dist.device
+    cfg, device = state.cfg, state.dist.device
     g = torch.Generator().manual_seed(seed)
     b = cfg.batch_size
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     img = torch.randn(b, 3, cfg.crop, cfg.crop, generator=g).to(device, memory_format=fmt)
     label = torch.randint(0, state.model.num_classes, (b, cfg.crop, cfg.crop), generator=g).to(device)
     sync = device_sync(device)
-    model.train()
+    state.ddp.train()
     split = Split(state.model) if device.type == "cpu" and not cfg.compile else None
     times, cpu, splits = [], [], []
     try:
@@ -272,17 +289,7 @@ def bare_loop(state, steps: int, seed: int = 0) -> tuple[list[float], list[float
             sync()
             c0 = cpu_seconds()
             t0 = time.perf_counter()
-            with autocast(device, state.amp):
-                logits, aux = model(img)
-                loss = seg_loss(logits, label, cfg.ce_average)
-                if aux is not None:
-                    loss = loss + cfg.aux_weight * seg_loss(aux, label, cfg.ce_average)
-            t_loss = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            t_bwd = time.perf_counter()
-            scaler.step(opt)
-            scaler.update()
+            t_loss, t_bwd = bare_step(state, img, label)
             sync()
             t_end = time.perf_counter()
             times.append(t_end - t0)
@@ -329,14 +336,16 @@ def summarize_split(splits: list[dict]) -> dict | None:
     }
 
 
-def data_seconds(state, batches: int = 2) -> float:
-    """Seconds one process takes to read and augment one batch of the run's training data."""
+def data_seconds(state, batches: int = 8) -> float:
+    """Seconds one process takes to read, augment and collate one batch of the run's training data
+    (after the real loop: its images are in memory, as in the timed window)."""
     dataset, stream = state.loader.dataset, state.loader.batch_sampler
+    collate = state.loader.collate_fn
     stream.set_range(0, batches)
-    keys = [k for batch in stream for k in batch]
+    keyed = list(stream)
     t0 = time.perf_counter()
-    for key in keys:
-        dataset[key]
+    for keys in keyed:
+        collate([dataset[key] for key in keys])
     return (time.perf_counter() - t0) / batches
 
 
@@ -383,7 +392,10 @@ def run_config(root: Path, arch: str, crop: int, head: str, variant: str, args) 
         "real_cpu_s_per_iter": round(real["cpu_s_per_iter"], 4),
         "bare_cpu_s_per_iter": round(bare_cpu, 4),
         "ratio_cpu_real_over_bare": round(real["cpu_s_per_iter"] / bare_cpu, 3),
-        "data_s_per_batch": round(data, 4),
+        "data_s_per_batch": round(data, 6),
+        # The ratio a loop would reach that added to the bare step nothing but this data work, done in
+        # the training process (the CPU default: no workers): the floor of in-process loading.
+        "ratio_floor_in_process": round((bare + data) / bare, 3),
         "checkpoint_s": round(real["checkpoint_s"], 3),
         "first_iter_s": round(real["first_iter_s"], 3),
         "first_epoch_s_per_iter": round(real["first_epoch_s_per_iter"], 4),

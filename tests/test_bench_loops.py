@@ -15,6 +15,8 @@ def test_bench_finetune_quick():
         assert res["real_s_per_iter"] > 0 and res["bare_s_per_iter"] > 0 and res["data_s_per_batch"] > 0
         ratio = res["real_s_per_iter"] / res["bare_s_per_iter"]  # of the rounded times
         assert abs(res["ratio_real_over_bare"] - ratio) <= 0.01 * ratio
+        floor = 1 + res["data_s_per_batch"] / res["bare_s_per_iter"]  # in-process loading's floor
+        assert res["ratio_floor_in_process"] > 1 and abs(res["ratio_floor_in_process"] - floor) <= 0.01 * floor
         parts = res["split"]["seconds"]
         assert parts["backbone_fwd"] > 0 and parts["heads_fwd"] > 0 and parts["heads_bwd"] > 0
         assert abs(sum(res["split"]["share"].values()) - 1) < 0.01
@@ -50,3 +52,17 @@ def test_bench_pretrain_loop_quick():
         assert res["steps"] == 3 and res["real_s_per_step"] > 0 and res["bare_s_per_step"] > 0
         ratio = res["real_s_per_step"] / res["bare_s_per_step"]  # of the rounded times
         assert abs(res["ratio_real_over_bare"] - ratio) <= 0.01 * ratio
+
+
+def test_bench_loader_overlap_quick():
+    """Every loading arrangement is timed (the OMP_WAIT_POLICY=PASSIVE ones in a child process), each
+    ratio is over this process's bare step, and the in-process floor is bare + one batch's data."""
+    report = run_quick("bench_loader_overlap.py")
+    seconds, ratios = report["s_per_iter"], report["ratio_over_bare"]
+    names = {"bare", "in_process", "thread", "worker", "bare_1", "thread_1", "worker_1"}
+    assert set(seconds) == names | {"passive_bare", "passive_in_process", "passive_worker"}
+    assert all(v > 0 for v in seconds.values()) and ratios["bare"] == 1.0
+    for name, value in seconds.items():
+        assert abs(ratios[name] - value / seconds["bare"]) <= 0.01 * ratios[name]
+    floor = 1 + report["data_s_per_batch"] / seconds["bare"]
+    assert abs(report["floor_in_process"] - floor) <= 0.01 * floor
