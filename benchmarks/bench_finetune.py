@@ -11,6 +11,11 @@
 - ``bare``: the same segmentor with the same optimizer, fed ready-made tensors of the same shape:
   forward, the same loss (main + 0.4 x auxiliary cross-entropy), backward, step. Nothing else: the
   physical limit of this code on this machine. Timed before and after the real loop (two halves).
+- Rounds (``--rounds``, 3): each configuration is measured that many times, each round on a newly
+  built state (run folder, model, data), and the round with the median ratio is reported, every
+  round's ratio beside it (``round_ratios``; with an even count the lower middle one): this shared
+  machine has bursts of load lasting seconds, which a single 20-iteration window cannot tell from
+  the loop's own cost.
 
 Heads: ``upernet`` (LL-FPN + UperNet at the backbone's width + auxiliary FCN at 256: the recipe),
 ``ll-fpn`` (the LL-FPN neck with the narrowest heads the options allow, UperNet and auxiliary FCN at
@@ -352,25 +357,46 @@ def data_seconds(state, batches: int = 8) -> float:
 # --- one configuration -----------------------------------------------------------------------------
 
 
-def run_config(root: Path, arch: str, crop: int, head: str, variant: str, args) -> dict:
-    backbone = make_backbone(root, arch, crop)
-    data = make_data(root, args.train_images, args.image_size)
-    out = Path(tempfile.mkdtemp(dir=root))
-    opts = {**HEADS[head], **variant_options(variant)}
-    batch = config(backbone, data, out, crop, 1, args.num_workers, args.device, **opts).batch_size
-    # The real loop's warm-up covers its first epoch, which decodes every image once (then kept in
-    # memory, --cache-mb): the timed window is the steady state; the first epoch is reported apart.
-    epoch = -(-args.train_images // batch)
-    warmup = epoch + args.warmup
-    cfg = config(backbone, data, out, crop, warmup + args.timed, args.num_workers, args.device, **opts)
-    state = build_state(cfg)
-    # Bare halves before and after the real loop, so a drifting machine load hits both alike.
+def measure_round(state, warmup: int, epoch: int, args) -> dict:
+    """One round on a freshly built state: bare halves before and after the real loop (so a drifting
+    machine load hits both alike), then one process's data work per batch."""
     bare_loop(state, args.warmup)
     first, first_cpu, split_a = bare_loop(state, (args.timed + 1) // 2)
     real = real_loop(state, warmup, args.timed, epoch)
     second, second_cpu, split_b = bare_loop(state, args.timed // 2) if args.timed > 1 else ([], [], [])
-    bare, bare_cpu = statistics.fmean(first + second), statistics.fmean(first_cpu + second_cpu)
-    data = data_seconds(state)
+    bare = statistics.fmean(first + second)
+    return {
+        "real": real,
+        "bare": bare,
+        "bare_cpu": statistics.fmean(first_cpu + second_cpu),
+        "ratio": real["s_per_iter"] / bare,
+        "splits": split_a + split_b,
+        "data": data_seconds(state),
+    }
+
+
+def run_config(root: Path, arch: str, crop: int, head: str, variant: str, args) -> dict:
+    backbone = make_backbone(root, arch, crop)
+    data = make_data(root, args.train_images, args.image_size)
+    opts = {**HEADS[head], **variant_options(variant)}
+    probe = config(
+        backbone, data, Path(tempfile.mkdtemp(dir=root)), crop, 1, args.num_workers, args.device, **opts
+    )
+    batch = probe.batch_size
+    # The real loop's warm-up covers its first epoch, which decodes every image once (then kept in
+    # memory, --cache-mb): the timed window is the steady state; the first epoch is reported apart.
+    epoch = -(-args.train_images // batch)
+    warmup = epoch + args.warmup
+    # Rounds, each from a new run folder and state: a burst of the machine's load lands in one round,
+    # and the round of median ratio is reported (every round's ratio beside it).
+    rounds = []
+    for _ in range(args.rounds):
+        out = Path(tempfile.mkdtemp(dir=root))
+        cfg = config(backbone, data, out, crop, warmup + args.timed, args.num_workers, args.device, **opts)
+        state = build_state(cfg)
+        rounds.append(measure_round(state, warmup, epoch, args))
+    mid = sorted(rounds, key=lambda r: r["ratio"])[(len(rounds) - 1) // 2]
+    real, bare, bare_cpu, data = mid["real"], mid["bare"], mid["bare_cpu"], mid["data"]
     return {
         "arch": arch,
         "crop": crop,
@@ -388,7 +414,8 @@ def run_config(root: Path, arch: str, crop: int, head: str, variant: str, args) 
         "workers": cfg.workers,
         "real_s_per_iter": round(real["s_per_iter"], 6),
         "bare_s_per_iter": round(bare, 6),
-        "ratio_real_over_bare": round(real["s_per_iter"] / bare, 3),
+        "ratio_real_over_bare": round(mid["ratio"], 3),
+        "round_ratios": [round(r["ratio"], 3) for r in rounds],
         "real_cpu_s_per_iter": round(real["cpu_s_per_iter"], 4),
         "bare_cpu_s_per_iter": round(bare_cpu, 4),
         "ratio_cpu_real_over_bare": round(real["cpu_s_per_iter"] / bare_cpu, 3),
@@ -400,7 +427,7 @@ def run_config(root: Path, arch: str, crop: int, head: str, variant: str, args) 
         "first_iter_s": round(real["first_iter_s"], 3),
         "first_epoch_s_per_iter": round(real["first_epoch_s_per_iter"], 4),
         "warmup_iters": warmup,
-        "split": summarize_split(split_a + split_b),
+        "split": summarize_split([s for r in rounds for s in r["splits"]]),
     }
 
 
@@ -471,6 +498,9 @@ def main() -> int:
     ap.add_argument(
         "--num-workers", type=int, help="loader workers of the real loop (default: the product's)"
     )
+    ap.add_argument(
+        "--rounds", type=int, default=3, help="rounds per configuration; the median one is reported (3)"
+    )
     ap.add_argument("--small-rounds", type=int, default=2, help="small-data runs per setting (2)")
     ap.add_argument("--no-small-data", action="store_true", help="skip the small-data comparison")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
@@ -492,8 +522,9 @@ def main() -> int:
         args.archs, args.crops = list(QUICK["archs"]), list(QUICK["crops"])
         args.image_size, args.warmup, args.timed = QUICK["image_size"], QUICK["warmup"], QUICK["timed"]
         args.train_images, args.small_iters, args.small_rounds = 8, QUICK["small_iters"], 1
-    if args.warmup < 1 or args.timed < 1:
-        ap.error("--warmup and --timed must be at least 1")
+        args.rounds = 2
+    if args.warmup < 1 or args.timed < 1 or args.rounds < 1:
+        ap.error("--warmup, --timed and --rounds must be at least 1")
     for variant in args.variants:
         variant_options(variant)  # a misspelt variant fails before any run
 

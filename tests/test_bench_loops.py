@@ -15,6 +15,7 @@ def test_bench_finetune_quick():
         assert res["real_s_per_iter"] > 0 and res["bare_s_per_iter"] > 0 and res["data_s_per_batch"] > 0
         ratio = res["real_s_per_iter"] / res["bare_s_per_iter"]  # of the rounded times
         assert abs(res["ratio_real_over_bare"] - ratio) <= 0.01 * ratio
+        assert len(res["round_ratios"]) == 2 and res["ratio_real_over_bare"] == min(res["round_ratios"])
         floor = 1 + res["data_s_per_batch"] / res["bare_s_per_iter"]  # in-process loading's floor
         assert res["ratio_floor_in_process"] > 1 and abs(res["ratio_floor_in_process"] - floor) <= 0.01 * floor
         parts = res["split"]["seconds"]

@@ -5,6 +5,7 @@ augmentation shapes, and errors that name the file at fault."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from unip_train.finetune.datasets import (
     TrainAugment,
     dataset_classes,
     nearest_indices,
+    to_input,
 )
 from unip_train.finetune.evaluation import confusion_matrix, summarize
 from unip_train.synthetic import CLASSES, LAYOUT_CLASS_MAP, generate, make_scene
@@ -110,13 +112,17 @@ def test_train_augment_crops_pads_and_keeps_label_values():
 
 
 def reference_augment(aug: TrainAugment, img, label, g):
-    """The recipe as first written: resize the whole image and label map (nearest through float), then
-    try crops on the resized map. The augmentation must stay bit-identical to it."""
+    """The recipe as first written: resize the whole image and label map (nearest through float), try
+    crops on the resized map counting every class, one torch call per random draw. The augmentation
+    must stay bit-identical to it, generator state included."""
     import torch.nn.functional as F
 
-    from unip_train.finetune.datasets import _uniform, rescale_size
+    from unip_train.finetune.datasets import rescale_size
 
-    r = _uniform(*aug.ratio_range, g)
+    def uniform(lo, hi):
+        return lo + (hi - lo) * float(torch.rand((), generator=g))
+
+    r = uniform(*aug.ratio_range)
     size = rescale_size(*img.shape, (aug.scale[0] * r, aug.scale[1] * r))
     img = F.interpolate(img[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
     label = F.interpolate(label[None, None].float(), size=size, mode="nearest")[0, 0].long()
@@ -126,6 +132,8 @@ def reference_augment(aug: TrainAugment, img, label, g):
         top = int(torch.randint(0, h - ch + 1, (), generator=g))
         left = int(torch.randint(0, w - cw + 1, (), generator=g))
         lab = label[top : top + ch, left : left + cw]
+        if aug.cat_max_ratio >= 1.0:
+            break
         counts = torch.bincount(lab[lab != IGNORE_INDEX].flatten())
         counts = counts[counts > 0]
         if len(counts) > 1 and counts.max() / counts.sum() < aug.cat_max_ratio:
@@ -133,7 +141,11 @@ def reference_augment(aug: TrainAugment, img, label, g):
     img = img[top : top + ch, left : left + cw]
     if torch.rand((), generator=g) < aug.flip_prob:
         img, lab = img.flip(-1), lab.flip(-1)
-    return aug._pad(aug._photometric(img, g), lab)
+    if torch.rand((), generator=g) < 0.5:
+        img = img + uniform(-aug.brightness_delta, aug.brightness_delta)
+    if torch.rand((), generator=g) < 0.5:
+        img = img * uniform(*aug.contrast_range)
+    return aug._pad(img.clamp(0.0, 255.0), lab)
 
 
 def test_nearest_indices_are_pytorchs_nearest_resize():
@@ -148,11 +160,13 @@ def test_nearest_indices_are_pytorchs_nearest_resize():
 
 @pytest.mark.parametrize("crop", [32, 128, 512])
 def test_train_augment_is_bit_identical_to_resizing_the_whole_label_first(crop):
-    """Labels resized only where a crop is tried, kept uint8 until the end, windows refused early on
-    their class-0 share: the same images, labels and random draws as the full-size float resize and
-    full class count, for scenes of several sizes and classes."""
+    """The label map resized by index gathers and kept uint8, windows refused early on their class-0
+    share, draws made into reused scalars: the same images, labels and random draws as the full-size
+    float resize, full class count and one torch call per draw, for scenes of several sizes and
+    classes; also with no crop search and a flip probability that float32 does not hold exactly
+    (compared as torch compares), and from torch's global generator."""
     rng = np.random.default_rng(crop)
-    aug = TrainAugment.for_crop(crop)
+    recipe = TrainAugment.for_crop(crop)
     for i in range(12):
         h, w = [(480, 640), (512, 640), (60, 90), (300, 200)][i % 4]
         img, label = make_scene(rng, (h, w))
@@ -160,11 +174,33 @@ def test_train_augment_is_bit_identical_to_resizing_the_whole_label_first(crop):
             label = (label + 1) % 7
         label[rng.random((h, w)) < 0.05] = IGNORE_INDEX
         img, label = torch.from_numpy(img).float(), torch.from_numpy(label.astype(np.uint8))
+        aug = recipe if i % 4 else replace(recipe, cat_max_ratio=1.0, flip_prob=0.7)
         ga, gb = torch.Generator().manual_seed(i), torch.Generator().manual_seed(i)
+        if i == 5:  # the global generator
+            ga = gb = None
+            torch.manual_seed(i)
         got_img, got_label = aug(img, label, ga)
+        state = torch.get_rng_state()
+        if i == 5:
+            torch.manual_seed(i)
         want_img, want_label = reference_augment(aug, img, label.long(), gb)
         assert torch.equal(got_img, want_img) and torch.equal(got_label.long(), want_label)
-        assert torch.equal(ga.get_state(), gb.get_state())  # the same draws, no more
+        if i == 5:
+            assert torch.equal(state, torch.get_rng_state())  # the same draws, no more
+        else:
+            assert torch.equal(ga.get_state(), gb.get_state())
+
+
+def test_to_input_normalizes_and_replicates_the_grey_channel():
+    """Written into one tensor, bit for bit ``(grey - mean) / std`` in each of three channels, for a
+    whole image and for a crop (a strided view), in the input's dtype."""
+    grey = torch.rand(40, 50, dtype=torch.float64).float() * 255
+    for x in (grey, grey[3:30, 7:41]):
+        out = to_input(x, 100.5, 47.25)
+        assert out.shape == (3, *x.shape) and out.dtype == x.dtype and out.is_contiguous()
+        for c in range(3):
+            assert torch.equal(out[c], (x - 100.5) / 47.25)
+    assert to_input(grey.double(), 1.0, 2.0).dtype == torch.float64
 
 
 def test_eval_resize_keeps_ratio_and_label():

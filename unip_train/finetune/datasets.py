@@ -521,8 +521,12 @@ class SegDataset(KeyedDataset):
 
 
 def to_input(grey: torch.Tensor, mean: float, std: float) -> torch.Tensor:
-    """Grey [H, W] 0-255 -> normalized [3, H, W] (grey replicated to three channels)."""
-    return ((grey - mean) / std).unsqueeze(0).expand(3, -1, -1).contiguous()
+    """Grey [H, W] 0-255 -> normalized [3, H, W] (grey replicated to three channels), written into one
+    new tensor: ``(grey - mean) / std`` in its first channel, copied to the other two."""
+    out = torch.empty((3, *grey.shape), dtype=grey.dtype)
+    torch.sub(grey, mean, out=out[0]).div_(std)
+    out[1:] = out[0]
+    return out
 
 
 # --- augmentation (method.md section 4) --------------------------------------------------
@@ -574,16 +578,15 @@ class TrainAugment:
     def __call__(
         self, img: torch.Tensor, label: torch.Tensor, g: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        r = _uniform(*self.ratio_range, g)
+        draws = Draws(g)
+        r = draws.uniform(*self.ratio_range)
         h, w = img.shape
         size = rescale_size(h, w, (self.scale[0] * r, self.scale[1] * r))
         img = resize(img, size)
-        # The label is resized only where a crop is tried: the nearest resize of the whole map, cropped,
-        # equals the crop's indices applied to the map (the same values, without the full-size copy).
-        img, label = self._crop(img, label, nearest_indices(h, size[0]), nearest_indices(w, size[1]), g)
-        if torch.rand((), generator=g) < self.flip_prob:
+        img, label = self._crop(img, label, nearest_indices(h, size[0]), nearest_indices(w, size[1]), draws)
+        if draws.chance(self.flip_prob):
             img, label = img.flip(-1), label.flip(-1)
-        img = self._photometric(img, g)
+        img = self._photometric(img, draws)
         return self._pad(img, label)
 
     def _crop(
@@ -592,22 +595,20 @@ class TrainAugment:
         label: torch.Tensor,
         rows: torch.Tensor,
         cols: torch.Tensor,
-        g: torch.Generator | None,
+        draws: Draws,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """A crop of the resized image and label (``label`` at its own size, resized through ``rows``
-        and ``cols``: :func:`nearest_indices`).
+        and ``cols``: :func:`nearest_indices`, gathered once in numpy, each tried window a view).
 
-        Each try's window is gathered and judged in numpy (the window's classes counted by torch):
-        per try a few microseconds of bookkeeping instead of a dozen small torch calls. The ratio is
-        formed in float32, as the same test on torch tensors did, so the decisions are unchanged."""
+        The ratio is formed in float32, as the same test on torch tensors did, so the decisions are
+        unchanged."""
         h, w = img.shape
         ch, cw = min(self.crop, h), min(self.crop, w)
-        lab_np, rows_np, cols_np = label.numpy(), rows.numpy(), cols.numpy()
+        resized = label.numpy().take(rows.numpy(), 0).take(cols.numpy(), 1)
         limit = np.float32(self.cat_max_ratio)
         for _ in range(10):
-            top = int(torch.randint(0, h - ch + 1, (), generator=g))
-            left = int(torch.randint(0, w - cw + 1, (), generator=g))
-            window = np.take(np.take(lab_np, rows_np[top : top + ch], 0), cols_np[left : left + cw], 1)
+            top, left = draws.randint(h - ch + 1), draws.randint(w - cw + 1)
+            window = resized[top : top + ch, left : left + cw]
             if self.cat_max_ratio >= 1.0:
                 break
             # Accept a crop unless one class fills more than cat_max_ratio of its labelled pixels.
@@ -622,19 +623,19 @@ class TrainAugment:
             if np.float32(window.size - np.count_nonzero(window)) / np.float32(labelled) >= limit:
                 continue
             # Every value counted, then the ignore index's count dropped: the labelled pixels.
-            counts = torch.bincount(torch.from_numpy(window).flatten()).numpy()
+            counts = np.bincount(window.ravel())
             if len(counts) > IGNORE_INDEX:
                 counts[IGNORE_INDEX] = 0
             counts = counts[counts > 0]
             if len(counts) > 1 and np.float32(counts.max()) / np.float32(counts.sum()) < limit:
                 break
-        return img[top : top + ch, left : left + cw], torch.from_numpy(window)
+        return img[top : top + ch, left : left + cw], torch.from_numpy(np.ascontiguousarray(window))
 
-    def _photometric(self, img: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
-        if torch.rand((), generator=g) < 0.5:
-            img = img + _uniform(-self.brightness_delta, self.brightness_delta, g)
-        if torch.rand((), generator=g) < 0.5:
-            img = img * _uniform(*self.contrast_range, g)
+    def _photometric(self, img: torch.Tensor, draws: Draws) -> torch.Tensor:
+        if draws.chance(0.5):
+            img = img + draws.uniform(-self.brightness_delta, self.brightness_delta)
+        if draws.chance(0.5):
+            img = img * draws.uniform(*self.contrast_range)
         return img.clamp(0.0, 255.0)
 
     def _pad(self, img: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -647,8 +648,31 @@ class TrainAugment:
         return img, label
 
 
-def _uniform(lo: float, hi: float, g: torch.Generator | None = None) -> float:
-    return lo + (hi - lo) * float(torch.rand((), generator=g))
+class Draws:
+    """One sample's random draws from ``g`` (torch's global generator when None): the values, and the
+    generator's state after them, of ``torch.rand(())`` (:meth:`rand`) and ``torch.randint(0, n, ())``
+    (:meth:`randint`), drawn into two scalars made once (a third of a call's cost; a crop search
+    draws up to 21 times)."""
+
+    __slots__ = ("g", "_int", "_float")
+
+    def __init__(self, g: torch.Generator | None = None):
+        self.g = g
+        self._int = torch.empty((), dtype=torch.int64)
+        self._float = torch.empty((), dtype=torch.float32)
+
+    def rand(self) -> float:
+        return self._float.uniform_(generator=self.g).item()
+
+    def randint(self, n: int) -> int:
+        return self._int.random_(0, n, generator=self.g).item()
+
+    def uniform(self, lo: float, hi: float) -> float:
+        return lo + (hi - lo) * self.rand()
+
+    def chance(self, p: float) -> bool:
+        """``torch.rand(()) < p``: compared in float32, as torch compares a float32 tensor with ``p``."""
+        return self.rand() < float(np.float32(p))
 
 
 @dataclass
