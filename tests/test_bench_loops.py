@@ -1,5 +1,6 @@
-"""Smoke tests of the loop benchmarks (benchmarks/bench_finetune.py, bench_pretrain_loop.py) at tiny
-size: they drive the real loops, time the bare ones, and report every field. No time is asserted."""
+"""Smoke tests of the loop benchmarks (benchmarks/bench_finetune.py, bench_pretrain_loop.py,
+bench_loader_overlap.py) at tiny size: they drive the real loops, time the bare ones, and report
+every field. No time is asserted."""
 
 from test_benchmarks import run_quick  # the same way of running a benchmark's --quick mode
 
