@@ -379,10 +379,8 @@ def run_config(root: Path, arch: str, crop: int, head: str, variant: str, args) 
     backbone = make_backbone(root, arch, crop)
     data = make_data(root, args.train_images, args.image_size)
     opts = {**HEADS[head], **variant_options(variant)}
-    probe = config(
-        backbone, data, Path(tempfile.mkdtemp(dir=root)), crop, 1, args.num_workers, args.device, **opts
-    )
-    batch = probe.batch_size
+    outs = [Path(tempfile.mkdtemp(dir=root)) for _ in range(args.rounds)]
+    batch = config(backbone, data, outs[0], crop, 1, args.num_workers, args.device, **opts).batch_size
     # The real loop's warm-up covers its first epoch, which decodes every image once (then kept in
     # memory, --cache-mb): the timed window is the steady state; the first epoch is reported apart.
     epoch = -(-args.train_images // batch)
@@ -390,8 +388,7 @@ def run_config(root: Path, arch: str, crop: int, head: str, variant: str, args) 
     # Rounds, each from a new run folder and state: a burst of the machine's load lands in one round,
     # and the round of median ratio is reported (every round's ratio beside it).
     rounds = []
-    for _ in range(args.rounds):
-        out = Path(tempfile.mkdtemp(dir=root))
+    for out in outs:
         cfg = config(backbone, data, out, crop, warmup + args.timed, args.num_workers, args.device, **opts)
         state = build_state(cfg)
         rounds.append(measure_round(state, warmup, epoch, args))

@@ -651,8 +651,8 @@ class TrainAugment:
 class Draws:
     """One sample's random draws from ``g`` (torch's global generator when None): the values, and the
     generator's state after them, of ``torch.rand(())`` (:meth:`rand`) and ``torch.randint(0, n, ())``
-    (:meth:`randint`), drawn into two scalars made once (a third of a call's cost; a crop search
-    draws up to 21 times)."""
+    (:meth:`randint`), drawn into two scalars made once (a third of a call's cost; one sample of
+    :class:`TrainAugment` draws up to 25 times, 20 of them in its crop search)."""
 
     __slots__ = ("g", "_int", "_float")
 
