@@ -86,6 +86,8 @@ def test_log_and_tensorboard_scalars_and_bare_resume(tiny_timm_checkpoint, folde
     steps = [r for r in log if "loss" in r]
     assert [r["iter"] for r in steps] == [1, 2, 3, 4]
     assert all(r["grad_norm"] > 0 and r["lr"] > 0 for r in steps)
+    # Where the time went: wall seconds per iteration, of which waiting for batches.
+    assert all(0 < r["data_time"] < r["iter_time"] for r in steps)
     assert [r["resumed_from"] for r in log if r.get("event") == "start"] == [0, 2]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -276,7 +276,8 @@ def test_distillation_lowers_the_loss_and_moves_attention_toward_the_teacher(set
     assert pretrain.main(args) == 0
     log = read_log(run)
     assert len(log) == 180 and log[-1]["step"] == 180
-    assert set(log[0]) == {"step", "epoch", "loss", "lr", "grad_norm", "images_per_s"}
+    assert set(log[0]) == {"step", "epoch", "loss", "lr", "grad_norm", "images_per_s", "data_time"}
+    assert all(r["data_time"] >= 0 for r in log)
     first = log[0]["loss"]
     last = float(np.mean([r["loss"] for r in log[-3:]]))
     print(f"\nKL loss: first step {first:.4f}, last 3 steps {last:.4f} ({last / first:.2f} x)")

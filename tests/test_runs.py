@@ -205,3 +205,27 @@ def test_scalar_log_plots_one_curve_per_list_element(tmp_path):
     tags = acc.Tags()["scalars"]
     assert sorted(tags) == ["train/scale_mean/0", "train/scale_mean/1"]
     assert acc.Scalars("train/scale_mean/1")[0].value == 0.25
+
+
+def test_wait_clock_times_only_the_waits_and_draws_only_what_is_asked():
+    import time
+
+    from unip_train.runs import WaitClock
+
+    drawn = []
+
+    def slow(n):
+        for i in range(n):
+            time.sleep(0.02)  # the loader's work
+            drawn.append(i)
+            yield i
+
+    clock = WaitClock()
+    items = []
+    for _, item in zip(range(3), clock.wrap(slow(10))):
+        items.append(item)
+        time.sleep(0.05)  # the step's work: not a wait
+    assert items == [0, 1, 2] and drawn == [0, 1, 2]  # zip stops before asking for a fourth
+    waited = clock.take()
+    assert 0.06 <= waited < 0.06 + 0.1 and clock.take() == 0.0
+    assert list(clock.wrap([])) == [] and clock.take() == 0.0

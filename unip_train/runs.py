@@ -16,7 +16,8 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from unip_analysis.files import atomic_write_text
 from unip_analysis.workers import MAX_DEFAULT_WORKERS, available_cores, default_num_workers
 
 __all__ = [
-    "MAX_DEFAULT_WORKERS", "ScalarLog", "available_cores", "default_num_workers", "parse_with_config",
+    "MAX_DEFAULT_WORKERS", "ScalarLog", "WaitClock", "available_cores", "default_num_workers", "parse_with_config",
     "plain", "read_config_file", "write_config",
 ]  # fmt: skip
 
@@ -227,3 +228,27 @@ def _tensorboard_writer(folder: Path, purge_step: int | None):
     except ImportError:  # torch raises ImportError when tensorboard is missing
         return None
     return SummaryWriter(log_dir=str(folder), purge_step=None if purge_step is None else purge_step + 1)
+
+
+class WaitClock:
+    """Seconds a training loop spends waiting for its batches: :meth:`wrap` the loader, :meth:`take`
+    the seconds waited since the last take (one logging window). Items are drawn only when the loop
+    asks for them, so ``zip(range(n), clock.wrap(loader))`` draws no more than ``n``."""
+
+    def __init__(self) -> None:
+        self.waited = 0.0
+
+    def wrap(self, iterable: Iterable) -> Iterator:
+        items = iter(iterable)
+        while True:
+            t = time.perf_counter()
+            try:
+                item = next(items)
+            except StopIteration:
+                return
+            self.waited += time.perf_counter() - t
+            yield item
+
+    def take(self) -> float:
+        waited, self.waited = self.waited, 0.0
+        return waited

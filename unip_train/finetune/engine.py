@@ -5,7 +5,9 @@ this module only trains. Per iteration: poly lr with linear warm-up, one forward
 (plus any extension's extra images), cross-entropy (255 ignored) on the main head plus
 ``aux_weight`` x the auxiliary head's, plus each extension's loss terms, autocast to ``--amp``'s
 dtype (loss scaling with fp16), the optimizer step, then the extensions' ``after_step``. A resumed run continues
-mid-epoch exactly where its checkpoint was written.
+mid-epoch exactly where its checkpoint was written. Each log line also says where the time went:
+``iter_time``, wall seconds per iteration over its window (a checkpoint included), and
+``data_time``, the part of it spent waiting for batches (the progress bar shows the share).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from tqdm import tqdm
 from .. import distributed as du
 from ..optim import poly_lr, set_lr
 from ..precision import autocast
-from ..runs import ScalarLog
+from ..runs import ScalarLog, WaitClock
 from .config import FinetuneConfig, FinetuneError
 from .extensions import Extension, SegOutput
 from .ll_fpn import Segmentor
@@ -75,10 +77,12 @@ def train(s: TrainState, save: Callable[[int], None]) -> None:
         disable=not s.log.enabled or not cfg.progress,
     )
     t0, sums = time.time(), {}
+    # Where the time goes, per logging window: wall seconds, and seconds spent waiting for batches.
+    clock, window_start = WaitClock(), time.perf_counter()
     s.ddp.train()
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     # One pass over the loader for the whole run: its batches carry their epoch (unip_train.sampling).
-    for it, (img, label) in zip(range(s.start, cfg.iters), s.loader):
+    for it, (img, label) in zip(range(s.start, cfg.iters), clock.wrap(s.loader)):
         lr = poly_lr(it, cfg.iters, cfg.warmup_iters, cfg.lr)
         set_lr(s.optimizer, lr)
         img = img.to(dist.device, non_blocking=True, memory_format=memory_format)
@@ -107,6 +111,8 @@ def train(s: TrainState, save: Callable[[int], None]) -> None:
         bar.update(1)
         if logging:
             steps = (it - 1) % cfg.log_every + 1
+            sums["iter_time"] = time.perf_counter() - window_start
+            sums["data_time"] = clock.take()
             record = {k: du.all_reduce_mean(v / steps, dist.device) for k, v in sums.items()}
             record = {
                 "iter": it,
@@ -115,9 +121,11 @@ def train(s: TrainState, save: Callable[[int], None]) -> None:
                 "grad_norm": grad_norm,
                 "time": round(time.time() - t0, 2),
             }
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+            share = record["data_time"] / max(record["iter_time"], 1e-9)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", data=f"{share:.0%}")
             s.log.write(record)
             sums = {}
+            window_start = time.perf_counter()  # a checkpoint written now counts in the next window
         if it % cfg.ckpt_every == 0 or it == cfg.iters:
             save(it)
         if kill_at == it:

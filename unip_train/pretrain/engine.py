@@ -23,6 +23,7 @@ from unip_analysis.errors import UnipError
 from ..distributed import all_reduce_mean, all_reduce_mean_list
 from ..optim import cosine_lr, set_lr
 from ..precision import autocast
+from ..runs import WaitClock
 
 # (model, images) -> (scalar loss, extra numbers to log: name -> float or list of floats)
 StepLoss = Callable[[torch.nn.Module, torch.Tensor], tuple[torch.Tensor, dict]]
@@ -73,8 +74,9 @@ def train_one_epoch(
     model.train()
     optimizer.zero_grad(set_to_none=True)
     window_losses, window_extras, tic = [], [], time.perf_counter()
+    clock = WaitClock()  # seconds spent waiting for batches, per optimizer step
     bar = tqdm(total=cfg.iters_per_epoch, initial=start_iter, desc=f"epoch {epoch}", disable=not progress)
-    for it, (images, skipped) in zip(range(start_iter, cfg.iters_per_epoch), loader):
+    for it, (images, skipped) in zip(range(start_iter, cfg.iters_per_epoch), clock.wrap(loader)):
         on_skipped(skipped)
         if it % accum == 0:
             lr = cosine_lr(step, cfg.total_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr)
@@ -118,9 +120,11 @@ def train_one_epoch(
             "lr": lr,
             "grad_norm": grad_norm,
             "images_per_s": cfg.effective_batch / max(toc - tic, 1e-9),
+            "data_time": all_reduce_mean(clock.take() / len(window_losses), device),
             **mean_extras(window_extras, device),
         }
-        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+        share = record["data_time"] * len(window_losses) / max(toc - tic, 1e-9)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", data=f"{share:.0%}")
         on_step(record, it + 1)
         window_losses, window_extras, tic = [], [], time.perf_counter()
     bar.close()
