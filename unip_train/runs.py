@@ -5,7 +5,8 @@ trainers share.
   (:func:`parse_with_config`).
 - ``config.json``: the resolved configuration, written before the first step (:func:`write_config`).
 - ``log.jsonl``: one JSON object per line; TensorBoard scalars beside it in ``RUN/tensorboard``
-  when the optional ``tensorboard`` package is installed (:class:`ScalarLog`).
+  when the optional ``tensorboard`` package is installed (:class:`ScalarLog`); its lines say how
+  long the loop waited for batches (:class:`WaitClock`).
 - Loader workers default to the cores this process may use (:func:`default_num_workers`, defined in
   :mod:`unip_analysis.workers` so that ``unip-analyze`` shares it).
 """
