@@ -77,6 +77,27 @@ def test_config_file_errors_are_one_line(tiny_timm_checkpoint, folder, tmp_path,
     assert not (tmp_path / "r").exists()
 
 
+def test_a_resume_inside_a_logging_window_logs_the_mean_of_the_iterations_it_ran(
+    tiny_timm_checkpoint, folder, tmp_path
+):
+    """Resumed at iteration 3 with --log-every 4, the first line (iteration 4) averages the one
+    iteration this process ran, not four. The same two commands with --log-every 1 give every
+    iteration's loss (logging does not change the training)."""
+
+    def losses(out: Path, log_every: int) -> dict[int, float]:
+        args = [*common(tiny_timm_checkpoint, folder), "--log-every", str(log_every), "--out", str(out)]
+        assert main([*args, "--iters", "3", "--ckpt-every", "3"]) == 0
+        assert main([*args, "--iters", "6", "--resume"]) == 0
+        lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        return {r["iter"]: r["loss"] for r in lines if "loss" in r}
+
+    every, windows = losses(tmp_path / "every", 1), losses(tmp_path / "windows", 4)
+    assert sorted(every) == [1, 2, 3, 4, 5, 6] and sorted(windows) == [3, 4, 6]
+    assert windows[3] == pytest.approx((every[1] + every[2] + every[3]) / 3, rel=1e-6)
+    assert windows[4] == pytest.approx(every[4], rel=1e-6)
+    assert windows[6] == pytest.approx((every[5] + every[6]) / 2, rel=1e-6)
+
+
 def test_log_and_tensorboard_scalars_and_bare_resume(tiny_timm_checkpoint, folder, tmp_path):
     out = tmp_path / "run"
     args = [*common(tiny_timm_checkpoint, folder), "--out", str(out)]

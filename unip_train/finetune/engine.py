@@ -76,7 +76,7 @@ def train(s: TrainState, save: Callable[[int], None]) -> None:
         desc=f"{cfg.mode} {cfg.dataset}",
         disable=not s.log.enabled or not cfg.progress,
     )
-    t0, sums = time.time(), {}
+    t0, sums, steps = time.time(), {}, 0  # the logging window's sums and iterations (this process's)
     # Where the time goes, per logging window: wall seconds, and seconds spent waiting for batches.
     clock, window_start = WaitClock(), time.perf_counter()
     s.ddp.train()
@@ -107,10 +107,10 @@ def train(s: TrainState, save: Callable[[int], None]) -> None:
             ext.after_step(it)
         for name, value in zip(("loss", *terms), values):
             sums[name] = sums.get(name, 0.0) + value
+        steps += 1
         it += 1
         bar.update(1)
         if logging:
-            steps = (it - 1) % cfg.log_every + 1
             sums["iter_time"] = time.perf_counter() - window_start
             sums["data_time"] = clock.take()
             record = {k: du.all_reduce_mean(v / steps, dist.device) for k, v in sums.items()}
@@ -124,7 +124,7 @@ def train(s: TrainState, save: Callable[[int], None]) -> None:
             share = record["data_time"] / max(record["iter_time"], 1e-9)
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", data=f"{share:.0%}")
             s.log.write(record)
-            sums = {}
+            sums, steps = {}, 0
             window_start = time.perf_counter()  # a checkpoint written now counts in the next window
         if it % cfg.ckpt_every == 0 or it == cfg.iters:
             save(it)
