@@ -1,7 +1,7 @@
 """The fine-tuning loop at its limit: ``unip-finetune``'s real loop against a bare loop, per iteration.
 
 - ``real``: what ``unip-finetune`` runs, driven through its own code
-  (:func:`unip_train.finetune.cli.setup`, then :func:`unip_train.finetune.engine.train`) with the
+  (:func:`unip_train.finetune.trainer.setup`, then :func:`unip_train.finetune.engine.train`) with the
   default options: data loading and augmentation in the default number of loader workers, the loss,
   the optimizer, logging every 20 iterations and the checkpoint every 1,000. Iterations are timed by
   an optimizer step hook (one timestamp per step); the checkpoint, which a short window cannot
@@ -154,7 +154,7 @@ def config(
 def build_state(cfg):
     """What ``unip-finetune`` builds before its loop: data, loader, segmentor, optimizer, run folder."""
     from unip_train import distributed as du
-    from unip_train.finetune.cli import setup
+    from unip_train.finetune.trainer import setup
 
     with contextlib.redirect_stdout(sys.stderr):  # its notes; stdout holds the JSON line only
         state, _, _ = setup(cfg, du.init_distributed(cfg.device), [])
@@ -164,8 +164,8 @@ def build_state(cfg):
 def real_loop(state, warmup: int, timed: int, epoch: int = 1) -> dict:
     """Seconds per iteration of ``unip-finetune``'s loop over iterations ``warmup .. warmup+timed-1``
     (plus 1/ckpt_every of a checkpoint), and of its first ``epoch`` iterations."""
-    from unip_train.finetune.cli import save_training_state
     from unip_train.finetune.engine import train
+    from unip_train.finetune.trainer import save_training_state
 
     stamps: list[tuple[float, float]] = []  # (wall, CPU of this process and its workers) per step
     sync = device_sync(state.dist.device)
@@ -430,8 +430,8 @@ def run_config(root: Path, arch: str, crop: int, head: str, variant: str, args) 
 
 def small_data(root: Path, args) -> dict:
     """Whole-``train`` seconds of the issue's small-data linear probe, workers 0 vs the default."""
-    from unip_train.finetune.cli import save_training_state
     from unip_train.finetune.engine import train
+    from unip_train.finetune.trainer import save_training_state
     from unip_train.runs import default_num_workers
 
     arch = args.archs[0] if args.quick else SMALL["arch"]

@@ -1,6 +1,6 @@
 """A stand-in for the fine-tuning loop's side of the extension interface: the output record, a tiny conv
 segmentor that returns it, and the context ``setup`` receives. Used by tests/test_pixl.py and
-tests/test_semi.py; the real loop lives in unip_train/finetune/cli.py."""
+tests/test_semi.py; the real loop lives in unip_train/finetune/trainer.py."""
 
 from __future__ import annotations
 

@@ -18,7 +18,9 @@ def test_bench_finetune_quick():
         assert abs(res["ratio_real_over_bare"] - ratio) <= 0.01 * ratio
         assert len(res["round_ratios"]) == 2 and res["ratio_real_over_bare"] == min(res["round_ratios"])
         floor = 1 + res["data_s_per_batch"] / res["bare_s_per_iter"]  # in-process loading's floor
-        assert res["ratio_floor_in_process"] > 1 and abs(res["ratio_floor_in_process"] - floor) <= 0.01 * floor
+        assert (
+            res["ratio_floor_in_process"] > 1 and abs(res["ratio_floor_in_process"] - floor) <= 0.01 * floor
+        )
         parts = res["split"]["seconds"]
         assert parts["backbone_fwd"] > 0 and parts["heads_fwd"] > 0 and parts["heads_bwd"] > 0
         assert abs(sum(res["split"]["share"].values()) - 1) < 0.01

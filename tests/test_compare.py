@@ -524,7 +524,7 @@ def test_changed_plan_is_refused_before_anything_runs(two_jobs, assets: Path, ca
 def test_killed_cell_resumes_and_ends_equal_to_the_uninterrupted_run(
     two_jobs, assets: Path, tmp_path: Path, monkeypatch, capsys
 ):
-    from unip_train.finetune.cli import KILL_ENV
+    from unip_train.finetune.engine import KILL_ENV
 
     _, reference, _, _ = two_jobs
     plan = write_plan(

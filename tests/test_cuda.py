@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from unip_train.finetune.cli import FinetuneConfig, run
+from unip_train.finetune.config import FinetuneConfig
+from unip_train.finetune.trainer import run
 from unip_train.synthetic import generate
 
 pytestmark = pytest.mark.cuda  # skipped without CUDA (conftest.py)

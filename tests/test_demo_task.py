@@ -3,7 +3,8 @@
 import numpy as np
 
 from unip_train import demo_task
-from unip_train.finetune.datasets import LAYOUTS, SegDataset
+from unip_train.finetune.dataset import SegDataset
+from unip_train.finetune.layouts import LAYOUTS
 
 
 def _files(root):

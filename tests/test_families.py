@@ -325,6 +325,7 @@ def test_finetuned_transformers_backbone_is_rebuilt_with_its_config(tmp_path):
     ViTModel, not timm's 1e-6), without the transformers folder."""
     from unip_train import synthetic
     from unip_train.finetune import cli as finetune_cli
+    from unip_train.finetune.model_file import load_model
 
     arch, folder, _, eps = hf_case("ViTModel", tmp_path)
     data = synthetic.generate(tmp_path / "soda", "soda", 4, 2, size=IMG, seed=0)
@@ -332,6 +333,6 @@ def test_finetuned_transformers_backbone_is_rebuilt_with_its_config(tmp_path):
     argv = ["--backbone", f"hf:{arch}:{folder}", "--dataset", "soda", "--data-root", str(data), "--iters", "1",
             "--crop", str(IMG), "--batch-size", "2", "--num-workers", "0", "--no-progress", "--out", str(out)]  # fmt: skip
     assert finetune_cli.main(argv) == 0
-    model, _, ckpt = finetune_cli.load_model(out / "model.pt")
+    model, _, ckpt = load_model(out / "model.pt")
     assert ckpt["backbone"]["hf_build"] == {"layer_norm_eps": eps, "hidden_act": "gelu"}
     assert model.backbone.blocks[0].norm1.eps == eps

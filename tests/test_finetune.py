@@ -16,10 +16,14 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from unip_analysis.checkpoints import build_vit, load_backbone
-from unip_train.finetune.cli import FinetuneConfig, build_backbone, build_optimizer, main, run
-from unip_train.finetune.datasets import IGNORE_INDEX, SegDataset
+from unip_train.finetune.cli import main
+from unip_train.finetune.config import FinetuneConfig
+from unip_train.finetune.dataset import SegDataset
 from unip_train.finetune.evaluation import slide_logits, summarize, upsampled_logits
+from unip_train.finetune.layouts import IGNORE_INDEX
 from unip_train.finetune.ll_fpn import Segmentor
+from unip_train.finetune.model_file import build_backbone
+from unip_train.finetune.trainer import build_optimizer, run
 from unip_train.optim import set_lr
 from unip_train.synthetic import generate
 
@@ -225,7 +229,7 @@ def test_sigkill_mid_epoch_then_resume_equals_the_uninterrupted_run(
     """8 train images, batch 4: 2 iterations per data epoch. Checkpoint every 3 iterations; the killed
     run dies right after iteration 5, so the resumed run restarts mid-epoch from iteration 3 and
     redoes 4 and 5. It uses loader workers, the uninterrupted run none: crops must not depend on it."""
-    from unip_train.finetune.cli import KILL_ENV
+    from unip_train.finetune.engine import KILL_ENV
 
     arch, path = tiny_timm_checkpoint
     kw = dict(iters=8, ckpt_every=3, log_every=1, head_channels=8)

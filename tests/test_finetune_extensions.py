@@ -18,8 +18,10 @@ from safetensors.torch import save_file
 
 from unip_analysis.checkpoints import build_vit
 from unip_train.finetune import ll_fpn
-from unip_train.finetune.cli import KILL_ENV, FinetuneConfig, run
+from unip_train.finetune.config import FinetuneConfig
+from unip_train.finetune.engine import KILL_ENV
 from unip_train.finetune.extensions import Extension, ExtensionContext, SegOutput
+from unip_train.finetune.trainer import run
 from unip_train.sampling import keyed_generator
 from unip_train.synthetic import generate
 
@@ -191,7 +193,8 @@ KILLED_RUN = """
 import sys, torch
 sys.path.insert(0, {tests!r})
 from test_finetune_extensions import FeatureL2
-from unip_train.finetune.cli import FinetuneConfig, run
+from unip_train.finetune.config import FinetuneConfig
+from unip_train.finetune.trainer import run
 torch.set_num_threads(1)
 run(FinetuneConfig(**{cfg!r}), [FeatureL2(extra=2)])
 """
@@ -236,7 +239,8 @@ DDP_RUN = """
 import os, sys, torch
 sys.path.insert(0, {tests!r})
 from test_finetune_extensions import FeatureL2
-from unip_train.finetune.cli import FinetuneConfig, run
+from unip_train.finetune.config import FinetuneConfig
+from unip_train.finetune.trainer import run
 ext = FeatureL2()
 run(FinetuneConfig(**{cfg!r}), [ext])
 torch.save(ext.proj.state_dict(), {out!r} + "/proj_rank" + os.environ["RANK"] + ".pt")

@@ -14,7 +14,10 @@ import torch
 from safetensors.torch import save_file
 
 from unip_analysis.checkpoints import build_vit
-from unip_train.finetune.cli import KILL_ENV, FinetuneConfig, main, run
+from unip_train.finetune.cli import main
+from unip_train.finetune.config import FinetuneConfig
+from unip_train.finetune.engine import KILL_ENV
+from unip_train.finetune.trainer import run
 from unip_train.synthetic import generate
 
 TINY = "vit_tiny_patch16_224(depth=2,embed_dim=32,num_heads=2,patch_size=8)"
@@ -111,7 +114,9 @@ def test_sigkill_then_resume_is_bit_identical_with_pixl_and_label_fraction(files
     opts = ("--pixel-loss", "pixl", "--label-fraction", "1/2", "--ckpt-every", "2")
     cmd = [sys.executable, "-m", "unip_train.finetune"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    done = subprocess.run(cmd + argv(files, whole, *opts, iters=5), env=_env(), capture_output=True, text=True)
+    done = subprocess.run(
+        cmd + argv(files, whole, *opts, iters=5), env=_env(), capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     died = subprocess.run(
         cmd + argv(files, killed, *opts, iters=5), env=_env(**{KILL_ENV: "3"}), capture_output=True, text=True
@@ -147,7 +152,9 @@ def test_sigkill_then_resume_is_bit_identical_with_pixl_and_label_fraction(files
 def test_bad_semi_and_pixl_input_is_one_line_and_writes_nothing(files, tmp_path, capsys, extra, message):
     empty = tmp_path / "empty"
     empty.mkdir()
-    extra = [str(empty) if a == "EMPTY" else str(tmp_path / "missing") if a == "MISSING" else a for a in extra]
+    extra = [
+        str(empty) if a == "EMPTY" else str(tmp_path / "missing") if a == "MISSING" else a for a in extra
+    ]
     out = tmp_path / "run"
     assert main(argv(files, out, *extra)) == 2
     err = capsys.readouterr().err.strip()

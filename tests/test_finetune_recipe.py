@@ -16,17 +16,12 @@ from timm.layers import LayerScale
 
 from unip_analysis.checkpoints import build_vit, load_backbone
 from unip_train.finetune.backbone import RelPosBiasAttention, relative_position_index
-from unip_train.finetune.cli import (
-    FinetuneConfig,
-    build_backbone,
-    build_optimizer,
-    build_segmentor,
-    evaluate_saved,
-)
-from unip_train.finetune.cli import run as finetune_run
-from unip_train.finetune.config import resolve
+from unip_train.finetune.config import FinetuneConfig, resolve
 from unip_train.finetune.heads import LinearProbeHead
 from unip_train.finetune.ll_fpn import Segmentor
+from unip_train.finetune.model_file import build_backbone, build_segmentor
+from unip_train.finetune.trainer import build_optimizer, evaluate_saved
+from unip_train.finetune.trainer import run as finetune_run
 from unip_train.synthetic import generate
 
 TINY = "vit_tiny_patch16_224(depth=4,embed_dim=64,num_heads=2,patch_size=8)"

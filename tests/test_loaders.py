@@ -25,8 +25,9 @@ from unip_analysis import workers
 from unip_analysis.checkpoints import build_vit
 from unip_train.finetune import cli as finetune
 from unip_train.finetune import config as finetune_config
-from unip_train.finetune import datasets as finetune_datasets
-from unip_train.finetune.datasets import SegDataset, read_grey
+from unip_train.finetune import dataset as finetune_dataset
+from unip_train.finetune.dataset import SegDataset, read_grey
+from unip_train.finetune.engine import KILL_ENV
 from unip_train.pretrain import cli as pretrain
 from unip_train.pretrain.data import InfMix
 from unip_train.sampling import EpochSampler, KeyBatches, KeyedDataset, keyed_loader
@@ -163,7 +164,7 @@ def test_finetune_sigkill_and_resume_with_persistent_workers_is_bit_identical(
     whole, killed, log = tmp_path / "whole", tmp_path / "killed", tmp_path / "pids"
     assert finetune.main(finetune_args(tiny_vit, folder, whole, 0)) == 0
     died = run(
-        "unip_train.finetune", *finetune_args(tiny_vit, folder, killed, 2), extra_env={finetune.KILL_ENV: "5"}
+        "unip_train.finetune", *finetune_args(tiny_vit, folder, killed, 2), extra_env={KILL_ENV: "5"}
     )
     assert died.returncode == -signal.SIGKILL, died.stderr[-2000:]
     assert torch.load(killed / "checkpoint.pt", weights_only=True)["iter"] == 3
@@ -271,7 +272,7 @@ def test_every_cli_defaults_to_the_machines_cores_and_takes_both_spellings(monke
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     for cores in (1, 3):
         monkeypatch.setattr(workers, "available_cores", lambda cores=cores: cores)
-        cfg = finetune.FinetuneConfig(
+        cfg = finetune_config.FinetuneConfig(
             backbone="timm:vit_tiny_patch16_224:w.safetensors", dataset="folder", data_root=".", out=".",
             device="cuda", num_classes=2,
         )  # fmt: skip
@@ -353,16 +354,18 @@ def test_analyze_worker_error_is_one_line(tiny_vit, tmp_path):
 
 
 def test_cached_images_give_the_same_samples_within_the_budget(folder, monkeypatch):
-    from unip_train.finetune.datasets import TrainAugment
+    from unip_train.finetune.augment import TrainAugment
     from unip_train.finetune.semi import labelled_subset
 
     def dataset(cache_mb: float) -> SegDataset:
-        return SegDataset(folder, "folder", "train", transform=TrainAugment.for_crop(32), seed=3, cache_mb=cache_mb)
+        return SegDataset(
+            folder, "folder", "train", transform=TrainAugment.for_crop(32), seed=3, cache_mb=cache_mb
+        )
 
     plain, cached = dataset(0), dataset(1024)
     decodes = []
-    real_read = finetune_datasets.read_grey
-    monkeypatch.setattr(finetune_datasets, "read_grey", lambda *a: decodes.append(a[0]) or real_read(*a))
+    real_read = finetune_dataset.read_grey
+    monkeypatch.setattr(finetune_dataset, "read_grey", lambda *a: decodes.append(a[0]) or real_read(*a))
     for epoch in range(3):
         for i in range(len(plain)):
             for a, b in zip(plain.item(i, epoch), cached.item(i, epoch)):

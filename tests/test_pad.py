@@ -470,8 +470,8 @@ def test_torchrun_two_processes(files, tmp_path):
 @pytest.mark.slow
 def test_round_trip_into_finetune_and_analysis(trained, tmp_path):
     from unip_analysis import cli as analyze_cli
-    from unip_train.finetune.cli import evaluate_saved
     from unip_train.finetune.cli import main as finetune
+    from unip_train.finetune.trainer import evaluate_saved
 
     spec = f"pad:{ARCH}:{trained['run'] / 'backbone.safetensors'}"
     data = synthetic.generate(tmp_path / "seg", "folder", n_train=4, n_test=2, size=40, seed=0)

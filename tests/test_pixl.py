@@ -16,7 +16,9 @@ from torch import nn
 
 from unip_train.checkpointing import load_checkpoint, save_checkpoint
 from unip_train.finetune import pixl as pixl_mod
-from unip_train.finetune.datasets import IGNORE_INDEX, SegDataset, TrainAugment
+from unip_train.finetune.augment import TrainAugment
+from unip_train.finetune.dataset import SegDataset
+from unip_train.finetune.layouts import IGNORE_INDEX
 from unip_train.finetune.pixl import (
     PixlError,
     PixlExtension,

@@ -13,19 +13,16 @@ import pytest
 import torch
 from PIL import Image
 
-from unip_train.finetune.datasets import (
+from unip_train.finetune.augment import EvalResize, TrainAugment, nearest_indices
+from unip_train.finetune.dataset import SegDataset, to_input
+from unip_train.finetune.evaluation import confusion_matrix, summarize
+from unip_train.finetune.layouts import (
     IGNORE_INDEX,
     LAYOUTS,
     SCUT_CITYSCAPES_IDS,
     DatasetError,
-    EvalResize,
-    SegDataset,
-    TrainAugment,
     dataset_classes,
-    nearest_indices,
-    to_input,
 )
-from unip_train.finetune.evaluation import confusion_matrix, summarize
 from unip_train.synthetic import CLASSES, LAYOUT_CLASS_MAP, generate, make_scene
 
 SIZE = (40, 48)
@@ -117,7 +114,7 @@ def reference_augment(aug: TrainAugment, img, label, g):
     must stay bit-identical to it, generator state included."""
     import torch.nn.functional as F
 
-    from unip_train.finetune.datasets import rescale_size
+    from unip_train.finetune.augment import rescale_size
 
     def uniform(lo, hi):
         return lo + (hi - lo) * float(torch.rand((), generator=g))
@@ -327,7 +324,7 @@ def test_soda_palette_labels_and_duplicate_entries(tmp_path: Path):
 
 
 def test_split_lines_with_spaces_and_two_columns(tmp_path: Path):
-    from unip_train.finetune.datasets import SplitEntry, _parse_line, drop_copies
+    from unip_train.finetune.layouts import SplitEntry, _parse_line, drop_copies
 
     assert _parse_line("img 01 (1).jpg") == SplitEntry("img 01 (1).jpg")  # a name with spaces, one column
     assert _parse_line("a/x.jpg\tb/x_labelIds.png") == SplitEntry("a/x.jpg", "b/x_labelIds.png")

@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 from fake_loop import SegOutput, TinySegmentor, fake_context
 
-from unip_train.finetune.datasets import IGNORE_INDEX, SegDataset, TrainAugment, read_grey
+from unip_train.finetune.augment import TrainAugment
+from unip_train.finetune.dataset import SegDataset, read_grey
+from unip_train.finetune.layouts import IGNORE_INDEX
 from unip_train.finetune.semi import (
     LabelSplit,
     MeanTeacherExtension,

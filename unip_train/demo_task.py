@@ -33,7 +33,7 @@ from PIL import Image
 from scipy import ndimage
 
 from . import synthetic
-from .finetune.datasets import LAYOUTS, SODA_CLASSES
+from .finetune.layouts import LAYOUTS, SODA_CLASSES
 from .synthetic import _background, _ellipse, _ring, _rounded_rect, _segment, _smooth_noise
 
 # Class name -> SODA class index (the label value written).

@@ -15,7 +15,7 @@ small model can learn it in a few hundred iterations on CPU:
 Scenes get slight blur and sensor noise. Label maps carry a thin 255 (ignore) band on the border
 of some objects, as hand-labelled infrared sets do.
 
-:func:`generate` writes the dataset in one of the layouts of :mod:`unip_train.finetune.datasets`
+:func:`generate` writes the dataset in one of the layouts of :mod:`unip_train.finetune.layouts`
 (SODA, MFNet, SCUT-Seg, folder), as released or as UNIP prepares them, with the real files' quirks
 (palette PNGs, duplicate entries, Cityscapes label IDs, two-column split files, 4-channel or
 extracted thermal images), mapping these classes into the layout's class list
@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from .finetune.datasets import IGNORE_INDEX, LAYOUTS, SCUT_CITYSCAPES_IDS
+from .finetune.layouts import IGNORE_INDEX, LAYOUTS, SCUT_CITYSCAPES_IDS
 
 CLASSES: list[str] = ["background", "person", "car", "pole", "bicycle", "building"]
 

@@ -377,7 +377,7 @@ def _depth(arch: str) -> int:
 
 
 def _dataset(entry: Any, where: str, base: Path, known: dict) -> DatasetEntry:
-    from unip_train.finetune.datasets import LAYOUTS
+    from unip_train.finetune.layouts import LAYOUTS
 
     entry = _table(entry, where, _DATASET_KEYS)
     layout = entry.get("dataset", entry.get("name"))

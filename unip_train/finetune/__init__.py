@@ -1,13 +1,17 @@
 """Fine-tuning and evaluation on infrared segmentation (``unip-finetune``, method.md section 4).
 
-- :mod:`.config` holds every option and the published recipe's defaults; :mod:`.cli` the set-up
-  (data, model, optimizer, resume, run folder) and the command line; :mod:`.engine` the loop.
+- :mod:`.config` holds every option and the published recipe's defaults; :mod:`.cli` the command
+  line; :mod:`.trainer` a run's set-up (data, model, optimizer, resume, run folder) and evaluation;
+  :mod:`.engine` the loop; :mod:`.model_file` builds, saves and reloads ``model.pt``.
 - :mod:`.extensions`: the interface through which features add loss terms to the one loop.
-- :mod:`.datasets` reads SODA, MFNet, SCUT-Seg and folder layouts; :mod:`.evaluation` computes mIoU.
+- :mod:`.layouts` says where each dataset keeps its files, :mod:`.dataset` reads a split,
+  :mod:`.augment` augments it; :mod:`.evaluation` computes mIoU.
 - :mod:`.backbone` (LayerScale, drop path, relative position bias), :mod:`.ll_fpn` (necks, segmentor)
   and :mod:`.heads` (UperNet, FCN, linear probe) build the model.
 """
 
-from .cli import FinetuneConfig, evaluate_saved, main, run
+from .cli import main
+from .config import FinetuneConfig
+from .trainer import evaluate_saved, run
 
 __all__ = ["FinetuneConfig", "evaluate_saved", "main", "run"]

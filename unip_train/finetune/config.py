@@ -15,7 +15,7 @@ from unip_analysis.errors import SpecError, UnipError
 
 from ..precision import normalize_amp
 from ..runs import default_num_workers
-from .datasets import EVAL_SPLIT, LABEL_MAPS, get_layout
+from .layouts import EVAL_SPLIT, LABEL_MAPS, get_layout
 from .ll_fpn import NECKS
 from .pixl import DEFAULT_ETA, DEFAULT_SCALES, DEFAULT_TAU, DEFAULT_WEIGHT, PixlExtension
 from .semi import DEFAULT_DECAY, DEFAULT_THRESHOLD, check_teacher_options, parse_label_fraction

@@ -1,6 +1,6 @@
 """The fine-tuning loop: the whole training step in one screen (MAE's engine_finetune).
 
-Set-up (model, data, optimizer, resume, run folder) is :func:`unip_train.finetune.cli.setup`;
+Set-up (model, data, optimizer, resume, run folder) is :func:`unip_train.finetune.trainer.setup`;
 this module only trains. Per iteration: poly lr with linear warm-up, one forward over the batch
 (plus any extension's extra images), cross-entropy (255 ignored) on the main head plus
 ``aux_weight`` x the auxiliary head's, plus each extension's loss terms, autocast to ``--amp``'s

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..precision import autocast
-from .datasets import IGNORE_INDEX
+from .layouts import IGNORE_INDEX
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 

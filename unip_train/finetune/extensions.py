@@ -32,7 +32,7 @@ from .semi import MeanTeacherExtension, SemiData
 if TYPE_CHECKING:  # imported for annotations only: the config and datasets import this module's users
     from ..distributed import DistInfo
     from .config import FinetuneConfig
-    from .datasets import SegDataset
+    from .dataset import SegDataset
     from .ll_fpn import Segmentor
 
 
@@ -112,7 +112,7 @@ def build_extensions(cfg: FinetuneConfig, semi: SemiData | None = None) -> list[
     """The extensions ``cfg`` asks for, in the order their loss terms are added: the mean teacher
     when ``semi`` has unlabelled images (``--label-fraction`` / ``--unlabelled``), then PiXL
     (``--pixel-loss pixl``), which takes the unlabelled images' classes from the teacher's confident
-    pseudo-labels. :func:`unip_train.finetune.cli.run` also accepts extensions built in Python."""
+    pseudo-labels. :func:`unip_train.finetune.trainer.run` also accepts extensions built in Python."""
     exts: list[Extension] = []
     teacher = None
     if semi is not None and semi.files:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .datasets import IGNORE_INDEX
+from .layouts import IGNORE_INDEX
 
 
 def seg_loss(logits: torch.Tensor, label: torch.Tensor, average: str = "labelled") -> torch.Tensor:

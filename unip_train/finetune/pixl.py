@@ -37,7 +37,7 @@ from torch import nn
 
 from unip_analysis.errors import UnipError
 
-from .datasets import IGNORE_INDEX
+from .layouts import IGNORE_INDEX
 
 DEFAULT_WEIGHT = 0.1
 DEFAULT_TAU = 0.1

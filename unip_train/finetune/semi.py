@@ -40,7 +40,9 @@ from unip_analysis.images import IMAGE_SUFFIXES, NORMALIZATIONS, find_images
 
 from ..precision import amp_dtype, autocast
 from ..sampling import EpochSampler, KeyBatches, KeyedDataset, keyed_generator, keyed_loader, sample_generator
-from .datasets import IGNORE_INDEX, SegDataset, TrainAugment, read_grey, to_input
+from .augment import TrainAugment
+from .dataset import SegDataset, read_grey, to_input
+from .layouts import IGNORE_INDEX
 from .losses import seg_loss
 
 DEFAULT_DECAY = 0.999
@@ -234,7 +236,7 @@ class UnlabelledSet(KeyedDataset):
     """Unlabelled images -> (student view [3, crop, crop], teacher view [3, crop, crop], real [crop, crop]).
 
     The teacher's (weak) view: random rescale, crop and flip of the fine-tuning recipe
-    (:class:`~unip_train.finetune.datasets.TrainAugment` without photometric distortion). The student's
+    (:class:`~unip_train.finetune.augment.TrainAugment` without photometric distortion). The student's
     view: the same geometry (the same (seed, epoch, index) generator drives both) plus the recipe's
     photometric distortion when ``student_photometric``. ``real`` is False on padding.
     """

@@ -1,0 +1,299 @@
+"""One split of a segmentation dataset as tensors: files read (grey, 16-bit, 4-channel thermal), label
+maps mapped and checked, decoded images cached, samples transformed (:class:`SegDataset`). Where each
+layout keeps its files: :mod:`.layouts`; the augmentation: :mod:`.augment`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from unip_analysis.errors import ImageError
+from unip_analysis.images import NORMALIZATIONS, read_unit_array
+
+from ..sampling import KeyedDataset, sample_generator
+from .layouts import (
+    IGNORE_INDEX,
+    LABEL_MAPS,
+    DatasetError,
+    SplitEntry,
+    dataset_classes,
+    drop_copies,
+    find_file,
+    get_layout,
+    image_folder,
+    read_entries,
+    split_file,
+)
+
+
+def read_grey(path: Path, thermal_channel: bool = False) -> np.ndarray:
+    """A single-channel infrared image as float32 [H, W] on the 0-255 scale.
+
+    4-channel images hold RGB + thermal (MFNet): the 4th channel is the thermal one. Colour images
+    are averaged to grey; 16-bit images are scaled by 65535 (:func:`unip_analysis.images.read_image`).
+    """
+    if thermal_channel:
+        try:
+            with Image.open(path) as im:
+                if len(im.getbands()) == 4:
+                    return np.asarray(im, dtype=np.float32)[..., 3].copy()
+        except (UnidentifiedImageError, OSError) as e:
+            raise DatasetError(f"{path}: cannot decode image ({e}); remove or replace the file") from None
+    try:
+        arr = read_unit_array(path)
+    except ImageError as e:
+        raise DatasetError(str(e)) from None
+    if arr.ndim == 3:
+        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).mean(dim=0).mul_(255.0).numpy()
+    # Grey: the float32 mean of the three replicated channels, (v + v + v) / 3, without the copies
+    # (bit for bit what averaging read_image's output gives, so crops do not depend on the path).
+    v = torch.from_numpy(arr)
+    return (((v + v) + v) / 3).mul_(255.0).numpy()
+
+
+def read_label_values(path: Path) -> np.ndarray:
+    """A label map as stored: uint8/uint16 [H, W]. Palette PNGs give their indices, not colours."""
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("L", "P", "I", "I;16", "1"):
+                raise DatasetError(
+                    f"{path}: label map has mode {im.mode} ({len(im.getbands())} channels); "
+                    "expected a single-channel or palette PNG of class indices"
+                )
+            return np.asarray(im)
+    except (UnidentifiedImageError, OSError) as e:
+        raise DatasetError(f"{path}: cannot decode label map ({e}); remove or replace the file") from None
+
+
+def label_lut(label_ids: tuple[int, ...] | None) -> np.ndarray | None:
+    """Lookup table stored value -> class index (-1 for values no class has), 255 kept; None = identity."""
+    if label_ids is None:
+        return None
+    lut = np.full(65536, -1, dtype=np.int32)
+    lut[list(label_ids)] = np.arange(len(label_ids))
+    lut[IGNORE_INDEX] = IGNORE_INDEX
+    return lut
+
+
+def check_label_values(path: Path, values: np.ndarray, num_classes: int, hint: str) -> None:
+    """Refuse label values outside ``0..num_classes-1`` and 255; the message names the file, the
+    values and ``hint`` (the option that maps or sets the classes)."""
+    bad = values[((values < 0) | (values >= num_classes)) & (values != IGNORE_INDEX)]
+    if bad.size:
+        shown = sorted({int(v) for v in bad})[:8]
+        raise DatasetError(
+            f"{path}: label values {shown} are outside the {num_classes} classes 0..{num_classes - 1} "
+            f"(255 is the only other value allowed, meaning ignore); {hint}"
+        )
+
+
+def read_label(
+    path: Path, num_classes: int, lut: np.ndarray | None = None, hint: str = "fix the label map"
+) -> np.ndarray:
+    """A label map as class indices uint8 [H, W]: stored values mapped by ``lut``, then checked."""
+    arr = read_label_values(path)
+    if lut is not None:
+        arr = lut[arr]
+    # One vectorised pass; the distinct values are gathered only to name the bad ones.
+    if (((arr < 0) | (arr >= num_classes)) & (arr != IGNORE_INDEX)).any():
+        check_label_values(path, np.unique(arr), num_classes, hint)
+    return arr.astype(np.uint8)
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    try:
+        with Image.open(path) as im:
+            return im.size[1], im.size[0]
+    except (UnidentifiedImageError, OSError) as e:
+        raise DatasetError(f"{path}: cannot decode ({e}); remove or replace the file") from None
+
+
+@dataclass
+class Sample:
+    stem: str
+    image: Path
+    label: Path
+
+
+class SegDataset(KeyedDataset):
+    """One split of a segmentation dataset: ``(image [3, H, W] normalized, label [H, W] int64)``.
+
+    Files are checked when the dataset is built: every listed sample needs an image and a label map
+    of the same size, and (``check_values``) label values within the class range or 255 after the
+    label mapping. ``label_map`` is one of :data:`LABEL_MAPS`: ``auto`` detects SCUT-Seg's
+    Cityscapes label IDs from the values (the result is :attr:`label_map` and a note).
+    ``transform(img, label, g) -> (img, label)`` runs on the 0-255 grey image before normalization;
+    its random draws come from ``g``, a generator seeded by (``seed``, epoch, index) (see
+    :mod:`unip_train.sampling`), so augmentation does not depend on RNG history or loader workers;
+    the training loader indexes it by ``(epoch, index)`` keys (:class:`~unip_train.sampling.KeyedDataset`).
+    :attr:`notes` says what was decided about the files (fallback split, skipped copies, label IDs).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        name: str,
+        split: str,
+        num_classes: int | None = None,
+        transform: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
+        check_values: bool = True,
+        seed: int = 0,
+        label_map: str = "auto",
+        cache_mb: float = 0.0,
+    ):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DatasetError(
+                f"{self.root}: data root not found; pass the folder that holds the {name} dataset"
+            )
+        self.layout = get_layout(name)
+        self.classes = dataset_classes(name, self.root, num_classes)
+        self.split = split
+        self.transform = transform
+        self.seed = seed
+        self.mean, self.std = NORMALIZATIONS["infrared"]
+        self.notes: list[str] = []
+        path, notes = split_file(self.root, self.layout, split)
+        self.split_path = path
+        self.notes += notes
+        entries = read_entries(path)
+        if self.layout.skip_copies:
+            entries, copies = drop_copies(entries)
+            if copies:
+                what = ", ".join(f"{n} {kind}" for kind, n in copies.items())
+                self.notes.append(f"{path.name}: skipped {sum(copies.values())} duplicate entries ({what})")
+        image_dir, notes = image_folder(self.root, self.layout)
+        self.notes += notes
+        self.samples = [self._locate(e, path, image_dir) for e in entries]
+        self.label_map = self._choose_label_map(label_map, check_values)
+        self.lut = label_lut(self.layout.label_ids if self.label_map == "cityscapes" else None)
+        self.cache_mb = cache_mb  # decoded images kept in memory (see load)
+        self._cache: dict[Path, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cached_bytes = 0
+
+    def _locate(self, entry: SplitEntry, split_path: Path, image_dir: str) -> Sample:
+        if entry.label is not None:
+            img, lab = self.root / entry.image, self.root / entry.label
+            for what, p in (("image", img), ("label map", lab)):
+                if not p.is_file():
+                    raise DatasetError(
+                        f"{split_path}: lists {entry.image} {entry.label} but {what} {p} does not exist"
+                    )
+        else:
+            img = find_file(self.root / image_dir, entry.stem, self.layout.image_suffix)
+            lab = find_file(self.root / self.layout.label_dir, entry.stem, self.layout.label_suffix)
+            for what, p, folder in (("image", img, image_dir), ("label map", lab, self.layout.label_dir)):
+                if p is None:
+                    raise DatasetError(
+                        f"{split_path}: lists {entry.stem!r} but {what} "
+                        f"{self.root / folder / (entry.stem + '.*')} does not exist"
+                    )
+        if _image_size(img) != _image_size(lab):
+            raise DatasetError(
+                f"{lab}: label map is {_image_size(lab)} (HxW) but image {img} is {_image_size(img)}; "
+                "they must be the same size"
+            )
+        return Sample(entry.stem, img, lab)
+
+    def _range_hint(self, label_map: str) -> str:
+        if self.layout.label_ids is not None:
+            ids = ", ".join(map(str, self.layout.label_ids))
+            return (
+                f"read with --label-map {label_map} ({self.layout.name} classes are 0..{self.num_classes - 1} "
+                f"or, with --label-map cityscapes, the Cityscapes label IDs {ids})"
+            )
+        if self.layout.classes is None:
+            return "set the classes with classes.txt or --num-classes, or fix the label map"
+        return f"{self.layout.name} has {self.num_classes} classes; check --dataset or fix the label map"
+
+    def _choose_label_map(self, label_map: str, check_values: bool) -> str:
+        """Check every label map's values; with ``auto``, decide whether they are Cityscapes IDs."""
+        if label_map not in LABEL_MAPS:
+            raise DatasetError(f"--label-map {label_map!r}: expected one of {', '.join(LABEL_MAPS)}")
+        ids = self.layout.label_ids
+        if label_map == "cityscapes" and ids is None:
+            raise DatasetError(
+                f"--label-map cityscapes: only SCUT-Seg stores Cityscapes label IDs, not {self.layout.name}"
+            )
+        if not check_values:
+            return "none" if label_map == "auto" else label_map
+        values = {s.label: np.unique(read_label_values(s.label)) for s in self.samples}
+        if label_map == "auto":
+            label_map = "none"
+            if ids is not None:
+                found = np.unique(np.concatenate(list(values.values())))
+                found = found[found != IGNORE_INDEX]
+                as_indices = bool((found < self.num_classes).all())
+                as_ids = bool(np.isin(found, ids).all())
+                if as_ids and not as_indices:
+                    label_map = "cityscapes"
+                    self.notes.append(
+                        f"{self.layout.name} labels are Cityscapes label IDs ({', '.join(map(str, found))} found); "
+                        f"mapped to classes 0..{self.num_classes - 1} (--label-map cityscapes)"
+                    )
+                elif as_indices:
+                    note = f"{self.layout.name} labels read as class indices 0..{self.num_classes - 1} (--label-map none)"
+                    if as_ids:
+                        note += (
+                            "; these values are also Cityscapes IDs: pass --label-map cityscapes if they are"
+                        )
+                    self.notes.append(note)
+        lut = label_lut(ids if label_map == "cityscapes" else None)
+        hint = self._range_hint(label_map)
+        for path, v in values.items():
+            check_label_values(path, v if lut is None else lut[v], self.num_classes, hint)
+        return label_map
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw grey image [H, W] (0-255 float) and label [H, W] (uint8 class indices, 255 ignored), before
+        any transform.
+
+        Decoded pairs are kept in memory up to :attr:`cache_mb` per training process (shared out
+        among its loader workers, each of which holds its own), first come first kept: later epochs
+        read them without decoding. The values are the decoded ones, so a run is the same with or
+        without the cache. Transforms must not modify the image in place (none does)."""
+        s = self.samples[i]
+        hit = self._cache.get(s.image)  # keyed by file: subsets (labelled_subset) share the cache
+        if hit is None:
+            img = torch.from_numpy(read_grey(s.image, self.layout.thermal_channel))
+            label = torch.from_numpy(
+                read_label(s.label, self.num_classes, self.lut, self._range_hint(self.label_map))
+            )
+            hit = (img, label)
+            size = img.nbytes + label.nbytes
+            if self._cached_bytes + size <= self._cache_budget():
+                self._cache[s.image] = hit
+                self._cached_bytes += size
+        return hit
+
+    def _cache_budget(self) -> float:
+        info = torch.utils.data.get_worker_info()
+        return self.cache_mb * 2**20 / (info.num_workers if info is not None else 1)
+
+    def item(self, i: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample ``i`` transformed with the draws of (seed, ``epoch``, ``i``)."""
+        img, label = self.load(i)
+        if self.transform is not None:
+            img, label = self.transform(img, label, sample_generator(self.seed, epoch, i))
+        return to_input(img, self.mean[0] * 255.0, self.std[0] * 255.0), label.long()
+
+
+def to_input(grey: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """Grey [H, W] 0-255 -> normalized [3, H, W] (grey replicated to three channels), written into one
+    new tensor: ``(grey - mean) / std`` in its first channel, copied to the other two."""
+    out = torch.empty((3, *grey.shape), dtype=grey.dtype)
+    torch.sub(grey, mean, out=out[0]).div_(std)
+    out[1:] = out[0]
+    return out

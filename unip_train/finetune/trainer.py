@@ -1,0 +1,314 @@
+"""A ``unip-finetune`` run: set-up (data, model, extensions, optimizer, resume, run folder), the loop
+(:func:`unip_train.finetune.engine.train`), evaluation and the files a run folder holds. From Python:
+``run(FinetuneConfig(...)) -> metrics`` and ``evaluate_saved(path) -> metrics``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from unip_analysis.files import atomic_write_text
+
+from .. import distributed as du
+from .. import runs
+from ..checkpointing import check_same_settings, load_checkpoint, restore_rng_state, save_checkpoint
+from ..optim import adamw, layer_decay_scale, param_groups
+from ..precision import amp_dtype, grad_scaler
+from ..sampling import EpochSampler, KeyBatches, keyed_loader
+from .augment import EvalResize, TrainAugment
+from .config import (
+    FinetuneConfig,
+    FinetuneError,
+    plain_config,
+    resolve,
+)
+from .dataset import SegDataset
+from .engine import TrainState, train
+from .evaluation import evaluate, summarize
+from .extensions import Extension, ExtensionContext, build_extensions, check_names
+from .ll_fpn import Segmentor
+from .model_file import build_backbone, build_segmentor, load_model, save_model
+from .semi import prepare_semi, write_split
+
+PROG = "unip-finetune"
+RESUME_MUST_MATCH = (
+    "dataset", "mode", "neck", "layers", "crop", "batch_size", "seed", "world_size", "extensions",
+    "layer_scale", "rel_pos_bias", "head_channels", "aux_channels", "pixel_loss", "pixl_scales",
+    "label_fraction", "unlabelled",
+)  # fmt: skip
+# Values config.json records that are not options (read back with --config, they are skipped).
+DERIVED_KEYS = ("world_size", "extensions")
+
+
+def build_optimizer(
+    cfg: FinetuneConfig, model: Segmentor, extra: Sequence[torch.nn.Module] = ()
+) -> torch.optim.AdamW:
+    """AdamW over trainable parameters; backbone layers get lr scale ``decay ** (depth + 1 - layer)``;
+    ``extra`` modules (extensions') the base lr."""
+    depth = len(model.backbone.blocks)
+    scale = layer_decay_scale(depth, cfg.layer_decay) if cfg.mode == "ft" else None
+    groups = param_groups(model, cfg.weight_decay, scale)
+    for module in extra:
+        groups += param_groups(module, cfg.weight_decay)
+    for g in groups:
+        g.pop("param_names")
+    return adamw(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+
+def run(cfg: FinetuneConfig, extensions: Sequence[Extension] = ()) -> dict:
+    """Train per ``cfg`` (plus the extensions it asks for and ``extensions``), evaluate, write the
+    run folder; returns the metrics dict."""
+    cfg = resolve(cfg)
+    dist = du.init_distributed(cfg.device)
+    state = None
+    try:
+        state, eval_set, backbone_info = setup(cfg, dist, list(extensions))
+        cfg = state.cfg
+        train(state, save=lambda it: save_training_state(state, it))
+        conf = evaluate(
+            state.model, eval_set, eval_set.num_classes, cfg.eval_window, cfg.eval_stride, dist.device,
+            amp=state.amp, rank=dist.rank, world_size=dist.world_size, progress=cfg.progress and dist.is_main,
+        )  # fmt: skip
+        metrics = run_metrics(cfg, conf, eval_set)
+        if dist.is_main:
+            out = Path(cfg.out)
+            save_model(out / "model.pt", state.model, cfg, eval_set.classes, backbone_info)
+            atomic_write_text(out / "metrics.json", json.dumps(runs.plain(metrics), indent=2) + "\n")
+            state.log.write(
+                {
+                    "iter": cfg.iters,
+                    "event": "eval",
+                    "miou": metrics["miou"],
+                    "pixel_acc": metrics["pixel_acc"],
+                },
+                prefix="eval",
+            )
+        du.barrier()
+        return metrics
+    finally:
+        if state is not None:
+            state.log.close()
+        du.cleanup()
+
+
+def setup(
+    cfg: FinetuneConfig, dist: du.DistInfo, extensions: list[Extension]
+) -> tuple[TrainState, SegDataset, dict]:
+    """Datasets, model, extensions, optimizer, optional resume, DDP wrapper, loader, run folder."""
+    out = Path(cfg.out)
+    du.seed_everything(cfg.seed + dist.rank)
+    amp = amp_dtype(cfg.amp, dist.device)
+    train_set = SegDataset(
+        cfg.data_root, cfg.dataset, cfg.train_split, cfg.num_classes, TrainAugment.for_crop(cfg.crop),
+        seed=cfg.seed, label_map=cfg.label_map, cache_mb=cfg.cache_mb,
+    )  # fmt: skip
+    # The evaluation split is read as the training split was (the detected label IDs included).
+    eval_set = SegDataset(
+        cfg.data_root, cfg.dataset, cfg.eval_split, cfg.num_classes, EvalResize.for_crop(cfg.crop),
+        label_map=train_set.label_map,
+    )  # fmt: skip
+    cfg = replace(cfg, label_map=train_set.label_map)
+    # Semi-supervision: the labelled part of the split, and the images the mean teacher labels.
+    semi = prepare_semi(
+        train_set, cfg.label_fraction, cfg.unlabelled, cfg.seed, min_labelled=cfg.batch_size or 1,
+        eval_images=[s.image for s in eval_set.samples],
+    )  # fmt: skip
+    train_set = semi.train_set
+    extensions = build_extensions(cfg, semi) + list(extensions)
+    check_names(extensions)
+    per_proc, rem = divmod(cfg.batch_size, dist.world_size)
+    if rem or per_proc < 1:
+        raise FinetuneError(f"--batch-size {cfg.batch_size} is not divisible by {dist.world_size} processes")
+    # SyncBatchNorm needs CUDA; on CPU each process normalizes its own images.
+    sync_bn = dist.enabled and dist.device.type == "cuda"
+    if cfg.mode == "ft" and per_proc < 2 and not sync_bn:
+        raise FinetuneError("--batch-size: fine-tuning needs at least 2 images per process (BatchNorm)")
+    if len(train_set) < cfg.batch_size:
+        raise FinetuneError(
+            f"{cfg.data_root}: split {cfg.train_split!r} has {len(train_set)} images, fewer than one "
+            f"batch of {cfg.batch_size}; lower --batch-size"
+        )
+
+    backbone, backbone_info = build_backbone(cfg)
+    model = build_segmentor(cfg, backbone, train_set.num_classes).to(dist.device)
+    if cfg.channels_last:  # 4-D weights (patch embedding, neck, heads) in NHWC order
+        model = model.to(memory_format=torch.channels_last)
+    if sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ctx = ExtensionContext(cfg, model, dist, dist.device, out, train_set, cfg.seed)
+    ext_modules: dict[str, list[torch.nn.Module]] = {}
+    for ext in extensions:
+        ext.setup(ctx)
+        mods = [m.to(dist.device) for m in ext.modules()]
+        if sync_bn:
+            mods = [torch.nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in mods]
+        ext_modules[ext.name] = mods
+    all_ext_modules = [m for mods in ext_modules.values() for m in mods]
+    optimizer = build_optimizer(cfg, model, all_ext_modules)
+    scaler = grad_scaler(dist.device, amp)
+    start = 0
+    names = [e.name for e in extensions]
+    if cfg.resume:
+        path = out / "checkpoint.pt" if cfg.resume == "auto" else Path(cfg.resume)
+        ckpt = load_checkpoint(path)
+        for key in ("model", "optimizer", "scaler", "iter", "rng", "config"):
+            if key not in ckpt:
+                raise FinetuneError(f"{path}: not a {PROG} training checkpoint (no '{key}')")
+        saved = {
+            **ckpt["config"],
+            "world_size": len(ckpt["rng"]),
+            "extensions": list(ckpt.get("extensions", {})),
+        }
+        current = {**plain_config(cfg), "world_size": dist.world_size, "extensions": names}
+        check_same_settings(path, saved, current, RESUME_MUST_MATCH)
+        model.load_state_dict(ckpt["model"])
+        for ext in extensions:
+            for module, sd in zip(ext_modules[ext.name], ckpt["extension_modules"][ext.name]):
+                module.load_state_dict(sd)
+            ext.load_state_dict(ckpt["extensions"][ext.name])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start = int(ckpt["iter"])
+        restore_rng_state(ckpt["rng"][dist.rank])  # what the model draws (drop path) continues exactly
+    ddp = model
+    if dist.enabled:
+        ddp = DistributedDataParallel(model, device_ids=[dist.device.index] if sync_bn else None)
+    if cfg.compile:  # the training forward only; state dicts and evaluation use the plain module
+        ddp = torch.compile(ddp)
+
+    # Order from (seed, epoch), crops from (seed, epoch, index): batches of (epoch, index) keys from
+    # the resumed iteration on; the workers start once and serve every epoch (unip_train.sampling).
+    batches = KeyBatches(EpochSampler(len(train_set), dist.world_size, dist.rank, seed=cfg.seed), per_proc)
+    batches.set_range(start, cfg.iters)
+    loader = keyed_loader(train_set, batches, cfg.workers, pin_memory=dist.device.type == "cuda")
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        runs.write_config(out, {**config_record(cfg), "world_size": dist.world_size, "extensions": names})
+        if semi.split is not None:
+            write_split(out, semi.split)
+    log = runs.ScalarLog(
+        out, enabled=dist.is_main, step_key="iter", resume_step=start if cfg.resume else None
+    )
+    notes = list(dict.fromkeys(train_set.notes + eval_set.notes + backbone_info["notes"]))
+    if semi.files:
+        notes.append(
+            f"semi-supervised: {len(train_set)} labelled and {len(semi.files)} unlabelled training images"
+            + (
+                f" ({semi.left_out} --unlabelled images left out: labelled or evaluation images)"
+                if semi.left_out
+                else ""
+            )
+        )
+    if dist.is_main:
+        for note in notes:
+            print(f"{PROG}: {note}", flush=True)
+    record = {"event": "start", "config": plain_config(cfg), "backbone": backbone_info, "notes": notes}
+    log.write({**record, "world": dist.world_size, "resumed_from": start, "extensions": names})
+    state = TrainState(
+        cfg, dist, model, ddp, optimizer, scaler, loader, log, amp, start, extensions, ext_modules
+    )
+    return state, eval_set, backbone_info
+
+
+def config_record(cfg: FinetuneConfig) -> dict:
+    """What ``config.json`` holds: every option as resolved (``--config`` reads it back), not --resume."""
+    d = plain_config(cfg)
+    d.pop("resume")
+    return d
+
+
+def save_training_state(s: TrainState, it: int) -> None:
+    """Atomic ``checkpoint.pt``: model, extensions, optimizer, scaler, iteration, every rank's RNG."""
+    # Every rank's RNG state is gathered so each resumes its own augmentation stream.
+    states = [du.rng_state()]
+    if s.dist.enabled:
+        states = [None] * s.dist.world_size
+        torch.distributed.all_gather_object(states, du.rng_state())
+    if s.dist.is_main:
+        save_checkpoint(
+            Path(s.cfg.out) / "checkpoint.pt",
+            {
+                "model": s.model.state_dict(),
+                "extensions": {e.name: e.state_dict() for e in s.extensions},
+                "extension_modules": {
+                    name: [m.state_dict() for m in mods] for name, mods in s.extension_modules.items()
+                },
+                "optimizer": s.optimizer.state_dict(),
+                "scaler": s.scaler.state_dict(),
+                "iter": it,
+                "rng": states,
+                "config": plain_config(s.cfg),
+            },
+        )
+    du.barrier()
+
+
+def run_metrics(cfg: FinetuneConfig, conf, eval_set: SegDataset) -> dict:
+    summary = summarize(conf, eval_set.classes)
+    return {
+        "dataset": cfg.dataset,
+        "mode": cfg.mode,
+        "neck": cfg.neck if cfg.mode == "ft" else None,
+        "layers": cfg.layers,
+        "iters": cfg.iters,
+        "miou": summary["miou"],
+        "per_class_iou": summary["per_class_iou"],
+        "pixel_acc": summary["pixel_acc"],
+        "split": cfg.eval_split,
+        "split_file": eval_set.split_path.name,
+        "num_images": len(eval_set),
+        "eval_window": cfg.eval_window,
+        "eval_stride": cfg.eval_stride,
+        "backbone": cfg.backbone,
+    }
+
+
+def evaluate_saved(
+    model_path: str | Path,
+    data_root: str | None = None,
+    split: str | None = None,
+    out: str | Path | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict:
+    """Re-evaluate ``model.pt``; writes ``metrics.json`` next to it (or into ``out``)."""
+    model, cfg, _ = load_model(model_path)
+    cfg = replace(cfg, data_root=data_root or cfg.data_root, eval_split=split or cfg.eval_split)
+    dist = du.init_distributed(device)
+    try:
+        model.to(dist.device)
+        eval_set = SegDataset(
+            cfg.data_root, cfg.dataset, cfg.eval_split, cfg.num_classes, EvalResize.for_crop(cfg.crop),
+            label_map=cfg.label_map,
+        )  # fmt: skip
+        if eval_set.num_classes != model.num_classes:
+            raise FinetuneError(
+                f"{cfg.data_root}: dataset has {eval_set.num_classes} classes, the model {model.num_classes}"
+            )
+        if dist.is_main:
+            for note in eval_set.notes:
+                print(f"{PROG}: {note}", flush=True)
+        amp = amp_dtype(cfg.amp, dist.device)
+        conf = evaluate(
+            model, eval_set, eval_set.num_classes, cfg.eval_window, cfg.eval_stride, dist.device, amp=amp,
+            rank=dist.rank, world_size=dist.world_size, progress=progress and dist.is_main,
+        )  # fmt: skip
+        metrics = run_metrics(cfg, conf, eval_set)
+        if dist.is_main:
+            target = Path(out) if out is not None else Path(model_path).parent
+            target.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(target / "metrics.json", json.dumps(runs.plain(metrics), indent=2) + "\n")
+            record = {"event": "eval", "miou": metrics["miou"], "pixel_acc": metrics["pixel_acc"]}
+            with open(target / runs.LOG_NAME, "a", encoding="utf-8") as f:
+                f.write(json.dumps(runs.plain({**record, "split": cfg.eval_split})) + "\n")
+        return metrics
+    finally:
+        du.cleanup()
