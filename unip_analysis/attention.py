@@ -345,25 +345,30 @@ def embed_tokens(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     return model.norm_pre(x)
 
 
-def _run_until(
-    model: torch.nn.Module, x: torch.Tensor, layer: int
-) -> tuple[torch.Tensor, Callable[[int], dict]]:
+def run_until(model: torch.nn.Module, x: torch.Tensor, layer: int) -> tuple[torch.Tensor, dict]:
+    """(token sequence entering block ``layer`` (0-based), the keyword arguments the model passes
+    that block's attention): embedding, prefix tokens, position embedding, then blocks
+    ``0 .. layer-1`` with their :func:`block_context`. Nothing after that is computed."""
     context = block_context(model)
     tokens = embed_tokens(model, x)
     for i, blk in enumerate(model.blocks[:layer]):
         tokens = blk(tokens, **context(i))
-    return tokens, context
+    return tokens, context(layer)
 
 
 def forward_until(model: torch.nn.Module, x: torch.Tensor, layer: int) -> torch.Tensor:
-    """Token sequence entering block ``layer`` (0-based): embedding, prefix tokens, position
-    embedding, then blocks ``0 .. layer-1``. Nothing after that block is computed."""
-    return _run_until(model, x, layer)[0]
+    """Token sequence entering block ``layer`` (0-based): see :func:`run_until`."""
+    return run_until(model, x, layer)[0]
+
+
+def block_qk_logits(block: torch.nn.Module, tokens: torch.Tensor, context: Mapping[str, Any]) -> torch.Tensor:
+    """Pre-softmax logits of a pre-norm ``block`` for the ``tokens`` entering it, ``context`` being
+    what the model passes its attention (:func:`run_until`): ``qk_logits(attn, norm1(tokens))``."""
+    return qk_logits(block.attn, block.norm1(tokens), **context)
 
 
 def layer_qk_logits(model: torch.nn.Module, x: torch.Tensor, layer: int) -> torch.Tensor:
-    """Pre-softmax logits of block ``layer`` (0-based) for images ``x``, running only up to it
-    (pre-norm blocks: the attention's input is ``norm1`` of the block's input)."""
-    tokens, context = _run_until(model, x, layer)
-    blk = model.blocks[layer]
-    return qk_logits(blk.attn, blk.norm1(tokens), **context(layer))
+    """Pre-softmax logits of block ``layer`` (0-based) for images ``x``, running only up to it.
+    The NMI-HAD teacher computes exactly this (in fp32)."""
+    tokens, context = run_until(model, x, layer)
+    return block_qk_logits(model.blocks[layer], tokens, context)

@@ -1,16 +1,22 @@
 """NMI-HAD (method.md section 2): the frozen teacher, the student, MAE-style init, the losses, and
 the ``--method nmi-had`` object the shared pre-training run drives.
 
-The distilled quantity is one layer's pre-softmax query-key logits ``(q @ k^T) * head_dim^-0.5``,
-[B, H, N+1, N+1] with the cls token kept. The teacher computes them at its selected layer; the
-student at its last block, which therefore has the teacher's head count at that layer.
+The distilled quantity is one layer's pre-softmax query-key logits ``(q @ k^T) * head_dim^-0.5``
+plus what the block adds before its softmax (EVA's rotary embedding, BEiT's relative position
+bias, its own or the model's shared table), [B, H, N+1, N+1] with the cls token kept. The teacher
+computes them at its selected layer with the analysis' own code (``attention.run_until`` and
+``attention.block_qk_logits``: exactly ``attention.layer_qk_logits``, in fp32), so the layer
+distilled is the layer measured; the student at its last block, which therefore has the
+teacher's head count at that layer.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,7 +25,7 @@ from timm.layers import DropPath
 from timm.models.vision_transformer import VisionTransformer
 
 from unip_analysis import selection
-from unip_analysis.attention import forward_until, qk_logits
+from unip_analysis.attention import block_qk_logits, check_supported, run_until
 from unip_analysis.checkpoints import (
     LoadedBackbone,
     build_vit,
@@ -68,17 +74,24 @@ LOSSES = {"kl": kl_loss, "ce": ce_loss}
 
 
 class Teacher(torch.nn.Module):
-    """A frozen ViT that returns layer ``layer0``'s logits divided by ``temperature``.
+    """A frozen ViT that returns layer ``layer0``'s logits divided by ``temperature``: those of
+    ``attention.layer_qk_logits``, position terms included, computed in fp32.
 
-    Blocks after the distilled layer are dropped: they are never run.
+    Blocks after the distilled layer are dropped: they are never run. A model whose logits the
+    analysis cannot reproduce up to that layer (another attention class, a post-norm block) is
+    refused, naming the class.
     """
 
     def __init__(self, backbone: LoadedBackbone, layer0: int, temperature: float = 1.0):
         super().__init__()
         if temperature <= 0:
             raise SpecError(f"--temperature must be positive, got {temperature}")
+        depth = len(backbone.model.blocks)
+        if not 0 <= layer0 < depth:
+            raise SpecError(f"teacher layer {layer0 + 1} is outside 1..{depth}")
         self.model = backbone.model
         self.model.blocks = self.model.blocks[: layer0 + 1]
+        check_supported(self.model, f"teacher {backbone.family}:{backbone.arch}")
         self.model.eval().requires_grad_(False)
         self.layer0 = layer0
         self.heads = int(self.model.blocks[layer0].attn.num_heads)
@@ -89,8 +102,8 @@ class Teacher(torch.nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        tokens = forward_until(self.model, images, self.layer0)
-        return float32_qk_logits(self.model.blocks[self.layer0], tokens) / self.temperature
+        tokens, context = run_until(self.model, images, self.layer0)
+        return float32_qk_logits(self.model.blocks[self.layer0], tokens, context) / self.temperature
 
 
 # --- student ---------------------------------------------------------------------------------
@@ -105,16 +118,24 @@ class Student(torch.nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         last = len(self.vit.blocks) - 1
-        tokens = forward_until(self.vit, images, last)
-        return float32_qk_logits(self.vit.blocks[last], tokens)
+        tokens, context = run_until(self.vit, images, last)
+        return float32_qk_logits(self.vit.blocks[last], tokens, context)
 
 
-def float32_qk_logits(block: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """The distilled logits of ``block`` for the tokens entering it, computed in float32 whatever
-    autocast is on: the block's norm1, its q/k projection and q·k (method.md section 2: a bf16
-    target is ~70x noisier than fp16 against the fp32 one; the blocks before may run in bf16)."""
+def float32_qk_logits(
+    block: torch.nn.Module, tokens: torch.Tensor, context: Mapping[str, Any] | None = None
+) -> torch.Tensor:
+    """The distilled logits of ``block`` for the tokens entering it (``attention.block_qk_logits``;
+    ``context``: the rotary embedding or shared bias the model passes it), computed in float32
+    whatever autocast is on: the block's norm1, its q/k projection, the position terms and q·k
+    (method.md section 2: a bf16 target is ~70x noisier than fp16 against the fp32 one; the
+    blocks before may run in bf16)."""
+    context = {
+        k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+        for k, v in (context or {}).items()
+    }
     with torch.autocast(tokens.device.type, enabled=False):
-        return qk_logits(block.attn, block.norm1(tokens.float()))
+        return block_qk_logits(block, tokens.float(), context)
 
 
 def build_student(
