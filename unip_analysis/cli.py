@@ -60,7 +60,7 @@ class AnalyzeOptions:
         group="what to analyse",
     )
     images: Path = command.option(help="image folder (searched recursively)", group="data", metavar="DIR")
-    img_size: int | None = command.img_size(None, "input size", aliases=())
+    img_size: int | None = command.img_size(None, "input size; default: the architecture's own")
     num_images: int | None = command.option(
         None, help="analyse only the first N images (sorted by path)", group="data", metavar="N",
         check=command.positive,
