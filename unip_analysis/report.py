@@ -194,20 +194,20 @@ def robustness_rows(m: dict) -> tuple[list[str], list[list[str]], list[list[str]
     gmax = {c["global_max_factor"]: c["global_max"] for c in rob["moved_bands"]}
     lmin = {c["local_min_factor"]: c["local_min"] for c in rob["moved_bands"]}
     at = {(c["global_max_factor"], c["local_min_factor"]): c for c in rob["moved_bands"]}
-    header = ["rule's layer", *(f"local_min x{g:g} ({v:.4f})" for g, v in lmin.items())]
+    header = ["rule's layer", *(f"local_min x{g:g} ({v:.4g})" for g, v in lmin.items())]
     grid = []
     for f, v in gmax.items():
         cells = [at[f, g] for g in lmin]
         grid.append(
-            [f"global_max x{f:g} ({v:.4f})"]
+            [f"global_max x{f:g} ({v:.4g})"]
             + [("-" if not c["valid"] else str(c["selected_layer"] or "none")) for c in cells]
         )
     margins = [
         [
             str(mg["layer"]),
             mg["edge"],
-            f"{mg['margin']:+.4f}",
-            f"{mg['margin_ci95'][0]:+.4f} .. {mg['margin_ci95'][1]:+.4f}",
+            f"{mg['margin']:+.3g}",
+            f"{mg['margin_ci95'][0]:+.3g} .. {mg['margin_ci95'][1]:+.3g}",
             "yes" if mg["edge_in_ci95"] else "",
         ]
         for mg in rob["margins"]
@@ -256,8 +256,8 @@ def robustness_summary(doc: dict) -> list[str]:
             what = "the rule's layer" if mg["layer"] == rob["rule_layer"] else "nearest an edge"
             lo, hi = mg["margin_ci95"]
             lines.append(
-                f"    layer {mg['layer']} ({what}): NMI - {mg['edge']} = {mg['margin']:+.4f} "
-                f"(95% CI {lo:+.4f} .. {hi:+.4f}{', contains the edge' if mg['edge_in_ci95'] else ''})"
+                f"    layer {mg['layer']} ({what}): NMI - {mg['edge']} = {mg['margin']:+.3g} "
+                f"(95% CI {lo:+.3g} .. {hi:+.3g}{', contains the edge' if mg['edge_in_ci95'] else ''})"
             )
     return lines
 
