@@ -443,6 +443,13 @@ def test_figures_draw_the_summary_and_the_selection_files_nmi(tmp_path: Path):
     assert any(np.allclose(ln.get_ydata(), means) for ln in twin.get_lines() if len(ln.get_ydata()) == 2)
     assert "over NMI of 'teacher_a'" in dist_ax.get_title()
     assert "no NMI" in fig.axes[0].get_title()
+    # the NMI is named by the definition the file records; files without the field are Park et al.'s
+    assert "park NMI" in dist_ax.get_title() and "park definition" in dist_ax.get_ylabel()
+    fig = plot_layerwise(
+        summary, results, "soda", "lpw", doc | {"nmi_definition": "unip"}, {"dist": "teacher_a"}
+    )
+    assert "unip NMI" in fig.axes[1].get_title() and "unip definition" in fig.axes[1].get_ylabel()
+    assert any("NMI (unip)" in t.get_text() for t in fig.axes[1].get_legend().get_texts())
 
 
 # --- real cells ---------------------------------------------------------------------------------------
