@@ -1,5 +1,5 @@
 """``report.html`` of a comparison: one self-contained page (figures embedded, no external files)
-with the summary over seeds, the paired differences and their verdicts, the figures, per-class
+with the summary over seeds, the paired t-tests against the baseline and their verdicts, the figures, per-class
 IoU, every seed's numbers and every cell's command. Styling and HTML pieces are the analysis
 report's (:mod:`unip_analysis.report`), so both reports read alike.
 """
@@ -33,6 +33,13 @@ def _interval(lo: object, hi: object, signed: bool = False) -> str:
     return f"{a} to {b}" if a and b else "n/a (1 seed)"
 
 
+def _p(value: object) -> str:
+    """A p-value with two significant digits; tiny ones as an upper bound."""
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return "< 0.0001" if value < 1e-4 else f"{value:.2g}"
+
+
 def _layer(value: object) -> str:
     return (
         ""
@@ -51,7 +58,8 @@ def summary_rows(summary: pd.DataFrame) -> list[list[str]]:
                 td(_interval(r.miou_ci95_lo, r.miou_ci95_hi), num=True),
                 td(_f(r.diff_mean, signed=True), num=True),
                 td(_interval(r.diff_ci95_lo, r.diff_ci95_hi, signed=True) if r.n_paired else "", num=True),
-                f"<td><code>{esc(r.diff_per_seed)}</code></td>", td(r.verdict),
+                td(_p(r.diff_p), num=True), f"<td><code>{esc(r.diff_per_seed)}</code></td>", td(r.verdict),
+                td(r.test),
             ]
         )  # fmt: skip
     return rows
@@ -59,7 +67,7 @@ def summary_rows(summary: pd.DataFrame) -> list[list[str]]:
 
 SUMMARY_HEADER = [
     "backbone", "dataset", "mode", "layer", "seeds", "mean mIoU", "95% t interval",
-    "minus baseline", "95% t interval", "per seed (seed:difference)", "verdict",
+    "minus baseline", "95% t interval", "p", "per seed (seed:difference)", "verdict", "test",
 ]  # fmt: skip
 
 
@@ -89,7 +97,9 @@ def render_html(
         f'<p class="muted">{esc(GENERATOR)}, created {esc(created)}. Every cell is one unip-finetune run; '
         "a seed fixes the head's initialisation and the data order for every row, so differences at the same "
         "seed are paired. Intervals are Student-t 95% intervals over seeds (mean &plusmn; t<sub>0.975, n-1</sub> "
-        "&middot; sd / &radic;n). A difference is called only when every paired seed has the same sign.</p>",
+        "&middot; sd / &radic;n). Differences to the baseline: paired t-test over the seeds both rows share "
+        "(95% interval of the per-seed differences, two-sided p-value); the verdict says higher or lower "
+        "only when that interval excludes 0, and needs at least 3 paired seeds.</p>",
         f"<p><b>{len(finished)} of {len(runs)} cells finished.</b>"
         + (
             f" Baseline row: <b>{esc(baseline)}</b>."
