@@ -23,6 +23,7 @@ from .cells import FINISHED, prepare
 from .comparison import build_outputs, write_outputs
 from .execution import run_cells, submitit_executor
 from .plan import load_plan
+from .statistics import format_p
 
 PROG = "unip-compare"
 EXECUTORS = ("local", "slurm", "submitit-local")
@@ -138,6 +139,8 @@ def _verdicts(summary) -> list[str]:
         if r.n_paired:
             line += f", {r.diff_mean:+.4f} vs {r.baseline}: {r.verdict}"
             if isinstance(r.test, str) and r.test:
-                line += f" ({r.test}: {r.diff_ci95_lo:+.4f} to {r.diff_ci95_hi:+.4f}, p = {r.diff_p:.2g})"
+                line += (
+                    f" ({r.test}: {r.diff_ci95_lo:+.4f} to {r.diff_ci95_hi:+.4f}, p = {format_p(r.diff_p)})"
+                )
         lines.append(line)
     return lines

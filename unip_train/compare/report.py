@@ -16,7 +16,7 @@ from unip_analysis import __version__
 from unip_analysis.report import CSS, esc, html_table, img_tag, td
 
 from .cells import FINISHED, CellRun
-from .statistics import class_columns
+from .statistics import class_columns, format_p
 
 GENERATOR = f"unip-compare {__version__}"
 _EXTRA_CSS = "pre{background:#f7f7f7;padding:.6rem;overflow-x:auto;font-size:.8rem}details{margin:.6rem 0}"
@@ -31,13 +31,6 @@ def _f(value: object, digits: int = 4, signed: bool = False) -> str:
 def _interval(lo: object, hi: object, signed: bool = False) -> str:
     a, b = _f(lo, signed=signed), _f(hi, signed=signed)
     return f"{a} to {b}" if a and b else "n/a (1 seed)"
-
-
-def _p(value: object) -> str:
-    """A p-value with two significant digits; tiny ones as an upper bound."""
-    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    return "< 0.0001" if value < 1e-4 else f"{value:.2g}"
 
 
 def _layer(value: object) -> str:
@@ -58,7 +51,7 @@ def summary_rows(summary: pd.DataFrame) -> list[list[str]]:
                 td(_interval(r.miou_ci95_lo, r.miou_ci95_hi), num=True),
                 td(_f(r.diff_mean, signed=True), num=True),
                 td(_interval(r.diff_ci95_lo, r.diff_ci95_hi, signed=True) if r.n_paired else "", num=True),
-                td(_p(r.diff_p), num=True), f"<td><code>{esc(r.diff_per_seed)}</code></td>", td(r.verdict),
+                td(format_p(r.diff_p), num=True), f"<td><code>{esc(r.diff_per_seed)}</code></td>", td(r.verdict),
                 td(r.test),
             ]
         )  # fmt: skip

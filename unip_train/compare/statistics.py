@@ -202,5 +202,16 @@ def paired_t(diffs: Sequence[float], confidence: float = CONFIDENCE) -> PairedTe
     return PairedTest(len(d), mean, lo, hi, p, confidence)
 
 
+def format_p(value: object) -> str:
+    """A p-value as printed in the report, the command's lines and the demo's table: two
+    significant digits, ``< 0.0001`` below that; empty when there is none (NaN, None, "")."""
+    if value is None or value is pd.NA or value == "":
+        return ""
+    value = float(value)
+    if math.isnan(value):
+        return ""
+    return "< 0.0001" if value < 1e-4 else f"{value:.2g}"
+
+
 def class_columns(results: pd.DataFrame) -> list[str]:
     return [c for c in results.columns if c.startswith(CLASS_PREFIX)]
