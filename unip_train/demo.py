@@ -22,6 +22,11 @@ Rows of the comparison (``--preset demo`` runs the first two; ``--preset experim
 Every stage runs through the entry points users call (unip-analyze, unip-pretrain, unip-compare,
 which runs unip-finetune per cell) and prints the equivalent command. Finished stages and cells are
 reused, so an interrupted demo continues where it stopped.
+
+``--readme README.md`` (make experiment, make figures) keeps the README's table honest: the run's
+summary.csv is copied to ``figures/demo_summary.csv`` beside the README, and the table between the
+README's ``<!-- demo-table:start -->`` / ``<!-- demo-table:end -->`` markers is rendered from that
+copy by :func:`readme_table`.
 """
 
 from __future__ import annotations
@@ -40,11 +45,13 @@ import numpy as np
 from unip_analysis import cli as analyze_cli
 from unip_analysis import selection
 from unip_analysis.checkpoints import safetensors_metadata
+from unip_analysis.errors import SpecError
 from unip_analysis.files import atomic_write_text
 from unip_analysis.workers import available_cores
 
 from . import demo_task
 from .compare import cli as compare_cli
+from .compare.statistics import format_p
 from .pretrain import cli as pretrain_cli
 
 ASSETS = Path(__file__).parent / "assets"
@@ -52,6 +59,20 @@ TEACHERS = ("mim", "sup")
 IMG = 64
 STUDENT = "vit_tiny_patch16_224(depth=6,embed_dim=64,num_heads=2,patch_size=8)"
 ROWS = ("random", "selected", "teacher", "last", "pad", "selected_pixl")
+# The README's demo table: between these markers, rendered from this copy of the run's summary.csv
+# (the path is relative to the README's folder).
+TABLE_START, TABLE_END = "<!-- demo-table:start -->", "<!-- demo-table:end -->"
+DEMO_SUMMARY = "figures/demo_summary.csv"
+# What each row of the comparison fine-tunes, in the README's words (summary.csv names the row only).
+ROW_BACKBONES = {
+    "random": "the student (6 x 64), random init",
+    "selected": "NMI-HAD student of the MIM teacher's selected (deepest hybrid) layer",
+    "teacher": "the MIM teacher (8 x 128), fine-tuned directly",
+    "last": "NMI-HAD student of the MIM teacher's last layer (the paper's ablation)",
+    "local": "NMI-HAD student of the MIM teacher's most local layer (stands in for the last-layer ablation)",
+    "pad": "PAD of the MIM teacher (fresh decoder)",
+    "selected_pixl": "the selected student + PiXL",
+}
 
 
 @dataclass(frozen=True)
@@ -216,6 +237,70 @@ def table(summary: list[dict], labels: dict[str, str], mode: str = "ft") -> list
     return lines
 
 
+def readme_table(summary: list[dict], mode: str = "ft") -> str:
+    """The README's demo table, from the rows of the demo's summary.csv (as :func:`read_summary`
+    gives them): per fine-tuned row, mean mIoU with its 95% interval, the difference to random init
+    at each seed, and unip-compare's paired t-test of it (interval, p, verdict)."""
+    rows = [r for r in summary if r["mode"] == mode and not r["layer"]]
+    if not rows:
+        raise SpecError(f"the demo's summary has no {mode!r} rows to put in the README table")
+    tests = list(dict.fromkeys(r["test"] for r in rows if r["test"]))
+    lines = [
+        f"Rendered from [`{DEMO_SUMMARY}`]({DEMO_SUMMARY}) (the run's `summary.csv`) by "
+        f"`python -m unip_train.demo --readme README.md`. LL-FPN fine-tuning, seeds "
+        f"{', '.join(rows[0]['seeds'].split())}, paired against random init; "
+        f"verdict: {'; '.join(tests) or 'no paired test'}, a difference called only when the interval excludes 0.",
+        "",
+        "| row | backbone | mean mIoU [95% interval] | minus random init, per seed "
+        "| difference [95% interval] | p | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        mean = f"{float(r['miou_mean']):.3f}"
+        if r["miou_ci95_lo"]:
+            mean += f" [{float(r['miou_ci95_lo']):.3f}, {float(r['miou_ci95_hi']):.3f}]"
+        per_seed = " ".join(d.split(":")[1] for d in r["diff_per_seed"].split())
+        diff = f"{float(r['diff_mean']):+.4f}" if r["diff_mean"] else ""
+        if r["diff_ci95_lo"]:
+            diff += f" [{float(r['diff_ci95_lo']):+.4f}, {float(r['diff_ci95_hi']):+.4f}]"
+        cells = [r["backbone"], ROW_BACKBONES.get(r["backbone"], ""), mean, per_seed, diff,
+                 format_p(r["diff_p"]), r["verdict"]]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def readme_block(readme: Path) -> tuple[str, str, str]:
+    """The README's text before, between and after the demo-table markers."""
+    try:
+        text = readme.read_text(encoding="utf-8")
+    except OSError as e:
+        raise SpecError(
+            f"{readme}: cannot read the README ({e.strerror}); pass the README.md to update"
+        ) from None
+    if (
+        text.count(TABLE_START) != 1
+        or text.count(TABLE_END) != 1
+        or text.index(TABLE_START) > text.index(TABLE_END)
+    ):
+        raise SpecError(
+            f"{readme}: expected one {TABLE_START} line and, after it, one {TABLE_END} line around the "
+            "demo table; add them where the table goes"
+        )
+    head, rest = text.split(TABLE_START)
+    body, tail = rest.split(TABLE_END)
+    return head, body, tail
+
+
+def write_readme_table(readme: Path, summary_csv: Path) -> tuple[Path, Path]:
+    """Copy ``summary_csv`` to ``figures/demo_summary.csv`` beside ``readme`` and render the table
+    between the README's markers from that copy; both written atomically. Returns both paths."""
+    head, _, tail = readme_block(readme)
+    copy = atomic_write_text(readme.parent / DEMO_SUMMARY, summary_csv.read_text(encoding="utf-8"))
+    table_md = readme_table(read_summary(copy))
+    atomic_write_text(readme, f"{head}{TABLE_START}\n{table_md}{TABLE_END}{tail}")
+    return readme, copy
+
+
 def layerwise_lines(summary: list[dict], doc: dict) -> list[str]:
     """Per teacher: probe mIoU by layer beside the layer's NMI and pattern, and where each peaks."""
     lines = []
@@ -245,13 +330,17 @@ def run(
     rows: tuple[str, ...] | None = None,
     jobs: int | None = None,
     figures_dir: Path | None = None,
+    readme: Path | None = None,
 ) -> dict:
-    """Run the demo into ``out``; returns the selection document, the summary rows and the time."""
+    """Run the demo into ``out``; returns the selection document, the summary rows and the time.
+    ``readme``: also render the fine-tuning table into that README (:func:`write_readme_table`)."""
     t_start = time.time()
     p = PRESETS[preset]
     if rows is not None:
         p = replace(p, rows=rows)
     out = Path(out).resolve()
+    if readme is not None:
+        readme_block(readme)  # a README without the markers fails now, not after the run
     out.mkdir(parents=True, exist_ok=True)
     total = 5
 
@@ -367,6 +456,9 @@ def run(
         ]:
             shutil.copy2(png, figures_dir / png.name)
         say(f"figures copied to {figures_dir}")
+    if readme is not None:
+        _, copy = write_readme_table(readme, out / "compare" / "summary.csv")
+        say(f"README table rendered into {readme} from {copy}")
     say(f"\nanalysis report: {out / 'analysis' / 'report.html'}")
     say(f"comparison report: {out / 'compare' / 'report.html'}")
     seconds = time.time() - t_start
@@ -387,6 +479,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", help=f"comma-separated rows, overriding the preset's ({','.join(ROWS)})")
     ap.add_argument("--jobs", type=int, help="fine-tuning cells at a time (default: min(2, cores))")
     ap.add_argument("--figures-dir", type=Path, help="also copy the figures here (make figures)")
+    ap.add_argument(
+        "--readme",
+        type=Path,
+        help=f"also render the fine-tuning table between this README's {TABLE_START} / {TABLE_END} "
+        f"markers, from a copy of summary.csv written to {DEMO_SUMMARY} beside it (make experiment, make figures)",
+    )
     args = ap.parse_args(argv)
     rows = None
     if args.rows:
@@ -396,7 +494,18 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--rows {','.join(unknown)}: expected some of {','.join(ROWS)}")
         if "random" not in rows:
             ap.error("--rows must include random (the baseline of the paired differences)")
-    run(args.out, preset=args.preset, rows=rows, jobs=args.jobs, figures_dir=args.figures_dir)
+    try:
+        run(
+            args.out,
+            preset=args.preset,
+            rows=rows,
+            jobs=args.jobs,
+            figures_dir=args.figures_dir,
+            readme=args.readme,
+        )
+    except SpecError as e:
+        print(f"demo: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
