@@ -150,6 +150,34 @@ def test_readme_table_is_rendered_between_the_markers_from_a_copy_of_the_summary
     assert readme.read_text() == text
 
 
+def test_ablation_rows_pair_the_selected_and_last_layer_students_by_seed(tmp_path):
+    """selected minus last per seed = (selected - random) - (last - random) at that seed."""
+    from unip_train import demo
+    from unip_train.compare import summarize
+
+    mious = {
+        "random": [0.50, 0.52, 0.54],
+        "sup_selected": [0.56, 0.57, 0.61],
+        "sup_last": [0.51, 0.55, 0.56],
+        "selected": [0.55, 0.56, 0.60],  # no MIM last-layer row: no MIM ablation line
+    }
+    rows = [
+        {"backbone": b, "dataset": "soda", "mode": "ft", "layer": None, "seed": s, "miou": m}
+        for b, values in mious.items()
+        for s, m in enumerate(values)
+    ]
+    path = tmp_path / "summary.csv"
+    summarize(pd.DataFrame(rows), baseline="random").to_csv(path, index=False)
+    summary = [r for r in demo.read_summary(path) if r["mode"] == "ft"]
+    (line,) = demo.ablation_rows(summary)
+    # 0.05 0.02 0.05: mean 0.04, sd 0.01732, t(2) 4.303 -> +-0.0430; p = 0.057
+    assert (
+        line
+        == "| supervised | 0:+0.0500 1:+0.0200 2:+0.0500 | +0.0400 [-0.0030, +0.0830] | 0.057 | no clear difference |"
+    )
+    assert "| supervised |" in demo.readme_table(summary)
+
+
 def test_readme_without_markers_is_refused_before_the_demo_runs(tmp_path, capsys):
     from unip_train import demo
 

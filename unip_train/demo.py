@@ -18,6 +18,9 @@ Rows of the comparison (``--preset demo`` runs the first two; ``--preset experim
   layer *is* the selected one, the row is ``local`` instead: the teacher's most local layer |
 | pad | PAD continual pre-training of the MIM teacher (adapters + patch-wise scale) |
 | selected_pixl | the selected student fine-tuned with PiXL's pixel loss on the same few labels |
+| sup_selected | NMI-HAD student distilled from the supervised teacher's selected (deepest hybrid) layer |
+| sup_last | NMI-HAD student distilled from the supervised teacher's last layer, which reads global: the
+  paper's central ablation (hybrid vs last layer) where the two differ |
 
 Every stage runs through the entry points users call (unip-analyze, unip-pretrain, unip-compare,
 which runs unip-finetune per cell) and prints the equivalent command. Finished stages and cells are
@@ -51,14 +54,14 @@ from unip_analysis.workers import available_cores
 
 from . import demo_task
 from .compare import cli as compare_cli
-from .compare.statistics import format_p
+from .compare.statistics import format_p, paired_t
 from .pretrain import cli as pretrain_cli
 
 ASSETS = Path(__file__).parent / "assets"
 TEACHERS = ("mim", "sup")
 IMG = 64
 STUDENT = "vit_tiny_patch16_224(depth=6,embed_dim=64,num_heads=2,patch_size=8)"
-ROWS = ("random", "selected", "teacher", "last", "pad", "selected_pixl")
+ROWS = ("random", "selected", "teacher", "last", "pad", "selected_pixl", "sup_selected", "sup_last")
 # The README's demo table: between these markers, rendered from this copy of the run's summary.csv
 # (the path is relative to the README's folder).
 TABLE_START, TABLE_END = "<!-- demo-table:start -->", "<!-- demo-table:end -->"
@@ -72,7 +75,11 @@ ROW_BACKBONES = {
     "local": "NMI-HAD student of the MIM teacher's most local layer (stands in for the last-layer ablation)",
     "pad": "PAD of the MIM teacher (fresh decoder)",
     "selected_pixl": "the selected student + PiXL",
+    "sup_selected": "NMI-HAD student of the supervised teacher's selected (deepest hybrid) layer",
+    "sup_last": "NMI-HAD student of the supervised teacher's last (global) layer",
 }
+# The paper's central ablation, per teacher: (selected-layer row, last-layer row).
+ABLATIONS = {"MIM": ("selected", "last"), "supervised": ("sup_selected", "sup_last")}
 
 
 @dataclass(frozen=True)
@@ -148,11 +155,13 @@ def distilled_layer(model: dict, which: str) -> int:
     return 1 + int(np.argmax([layer["nmi"] for layer in model["layers"]]))
 
 
-def distil(out: Path, sel_path: Path, unlabelled: Path, layer: int, selected: int, p: Preset) -> Path:
-    """NMI-HAD of the MIM teacher's ``layer`` into the student; returns the run folder."""
-    run = out / f"pretrain_layer{layer}"
+def distil(
+    out: Path, sel_path: Path, unlabelled: Path, layer: int, selected: int, p: Preset, teacher: str = "mim"
+) -> Path:
+    """NMI-HAD of ``teacher``'s ``layer`` into the student; returns the run folder."""
+    run = out / (f"pretrain_layer{layer}" if teacher == "mim" else f"pretrain_{teacher}_layer{layer}")
     if not (run / "student.safetensors").exists():
-        argv = ["--selection", str(sel_path), "--teacher", "mim"]
+        argv = ["--selection", str(sel_path), "--teacher", teacher]
         if layer != selected:  # the selected layer is what unip-pretrain reads from the file
             argv += ["--layer", str(layer)]
         argv += ["--student", STUDENT, "--input-size", str(IMG), "--infrared", str(unlabelled),
@@ -161,7 +170,7 @@ def distil(out: Path, sel_path: Path, unlabelled: Path, layer: int, selected: in
                  "--save-every", str(p.distill_epochs), "--ckpt-every-steps", "0", "--no-progress",
                  "--out", str(run)]  # fmt: skip
         run_cli("unip-pretrain", pretrain_cli.main, argv)
-    say(f"  layer {layer}: distillation loss {loss_curve(run / 'log.jsonl')}")
+    say(f"  {teacher} layer {layer}: distillation loss {loss_curve(run / 'log.jsonl')}")
     return run
 
 
@@ -266,7 +275,45 @@ def readme_table(summary: list[dict], mode: str = "ft") -> str:
         cells = [r["backbone"], ROW_BACKBONES.get(r["backbone"], ""), mean, per_seed, diff,
                  format_p(r["diff_p"]), r["verdict"]]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
+    ablation = ablation_rows(rows)
+    if ablation:
+        lines += [
+            "",
+            "The paper's central ablation, per teacher: the student distilled from the selected (hybrid) "
+            "layer minus the one distilled from the last layer, paired by seed (the same paired t-test).",
+            "",
+            "| teacher | selected minus last, per seed | difference [95% interval] | p | verdict |",
+            "|---|---|---|---|---|",
+            *ablation,
+        ]
     return "\n".join(lines) + "\n"
+
+
+def ablation_rows(rows: list[dict]) -> list[str]:
+    """Selected-layer student minus last-layer student, per seed, for each teacher whose two rows the
+    summary holds. Both rows' differences to random init share the seed's random-init run, so their
+    difference is the two students' own paired difference."""
+    by_name = {r["backbone"]: r for r in rows}
+    out = []
+    for teacher, (sel, last) in ABLATIONS.items():
+        if sel not in by_name or last not in by_name:
+            continue
+        per_seed = {}
+        for name, sign in ((sel, 1.0), (last, -1.0)):
+            for item in by_name[name]["diff_per_seed"].split():
+                seed, value = item.split(":")
+                per_seed.setdefault(seed, []).append(sign * float(value))
+        diffs = {seed: sum(v) for seed, v in per_seed.items() if len(v) == 2}
+        test = paired_t(list(diffs.values()))
+        cells = [
+            teacher,
+            " ".join(f"{seed}:{d:+.4f}" for seed, d in diffs.items()),
+            f"{test.mean:+.4f} [{test.lo:+.4f}, {test.hi:+.4f}]",
+            format_p(test.p),
+            test.verdict,
+        ]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
 
 
 def readme_block(readme: Path) -> tuple[str, str, str]:
@@ -393,6 +440,10 @@ def run(
               "local": f"NMI-HAD, layer {ablation} (most local)", "pad": "PAD of the MIM teacher",
               "selected_pixl": f"NMI-HAD, layer {selected} + PiXL", "mim_teacher": "MIM teacher (probe)",
               "sup_teacher": "supervised teacher (probe)"}  # fmt: skip
+    sup = doc["models"]["sup"]
+    sup_layers = {"sup_selected": distilled_layer(sup, "selected"), "sup_last": distilled_layer(sup, "last")}
+    labels["sup_selected"] = f"NMI-HAD of sup, layer {sup_layers['sup_selected']} (selected)"
+    labels["sup_last"] = f"NMI-HAD of sup, layer {sup_layers['sup_last']} (last)"
     arch = safetensors_metadata(teachers["mim"])["arch"]
     backbones: list[dict] = []
     ft_only = ["ft"]
@@ -411,6 +462,14 @@ def run(
             backbones.append(
                 {"name": "teacher", "backbone": f"timm:{arch}:{teachers['mim']}", "modes": ft_only}
             )
+        elif row in sup_layers:
+            if sup_layers["sup_selected"] == sup_layers["sup_last"] and row == "sup_last":
+                say(
+                    "  the supervised teacher selects its last layer: the sup_last row would repeat sup_selected"
+                )
+                continue
+            run_dir = distil(out, sel_path, unlabelled, sup_layers[row], sup_layers["sup_selected"], p, "sup")
+            backbones.append({"name": row, "backbone": str(run_dir), "modes": ft_only})
         elif row == "pad":
             backbones.append({"name": "pad", "backbone": str(pad(out, teachers["mim"], unlabelled, p)), "modes": ft_only})  # fmt: skip
     if p.layerwise is not None:
@@ -443,6 +502,11 @@ def run(
     )
     for line in table(summary, labels):
         say("  " + line)
+    ablation = ablation_rows([r for r in summary if r["mode"] == "ft" and not r["layer"]])
+    if ablation:
+        say("\nselected-layer student minus last-layer student, per teacher (paired by seed):")
+        for line in ablation:
+            say("  " + line)
     probe = layerwise_lines(summary, doc)
     if probe:
         say("\nlayer-wise linear probing of the teachers (mIoU, mean over seeds; pattern of the layer):")
