@@ -1,5 +1,6 @@
 """``unip-finetune``: LL-FPN fine-tuning, multi-layer fine-tuning and (layer-wise) linear probing of a
-ViT backbone on an infrared segmentation dataset, then sliding-window mIoU (method.md section 4).
+ViT backbone on an infrared (or RGB / depth) segmentation dataset, then sliding-window mIoU (method.md
+sections 4 and 9).
 
     unip-finetune --backbone unip:vit_small_patch16_224:student.safetensors --dataset soda \\
         --data-root /data/SODA --mode ft --out runs/soda_ft
@@ -91,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-split", default="train", help="split to train on (default train)")
     g.add_argument(
         "--eval-split",
-        help="split to evaluate (default test; MFNet also val, val_test, test_day, test_night)",
+        help="split to evaluate (default test; ade20k val; MFNet also val, val_test, test_day, test_night)",
     )
     g.add_argument("--mode", default="ft", help="ft (fine-tune, default) | lp (linear probing)")
     g.add_argument("--neck", default="ll-fpn", help=f"{' | '.join(NECKS)} (ft; default ll-fpn)")
