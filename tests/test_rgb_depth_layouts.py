@@ -24,7 +24,7 @@ from unip_analysis.images import NORMALIZATIONS
 from unip_train.finetune.augment import TrainAugment
 from unip_train.finetune.classes import voc_colours
 from unip_train.finetune.config import FinetuneConfig, FinetuneError, resolve
-from unip_train.finetune.dataset import SegDataset, read_colour
+from unip_train.finetune.dataset import SegDataset, read_colour, read_pixels
 from unip_train.finetune.layouts import LAYOUTS, DatasetError, dataset_palette, palette_source
 from unip_train.finetune.model_file import load_model
 from unip_train.finetune.trainer import run
@@ -117,6 +117,10 @@ def test_mfnet_rgb_reads_the_rgb_channels_of_the_release(tmp_path: Path):
     img, _ = ds.load(0)
     assert np.array_equal(img.numpy().transpose(1, 2, 0), rgbt[..., :3].astype(np.float32))
     assert not np.array_equal(rgbt[..., 0], rgbt[..., 3])  # not the thermal channel
+    # The uint8 [H, W, C] reader: RGB for the colour layouts, the thermal channel for the infrared one.
+    colour, thermal = read_pixels(ds.samples[0].image, 3), read_pixels(ds.samples[0].image, 1, True)
+    assert colour.dtype == thermal.dtype == np.uint8 and (colour.shape[-1], thermal.shape[-1]) == (3, 1)
+    assert np.array_equal(colour, rgbt[..., :3]) and np.array_equal(thermal[..., 0], rgbt[..., 3])
     # UNIP's preparation: 3-channel RGB files, the same pixels.
     unip = replica(tmp_path, "mfnet-rgb", "unip")
     assert np.array_equal(SegDataset(unip, "mfnet-rgb", "train").load(0)[0].numpy(), img.numpy())
