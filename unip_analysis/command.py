@@ -303,7 +303,7 @@ class Command:
         try:
             if config_path is not None:
                 values = self._file_values(config_path)
-                namespace = parser.parse_object(values, defaults=True)
+                namespace = parser.parse_object(values, defaults=True, _skip_validation=True)  # required: checked once flags are in
             ns = parser.parse_args(argv, namespace=namespace)
         except (Exception, SystemExit) as e:  # jsonargparse raises ArgumentError / its own errors
             if isinstance(e, SystemExit):
