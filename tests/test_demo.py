@@ -75,3 +75,21 @@ def test_table_reads_unip_compares_summary():
     assert len(lines) == 3  # header + the two fine-tuning rows; probes are not in this table
     assert "0.4700 [0.430, 0.510]" in lines[2] and "+0.0200 +0.0100" in lines[2]
     assert lines[2].startswith("NMI-HAD (selected)") and lines[2].endswith("higher at all 2 seeds")
+
+
+def test_an_unfinished_pretraining_folder_is_continued_or_replaced(tmp_path):
+    """unip-pretrain refuses a folder that holds a run unless told: the demo continues one with a
+    checkpoint (--resume, also an earlier version's checkpoint-last.pt) and replaces one without."""
+    from unip_train import demo
+
+    run = tmp_path / "pretrain_layer8"
+    assert demo.continue_or_replace(run) == []  # a new folder
+    run.mkdir()
+    assert demo.continue_or_replace(run) == []  # an empty one
+    (run / "config.json").write_text("{}")  # killed before its first checkpoint
+    assert demo.continue_or_replace(run) == ["--overwrite"]
+    (run / "checkpoint-last.pt").write_bytes(b"")
+    assert demo.continue_or_replace(run) == ["--resume"]
+    (run / "checkpoint-last.pt").unlink()
+    (run / "checkpoint.pt").write_bytes(b"")
+    assert demo.continue_or_replace(run) == ["--resume"]

@@ -586,3 +586,86 @@ def test_config_file_config_json_and_bare_resume(setup, tmp_path):
     assert pretrain.main(again + ["--resume"]) == 0
     assert [r["step"] for r in read_log(run)] == [1, 2, 3, 4, 5, 6]
     assert torch.load(run / CHECKPOINT, weights_only=True)["recipe"]["images"] == 12
+
+
+# --- the one grammar (issue 21) -------------------------------------------------------------------
+
+
+def test_missing_teacher_is_named_before_missing_data(capsys):
+    line = fail(capsys, ["--out", "o"])
+    assert "--method nmi-had needs --selection and --teacher" in line and "no data" not in line
+    assert "no data" in fail(capsys, ["--selection", "s", "--teacher", "t", "--out", "o"])
+
+
+def test_old_spellings_still_work_with_a_notice(capsys):
+    new, _ = pretrain.parse_args(
+        ["--selection", "s", "--teacher", "t", "--infrared", "d", "--out", "o", "--img-size", "64",
+         "--precision", "fp32", "--workers", "3", "--ckpt-every", "7"]
+    )  # fmt: skip
+    assert capsys.readouterr().err == ""
+    old, _ = pretrain.parse_args(
+        ["--selection", "s", "--teacher", "t", "--infrared", "d", "--out", "o", "--input-size", "64",
+         "--amp", "none", "--num-workers", "3", "--ckpt-every-steps", "7"]
+    )  # fmt: skip
+    assert old == new
+    err = capsys.readouterr().err
+    for old_name, new_name in (("--input-size", "--img-size"), ("--amp", "--precision"),
+                               ("--num-workers", "--workers"), ("--ckpt-every-steps", "--ckpt-every")):  # fmt: skip
+        assert f"unip-pretrain: note: {old_name} is deprecated; use {new_name}" in err
+    assert "--precision none is deprecated; use --precision fp32" in err
+
+
+def test_config_json_given_back_reproduces_the_resolved_options(setup, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert pretrain.main(base_args(setup["sel"], setup["images"], run, blr=2e-4, clip_grad=1.0)) == 0
+    written = json.loads((run / "config.json").read_text())
+    opts, _ = pretrain.parse_args(["--config", str(run / "config.json")])
+    recorded = pretrain.record(opts)
+    assert recorded == {k: v for k, v in written.items() if k not in pretrain.DERIVED}
+    assert (recorded["warmup_epochs"], recorded["grey"], recorded["drop_path"]) == (0, "all", 0.1)
+    assert "init" not in recorded and "resume" not in recorded  # PAD's options; this process' only
+    # An old run's config.json (earlier option names) reads too, with a notice per renamed key.
+    old = {OLD: written[NEW] for OLD, NEW in (("input_size", "img_size"), ("num_workers", "workers"),
+                                               ("ckpt_every_steps", "ckpt_every"))}  # fmt: skip
+    old.update({k: v for k, v in written.items() if k not in ("img_size", "workers", "ckpt_every", "precision")})
+    old["amp"] = "none"
+    write_json(tmp_path / "old.json", old)
+    again, _ = pretrain.parse_args(["--config", str(tmp_path / "old.json")])
+    assert pretrain.record(again) == {**recorded, "precision": "fp32"}
+    assert "key input_size is deprecated" in capsys.readouterr().err
+
+
+def test_a_finished_run_folder_is_never_reused_silently(setup, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = base_args(setup["sel"], setup["images"], run)
+    assert pretrain.main(args) == 0
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    line = fail(capsys, args)
+    assert "already holds a unip-pretrain run" in line and "--resume" in line and "--overwrite" in line
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    # --resume and --overwrite together: one line.
+    assert "together" in fail(capsys, args + ["--resume", "--overwrite"])
+    # --overwrite: the old run moves to previous-<time>/, a new one is written.
+    assert pretrain.main(args + ["--overwrite"]) == 0
+    (aside,) = [p for p in run.iterdir() if p.name.startswith("previous-")]
+    assert {p.name for p in aside.iterdir()} >= {"checkpoint.pt", "student.safetensors", "log.jsonl"}
+    assert (aside / "student.safetensors").read_bytes() == before[run / "student.safetensors"]
+    assert (run / "student.safetensors").exists() and len(read_log(run)) == 3
+    # --resume with nothing to resume: one line, nothing written.
+    line = fail(capsys, base_args(setup["sel"], setup["images"], tmp_path / "new") + ["--resume"])
+    assert "nothing to resume (no checkpoint.pt)" in line and not (tmp_path / "new").exists()
+
+
+def test_a_run_folder_of_an_earlier_version_resumes_from_checkpoint_last(setup, tmp_path):
+    """Before issue 21 the resumable file was checkpoint-last.pt and its recipe used the old option
+    names: such a folder continues with a bare --resume, into checkpoint.pt."""
+    run = tmp_path / "run"
+    assert pretrain.main(base_args(setup["sel"], setup["images"], run)) == 0
+    ckpt = torch.load(run / CHECKPOINT, weights_only=True)
+    renames = {"img_size": "input_size", "precision": "amp", "workers": "num_workers", "ckpt_every": "ckpt_every_steps"}
+    ckpt["recipe"] = {renames.get(k, k): v for k, v in ckpt["recipe"].items()}
+    torch.save(ckpt, run / pretrain.OLD_CHECKPOINT)
+    (run / CHECKPOINT).unlink()
+    assert pretrain.main(base_args(setup["sel"], setup["images"], run, epochs=2) + ["--resume"]) == 0
+    assert [r["step"] for r in read_log(run)] == [1, 2, 3, 4, 5, 6]
+    assert torch.load(run / CHECKPOINT, weights_only=True)["step"] == 6

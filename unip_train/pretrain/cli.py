@@ -29,7 +29,7 @@ from .trainer import CHECKPOINT, DERIVED, KILL_ENV, OLD_CHECKPOINT, PROG, train
 from .trainer import recorded_options as record
 
 __all__ = [
-    "CHECKPOINT", "COMMAND", "KILL_ENV", "METHODS", "OLD_CHECKPOINT", "PretrainOptions", "main", "parse_args",
+    "CHECKPOINT", "COMMAND", "DERIVED", "KILL_ENV", "METHODS", "OLD_CHECKPOINT", "PretrainOptions", "main", "parse_args",
     "record",
 ]  # fmt: skip
 
