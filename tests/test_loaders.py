@@ -163,9 +163,7 @@ def test_finetune_sigkill_and_resume_with_persistent_workers_is_bit_identical(
     has no workers. The resumed run's 5 iterations span 3 epochs with the same 2 worker processes."""
     whole, killed, log = tmp_path / "whole", tmp_path / "killed", tmp_path / "pids"
     assert finetune.main(finetune_args(tiny_vit, folder, whole, 0)) == 0
-    died = run(
-        "unip_train.finetune", *finetune_args(tiny_vit, folder, killed, 2), extra_env={KILL_ENV: "5"}
-    )
+    died = run("unip_train.finetune", *finetune_args(tiny_vit, folder, killed, 2), extra_env={KILL_ENV: "5"})
     assert died.returncode == -signal.SIGKILL, died.stderr[-2000:]
     assert torch.load(killed / "checkpoint.pt", weights_only=True)["iter"] == 3
     record_worker_pids(monkeypatch, SegDataset, log)
@@ -262,7 +260,6 @@ def test_every_cli_defaults_to_the_machines_cores_and_takes_both_spellings(monke
     from dataclasses import replace
 
     from unip_analysis import cli as analyze_cli
-
     from unip_train.pretrain import rois_cli
 
     def default(parser: argparse.ArgumentParser, dest: str) -> int:

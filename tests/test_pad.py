@@ -500,3 +500,14 @@ def test_help_shows_pads_options(capsys):
     out = capsys.readouterr().out
     for flag in ("--method", "--init", "--rois", "--decoder", "--adapter-width", "--scale-frozen-epochs"):
         assert flag in out
+
+
+def test_pad_vit_does_not_import_the_checkpoint_registry():
+    """Issue 21: checkpoints.py imports pad_vit (the pad family); pad_vit importing checkpoints back
+    made a circle. The dependency goes one way now."""
+    import ast
+
+    tree = ast.parse(Path(pad_vit.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not any(m and m.split(".")[-1] == "checkpoints" for m in imported), imported

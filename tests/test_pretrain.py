@@ -627,7 +627,9 @@ def test_config_json_given_back_reproduces_the_resolved_options(setup, tmp_path,
     # An old run's config.json (earlier option names) reads too, with a notice per renamed key.
     old = {OLD: written[NEW] for OLD, NEW in (("input_size", "img_size"), ("num_workers", "workers"),
                                                ("ckpt_every_steps", "ckpt_every"))}  # fmt: skip
-    old.update({k: v for k, v in written.items() if k not in ("img_size", "workers", "ckpt_every", "precision")})
+    old.update(
+        {k: v for k, v in written.items() if k not in ("img_size", "workers", "ckpt_every", "precision")}
+    )
     old["amp"] = "none"
     write_json(tmp_path / "old.json", old)
     again, _ = pretrain.parse_args(["--config", str(tmp_path / "old.json")])
@@ -662,7 +664,12 @@ def test_a_run_folder_of_an_earlier_version_resumes_from_checkpoint_last(setup, 
     run = tmp_path / "run"
     assert pretrain.main(base_args(setup["sel"], setup["images"], run)) == 0
     ckpt = torch.load(run / CHECKPOINT, weights_only=True)
-    renames = {"img_size": "input_size", "precision": "amp", "workers": "num_workers", "ckpt_every": "ckpt_every_steps"}
+    renames = {
+        "img_size": "input_size",
+        "precision": "amp",
+        "workers": "num_workers",
+        "ckpt_every": "ckpt_every_steps",
+    }
     ckpt["recipe"] = {renames.get(k, k): v for k, v in ckpt["recipe"].items()}
     torch.save(ckpt, run / pretrain.OLD_CHECKPOINT)
     (run / CHECKPOINT).unlink()
