@@ -198,7 +198,9 @@ def trainable(module: torch.nn.Module) -> tuple[int, ...]:
 
 def train(args: Any, method: PretrainMethod) -> None:
     """One run of ``method`` with unip-pretrain's resolved options ``args`` (:mod:`.cli`)."""
-    path = resume_path(args)  # the run folder's rule first: nothing is built for a refused run
+    # The run folder's rule first: nothing is built for a refused run. Under torchrun every process
+    # checks before the process group forms, so none can see a file rank 0 writes later.
+    path = resume_path(args)
     info = distributed.init_distributed(args.device)
     device = info.device
     amp = autocast_dtype(args.precision, device)
