@@ -676,3 +676,14 @@ def test_a_run_folder_of_an_earlier_version_resumes_from_checkpoint_last(setup, 
     assert pretrain.main(base_args(setup["sel"], setup["images"], run, epochs=2) + ["--resume"]) == 0
     assert [r["step"] for r in read_log(run)] == [1, 2, 3, 4, 5, 6]
     assert torch.load(run / CHECKPOINT, weights_only=True)["step"] == 6
+
+
+def test_print_config_shows_the_options_as_yaml(capsys):
+    import yaml
+
+    argv = ["--method", "pad", "--init", "mae:a:b.pth", "--infrared", "d", "--infrared", "e", "--out", "o"]
+    with pytest.raises(SystemExit) as exit_:
+        pretrain.main(argv + ["--print-config"])
+    assert exit_.value.code == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["infrared"] == ["d", "e"] and shown["out"] == "o" and shown["init"] == "mae:a:b.pth"
