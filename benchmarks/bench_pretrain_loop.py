@@ -7,7 +7,7 @@ asks how close the whole run comes to that step:
   :func:`unip_train.pretrain.trainer.train`) with its default options except the batch: data
   loading and augmentation in the default number of loader workers, the loss, the non-finite
   checks, the gradient norm, the optimizer, the log line (and TensorBoard) of every step, and a
-  checkpoint every 50 steps (``--ckpt-every-steps``). Steps are timed by a global optimizer step
+  checkpoint every 50 steps (``--ckpt-every``). Steps are timed by a global optimizer step
   hook; the checkpoint, which a short window cannot reach, is timed when the run writes it at the
   end of its epoch and counted as 1/50 of it per step.
 - ``bare``: the same method's model and loss with the same optimizer, fed a ready-made batch:
@@ -61,7 +61,7 @@ QUICK = {
     "batch": 2,
     "image_size": (40, 48),
 }
-CKPT_EVERY_STEPS = 50  # unip-pretrain's --ckpt-every-steps default
+CKPT_EVERY_STEPS = 50  # unip-pretrain's --ckpt-every default
 TARGET_RATIO = 1.10
 
 
@@ -127,11 +127,11 @@ def make_mae(root: Path, c: dict) -> Path:
 
 def argv_for(method: str, root: Path, images: Path, out: Path, c: dict, args) -> list[str]:
     """unip-pretrain's command line: defaults, except one epoch, the batch and --no-progress."""
-    common = ["--infrared", str(images), "--input-size", str(c["img"]), "--epochs", "1"]
+    common = ["--infrared", str(images), "--img-size", str(c["img"]), "--epochs", "1"]
     common += ["--batch-size", str(c["batch"]), "--accum-iter", "1", "--out", str(out), "--no-progress"]
     common += ["--device", args.device]
     if args.num_workers is not None:
-        common += ["--num-workers", str(args.num_workers)]
+        common += ["--workers", str(args.num_workers)]
     if method == "nmi-had":
         sel = root / "layer_selection.json"
         if not sel.exists():
@@ -186,14 +186,14 @@ def run_method(name: str, root: Path, images: Path, c: dict, args) -> dict:
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     from unip_train.optim import adamw, lr_from_blr
-    from unip_train.precision import amp_dtype, dtype_name
+    from unip_train.precision import dtype_name
     from unip_train.pretrain import trainer
     from unip_train.pretrain.cli import parse_args
 
     out = Path(tempfile.mkdtemp(dir=root))
     opts, method = parse_args(argv_for(name, root, images, out, c, args))
     device = torch.device(args.device)
-    amp = amp_dtype(opts.amp, device)
+    amp = trainer.autocast_dtype(opts.precision, device)
     batch = torch.randn(c["batch"], 3, c["img"], c["img"], generator=torch.Generator().manual_seed(0))
     batch = batch.to(device)
     lr = opts.lr if opts.lr is not None else lr_from_blr(opts.blr, c["batch"])
@@ -246,7 +246,7 @@ def run_method(name: str, root: Path, images: Path, c: dict, args) -> dict:
         "amp": dtype_name(amp),
         "img": c["img"],
         "batch": c["batch"],
-        "workers": opts.num_workers,
+        "workers": opts.workers,
         "steps": len(stamps),
         "real_s_per_step": round(real, 6),
         "bare_s_per_step": round(bare, 6),

@@ -216,3 +216,21 @@ def test_committed_readme_table_is_the_rendering_of_the_committed_summary(tmp_pa
     shutil.copy(REPO / "README.md", readme)
     demo.write_readme_table(readme, COMMITTED_SUMMARY)
     assert readme.read_text() == (REPO / "README.md").read_text(), "README demo table: run make figures"
+
+
+def test_an_unfinished_pretraining_folder_is_continued_or_replaced(tmp_path):
+    """unip-pretrain refuses a folder that holds a run unless told: the demo continues one with a
+    checkpoint (--resume, also an earlier version's checkpoint-last.pt) and replaces one without."""
+    from unip_train import demo
+
+    run = tmp_path / "pretrain_layer8"
+    assert demo.continue_or_replace(run) == []  # a new folder
+    run.mkdir()
+    assert demo.continue_or_replace(run) == []  # an empty one
+    (run / "config.json").write_text("{}")  # killed before its first checkpoint
+    assert demo.continue_or_replace(run) == ["--overwrite"]
+    (run / "checkpoint-last.pt").write_bytes(b"")
+    assert demo.continue_or_replace(run) == ["--resume"]
+    (run / "checkpoint-last.pt").unlink()
+    (run / "checkpoint.pt").write_bytes(b"")
+    assert demo.continue_or_replace(run) == ["--resume"]

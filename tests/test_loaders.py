@@ -163,9 +163,7 @@ def test_finetune_sigkill_and_resume_with_persistent_workers_is_bit_identical(
     has no workers. The resumed run's 5 iterations span 3 epochs with the same 2 worker processes."""
     whole, killed, log = tmp_path / "whole", tmp_path / "killed", tmp_path / "pids"
     assert finetune.main(finetune_args(tiny_vit, folder, whole, 0)) == 0
-    died = run(
-        "unip_train.finetune", *finetune_args(tiny_vit, folder, killed, 2), extra_env={KILL_ENV: "5"}
-    )
+    died = run("unip_train.finetune", *finetune_args(tiny_vit, folder, killed, 2), extra_env={KILL_ENV: "5"})
     assert died.returncode == -signal.SIGKILL, died.stderr[-2000:]
     assert torch.load(killed / "checkpoint.pt", weights_only=True)["iter"] == 3
     record_worker_pids(monkeypatch, SegDataset, log)
@@ -216,8 +214,8 @@ def test_mean_teacher_stream_with_workers_equals_no_workers_and_starts_them_once
 def pad_args(base: Path, images: Path, out: Path, workers: int, *extra: str) -> list[str]:
     args = ["--method", "pad", "--init", f"mae:{ARCH}:{base}", "--decoder", "random", "--decoder-heads", "4"]
     args += ["--decoder-dim", "32", "--decoder-depth", "1", "--infrared", images, "--rois", "none"]
-    args += ["--input-size", IMG, "--epochs", 2, "--batch-size", 2, "--accum-iter", 1, "--lr", 1e-3]
-    args += ["--warmup-epochs", 0, "--ckpt-every-steps", 2, "--num-workers", workers, "--out", out]
+    args += ["--img-size", IMG, "--epochs", 2, "--batch-size", 2, "--accum-iter", 1, "--lr", 1e-3]
+    args += ["--warmup-epochs", 0, "--ckpt-every", 2, "--workers", workers, "--out", out]
     return [str(a) for a in args + ["--no-progress", *extra]]
 
 
@@ -235,12 +233,12 @@ def test_pretrain_sigkill_and_resume_with_persistent_workers_is_bit_identical(
         "unip_train.pretrain", *pad_args(tiny_vit, images, killed, 2), extra_env={pretrain.KILL_ENV: "5"}
     )
     assert died.returncode == -signal.SIGKILL, died.stderr[-2000:]
-    assert torch.load(killed / pretrain.LAST, weights_only=True)["step"] == 4
+    assert torch.load(killed / pretrain.CHECKPOINT, weights_only=True)["step"] == 4
     resumed = run("unip_train.pretrain", *pad_args(tiny_vit, images, killed, 2, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = load_file(whole / "backbone.safetensors"), load_file(killed / "backbone.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    ca, cb = (torch.load(r / pretrain.LAST, weights_only=True) for r in (whole, killed))
+    ca, cb = (torch.load(r / pretrain.CHECKPOINT, weights_only=True) for r in (whole, killed))
     assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])  # the decoder too
 
     def losses(run_dir: Path) -> list:
@@ -262,14 +260,15 @@ def test_every_cli_defaults_to_the_machines_cores_and_takes_both_spellings(monke
     from dataclasses import replace
 
     from unip_analysis import cli as analyze_cli
+    from unip_train.pretrain import rois_cli
 
     def default(parser: argparse.ArgumentParser, dest: str) -> int:
         return next(a for a in parser._actions if a.dest == dest).default
 
     assert default(finetune.build_parser(), "workers") is None
-    assert default(pretrain.get_args_parser(), "num_workers") is None
-    assert analyze_cli.COMMAND.by_name["workers"].default is None
-    assert analyze_cli.COMMAND.by_name["workers"].aliases == ("--num-workers",)
+    for command in (pretrain.COMMAND, analyze_cli.COMMAND, rois_cli.COMMAND):
+        spec = command.by_name["workers"]
+        assert spec.default is None and spec.flag == "--workers" and spec.aliases == ("--num-workers",)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     for cores in (1, 3):
         monkeypatch.setattr(workers, "available_cores", lambda cores=cores: cores)
@@ -279,17 +278,15 @@ def test_every_cli_defaults_to_the_machines_cores_and_takes_both_spellings(monke
         )  # fmt: skip
         assert cfg.workers is None and finetune_config.resolve(cfg).workers == cores
         assert finetune_config.resolve(replace(cfg, workers=0)).workers == 0
-        args = pretrain.get_args_parser().parse_args(
+        args, _ = pretrain.parse_args(
             ["--selection", "s", "--teacher", "t", "--infrared", "d", "--device", "cuda", "--out", "o"]
         )
-        pretrain.check_args(args)
-        assert args.num_workers == cores
-    for parser, dest in (
-        (finetune.build_parser(), "workers"),
-        (pretrain.get_args_parser(), "num_workers"),
-    ):
-        action = next(a for a in parser._actions if a.dest == dest)
-        assert action.option_strings == ["--num-workers", "--workers"]
+        assert args.workers == cores
+        old, _ = pretrain.parse_args(["--selection", "s", "--teacher", "t", "--infrared", "d", "--out", "o",
+                                      "--num-workers", "5"])  # fmt: skip
+        assert old.workers == 5
+    action = next(a for a in finetune.build_parser()._actions if a.dest == "workers")
+    assert action.option_strings == ["--num-workers", "--workers"]
 
 
 def test_no_worker_count_warning_with_the_default_on_a_two_core_machine(monkeypatch):
@@ -325,6 +322,24 @@ def test_pretrain_worker_error_is_one_line(tiny_vit, tmp_path):
         (bad / f"x{i}.png").write_bytes(b"not an image")
     proc = run("unip_train.pretrain", *pad_args(tiny_vit, bad, tmp_path / "run", 1))
     one_line_error(proc, "unip-pretrain", "none of the 4 pre-training images can be read")
+
+
+def test_pretrain_error_under_an_open_progress_bar_stands_on_its_own_line(tiny_vit, tmp_path):
+    """Issue 21, defect 6: the error used to land on the bar's line (``epoch 0:   0%|...| 0/2
+    [...]unip-pretrain: error: ...``), then the bar was drawn again. The bar is forced on here
+    (--progress after pad_args' --no-progress; tqdm draws to a pipe too)."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for i in range(4):
+        (bad / f"x{i}.png").write_bytes(b"not an image")
+    proc = run("unip_train.pretrain", *pad_args(tiny_vit, bad, tmp_path / "run", 0, "--progress"))
+    assert proc.returncode == 2
+    error = "unip-pretrain: error: none of the 4 pre-training images can be read"
+    assert "epoch 0:" in proc.stderr  # the bar was drawn
+    lines = proc.stderr.split("\n")  # tqdm redraws with \r: only \n ends a line
+    assert error in lines, proc.stderr  # a line that is exactly the error, nothing glued before it
+    after = "\n".join(lines[lines.index(error) + 1 :])
+    assert after.strip() == "", after  # no bar fragment after it
 
 
 def test_finetune_worker_error_is_one_line(tiny_vit, folder, tmp_path):

@@ -28,7 +28,7 @@ from unip_analysis.images import find_images
 from unip_train import synthetic
 from unip_train.pretrain import cli as pretrain
 from unip_train.pretrain import mae, rois
-from unip_train.pretrain.cli import LAST
+from unip_train.pretrain.cli import CHECKPOINT
 from unip_train.pretrain.pad import default_scale_frozen_epochs
 
 ARCH = "vit_tiny_patch16_224(depth=2,embed_dim=64,num_heads=2,patch_size=8)"
@@ -249,10 +249,10 @@ def test_pad_switches_the_defaults_to_pads_recipe(files):
         61,
     )
     assert default_scale_frozen_epochs(100) == 61  # PAD's main_pretrain.py: epoch <= round(0.6 * 100)
-    assert not hasattr(args, "selection") and not hasattr(args, "student")
+    assert args.selection is None and args.student is None  # nmi-had's options: not PAD's
     nmi_argv = ["--selection", "s", "--teacher", "t", "--infrared", "d", "--out", "o"]
     nmi, _ = pretrain.parse_args(nmi_argv)
-    assert (nmi.warmup_epochs, nmi.blr, nmi.grey) == (5, 1.5e-4, "all") and not hasattr(nmi, "init")
+    assert (nmi.warmup_epochs, nmi.blr, nmi.grey) == (5, 1.5e-4, "all") and nmi.init is None
     with pytest.raises(SpecError, match="--init is an option of --method pad, not of --method nmi-had"):
         pretrain.parse_args(nmi_argv + ["--init", f"mae:{ARCH}:x.pth"])
 
@@ -279,7 +279,7 @@ def test_frozen_tensors_stay_bit_identical_and_the_scale_predictors_unfreeze_at_
 def test_run_folder_holds_the_backbone_without_decoder_and_its_description(trained):
     run = trained["run"]
     names = {p.name for p in run.iterdir()}
-    assert {"backbone.safetensors", "backbone.json", "config.json", "log.jsonl", LAST} <= names
+    assert {"backbone.safetensors", "backbone.json", "config.json", "log.jsonl", CHECKPOINT} <= names
     sd = load_file(run / "backbone.safetensors")
     timm_keys = set(build_vit(ARCH, img_size=IMG).state_dict())
     extra = set(sd) - timm_keys
@@ -433,12 +433,12 @@ def test_sigkill_mid_epoch_and_resume_across_the_unfreeze_point_is_bit_identical
         extra = ("--resume",) if kill_at == 6 else ()
         died = run_cli(args(killed, *extra), env=subprocess_env(**{pretrain.KILL_ENV: str(kill_at)}))
         assert died.returncode == -signal.SIGKILL, died.stderr
-        assert torch.load(killed / LAST, weights_only=True)["step"] == resumed_from
+        assert torch.load(killed / CHECKPOINT, weights_only=True)["step"] == resumed_from
     done = run_cli(args(killed, "--resume"))
     assert done.returncode == 0, done.stderr
     a, b = load_file(whole / "backbone.safetensors"), load_file(killed / "backbone.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    ca, cb = (torch.load(r / LAST, weights_only=True) for r in (whole, killed))
+    ca, cb = (torch.load(r / CHECKPOINT, weights_only=True) for r in (whole, killed))
     assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])  # decoder too
     opt_a, opt_b = ca["optimizer"]["state"], cb["optimizer"]["state"]
     assert opt_a.keys() == opt_b.keys() and all(
@@ -500,3 +500,14 @@ def test_help_shows_pads_options(capsys):
     out = capsys.readouterr().out
     for flag in ("--method", "--init", "--rois", "--decoder", "--adapter-width", "--scale-frozen-epochs"):
         assert flag in out
+
+
+def test_pad_vit_does_not_import_the_checkpoint_registry():
+    """Issue 21: checkpoints.py imports pad_vit (the pad family); pad_vit importing checkpoints back
+    made a circle. The dependency goes one way now."""
+    import ast
+
+    tree = ast.parse(Path(pad_vit.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not any(m and m.split(".")[-1] == "checkpoints" for m in imported), imported

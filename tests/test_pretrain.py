@@ -33,7 +33,7 @@ from unip_train import sampling
 from unip_train.pretrain import cli as pretrain
 from unip_train.pretrain import data as data_pretrain
 from unip_train.pretrain import nmi_had as distill
-from unip_train.pretrain.cli import LAST
+from unip_train.pretrain.cli import CHECKPOINT
 from unip_train.pretrain.nmi_had import sincos_pos_embed_2d
 
 # Two blocks keep every run short; patch 8 at 64 px gives an 8x8 token grid, enough for locality.
@@ -99,14 +99,14 @@ def base_args(sel: Path, images: Path, out: Path, **overrides) -> list[str]:
         "--selection": sel,
         "--teacher": "t",
         "--student": ARCH,
-        "--input-size": IMG,
+        "--img-size": IMG,
         "--infrared": images,
         "--epochs": 1,
         "--batch-size": 4,
         "--accum-iter": 1,
         "--warmup-epochs": 0,
         "--lr": 1e-3,
-        "--num-workers": 0,
+        "--workers": 0,
         "--out": out,
     }
     opts.update({k if k.startswith("--") else "--" + k.replace("_", "-"): v for k, v in overrides.items()})
@@ -311,7 +311,7 @@ def test_distillation_lowers_the_loss_and_moves_attention_toward_the_teacher(set
             "checkpoint-20.pt",
             "checkpoint-40.pt",
             "checkpoint-60.pt",
-            "checkpoint-last.pt",
+            "checkpoint.pt",
             "config.json",
             "log.jsonl",
             "student.json",
@@ -319,7 +319,7 @@ def test_distillation_lowers_the_loss_and_moves_attention_toward_the_teacher(set
         ]
         + TENSORBOARD
     )
-    ckpt = torch.load(run / "checkpoint-last.pt", weights_only=True)
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 60 and ckpt["step"] == 180
 
 
@@ -342,25 +342,25 @@ def test_help_documents_every_option_and_the_effective_batch(capsys):
     with pytest.raises(SystemExit):
         pretrain.main(["--help"])
     out = capsys.readouterr().out
-    for action in pretrain.get_args_parser()._actions:
-        for flag in action.option_strings:
-            assert flag in out
+    for spec in pretrain.COMMAND.specs:
+        assert spec.flag in out and spec.help.split()[0] in out
     assert "4096 = 256 x 8 x 2" in out and "--batch-size x --accum-iter x processes" in out
-    parser = pretrain.get_args_parser()
-    defaults = parser.parse_args(["--selection", "s", "--teacher", "t", "--out", "o"])
+    assert "5 (nmi-had), 30 (pad)" in out  # the recipe defaults each method fills in
+    defaults, _ = pretrain.parse_args(["--selection", "s", "--teacher", "t", "--infrared", "d", "--out", "o"])
     assert (defaults.epochs, defaults.warmup_epochs, defaults.blr, defaults.weight_decay) == (
         100,
         5,
         1.5e-4,
         0.05,
     )
-    assert (defaults.batch_size, defaults.accum_iter, defaults.input_size, defaults.drop_path) == (
+    assert (defaults.batch_size, defaults.accum_iter, defaults.img_size, defaults.drop_path) == (
         256,
         8,
         224,
         0.1,
     )
     assert (defaults.save_every, defaults.student, defaults.norm) == (20, "vit_small_patch16_224", "infmix")
+    assert (defaults.ckpt_every, defaults.loss, defaults.temperature, defaults.grey) == (50, "kl", 1.0, "all")
 
 
 # --- refusals -------------------------------------------------------------------------------------
@@ -389,7 +389,7 @@ def test_refuses_null_selected_layer_unless_layer_given(setup, tmp_path, capsys)
     assert json.loads((tmp_path / "run" / "student.json").read_text())["teacher"]["layer"] == 1
     # A finished run folder is not overwritten by accident.
     again = base_args(sel, setup["images"], tmp_path / "run", layer=1)
-    assert "pass --resume auto" in fail(capsys, again)
+    assert "already holds a unip-pretrain run" in fail(capsys, again)
 
 
 def test_refuses_teacher_whose_sha256_changed(setup, tmp_path, capsys):
@@ -417,7 +417,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(set
     args = base_args(setup["sel"], setup["images"], run, lr=1e30, ckpt_every_steps=1)
     line = fail(capsys, args, code=1)
     assert "at optimizer step 2 (epoch 0" in line
-    ckpt = torch.load(run / LAST, weights_only=True)
+    ckpt = torch.load(run / CHECKPOINT, weights_only=True)
     assert ckpt["step"] == 1 and ckpt["iter_in_epoch"] == 1
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
     assert len(read_log(run)) == 1 and not (run / "student.safetensors").exists()
@@ -439,18 +439,18 @@ def test_sigkill_mid_epoch_then_resume_equals_the_uninterrupted_run(setup, tmp_p
     assert done.returncode == 0, done.stderr
     died = run_cli(args(killed), env=subprocess_env(**{pretrain.KILL_ENV: "5"}))
     assert died.returncode == -signal.SIGKILL, died.stderr
-    ckpt = torch.load(killed / LAST, weights_only=True)
+    ckpt = torch.load(killed / CHECKPOINT, weights_only=True)
     assert (ckpt["epoch"], ckpt["iter_in_epoch"], ckpt["step"]) == (1, 2, 4)
     assert len(read_log(killed)) == 5 and not (killed / "student.safetensors").exists()
-    resumed = run_cli(args(killed, "--resume", str(killed / LAST)))
+    resumed = run_cli(args(killed, "--resume", str(killed / CHECKPOINT)))
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout
 
     a = load_file(whole / "student.safetensors")
     b = load_file(killed / "student.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    opt_a = torch.load(whole / LAST, weights_only=True)["optimizer"]["state"]
-    opt_b = torch.load(killed / LAST, weights_only=True)["optimizer"]["state"]
+    opt_a = torch.load(whole / CHECKPOINT, weights_only=True)["optimizer"]["state"]
+    opt_b = torch.load(killed / CHECKPOINT, weights_only=True)["optimizer"]["state"]
     assert all(torch.equal(opt_a[i]["exp_avg_sq"], opt_b[i]["exp_avg_sq"]) for i in opt_a)
     assert [r["loss"] for r in read_log(whole)] == [r["loss"] for r in read_log(killed)]
 
@@ -460,7 +460,7 @@ def test_bf16_autocast_on_cpu_and_fp16_refused_without_cuda(setup, tmp_path, cap
     assert pretrain.main(base_args(setup["sel"], setup["images"], run, amp="bf16")) == 0
     assert json.loads((run / "student.json").read_text())["recipe"]["amp_dtype"] == "bfloat16"
     assert all(math.isfinite(r["loss"]) for r in read_log(run))
-    assert "--amp fp16 needs CUDA" in fail(
+    assert "--precision fp16 needs CUDA" in fail(
         capsys, base_args(setup["sel"], setup["images"], tmp_path / "r2", amp="fp16")
     )
 
@@ -511,8 +511,7 @@ def test_distilled_logits_reach_the_loss_in_float32_under_bf16_autocast(setup, t
 
 
 def test_weight_decay_follows_the_reference_cls_token_decays(setup):
-    args = pretrain.get_args_parser().parse_args(base_args(setup["sel"], setup["images"], Path("unused")))
-    method = distill.NmiHad(args)
+    _, method = pretrain.parse_args(base_args(setup["sel"], setup["images"], Path("unused")))
     method.build(torch.device("cpu"))
     decay = {n: g["weight_decay"] for g in method.param_groups(0.05) for n in g["param_names"]}
     assert decay["cls_token"] == 0.05  # timm's param_groups_weight_decay, as UNIP's main_pretrain.py
@@ -545,7 +544,8 @@ def test_every_image_is_grey_by_default_infrared_included(tmp_path):
         ds = data_pretrain.InfMix(data_pretrain.collect_sources(args), 16, (0,) * 3, (1,) * 3)
         by_choice[grey] = [is_grey(ds.load(0)), is_grey(ds.load(1))]  # infrared, rgb
     assert by_choice == {"all": [True, True], "rgb": [False, True], "none": [False, False]}
-    assert pretrain.get_args_parser().get_default("grey") == "all"
+    nmi, _ = pretrain.parse_args(["--selection", "s", "--teacher", "t", "--infrared", "d", "--out", "o"])
+    assert nmi.grey == "all"
 
 
 def test_infpre_root_is_read_as_dataset_thermal_only(tmp_path, capsys):
@@ -585,4 +585,105 @@ def test_config_file_config_json_and_bare_resume(setup, tmp_path):
     again = ["--config", str(run / "config.json"), "--infrared", str(setup["images"]), "--no-progress"]
     assert pretrain.main(again + ["--resume"]) == 0
     assert [r["step"] for r in read_log(run)] == [1, 2, 3, 4, 5, 6]
-    assert torch.load(run / LAST, weights_only=True)["recipe"]["images"] == 12
+    assert torch.load(run / CHECKPOINT, weights_only=True)["recipe"]["images"] == 12
+
+
+# --- the one grammar (issue 21) -------------------------------------------------------------------
+
+
+def test_missing_teacher_is_named_before_missing_data(capsys):
+    line = fail(capsys, ["--out", "o"])
+    assert "--method nmi-had needs --selection and --teacher" in line and "no data" not in line
+    assert "no data" in fail(capsys, ["--selection", "s", "--teacher", "t", "--out", "o"])
+
+
+def test_old_spellings_still_work_with_a_notice(capsys):
+    new, _ = pretrain.parse_args(
+        ["--selection", "s", "--teacher", "t", "--infrared", "d", "--out", "o", "--img-size", "64",
+         "--precision", "fp32", "--workers", "3", "--ckpt-every", "7"]
+    )  # fmt: skip
+    assert capsys.readouterr().err == ""
+    old, _ = pretrain.parse_args(
+        ["--selection", "s", "--teacher", "t", "--infrared", "d", "--out", "o", "--input-size", "64",
+         "--amp", "none", "--num-workers", "3", "--ckpt-every-steps", "7"]
+    )  # fmt: skip
+    assert old == new
+    err = capsys.readouterr().err
+    for old_name, new_name in (("--input-size", "--img-size"), ("--amp", "--precision"),
+                               ("--num-workers", "--workers"), ("--ckpt-every-steps", "--ckpt-every")):  # fmt: skip
+        assert f"unip-pretrain: note: {old_name} is deprecated; use {new_name}" in err
+    assert "--precision none is deprecated; use --precision fp32" in err
+
+
+def test_config_json_given_back_reproduces_the_resolved_options(setup, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert pretrain.main(base_args(setup["sel"], setup["images"], run, blr=2e-4, clip_grad=1.0)) == 0
+    written = json.loads((run / "config.json").read_text())
+    opts, _ = pretrain.parse_args(["--config", str(run / "config.json")])
+    recorded = pretrain.record(opts)
+    assert recorded == {k: v for k, v in written.items() if k not in pretrain.DERIVED}
+    assert (recorded["warmup_epochs"], recorded["grey"], recorded["drop_path"]) == (0, "all", 0.1)
+    assert "init" not in recorded and "resume" not in recorded  # PAD's options; this process' only
+    # An old run's config.json (earlier option names) reads too, with a notice per renamed key.
+    old = {OLD: written[NEW] for OLD, NEW in (("input_size", "img_size"), ("num_workers", "workers"),
+                                               ("ckpt_every_steps", "ckpt_every"))}  # fmt: skip
+    old.update(
+        {k: v for k, v in written.items() if k not in ("img_size", "workers", "ckpt_every", "precision")}
+    )
+    old["amp"] = "none"
+    write_json(tmp_path / "old.json", old)
+    again, _ = pretrain.parse_args(["--config", str(tmp_path / "old.json")])
+    assert pretrain.record(again) == {**recorded, "precision": "fp32"}
+    assert "key input_size is deprecated" in capsys.readouterr().err
+
+
+def test_a_finished_run_folder_is_never_reused_silently(setup, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = base_args(setup["sel"], setup["images"], run)
+    assert pretrain.main(args) == 0
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    line = fail(capsys, args)
+    assert "already holds a unip-pretrain run" in line and "--resume" in line and "--overwrite" in line
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    # --resume and --overwrite together: one line.
+    assert "together" in fail(capsys, args + ["--resume", "--overwrite"])
+    # --overwrite: the old run moves to previous-<time>/, a new one is written.
+    assert pretrain.main(args + ["--overwrite"]) == 0
+    (aside,) = [p for p in run.iterdir() if p.name.startswith("previous-")]
+    assert {p.name for p in aside.iterdir()} >= {"checkpoint.pt", "student.safetensors", "log.jsonl"}
+    assert (aside / "student.safetensors").read_bytes() == before[run / "student.safetensors"]
+    assert (run / "student.safetensors").exists() and len(read_log(run)) == 3
+    # --resume with nothing to resume: one line, nothing written.
+    line = fail(capsys, base_args(setup["sel"], setup["images"], tmp_path / "new") + ["--resume"])
+    assert "nothing to resume (no checkpoint.pt)" in line and not (tmp_path / "new").exists()
+
+
+def test_a_run_folder_of_an_earlier_version_resumes_from_checkpoint_last(setup, tmp_path):
+    """Before issue 21 the resumable file was checkpoint-last.pt and its recipe used the old option
+    names: such a folder continues with a bare --resume, into checkpoint.pt."""
+    run = tmp_path / "run"
+    assert pretrain.main(base_args(setup["sel"], setup["images"], run)) == 0
+    ckpt = torch.load(run / CHECKPOINT, weights_only=True)
+    renames = {
+        "img_size": "input_size",
+        "precision": "amp",
+        "workers": "num_workers",
+        "ckpt_every": "ckpt_every_steps",
+    }
+    ckpt["recipe"] = {renames.get(k, k): v for k, v in ckpt["recipe"].items()}
+    torch.save(ckpt, run / pretrain.OLD_CHECKPOINT)
+    (run / CHECKPOINT).unlink()
+    assert pretrain.main(base_args(setup["sel"], setup["images"], run, epochs=2) + ["--resume"]) == 0
+    assert [r["step"] for r in read_log(run)] == [1, 2, 3, 4, 5, 6]
+    assert torch.load(run / CHECKPOINT, weights_only=True)["step"] == 6
+
+
+def test_print_config_shows_the_options_as_yaml(capsys):
+    import yaml
+
+    argv = ["--method", "pad", "--init", "mae:a:b.pth", "--infrared", "d", "--infrared", "e", "--out", "o"]
+    with pytest.raises(SystemExit) as exit_:
+        pretrain.main(argv + ["--print-config"])
+    assert exit_.value.code == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["infrared"] == ["d", "e"] and shown["out"] == "o" and shown["init"] == "mae:a:b.pth"

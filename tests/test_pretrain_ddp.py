@@ -13,8 +13,8 @@ from conftest import write_images
 from safetensors.torch import load_file
 from test_pretrain import (
     ARCH,
+    CHECKPOINT,
     IMG,
-    LAST,
     TENSORBOARD,
     base_args,
     local_teacher,
@@ -58,12 +58,12 @@ def test_two_processes_agree_on_weights_and_resume_exactly(tmp_path: Path):
     assert info["recipe"]["world_size"] == 2 and info["recipe"]["effective_batch"] == 4
     log = read_log(whole)
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]  # one writer: no duplicated lines
-    ckpt = torch.load(whole / LAST, weights_only=True)
+    ckpt = torch.load(whole / CHECKPOINT, weights_only=True)
     assert len(ckpt["rng"]) == 2 and ckpt["step"] == 6
     assert sorted(p.name for p in whole.iterdir()) == sorted(
         [
             "checkpoint-2.pt",
-            "checkpoint-last.pt",
+            "checkpoint.pt",
             "config.json",
             "log.jsonl",
             "student.json",
@@ -75,7 +75,7 @@ def test_two_processes_agree_on_weights_and_resume_exactly(tmp_path: Path):
     # Both processes SIGKILL themselves after step 5 (checkpoint at step 4, mid-epoch 2); resume.
     died = torchrun(args(killed), env=subprocess_env(**{pretrain.KILL_ENV: "5"}))
     assert died.returncode != 0
-    assert torch.load(killed / LAST, weights_only=True)["step"] == 4
+    assert torch.load(killed / CHECKPOINT, weights_only=True)["step"] == 4
     resumed = torchrun(args(killed, "--resume", "auto"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = load_file(whole / "student.safetensors"), load_file(killed / "student.safetensors")

@@ -180,3 +180,20 @@ def test_unip_rois_refuses_an_empty_folder_and_names_sharing_a_file(tmp_path, ca
     assert rois_cli.main(["--images", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "share the proposal file" in err and "x.txt" in err and not (tmp_path / "o").exists()
+
+
+def test_unip_rois_speaks_the_one_grammar(tmp_path, capsys):
+    """Issue 21: a bad option is one line (it was the whole usage), the old --num-workers works with
+    a notice, and its resolved options given back as --config parse to the same options."""
+    import json
+
+    assert rois_cli.main(["--images", "x", "--out", "o", "--bogus"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "unip-rois: error: unrecognized arguments: --bogus (see unip-rois --help)"
+    ]
+    opts = rois_cli.COMMAND.parse(["--images", "x", "--out", "o", "--num-workers", "2", "--min-side", "30"])
+    assert (opts.workers, opts.min_side, opts.overwrite) == (2, 30, False)
+    assert "--num-workers is deprecated; use --workers" in capsys.readouterr().err
+    cfg = tmp_path / "rois.json"
+    cfg.write_text(json.dumps(rois_cli.COMMAND.record(opts)))
+    assert rois_cli.COMMAND.parse(["--config", str(cfg)]) == opts

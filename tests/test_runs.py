@@ -141,10 +141,9 @@ def test_clis_resolve_the_worker_default_with_their_device(monkeypatch, tmp_path
     assert resolve(cfg).workers == 0
     assert resolve(replace(cfg, device="cuda")).workers == 4
     assert resolve(replace(cfg, workers=3)).workers == 3
-    args = pretrain_cli.get_args_parser().parse_args(["--selection", "s.json", "--teacher", "t", "--infrared", "d",
-                                                      "--device", "cpu", "--out", "o"])  # fmt: skip
-    pretrain_cli.check_args(args)
-    assert args.num_workers == 0
+    args, _ = pretrain_cli.parse_args(["--selection", "s.json", "--teacher", "t", "--infrared", "d",
+                                       "--device", "cpu", "--out", "o"])  # fmt: skip
+    assert args.workers == 0
 
 
 class _Unreadable(torch.utils.data.Dataset):

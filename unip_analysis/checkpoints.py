@@ -239,6 +239,14 @@ def _build_unip(arch: str, img_size: int | None, raw: Any, path: Path) -> torch.
     return build_vit(arch, img_size=img_size, heads_per_layer=heads)
 
 
+def _build_pad(arch: str, img_size: int | None, raw: Any, path: Path) -> torch.nn.Module:
+    """The ``pad`` family's model: ``arch`` with adapters whose width the file's tensors give."""
+    sd = pad_vit.extract(raw, path)
+    if path.suffix == ".safetensors":
+        pad_vit.check_metadata(safetensors_metadata(path), path)
+    return pad_vit.add_adapters(build_vit(arch, img_size=img_size), pad_vit.file_width(sd))
+
+
 def _notes_unip(raw: Any, path: Path) -> list[str]:
     _, source = student_heads(path, raw)
     return [source]
@@ -314,7 +322,7 @@ FAMILIES: dict[str, Family] = {
         _build_hf,
         locate=transformers_format.weights_file,
     ),
-    "pad": Family(pad_vit.extract, "PAD backbone (adapters) from unip-pretrain --method pad", pad_vit.build),
+    "pad": Family(pad_vit.extract, "PAD backbone (adapters) from unip-pretrain --method pad", _build_pad),
 }
 
 

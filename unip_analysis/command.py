@@ -303,7 +303,8 @@ class Command:
         try:
             if config_path is not None:
                 values = self._file_values(config_path)
-                namespace = parser.parse_object(values, defaults=True)
+                # Required options may come from the command line: checked once the flags are in.
+                namespace = parser.parse_object(values, defaults=True, _skip_validation=True)
             ns = parser.parse_args(argv, namespace=namespace)
         except (Exception, SystemExit) as e:  # jsonargparse raises ArgumentError / its own errors
             if isinstance(e, SystemExit):

@@ -1,6 +1,7 @@
 """PAD's ViT: a timm ViT whose blocks carry a patch-wise-scale adapter beside the MLP (Zhang et al.
-2023, method.md section 7), and the ``pad`` checkpoint family that loads it for analysis and
-fine-tuning.
+2023, method.md section 7), and what the ``pad`` checkpoint family of :mod:`.checkpoints` reads
+to load it for analysis and fine-tuning (the key names, the width, the metadata). This module
+imports nothing of :mod:`.checkpoints`: the dependency goes one way.
 
 Block (pre-norm; ``h`` is the stream after the attention residual)::
 
@@ -172,16 +173,12 @@ def extract(raw: Any, path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def build(arch: str, img_size: int | None, raw: Any, path: Path) -> VisionTransformer:
-    """The ``pad`` family's model: ``arch`` with adapters whose width the file's tensors give."""
-    from .checkpoints import build_vit
+def file_width(sd: Mapping[str, torch.Tensor]) -> int:
+    """The adapter width r of a ``pad`` file's state dict (:func:`extract`'s)."""
+    return next(int(v.shape[0]) for k, v in sd.items() if k.endswith(".adapter.down.weight"))
 
-    sd = extract(raw, path)
-    width = next(int(v.shape[0]) for k, v in sd.items() if k.endswith(".adapter.down.weight"))
-    if path.suffix == ".safetensors":
-        from .checkpoints import safetensors_metadata
 
-        meta = safetensors_metadata(path)
-        if meta.get("format") not in (None, PAD_FORMAT):
-            raise CheckpointError(f"{path}: format {meta['format']!r}, expected {PAD_FORMAT!r}")
-    return add_adapters(build_vit(arch, img_size=img_size), width)
+def check_metadata(meta: Mapping[str, str], path: Path) -> None:
+    """A ``pad`` .safetensors file's metadata: our format, or none (a plain file of PAD's keys)."""
+    if meta.get("format") not in (None, PAD_FORMAT):
+        raise CheckpointError(f"{path}: format {meta['format']!r}, expected {PAD_FORMAT!r}")

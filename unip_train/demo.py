@@ -164,12 +164,12 @@ def distil(
         argv = ["--selection", str(sel_path), "--teacher", teacher]
         if layer != selected:  # the selected layer is what unip-pretrain reads from the file
             argv += ["--layer", str(layer)]
-        argv += ["--student", STUDENT, "--input-size", str(IMG), "--infrared", str(unlabelled),
+        argv += ["--student", STUDENT, "--img-size", str(IMG), "--infrared", str(unlabelled),
                  "--norm", "infrared", "--epochs", str(p.distill_epochs), "--warmup-epochs", "1",
-                 "--batch-size", "64", "--accum-iter", "1", "--lr", "1e-3", "--num-workers", "0",
-                 "--save-every", str(p.distill_epochs), "--ckpt-every-steps", "0", "--no-progress",
+                 "--batch-size", "64", "--accum-iter", "1", "--lr", "1e-3", "--workers", "0",
+                 "--save-every", str(p.distill_epochs), "--ckpt-every", "0", "--no-progress",
                  "--out", str(run)]  # fmt: skip
-        run_cli("unip-pretrain", pretrain_cli.main, argv)
+        run_cli("unip-pretrain", pretrain_cli.main, argv + continue_or_replace(run))
     say(f"  {teacher} layer {layer}: distillation loss {loss_curve(run / 'log.jsonl')}")
     return run
 
@@ -182,14 +182,22 @@ def pad(out: Path, teacher: Path, unlabelled: Path, p: Preset) -> Path:
         arch = safetensors_metadata(teacher)["arch"]
         argv = ["--method", "pad", "--init", f"timm:{arch}:{teacher}", "--decoder", "random",
                 "--decoder-dim", "96", "--decoder-depth", "2", "--decoder-heads", "4", "--rois", "none",
-                "--input-size", str(IMG), "--infrared", str(unlabelled), "--norm", "infrared",
+                "--img-size", str(IMG), "--infrared", str(unlabelled), "--norm", "infrared",
                 "--epochs", str(p.pad_epochs), "--warmup-epochs", "1",
                 "--scale-frozen-epochs", str(max(1, round(0.6 * p.pad_epochs))), "--batch-size", "64",
-                "--accum-iter", "1", "--lr", "1e-3", "--num-workers", "0", "--save-every",
-                str(p.pad_epochs), "--ckpt-every-steps", "0", "--no-progress", "--out", str(run)]  # fmt: skip
-        run_cli("unip-pretrain", pretrain_cli.main, argv)
+                "--accum-iter", "1", "--lr", "1e-3", "--workers", "0", "--save-every",
+                str(p.pad_epochs), "--ckpt-every", "0", "--no-progress", "--out", str(run)]  # fmt: skip
+        run_cli("unip-pretrain", pretrain_cli.main, argv + continue_or_replace(run))
     say(f"  PAD: reconstruction loss {loss_curve(run / 'log.jsonl')}")
     return run
+
+
+def continue_or_replace(run: Path) -> list[str]:
+    """A pre-training folder the demo left unfinished: continued from its checkpoint (--resume), or
+    replaced (--overwrite: the old files moved aside) when it got no checkpoint written."""
+    if any((run / name).is_file() for name in (pretrain_cli.CHECKPOINT, pretrain_cli.OLD_CHECKPOINT)):
+        return ["--resume"]
+    return ["--overwrite"] if run.is_dir() and any(run.iterdir()) else []
 
 
 def loss_curve(log: Path) -> str:

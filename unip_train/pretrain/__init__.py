@@ -1,6 +1,6 @@
 """Pre-training (``unip-pretrain``): one training run, several methods.
 
-- :mod:`.cli` parses options (each method adds its own group and recipe defaults).
+- :mod:`.cli` is the command: its options declared once, each method declaring its own (:mod:`unip_analysis.command`).
 - :mod:`.trainer` is the method-agnostic run (data, optimizer, schedule, checkpoints, exact
   resume, logging, torchrun); :mod:`.engine` is its one-screen epoch loop.
 - :mod:`.method` is what a method is to the run:

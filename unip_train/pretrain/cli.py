@@ -2,256 +2,225 @@
 
 ``--method nmi-had`` (default): UNIP's hybrid-attention distillation (method.md section 2).
 ``--method pad``: PAD's patch-wise-scale adapters, continued MAE pre-training (method.md section 7).
-Each method is a small object (:mod:`.method`); the run around it (data, optimizer, schedule,
-checkpoints, exact resume, logging, torchrun) is :mod:`.trainer`, the step :mod:`.engine`.
-Run it as is, or under ``torchrun --nproc_per_node N -m unip_train.pretrain ...``.
+Each method is a small object (:mod:`.method`) that declares its own options; the run around it
+(data, optimizer, schedule, checkpoints, exact resume, logging, torchrun) is :mod:`.trainer`, the
+step :mod:`.engine`. The options are declared once (:class:`PretrainOptions`, the grammar of
+:mod:`unip_analysis.command`). Run it as is, or under
+``torchrun --nproc_per_node N -m unip_train.pretrain ...``.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
-import traceback
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from unip_analysis.errors import SpecError, UnipError, error_line
+from unip_analysis import command
+from unip_analysis.errors import SpecError
 
 from .. import distributed, runs
-from ..precision import AMP_CHOICES
-from .data import GREY_CHOICES
 from .engine import NonFiniteLoss
-from .method import PretrainMethod
-from .nmi_had import NmiHad
-from .pad import Pad
-from .trainer import DERIVED, KILL_ENV, LAST, PROG, train
+from .method import METHODS, PretrainMethod
+from .nmi_had import NmiHad, NmiHadOptions
+from .pad import Pad, PadOptions
+from .trainer import CHECKPOINT, DERIVED, KILL_ENV, OLD_CHECKPOINT, PROG, train
+from .trainer import recorded_options as record
 
-__all__ = ["KILL_ENV", "LAST", "METHODS", "get_args_parser", "main", "parse_args"]
+__all__ = [
+    "CHECKPOINT", "COMMAND", "DERIVED", "KILL_ENV", "METHODS", "OLD_CHECKPOINT", "PretrainOptions", "main", "parse_args",
+    "record",
+]  # fmt: skip
 
-METHODS: dict[str, type[PretrainMethod]] = {m.name: m for m in (NmiHad, Pad)}
-DEFAULT_METHOD = "nmi-had"
+_REGISTERED = (NmiHad, Pad)  # importing the methods registers them in METHODS, in --help's order
+DEFAULT_METHOD = NmiHad.name
+# The common options whose default is each method's recipe, as --help shows them.
+_RECIPE_TEXT = {
+    key: ", ".join(f"{m.defaults[key]} ({n})" for n, m in METHODS.items())
+    for key in ("warmup_epochs", "blr", "grey")
+}
 
 EPILOG = """\
 effective batch = --batch-size x --accum-iter x processes (torchrun --nproc_per_node x nodes).
 The published recipe uses 4096 = 256 x 8 x 2 processes; on one process the defaults give 2048, so
 use e.g. --accum-iter 16, or --batch-size 128 --accum-iter 4 on 8 processes. The learning rate is
---blr x effective_batch / 256 unless --lr is given. --config FILE (JSON or TOML, long option names
-as keys) sets defaults; flags override it; a run's own config.json is accepted.
+--blr x effective_batch / 256 unless --lr is given. --config FILE (YAML, JSON or TOML; option names
+as keys) sets the options; flags override it; a run's own config.json is accepted.
 
-Outputs in --out: config.json (the resolved configuration, written before the first step),
-checkpoint-last.pt (resumable: --resume), checkpoint-EPOCH.pt every --save-every epochs and at the
-end, log.jsonl (one line per optimizer step; TensorBoard scalars in tensorboard/ when installed),
-and the backbone: nmi-had writes student.safetensors + student.json (load it with
-unip-analyze --checkpoint s=unip:ARCH:RUN/student.safetensors); pad writes backbone.safetensors
-(timm keys + adapters + scale predictors, no decoder) + backbone.json (load it as
-pad:ARCH:RUN/backbone.safetensors in unip-analyze and unip-finetune).
+Outputs in --out: config.json (the resolved options, written before the first step), checkpoint.pt
+(resumable: --resume; refreshed every --ckpt-every optimizer steps and at each epoch end),
+checkpoint-EPOCH.pt every --save-every epochs and at the end, log.jsonl (one line per optimizer
+step; TensorBoard scalars in tensorboard/ when installed), and the backbone: nmi-had writes
+student.safetensors + student.json (load it with unip-analyze --checkpoint
+s=unip:ARCH:RUN/student.safetensors); pad writes backbone.safetensors (timm keys + adapters + scale
+predictors, no decoder) + backbone.json (load it as pad:ARCH:RUN/backbone.safetensors in
+unip-analyze and unip-finetune). A folder that holds a run is continued with --resume or replaced
+with --overwrite (its files moved to previous-<time>/), never reused otherwise.
 
 --method pad switches the defaults to PAD's recipe: 30 warm-up epochs, --blr 1e-4, --grey none,
 scale predictors frozen for the first round(0.6 x epochs) + 1 epochs. See docs/pad.md.
 """
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROG,
-        description="Pre-train a ViT backbone on unlabelled images. --method nmi-had (default): train a "
-        "student's last-block attention logits to match a frozen teacher's selected layer (UNIP, "
-        "method.md section 2). --method pad: continue MAE pre-training of a frozen MAE ViT through "
-        "patch-wise-scale adapters (PAD, method.md section 7). Defaults follow each method's published recipe.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+@dataclass(kw_only=True)
+class MethodChoice:
+    method: Literal["nmi-had", "pad"] = command.option(
+        DEFAULT_METHOD,
+        help="nmi-had: distil a teacher's selected layer into a student (UNIP); pad: adapters trained by "
+        "continued MAE pre-training (PAD); each method's own options follow",
+        group="method",
     )
-    p.add_argument("--method", choices=sorted(METHODS), default=DEFAULT_METHOD, help="(nmi-had)")
-    p.add_argument("--config", metavar="FILE", help="JSON or TOML file of option defaults")
-    for method in METHODS.values():
-        method.add_arguments(p.add_argument_group(method.title))
-    g = p.add_argument_group("data (InfMix-style mix)")
-    g.add_argument("--input-size", type=int, default=224, help="image side (224)")
-    g.add_argument(
-        "--infrared",
-        type=Path,
-        action="append",
-        default=[],
-        metavar="DIR",
-        help="folder of infrared images, every image under it (repeatable)",
-    )
-    g.add_argument(
-        "--infpre",
-        type=Path,
-        action="append",
-        default=[],
-        metavar="DIR",
-        help="InfPre / MSIP root: DIR/<dataset>/thermal/* only, paired rgb/ folders never read (repeatable)",
-    )
-    g.add_argument(
-        "--rgb",
-        type=Path,
-        action="append",
-        default=[],
-        metavar="DIR",
-        help="RGB folder: ImageNet train (class subfolders) or COCO's flat train2017 (repeatable)",
-    )
-    g.add_argument(
-        "--per-class-cap",
-        type=int,
-        metavar="N",
+
+
+@dataclass(kw_only=True)
+class CommonOptions:
+    """The options every method shares: data, optimization, the run."""
+
+    img_size: int = command.img_size(224, "image side", aliases=("--input-size",))
+    infrared: list[Path] = command.option(
+        [], help="folder of infrared images, every image under it (repeatable)", group="data",
+        metavar="DIR", repeat=True,
+    )  # fmt: skip
+    infpre: list[Path] = command.option(
+        [], help="InfPre / MSIP root: DIR/<dataset>/thermal/* only, paired rgb/ folders never read (repeatable)",
+        group="data", metavar="DIR", repeat=True,
+    )  # fmt: skip
+    rgb: list[Path] = command.option(
+        [], help="RGB folder: ImageNet train (class subfolders) or COCO's flat train2017 (repeatable)",
+        group="data", metavar="DIR", repeat=True,
+    )  # fmt: skip
+    per_class_cap: int | None = command.option(
+        None,
         help="--rgb folders: at most N images per class subfolder (InfMix: 200); images directly in the "
         "folder (COCO) and --infrared/--infpre folders are never capped",
-    )
-    g.add_argument(
-        "--grey",
-        choices=GREY_CHOICES,
-        default="all",
-        help="convert to grey: all (every image, infrared included, as the UNIP reference; nmi-had "
-        "default), rgb (--rgb folders only), none (as read; pad default)",
-    )
-    g.add_argument(
-        "--max-images-per-source",
-        type=int,
+        group="data",
         metavar="N",
-        help="every folder: keep a fixed random subset of N images",
+        check=command.positive,
     )
-    g.add_argument(
-        "--norm",
-        default="infmix",
-        help="normalization: infmix (mean 0.3801, std 0.1871), infrared, imagenet or MEAN,STD",
+    grey: Literal["all", "rgb", "none"] | None = command.option(
+        None,
+        help="convert to grey: all (every image, infrared included, as the UNIP reference), rgb (--rgb "
+        "folders only), none (as read, as PAD)",
+        group="data",
+        default_text=_RECIPE_TEXT["grey"],
     )
-    g.add_argument(
-        "--num-workers",
-        "--workers",
-        type=int,
-        default=None,
-        help=f"data loader processes per training process (default: cores / local processes, at most "
-        f"{runs.MAX_DEFAULT_WORKERS}, less torch's threads when the model runs on the CPU: "
-        f"{runs.default_num_workers()} here with --device auto)",
+    max_images_per_source: int | None = command.option(
+        None, help="every folder: keep a fixed random subset of N images", group="data", metavar="N",
+        check=command.positive,
+    )  # fmt: skip
+    norm: str = command.norm("infmix", "infmix is mean 0.3801, std 0.1871")
+    epochs: int = command.option(
+        100, help="epochs", group="optimization", metavar="N", check=command.non_negative
     )
-    g = p.add_argument_group("optimization")
-    g.add_argument("--epochs", type=int, default=100, help="(100)")
-    g.add_argument(
-        "--warmup-epochs", type=float, default=5, help="linear warm-up, then cosine per optimizer step (5)"
+    warmup_epochs: float | None = command.option(
+        None, help="linear warm-up, then cosine per optimizer step", group="optimization", metavar="E",
+        check=command.non_negative, default_text=_RECIPE_TEXT["warmup_epochs"],
+    )  # fmt: skip
+    batch_size: int = command.batch_size(256, "images per process per micro-batch")
+    accum_iter: int = command.option(
+        8, help="micro-batches per optimizer step", group="optimization", metavar="N", check=command.positive
     )
-    g.add_argument("--batch-size", type=int, default=256, help="images per process per micro-batch (256)")
-    g.add_argument("--accum-iter", type=int, default=8, help="micro-batches per optimizer step (8)")
-    g.add_argument(
-        "--blr", type=float, default=1.5e-4, help="base lr: lr = blr x effective_batch / 256 (1.5e-4)"
+    blr: float | None = command.option(
+        None, help="base learning rate: lr = blr x effective_batch / 256", group="optimization",
+        metavar="LR", default_text=_RECIPE_TEXT["blr"],
+    )  # fmt: skip
+    lr: float | None = command.option(
+        None, help="absolute learning rate; overrides --blr", group="optimization", metavar="LR"
     )
-    g.add_argument("--lr", type=float, help="absolute learning rate; overrides --blr")
-    g.add_argument("--min-lr", type=float, default=0.0, help="floor of the cosine schedule (0)")
-    g.add_argument(
-        "--weight-decay",
-        type=float,
-        default=0.05,
-        help="AdamW; none on biases and norms, cls/mask tokens decay as in the references (0.05)",
+    min_lr: float = command.option(
+        0.0, help="floor of the cosine schedule", group="optimization", metavar="LR"
     )
-    g.add_argument("--clip-grad", type=float, metavar="NORM", help="clip the gradient norm (off)")
-    g.add_argument(
-        "--amp",
-        choices=AMP_CHOICES,
-        default="auto",
-        help="mixed precision; auto: bf16 on CUDA (fp16 + loss scaling where bf16 is missing), none on CPU",
+    weight_decay: float = command.option(
+        0.05, help="AdamW; none on biases and norms, cls/mask tokens decay as in the references",
+        group="optimization", metavar="WD",
+    )  # fmt: skip
+    clip_grad: float | None = command.option(
+        None, help="clip the gradient norm", group="optimization", metavar="NORM", default_text="off"
     )
-    g.add_argument("--seed", type=int, default=0, help="data order, augmentation and init (0)")
-    g.add_argument("--device", default="auto", help="auto (cuda if available), cuda or cpu")
-    g = p.add_argument_group("run folder and checkpoints")
-    g.add_argument("--out", type=Path, required=True, metavar="RUN", help="run folder for all outputs")
-    g.add_argument(
-        "--save-every",
-        type=int,
-        default=20,
-        metavar="K",
-        help="keep checkpoint-EPOCH.pt every K epochs and at the end (20)",
+    precision: str = command.precision(
+        "auto", "auto on CUDA is fp16 with loss scaling where the GPU lacks bf16; fp16 needs CUDA"
     )
-    g.add_argument(
-        "--ckpt-every-steps",
-        type=int,
-        default=50,
-        metavar="S",
-        help="also refresh checkpoint-last.pt every S optimizer steps mid-epoch; 0: epoch ends only (50)",
+    seed: int = command.seed()
+    device: str = command.device()
+    workers: int | None = command.workers(
+        f"data loader processes per training process (default: cores / local processes, at most "
+        f"{runs.MAX_DEFAULT_WORKERS}, less torch's threads when the model runs on the CPU)"
     )
-    g.add_argument(
-        "--resume",
-        nargs="?",
-        const="auto",
-        metavar="CKPT",
-        help="continue exactly: bare --resume or 'auto' = this run folder's checkpoint-last.pt "
-        "(a fresh start if there is none), or a checkpoint file",
+    out: Path = command.out("the run folder for all outputs")
+    save_every: int = command.option(
+        20, help="keep checkpoint-EPOCH.pt every K epochs and at the end", group="run", metavar="K",
+        check=command.positive,
+    )  # fmt: skip
+    ckpt_every: int = command.option(
+        50,
+        help=f"refresh the resumable {CHECKPOINT} every N optimizer steps mid-epoch (and at every epoch "
+        "end); 0: epoch ends only",
+        group="run",
+        metavar="N",
+        aliases=("--ckpt-every-steps",),
+        check=command.non_negative,
     )
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g.add_argument("--debug", action="store_true", help="show tracebacks")
-    return p
+    resume: str | None = command.resume(f"a run folder of an earlier version: its {OLD_CHECKPOINT}")
+    overwrite: bool = command.overwrite()
+    progress: bool = command.progress()
+    debug: bool = command.debug()
 
 
-def method_options(parser: argparse.ArgumentParser) -> dict[str, set[str]]:
-    """The option names (dests) each method's group declares."""
-    titles = {m.title: name for name, m in METHODS.items()}
-    return {
-        titles[g.title]: {a.dest for a in g._group_actions}
-        for g in parser._action_groups
-        if g.title in titles
-    }
+@dataclass(kw_only=True)
+class PretrainOptions(CommonOptions, PadOptions, NmiHadOptions, MethodChoice):
+    """Every option of ``unip-pretrain``, declared once: the method, each method's own options, then
+    the common ones. The recipe defaults (None here) are filled in by :func:`resolve`."""
 
 
-def given_options(argv: Sequence[str]) -> dict:
-    """The options the command line names, with their values (argparse with every default suppressed,
-    so abbreviations and ``--opt=value`` count too)."""
-    parser = get_args_parser()
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS
-        action.required = False
-    return vars(parser.parse_args(argv))
+COMMAND = command.Command(
+    PROG,
+    PretrainOptions,
+    description="Pre-train a ViT backbone on unlabelled images. --method nmi-had (default): train a "
+    "student's last-block attention logits to match a frozen teacher's selected layer (UNIP, "
+    "method.md section 2). --method pad: continue MAE pre-training of a frozen MAE ViT through "
+    "patch-wise-scale adapters (PAD, method.md section 7). Defaults follow each method's published recipe.",
+    epilog=EPILOG,
+    ignored_keys=DERIVED,
+)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, PretrainMethod]:
-    """Options with the chosen method's recipe defaults, ``--config`` applied, flags on top; the
-    options of other methods refused when given and removed from the namespace."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    given = given_options(argv)
-    from_file = runs.read_config_file(given["config"]) if "config" in given else {}
-    name = given.get("method") or from_file.get("method") or DEFAULT_METHOD
-    if name not in METHODS:
-        raise SpecError(f"{given['config']}: method {name!r} unknown; known: {', '.join(METHODS)}")
-    parser = get_args_parser()
-    parser.set_defaults(**METHODS[name].defaults)
-    args = runs.parse_with_config(parser, argv, ignore=DERIVED)
-    named = set(given) | {k for k, v in from_file.items() if v is not None}
-    owned = method_options(parser)
-    for other, dests in owned.items():
-        for dest in sorted(dests - owned[name]):
-            if dest in named:
-                raise SpecError(
-                    f"--{dest.replace('_', '-')} is an option of --method {other}, not of --method {name}; "
-                    "drop it (see --help)"
-                )
-            delattr(args, dest)
-    check_args(args)
-    method = METHODS[name](args)
+def resolve(opts: PretrainOptions) -> PretrainMethod:
+    """The method's recipe defaults filled in, the options of other methods refused when given, the
+    method's own checks, then the common ones (in that order: a missing --teacher is named before
+    missing data). Returns the method object."""
+    cls = METHODS[opts.method]
+    for name in sorted(cls.foreign_options()):
+        if getattr(opts, name) is not None:
+            owner = next(n for n, m in METHODS.items() if name in m.option_names())
+            raise SpecError(
+                f"--{name.replace('_', '-')} is an option of --method {owner}, not of --method {opts.method}; "
+                "drop it (see --help)"
+            )
+    for name, value in cls.defaults.items():
+        if getattr(opts, name) is None:
+            setattr(opts, name, value)
+    method = cls(opts)
     method.check_args()
-    return args, method
-
-
-def check_args(args: argparse.Namespace) -> None:
-    positive = ("batch_size", "accum_iter", "input_size", "save_every")
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise SpecError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.num_workers is None:
-        args.num_workers = runs.default_num_workers(args.device)
-    for name in ("epochs", "warmup_epochs", "ckpt_every_steps", "num_workers"):
-        if getattr(args, name) < 0:
-            raise SpecError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
-    if not args.infrared and not args.infpre and not args.rgb:
+    if opts.workers is None:
+        opts.workers = runs.default_num_workers(opts.device)
+    if not opts.infrared and not opts.infpre and not opts.rgb:
         raise SpecError("no data: pass at least one --infrared DIR, --infpre DIR or --rgb DIR")
+    return method
 
 
-def main(argv: list[str] | None = None) -> int:
-    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
-    try:
-        train(*parse_args(argv))
-        return 0
-    except (NonFiniteLoss, UnipError) as e:
-        if debug:
-            traceback.print_exc()
-        print(f"{PROG}: error: {error_line(e)}", file=sys.stderr, flush=True)
-        return 1 if isinstance(e, NonFiniteLoss) else 2
-    finally:
-        distributed.cleanup()
+def parse_args(argv: Sequence[str] | None = None) -> tuple[PretrainOptions, PretrainMethod]:
+    """The resolved options (command line over ``--config``, recipe defaults filled in) and the method."""
+    opts = COMMAND.parse(argv)
+    return opts, resolve(opts)
+
+
+def run(opts: PretrainOptions) -> int:
+    train(opts, resolve(opts))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point: 0 done, 1 the loss became non-finite, 2 bad input."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return command.main(COMMAND, run, argv, exit_codes={NonFiniteLoss: 1}, cleanup=distributed.cleanup)

@@ -7,10 +7,14 @@ and exact resume, logging, torchrun) is the trainer's, once for every method.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 import torch
+
+# Every method, by its --method value (filled as the method modules are imported).
+METHODS: dict[str, type[PretrainMethod]] = {}
 
 
 class PretrainMethod:
@@ -18,18 +22,33 @@ class PretrainMethod:
     methods marked so; the defaults below are the no-op hooks."""
 
     name: str = ""  # the --method value
-    title: str = ""  # the option group's title in --help
-    # Common options whose default differs for this method (e.g. PAD's 30 warm-up epochs).
-    defaults: dict = {}
-    # Options (dest names) that must match when a checkpoint of this method is resumed.
+    # This method's own options: a ``kw_only`` dataclass of ``command.option`` fields, each None
+    # unless given (so that a given option of another method can be refused), grouped in --help
+    # under the method's title; unip-pretrain's options dataclass inherits it.
+    options: type | None = None
+    # Values filled in after parsing for options left None: this method's own option defaults and the
+    # common options whose default is the method's recipe (PAD's 30 warm-up epochs, say).
+    defaults: dict[str, Any] = {}
+    # Options that must match when a checkpoint of this method is resumed.
     resume_keys: tuple[str, ...] = ()
 
-    @staticmethod
-    def add_arguments(group: argparse._ArgumentGroup) -> None:
-        """This method's own options (their defaults must be None or False unless given)."""
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            METHODS[cls.name] = cls
 
-    def __init__(self, args: argparse.Namespace):
-        self.args = args
+    @classmethod
+    def option_names(cls) -> set[str]:
+        """The names of this method's own options."""
+        return {f.name for f in dataclasses.fields(cls.options)} if cls.options else set()
+
+    @classmethod
+    def foreign_options(cls) -> set[str]:
+        """The options of the other methods (refused when given, never recorded)."""
+        return set().union(*(m.option_names() for m in METHODS.values())) - cls.option_names()
+
+    def __init__(self, args: Any):
+        self.args = args  # unip-pretrain's options (unip_train.pretrain.cli.PretrainOptions)
         self.module: torch.nn.Module | None = None  # built by build(): what DDP wraps
 
     def check_args(self) -> None:

@@ -12,11 +12,11 @@ teacher's head count at that layer.
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from timm.layers import DropPath
 from timm.models.vision_transformer import VisionTransformer
 
-from unip_analysis import selection
+from unip_analysis import command, selection
 from unip_analysis.attention import block_qk_logits, check_supported, run_until
 from unip_analysis.checkpoints import (
     LoadedBackbone,
@@ -41,6 +41,8 @@ from ..optim import param_groups
 from .method import PretrainMethod
 
 STUDENT_FORMAT = "unip-student"
+DEFAULT_STUDENT = "vit_small_patch16_224"
+DROP_PATH = 0.1
 
 
 # --- losses: pure functions over [B, H, Q, K] logits ----------------------------------------
@@ -218,7 +220,7 @@ def check_token_grids(teacher: torch.nn.Module, student: VisionTransformer, img_
     t_grid, s_grid = tuple(t.patch_embed.grid_size), tuple(s.patch_embed.grid_size)
     if t_grid != s_grid or t.num_prefix_tokens != s.num_prefix_tokens:
         raise SpecError(
-            f"at --input-size {img_size} the teacher has a {t_grid[0]}x{t_grid[1]} patch grid "
+            f"at --img-size {img_size} the teacher has a {t_grid[0]}x{t_grid[1]} patch grid "
             f"(patch {t.patch_embed.patch_size[0]}) + {t.num_prefix_tokens} prefix tokens, the student "
             f"{s_grid[0]}x{s_grid[1]} (patch {s.patch_embed.patch_size[0]}) + {s.num_prefix_tokens}; "
             "choose a --student with the teacher's patch size and prefix tokens"
@@ -247,26 +249,54 @@ def save_student(path: str | Path, model: VisionTransformer, arch: str) -> Path:
 # --- the method ------------------------------------------------------------------------------
 
 
+GROUP = "NMI-HAD distillation (--method nmi-had, the default)"
+
+
+@dataclass(kw_only=True)
+class NmiHadOptions:
+    """The options of ``--method nmi-had``; None: not given (:attr:`NmiHad.defaults` fills them)."""
+
+    selection: Path | None = command.option(
+        None, help="layer_selection.json from unip-analyze (required)", group=GROUP, metavar="FILE"
+    )
+    teacher: str | None = command.option(
+        None, help="the teacher's model name in the selection file (required)", group=GROUP, metavar="NAME"
+    )
+    layer: int | None = command.option(
+        None, help="1-based teacher layer to distil", group=GROUP, metavar="N", check=command.positive,
+        default_text="the file's selected_layer",
+    )  # fmt: skip
+    student: str | None = command.option(
+        None, help="timm ViT name, optionally name(k=v,...)", group=GROUP, metavar="ARCH",
+        default_text=DEFAULT_STUDENT,
+    )  # fmt: skip
+    drop_path: float | None = command.option(
+        None,
+        help="the student's stochastic depth: this same rate in every block (the UNIP reference's constant "
+        "rate; unip-finetune's --drop-path is a ramp from 0 at the first block to the rate at the last)",
+        group=GROUP,
+        metavar="RATE",
+        default_text=str(DROP_PATH),
+    )
+    loss: Literal["kl", "ce"] | None = command.option(
+        None, help="kl: KL(teacher || student); ce: cross-entropy against the teacher (the same gradient)",
+        group=GROUP, default_text="kl",
+    )  # fmt: skip
+    temperature: float | None = command.option(
+        None, help="the teacher's logits are divided by it", group=GROUP, metavar="T", default_text="1"
+    )
+
+
 class NmiHad(PretrainMethod):
     """``--method nmi-had``: distil a teacher's selected layer into a student's last block."""
 
     name = "nmi-had"
-    title = "NMI-HAD distillation (--method nmi-had, the default)"
+    options = NmiHadOptions
+    defaults = {
+        "warmup_epochs": 5, "blr": 1.5e-4, "grey": "all",  # the UNIP reference's recipe
+        "student": DEFAULT_STUDENT, "drop_path": DROP_PATH, "loss": "kl", "temperature": 1.0,
+    }  # fmt: skip
     resume_keys = ("student", "layer", "loss", "temperature", "drop_path")
-
-    @staticmethod
-    def add_arguments(g: argparse._ArgumentGroup) -> None:
-        g.add_argument("--selection", type=Path, help="layer_selection.json from unip-analyze (required)")
-        g.add_argument("--teacher", help="model name in the selection file (required)")
-        g.add_argument("--layer", type=int, help="1-based teacher layer to distil (default: selected_layer)")
-        g.add_argument(
-            "--student", default="vit_small_patch16_224", help="timm ViT name, optionally name(k=v,...)"
-        )
-        g.add_argument("--drop-path", type=float, default=0.1, help="student stochastic depth rate (0.1)")
-        g.add_argument(
-            "--loss", choices=sorted(LOSSES), default="kl", help="kl: KL(teacher||student) (default); ce"
-        )
-        g.add_argument("--temperature", type=float, default=1.0, help="teacher logits are divided by it (1)")
 
     def check_args(self) -> None:
         missing = [f"--{n}" for n in ("selection", "teacher") if getattr(self.args, n) is None]
@@ -281,12 +311,12 @@ class NmiHad(PretrainMethod):
         # Teacher: the selection file says which checkpoint and which layer.
         doc = selection.read(args.selection)
         entry, layer = selection.resolve_teacher(doc, args.teacher, str(args.selection), layer=args.layer)
-        backbone = load_backbone(entry["family"], entry["arch"], entry["weights"], img_size=args.input_size)
+        backbone = load_backbone(entry["family"], entry["arch"], entry["weights"], img_size=args.img_size)
         self.teacher = Teacher(backbone, layer - 1, args.temperature).to(device)
         # Seeded here too, so the student's init does not depend on what loading the teacher drew.
         distributed.seed_everything(args.seed)
-        self.vit = build_student(args.student, self.teacher.heads, args.input_size, args.drop_path)
-        check_token_grids(self.teacher, self.vit, args.input_size)
+        self.vit = build_student(args.student, self.teacher.heads, args.img_size, args.drop_path)
+        check_token_grids(self.teacher, self.vit, args.img_size)
         self.module = Student(self.vit).to(device)
         self.criterion = LOSSES[args.loss]
         self.teacher_info = {

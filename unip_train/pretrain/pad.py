@@ -10,16 +10,17 @@ The adapter block itself is :mod:`unip_analysis.pad_vit`, shared with analysis a
 
 from __future__ import annotations
 
-import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from unip_analysis import pad_vit
+from unip_analysis import command, pad_vit
 from unip_analysis.checkpoints import FAMILIES, adapt_state_dict, build_vit, load_backbone, load_strict
 from unip_analysis.errors import CheckpointError, SpecError
 from unip_analysis.files import atomic_write, atomic_write_text, sha256_file
@@ -90,63 +91,78 @@ def check_mae_encoder(model: VisionTransformer, arch: str) -> None:
         )
 
 
+GROUP = "PAD adapter pre-training (--method pad)"
+
+
+@dataclass(kw_only=True)
+class PadOptions:
+    """The options of ``--method pad``; None: not given (:attr:`Pad.defaults` fills them)."""
+
+    init: str | None = command.option(
+        None,
+        help="the MAE to continue, with its decoder (required): mae:vit_base_patch16_224:"
+        "mae_visualize_vit_base.pth, or mmpretrain:ARCH:FILE for MMSelfSup/MMPretrain MAE files",
+        group=GROUP,
+        metavar="FAMILY:ARCH:PATH",
+    )
+    rois: str | None = command.option(
+        None,
+        help="object proposals: DIR/<subset>/roi/<stem>.txt per image (unip-rois writes them); "
+        "none: random resized crops only",
+        group=GROUP,
+        metavar="DIR|none",
+        default_text="PAD's own layout beside the images (<subset>/roi/ next to thermal/)",
+    )
+    decoder: Literal["file", "random"] | None = command.option(
+        None,
+        help="file: the base file's MAE decoder (PAD); random: a fresh MAE decoder (departs from PAD)",
+        group=GROUP,
+        default_text="file",
+    )
+    decoder_heads: int | None = command.option(
+        None, help="attention heads of the decoder (not stored in files)", group=GROUP, metavar="N",
+        check=command.positive, default_text=f"{DECODER_HEADS}, as MAE's",
+    )  # fmt: skip
+    decoder_dim: int | None = command.option(
+        None, help="--decoder random: the decoder's width", group=GROUP, metavar="N", check=command.positive,
+        default_text=f"{DECODER_DIM}, as MAE's",
+    )  # fmt: skip
+    decoder_depth: int | None = command.option(
+        None, help="--decoder random: the decoder's blocks", group=GROUP, metavar="N", check=command.positive,
+        default_text=f"{DECODER_DEPTH}, as MAE's",
+    )  # fmt: skip
+    mask_ratio: float | None = command.option(
+        None, help="fraction of patches masked", group=GROUP, metavar="R", default_text=str(MASK_RATIO)
+    )
+    adapter_width: int | None = command.option(
+        None, help="adapter bottleneck r", group=GROUP, metavar="R", check=command.positive,
+        default_text=f"{pad_vit.DEFAULT_WIDTH} for every size, as PAD",
+    )  # fmt: skip
+    scale_frozen_epochs: int | None = command.option(
+        None,
+        help="the scale predictors stay at zero (every scale 0.5) for epochs 0..N-1",
+        group=GROUP,
+        metavar="N",
+        check=command.non_negative,
+        default_text="round(0.6 x epochs) + 1, as PAD's code: 61 of 100",
+    )
+
+
 class Pad(PretrainMethod):
     """``--method pad``: patch-wise-scale adapters trained by continued MAE pre-training."""
 
     name = "pad"
-    title = "PAD adapter pre-training (--method pad)"
+    options = PadOptions
     # PAD's recipe (docs/PRETRAIN.md of casiatao/PAD): 100 epochs, 30 warm-up, blr 1e-4, wd 0.05,
     # AdamW (0.9, 0.95); images read as they are (MSIP is infrared; no grey conversion).
-    defaults = {"epochs": 100, "warmup_epochs": 30, "blr": 1e-4, "weight_decay": 0.05, "grey": "none"}
+    defaults = {
+        "warmup_epochs": 30, "blr": 1e-4, "grey": "none",
+        "decoder": "file", "decoder_heads": DECODER_HEADS, "mask_ratio": MASK_RATIO,
+        "adapter_width": pad_vit.DEFAULT_WIDTH,
+    }  # fmt: skip
     resume_keys = (
         "init", "decoder", "decoder_heads", "adapter_width", "mask_ratio", "scale_frozen_epochs", "rois",
     )  # fmt: skip
-
-    @staticmethod
-    def add_arguments(g: argparse._ArgumentGroup) -> None:
-        g.add_argument(
-            "--init",
-            metavar="FAMILY:ARCH:PATH",
-            help="the MAE to continue, with its decoder (required): mae:vit_base_patch16_224:"
-            "mae_visualize_vit_base.pth, or mmpretrain:ARCH:FILE for MMSelfSup/MMPretrain MAE files",
-        )
-        g.add_argument(
-            "--rois",
-            metavar="DIR|none",
-            help="object proposals: DIR/<subset>/roi/<stem>.txt per image (unip-rois writes them); "
-            "default: PAD's own layout beside the images (<subset>/roi/ next to thermal/); "
-            "none: random resized crops only",
-        )
-        g.add_argument(
-            "--decoder",
-            choices=("file", "random"),
-            default="file",
-            help="file: the base file's MAE decoder (PAD); random: a fresh MAE decoder (departs from PAD)",
-        )
-        g.add_argument(
-            "--decoder-heads",
-            type=int,
-            default=DECODER_HEADS,
-            help=f"attention heads of the decoder (not stored in files; MAE: {DECODER_HEADS})",
-        )
-        g.add_argument("--decoder-dim", type=int, help=f"--decoder random: width ({DECODER_DIM}, as MAE's)")
-        g.add_argument(
-            "--decoder-depth", type=int, help=f"--decoder random: blocks ({DECODER_DEPTH}, as MAE's)"
-        )
-        g.add_argument("--mask-ratio", type=float, default=MASK_RATIO, help=f"({MASK_RATIO})")
-        g.add_argument(
-            "--adapter-width",
-            type=int,
-            default=pad_vit.DEFAULT_WIDTH,
-            help=f"adapter bottleneck r ({pad_vit.DEFAULT_WIDTH} for every size, as PAD)",
-        )
-        g.add_argument(
-            "--scale-frozen-epochs",
-            type=int,
-            metavar="N",
-            help="the scale predictors stay at zero (every scale 0.5) for epochs 0..N-1 "
-            "(default round(0.6 x epochs) + 1, as PAD's code: 61 of 100)",
-        )
 
     def check_args(self) -> None:
         args = self.args
@@ -176,8 +192,6 @@ class Pad(PretrainMethod):
             )
         if args.scale_frozen_epochs is None:
             args.scale_frozen_epochs = default_scale_frozen_epochs(args.epochs)
-        if args.scale_frozen_epochs < 0:
-            raise SpecError(f"--scale-frozen-epochs must not be negative, got {args.scale_frozen_epochs}")
         if args.rois is not None and args.rois != "none" and not Path(args.rois).is_dir():
             raise SpecError(
                 f"--rois {args.rois}: folder not found; pass the unip-rois output folder, or none"
@@ -190,14 +204,14 @@ class Pad(PretrainMethod):
         self.proposal_note, self.proposals_found = "", 0
         if self.family in BASE_FAMILIES:
             base = read_mae_checkpoint(self.path)
-            encoder = build_vit(self.arch, img_size=args.input_size)
+            encoder = build_vit(self.arch, img_size=args.img_size)
             check_mae_encoder(encoder, self.arch)
             self.notes = adapt_state_dict(base.encoder, encoder, self.path)
             load_strict(encoder, base.encoder, self.path, self.arch)
             self.base_layout = base.layout
             self.base_sha256 = sha256_file(self.path)
         else:  # --decoder random (check_args): any family's encoder, read by the shared registry
-            loaded = load_backbone(self.family, self.arch, self.path, img_size=args.input_size)
+            loaded = load_backbone(self.family, self.arch, self.path, img_size=args.img_size)
             encoder = loaded.model.train()
             check_mae_encoder(encoder, self.arch)
             self.notes = loaded.notes

@@ -4,21 +4,25 @@
 
 Writes PAD's proposal files, ``OUT/<subset>/roi/<stem>.txt`` with one ``x,y,w,h`` line per box, for
 every image under ``--images`` (``IMAGES/<subset>/thermal/<stem>.png`` in MSIP's layout). ``--out``
-may be ``--images`` itself: that is PAD's own layout. Existing files are kept (an interrupted run
-continues) unless ``--overwrite``. Needs scikit-image (``pip install 'unip-toolkit[rois]'``).
+may be ``--images`` itself: that is PAD's own layout. Existing files are kept, so running the same
+command again continues an interrupted run (no ``--resume`` needed); ``--overwrite`` recomputes them
+in place (they are derived from the images alone, and ``--out`` may be the image folder, so nothing
+is moved aside). Needs scikit-image (``pip install 'unip-toolkit[rois]'``).
 """
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing
 import sys
 import time
-import traceback
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from unip_analysis.errors import ImageError, SpecError, UnipError, error_line
+from tqdm.auto import tqdm
+
+from unip_analysis import command
+from unip_analysis.errors import ImageError, SpecError
 from unip_analysis.images import find_images, read_image
 
 from .. import runs
@@ -26,39 +30,49 @@ from .proposals import ProposalSettings, propose, require_scikit_image
 from .rois import proposal_file, write_proposals
 
 PROG = "unip-rois"
+_D = ProposalSettings()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    d = ProposalSettings()
-    p = argparse.ArgumentParser(
-        prog=PROG,
-        description="Selective-search object proposals for PAD's RoI crops, written as PAD's x,y,w,h files.",
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+@dataclass(kw_only=True)
+class RoisOptions:
+    """Every option of ``unip-rois``, declared once (:mod:`unip_analysis.command`)."""
+
+    images: Path = command.option(help="folder of images, searched recursively", group="data", metavar="DIR")
+    out: Path = command.out("root of the proposal files (may be --images itself: PAD's own layout)")
+    scale: float = command.option(_D.scale, help="Felzenszwalb scale", group="proposals", metavar="S")
+    sigma: float = command.option(_D.sigma, help="Felzenszwalb smoothing", group="proposals", metavar="S")
+    min_size: int = command.option(
+        _D.min_size, help="Felzenszwalb minimum region (pixels)", group="proposals", metavar="N"
     )
-    p.add_argument("--images", type=Path, required=True, help="folder of images, searched recursively")
-    p.add_argument("--out", type=Path, required=True, help="root of the proposal files (may be --images)")
-    p.add_argument("--scale", type=float, default=d.scale, help=f"Felzenszwalb scale ({d.scale:g})")
-    p.add_argument("--sigma", type=float, default=d.sigma, help=f"Felzenszwalb smoothing ({d.sigma:g})")
-    p.add_argument("--min-size", type=int, default=d.min_size, help=f"Felzenszwalb min region ({d.min_size})")
-    p.add_argument(
-        "--min-area", type=int, default=d.min_area, help=f"keep regions of >= N pixels ({d.min_area})"
+    min_area: int = command.option(
+        _D.min_area, help="keep regions of at least N pixels", group="proposals", metavar="N"
     )
-    p.add_argument(
-        "--min-side", type=int, default=d.min_side, help=f"keep boxes with both sides >= N px ({d.min_side})"
+    min_side: int = command.option(
+        _D.min_side, help="keep boxes with both sides at least N pixels", group="proposals", metavar="N"
     )
-    p.add_argument(
-        "--max-aspect",
-        type=float,
-        default=d.max_aspect,
-        help=f"keep boxes with aspect <= R ({d.max_aspect:g})",
+    max_aspect: float = command.option(
+        _D.max_aspect, help="keep boxes whose longer side is at most R x the shorter", group="proposals",
+        metavar="R",
+    )  # fmt: skip
+    workers: int | None = command.workers(
+        "processes computing proposals; 0 or 1: in this process (default: every core available)"
     )
-    p.add_argument(
-        "--num-workers", "--workers", type=int, default=max(1, runs.default_num_workers(device=None)), help="processes"
+    overwrite: bool = command.option(
+        False,
+        help="recompute the proposal files that exist (without it they are kept, so that running the same "
+        "command again continues an interrupted run)",
+        group="run",
     )
-    p.add_argument("--overwrite", action="store_true", help="recompute files that exist")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    return p  # fmt: skip
+    progress: bool = command.progress()
+    debug: bool = command.debug()
+
+
+COMMAND = command.Command(
+    PROG,
+    RoisOptions,
+    description="Selective-search object proposals for PAD's RoI crops, written as PAD's x,y,w,h files.",
+    epilog=__doc__.split("\n\n", 1)[1],
+)
 
 
 def _one(job: tuple[Path, Path, ProposalSettings]) -> tuple[str, int | None]:
@@ -73,13 +87,12 @@ def _one(job: tuple[Path, Path, ProposalSettings]) -> tuple[str, int | None]:
     return str(image), len(boxes)
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: RoisOptions) -> dict:
     require_scikit_image()  # fail early, before listing thousands of files
     settings = ProposalSettings(
         args.scale, args.sigma, args.min_size, args.min_area, args.min_side, args.max_aspect
     )
-    if args.num_workers < 1:
-        raise SpecError(f"--num-workers must be at least 1, got {args.num_workers}")
+    workers = args.workers if args.workers is not None else max(1, runs.default_num_workers(device=None))
     images = find_images(args.images)
     targets: dict[Path, Path] = {}
     for image in images:
@@ -93,18 +106,16 @@ def run(args: argparse.Namespace) -> dict:
     jobs = [(img, t, settings) for t, img in targets.items() if args.overwrite or not t.exists()]
     print(f"{len(images)} images; {len(images) - len(jobs)} already have proposals; computing {len(jobs)}")
     counts, unreadable, tic = [], [], time.perf_counter()
-    with (
-        multiprocessing.get_context("spawn").Pool(args.num_workers)
-        if args.num_workers > 1
-        else _Serial() as pool
-    ):
+    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else _Serial()
+    with pool, tqdm(total=len(jobs), desc="proposals", unit="image", disable=not args.progress) as bar:
         for done, (image, n) in enumerate(pool.imap_unordered(_one, jobs, chunksize=8), start=1):
+            bar.update(1)
             if n is None:
                 unreadable.append(image)
-                print(f"{PROG}: warning: unreadable image skipped: {image}", file=sys.stderr, flush=True)
+                tqdm.write(f"{PROG}: warning: unreadable image skipped: {image}", file=sys.stderr)
             else:
                 counts.append(n)
-            if done % 1000 == 0:
+            if not args.progress and done % 1000 == 0:
                 print(f"{done}/{len(jobs)} images ({done / (time.perf_counter() - tic):.1f}/s)", flush=True)
     summary = {
         "images": len(images),
@@ -134,16 +145,13 @@ class _Serial:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-        return 0
-    except UnipError as e:
-        if args.debug:
-            traceback.print_exc()
-        print(f"{PROG}: error: {error_line(e)}", file=sys.stderr, flush=True)
-        return 2
+    """Console entry point: 0 done, 2 bad input."""
+    return command.main(COMMAND, run_quietly, argv)
+
+
+def run_quietly(args: RoisOptions) -> int:
+    run(args)
+    return 0
 
 
 if __name__ == "__main__":

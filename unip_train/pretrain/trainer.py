@@ -6,15 +6,17 @@ Setup lives in :func:`train`; the step is :func:`unip_train.pretrain.engine.trai
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from unip_analysis import command
 from unip_analysis import images as imgs
 from unip_analysis.errors import CheckpointError, SpecError, UnipError
 
@@ -24,22 +26,39 @@ from ..precision import amp_dtype, dtype_name, grad_scaler
 from ..sampling import EpochSampler, KeyBatches, keyed_loader
 from .data import InfMix, collate, collect_sources
 from .engine import LoopConfig, train_one_epoch
-from .method import PretrainMethod
+from .method import METHODS, PretrainMethod
 
 PROG = "unip-pretrain"
-LAST = "checkpoint-last.pt"
+CHECKPOINT = "checkpoint.pt"  # the resumable checkpoint, refreshed every --ckpt-every steps
+OLD_CHECKPOINT = "checkpoint-last.pt"  # its name before; still read when resuming such a run folder
+# Files whose presence means the folder holds a run: never written over without --resume / --overwrite.
+RUN_MARKERS = (
+    CHECKPOINT,
+    OLD_CHECKPOINT,
+    "config.json",
+    "log.jsonl",
+    "student.safetensors",
+    "backbone.safetensors",
+)
 BETAS = (0.9, 0.95)
 # Test-only: SIGKILL this process right after optimizer step N (exercises --resume).
 KILL_ENV = "UNIP_PRETRAIN_SIGKILL_AT_STEP"
 # Resuming with any of these changed would visit different samples or train another model.
-RESUME_MUST_MATCH = ("method", "batch_size", "accum_iter", "world_size", "seed", "images", "input_size")
+RESUME_MUST_MATCH = ("method", "batch_size", "accum_iter", "world_size", "seed", "images", "img_size")
+# Option names in the recipes of earlier versions' checkpoints -> today's.
+OLD_RECIPE_KEYS = {
+    "input_size": "img_size",
+    "amp": "precision",
+    "num_workers": "workers",
+    "ckpt_every_steps": "ckpt_every",
+}
 # Values config.json records that are not options (so a run's config.json can be passed to --config).
 DERIVED = (
     "effective_batch", "world_size", "lr_absolute", "steps_per_epoch", "total_steps", "warmup_steps",
     "betas", "amp_dtype", "images", "started_from",
 )  # fmt: skip
 # Options that steer this process only, not the run: never recorded, never compared.
-NOT_RECORDED = ("debug", "no_progress", "resume", "device", "config")
+NOT_RECORDED = ("debug", "progress", "resume", "overwrite")
 
 
 def gather(obj: object) -> list:
@@ -69,12 +88,12 @@ class RunFolder:
         return sorted(set().union(*gather(self.skipped)))
 
     def save(self, epoch: int, iters_done: int, step: int, keep_epoch: bool = False) -> None:
-        """checkpoint-last.pt (and checkpoint-EPOCH.pt): a collective call, every process gives its RNG."""
+        """checkpoint.pt (and checkpoint-EPOCH.pt): a collective call, every process gives its RNG."""
         state = self.state_fn(epoch, iters_done, step)
         state["rng"] = gather(distributed.rng_state())
         state["skipped"] = self.all_skipped()
         if self.info.is_main:
-            checkpointing.save_checkpoint(self.out / LAST, state)
+            checkpointing.save_checkpoint(self.out / CHECKPOINT, state)
             if keep_epoch:
                 checkpointing.save_checkpoint(self.out / f"checkpoint-{epoch}.pt", state)
         distributed.barrier()
@@ -87,20 +106,68 @@ class RunFolder:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def resume_path(args: argparse.Namespace) -> Path | None:
+def resume_path(args: Any) -> Path | None:
+    """The checkpoint ``--resume`` continues from: the run folder's (bare ``--resume``) or the file
+    given. Refuses, before anything is built: ``--resume`` with nothing to resume, and a run folder
+    that holds a run without ``--resume`` / ``--overwrite`` (``--overwrite`` moves it aside later,
+    once every check has passed: :func:`start_run_folder`)."""
+    if args.resume is not None and args.overwrite:
+        raise SpecError(
+            "--resume and --overwrite together: continue the run (--resume) or replace it (--overwrite)"
+        )
+    if args.out.exists() and not args.out.is_dir():
+        raise SpecError(f"{args.out}: --out exists and is not a folder; pass a folder path")
     if args.resume is None:
+        if not args.overwrite:
+            command.prepare_out(args.out, RUN_MARKERS, what=f"a {PROG} run")
         return None
     if args.resume == "auto":
-        path = args.out / LAST
-        return path if path.exists() else None
-    return Path(args.resume)
+        for name in (CHECKPOINT, OLD_CHECKPOINT):
+            if (args.out / name).is_file():
+                return args.out / name
+        raise SpecError(
+            f"{args.out}: nothing to resume (no {CHECKPOINT}); drop --resume to start a run there, or pass "
+            "--overwrite to replace what the folder holds"
+        )
+    path = Path(args.resume)
+    if not path.is_file():
+        raise CheckpointError(
+            f"--resume {path}: checkpoint not found; pass a {CHECKPOINT} of a {PROG} run, or a bare "
+            "--resume to continue the run in --out"
+        )
+    return path
 
 
-def build_data(args: argparse.Namespace, method: PretrainMethod, info: distributed.DistInfo) -> tuple:
+def start_run_folder(args: Any, say) -> None:
+    """Rank 0, once every check has passed: ``--overwrite`` moves the old run aside, then the folder
+    is made."""
+    if args.overwrite:
+        aside = command.prepare_out(args.out, RUN_MARKERS, overwrite=True, what=f"a {PROG} run")
+        if aside is not None:
+            say(f"--overwrite: the previous run's files moved to {aside}")
+    args.out.mkdir(parents=True, exist_ok=True)
+
+
+def recorded_options(args: Any) -> dict[str, Any]:
+    """The resolved options a run records (config.json, the checkpoints' recipe): every option but
+    the other methods' and those that steer this process only (``--resume``, ``--debug``...)."""
+    skip = set(NOT_RECORDED) | METHODS[args.method].foreign_options()
+    return runs.plain({f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.name not in skip})
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """``--precision``: auto (bf16 on CUDA, fp16 where the GPU lacks it; fp32 on the CPU), bf16,
+    fp16 (CUDA only) or fp32 (None)."""
+    if precision == "fp16" and device.type != "cuda":
+        raise SpecError(f"--precision fp16 needs CUDA; this run is on {device}; use --precision bf16 or fp32")
+    return amp_dtype("none" if precision == "fp32" else precision, device)
+
+
+def build_data(args: Any, method: PretrainMethod, info: distributed.DistInfo) -> tuple:
     """(sources, dataset, batches, loader, micro-batches per epoch) for this process."""
     sources = collect_sources(args)
     mean, std = imgs.parse_normalization(args.norm)
-    dataset = InfMix(sources, args.input_size, mean, std, seed=args.seed, proposals=method.proposals(sources))
+    dataset = InfMix(sources, args.img_size, mean, std, seed=args.seed, proposals=method.proposals(sources))
     sampler = EpochSampler(len(dataset), info.world_size, info.rank, seed=args.seed)
     # Whole accumulation windows only: a partial one would leak gradients into the next epoch.
     iters = sampler.per_rank // args.batch_size // args.accum_iter * args.accum_iter
@@ -112,7 +179,7 @@ def build_data(args: argparse.Namespace, method: PretrainMethod, info: distribut
         )
     batches = KeyBatches(sampler, args.batch_size, per_epoch=iters)
     loader = keyed_loader(
-        dataset, batches, args.num_workers, pin_memory=info.device.type == "cuda", collate_fn=collate
+        dataset, batches, args.workers, pin_memory=info.device.type == "cuda", collate_fn=collate
     )
     return sources, dataset, batches, loader, iters
 
@@ -129,10 +196,14 @@ def trainable(module: torch.nn.Module) -> tuple[int, ...]:
     return tuple(id(p) for p in module.parameters() if p.requires_grad)
 
 
-def train(args: argparse.Namespace, method: PretrainMethod) -> None:
+def train(args: Any, method: PretrainMethod) -> None:
+    """One run of ``method`` with unip-pretrain's resolved options ``args`` (:mod:`.cli`)."""
+    # The run folder's rule first: nothing is built for a refused run. Under torchrun every process
+    # checks before the process group forms, so none can see a file rank 0 writes later.
+    path = resume_path(args)
     info = distributed.init_distributed(args.device)
     device = info.device
-    amp = amp_dtype(args.amp, device)
+    amp = autocast_dtype(args.precision, device)
     say = print if info.is_main else (lambda *a, **k: None)
 
     # Same seed on every process, so every process starts from the same weights.
@@ -158,7 +229,7 @@ def train(args: argparse.Namespace, method: PretrainMethod) -> None:
     optimizer = adamw(method.param_groups(args.weight_decay), lr=lr, betas=BETAS)
     scaler = grad_scaler(device, amp)
 
-    recipe = {k: v for k, v in vars(args).items() if k not in NOT_RECORDED}
+    recipe = recorded_options(args)
     recipe.update(
         effective_batch=effective,
         world_size=info.world_size,
@@ -188,7 +259,6 @@ def train(args: argparse.Namespace, method: PretrainMethod) -> None:
     run = RunFolder(args.out, info, state, kill_at)
 
     start_epoch, start_iter, ckpt = 0, 0, None
-    path = resume_path(args)
     if path is not None:
         ckpt = checkpointing.load_checkpoint(path)
         check_resumable(ckpt, recipe, method, path)
@@ -198,13 +268,8 @@ def train(args: argparse.Namespace, method: PretrainMethod) -> None:
         start_epoch, start_iter = int(ckpt["epoch"]), int(ckpt["iter_in_epoch"])
         run.skipped.update(ckpt.get("skipped", []))
         say(f"resumed from {path}: epoch {start_epoch}, micro-batch {start_iter}, step {ckpt['step']}")
-    elif (args.out / LAST).exists():
-        raise SpecError(
-            f"{args.out / LAST} exists: pass --resume auto (or a bare --resume) to continue that run, "
-            "or choose a new --out"
-        )
     if info.is_main:  # everything is checked: the run folder may now be written
-        args.out.mkdir(parents=True, exist_ok=True)
+        start_run_folder(args, say)
         runs.write_config(args.out, {**recipe, "started_from": method.info()})
     run.log = runs.ScalarLog(args.out, info.is_main, resume_step=int(ckpt["step"]) if ckpt else None)
 
@@ -238,9 +303,9 @@ def train(args: argparse.Namespace, method: PretrainMethod) -> None:
             epoch,
             cfg,
             start_iter=start_iter,
-            on_step=lambda rec, done, e=epoch: run.after_step(rec, e, done, iters, args.ckpt_every_steps),
+            on_step=lambda rec, done, e=epoch: run.after_step(rec, e, done, iters, args.ckpt_every),
             on_skipped=run.note_skipped,
-            progress=info.is_main and not args.no_progress,
+            progress=info.is_main and args.progress,
         )
         start_iter = 0
         step = (epoch + 1) * steps_per_epoch
@@ -273,7 +338,8 @@ def check_resumable(ckpt: dict, recipe: dict, method: PretrainMethod, path: Path
         if key not in ckpt:
             raise CheckpointError(f"{path}: not a {PROG} checkpoint (no '{key}')")
     keys = RESUME_MUST_MATCH + method.resume_keys
-    checkpointing.check_same_settings(path, ckpt["recipe"], recipe, keys)
+    old = {OLD_RECIPE_KEYS.get(k, k): v for k, v in ckpt["recipe"].items()}  # earlier versions' names
+    checkpointing.check_same_settings(path, old, recipe, keys)
     saved = ckpt.get("identity", {})
     for key, value in method.identity().items():
         if saved.get(key) != value:
