@@ -593,6 +593,8 @@ def options_table(commands: Sequence[Command]) -> str:
         for s in cmd.specs:
             if s.flag not in names:
                 names.append(s.flag)
+            # A shared option's meaning: its shortest help (the others add what is particular to a command).
+            if s.flag not in helps or len(s.help) < len(helps[s.flag]):
                 helps[s.flag] = s.help
     shared = [n for n in names if sum(n in cmd.by_flag for cmd in commands) > 1]
     ordered = shared + [n for n in names if n not in shared]
