@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from . import images as imgs
 from .attention import observe_attention
 from .checkpoints import LoadedBackbone
+from .explorer import ExplorerData, ExplorerRecorder, plan_explorer
 from .metrics import NMI_EPS, StreamingStatistics, bootstrap_ci
 from .patterns import Thresholds, classify, default_thresholds, select_layer
 
@@ -63,6 +64,7 @@ class ModelAnalysis:
     query_maps: list[np.ndarray]  # per layer: [map_images, points, heads, grid_h, grid_w]
     map_images: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    explorer: ExplorerData | None = None  # every layer's q and k of a few images (--explore-images)
 
     @property
     def n_images(self) -> int:
@@ -142,6 +144,7 @@ class LayerObserver:
         query_tokens: Sequence[int] = (),
         map_images: int = 0,
         device: torch.device | str = "cpu",
+        explorer: ExplorerRecorder | None = None,
     ):
         self.grid, self.patch_size, self.npt, self.device = grid, patch_size, num_prefix_tokens, device
         self.query_tokens = list(query_tokens)
@@ -152,6 +155,9 @@ class LayerObserver:
         self._stats: StreamingStatistics | None = None
         self._rows: torch.Tensor | None = None
         self._take = 0
+        self.explorer = explorer
+        if explorer is not None:  # only then does the attention hand over each layer's q and k
+            self.projections = explorer.projections
 
     def start_batch(self, batch: int) -> None:
         """Called before each forward: how many of this batch's images the figures still need."""
@@ -208,21 +214,48 @@ def analyze_backbone(
     num_workers: int = 0,
     progress: bool = True,
     precision: str = "fp32",
+    explore_images: int = 0,
 ) -> ModelAnalysis:
     """Forward every image once; reduce each layer's attention to NMI / distance as it is produced.
 
     Attention is computed a block of query rows at a time and reduced at once, so no layer's
     whole [B, H, N, N] map exists (plus ``map_images`` x query rows kept for figures).
     ``precision`` bf16 / fp16 runs the model under autocast; the logits, softmax and statistics
-    stay in fp32 / fp64.
+    stay in fp32 / fp64. ``explore_images`` > 0 also keeps every layer's q and k of that many
+    first images, encoded for the attention explorer (:mod:`unip_analysis.explorer`).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     model = backbone.model.to(device).eval()
     grid = tuple(int(g) for g in model.patch_embed.grid_size)
     q_idx = query_token_indices(query_points, grid)
+    recorder = None
+    if explore_images > 0:
+        blocks = list(model.blocks)
+        plan = plan_explorer(
+            min(explore_images, len(dataset)),
+            [b.attn.num_heads for b in blocks],
+            [_head_dim(b.attn) for b in blocks],
+            grid,
+            backbone.num_prefix_tokens,
+        )
+        recorder = ExplorerRecorder(
+            plan,
+            backbone.depth,
+            grid,
+            backbone.num_prefix_tokens,
+            getattr(dataset, "mean", None),
+            getattr(dataset, "std", None),
+        )
     observer = LayerObserver(
-        backbone.depth, grid, backbone.patch_size, backbone.num_prefix_tokens, q_idx, map_images, device
+        backbone.depth,
+        grid,
+        backbone.patch_size,
+        backbone.num_prefix_tokens,
+        q_idx,
+        map_images,
+        device,
+        recorder,
     )
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers
@@ -232,6 +265,8 @@ def analyze_backbone(
     with observe_attention(model, observer):
         for batch in bar:
             observer.start_batch(batch.shape[0])
+            if recorder is not None:
+                recorder.start_batch(batch)
             with autocast(device, dtype):
                 model.forward_features(batch.to(device, non_blocking=True))
     files = getattr(dataset, "files", [])
@@ -255,7 +290,19 @@ def analyze_backbone(
         query_maps=[torch.cat(v).numpy() if v else np.zeros((0,)) for v in observer.maps],
         map_images=[str(f) for f in files[:map_images]],
         notes=list(backbone.notes),
+        explorer=None if recorder is None else recorder.result([_label(f) for f in files]),
     )
+
+
+def _head_dim(attn: torch.nn.Module) -> int:
+    if getattr(attn, "head_dim", None):
+        return int(attn.head_dim)
+    qkv = getattr(attn, "qkv", None) or attn.q_proj
+    return qkv.weight.shape[0] // (3 if getattr(attn, "qkv", None) is not None else 1) // attn.num_heads
+
+
+def _label(path: str | Path) -> str:
+    return Path(path).name
 
 
 def model_entry(

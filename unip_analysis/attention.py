@@ -214,6 +214,18 @@ class AttentionObserver(Protocol):
         """Every row of layer ``layer`` has been delivered."""
 
 
+class ProjectionObserver(AttentionObserver, Protocol):
+    """An observer that also wants each layer's logit inputs (the attention explorer stores them):
+    called once per layer, before its rows."""
+
+    def projections(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, bias: Callable[[], torch.Tensor | None]
+    ) -> None:
+        """``q`` already scaled by ``head_dim^-0.5`` and ``k``, fp32 [batch, heads, tokens, head_dim]
+        after q/k norm and rotary embedding, so that ``q @ k^T + bias()`` are the layer's logits;
+        ``bias()`` computes the block's additive term ([1 or batch, heads, tokens, tokens], or None)."""
+
+
 def _streaming_forward(layer: int, observer: AttentionObserver, num_prefix_tokens: int, block_bytes: int):
     def forward(self: torch.nn.Module, x: torch.Tensor, **context: Any) -> torch.Tensor:
         _refuse_masks(self, context)
@@ -230,6 +242,9 @@ def _streaming_forward(layer: int, observer: AttentionObserver, num_prefix_token
         # logits can overflow and would put rounding noise into every statistic.
         with torch.autocast(x.device.type, enabled=False):
             k_t = k_t.float()
+            take = getattr(observer, "projections", None)
+            if take is not None:  # the explorer: this layer's q and k, as the logits below use them
+                take(layer, q.float() * self.scale, k_t.transpose(-2, -1), lambda: logit_bias(self, context))
             for q0, q1 in query_blocks(tokens, num_prefix_tokens, rows):
                 logits = (q[:, :, q0:q1].float() * self.scale) @ k_t
                 bias = logit_bias(self, context, q0, q1)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, analyze, checkpoints, images, report
+from . import __version__, analyze, checkpoints, explorer, images, report
 from .checkpoints import CheckpointSpec, LoadedBackbone
 from .errors import SpecError, UnipError, error_line
 from .files import read_json
@@ -131,6 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         metavar="N",
         help="images shown in the attention-map figures, 0 for none (default: 1)",
+    )
+    fig.add_argument(
+        "--explore-images",
+        type=_non_negative_int,
+        default=explorer.DEFAULT_EXPLORE_IMAGES,
+        metavar="N",
+        help="images in report.html's interactive attention explorer, every layer, head and query; "
+        "0 for none (default: %(default)s)",
     )
     run = p.add_argument_group("running")
     run.add_argument(
@@ -383,6 +391,7 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
             else default_num_workers(args.device),
             progress=not args.no_progress and sys.stderr.isatty(),  # no bar fragments in logs
             precision=args.precision,
+            explore_images=args.explore_images,
         )
         entries[name] = analyze.model_entry(res, th, overrides.get(name), args.fallback, args.bootstrap)
         analyses.append(res)
