@@ -123,7 +123,7 @@ def check_rows(page, bb, data, res, queries=None) -> int:
     for image in range(EXPLORE):
         for layer in range(1, res.depth + 1):
             true = expected_rows(bb, data, layer, image)
-            eps = ex.logit_error[image][layer - 1]  # [heads, stored queries]
+            eps = ex.logit_error(image, layer)  # [heads, stored queries]
             for query in queries or [0, len(ex.queries) // 2, ex.queries[-1]]:
                 qi = ex.queries.index(query)
                 for head in [*range(true.shape[0]), "mean"]:

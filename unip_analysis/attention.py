@@ -219,11 +219,17 @@ class ProjectionObserver(AttentionObserver, Protocol):
     called once per layer, before its rows."""
 
     def projections(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, bias: Callable[[], torch.Tensor | None]
+        self,
+        layer: int,
+        q: torch.Tensor,
+        scale: float,
+        k: torch.Tensor,
+        bias: Callable[[], torch.Tensor | None],
     ) -> None:
-        """``q`` already scaled by ``head_dim^-0.5`` and ``k``, fp32 [batch, heads, tokens, head_dim]
-        after q/k norm and rotary embedding, so that ``q @ k^T + bias()`` are the layer's logits;
-        ``bias()`` computes the block's additive term ([1 or batch, heads, tokens, tokens], or None)."""
+        """``q`` and ``k`` [batch, heads, tokens, head_dim] after q/k norm and rotary embedding (k
+        fp32, q in the model's dtype) so that ``(q.float() * scale) @ k^T + bias()`` are the layer's
+        logits as the analysis computes them; ``bias()`` computes the block's additive term
+        ([1 or batch, heads, tokens, tokens], or None)."""
 
 
 def _streaming_forward(layer: int, observer: AttentionObserver, num_prefix_tokens: int, block_bytes: int):
@@ -244,7 +250,7 @@ def _streaming_forward(layer: int, observer: AttentionObserver, num_prefix_token
             k_t = k_t.float()
             take = getattr(observer, "projections", None)
             if take is not None:  # the explorer: this layer's q and k, as the logits below use them
-                take(layer, q.float() * self.scale, k_t.transpose(-2, -1), lambda: logit_bias(self, context))
+                take(layer, q, self.scale, k_t.transpose(-2, -1), lambda: logit_bias(self, context))
             for q0, q1 in query_blocks(tokens, num_prefix_tokens, rows):
                 logits = (q[:, :, q0:q1].float() * self.scale) @ k_t
                 bias = logit_bias(self, context, q0, q1)

@@ -148,6 +148,10 @@ class Encoded:
     def dtype(self) -> str:
         return "f16" if self.values.dtype == np.float16 else "i8"
 
+    def take(self, i: int) -> Encoded:
+        """Image ``i`` of a batch encoded at once."""
+        return Encoded(self.values[i], None if self.scale is None else self.scale[i])
+
     def decoded(self) -> np.ndarray:
         if self.scale is None:
             return self.values.astype(np.float32)
@@ -162,7 +166,8 @@ class Encoded:
 
 
 def encode(x: torch.Tensor, precision: str) -> Encoded:
-    """``x`` [heads, tokens, d] fp32 in the stored precision; fp16 that would overflow falls back to int8."""
+    """``x`` [..., tokens, d] fp32 in the stored precision; fp16 that would overflow falls back to int8."""
+    x = x.contiguous()
     if precision == "fp16" and float(x.abs().max()) < _FP16_MAX:
         return Encoded(x.to(torch.float16).cpu().numpy(), None)
     scale = x.abs().amax(-1) / _INT8_MAX
@@ -173,11 +178,13 @@ def encode(x: torch.Tensor, precision: str) -> Encoded:
 
 def logit_error_bound(q: Encoded, k: Encoded) -> np.ndarray:
     """Max over keys of the bound on ``|q.k - q^.k^|`` per (head, query):
-    ``sum_d dq_d |k^_d| + |q^_d| dk_d + dq_d dk_d`` with d* the per-element bounds."""
-    qd, kd = q.decoded().astype(np.float64), k.decoded().astype(np.float64)
-    qe, ke = q.error(), k.error()
-    eps = qe @ np.abs(kd).transpose(0, 2, 1) + np.abs(qd) @ ke.transpose(0, 2, 1) + qe @ ke.transpose(0, 2, 1)
-    return eps.max(-1)
+    ``sum_d dq_d |k^_d| + |q^_d| dk_d + dq_d dk_d`` with d* the per-element bounds
+    (= ``dq . |k^| + (|q^| + dq) . dk``; fp32 sums of non-negative terms, rounded up by 1e-5)."""
+    qd, kd = torch.from_numpy(np.abs(q.decoded())), torch.from_numpy(np.abs(k.decoded()))
+    qe = torch.from_numpy(q.error().astype(np.float32))
+    ke = torch.from_numpy(k.error().astype(np.float32))
+    eps = qe @ kd.transpose(1, 2) + (qd + qe) @ ke.transpose(1, 2)
+    return (eps.amax(-1) * (1 + 1e-5)).double().numpy()
 
 
 # --- recording during the analysis -------------------------------------------------------------
@@ -197,11 +204,19 @@ class ExplorerData:
     q: list[list[Encoded]]  # [image][layer]: [heads, queries, d]
     k: list[list[Encoded]]  # [image][layer]: [heads, tokens, d]
     bias: list[np.ndarray | None]  # [layer]: float32 [heads, queries, tokens]
-    logit_error: list[list[np.ndarray]]  # [image][layer]: bound per (head, query)
+    _logit_error: dict = field(default_factory=dict, repr=False)
 
     @property
     def depth(self) -> int:
         return len(self.bias)
+
+    def logit_error(self, image: int, layer: int) -> np.ndarray:
+        """Bound on the logit error per (head, stored query) at ``layer`` (1-based), max over keys;
+        computed when first asked (the report), not during the analysis pass."""
+        key = (image, layer)
+        if key not in self._logit_error:
+            self._logit_error[key] = logit_error_bound(self.q[image][layer - 1], self.k[image][layer - 1])
+        return self._logit_error[key]
 
 
 def display_image(x: torch.Tensor, mean: Sequence[float] | None, std: Sequence[float] | None) -> np.ndarray:
@@ -240,7 +255,6 @@ class ExplorerRecorder:
         self.k: list[list[Encoded]] = []
         self.bias: list[np.ndarray | None] = [None] * depth
         self._bias_seen = [False] * depth
-        self.logit_error: list[list[np.ndarray]] = []
 
     def start_batch(self, batch: torch.Tensor) -> None:
         self._take = min(batch.shape[0], self.images_left)
@@ -250,26 +264,30 @@ class ExplorerRecorder:
             self.images.append(display_image(x, self.mean, self.std))
             self.q.append([])
             self.k.append([])
-            self.logit_error.append([])
 
     def projections(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, bias: Callable[[], torch.Tensor | None]
+        self,
+        layer: int,
+        q: torch.Tensor,
+        scale: float,
+        k: torch.Tensor,
+        bias: Callable[[], torch.Tensor | None],
     ) -> None:
-        if not self._take:
+        if not self._take:  # every image to explore has been seen: nothing to compute
             return
+        q = q[: self._take].float() * scale  # as the analysis' logits: (q.float() * scale) @ k^T
         rows = torch.tensor(self.queries, device=q.device) + self.npt
         if not self._bias_seen[layer]:
             b = bias()
             if b is not None:
                 self.bias[layer] = b[0].index_select(1, rows).float().cpu().numpy()
             self._bias_seen[layer] = True
+        # the whole batch's explored images at once: one encoding per layer and forward
+        qe = encode(q.index_select(2, rows), self.plan.precision)
+        ke = encode(k[: self._take], self.plan.precision)
         for j in range(self._take):
-            i = self._first + j
-            qe = encode(q[j].index_select(1, rows), self.plan.precision)
-            ke = encode(k[j], self.plan.precision)
-            self.q[i].append(qe)
-            self.k[i].append(ke)
-            self.logit_error[i].append(logit_error_bound(qe, ke))
+            self.q[self._first + j].append(qe.take(j))
+            self.k[self._first + j].append(ke.take(j))
 
     def result(self, labels: Sequence[str]) -> ExplorerData:
         return ExplorerData(
@@ -282,7 +300,6 @@ class ExplorerRecorder:
             q=self.q,
             k=self.k,
             bias=self.bias,
-            logit_error=self.logit_error,
         )
 
 
@@ -383,7 +400,7 @@ def model_payload(
                 "qs": None if q.scale is None else blob.add(q.scale),
                 "ks": None if k.scale is None else blob.add(k.scale),
                 "d": int(q.values.shape[-1]),
-                "eps": float(data.logit_error[i][lay].max()),
+                "eps": float(data.logit_error(i, lay + 1).max()),
             }
             layers.append(entry)
         name = f"{key}i{i}"

@@ -214,7 +214,7 @@ function unipExplorerMount(root, source, options) {
     return p;
   }
 
-  let panels = [];
+  let panels = [], loaded = false;
   const imgCache = new Map();
   function imageOf(m, i) {
     const key = `${m.name}/${i}`;
@@ -304,6 +304,7 @@ function unipExplorerMount(root, source, options) {
   }
 
   function layoutPanels() {
+    if (!loaded) return;  // built once the data are decoded
     panelsEl.textContent = "";
     panels = [state.a, state.b].filter((i) => i >= 0 && i < models.length)
       .filter((i, j, all) => all.indexOf(i) === j).map((i) => buildPanel(models[i]));
@@ -375,6 +376,7 @@ function unipExplorerMount(root, source, options) {
   });
   api.ready = Promise.all(models.map((m) => m.load(source.blobs))).then(() => {
     loading.remove();
+    loaded = true;
     layoutPanels();
     root.setAttribute("data-ready", "true");
     return api;
