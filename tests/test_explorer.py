@@ -5,6 +5,7 @@ planner reduces and says so; the Jupyter entry point returns the same rows."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -281,3 +282,73 @@ def test_explore_refuses_an_analysis_without_explorer_data(image_dir):
     )
     with pytest.raises(ValueError, match="no explorer data"):
         explorer.explore(res)
+
+
+WIDGET_HOST = """<!DOCTYPE html><html><head><meta charset="utf-8"></head><body><div id="el"></div>
+<script type="application/json" id="state">__STATE__</script>
+<script type="module">
+// A minimal anywidget host: the model API the widget's ES module uses (get, set, on, save_changes).
+const data = JSON.parse(document.getElementById("state").textContent), handlers = {};
+const model = {
+  get: (k) => data[k],
+  set: (k, v) => { data[k] = v; },
+  on: (ev, f) => { (handlers[ev] = handlers[ev] || []).push(f); },
+  save_changes: () => { window.saves = (window.saves || 0) + 1; },
+};
+const url = URL.createObjectURL(new Blob([data._esm], {type: "text/javascript"}));
+const mod = await import(url);
+mod.default.render({model, el: document.getElementById("el")});
+window.host = {data, handlers, fromPython(state) { data.state = state; handlers["change:state"].forEach((f) => f()); }};
+</script></body></html>"""
+
+
+def test_widget_module_renders_and_syncs_in_the_browser(browser, tmp_path):
+    """The anywidget ES module (the report's JS plus render()) in chromium under a minimal host:
+    the state set from Python moves the view, and the rows it sends back equal Python's."""
+    images = write_images(tmp_path / "imgs", n=2)
+    w = explorer.explore({"a": backbone(TINY_ARCH, TINY_IMG)}, images, explore_images=2)
+    state = {"_esm": w._esm, "meta": w.meta, "blobs": w.blobs, "state": w.state, "displayed": {}}
+    page_path = tmp_path / "host.html"
+    page_path.write_text(WIDGET_HOST.replace("__STATE__", json.dumps(state).replace("</", "<\\/")))
+    page = browser.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(page_path.as_uri())
+    page.wait_for_selector(".unip-explorer[data-ready='true']")
+    page.wait_for_function("window.host && Object.keys(window.host.data.displayed).length > 0")
+    w.set(query=(3, 1), layer=2, head=1, image=1)
+    page.evaluate("s => window.host.fromPython(s)", w.state)
+    shown = page.evaluate("window.host.data.displayed")
+    assert shown["a"]["query"] == 13 and shown["a"]["layer"] == 2 and shown["a"]["head"] == 1
+    np.testing.assert_allclose(shown["a"]["row"], w.displayed_rows()["a"], rtol=0, atol=1e-12)
+    # a click in the browser goes back to Python's side of the state
+    big = page.locator("canvas.ux-big")
+    box = big.bounding_box()
+    big.click(position={"x": box["width"] * 0.1, "y": box["height"] * 0.1})
+    assert page.evaluate("window.host.data.state.query") == 0
+    assert not errors
+    page.close()
+
+
+def test_cli_explore_images_default_and_off(tiny_timm_checkpoint, image_dir, tmp_path, capsys):
+    from unip_analysis import cli
+
+    arch, path = tiny_timm_checkpoint
+    common = [
+        "--checkpoint",
+        f"t=timm:{arch}:{path}",
+        "--images",
+        str(image_dir),
+        "--img-size",
+        str(TINY_IMG),
+    ]
+    common += ["--no-progress", "--bootstrap", "20"]
+    assert cli.main([*common, "--out", str(tmp_path / "on")]) == 0
+    page = (tmp_path / "on" / "report.html").read_text()
+    assert "data-unip-explorer" in page and "Attention explorer" in page
+    meta = re.search(r'<script type="application/json" class="ux-meta">(.*?)</script>', page, re.S).group(1)
+    assert len(json.loads(meta)["models"][0]["images"]) == explorer.DEFAULT_EXPLORE_IMAGES
+    assert cli.main([*common, "--out", str(tmp_path / "off"), "--explore-images", "0"]) == 0
+    page = (tmp_path / "off" / "report.html").read_text()
+    assert "data-unip-explorer" not in page and "<script" not in page
+    capsys.readouterr()

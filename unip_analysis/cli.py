@@ -393,6 +393,9 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
             precision=args.precision,
             explore_images=args.explore_images,
         )
+        if res.explorer is not None:
+            for note in res.explorer.plan.reductions:
+                _say(f"  explorer: {note}")
         entries[name] = analyze.model_entry(res, th, overrides.get(name), args.fallback, args.bootstrap)
         analyses.append(res)
 
