@@ -79,6 +79,31 @@ def time_analysis(bb, dataset, cfg: dict, repeats: int) -> tuple[dict, object]:
     return {"seconds": med, "ratio_with_over_without": med["with"] / med["without"]}, res
 
 
+def measured_error(bb, dataset, res) -> dict:
+    """Image 0, every layer, head and stored query: the explorer's rows (decoded q and k, as the
+    page computes them) against softmax(attention.layer_qk_logits) in fp64; and the bound."""
+    from unip_analysis import attention
+
+    ex, npt = res.explorer, res.num_prefix_tokens
+    worst_abs = worst_rel = worst_bound = 0.0
+    x = dataset[0][None]
+    for layer in range(1, res.depth + 1):
+        with torch.no_grad():
+            true = attention.layer_qk_logits(bb.model, x, layer - 1).double().softmax(-1)[0]
+        true = true[:, [npt + q for q in ex.queries]].numpy()  # [heads, queries, tokens]
+        q = ex.q[0][layer - 1].decoded().astype(np.float64)
+        k = ex.k[0][layer - 1].decoded().astype(np.float64)
+        logits = q @ k.transpose(0, 2, 1)
+        if ex.bias[layer - 1] is not None:
+            logits = logits + ex.bias[layer - 1]
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        worst_abs = max(worst_abs, float(np.abs(p - true).max()))
+        worst_rel = max(worst_rel, float((np.abs(p - true) / true).max()))
+        worst_bound = max(worst_bound, float(np.expm1(2 * ex.logit_error(0, layer)).max()))
+    return {"max_abs_error": worst_abs, "max_rel_error": worst_rel, "max_rel_bound": worst_bound}
+
+
 def browser_times(path: Path, loads: int, clicks: int, screenshot: Path | None) -> dict:
     from playwright.sync_api import sync_playwright
 
@@ -170,6 +195,7 @@ def main() -> None:
                 for lay in range(1, res.depth + 1)
             ),
         }
+        result["image0_error"] = measured_error(bb, dataset, res)
         if Path(CHROMIUM).exists():
             result["browser"] = browser_times(
                 path, 1 if args.quick else args.loads, 3 if args.quick else args.clicks, args.screenshot
