@@ -46,7 +46,7 @@ _INT8_MAX = 127
 _FP16_MAX = 65504.0
 _FP16_REL = 2.0**-11  # round to nearest: |x - fp16(x)| <= 2^-11 |x| in the normal range
 _FP16_ABS = 2.0**-25  # ... and half the smallest subnormal step below it
-_F32_REL = 2.0**-24  # the fp32 rounding of int8 * scale in the browser
+_F32_REL = 2.0**-23  # int8: x / s and int * s (the browser's Float32Array) are each rounded in fp32
 
 
 # --- what to store ---------------------------------------------------------------------------
