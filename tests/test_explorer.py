@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from attention_reference import ATTENTION_ARCHS, randomize
 from conftest import TINY_ARCH, TINY_IMG, write_images
 
 from unip_analysis import analyze, attention, checkpoints, explorer, report
@@ -41,8 +42,11 @@ def backbone(arch: str, img_size, seed: int = 0) -> checkpoints.LoadedBackbone:
     torch.manual_seed(seed)
     model = checkpoints.build_vit(arch, img_size=img_size).eval()
     with torch.no_grad():  # larger q and k than the initialisation: sharper, less uniform attention
-        for blk in model.blocks:
-            blk.attn.qkv.weight.mul_(4.0)
+        if arch in ATTENTION_ARCHS.values():
+            randomize(model, seed, scale=0.15)  # position tables and biases random too
+        else:
+            for blk in model.blocks:
+                blk.attn.qkv.weight.mul_(4.0)
     size = img_size if isinstance(img_size, int) else img_size[0]
     return checkpoints.LoadedBackbone(model, "timm", arch, "random", "0" * 64, size)
 
@@ -57,6 +61,11 @@ CASES = {
     ),
     "wide": ("vit_tiny_patch16_224(depth=3,embed_dim=64,num_heads=2,patch_size=8)", (32, 64)),
     "beit": ("beit_base_patch16_224(depth=2,embed_dim=64,num_heads=2,patch_size=8)", 32),
+    # the other attention classes and position terms (tests/attention_reference.py)
+    "beit_shared": (ATTENTION_ARCHS["beit_shared"], 32),
+    "eva02": (ATTENTION_ARCHS["eva02_separate_qkv"], 32),
+    "rope_mixed": (ATTENTION_ARCHS["rope_mixed"], 32),
+    "deit_distilled": (ATTENTION_ARCHS["deit_distilled"], 32),
 }
 
 
@@ -163,18 +172,16 @@ def case_name(res) -> str:
     return f"{res.name} ({res.explorer.plan.precision})"
 
 
-@pytest.mark.parametrize("case", ["plain", "registers", "no_cls", "wide", "beit"])
+@pytest.mark.parametrize("case", list(CASES))
 def test_rows_read_back_from_the_browser_equal_pythons_attention(case, browser, tmp_path):
     bb, data, res = analysed(case)
     assert res.explorer.plan.precision == "fp16" and res.explorer.plan.reductions == []
-    assert (res.num_prefix_tokens, res.grid) == {
-        "plain": (1, (4, 4)),
-        "registers": (3, (4, 4)),
-        "no_cls": (0, (4, 4)),
-        "wide": (1, (4, 8)),
-        "beit": (1, (4, 4)),
-    }[case]
-    if case == "beit":  # the relative position bias is stored and used
+    expected_layout = (
+        {"registers": 3, "no_cls": 0, "deit_distilled": 2}.get(case, 1),
+        {"wide": (4, 8)}.get(case, (4, 4)),
+    )
+    assert (res.num_prefix_tokens, res.grid) == expected_layout
+    if case in ("beit", "beit_shared"):  # the relative position bias is stored and used
         assert all(b is not None for b in res.explorer.bias)
     page, errors, outside = open_report(browser, page_of([res], tmp_path))
     api = page.evaluate(

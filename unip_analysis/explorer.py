@@ -280,7 +280,10 @@ class ExplorerRecorder:
         if not self._bias_seen[layer]:
             b = bias()
             if b is not None:
-                self.bias[layer] = b[0].index_select(1, rows).float().cpu().numpy()
+                b = (
+                    b if b.dim() == 3 else b[0]
+                )  # [heads, tokens, tokens]: BEiT's shared table has no batch dim
+                self.bias[layer] = b.index_select(1, rows).float().cpu().numpy()
             self._bias_seen[layer] = True
         # the whole batch's explored images at once: one encoding per layer and forward
         qe = encode(q.index_select(2, rows), self.plan.precision)
