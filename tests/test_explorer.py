@@ -359,3 +359,23 @@ def test_cli_explore_images_default_and_off(tiny_timm_checkpoint, image_dir, tmp
     page = (tmp_path / "off" / "report.html").read_text()
     assert "data-unip-explorer" not in page and "<script" not in page
     capsys.readouterr()
+
+
+def test_query_stride_stores_every_other_query_and_snaps(browser, tmp_path, monkeypatch):
+    """Past the budget with a query stride: only those queries are stored, row() of another is
+    null, a click snaps to the nearest stored query, and the page says what was reduced."""
+    stride_plan = explorer.ExplorerPlan("int8", 2, EXPLORE, ["query stride 2: for the test"])
+    monkeypatch.setattr(analyze, "plan_explorer", lambda *a, **k: stride_plan)
+    bb, data, res = analysed("wide")
+    assert res.explorer.queries == [0, 2, 4, 6, 16, 18, 20, 22]
+    page, errors, outside = open_report(browser, page_of([res], tmp_path))
+    assert page.evaluate("unipExplorer.row('wide', 0, 1, 0, 1)") is None
+    check_rows(page, bb, data, res, queries=[0, 6, 18])
+    big = page.locator("canvas.ux-big")
+    box = big.bounding_box()
+    big.click(position={"x": box["width"] * (3.2 / 8), "y": box["height"] * (1.2 / 4)})  # patch (1, 3)
+    assert page.evaluate("unipExplorer.state().query") == 20  # (1, 3) -> (2, 4): halves round up
+    assert explorer._snap(res.explorer, 1, 3) == 20  # the same in Python (Explorer.displayed_rows)
+    assert "reduced: query stride 2" in page.inner_text("[data-unip-explorer]")
+    assert not errors and not outside
+    page.close()

@@ -639,8 +639,9 @@ class Explorer:
 def _snap(data: ExplorerData, r: int, c: int) -> int:
     s = data.plan.query_stride
     rows_, cols = data.grid
-    r = min(round(r / s) * s, (rows_ - 1) // s * s)
-    c = min(round(c / s) * s, (cols - 1) // s * s)
+    # halves round up, as the page's Math.round does
+    r = min(math.floor(r / s + 0.5) * s, (rows_ - 1) // s * s)
+    c = min(math.floor(c / s + 0.5) * s, (cols - 1) // s * s)
     return r * cols + c
 
 
