@@ -229,7 +229,8 @@ class ProjectionObserver(AttentionObserver, Protocol):
         """``q`` and ``k`` [batch, heads, tokens, head_dim] after q/k norm and rotary embedding (k
         fp32, q in the model's dtype) so that ``(q.float() * scale) @ k^T + bias()`` are the layer's
         logits as the analysis computes them; ``bias()`` computes the block's additive term
-        ([1 or batch, heads, tokens, tokens], or None)."""
+        ([1, heads, tokens, tokens] for a block's own table, [heads, tokens, tokens] for BEiT's
+        shared one, or None)."""
 
 
 def _streaming_forward(layer: int, observer: AttentionObserver, num_prefix_tokens: int, block_bytes: int):
