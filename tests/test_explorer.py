@@ -314,6 +314,7 @@ def test_widget_module_renders_and_syncs_in_the_browser(browser, tmp_path):
     the state set from Python moves the view, and the rows it sends back equal Python's."""
     images = write_images(tmp_path / "imgs", n=2)
     w = explorer.explore({"a": backbone(TINY_ARCH, TINY_IMG)}, images, explore_images=2)
+    w.set(query=5, layer=3, head=0, image=1)  # before the view opens: its first render shows it
     state = {"_esm": w._esm, "meta": w.meta, "blobs": w.blobs, "state": w.state, "displayed": {}}
     page_path = tmp_path / "host.html"
     page_path.write_text(WIDGET_HOST.replace("__STATE__", json.dumps(state).replace("</", "<\\/")))
@@ -323,6 +324,9 @@ def test_widget_module_renders_and_syncs_in_the_browser(browser, tmp_path):
     page.goto(page_path.as_uri())
     page.wait_for_selector(".unip-explorer[data-ready='true']")
     page.wait_for_function("window.host && Object.keys(window.host.data.displayed).length > 0")
+    first = page.evaluate("window.host.data")
+    assert first["state"] == {"image": 1, "layer": 3, "head": 0, "query": 5}
+    np.testing.assert_allclose(first["displayed"]["a"]["row"], w.displayed_rows()["a"], rtol=0, atol=1e-12)
     w.set(query=(3, 1), layer=2, head=1, image=1)
     page.evaluate("s => window.host.fromPython(s)", w.state)
     shown = page.evaluate("window.host.data.displayed")

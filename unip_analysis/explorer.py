@@ -513,6 +513,7 @@ export default {
     let fromPython = false;
     const api = unipExplorerMount(root, { meta: model.get("meta"), blobs: model.get("blobs") }, {
       global: true,
+      initial: Object.assign({}, model.get("state")),  // what Python set before the view opened
       onChange(state, displayed) {
         if (fromPython) return;
         model.set("state", { image: state.image, layer: state.layer, head: state.head, query: state.query });

@@ -130,7 +130,8 @@ function unipExplorerReadDom(root) {
 }
 
 // Build the explorer inside `root` from {meta, blobs}. options.global: set window.unipExplorer;
-// options.onChange(state, displayed): called after every render (the Jupyter widget syncs it).
+// options.initial: the state to open with ({image, layer, head, query}); options.onChange(state,
+// displayed): called after every render (the Jupyter widget syncs it).
 function unipExplorerMount(root, source, options) {
   options = options || {};
   const colors = source.meta.colors || {};
@@ -377,6 +378,7 @@ function unipExplorerMount(root, source, options) {
   api.ready = Promise.all(models.map((m) => m.load(source.blobs))).then(() => {
     loading.remove();
     loaded = true;
+    if (options.initial) api.set(options.initial);  // before the first render, which reports the state
     layoutPanels();
     root.setAttribute("data-ready", "true");
     return api;
