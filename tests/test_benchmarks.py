@@ -44,3 +44,11 @@ def test_bench_analysis_extrapolates_the_stacked_variant_by_depth():
     assert bench_analysis.stacked_depth(plain, 1, max_gib=4.0) == 1
     assert bench_analysis.stacked_depth(plain, 1, max_gib=60.0) is None
     assert bench_analysis.stacked_depth({"heads": 6, "tokens": 197, "depth": 12}, 8, 4.0) is None
+
+
+def test_bench_explorer_quick():
+    report = run_quick("bench_explorer.py")
+    assert report["analysis"]["seconds"]["with"] > 0 and report["analysis"]["ratio_with_over_without"] > 0
+    assert report["report_bytes"] > 0 and report["precision"] in ("fp16", "int8")
+    if "browser" in report:  # chromium present
+        assert report["browser"]["load_ms_median"] > 0 and report["browser"]["click_to_frame_ms_median"] > 0

@@ -79,8 +79,15 @@ def check_attention_patterns(nb: nbformat.NotebookNode, out: Path) -> dict:
     last = text_of(nb.cells[-1])
     for name, m in doc["models"].items():
         assert f"{name}: selected layer {m['selected_layer']} of 8 (4 heads)" in last
-    # Figures: sample images, NMI + distance, two attention-map grids, the heat-map.
-    assert png_count(nb) >= 5
+    # Figures: sample images, NMI + distance, rows read back from the explorer, the heat-map.
+    assert png_count(nb) >= 4
+    # The explorer: a widget view, with the static HTML explorer for front ends without widgets,
+    # and rows read back into Python for a query set from Python.
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    widget = [o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert len(widget) == 1 and "data-unip-explorer" in widget[0]["data"]["text/html"]
+    for name in ("demo_mim", "demo_sup"):
+        assert re.search(rf"{name}: layer 8, query \(2, 5\): max 0\.\d+, prefix share 0\.\d+", all_text(nb))
     # The comparison states something about the pair.
     assert "demo_mim vs demo_sup: NMI profiles" in all_text(nb)
     return doc

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from . import images as imgs
 from .attention import observe_attention
 from .checkpoints import LoadedBackbone
+from .explorer import ExplorerData, ExplorerRecorder, plan_explorer
 from .metrics import NMI_EPS, StreamingStatistics, bootstrap_ci, check_nmi_definition
 from .patterns import Thresholds, classify, default_thresholds, robustness, select_layer
 
@@ -67,6 +68,7 @@ class ModelAnalysis:
     map_images: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     nmi_definition: str = "park"  # what head_nmi holds: metrics.NMI_DEFINITIONS
+    explorer: ExplorerData | None = None  # every layer's q and k of a few images (--explore-images)
 
     @property
     def n_images(self) -> int:
@@ -148,6 +150,7 @@ class LayerObserver:
         map_images: int = 0,
         device: torch.device | str = "cpu",
         nmi_definition: str = "park",
+        explorer: ExplorerRecorder | None = None,
     ):
         self.grid, self.patch_size, self.npt, self.device = grid, patch_size, num_prefix_tokens, device
         self.nmi_definition = check_nmi_definition(nmi_definition)
@@ -159,6 +162,9 @@ class LayerObserver:
         self._stats: StreamingStatistics | None = None
         self._rows: torch.Tensor | None = None
         self._take = 0
+        self.explorer = explorer
+        if explorer is not None:  # only then does the attention hand over each layer's q and k
+            self.projections = explorer.projections
 
     def start_batch(self, batch: int) -> None:
         """Called before each forward: how many of this batch's images the figures still need."""
@@ -220,6 +226,7 @@ def analyze_backbone(
     progress: bool = True,
     precision: str = "fp32",
     nmi: str = "park",
+    explore_images: int = 0,
 ) -> ModelAnalysis:
     """Forward every image once; reduce each layer's attention to NMI / distance as it is produced.
 
@@ -228,6 +235,8 @@ def analyze_backbone(
     ``precision`` bf16 / fp16 runs the model under autocast; the logits, softmax and statistics
     stay in fp32 / fp64. ``nmi``: 'park' (Park et al., patch tokens) or 'unip' (UNIP's published
     function on the whole map), see :mod:`unip_analysis.metrics`.
+    stay in fp32 / fp64. ``explore_images`` > 0 also keeps every layer's q and k of that many
+    first images, encoded for the attention explorer (:mod:`unip_analysis.explorer`).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
@@ -235,8 +244,34 @@ def analyze_backbone(
     model = backbone.model.to(device).eval()
     grid = tuple(int(g) for g in model.patch_embed.grid_size)
     q_idx = query_token_indices(query_points, grid)
+    recorder = None
+    if explore_images > 0:
+        blocks = list(model.blocks)
+        plan = plan_explorer(
+            min(explore_images, len(dataset)),
+            [b.attn.num_heads for b in blocks],
+            [_head_dim(b.attn) for b in blocks],
+            grid,
+            backbone.num_prefix_tokens,
+        )
+        recorder = ExplorerRecorder(
+            plan,
+            backbone.depth,
+            grid,
+            backbone.num_prefix_tokens,
+            getattr(dataset, "mean", None),
+            getattr(dataset, "std", None),
+        )
     observer = LayerObserver(
-        backbone.depth, grid, backbone.patch_size, backbone.num_prefix_tokens, q_idx, map_images, device, nmi
+        backbone.depth,
+        grid,
+        backbone.patch_size,
+        backbone.num_prefix_tokens,
+        q_idx,
+        map_images,
+        device,
+        nmi,
+        recorder,
     )
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers
@@ -246,6 +281,8 @@ def analyze_backbone(
     with observe_attention(model, observer):
         for batch in bar:
             observer.start_batch(batch.shape[0])
+            if recorder is not None:
+                recorder.start_batch(batch)
             with autocast(device, dtype):
                 model.forward_features(batch.to(device, non_blocking=True))
     files = getattr(dataset, "files", [])
@@ -270,7 +307,19 @@ def analyze_backbone(
         map_images=[str(f) for f in files[:map_images]],
         notes=list(backbone.notes),
         nmi_definition=nmi,
+        explorer=None if recorder is None else recorder.result([_label(f) for f in files]),
     )
+
+
+def _head_dim(attn: torch.nn.Module) -> int:
+    if getattr(attn, "head_dim", None):
+        return int(attn.head_dim)
+    qkv = getattr(attn, "qkv", None) or attn.q_proj
+    return qkv.weight.shape[0] // (3 if getattr(attn, "qkv", None) is not None else 1) // attn.num_heads
+
+
+def _label(path: str | Path) -> str:
+    return Path(path).name
 
 
 def model_entry(

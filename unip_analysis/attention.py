@@ -214,6 +214,25 @@ class AttentionObserver(Protocol):
         """Every row of layer ``layer`` has been delivered."""
 
 
+class ProjectionObserver(AttentionObserver, Protocol):
+    """An observer that also wants each layer's logit inputs (the attention explorer stores them):
+    called once per layer, before its rows."""
+
+    def projections(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        scale: float,
+        k: torch.Tensor,
+        bias: Callable[[], torch.Tensor | None],
+    ) -> None:
+        """``q`` and ``k`` [batch, heads, tokens, head_dim] after q/k norm and rotary embedding (k
+        fp32, q in the model's dtype) so that ``(q.float() * scale) @ k^T + bias()`` are the layer's
+        logits as the analysis computes them; ``bias()`` computes the block's additive term
+        ([1, heads, tokens, tokens] for a block's own table, [heads, tokens, tokens] for BEiT's
+        shared one, or None)."""
+
+
 def _streaming_forward(layer: int, observer: AttentionObserver, num_prefix_tokens: int, block_bytes: int):
     def forward(self: torch.nn.Module, x: torch.Tensor, **context: Any) -> torch.Tensor:
         _refuse_masks(self, context)
@@ -230,6 +249,9 @@ def _streaming_forward(layer: int, observer: AttentionObserver, num_prefix_token
         # logits can overflow and would put rounding noise into every statistic.
         with torch.autocast(x.device.type, enabled=False):
             k_t = k_t.float()
+            take = getattr(observer, "projections", None)
+            if take is not None:  # the explorer: this layer's q and k, as the logits below use them
+                take(layer, q, self.scale, k_t.transpose(-2, -1), lambda: logit_bias(self, context))
             for q0, q1 in query_blocks(tokens, num_prefix_tokens, rows):
                 logits = (q[:, :, q0:q1].float() * self.scale) @ k_t
                 bias = logit_bias(self, context, q0, q1)

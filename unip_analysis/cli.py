@@ -21,7 +21,7 @@ from typing import Literal
 
 import torch
 
-from . import __version__, analyze, checkpoints, command, images, report
+from . import __version__, analyze, checkpoints, command, explorer, images, report
 from .checkpoints import CheckpointSpec, LoadedBackbone
 from .errors import SpecError
 from .files import read_json
@@ -118,6 +118,13 @@ class AnalyzeOptions:
     device: str = command.device()
     precision: str = command.precision(
         "fp32", "the models run under autocast; logits, softmax and statistics stay fp32 / fp64"
+    )
+    explore_images: int = command.option(
+        explorer.DEFAULT_EXPLORE_IMAGES,
+        help="images in report.html's interactive attention explorer (every layer, head and query); 0 for none",
+        group="figures",
+        metavar="N",
+        check=command.non_negative,
     )
     workers: int | None = command.workers(
         f"image-decoding worker processes (default: the cores available, at most {MAX_DEFAULT_WORKERS}, "
@@ -359,7 +366,11 @@ def run(args: AnalyzeOptions) -> dict[str, Path]:
             progress=args.progress and sys.stderr.isatty(),  # no bar fragments in logs
             precision=resolve_precision(args.precision, device),
             nmi=args.nmi,
+            explore_images=args.explore_images,
         )
+        if res.explorer is not None:
+            for note in res.explorer.plan.reductions:
+                _say(f"  explorer: {note}")
         entries[name] = analyze.model_entry(res, th, overrides.get(name), args.fallback, args.bootstrap)
         analyses.append(res)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import __version__, plots, selection
+from . import __version__, explorer, plots, selection
 from .analyze import ModelAnalysis
 from .files import atomic_write_bytes, atomic_write_text
 from .metrics import NMI_LABELS
@@ -350,9 +350,11 @@ def render_html(
     figures: Mapping[str, bytes],
     thresholds_source: str = "",
     notes: Mapping[str, Sequence[str]] | None = None,
+    explorer_html: str = "",
 ) -> str:
-    """One self-contained HTML page: summary, thresholds, figures, and per model its checkpoint,
-    selection and layer table. Opens offline: no external CSS, scripts or images."""
+    """One self-contained HTML page: summary, thresholds, figures, the attention explorer (when
+    ``explorer_html`` holds one, see :func:`unip_analysis.explorer.render_section`), and per model
+    its checkpoint, selection and layer table. Opens offline: no external CSS, scripts or images."""
     notes = notes or {}
     th, im = doc["thresholds"], doc["images"]
     names = figure_names(list(doc["models"]))
@@ -416,6 +418,13 @@ def render_html(
     ):
         if fname in figures:
             parts.append(img_tag(figures[fname], alt))
+    if explorer_html:
+        parts += [
+            "<h2>Attention explorer</h2>",
+            '<p class="muted">Every layer, head and patch query of the first images, computed in the page from '
+            'the stored queries and keys (docs/analysis.md, "Attention explorer").</p>',
+            explorer_html,
+        ]
     for name, m in doc["models"].items():
         sel = m["selected_layer"]
         parts.append(f"<h2>{esc(name)}</h2>")
@@ -509,7 +518,11 @@ def build_report(
         entries, thresholds, images_dir, image_count, img_size, norm, created, definitions.pop()
     )
     figures = render_figures(analyses, doc, thresholds)
-    page = render_html(doc, figures, thresholds.source, {res.name: res.notes for res in analyses})
+    section = ""
+    if any(res.explorer is not None for res in analyses):
+        selected = {name: m["selected_layer"] for name, m in doc["models"].items()}
+        section = explorer.render_section(*explorer.payload(analyses, thresholds, selected))
+    page = render_html(doc, figures, thresholds.source, {res.name: res.notes for res in analyses}, section)
     return Report(doc=doc, stats=stats_frame(analyses, doc), figures=figures, html=page)
 
 
