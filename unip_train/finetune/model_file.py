@@ -5,7 +5,6 @@ and read the file (``torch.load(weights_only=True)``)."""
 
 from __future__ import annotations
 
-from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -16,12 +15,7 @@ from unip_analysis.pad_vit import adapter_width, add_adapters, drop_adapters
 
 from ..checkpointing import load_checkpoint, save_checkpoint
 from .backbone import prepare_for_finetuning
-from .config import (
-    FinetuneConfig,
-    FinetuneError,
-    parse_backbone,
-    plain_config,
-)
+from .config import FinetuneConfig, FinetuneError, config_from_record, parse_backbone, plain_config
 from .ll_fpn import Segmentor
 
 MODEL_FORMAT = "unip-finetune/2"  # 2: LayerScale / relative position bias / raw features / head widths
@@ -38,7 +32,7 @@ def default_heads(arch: str) -> int:
 def build_backbone(cfg: FinetuneConfig) -> tuple[torch.nn.Module, dict]:
     """The pre-trained ViT with the fine-tuning parts added (ft mode) and where it came from."""
     family, arch, path = parse_backbone(cfg.backbone)
-    loaded = load_backbone(family, arch, path, img_size=cfg.crop)
+    loaded = load_backbone(family, arch, path, img_size=cfg.img_size)
     model = loaded.model
     info = {
         "family": family,
@@ -94,11 +88,12 @@ def load_model(path: str | Path) -> tuple[Segmentor, FinetuneConfig, dict]:
             f"{path}: not a model.pt of this unip-finetune (format {MODEL_FORMAT}, found {found}); "
             "fine-tune again to re-evaluate it"
         )
-    known = {f.name for f in fields(FinetuneConfig)}
-    cfg = FinetuneConfig(**{k: v for k, v in ckpt["config"].items() if k in known})
+    cfg = config_from_record(ckpt["config"])  # model.pt files of earlier versions say crop, amp
     info = ckpt["backbone"]
     kwargs = transformers_format.timm_kwargs(info["hf_build"], path) if "hf_build" in info else {}
-    backbone = build_vit(info["arch"], img_size=cfg.crop, heads_per_layer=info["heads_per_layer"], **kwargs)
+    backbone = build_vit(
+        info["arch"], img_size=cfg.img_size, heads_per_layer=info["heads_per_layer"], **kwargs
+    )
     if info.get("adapter_width"):
         add_adapters(backbone, info["adapter_width"])
     if cfg.mode == "ft":

@@ -368,12 +368,12 @@ class MeanTeacherExtension:
     def setup(self, ctx) -> None:
         """Teacher = a copy of ``ctx.model``; the unlabelled loader for this process (``ctx.dist``)."""
         self.device, self.student = torch.device(ctx.device), ctx.model
-        self.amp = amp_dtype(getattr(ctx.cfg, "amp", "none"), self.device)
+        self.amp = amp_dtype(getattr(ctx.cfg, "precision", "fp32"), self.device)
         self.teacher = copy.deepcopy(ctx.model).to(self.device).eval().requires_grad_(False)
         world, rank = ctx.dist.world_size, ctx.dist.rank
         b = self.batch_size or max(1, int(ctx.cfg.batch_size) // world)
         seed = stream_seed(ctx.seed, UNLABELLED_KEY)
-        self.dataset = UnlabelledSet(self.files, int(ctx.cfg.crop), seed, self.student_photometric)
+        self.dataset = UnlabelledSet(self.files, int(ctx.cfg.img_size), seed, self.student_photometric)
         self.sampler = EpochSampler(len(self.files), world, rank, seed=seed)
         self.per_epoch = self.sampler.per_rank // b
         if self.per_epoch < 1:
