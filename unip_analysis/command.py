@@ -32,6 +32,7 @@ import re
 import sys
 import time
 import traceback
+import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
@@ -311,7 +312,7 @@ class Command:
         except (Exception, SystemExit) as e:  # jsonargparse raises ArgumentError / its own errors
             if isinstance(e, SystemExit):
                 raise
-            raise SpecError(f"{_one_line(str(e))} (see {self.prog} --help)") from None
+            raise SpecError(f"{self._concise(_one_line(str(e)))} (see {self.prog} --help)") from None
         values = {s.name: getattr(ns, s.name) for s in self.specs}
         for s in self.specs:
             v = values[s.name]
@@ -326,6 +327,15 @@ class Command:
             print(_yaml(values), end="")
             raise SystemExit(0)
         return self.options(**values)
+
+    def _concise(self, text: str) -> str:
+        """jsonargparse's type error (the Union subtypes tried, one by one) as ``--opt 'v': expected T``."""
+        key = re.search(r'Parser key "(\w+)"', text)
+        spec = self.by_name.get(key.group(1)) if key else None
+        if spec is None or "value: " not in text:
+            return text
+        given = text.rsplit("value: ", 1)[1]  # the last one: the value as the user gave it
+        return f"{spec.flag} {given!r}: expected {_describe(spec.type)}"
 
     def _translate(self, argv: list[str]) -> list[str]:
         """Old spellings -> current ones (one notice each); list options in jsonargparse's form."""
@@ -397,6 +407,22 @@ class Command:
     def record(self, options: Any) -> dict[str, Any]:
         """The resolved options as JSON-ready values (what ``config.json`` holds)."""
         return {s.name: _plain_value(getattr(options, s.name)) for s in self.specs}
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", str: "a text", bool: "true or false", Path: "a path"}
+
+
+def _describe(tp: Any) -> str:
+    """A type as the error message says it: ``int | None`` -> an integer, ``Literal['a', 'b']`` -> one of a, b."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(str, args))
+    if origin in (list, tuple):
+        inner = " or ".join(dict.fromkeys(_describe(a) for a in args if a is not Ellipsis))
+        return f"a comma-separated list ({inner})"
+    if args:  # a union: what it takes besides None
+        return " or ".join(_describe(a) for a in args if a is not type(None))
+    return _TYPE_WORDS.get(tp, getattr(tp, "__name__", str(tp)))
 
 
 def _old_value(spec: Spec, key: str, value: Any) -> Any:

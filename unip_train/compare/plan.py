@@ -206,7 +206,7 @@ def load_plan(path: str | Path) -> Plan:
     try:
         data = command.read_config_file(path)
     except SpecError as e:
-        raise PlanError(str(e).replace("--config", "plan")) from None
+        raise PlanError(str(e).replace("--config file", "the plan").replace("--config", "the plan")) from None
     return plan_from_dict(data, path.parent, path.name, path=path, text=path.read_text(encoding="utf-8"))
 
 
