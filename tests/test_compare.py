@@ -6,9 +6,9 @@ through submitit's local executor."""
 from __future__ import annotations
 
 import json
-import shutil
 import math
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
