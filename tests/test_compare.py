@@ -32,7 +32,7 @@ from unip_train.compare import (
     t_interval,
 )
 from unip_train.compare.backbones import random_init_bytes
-from unip_train.compare.cells import RECORD, prepare
+from unip_train.compare.cells import RECORD, canonical_options, prepare
 from unip_train.compare.cli import main
 from unip_train.compare.execution import device_slots, estimate_remaining
 from unip_train.synthetic import generate
@@ -172,7 +172,7 @@ layerwise = "all"
 """
 
 
-def test_good_plan_in_toml_and_json_expands_to_the_same_cells(assets: Path):
+def test_good_plan_in_toml_json_and_yaml_expands_to_the_same_cells(assets: Path):
     toml_path = assets / "full.toml"
     toml_path.write_text(FULL_TOML.format(tiny=TINY))
     plan = load_plan(toml_path)
@@ -207,6 +207,13 @@ def test_good_plan_in_toml_and_json_expands_to_the_same_cells(assets: Path):
     as_json = tomllib_load(toml_path)
     same = plan_from_dict(as_json, assets)
     assert [c.label for c in same.cells()] == [c.label for c in cells]
+    # YAML too, read by the same machinery as every command's --config file.
+    import yaml
+
+    yaml_path = assets / "full.yaml"
+    yaml_path.write_text(yaml.safe_dump(as_json))
+    from_yaml = load_plan(yaml_path).cells()
+    assert [(c.label, c.options) for c in from_yaml] == [(c.label, c.options) for c in cells]
 
 
 def test_a_row_can_run_a_subset_of_the_modes(assets: Path):
@@ -234,7 +241,7 @@ def test_a_row_can_run_a_subset_of_the_modes(assets: Path):
 
 
 def test_option_aliases_name_the_same_option(assets: Path):
-    """unip-finetune spells the loader option --num-workers and keeps --workers: a plan may use
+    """unip-finetune's loader option is --workers, with --num-workers its old spelling: a plan may use
     either, and the cells' arguments do not depend on which."""
     cells = {
         spelling: plan_from_dict(
@@ -247,6 +254,11 @@ def test_option_aliases_name_the_same_option(assets: Path):
     }
     assert {c[0].options["workers"] for c in cells.values()} == {0}
     assert len({tuple(sorted(c[0].options)) for c in cells.values()}) == 1
+    # A cell recorded with the old spellings is the same cell as today's (not refused as changed).
+    old = ["--crop", "32", "--num-workers", "0", "--amp", "none", "--no-progress"]
+    new = ["--img-size", "32", "--workers", "0", "--precision", "fp32", "--no-progress"]
+    assert canonical_options(old) == canonical_options(new)
+    assert canonical_options(new) != canonical_options(["--img-size", "64", "--workers", "0", "--no-progress"])
 
 
 def tomllib_load(path: Path) -> dict:
