@@ -258,7 +258,9 @@ def test_option_aliases_name_the_same_option(assets: Path):
     old = ["--crop", "32", "--num-workers", "0", "--amp", "none", "--no-progress"]
     new = ["--img-size", "32", "--workers", "0", "--precision", "fp32", "--no-progress"]
     assert canonical_options(old) == canonical_options(new)
-    assert canonical_options(new) != canonical_options(["--img-size", "64", "--workers", "0", "--no-progress"])
+    assert canonical_options(new) != canonical_options(
+        ["--img-size", "64", "--workers", "0", "--no-progress"]
+    )
 
 
 def tomllib_load(path: Path) -> dict:

@@ -121,7 +121,9 @@ def test_short_cpu_finetune_beats_chance_and_reevaluates(tiny_timm_checkpoint, t
     # The published recipe's parts (LayerScale, drop path, raw features, mmseg head init, aux head
     # 256 wide), a higher lr than its 1e-4 for a 250-iteration toy run: with mmseg's head init,
     # lr 1e-3 reached 0.20 here, 3e-3 0.50 (PyTorch's default head init reached 0.54 at 1e-3).
-    cfg = config(tiny_timm_checkpoint, data, out, img_size=64, head_channels=32, iters=250, log_every=50, lr=3e-3)
+    cfg = config(
+        tiny_timm_checkpoint, data, out, img_size=64, head_channels=32, iters=250, log_every=50, lr=3e-3
+    )
     metrics = run(cfg)
     majority, prior = chance_mious(SegDataset(data, "folder", "test"))
     with capsys.disabled():
@@ -180,11 +182,17 @@ def test_precision_and_memory_order_options_on_cpu(tiny_timm_checkpoint, synthet
     capsys.readouterr()
     assert main([*common, "--out", str(tmp_path / "fp16"), "--precision", "fp16"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "unip-finetune: error: --precision fp16 needs CUDA; this run is on cpu; use --precision bf16 or fp32"
+    assert (
+        err
+        == "unip-finetune: error: --precision fp16 needs CUDA; this run is on cpu; use --precision bf16 or fp32"
+    )
     # The old spelling still works, with a notice on its own line before the same error.
     assert main([*common, "--out", str(tmp_path / "fp16"), "--amp", "fp16"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[0] == "unip-finetune: note: --amp is deprecated; use --precision (the old name goes in the next release)"
+    assert (
+        err[0]
+        == "unip-finetune: note: --amp is deprecated; use --precision (the old name goes in the next release)"
+    )
     assert err[-1].startswith("unip-finetune: error: --precision fp16 needs CUDA")
     for old_flags, name in ((["--no-amp"], "no-amp"), (["--amp", "none"], "amp-none")):
         assert main([*common, *old_flags, "--out", str(tmp_path / name)]) == 0
@@ -321,7 +329,18 @@ def test_cli_errors_are_one_line_and_exit_2(tiny_timm_checkpoint, synthetic_fold
         "--out",
         str(tmp_path / "r"),
     ]
-    common += ["--img-size", "32", "--iters", "2", "--workers", "0", "--head-channels", "8", "--batch-size", "2"]
+    common += [
+        "--img-size",
+        "32",
+        "--iters",
+        "2",
+        "--workers",
+        "0",
+        "--head-channels",
+        "8",
+        "--batch-size",
+        "2",
+    ]
 
     code, err = cli([*common, "--dataset", "cityscapes"], capsys)
     assert (
@@ -362,7 +381,11 @@ def test_cli_errors_are_one_line_and_exit_2(tiny_timm_checkpoint, synthetic_fold
     assert code == 2 and "missing --out" in err
 
     code, err = cli([*common, "--dataset", "nope", "--debug"], capsys)
-    assert code == 2 and "Traceback" in err and err.endswith("unknown dataset 'nope'; known: soda, mfnet, scut, folder\n")
+    assert (
+        code == 2
+        and "Traceback" in err
+        and err.endswith("unknown dataset 'nope'; known: soda, mfnet, scut, folder\n")
+    )
     code, err = cli([*common, "--dataset", "folder", "--mode", "xx"], capsys)  # a bad value: one line
     assert code == 2 and err.count("\n") == 1 and err.startswith("unip-finetune: error: ") and "mode" in err
     code, err = cli([*common, "--dataset", "folder", "--no-such-option"], capsys)
@@ -387,3 +410,23 @@ def test_torchrun_two_process_cpu_smoke(tiny_timm_checkpoint, synthetic_folder, 
     assert metrics["iters"] == 4 and metrics["num_images"] == 3
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert log[0]["world"] == 2 and [r["iter"] for r in log if "loss" in r] == [2, 4]
+
+    # The no-overwrite rule under torchrun: every process refuses alike (none waits for the others),
+    # and with --overwrite only the first moves the old files aside.
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    again = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=120, env=env, cwd=Path(__file__).parents[1]
+    )
+    assert again.returncode != 0 and f"{out} already holds a run" in again.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    replaced = subprocess.run(
+        [*cmd, "--overwrite"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=Path(__file__).parents[1],
+    )
+    assert replaced.returncode == 0, replaced.stderr[-2000:]
+    (aside,) = [p for p in out.iterdir() if p.name.startswith("previous-")]
+    assert (aside / "metrics.json").read_bytes() == before[out / "metrics.json"]
