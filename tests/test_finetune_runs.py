@@ -30,7 +30,9 @@ def folder(tmp_path: Path) -> Path:
     return generate(tmp_path / "data", "folder", n_train=4, n_test=2, size=40, seed=0)
 
 
-def test_config_file_sets_defaults_and_config_json_repeats_the_run(tiny_timm_checkpoint, folder, tmp_path, capsys):
+def test_config_file_sets_defaults_and_config_json_repeats_the_run(
+    tiny_timm_checkpoint, folder, tmp_path, capsys
+):
     """A TOML file of an earlier version's keys (crop, num_workers) still reads, with a notice; the run's
     config.json given back as --config parses to the run's resolved options exactly and repeats it."""
     arch, path = tiny_timm_checkpoint
@@ -223,11 +225,16 @@ def test_a_finished_run_folder_is_never_reused_silently(tiny_timm_checkpoint, fo
     fresh = tmp_path / "fresh"
     assert main([*common(tiny_timm_checkpoint, folder), "--iters", "2", "--out", str(fresh), "--resume"]) == 2
     err = capsys.readouterr().err
-    assert err == f"unip-finetune: error: {fresh}: nothing to resume (no checkpoint.pt); drop --resume to start a run\n"
+    assert (
+        err
+        == f"unip-finetune: error: {fresh}: nothing to resume (no checkpoint.pt); drop --resume to start a run\n"
+    )
     assert not fresh.exists()
 
 
-def test_eval_only_refuses_to_replace_metrics_without_overwrite(tiny_timm_checkpoint, folder, tmp_path, capsys):
+def test_eval_only_refuses_to_replace_metrics_without_overwrite(
+    tiny_timm_checkpoint, folder, tmp_path, capsys
+):
     """--eval-only writes metrics.json next to the model; a run's own metrics.json is kept unless
     --overwrite, which moves that one file aside (the model it evaluates stays in place)."""
     out = tmp_path / "run"
@@ -244,7 +251,9 @@ def test_eval_only_refuses_to_replace_metrics_without_overwrite(tiny_timm_checkp
     assert [p.name for p in aside.iterdir()] == ["metrics.json"]
     assert (aside / "metrics.json").read_bytes() == before["metrics.json"]
     assert (out / "model.pt").read_bytes() == before["model.pt"]
-    assert json.loads((out / "metrics.json").read_text())["miou"] == json.loads(before["metrics.json"])["miou"]
+    assert (
+        json.loads((out / "metrics.json").read_text())["miou"] == json.loads(before["metrics.json"])["miou"]
+    )
 
 
 def test_a_model_file_of_an_earlier_version_still_loads(tiny_timm_checkpoint, folder, tmp_path):
@@ -255,10 +264,49 @@ def test_a_model_file_of_an_earlier_version_still_loads(tiny_timm_checkpoint, fo
     assert main([*common(tiny_timm_checkpoint, folder), "--iters", "2", "--out", str(out)]) == 0
     state = torch.load(out / "model.pt", weights_only=True)
     config = dict(state["config"])
-    config["crop"], config["amp"], config["num_workers"] = config.pop("img_size"), "none", config.pop("workers")
+    config["crop"], config["amp"], config["num_workers"] = (
+        config.pop("img_size"),
+        "none",
+        config.pop("workers"),
+    )
     config.pop("precision")
     torch.save({**state, "config": config}, tmp_path / "old.pt")
     model, cfg, _ = load_model(tmp_path / "old.pt")
     assert (cfg.img_size, cfg.precision, cfg.workers) == (32, "fp32", 0)
     new_model, _, _ = load_model(out / "model.pt")
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), new_model.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), new_model.state_dict().values())
+    )
+
+
+def test_old_spellings_parse_to_the_new_options_with_a_notice_each(capsys):
+    old = [
+        "--crop",
+        "64",
+        "--amp",
+        "none",
+        "--num-workers",
+        "3",
+        "--betas",
+        "0.8",
+        "0.95",
+        "--ckpt-every-steps",
+        "7",
+    ]
+    new = [
+        "--img-size",
+        "64",
+        "--precision",
+        "fp32",
+        "--workers",
+        "3",
+        "--betas",
+        "0.8,0.95",
+        "--ckpt-every",
+        "7",
+    ]
+    assert COMMAND.parse(old) == COMMAND.parse(new)
+    notes = capsys.readouterr().err.splitlines()
+    assert len(notes) == 6 and all(n.startswith("unip-finetune: note: ") and "deprecated" in n for n in notes)
+    assert COMMAND.parse(["--no-amp"]).precision == "fp32"
+    assert "--no-amp is deprecated; use --precision fp32" in capsys.readouterr().err

@@ -374,6 +374,17 @@ class Command:
                     out_.append(name)
                     continue
                 value, i = argv[i], i + 1
+                n = _fixed_length(spec.type)
+                rest = argv[i : i + n - 1]
+                if (
+                    n > 1
+                    and "," not in value
+                    and len(rest) == n - 1
+                    and not any(a.startswith("--") for a in rest)
+                ):
+                    # The old space-separated form of a fixed-length option (--betas 0.9 0.999).
+                    value, i = ",".join([value, *rest]), i + n - 1
+                    _notice(self.prog, f"{name} {value.replace(',', ' ')} is deprecated; use {name} {value}")
             if value.lstrip().startswith("["):
                 out_ += [name, value]
             elif spec.repeat:
@@ -430,6 +441,14 @@ def _old_value(spec: Spec, key: str, value: Any) -> Any:
     if spec.name == "precision" and isinstance(value, bool):
         return "auto" if value else "fp32"
     return value
+
+
+def _fixed_length(tp: Any) -> int:
+    """N for ``tuple[X, ..., X]`` (N items), else 1."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is tuple and args and Ellipsis not in args:
+        return len(args)
+    return max((_fixed_length(a) for a in args if a is not type(None)), default=1)
 
 
 def _is_number(text: str) -> bool:
