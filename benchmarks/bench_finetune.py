@@ -30,8 +30,8 @@ loss), forward and backward, and the optimizer step (timestamps from module and 
 batch 4 (2 iterations an epoch), 80 iterations, the whole ``train`` call timed with no workers and
 with the default count, alternating.
 
-Variants (``--variants``, each a ``+``-joined set): ``default`` (the product's options: ``--amp auto``,
-float32 on the CPU, bf16 on CUDA; channels-last), ``fp32``, ``fp16``, ``bf16`` (``--amp``), ``cl`` /
+Variants (``--variants``, each a ``+``-joined set): ``default`` (the product's options: ``--precision auto``,
+float32 on the CPU, bf16 on CUDA; channels-last), ``fp32``, ``fp16``, ``bf16`` (``--precision``), ``cl`` /
 ``nocl`` (``--channels-last`` / ``--no-channels-last``) and ``compile`` (``--compile``); e.g.
 ``bf16+nocl``. The bare loop runs
 the same precision, memory order and compiled module. On CUDA both loops synchronise once a step to
@@ -112,11 +112,11 @@ def make_data(root: Path, n: int, size: tuple[int, int]) -> Path:
 
 
 def variant_options(name: str) -> dict:
-    """``--variants`` entry -> unip-finetune options, e.g. ``bf16+nocl`` -> amp bf16, contiguous."""
+    """``--variants`` entry -> unip-finetune options, e.g. ``bf16+nocl`` -> precision bf16, contiguous."""
     opts: dict = {}
     for part in name.split("+"):
         if part in ("fp32", "fp16", "bf16"):
-            opts["amp"] = {"fp32": "none"}.get(part, part)
+            opts["precision"] = part
         elif part in ("cl", "nocl"):
             opts["channels_last"] = part == "cl"
         elif part == "compile":
@@ -140,7 +140,7 @@ def config(
     from unip_train.finetune.config import FinetuneConfig, resolve
 
     opts = dict(
-        backbone=backbone, dataset="folder", data_root=str(data), out=str(out), crop=crop, device=device
+        backbone=backbone, dataset="folder", data_root=str(data), out=str(out), img_size=crop, device=device
     )
     opts.update(iters=iters, progress=False, **kw)  # no progress bar: the JSON line is the output
     if workers is not None:
@@ -281,8 +281,8 @@ def bare_loop(state, steps: int, seed: int = 0) -> tuple[list[float], list[float
     g = torch.Generator().manual_seed(seed)
     b = cfg.batch_size
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    img = torch.randn(b, 3, cfg.crop, cfg.crop, generator=g).to(device, memory_format=fmt)
-    label = torch.randint(0, state.model.num_classes, (b, cfg.crop, cfg.crop), generator=g).to(device)
+    img = torch.randn(b, 3, cfg.img_size, cfg.img_size, generator=g).to(device, memory_format=fmt)
+    label = torch.randint(0, state.model.num_classes, (b, cfg.img_size, cfg.img_size), generator=g).to(device)
     sync = device_sync(device)
     state.ddp.train()
     split = Split(state.model) if device.type == "cpu" and not cfg.compile else None

@@ -59,7 +59,7 @@ def fake_context(
 ):
     """What the loop passes to ``Extension.setup`` (cfg, model, dist, device, out, train_set, seed)."""
     cfg = SimpleNamespace(
-        crop=16, iters=iters, batch_size=batch_size * world_size, workers=0, amp=False, mode=mode
+        img_size=16, iters=iters, batch_size=batch_size * world_size, workers=0, precision="fp32", mode=mode
     )
     cpu = torch.device("cpu")
     dist = DistInfo(rank, world_size, 0, cpu)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ from unip_train.compare import (
     t_interval,
 )
 from unip_train.compare.backbones import random_init_bytes
-from unip_train.compare.cells import RECORD, prepare
+from unip_train.compare.cells import RECORD, canonical_options, prepare
 from unip_train.compare.cli import main
 from unip_train.compare.execution import device_slots, estimate_remaining
 from unip_train.synthetic import generate
@@ -173,7 +174,7 @@ layerwise = "all"
 """
 
 
-def test_good_plan_in_toml_and_json_expands_to_the_same_cells(assets: Path):
+def test_good_plan_in_toml_json_and_yaml_expands_to_the_same_cells(assets: Path):
     toml_path = assets / "full.toml"
     toml_path.write_text(FULL_TOML.format(tiny=TINY))
     plan = load_plan(toml_path)
@@ -208,6 +209,13 @@ def test_good_plan_in_toml_and_json_expands_to_the_same_cells(assets: Path):
     as_json = tomllib_load(toml_path)
     same = plan_from_dict(as_json, assets)
     assert [c.label for c in same.cells()] == [c.label for c in cells]
+    # YAML too, read by the same machinery as every command's --config file.
+    import yaml
+
+    yaml_path = assets / "full.yaml"
+    yaml_path.write_text(yaml.safe_dump(as_json))
+    from_yaml = load_plan(yaml_path).cells()
+    assert [(c.label, c.options) for c in from_yaml] == [(c.label, c.options) for c in cells]
 
 
 def test_a_row_can_run_a_subset_of_the_modes(assets: Path):
@@ -235,7 +243,7 @@ def test_a_row_can_run_a_subset_of_the_modes(assets: Path):
 
 
 def test_option_aliases_name_the_same_option(assets: Path):
-    """unip-finetune spells the loader option --num-workers and keeps --workers: a plan may use
+    """unip-finetune's loader option is --workers, with --num-workers its old spelling: a plan may use
     either, and the cells' arguments do not depend on which."""
     cells = {
         spelling: plan_from_dict(
@@ -248,12 +256,19 @@ def test_option_aliases_name_the_same_option(assets: Path):
     }
     assert {c[0].options["workers"] for c in cells.values()} == {0}
     assert len({tuple(sorted(c[0].options)) for c in cells.values()}) == 1
+    # A cell recorded with the old spellings is the same cell as today's (not refused as changed).
+    old = ["--crop", "32", "--num-workers", "0", "--amp", "none", "--no-progress"]
+    new = ["--img-size", "32", "--workers", "0", "--precision", "fp32", "--no-progress"]
+    assert canonical_options(old) == canonical_options(new)
+    assert canonical_options(new) != canonical_options(
+        ["--img-size", "64", "--workers", "0", "--no-progress"]
+    )
 
 
 def tomllib_load(path: Path) -> dict:
-    from unip_train.compare.plan import tomllib
+    from unip_analysis.command import read_config_file
 
-    return tomllib.loads(path.read_text())
+    return read_config_file(path)
 
 
 def test_random_init_is_a_seeded_timm_file(tmp_path: Path):
@@ -301,7 +316,7 @@ def _bad(assets: Path):
         ("seeds", {"seeds": [0, 0]}, r"seeds must be a list of distinct"),
         ("unknown option", {"finetune": {"iterations": 4}}, r"\[finetune\]: --iterations is not a unip-finetune option"),
         ("option compare sets", {"finetune": {"seed": 3}}, r"\[finetune\]: option 'seed' is set by the plan's seeds"),
-        ("option value", {"finetune": {"iters": "many"}}, r"\[finetune\]: --iters = 'many': invalid literal"),
+        ("option value", {"finetune": {"iters": "many"}}, r"\[finetune\]: --iters 'many': expected an integer$"),
         ("flag value", {"backbones": [{**rows[0], "options": {"resplit-last-heads": "yes"}}]},
          r"backbones\[0\] 'random': --resplit-last-heads is a flag"),
         ("unknown key", {"backbones": [{**rows[0], "weights": "x"}]}, r"backbones\[0\]: unknown key\(s\) weights"),
@@ -585,6 +600,62 @@ def test_changed_plan_is_refused_before_anything_runs(two_jobs, assets: Path, ca
     assert sorted(p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()) == before
 
 
+def _files(folder: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.relative_to(folder).parts[0].startswith("previous-")
+    }
+
+
+def test_overwrite_moves_cell_folders_of_other_settings_aside(two_jobs, assets: Path, tmp_path: Path, capsys):
+    """The no-overwrite rule for cells: a cell folder of other settings is refused (one line saying
+    --overwrite), --dry-run --overwrite shows it as replaced and moves nothing, --overwrite keeps the
+    old run byte for byte in previous-<time>/ and runs the cell with the plan's settings."""
+    _, reference, _, _ = two_jobs
+    out = tmp_path / "results"
+    shutil.copytree(reference, out)
+    cell = out / "cells/soda/random/ft/seed0"
+    before = _files(cell)
+    changed = write_plan(tmp_path, base_plan(assets, finetune={**CELL_OPTIONS, "iters": 6}), "changed.json")
+    assert main(["--plan", str(changed), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "was run with other settings (" in err and "--iters 4 -> 6)" in err and "pass --overwrite" in err
+    assert main(["--plan", str(changed), "--out", str(out), "--dry-run", "--overwrite"]) == 0
+    assert "replace  soda/random/ft/seed0" in capsys.readouterr().out
+    assert _files(cell) == before and not any(p.name.startswith("previous-") for p in cell.iterdir())
+
+    assert main(["--plan", str(changed), "--out", str(out), "--overwrite"]) == 0
+    (aside,) = [p for p in cell.iterdir() if p.name.startswith("previous-")]
+    assert _files(aside) == before  # the old run, every byte of it
+    assert json.loads((cell / "metrics.json").read_text())["iters"] == 6
+    assert len(json.loads((cell / RECORD).read_text())["attempts"]) == 1  # a new record for the new run
+
+
+def test_a_cell_that_died_before_its_first_checkpoint_starts_again(
+    assets: Path, tmp_path: Path, monkeypatch, capsys
+):
+    """An attempt killed before its first checkpoint leaves log.jsonl (a run unip-finetune would not
+    start over): the next attempt moves that attempt's files aside and starts the cell anew."""
+    from unip_train.finetune.engine import KILL_ENV
+
+    plan = write_plan(
+        tmp_path, base_plan(assets, backbones=base_plan(assets)["backbones"][1:], baseline=None)
+    )
+    out = tmp_path / "results"
+    cell = out / "cells/soda/tiny/ft/seed0"
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv(KILL_ENV, "1")  # killed after iteration 1; the first checkpoint is at 2
+    assert main(["--plan", str(plan), "--out", str(out)]) == 1
+    assert (cell / "log.jsonl").is_file() and not (cell / "checkpoint.pt").exists()
+    monkeypatch.delenv(KILL_ENV)
+    assert main(["--plan", str(plan), "--out", str(out)]) == 0, capsys.readouterr()
+    (aside,) = [p for p in cell.iterdir() if p.name.startswith("previous-")]
+    assert (aside / "log.jsonl").is_file() and (cell / "metrics.json").is_file()
+    attempts = json.loads((cell / RECORD).read_text())["attempts"]
+    assert [(a["resumed"], a["exit"]) for a in attempts] == [(False, -9), (False, 0)]
+
+
 def test_killed_cell_resumes_and_ends_equal_to_the_uninterrupted_run(
     two_jobs, assets: Path, tmp_path: Path, monkeypatch, capsys
 ):
@@ -666,18 +737,18 @@ def test_slurm_options_reach_the_sbatch_script(tmp_path: Path, monkeypatch):
     """No cluster here: a stand-in ``srun`` on PATH lets submitit build its SLURM executor, whose
     sbatch script must carry the command's options."""
     pytest.importorskip("submitit")
-    from unip_train.compare.cli import build_parser, make_executor
+    from unip_train.compare.cli import COMMAND, make_executor
 
     args = ["--plan", "p.toml", "--out", str(tmp_path), "--executor", "slurm", "--slurm-partition", "gpu"]
     args += ["--gpus-per-job", "1", "--cpus-per-job", "8", "--timeout-min", "600"]
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(UnipError, match='--executor slurm: Could not detect "srun"'):
-        make_executor(build_parser().parse_args(args))
+        make_executor(COMMAND.parse(args))
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "srun").write_text("#!/bin/sh\nexit 0\n")
     (tmp_path / "bin" / "srun").chmod(0o755)
     monkeypatch.setenv("PATH", str(tmp_path / "bin"))
-    executor = make_executor(build_parser().parse_args(args))
+    executor = make_executor(COMMAND.parse(args))
     script = executor._executor._make_submission_file_text("python -m x", "uid")
     for line in ("--partition=gpu", "--gpus-per-node=1", "--cpus-per-task=8", "--time=600"):
         assert f"#SBATCH {line}" in script, script

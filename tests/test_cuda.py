@@ -31,7 +31,7 @@ def folder(tmp_path: Path) -> Path:
 def ft_config(ckpt, data: Path, out: Path, **kw) -> FinetuneConfig:
     arch, path = ckpt
     base = dict(
-        backbone=f"timm:{arch}:{path}", dataset="folder", data_root=str(data), out=str(out), crop=32,
+        backbone=f"timm:{arch}:{path}", dataset="folder", data_root=str(data), out=str(out), img_size=32,
         head_channels=16, aux_channels=16, batch_size=4, workers=0, lr=1e-3, progress=False, log_every=2,
         iters=4, device="cuda",
     )  # fmt: skip
@@ -43,10 +43,10 @@ def weights(out: Path) -> dict[str, torch.Tensor]:
     return torch.load(out / "model.pt", weights_only=True, map_location="cpu")["state_dict"]
 
 
-@pytest.mark.parametrize("amp", ["auto", "bf16", "fp16", "none"])
+@pytest.mark.parametrize("amp", ["auto", "bf16", "fp16", "fp32"])
 def test_finetune_runs_in_each_precision(tiny_timm_checkpoint, folder, tmp_path, amp):
     out = tmp_path / amp
-    metrics = run(ft_config(tiny_timm_checkpoint, folder, out, amp=amp))
+    metrics = run(ft_config(tiny_timm_checkpoint, folder, out, precision=amp))
     assert 0.0 <= metrics["miou"] <= 1.0
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     steps = [r for r in log if "loss" in r]
@@ -78,7 +78,7 @@ def test_channels_last_and_compile_train_as_the_plain_run(
                 tiny_timm_checkpoint,
                 folder,
                 plain,
-                amp="none",
+                precision="fp32",
                 log_every=1,
                 drop_path=0.0,
                 channels_last=False,
@@ -88,7 +88,7 @@ def test_channels_last_and_compile_train_as_the_plain_run(
             ("cl", {"channels_last": True}),
             ("compiled", {"compile": True, "channels_last": False}),
         ):
-            opts = dict(amp="none", log_every=1, drop_path=0.0, **kw)
+            opts = dict(precision="fp32", log_every=1, drop_path=0.0, **kw)
             run(ft_config(tiny_timm_checkpoint, folder, tmp_path / name, **opts))
             assert weights(tmp_path / name).keys() == weights(plain).keys()  # no "_orig_mod." names
             assert losses(tmp_path / name) == pytest.approx(losses(plain), rel=1e-4), name

@@ -41,7 +41,7 @@ def tiny_segmentor(mode: str = "ft", **kw) -> Segmentor:
 def config(ckpt: tuple[str, Path], data: Path, out: Path, **kw) -> FinetuneConfig:
     arch, path = ckpt
     base = dict(
-        backbone=f"timm:{arch}:{path}", dataset="folder", data_root=str(data), out=str(out), crop=32,
+        backbone=f"timm:{arch}:{path}", dataset="folder", data_root=str(data), out=str(out), img_size=32,
         head_channels=16, batch_size=4, workers=0, lr=1e-3, progress=False, log_every=5,
     )  # fmt: skip
     base.update(kw)
@@ -121,7 +121,9 @@ def test_short_cpu_finetune_beats_chance_and_reevaluates(tiny_timm_checkpoint, t
     # The published recipe's parts (LayerScale, drop path, raw features, mmseg head init, aux head
     # 256 wide), a higher lr than its 1e-4 for a 250-iteration toy run: with mmseg's head init,
     # lr 1e-3 reached 0.20 here, 3e-3 0.50 (PyTorch's default head init reached 0.54 at 1e-3).
-    cfg = config(tiny_timm_checkpoint, data, out, crop=64, head_channels=32, iters=250, log_every=50, lr=3e-3)
+    cfg = config(
+        tiny_timm_checkpoint, data, out, img_size=64, head_channels=32, iters=250, log_every=50, lr=3e-3
+    )
     metrics = run(cfg)
     majority, prior = chance_mious(SegDataset(data, "folder", "test"))
     with capsys.disabled():
@@ -151,18 +153,18 @@ def test_short_cpu_finetune_beats_chance_and_reevaluates(tiny_timm_checkpoint, t
 
 
 def test_precision_and_memory_order_options_on_cpu(tiny_timm_checkpoint, synthetic_folder, tmp_path, capsys):
-    """--amp auto is float32 on the CPU (bit-identical to none), bf16 autocasts, fp16 is refused in one
-    line; --channels-last trains the same weights up to summation order; a config file of an earlier
-    version (amp true / false) still reads."""
+    """--precision auto is float32 on the CPU (bit-identical to fp32), bf16 autocasts, fp16 is refused
+    in one line; --channels-last trains the same weights up to summation order; the old spellings
+    (--amp, --no-amp, --amp none) and a config file of an earlier version (amp true / false) still read."""
 
     def weights(name: str, **kw) -> dict[str, torch.Tensor]:
         run(config(tiny_timm_checkpoint, synthetic_folder, tmp_path / name, iters=3, **kw))
         return torch.load(tmp_path / name / "model.pt", weights_only=True)["state_dict"]
 
-    auto, none = weights("auto", amp="auto"), weights("none", amp="none")
-    assert all(torch.equal(auto[k], none[k]) for k in auto)
-    bf16 = weights("bf16", amp="bf16")
-    assert any(not torch.equal(bf16[k], none[k]) for k in none)  # the bf16 forward moved the weights
+    auto, fp32 = weights("auto", precision="auto"), weights("fp32", precision="fp32")
+    assert all(torch.equal(auto[k], fp32[k]) for k in auto)
+    bf16 = weights("bf16", precision="bf16")
+    assert any(not torch.equal(bf16[k], fp32[k]) for k in fp32)  # the bf16 forward moved the weights
     weights("cl", channels_last=True, log_every=1)
     weights("contiguous", channels_last=False, log_every=1)
 
@@ -176,15 +178,33 @@ def test_precision_and_memory_order_options_on_cpu(tiny_timm_checkpoint, synthet
 
     arch, path = tiny_timm_checkpoint
     common = ["--backbone", f"timm:{arch}:{path}", "--dataset", "folder", "--data-root", str(synthetic_folder),
-              "--crop", "32", "--iters", "1", "--num-workers", "0", "--no-progress"]  # fmt: skip
+              "--img-size", "32", "--iters", "1", "--workers", "0", "--no-progress"]  # fmt: skip
     capsys.readouterr()
-    assert main([*common, "--out", str(tmp_path / "fp16"), "--amp", "fp16"]) == 2
+    assert main([*common, "--out", str(tmp_path / "fp16"), "--precision", "fp16"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "unip-finetune: error: --amp fp16 needs CUDA; this run is on cpu; use --amp bf16 or none"
+    assert (
+        err
+        == "unip-finetune: error: --precision fp16 needs CUDA; this run is on cpu; use --precision bf16 or fp32"
+    )
+    # The old spelling still works, with a notice on its own line before the same error.
+    assert main([*common, "--out", str(tmp_path / "fp16"), "--amp", "fp16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        err[0]
+        == "unip-finetune: note: --amp is deprecated; use --precision (the old name goes in the next release)"
+    )
+    assert err[-1].startswith("unip-finetune: error: --precision fp16 needs CUDA")
+    for old_flags, name in ((["--no-amp"], "no-amp"), (["--amp", "none"], "amp-none")):
+        assert main([*common, *old_flags, "--out", str(tmp_path / name)]) == 0
+        assert "deprecated; use --precision" in capsys.readouterr().err
+        assert json.loads((tmp_path / name / "config.json").read_text())["precision"] == "fp32"
     old = tmp_path / "old.json"
     old.write_text(json.dumps({"amp": True, "head_channels": 16, "aux_channels": 16, "batch_size": 4}))
     assert main([*common, "--config", str(old), "--out", str(tmp_path / "old")]) == 0
-    assert json.loads((tmp_path / "old" / "config.json").read_text())["amp"] == "auto"
+    assert json.loads((tmp_path / "old" / "config.json").read_text())["precision"] == "auto"
+    old.write_text(json.dumps({"amp": False, "crop": 32, "num_workers": 0, "batch_size": 4}))
+    assert main([*common, "--config", str(old), "--out", str(tmp_path / "old-false")]) == 0
+    assert json.loads((tmp_path / "old-false" / "config.json").read_text())["precision"] == "fp32"
 
 
 def test_linear_probe_leaves_backbone_bit_identical(tiny_timm_checkpoint, synthetic_folder, tmp_path: Path):
@@ -277,7 +297,7 @@ def test_resplit_last_heads_of_a_unip_student(tiny_timm_checkpoint, tmp_path: Pa
     arch, path = tiny_timm_checkpoint
     student = tmp_path / "student.safetensors"
     save_file(load_file(str(path)), str(student), metadata={"heads_per_layer": "[2, 2, 2, 4]"})
-    base = dict(dataset="folder", data_root=".", out=".", crop=32)
+    base = dict(dataset="folder", data_root=".", out=".", img_size=32)
     kept, info = build_backbone(FinetuneConfig(backbone=f"unip:{arch}:{student}", **base))
     assert info["heads_per_layer"] == [2, 2, 2, 4] and kept.training
     assert all(p.requires_grad for p in kept.parameters())
@@ -309,7 +329,18 @@ def test_cli_errors_are_one_line_and_exit_2(tiny_timm_checkpoint, synthetic_fold
         "--out",
         str(tmp_path / "r"),
     ]
-    common += ["--crop", "32", "--iters", "2", "--workers", "0", "--head-channels", "8", "--batch-size", "2"]
+    common += [
+        "--img-size",
+        "32",
+        "--iters",
+        "2",
+        "--workers",
+        "0",
+        "--head-channels",
+        "8",
+        "--batch-size",
+        "2",
+    ]
 
     code, err = cli([*common, "--dataset", "cityscapes"], capsys)
     assert (
@@ -350,8 +381,18 @@ def test_cli_errors_are_one_line_and_exit_2(tiny_timm_checkpoint, synthetic_fold
     code, err = cli([*common[:2], "--dataset", "folder", "--data-root", str(synthetic_folder)], capsys)
     assert code == 2 and "missing --out" in err
 
-    with pytest.raises(Exception, match="unknown dataset"):
-        main([*common, "--dataset", "nope", "--debug"])
+    code, err = cli([*common, "--dataset", "nope", "--debug"], capsys)
+    assert (
+        code == 2
+        and "Traceback" in err
+        and err.endswith(
+            "unknown dataset 'nope'; known: soda, mfnet, scut, folder, nyuv2, sunrgbd, ade20k, mfnet-rgb\n"
+        )
+    )
+    code, err = cli([*common, "--dataset", "folder", "--mode", "xx"], capsys)  # a bad value: one line
+    assert code == 2 and err.count("\n") == 1 and err.startswith("unip-finetune: error: ") and "mode" in err
+    code, err = cli([*common, "--dataset", "folder", "--no-such-option"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--no-such-option" in err
 
 
 @pytest.mark.slow
@@ -372,3 +413,23 @@ def test_torchrun_two_process_cpu_smoke(tiny_timm_checkpoint, synthetic_folder, 
     assert metrics["iters"] == 4 and metrics["num_images"] == 3
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert log[0]["world"] == 2 and [r["iter"] for r in log if "loss" in r] == [2, 4]
+
+    # The no-overwrite rule under torchrun: every process refuses alike (none waits for the others),
+    # and with --overwrite only the first moves the old files aside.
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    again = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=120, env=env, cwd=Path(__file__).parents[1]
+    )
+    assert again.returncode != 0 and f"{out} already holds a run" in again.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    replaced = subprocess.run(
+        [*cmd, "--overwrite"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=Path(__file__).parents[1],
+    )
+    assert replaced.returncode == 0, replaced.stderr[-2000:]
+    (aside,) = [p for p in out.iterdir() if p.name.startswith("previous-")]
+    assert (aside / "metrics.json").read_bytes() == before[out / "metrics.json"]

@@ -40,7 +40,7 @@ class FeatureL2(Extension):
         self.shapes: list[tuple] = []
 
     def setup(self, ctx: ExtensionContext) -> None:
-        self.out, self.crop, self.seed = ctx.out, ctx.cfg.crop, ctx.seed
+        self.out, self.crop, self.seed = ctx.out, ctx.cfg.img_size, ctx.seed
         # Its own generator: the extension must not shift the global RNG stream the loop draws from.
         g = torch.Generator().manual_seed(ctx.seed)
         self.proj = torch.nn.Conv2d(ctx.cfg.head_channels, 3, 1)
@@ -112,7 +112,7 @@ def setup_files(tmp_path: Path) -> tuple[Path, Path]:
 def config(files: tuple[Path, Path], out: Path, **kw) -> FinetuneConfig:
     ckpt, data = files
     base = dict(
-        backbone=f"timm:{TINY}:{ckpt}", dataset="folder", data_root=str(data), out=str(out), crop=32,
+        backbone=f"timm:{TINY}:{ckpt}", dataset="folder", data_root=str(data), out=str(out), img_size=32,
         head_channels=16, aux_channels=16, batch_size=4, workers=0, lr=1e-3, progress=False, log_every=1,
         iters=6,
     )  # fmt: skip

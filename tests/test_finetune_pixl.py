@@ -40,7 +40,7 @@ def argv(files, out: Path, *extra: str, iters: int = 4) -> list[str]:
     ckpt, data, _ = files
     return [
         "--backbone", f"timm:{TINY}:{ckpt}", "--dataset", "soda", "--data-root", str(data), "--out", str(out),
-        "--crop", "32", "--batch-size", "4", "--iters", str(iters), "--lr", "3e-3", "--num-workers", "0",
+        "--img-size", "32", "--batch-size", "4", "--iters", str(iters), "--lr", "3e-3", "--workers", "0",
         "--log-every", "1", "--no-progress", *extra,
     ]  # fmt: skip
 
@@ -48,7 +48,7 @@ def argv(files, out: Path, *extra: str, iters: int = 4) -> list[str]:
 def cfg(files, out: Path, **kw) -> FinetuneConfig:
     ckpt, data, _ = files
     base = dict(
-        backbone=f"timm:{TINY}:{ckpt}", dataset="soda", data_root=str(data), out=str(out), crop=32,
+        backbone=f"timm:{TINY}:{ckpt}", dataset="soda", data_root=str(data), out=str(out), img_size=32,
         batch_size=4, iters=3, lr=3e-3, workers=0, progress=False, log_every=1,
     )  # fmt: skip
     return FinetuneConfig(**{**base, **kw})

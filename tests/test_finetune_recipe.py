@@ -28,7 +28,7 @@ TINY = "vit_tiny_patch16_224(depth=4,embed_dim=64,num_heads=2,patch_size=8)"
 
 
 def cfg_for(path: Path | str = "x.safetensors", arch: str = TINY, **kw) -> FinetuneConfig:
-    base = dict(backbone=f"timm:{arch}:{path}", dataset="folder", data_root=".", out=".", crop=32)
+    base = dict(backbone=f"timm:{arch}:{path}", dataset="folder", data_root=".", out=".", img_size=32)
     base.update(kw)
     return FinetuneConfig(**base)
 

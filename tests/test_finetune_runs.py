@@ -10,15 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from unip_train.finetune.cli import main
+from unip_train.finetune.cli import COMMAND, finetune_config, main
+from unip_train.finetune.config import resolve
+from unip_train.finetune.trainer import config_record
 from unip_train.synthetic import generate
 
 
 def common(ckpt: tuple[str, Path], data: Path, dataset: str = "folder") -> list[str]:
     arch, path = ckpt
     return [
-        "--backbone", f"timm:{arch}:{path}", "--dataset", dataset, "--data-root", str(data), "--crop", "32",
-        "--batch-size", "2", "--num-workers", "0", "--head-channels", "16", "--aux-channels", "16",
+        "--backbone", f"timm:{arch}:{path}", "--dataset", dataset, "--data-root", str(data), "--img-size", "32",
+        "--batch-size", "2", "--workers", "0", "--head-channels", "16", "--aux-channels", "16",
         "--lr", "1e-3", "--log-every", "1", "--no-progress",
     ]  # fmt: skip
 
@@ -28,7 +30,11 @@ def folder(tmp_path: Path) -> Path:
     return generate(tmp_path / "data", "folder", n_train=4, n_test=2, size=40, seed=0)
 
 
-def test_config_file_sets_defaults_and_config_json_repeats_the_run(tiny_timm_checkpoint, folder, tmp_path):
+def test_config_file_sets_defaults_and_config_json_repeats_the_run(
+    tiny_timm_checkpoint, folder, tmp_path, capsys
+):
+    """A TOML file of an earlier version's keys (crop, num_workers) still reads, with a notice; the run's
+    config.json given back as --config parses to the run's resolved options exactly and repeats it."""
     arch, path = tiny_timm_checkpoint
     toml = tmp_path / "ft.toml"
     toml.write_text(
@@ -38,8 +44,11 @@ def test_config_file_sets_defaults_and_config_json_repeats_the_run(tiny_timm_che
     )
     first = tmp_path / "first"
     assert main(["--config", str(toml), "--iters", "2", "--out", str(first)]) == 0  # the flag wins
+    err = capsys.readouterr().err
+    assert f"{toml}: key crop is deprecated; use img_size" in err and "key num_workers is deprecated" in err
     cfg = json.loads((first / "config.json").read_text())
-    assert cfg["iters"] == 2 and cfg["crop"] == 32 and cfg["workers"] == 0 and cfg["head_channels"] == 16
+    assert cfg["iters"] == 2 and cfg["img_size"] == 32 and cfg["workers"] == 0 and cfg["head_channels"] == 16
+    assert "crop" not in cfg and "amp" not in cfg and cfg["precision"] == "auto"
     # Resolved recipe values are written out, not left as "default".
     assert (cfg["drop_path"], cfg["layer_scale"], cfg["rel_pos_bias"], cfg["layer_decay"]) == (
         0.1,
@@ -49,6 +58,12 @@ def test_config_file_sets_defaults_and_config_json_repeats_the_run(tiny_timm_che
     )
     assert cfg["warmup_iters"] == 0 and cfg["eval_split"] == "test" and cfg["world_size"] == 1
     assert "resume" not in cfg and cfg["extensions"] == []
+
+    # --config config.json parses to the recorded options, and resolves to the same record.
+    parsed = COMMAND.parse(["--config", str(first / "config.json")])
+    recorded = {k: v for k, v in cfg.items() if k not in ("world_size", "extensions")}
+    assert config_record(resolve(finetune_config(parsed))) == recorded
+    assert {k: v for k, v in COMMAND.record(parsed).items() if k in recorded} == recorded
 
     second = tmp_path / "second"
     assert main(["--config", str(first / "config.json"), "--out", str(second)]) == 0
@@ -176,3 +191,122 @@ def test_mfnet_unip_splits_as_eval_splits(tiny_timm_checkpoint, tmp_path):
         )
         m = json.loads((re / "metrics.json").read_text())
         assert (m["split"], m["split_file"], m["num_images"]) == (split, f"{split}.txt", n)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_finished_run_folder_is_never_reused_silently(tiny_timm_checkpoint, folder, tmp_path, capsys):
+    """Issue 21's data loss: a second run into a finished run's folder is refused in one line with
+    every file byte-identical; --overwrite moves the old files into previous-<time>/ (kept, not
+    deleted); --resume continues; --resume with nothing to resume is one line and writes nothing."""
+    out = tmp_path / "run"
+    args = [*common(tiny_timm_checkpoint, folder), "--iters", "2", "--out", str(out)]
+    assert main(args) == 0
+    before = snapshot(out)
+    assert {"checkpoint.pt", "model.pt", "metrics.json", "log.jsonl", "config.json"} <= set(before)
+    capsys.readouterr()
+
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"unip-finetune: error: {out} already holds a run")
+    assert "--resume" in err and "--overwrite" in err
+    assert snapshot(out) == before  # nothing touched
+
+    assert main([*args, "--overwrite"]) == 0
+    aside = [p for p in out.iterdir() if p.name.startswith("previous-")]
+    assert len(aside) == 1 and snapshot(aside[0]) == before  # the old run, every byte of it
+    assert (out / "metrics.json").is_file() and (out / "model.pt").is_file()
+
+    assert main([*args, "--resume", "--overwrite"]) == 2
+    assert "--resume and --overwrite together" in capsys.readouterr().err
+
+    fresh = tmp_path / "fresh"
+    assert main([*common(tiny_timm_checkpoint, folder), "--iters", "2", "--out", str(fresh), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err
+        == f"unip-finetune: error: {fresh}: nothing to resume (no checkpoint.pt); drop --resume to start a run\n"
+    )
+    assert not fresh.exists()
+
+
+def test_eval_only_refuses_to_replace_metrics_without_overwrite(
+    tiny_timm_checkpoint, folder, tmp_path, capsys
+):
+    """--eval-only writes metrics.json next to the model; a run's own metrics.json is kept unless
+    --overwrite, which moves that one file aside (the model it evaluates stays in place)."""
+    out = tmp_path / "run"
+    assert main([*common(tiny_timm_checkpoint, folder), "--iters", "2", "--out", str(out)]) == 0
+    before = snapshot(out)
+    capsys.readouterr()
+    rescore = ["--eval-only", "--model", str(out / "model.pt"), "--no-progress"]
+    assert main(rescore) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{out} already holds a metrics.json; pass --overwrite" in err
+    assert snapshot(out) == before
+    assert main([*rescore, "--overwrite"]) == 0
+    (aside,) = [p for p in out.iterdir() if p.name.startswith("previous-")]
+    assert [p.name for p in aside.iterdir()] == ["metrics.json"]
+    assert (aside / "metrics.json").read_bytes() == before["metrics.json"]
+    assert (out / "model.pt").read_bytes() == before["model.pt"]
+    assert (
+        json.loads((out / "metrics.json").read_text())["miou"] == json.loads(before["metrics.json"])["miou"]
+    )
+
+
+def test_a_model_file_of_an_earlier_version_still_loads(tiny_timm_checkpoint, folder, tmp_path):
+    """model.pt files written before the renames record crop / amp / num_workers."""
+    from unip_train.finetune.model_file import load_model
+
+    out = tmp_path / "run"
+    assert main([*common(tiny_timm_checkpoint, folder), "--iters", "2", "--out", str(out)]) == 0
+    state = torch.load(out / "model.pt", weights_only=True)
+    config = dict(state["config"])
+    config["crop"], config["amp"], config["num_workers"] = (
+        config.pop("img_size"),
+        "none",
+        config.pop("workers"),
+    )
+    config.pop("precision")
+    torch.save({**state, "config": config}, tmp_path / "old.pt")
+    model, cfg, _ = load_model(tmp_path / "old.pt")
+    assert (cfg.img_size, cfg.precision, cfg.workers) == (32, "fp32", 0)
+    new_model, _, _ = load_model(out / "model.pt")
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), new_model.state_dict().values())
+    )
+
+
+def test_old_spellings_parse_to_the_new_options_with_a_notice_each(capsys):
+    old = [
+        "--crop",
+        "64",
+        "--amp",
+        "none",
+        "--num-workers",
+        "3",
+        "--betas",
+        "0.8",
+        "0.95",
+        "--ckpt-every-steps",
+        "7",
+    ]
+    new = [
+        "--img-size",
+        "64",
+        "--precision",
+        "fp32",
+        "--workers",
+        "3",
+        "--betas",
+        "0.8,0.95",
+        "--ckpt-every",
+        "7",
+    ]
+    assert COMMAND.parse(old) == COMMAND.parse(new)
+    notes = capsys.readouterr().err.splitlines()
+    assert len(notes) == 6 and all(n.startswith("unip-finetune: note: ") and "deprecated" in n for n in notes)
+    assert COMMAND.parse(["--no-amp"]).precision == "fp32"
+    assert "--no-amp is deprecated; use --precision fp32" in capsys.readouterr().err

@@ -150,9 +150,9 @@ def test_read_grey_equals_the_mean_of_read_images_three_channels(tmp_path):
 
 def finetune_args(backbone: Path, data: Path, out: Path, workers: int) -> list[str]:
     args = ["--backbone", f"timm:{ARCH}:{backbone}", "--dataset", "folder", "--data-root", data]
-    args += ["--out", out, "--crop", IMG, "--iters", 8, "--batch-size", 4, "--head-channels", 8]
+    args += ["--out", out, "--img-size", IMG, "--iters", 8, "--batch-size", 4, "--head-channels", 8]
     args += ["--aux-channels", 8, "--lr", 1e-3, "--ckpt-every", 3, "--log-every", 1, "--no-progress"]
-    return [str(a) for a in args + ["--num-workers", workers]]
+    return [str(a) for a in args + ["--workers", workers]]
 
 
 def test_finetune_sigkill_and_resume_with_persistent_workers_is_bit_identical(
@@ -255,8 +255,9 @@ def test_pretrain_sigkill_and_resume_with_persistent_workers_is_bit_identical(
 
 
 def test_every_cli_defaults_to_the_machines_cores_and_takes_both_spellings(monkeypatch):
-    """The parsers leave the count open (None); each CLI resolves it with its --device: the cores
-    for a GPU run (tests/test_runs.py checks the CPU rule)."""
+    """The declarations leave the count open (None); each CLI resolves it with its --device: the
+    cores for a GPU run (tests/test_runs.py checks the CPU rule). Commands declared on
+    unip_analysis.command name it --workers, with --num-workers as the old spelling."""
     from dataclasses import replace
 
     from unip_analysis import cli as analyze_cli
@@ -265,10 +266,13 @@ def test_every_cli_defaults_to_the_machines_cores_and_takes_both_spellings(monke
     def default(parser: argparse.ArgumentParser, dest: str) -> int:
         return next(a for a in parser._actions if a.dest == dest).default
 
-    assert default(finetune.build_parser(), "workers") is None
-    for command in (pretrain.COMMAND, analyze_cli.COMMAND, rois_cli.COMMAND):
+    for command in (finetune.COMMAND, analyze_cli.COMMAND, pretrain.COMMAND, rois_cli.COMMAND):
         spec = command.by_name["workers"]
         assert spec.default is None and spec.flag == "--workers" and spec.aliases == ("--num-workers",)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(sys, "stderr", open(os.devnull, "w"))  # the deprecation notice
+            assert command.parse(["--num-workers", "3", *REQUIRED[command.prog]]).workers == 3
+        assert command.parse(["--workers", "2", *REQUIRED[command.prog]]).workers == 2
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     for cores in (1, 3):
         monkeypatch.setattr(workers, "available_cores", lambda cores=cores: cores)
@@ -282,11 +286,15 @@ def test_every_cli_defaults_to_the_machines_cores_and_takes_both_spellings(monke
             ["--selection", "s", "--teacher", "t", "--infrared", "d", "--device", "cuda", "--out", "o"]
         )
         assert args.workers == cores
-        old, _ = pretrain.parse_args(["--selection", "s", "--teacher", "t", "--infrared", "d", "--out", "o",
-                                      "--num-workers", "5"])  # fmt: skip
-        assert old.workers == 5
-    action = next(a for a in finetune.build_parser()._actions if a.dest == "workers")
-    assert action.option_strings == ["--num-workers", "--workers"]
+
+
+# What each command needs besides --workers to parse.
+REQUIRED = {
+    "unip-finetune": [],
+    "unip-analyze": ["--images", "i", "--out", "o"],
+    "unip-pretrain": ["--selection", "s", "--teacher", "t", "--infrared", "d", "--out", "o"],
+    "unip-rois": ["--images", "i", "--out", "o"],
+}
 
 
 def test_no_worker_count_warning_with_the_default_on_a_two_core_machine(monkeypatch):

@@ -484,7 +484,8 @@ def test_round_trip_into_finetune_and_analysis(trained, tmp_path):
         has_adapters = any(".adapter." in k for k in state["state_dict"])
         assert has_adapters == (adapters == "keep")
         assert state["backbone"]["adapter_width"] == (64 if adapters == "keep" else None)
-        assert math.isfinite(evaluate_saved(out / "model.pt", progress=False)["miou"])  # model.pt rebuilds
+        again = evaluate_saved(out / "model.pt", out=tmp_path / f"re_{adapters}", progress=False)
+        assert math.isfinite(again["miou"])  # model.pt rebuilds
     ckpt = f"p={spec}"
     report = tmp_path / "analysis"
     argv = ["--checkpoint", ckpt, "--images", str(trained["images"]), "--img-size", str(IMG),

@@ -204,9 +204,9 @@ def test_dataset_defaults_and_norm_resolution(tmp_path: Path):
     }
     for dataset, (crop, iters, warmup, norm, split) in table.items():
         c = cfg(dataset)
-        assert (c.crop, c.iters, c.warmup_iters, c.norm, c.eval_split) == (crop, iters, warmup, norm, split)
+        assert (c.img_size, c.iters, c.warmup_iters, c.norm, c.eval_split) == (crop, iters, warmup, norm, split)
         assert (c.eval_window, c.eval_stride) == (crop, 341)  # the configs' slide stride at 480 and 512
-    assert (cfg("nyuv2", crop=64).eval_stride, cfg("nyuv2", norm="0.5,0.25").norm) == (42, "0.5,0.25")
+    assert (cfg("nyuv2", img_size=64).eval_stride, cfg("nyuv2", norm="0.5,0.25").norm) == (42, "0.5,0.25")
     # auto: the norm the backbone's pre-training run recorded beside it.
     (tmp_path / "student.json").write_text(json.dumps({"arch": TINY, "recipe": {"norm": "infmix"}}))
     assert cfg("nyuv2", backbone=f"unip:{TINY}:{tmp_path / 'student.safetensors'}").norm == "infmix"
@@ -235,7 +235,7 @@ def test_finetune_and_probe_a_few_iterations(tmp_path: Path, tiny_backbone: Path
         out = tmp_path / f"run_{mode}"
         cfg = FinetuneConfig(
             backbone=f"timm:{TINY}:{tiny_backbone}", dataset=layout, data_root=str(root), out=str(out),
-            mode=mode, iters=2, crop=32, batch_size=2, workers=0, head_channels=8, aux_channels=8,
+            mode=mode, iters=2, img_size=32, batch_size=2, workers=0, head_channels=8, aux_channels=8,
             progress=False, log_every=1, ckpt_every=2,
         )  # fmt: skip
         metrics = run(cfg)
@@ -243,7 +243,7 @@ def test_finetune_and_probe_a_few_iterations(tmp_path: Path, tiny_backbone: Path
         assert len(metrics["per_class_iou"]) == n and metrics["norm"]["name"] == "imagenet"
         assert metrics["palette"] == [list(c) for c in LAYOUTS[layout].palette]
         model, saved_cfg, ckpt = load_model(out / "model.pt")
-        assert (saved_cfg.norm, saved_cfg.crop, ckpt["channels"], len(ckpt["classes"])) == (
+        assert (saved_cfg.norm, saved_cfg.img_size, ckpt["channels"], len(ckpt["classes"])) == (
             "imagenet",
             32,
             3,
@@ -259,7 +259,7 @@ def test_model_file_without_palette_or_norm_still_loads(tmp_path: Path, tiny_bac
     out = tmp_path / "run"
     cfg = FinetuneConfig(
         backbone=f"timm:{TINY}:{tiny_backbone}", dataset="folder", data_root=str(root), out=str(out),
-        mode="lp", iters=1, crop=32, batch_size=2, workers=0, progress=False,
+        mode="lp", iters=1, img_size=32, batch_size=2, workers=0, progress=False,
     )  # fmt: skip
     run(cfg)
     ckpt = torch.load(out / "model.pt", weights_only=True)
@@ -284,7 +284,7 @@ def test_layerwise_probing_over_a_new_dataset_through_unip_compare(tmp_path: Pat
     selection.write(tmp_path / "layer_selection.json", doc)
     plan = plan_from_dict(
         {
-            "finetune": {"iters": 1, "crop": 32, "batch-size": 2, "workers": 0, "head-channels": 8},
+            "finetune": {"iters": 1, "img-size": 32, "batch-size": 2, "workers": 0, "head-channels": 8},
             "layer_selection": "layer_selection.json",
             "backbones": [{"name": "rand", "backbone": f"random:{arch}", "selection_model": "m"}],
             "datasets": [{"dataset": "ade20k", "root": str(root)}],

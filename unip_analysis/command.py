@@ -32,6 +32,7 @@ import re
 import sys
 import time
 import traceback
+import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
@@ -46,7 +47,7 @@ else:  # pragma: no cover - Python 3.10
 
 __all__ = [
     "Command", "DEVICE_HELP", "PRECISIONS", "batch_size", "debug", "device", "img_size", "main", "norm",
-    "option", "options_table", "out", "overwrite", "precision", "prepare_out", "progress", "resume", "seed",
+    "move_aside", "option", "options_table", "out", "overwrite", "precision", "prepare_out", "progress", "resume", "seed",
     "workers",
 ]  # fmt: skip
 
@@ -75,7 +76,8 @@ def option(
 ) -> Any:
     """A dataclass field that is also a command-line option ``--NAME`` (NAME: the field name with
     dashes). No ``default`` = required. ``aliases``: old spellings (``--crop``) that still work with a
-    deprecation notice; ``deprecated_values``: old values mapped to new ones (``{"none": "fp32"}``).
+    deprecation notice; an alias ``--old=VALUE`` is an old bare flag that set this option to VALUE
+    (``--no-amp=fp32``: ``--no-amp`` reads as ``--precision fp32``); ``deprecated_values``: old values mapped to new ones (``{"none": "fp32"}``).
     ``const``: the value of the bare option (``--resume`` alone). ``check(value)`` returns an error
     text or None. ``default_text``: how the default reads in ``--help`` when it is derived.
     List options take ``--opt a,b,c`` (or a JSON list); with ``repeat`` each use adds one value
@@ -110,13 +112,13 @@ def device(default: str = "auto") -> Any:
     return option(default, help=DEVICE_HELP, group="run", check=_check_device)
 
 
-def precision(default: str = "auto", help: str = "") -> Any:
+def precision(default: str = "auto", help: str = "", aliases: Sequence[str] = ()) -> Any:
     text = "numeric precision: auto (bf16 on CUDA, fp32 on the CPU), bf16, fp16 or fp32"
     return option(
         default,
         help=f"{text}{'; ' + help if help else ''}",
         group="run",
-        aliases=("--amp",),
+        aliases=("--amp", *aliases),
         deprecated_values={"none": "fp32"},
         check=_check_precision,
     )
@@ -210,11 +212,13 @@ class Spec:
 
     @property
     def is_flag(self) -> bool:
-        return self.type is bool
+        # ``bool | None``: a flag whose unset value (None) means "derived" (--x / --no-x / neither).
+        return self.type is bool or self.type == (bool | None)
 
     @property
     def is_list(self) -> bool:
-        return "list[" in str(self.type) or getattr(self.type, "__origin__", None) is list
+        text = str(self.type)
+        return "list[" in text or "tuple[" in text or getattr(self.type, "__origin__", None) in (list, tuple)
 
 
 def specs(options: type) -> list[Spec]:
@@ -309,7 +313,7 @@ class Command:
         except (Exception, SystemExit) as e:  # jsonargparse raises ArgumentError / its own errors
             if isinstance(e, SystemExit):
                 raise
-            raise SpecError(f"{_one_line(str(e))} (see {self.prog} --help)") from None
+            raise SpecError(f"{self._concise(_one_line(str(e)))} (see {self.prog} --help)") from None
         values = {s.name: getattr(ns, s.name) for s in self.specs}
         for s in self.specs:
             v = values[s.name]
@@ -325,9 +329,21 @@ class Command:
             raise SystemExit(0)
         return self.options(**values)
 
+    def _concise(self, text: str) -> str:
+        """jsonargparse's type error (the Union subtypes tried, one by one) as ``--opt 'v': expected T``."""
+        key = re.search(r'Parser key "(\w+)"', text)
+        spec = self.by_name.get(key.group(1)) if key else None
+        if spec is None or "value: " not in text:
+            return text
+        given = text.rsplit("value: ", 1)[1]  # the last one: the value as the user gave it
+        return f"{spec.flag} {given!r}: expected {_describe(spec.type)}"
+
     def _translate(self, argv: list[str]) -> list[str]:
         """Old spellings -> current ones (one notice each); list options in jsonargparse's form."""
-        aliases = {a: s for s in self.specs for a in s.aliases}
+        aliases = {a: s for s in self.specs for a in s.aliases if "=" not in a}
+        flag_values = {
+            a.split("=")[0]: (s, a.split("=", 1)[1]) for s in self.specs for a in s.aliases if "=" in a
+        }
         out_: list[str] = []
         seen: set[str] = set()
         i = 0
@@ -335,6 +351,11 @@ class Command:
             arg = argv[i]
             i += 1
             name, eq, value = arg.partition("=")
+            if arg in flag_values:  # an old bare flag that set a value (--no-amp)
+                s, value = flag_values[arg]
+                _notice(self.prog, f"{arg} is deprecated; use {s.flag} {value}")
+                out_ += [s.flag, value]
+                continue
             if name in aliases:
                 s = aliases[name]
                 _notice(
@@ -354,6 +375,17 @@ class Command:
                     out_.append(name)
                     continue
                 value, i = argv[i], i + 1
+                n = _fixed_length(spec.type)
+                rest = argv[i : i + n - 1]
+                if (
+                    n > 1
+                    and "," not in value
+                    and len(rest) == n - 1
+                    and not any(a.startswith("--") for a in rest)
+                ):
+                    # The old space-separated form of a fixed-length option (--betas 0.9 0.999).
+                    value, i = ",".join([value, *rest]), i + n - 1
+                    _notice(self.prog, f"{name} {value.replace(',', ' ')} is deprecated; use {name} {value}")
             if value.lstrip().startswith("["):
                 out_ += [name, value]
             elif spec.repeat:
@@ -366,7 +398,7 @@ class Command:
 
     def _file_values(self, path: Path) -> dict[str, Any]:
         raw = read_config_file(path)
-        aliases = {a[2:].replace("-", "_"): s for s in self.specs for a in s.aliases}
+        aliases = {a[2:].replace("-", "_"): s for s in self.specs for a in s.aliases if "=" not in a}
         values: dict[str, Any] = {}
         unknown = []
         for key, value in raw.items():
@@ -389,11 +421,35 @@ class Command:
         return {s.name: _plain_value(getattr(options, s.name)) for s in self.specs}
 
 
+_TYPE_WORDS = {int: "an integer", float: "a number", str: "a text", bool: "true or false", Path: "a path"}
+
+
+def _describe(tp: Any) -> str:
+    """A type as the error message says it: ``int | None`` -> an integer, ``Literal['a', 'b']`` -> one of a, b."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(str, args))
+    if origin in (list, tuple):
+        inner = " or ".join(dict.fromkeys(_describe(a) for a in args if a is not Ellipsis))
+        return f"a comma-separated list ({inner})"
+    if args:  # a union: what it takes besides None
+        return " or ".join(_describe(a) for a in args if a is not type(None))
+    return _TYPE_WORDS.get(tp, getattr(tp, "__name__", str(tp)))
+
+
 def _old_value(spec: Spec, key: str, value: Any) -> Any:
     # Old boolean keys of renamed options (``amp = false``) read as the new option's values.
     if spec.name == "precision" and isinstance(value, bool):
         return "auto" if value else "fp32"
     return value
+
+
+def _fixed_length(tp: Any) -> int:
+    """N for ``tuple[X, ..., X]`` (N items), else 1."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is tuple and args and Ellipsis not in args:
+        return len(args)
+    return max((_fixed_length(a) for a in args if a is not type(None)), default=1)
 
 
 def _is_number(text: str) -> bool:
@@ -542,11 +598,13 @@ def prepare_out(
     overwrite: bool = False,
     what: str = "a run",
     can_resume: bool = True,
+    keep: Iterable[str] = (),
 ) -> Path | None:
     """The one rule for an output folder. ``markers``: files whose presence means the folder holds
     ``what`` (``checkpoint.pt``, ``metrics.json``...). Empty or new folder: go on (``--resume`` is
     refused: nothing to continue). Holding a run: ``resume`` continues it, ``overwrite`` moves every
-    file into ``OUT/previous-<time>/`` first (returned), anything else is refused with one line."""
+    file into ``OUT/previous-<time>/`` first (returned; the names in ``keep`` stay), anything else
+    is refused with one line."""
     out = Path(out)
     found = sorted(m for m in markers if (out / m).exists())
     if resume and overwrite:
@@ -567,6 +625,13 @@ def prepare_out(
             f"{out} already holds {what} ({', '.join(found)}); {hint} to replace it (the old files are moved "
             f"to {out}/{PREVIOUS_PREFIX}<time>/), or choose another --out"
         )
+    return move_aside(out, keep)
+
+
+def move_aside(out: str | Path, keep: Iterable[str] = ()) -> Path:
+    """Move everything in ``out`` (but earlier ``previous-*`` folders and the names in ``keep``)
+    into a new ``out/previous-<time>/``; returns that folder."""
+    out = Path(out)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     aside = out / f"{PREVIOUS_PREFIX}{stamp}"
     n = 1
@@ -574,8 +639,9 @@ def prepare_out(
         n += 1
         aside = out / f"{PREVIOUS_PREFIX}{stamp}-{n}"
     aside.mkdir()
+    kept = set(keep)
     for item in sorted(out.iterdir()):
-        if item == aside or item.name.startswith(PREVIOUS_PREFIX):
+        if item == aside or item.name.startswith(PREVIOUS_PREFIX) or item.name in kept:
             continue
         item.rename(aside / item.name)
     return aside

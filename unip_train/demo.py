@@ -218,11 +218,11 @@ def make_plan(out: Path, soda: Path, backbones: list[dict], p: Preset) -> Path:
         "layer_selection": str(out / "analysis" / selection.FILENAME),
         "finetune": {
             "iters": p.ft_iters,
-            "crop": IMG,
+            "img-size": IMG,
             "batch-size": 8,
             "lr": 8e-3,  # chosen at seed 0: 2e-3, 4e-3, 8e-3 raised every row (docs/demo.md)
             "warmup-iters": max(1, p.ft_iters // 10),
-            "num-workers": 0,
+            "workers": 0,
             "log-every": 50,
         },  # fmt: skip
         "backbones": backbones,

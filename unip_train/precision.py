@@ -1,7 +1,9 @@
-"""Mixed precision: one rule for ``unip-pretrain`` and ``unip-finetune`` (``--amp``).
+"""Mixed precision: one rule for ``unip-pretrain`` and ``unip-finetune`` (``--precision``).
 
 ``auto`` is bf16 on a CUDA device that has it (fp16 with loss scaling where it does not) and float32
-on the CPU; ``bf16`` also runs on the CPU; ``fp16`` needs CUDA; ``none`` is float32 everywhere.
+on the CPU; ``bf16`` also runs on the CPU; ``fp16`` needs CUDA; ``fp32`` is float32 everywhere.
+The old ``--amp`` values still read: ``none`` is ``fp32``; ``true`` / ``false`` (config files of
+earlier versions) are ``auto`` / ``fp32``.
 """
 
 from __future__ import annotations
@@ -12,29 +14,33 @@ import torch
 
 from unip_analysis.errors import SpecError
 
-AMP_CHOICES = ("auto", "bf16", "fp16", "none")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+AMP_CHOICES = ("auto", "bf16", "fp16", "none")  # the old --amp values
+_OLD_VALUES = {"none": "fp32"}
 
 
 def normalize_amp(choice: str | bool) -> str:
-    """An ``--amp`` value; ``True`` / ``False`` (what config files of earlier versions hold) read as
-    ``auto`` / ``none``."""
+    """A ``--precision`` value (one of :data:`PRECISIONS`) from a current or an old ``--amp`` value."""
     if isinstance(choice, bool):
-        return "auto" if choice else "none"
-    if choice not in AMP_CHOICES:
-        raise SpecError(f"--amp {choice!r}: expected one of {', '.join(AMP_CHOICES)}")
+        return "auto" if choice else "fp32"
+    choice = _OLD_VALUES.get(choice, choice)
+    if choice not in PRECISIONS:
+        raise SpecError(f"--precision {choice!r}: expected one of {', '.join(PRECISIONS)}")
     return choice
 
 
 def amp_dtype(choice: str | bool, device: torch.device | str) -> torch.dtype | None:
-    """The autocast dtype for ``--amp choice`` on ``device``, or None for float32."""
+    """The autocast dtype for ``--precision choice`` on ``device``, or None for float32."""
     choice, device = normalize_amp(choice), torch.device(device)
     if device.type != "cuda":
         if choice == "fp16":
-            raise SpecError(f"--amp fp16 needs CUDA; this run is on {device}; use --amp bf16 or none")
+            raise SpecError(
+                f"--precision fp16 needs CUDA; this run is on {device}; use --precision bf16 or fp32"
+            )
         return torch.bfloat16 if choice == "bf16" else None
     if choice == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[choice]
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[choice]
 
 
 def dtype_name(dtype: torch.dtype | None) -> str:

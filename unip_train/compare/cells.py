@@ -9,8 +9,11 @@ A cell folder is an ordinary unip-finetune run folder plus two files of ours:
 - ``unip-finetune.out``: what the unip-finetune process printed (:mod:`.processes`).
 
 A cell is finished when ``metrics.json`` is there; interrupted when ``checkpoint.pt`` is there
-(the next run passes ``--resume``). A folder whose recorded arguments or weights differ from what
-the plan now asks is refused, before any cell runs: results are never mixed across settings.
+(the next run passes ``--resume``); a failed attempt that left no checkpoint is started again, its
+files moved to ``previous-<time>/`` first. Only a folder whose record matches what the plan now
+asks is continued: one whose recorded arguments or weights differ, or one unip-compare did not
+make, is refused before any cell runs (results are never mixed across settings), or with
+``overwrite`` its files are moved to ``previous-<time>/`` and the cell starts anew.
 """
 
 from __future__ import annotations
@@ -23,17 +26,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from unip_analysis import command
 from unip_analysis.files import atomic_write_bytes, atomic_write_text, sha256_file
 
 from .backbones import random_init_bytes, random_init_path
-from .plan import Cell, Plan, PlanError, option_argv
+from .plan import Cell, Plan, PlanError, finetune_options, option_argv
+from .processes import PROCESS_LOG
 
 RECORD = "compare_cell.json"
 RECORD_FORMAT = "unip-compare-cell/1"
 METRICS = "metrics.json"
 CHECKPOINT = "checkpoint.pt"
+# What unip-finetune writes into a run folder that marks it as holding a run (its MARKERS).
+RUN_FILES = (CHECKPOINT, "model.pt", METRICS, "log.jsonl")
 
-FINISHED, RESUME, NEW = "finished", "resume", "new"
+# replace: a folder of other settings that --overwrite moves aside before the cell starts.
+FINISHED, RESUME, NEW, REPLACE = "finished", "resume", "new", "replace"
 
 
 @dataclass
@@ -69,13 +77,14 @@ def cell_argv(cell: Cell, backbone_spec: str) -> list[str]:
     return [*argv, "--seed", str(cell.seed), *option_argv(cell.options), "--no-progress"]
 
 
-def prepare(plan: Plan, out: str | Path, write: bool = True) -> list[CellRun]:
+def prepare(plan: Plan, out: str | Path, write: bool = True, overwrite: bool = False) -> list[CellRun]:
     """Every cell of ``plan`` under ``out`` with its status. ``write``: write the random-init weights
-    that are missing, once every cell folder has been checked (with ``write=False`` nothing is
-    written; their digest is computed in memory).
+    that are missing, once every cell folder has been checked, and (with ``overwrite``) move the
+    refused folders' files aside; with ``write=False`` nothing is written (their digest is computed
+    in memory, refused folders show as ``replace``).
 
     Raises :class:`PlanError` when a cell folder holds a run with other settings, or a folder
-    unip-compare did not make.
+    unip-compare did not make, unless ``overwrite``.
     """
     out = Path(out).resolve()
     known: dict[Path, str] = {}  # weights file -> sha256, each file hashed once
@@ -93,13 +102,19 @@ def prepare(plan: Plan, out: str | Path, write: bool = True) -> list[CellRun]:
         run = CellRun(cell, out / cell.folder, cell_argv(cell, backbone.spec(weights)), known[weights], NEW)
         problem = _status(run)
         if problem:
-            conflicts.append(problem)
+            conflicts.append((run, problem))
         runs.append(run)
-    if conflicts:
+    if conflicts and not overwrite:
         more = f" (and {len(conflicts) - 1} more cell folders)" if len(conflicts) > 1 else ""
         raise PlanError(
-            f"{conflicts[0]}{more}; delete those folders to run them again, or choose another --out"
+            f"{conflicts[0][1]}{more}; pass --overwrite to move their files aside (into "
+            f"{command.PREVIOUS_PREFIX}<time>/ in each folder) and run them again, or choose another --out"
         )
+    for run, _ in conflicts:
+        run.status = REPLACE
+        if write:
+            command.move_aside(run.run_dir)
+            run.status = NEW
     if write:
         for path, data in to_write.items():
             atomic_write_bytes(path, data)
@@ -109,14 +124,20 @@ def prepare(plan: Plan, out: str | Path, write: bool = True) -> list[CellRun]:
 def _status(run: CellRun) -> str | None:
     """Set ``run.status`` from its folder; returns why the folder cannot be used, or None."""
     folder = run.run_dir
-    if not folder.exists() or not any(folder.iterdir()):
+    entries = (
+        [p for p in folder.iterdir() if not p.name.startswith(command.PREVIOUS_PREFIX)]
+        if folder.is_dir()
+        else []
+    )
+    if not entries:
         return None
     record_path = folder / RECORD
     if not record_path.is_file():
         return f"{folder}: exists but was not made by unip-compare (no {RECORD})"
     record = read_record(folder)
-    if record.get("argv") != run.argv:
-        return f"{folder}: was run with other settings ({_argv_change(record.get('argv') or [], run.argv)})"
+    recorded = record.get("argv") or []
+    if canonical_options(recorded) != canonical_options(run.argv):
+        return f"{folder}: was run with other settings ({_argv_change(recorded, run.argv)})"
     if record.get("backbone_sha256") != run.backbone_sha256:
         return (
             f"{folder}: its backbone weights changed since it ran (sha256 "
@@ -129,20 +150,46 @@ def _status(run: CellRun) -> str | None:
     return None
 
 
+def canonical_options(argv: list[str]) -> dict[str, str]:
+    """unip-finetune arguments as ``{--option: value}`` under today's names, so that a cell recorded
+    with an old spelling (``--crop 32``, ``--num-workers 0``, ``--amp none``) still matches."""
+    known = finetune_options()
+    opts = {}
+    for flag, value in _as_options(argv).items():
+        negated = flag.startswith("--no-") and flag[5:].replace("-", "_") in known
+        name = (flag[5:] if negated else flag[2:]).replace("-", "_")
+        spec = known.get(name)
+        if spec is None:  # not an option (any more): compared as written
+            opts[flag] = value
+            continue
+        value = "off" if negated else spec.deprecated_values.get(value, value)
+        opts[spec.flag] = value
+    return opts
+
+
+def clear_failed_attempt(run: CellRun) -> None:
+    """A cell that starts anew, in a folder where an earlier attempt died before its first
+    checkpoint: that attempt's files go to ``previous-<time>/`` (unip-finetune refuses a folder
+    holding a run); the cell's record and process output stay."""
+    if run.status == NEW and any((run.run_dir / name).exists() for name in RUN_FILES):
+        command.move_aside(run.run_dir, keep=(RECORD, PROCESS_LOG))
+
+
 def _as_options(argv: list[str]) -> dict[str, str]:
     opts, key = {}, None
     for a in argv:
         if a.startswith("--"):
             key = a
-            opts[key] = "on"
+            opts.setdefault(key, "on")
         elif key is not None:
-            opts[key] = a
+            # A repeated option (--unlabelled A --unlabelled B) keeps every value.
+            opts[key] = a if opts[key] == "on" else f"{opts[key]},{a}"
     return opts
 
 
 def _argv_change(old: list[str], new: list[str]) -> str:
     """The options that differ, ``--iters 200 -> 400``, for the refusal message."""
-    a, b = _as_options(old), _as_options(new)
+    a, b = canonical_options(old), canonical_options(new)
     changes = [
         f"{k} {a.get(k, 'unset')} -> {b.get(k, 'unset')}"
         for k in sorted(a.keys() | b.keys())

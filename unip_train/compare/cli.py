@@ -2,22 +2,26 @@
 x mode x probed layer x seed) is an ordinary unip-finetune run folder under OUT; then results.csv,
 summary.csv, figures/ and report.html.
 
-    unip-compare --plan plan.toml --out results/              # or plan.json
+    unip-compare --plan plan.toml --out results/              # or plan.json / plan.yaml
     unip-compare --plan plan.toml --out results/ --jobs 4     # 4 cells at a time (one GPU each)
     unip-compare --plan plan.toml --out results/ --executor slurm --slurm-partition gpu --gpus-per-job 1
     unip-compare --plan plan.toml --out results/ --dry-run    # check the plan, list the cells
 
-Re-running the same command skips finished cells and resumes interrupted ones. The plan's layout
+Re-running the same command skips finished cells and resumes interrupted ones; a cell folder that
+holds a run of other settings is refused (``--overwrite`` moves its files aside). The plan's layout
 is in docs/compare.md and in :mod:`unip_train.compare.plan`.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from unip_analysis.errors import UnipError, error_line
+from unip_analysis import command
+from unip_analysis.errors import UnipError
 
 from .cells import FINISHED, prepare
 from .comparison import build_outputs, write_outputs
@@ -27,46 +31,66 @@ from .statistics import format_p
 
 PROG = "unip-compare"
 EXECUTORS = ("local", "slurm", "submitit-local")
+_SUBMITIT = "executor (submitit)"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, as for every other error of this command
-        self.exit(2, f"{PROG}: error: {message} (see --help)\n")
+@dataclass(kw_only=True)
+class CompareOptions:
+    """Every option of ``unip-compare``, declared once (:mod:`unip_analysis.command`)."""
 
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("--plan", required=True, help="plan file (.toml or .json), see docs/compare.md")
-    p.add_argument(
-        "--out", required=True, type=Path, help="results folder (cells/, results.csv, report.html)"
+    plan: Path = command.option(
+        help="plan file (.toml, .json or .yaml), see docs/compare.md", group="plan", metavar="FILE"
     )
-    p.add_argument(
-        "--jobs", type=int, default=1, help="cells at a time (default 1); one GPU each when there are GPUs"
+    out: Path = command.out("results folder (cells/, results.csv, summary.csv, figures/, report.html)")
+    dry_run: bool = command.option(
+        False, help="check the plan, list every cell and its state; run nothing", group="plan"
     )
-    p.add_argument(
-        "--executor",
-        default="local",
-        choices=EXECUTORS,
-        help="local: child processes here (default); slurm: submitit jobs on SLURM; "
-        "submitit-local: submitit's local executor (try the slurm path on this machine)",
+    report_only: bool = command.option(
+        False, help="write the outputs from finished cells; run nothing", group="plan"
     )
-    p.add_argument("--timeout-min", type=int, help="submitit: time limit per cell in minutes")
-    p.add_argument("--gpus-per-job", type=int, help="submitit: GPUs per cell (gpus_per_node)")
-    p.add_argument("--cpus-per-job", type=int, help="submitit: CPU cores per cell (cpus_per_task)")
-    p.add_argument("--mem-gb", type=float, help="submitit: memory per cell")
-    p.add_argument("--slurm-partition", help="slurm: partition")
-    p.add_argument("--slurm-account", help="slurm: account")
-    p.add_argument(
-        "--dry-run", action="store_true", help="check the plan, list every cell and its state; run nothing"
+    overwrite: bool = command.option(
+        False, help="a cell folder holding a run of other settings (or not made by unip-compare): move its "
+        "files into CELL/previous-<time>/ and run the cell again, instead of refusing", group="run",
+    )  # fmt: skip
+    jobs: int = command.option(
+        1, help="cells at a time; one GPU each when there are GPUs", group="run", metavar="N",
+        check=command.positive,
+    )  # fmt: skip
+    executor: Literal[EXECUTORS] = command.option(
+        "local", help="local: child processes here; slurm: submitit jobs on SLURM; submitit-local: "
+        "submitit's local executor (try the slurm path on this machine)", group=_SUBMITIT,
+    )  # fmt: skip
+    timeout_min: int | None = command.option(
+        None, help="time limit per cell in minutes", group=_SUBMITIT, metavar="MIN",
+        default_text="SLURM's; a week with submitit-local",
+    )  # fmt: skip
+    gpus_per_job: int | None = command.option(
+        None,
+        help="GPUs per cell (gpus_per_node)",
+        group=_SUBMITIT,
+        metavar="N",
+        default_text="the executor's",
     )
-    p.add_argument(
-        "--report-only", action="store_true", help="write the outputs from finished cells; run nothing"
+    cpus_per_job: int | None = command.option(
+        None, help="CPU cores per cell (cpus_per_task)", group=_SUBMITIT, metavar="N",
+        default_text="the executor's",
+    )  # fmt: skip
+    mem_gb: float | None = command.option(
+        None, help="memory per cell", group=_SUBMITIT, metavar="GB", default_text="the executor's"
     )
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    return p
+    slurm_partition: str | None = command.option(
+        None, help="SLURM partition", group=_SUBMITIT, metavar="NAME", default_text="the cluster's"
+    )
+    slurm_account: str | None = command.option(
+        None, help="SLURM account", group=_SUBMITIT, metavar="NAME", default_text="the cluster's"
+    )
+    debug: bool = command.debug()
 
 
-def make_executor(args: argparse.Namespace):
+COMMAND = command.Command(PROG, CompareOptions, description=__doc__.split("\n\n")[0])
+
+
+def make_executor(args: CompareOptions):
     """None (child processes here) or the submitit executor the options ask for."""
     if args.executor == "local":
         return None
@@ -87,29 +111,23 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args: CompareOptions) -> int:
+    plan = load_plan(args.plan)
+    if args.dry_run:
+        for cell in prepare(plan, args.out, write=False, overwrite=args.overwrite):
+            _say(f"{cell.status:8s} {cell.label}\n         {cell.shell_command()}")
+        return 0
+    executor = None if args.report_only else make_executor(args)
+    runs = prepare(
+        plan, args.out, write=not args.report_only, overwrite=args.overwrite and not args.report_only
+    )
     try:
-        if args.jobs < 1:
-            raise UnipError(f"--jobs {args.jobs}: expected at least 1")
-        plan = load_plan(args.plan)
-        if args.dry_run:
-            for run in prepare(plan, args.out, write=False):
-                _say(f"{run.status:8s} {run.label}\n         {run.shell_command()}")
-            return 0
-        executor = None if args.report_only else make_executor(args)
-        runs = prepare(plan, args.out, write=not args.report_only)
         outcomes = [] if args.report_only else run_cells(runs, jobs=args.jobs, executor=executor, say=_say)
-        outputs = build_outputs(plan, args.out, outcomes, runs)
-        written = write_outputs(outputs, args.out)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; run the same command again to continue", file=sys.stderr)
         return 130
-    except UnipError as e:
-        if args.debug:
-            raise
-        print(f"{PROG}: error: {error_line(e)}", file=sys.stderr)
-        return 2
+    outputs = build_outputs(plan, args.out, outcomes, runs)
+    written = write_outputs(outputs, args.out)
     done = sum(r.status == FINISHED for r in outputs.runs)
     _say(f"{done} of {len(outputs.runs)} cells finished; wrote {written['summary']} and {written['report']}")
     for line in _verdicts(outputs.summary):
@@ -126,6 +144,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point; returns the exit status (0 done, 1 cells without results, 2 bad input)."""
+    return command.main(COMMAND, run, list(sys.argv[1:] if argv is None else argv), exit_codes={UnipError: 2})
 
 
 def _verdicts(summary) -> list[str]:

@@ -36,9 +36,12 @@ def run_plan(
     executor: Any = None,
     say=print,
     gpus: list[str] | None = None,
+    overwrite: bool = False,
 ) -> list[Outcome]:
-    """Run every cell of ``plan`` under ``out`` that has not finished; see :func:`.execution.run_cells`."""
-    return run_cells(prepare(plan, out), jobs=jobs, executor=executor, say=say, gpus=gpus)
+    """Run every cell of ``plan`` under ``out`` that has not finished; see :func:`.execution.run_cells`.
+    ``overwrite``: cell folders of other settings are moved aside instead of refused."""
+    runs = prepare(plan, out, overwrite=overwrite)
+    return run_cells(runs, jobs=jobs, executor=executor, say=say, gpus=gpus)
 
 
 @dataclass

@@ -22,7 +22,16 @@ from typing import Any
 from unip_analysis.errors import UnipError
 
 from ..runs import available_cores
-from .cells import FINISHED, METRICS, RESUME, CellRun, read_metrics, record_attempt_end, record_attempt_start
+from .cells import (
+    FINISHED,
+    METRICS,
+    RESUME,
+    CellRun,
+    clear_failed_attempt,
+    read_metrics,
+    record_attempt_end,
+    record_attempt_start,
+)
 from .processes import PROCESS_LOG, last_line, run_finetune, start_finetune
 
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -227,6 +236,7 @@ def run_cells(
         while todo or running:
             while todo and free:
                 slot, run = free.pop(0), todo.popleft()
+                clear_failed_attempt(run)
                 record_attempt_start(run)
                 handle, where = backend.start(run, slot)
                 running[slot] = (run, handle, time.time())

@@ -1,4 +1,4 @@
-"""The comparison plan (TOML or JSON): which backbones, datasets, modes and seeds, read and checked in
+"""The comparison plan (TOML, JSON or YAML): which backbones, datasets, modes and seeds, read and checked in
 full before any cell runs. The schema and its validation live here and nowhere else.
 
     seeds = [0, 1, 2]
@@ -7,7 +7,7 @@ full before any cell runs. The schema and its validation live here and nowhere e
 
     [finetune]                                 # options of every cell (unip-finetune long names)
     iters = 2000
-    crop = 256
+    img-size = 256
 
     [[backbones]]                              # one row of the table each
     name = "random"
@@ -40,24 +40,21 @@ Options merge in this order, later wins: ``[finetune]``, the dataset's, the mode
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from unip_analysis import selection
+from unip_analysis import command, selection
+from unip_analysis.command import Spec
 from unip_analysis.errors import SelectionError, SpecError, UnipError
 
 from .backbones import Backbone, resolve_backbone
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 NAME_RX = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 MODES = ("ft", "lp")
@@ -71,10 +68,14 @@ MANAGED_OPTIONS = {
     "layers": "the mode entry's layers / layerwise",
     "seed": "the plan's seeds",
     "resume": "unip-compare (it resumes interrupted cells itself)",
+    "overwrite": "unip-compare (unip-compare --overwrite moves a cell folder of other settings aside)",
+    "progress": "unip-compare",
     "no_progress": "unip-compare",
     "eval_only": "nothing: unip-compare trains",
     "model": "nothing: unip-compare trains",
+    "debug": "nothing",
     "config": "nothing: put the options in the plan, where they are recorded per cell",
+    "print_config": "nothing",
     "help": "nothing",
 }
 
@@ -195,28 +196,26 @@ def _probe_layers(mode: ModeEntry, row: Row) -> list[int | None]:
 
 
 def load_plan(path: str | Path) -> Plan:
-    """Read and check a ``.toml`` or ``.json`` plan; raises :class:`PlanError` naming the entry."""
+    """Read and check a ``.toml``, ``.json`` or ``.yaml`` plan (read as every command's ``--config``
+    file is, :func:`unip_analysis.command.read_config_file`); raises :class:`PlanError` naming the
+    entry."""
     path = Path(path)
     if not path.is_file():
-        raise PlanError(f"{path}: plan file not found; pass a .toml or .json plan (see docs/compare.md)")
-    text = path.read_text(encoding="utf-8")
-    suffix = path.suffix.lower()
+        raise PlanError(
+            f"{path}: plan file not found; pass a .toml, .json or .yaml plan (see docs/compare.md)"
+        )
     try:
-        if suffix == ".toml":
-            data = tomllib.loads(text)
-        elif suffix == ".json":
-            data = json.loads(text)
-        else:
-            raise PlanError(f"{path}: a plan must end in .toml or .json")
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-        raise PlanError(f"{path}: cannot parse the plan ({e}); fix its syntax") from None
-    return plan_from_dict(data, path.parent, path.name, path=path, text=text)
+        data = command.read_config_file(path)
+    except SpecError as e:
+        raise PlanError(str(e).replace("--config file", "the plan").replace("--config", "the plan")) from None
+    return plan_from_dict(data, path.parent, path.name, path=path, text=path.read_text(encoding="utf-8"))
 
 
 def plan_from_dict(
     data: Any, base: str | Path = ".", src: str = "plan", path: Path | None = None, text: str | None = None
 ) -> Plan:
-    """Check a plan given as a dict (what the TOML / JSON file holds); ``base`` resolves relative paths."""
+    """Check a plan given as a dict (what the TOML / JSON / YAML file holds); ``base`` resolves
+    relative paths."""
     base = Path(base).resolve()
     if not isinstance(data, Mapping):
         raise PlanError(f"{src}: the plan must be one table / object")
@@ -446,66 +445,84 @@ def _seeds(value: Any, src: str) -> tuple[int, ...]:
 # --- unip-finetune options ----------------------------------------------------------------------
 
 
-def finetune_options() -> dict[str, Any]:
-    """unip-finetune's long options: ``{name: argparse action}`` for every long spelling, aliases
-    included (``num_workers`` and ``workers``), from its own parser."""
-    from unip_train.finetune.cli import build_parser
+def finetune_options() -> dict[str, Spec]:
+    """unip-finetune's options as its command declares them: ``{name: Spec}`` for every name a plan
+    may use, old spellings included (``num_workers``, ``crop`` and ``amp`` name ``workers``,
+    ``img_size`` and ``precision``)."""
+    from unip_train.finetune.cli import COMMAND
 
-    parser = build_parser()
-    return {
-        s[2:].replace("-", "_"): a for a in parser._actions for s in a.option_strings if s.startswith("--")
-    }
+    known: dict[str, Spec] = {}
+    for spec in COMMAND.specs:
+        known[spec.name] = spec
+        for alias in spec.aliases:
+            if "=" not in alias:  # not an old bare flag such as --no-amp
+                known.setdefault(alias[2:].replace("-", "_"), spec)
+    return known
 
 
-def _options(value: Any, where: str, known: dict) -> dict[str, Any]:
-    """Check an options table: unip-finetune long names (``-`` or ``_``) with values its parser takes."""
+def _options(value: Any, where: str, known: dict[str, Spec]) -> dict[str, Any]:
+    """Check an options table: unip-finetune option names (``-`` or ``_``, old spellings too) with
+    values its command takes; returns them under the current names."""
     if not isinstance(value, Mapping):
         raise PlanError(f"{where}: options must be a table of unip-finetune option = value")
     out = {}
     for key, v in value.items():
-        dest = str(key).replace("-", "_")
-        flag = "--" + dest.replace("_", "-")
-        if dest in MANAGED_OPTIONS:
-            raise PlanError(f"{where}: option {key!r} is set by {MANAGED_OPTIONS[dest]}, not by options")
-        if dest not in known:
-            raise PlanError(f"{where}: {flag} is not a unip-finetune option (see unip-finetune --help)")
-        action = known[dest]
-        dest = action.dest  # one name per option, whichever spelling the plan used
-        if dest in MANAGED_OPTIONS:
-            raise PlanError(f"{where}: option {key!r} is set by {MANAGED_OPTIONS[dest]}, not by options")
-        if action.nargs == 0:  # a flag such as --resplit-last-heads
-            if not isinstance(v, bool):
-                raise PlanError(f"{where}: {flag} is a flag; write {key} = true or false")
-        elif isinstance(v, (bool, Mapping)) or v is None:
-            raise PlanError(f"{where}: {flag} needs a value, found {v!r}")
-        else:
-            try:
-                converted = action.type(_text(v)) if action.type is not None else _text(v)
-            except Exception as e:  # argparse types raise ValueError / ArgumentTypeError
-                raise PlanError(f"{where}: {flag} = {v!r}: {e}") from None
-            if action.choices is not None and converted not in action.choices:
-                choices = ", ".join(map(str, action.choices))
-                raise PlanError(f"{where}: {flag} = {v!r}: expected one of {choices}")
-        out[dest] = v
+        name = str(key).replace("-", "_")
+        if name in MANAGED_OPTIONS:
+            raise PlanError(f"{where}: option {key!r} is set by {MANAGED_OPTIONS[name]}, not by options")
+        if name not in known:
+            raise PlanError(
+                f"{where}: --{name.replace('_', '-')} is not a unip-finetune option (see unip-finetune --help)"
+            )
+        spec = known[name]  # one name per option, whichever spelling the plan used
+        if spec.name in MANAGED_OPTIONS:
+            raise PlanError(f"{where}: option {key!r} is set by {MANAGED_OPTIONS[spec.name]}, not by options")
+        if spec.is_flag and not isinstance(v, bool):
+            raise PlanError(f"{where}: {spec.flag} is a flag; write {key} = true or false")
+        if not spec.is_flag and (isinstance(v, (bool, Mapping)) or v is None):
+            raise PlanError(f"{where}: {spec.flag} needs a value, found {v!r}")
+        out[spec.name] = v
+    _check_values(out, where)
     return out
 
 
+def _check_values(options: Mapping[str, Any], where: str) -> None:
+    """The values as unip-finetune's own parser reads them (types, choices, ranges)."""
+    from unip_train.finetune.cli import COMMAND
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # deprecation notes: the plan is read again
+            COMMAND.parse(option_argv(options))
+    except SpecError as e:
+        raise PlanError(f"{where}: {str(e).split(' (see ')[0]}") from None
+
+
 def _text(value: Any) -> str:
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return ",".join(str(v) for v in value)
     return str(value)
 
 
 def option_argv(options: Mapping[str, Any]) -> list[str]:
     """Options as unip-finetune arguments, sorted by name (a cell's argv does not depend on the order
-    the plan lists them in): ``true`` flags appear, ``false`` ones do not, lists are comma-joined."""
+    the plan lists them in): ``true`` flags appear as ``--flag``, ``false`` ones as ``--no-flag``
+    where the flag is on (or derived) by default; lists are comma-joined, repeatable options
+    repeated."""
+    from unip_train.finetune.cli import COMMAND
+
     argv = []
-    for dest in sorted(options):
-        value = options[dest]
-        flag = "--" + dest.replace("_", "-")
+    for name in sorted(options):
+        value = options[name]
+        spec = COMMAND.by_name.get(name)
+        flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
             if value:
                 argv.append(flag)
+            elif spec is None or spec.default is not False:
+                argv.append("--no-" + flag[2:])
+        elif spec is not None and spec.repeat and isinstance(value, (list, tuple)):
+            for item in value:
+                argv += [flag, str(item)]
         else:
             argv += [flag, _text(value)]
     return argv

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .ll_fpn import SegOutput
 from .pixl import PixlExtension
 from .semi import MeanTeacherExtension, SemiData
 
@@ -35,30 +36,7 @@ if TYPE_CHECKING:  # imported for annotations only: the config and datasets impo
     from .dataset import SegDataset
     from .ll_fpn import Segmentor
 
-
-@dataclass
-class SegOutput:
-    """What the segmentor computed for one set of images."""
-
-    logits: torch.Tensor  # [B, C, h, w] main head logits (at the head's resolution)
-    aux: torch.Tensor | None  # auxiliary FCN logits in training, else None
-    # The decode head's fused map before dropout and classifier [B, D, h, w] (linear probing: the
-    # concatenated features); only when an extension has needs_features=True, else None.
-    features: torch.Tensor | None
-
-    def split(self, n: int) -> tuple[SegOutput, SegOutput | None]:
-        """The first ``n`` images' outputs and the rest's (None when there is no rest)."""
-        if self.logits.shape[0] == n:
-            return self, None
-
-        def part(t: torch.Tensor | None, s: slice) -> torch.Tensor | None:
-            return None if t is None else t[s]
-
-        head, tail = slice(0, n), slice(n, None)
-        return (
-            SegOutput(self.logits[head], part(self.aux, head), part(self.features, head)),
-            SegOutput(self.logits[tail], part(self.aux, tail), part(self.features, tail)),
-        )
+__all__ = ["Extension", "ExtensionContext", "SegOutput", "build_extensions", "check_names"]
 
 
 @dataclass

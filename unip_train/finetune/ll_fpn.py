@@ -16,6 +16,7 @@ it stays frozen and unused.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -23,7 +24,6 @@ from torch import nn
 
 from unip_analysis.errors import UnipError
 
-from .extensions import SegOutput
 from .heads import FCNHead, LinearProbeHead, UperHead, init_like_mmseg
 
 NECKS = ("ll-fpn", "multi-layer")
@@ -33,6 +33,31 @@ AUX_INDEX = 2  # the stride-16 level (identity branch) feeds the auxiliary FCN h
 
 class ModelConfigError(UnipError):
     """Segmentor options that do not fit the backbone (layer numbers, neck, mode)."""
+
+
+@dataclass
+class SegOutput:
+    """What the segmentor computed for one set of images."""
+
+    logits: torch.Tensor  # [B, C, h, w] main head logits (at the head's resolution)
+    aux: torch.Tensor | None  # auxiliary FCN logits in training, else None
+    # The decode head's fused map before dropout and classifier [B, D, h, w] (linear probing: the
+    # concatenated features); only when an extension has needs_features=True, else None.
+    features: torch.Tensor | None
+
+    def split(self, n: int) -> tuple[SegOutput, SegOutput | None]:
+        """The first ``n`` images' outputs and the rest's (None when there is no rest)."""
+        if self.logits.shape[0] == n:
+            return self, None
+
+        def part(t: torch.Tensor | None, s: slice) -> torch.Tensor | None:
+            return None if t is None else t[s]
+
+        head, tail = slice(0, n), slice(n, None)
+        return (
+            SegOutput(self.logits[head], part(self.aux, head), part(self.features, head)),
+            SegOutput(self.logits[tail], part(self.aux, tail), part(self.features, tail)),
+        )
 
 
 def default_layers(depth: int) -> list[int]:

@@ -8,7 +8,6 @@ and read the file (``torch.load(weights_only=True)``)."""
 
 from __future__ import annotations
 
-from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ from .backbone import prepare_for_finetuning
 from .config import (
     FinetuneConfig,
     FinetuneError,
+    config_from_record,
     norm_record,
     parse_backbone,
     plain_config,
@@ -42,7 +42,7 @@ def default_heads(arch: str) -> int:
 def build_backbone(cfg: FinetuneConfig) -> tuple[torch.nn.Module, dict]:
     """The pre-trained ViT with the fine-tuning parts added (ft mode) and where it came from."""
     family, arch, path = parse_backbone(cfg.backbone)
-    loaded = load_backbone(family, arch, path, img_size=cfg.crop)
+    loaded = load_backbone(family, arch, path, img_size=cfg.img_size)
     model = loaded.model
     info = {
         "family": family,
@@ -110,14 +110,15 @@ def load_model(path: str | Path) -> tuple[Segmentor, FinetuneConfig, dict]:
             f"{path}: not a model.pt of this unip-finetune (format {MODEL_FORMAT}, found {found}); "
             "fine-tune again to re-evaluate it"
         )
-    known = {f.name for f in fields(FinetuneConfig)}
     # Files from before --norm trained with the infrared statistics; before palettes: none recorded.
-    cfg = FinetuneConfig(**{"norm": "infrared", **{k: v for k, v in ckpt["config"].items() if k in known}})
+    cfg = config_from_record({"norm": "infrared", **ckpt["config"]})  # earlier versions say crop, amp
     for key in ("palette", "norm", "channels"):
         ckpt.setdefault(key, None)
     info = ckpt["backbone"]
     kwargs = transformers_format.timm_kwargs(info["hf_build"], path) if "hf_build" in info else {}
-    backbone = build_vit(info["arch"], img_size=cfg.crop, heads_per_layer=info["heads_per_layer"], **kwargs)
+    backbone = build_vit(
+        info["arch"], img_size=cfg.img_size, heads_per_layer=info["heads_per_layer"], **kwargs
+    )
     if info.get("adapter_width"):
         add_adapters(backbone, info["adapter_width"])
     if cfg.mode == "ft":

@@ -381,14 +381,14 @@ class MeanTeacherExtension:
     def setup(self, ctx) -> None:
         """Teacher = a copy of ``ctx.model``; the unlabelled loader for this process (``ctx.dist``)."""
         self.device, self.student = torch.device(ctx.device), ctx.model
-        self.amp = amp_dtype(getattr(ctx.cfg, "amp", "none"), self.device)
+        self.amp = amp_dtype(getattr(ctx.cfg, "precision", "fp32"), self.device)
         self.teacher = copy.deepcopy(ctx.model).to(self.device).eval().requires_grad_(False)
         world, rank = ctx.dist.world_size, ctx.dist.rank
         b = self.batch_size or max(1, int(ctx.cfg.batch_size) // world)
         seed = stream_seed(ctx.seed, UNLABELLED_KEY)
         from .config import DEFAULT_CROP, img_scale  # config imports this module's defaults
 
-        crop, train_set, dataset = int(ctx.cfg.crop), ctx.train_set, getattr(ctx.cfg, "dataset", None)
+        crop, train_set, dataset = int(ctx.cfg.img_size), ctx.train_set, getattr(ctx.cfg, "dataset", None)
         self.dataset = UnlabelledSet(
             self.files, crop, seed, self.student_photometric,
             None if train_set is None else (train_set.mean, train_set.std),

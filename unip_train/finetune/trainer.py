@@ -1,6 +1,7 @@
-"""A ``unip-finetune`` run: set-up (data, model, extensions, optimizer, resume, run folder), the loop
-(:func:`unip_train.finetune.engine.train`), evaluation and the files a run folder holds. From Python:
-``run(FinetuneConfig(...)) -> metrics`` and ``evaluate_saved(path) -> metrics``."""
+"""A ``unip-finetune`` run: the run folder (the no-overwrite rule), set-up (data, model, extensions,
+optimizer, resume), the loop (:func:`unip_train.finetune.engine.train`), evaluation and the files a
+run folder holds. From Python: ``run(FinetuneConfig(...)) -> metrics`` and
+``evaluate_saved(path) -> metrics``."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from unip_analysis import command
 from unip_analysis.files import atomic_write_text
 from unip_analysis.images import parse_normalization
 
@@ -30,6 +32,7 @@ from .config import (
     plain_config,
     resolve,
     resolve_norm,
+    upgrade_record,
 )
 from .dataset import SegDataset
 from .engine import TrainState, train
@@ -37,16 +40,19 @@ from .evaluation import evaluate, summarize
 from .extensions import Extension, ExtensionContext, build_extensions, check_names
 from .ll_fpn import Segmentor
 from .model_file import build_backbone, build_segmentor, load_model, save_model
-from .semi import prepare_semi, write_split
+from .semi import SemiData, prepare_semi, write_split
 
 PROG = "unip-finetune"
 RESUME_MUST_MATCH = (
-    "dataset", "mode", "neck", "layers", "crop", "batch_size", "seed", "world_size", "extensions",
+    "dataset", "mode", "neck", "layers", "img_size", "batch_size", "seed", "world_size", "extensions",
     "layer_scale", "rel_pos_bias", "head_channels", "aux_channels", "pixel_loss", "pixl_scales",
     "label_fraction", "unlabelled", "norm",
 )  # fmt: skip
 # Values config.json records that are not options (read back with --config, they are skipped).
 DERIVED_KEYS = ("world_size", "extensions")
+CHECKPOINT, METRICS = "checkpoint.pt", "metrics.json"
+# What a run folder holds: one of these there means a run that is continued or replaced, never reused.
+MARKERS = (CHECKPOINT, "model.pt", METRICS, runs.LOG_NAME)
 
 
 def build_optimizer(
@@ -67,15 +73,17 @@ def build_optimizer(
 # --- the run ------------------------------------------------------------------------------------
 
 
-def run(cfg: FinetuneConfig, extensions: Sequence[Extension] = ()) -> dict:
+def run(cfg: FinetuneConfig, extensions: Sequence[Extension] = (), *, overwrite: bool = False) -> dict:
     """Train per ``cfg`` (plus the extensions it asks for and ``extensions``), evaluate, write the
-    run folder; returns the metrics dict."""
+    run folder; returns the metrics dict. A folder that holds a run is refused unless ``cfg.resume``
+    (continue it) or ``overwrite`` (its files are moved to ``previous-<time>/`` first)."""
     resolved = resolve(cfg)
-    why = resolve_norm(cfg.norm, cfg.dataset, cfg.backbone)[1]
+    why = resolve_norm(cfg.norm, cfg.dataset, cfg.backbone)[1]  # where the resolved norm came from
     cfg = resolved
     dist = du.init_distributed(cfg.device)
     state = None
     try:
+        claim_run_folder(cfg, dist, overwrite)
         state, eval_set, backbone_info = setup(cfg, dist, list(extensions), norm_why=why)
         cfg = state.cfg
         train(state, save=lambda it: save_training_state(state, it))
@@ -90,16 +98,14 @@ def run(cfg: FinetuneConfig, extensions: Sequence[Extension] = ()) -> dict:
                 out / "model.pt", state.model, cfg, eval_set.classes, backbone_info, eval_set.palette,
                 eval_set.channels,
             )  # fmt: skip
-            atomic_write_text(out / "metrics.json", json.dumps(runs.plain(metrics), indent=2) + "\n")
-            state.log.write(
-                {
-                    "iter": cfg.iters,
-                    "event": "eval",
-                    "miou": metrics["miou"],
-                    "pixel_acc": metrics["pixel_acc"],
-                },
-                prefix="eval",
-            )
+            atomic_write_text(out / METRICS, json.dumps(runs.plain(metrics), indent=2) + "\n")
+            record = {
+                "iter": cfg.iters,
+                "event": "eval",
+                "miou": metrics["miou"],
+                "pixel_acc": metrics["pixel_acc"],
+            }
+            state.log.write(record, prefix="eval")
         du.barrier()
         return metrics
     finally:
@@ -108,35 +114,113 @@ def run(cfg: FinetuneConfig, extensions: Sequence[Extension] = ()) -> dict:
         du.cleanup()
 
 
+def claim_run_folder(cfg: FinetuneConfig, dist: du.DistInfo, overwrite: bool) -> None:
+    """The no-overwrite rule (:func:`unip_analysis.command.prepare_out`) for ``cfg.out``. Every rank
+    reads the folder before any file moves, so all refuse alike (none is left waiting); only rank 0
+    moves the old files aside, the others wait for it."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise FinetuneError(f"{out}: --out exists and is not a folder; pass a folder path")
+    auto = cfg.resume == "auto"
+    if cfg.resume and not auto and not Path(cfg.resume).is_file():
+        raise FinetuneError(f"{cfg.resume}: nothing to resume (no such checkpoint); check the --resume path")
+    if overwrite and cfg.resume:
+        raise FinetuneError(
+            "--resume and --overwrite together: continue the run (--resume) or replace it (--overwrite)"
+        )
+    if auto and not (out / CHECKPOINT).is_file():
+        raise FinetuneError(f"{out}: nothing to resume (no {CHECKPOINT}); drop --resume to start a run")
+    if not overwrite or dist.is_main:
+        # An explicit --resume CKPT may continue into a new folder or into the run it came from.
+        command.prepare_out(out, MARKERS, resume=bool(cfg.resume) and _holds_run(out), overwrite=overwrite)
+    du.barrier()
+
+
+def _holds_run(out: Path) -> bool:
+    return any((out / m).exists() for m in MARKERS)
+
+
 def setup(
     cfg: FinetuneConfig, dist: du.DistInfo, extensions: list[Extension], norm_why: str = "--norm"
 ) -> tuple[TrainState, SegDataset, dict]:
     """Datasets, model, extensions, optimizer, optional resume, DDP wrapper, loader, run folder.
     ``norm_why``: where the resolved ``cfg.norm`` came from, for the run's notes."""
-    out = Path(cfg.out)
     du.seed_everything(cfg.seed + dist.rank)
-    amp = amp_dtype(cfg.amp, dist.device)
+    train_set, eval_set, semi = read_data(cfg)
+    cfg = replace(cfg, label_map=train_set.label_map)  # as detected: the evaluation split reads alike
+    train_set = semi.train_set
+    extensions = build_extensions(cfg, semi) + list(extensions)
+    check_names(extensions)
+    per_proc, sync_bn = check_batch(cfg, dist, train_set)
+    backbone, backbone_info = build_backbone(cfg)
+    model = build_segmentor(cfg, backbone, train_set.num_classes).to(dist.device)
+    if cfg.channels_last:  # 4-D weights (patch embedding, neck, heads) in NHWC order
+        model = model.to(memory_format=torch.channels_last)
+    if sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ctx = ExtensionContext(cfg, model, dist, dist.device, Path(cfg.out), train_set, cfg.seed)
+    ext_modules = setup_extensions(extensions, ctx, sync_bn)
+    optimizer = build_optimizer(cfg, model, [m for mods in ext_modules.values() for m in mods])
+    amp = amp_dtype(cfg.precision, dist.device)
+    scaler = grad_scaler(dist.device, amp)
+    start = 0
+    if cfg.resume:
+        start = resume_from(cfg, dist, model, extensions, ext_modules, optimizer, scaler)
+    ddp = model
+    if dist.enabled:
+        ddp = DistributedDataParallel(model, device_ids=[dist.device.index] if sync_bn else None)
+    if cfg.compile:  # the training forward only; state dicts and evaluation use the plain module
+        ddp = torch.compile(ddp)
+
+    # Order from (seed, epoch), crops from (seed, epoch, index): batches of (epoch, index) keys from
+    # the resumed iteration on; the workers start once and serve every epoch (unip_train.sampling).
+    batches = KeyBatches(EpochSampler(len(train_set), dist.world_size, dist.rank, seed=cfg.seed), per_proc)
+    batches.set_range(start, cfg.iters)
+    loader = keyed_loader(train_set, batches, cfg.workers, pin_memory=dist.device.type == "cuda")
+    log = start_run_folder(cfg, dist, semi, [e.name for e in extensions], start)
+    notes = run_notes(cfg, train_set, eval_set, semi, backbone_info, norm_why)
+    if dist.is_main:
+        for note in notes:
+            print(f"{PROG}: {note}", flush=True)
+    record = {"event": "start", "config": plain_config(cfg), "backbone": backbone_info, "notes": notes}
+    log.write(
+        {
+            **record,
+            "world": dist.world_size,
+            "resumed_from": start,
+            "extensions": [e.name for e in extensions],
+        }
+    )
+    state = TrainState(
+        cfg, dist, model, ddp, optimizer, scaler, loader, log, amp, start, extensions, ext_modules
+    )
+    return state, eval_set, backbone_info
+
+
+def read_data(cfg: FinetuneConfig) -> tuple[SegDataset, SegDataset, SemiData]:
+    """The training and evaluation splits, and the semi-supervised split of the training one."""
     norm = parse_normalization(cfg.norm)
-    scale = img_scale(cfg.dataset, cfg.crop)
+    scale = img_scale(cfg.dataset, cfg.img_size)
     train_set = SegDataset(
         cfg.data_root, cfg.dataset, cfg.train_split, cfg.num_classes,
-        TrainAugment.for_crop(cfg.crop, scale, norm[0]), seed=cfg.seed, label_map=cfg.label_map,
+        TrainAugment.for_crop(cfg.img_size, scale, norm[0]), seed=cfg.seed, label_map=cfg.label_map,
         cache_mb=cfg.cache_mb, norm=norm,
     )  # fmt: skip
     # The evaluation split is read as the training split was (the detected label IDs included).
     eval_set = SegDataset(
-        cfg.data_root, cfg.dataset, cfg.eval_split, cfg.num_classes, EvalResize.for_crop(cfg.crop, scale),
+        cfg.data_root, cfg.dataset, cfg.eval_split, cfg.num_classes, EvalResize.for_crop(cfg.img_size, scale),
         label_map=train_set.label_map, norm=norm,
     )  # fmt: skip
-    cfg = replace(cfg, label_map=train_set.label_map)
     # Semi-supervision: the labelled part of the split, and the images the mean teacher labels.
     semi = prepare_semi(
         train_set, cfg.label_fraction, cfg.unlabelled, cfg.seed, min_labelled=cfg.batch_size or 1,
         eval_images=[s.image for s in eval_set.samples],
     )  # fmt: skip
-    train_set = semi.train_set
-    extensions = build_extensions(cfg, semi) + list(extensions)
-    check_names(extensions)
+    return train_set, eval_set, semi
+
+
+def check_batch(cfg: FinetuneConfig, dist: du.DistInfo, train_set: SegDataset) -> tuple[int, bool]:
+    """Images per process, and whether BatchNorm is synchronised over processes."""
     per_proc, rem = divmod(cfg.batch_size, dist.world_size)
     if rem or per_proc < 1:
         raise FinetuneError(f"--batch-size {cfg.batch_size} is not divisible by {dist.world_size} processes")
@@ -149,68 +233,83 @@ def setup(
             f"{cfg.data_root}: split {cfg.train_split!r} has {len(train_set)} images, fewer than one "
             f"batch of {cfg.batch_size}; lower --batch-size"
         )
+    return per_proc, sync_bn
 
-    backbone, backbone_info = build_backbone(cfg)
-    model = build_segmentor(cfg, backbone, train_set.num_classes).to(dist.device)
-    if cfg.channels_last:  # 4-D weights (patch embedding, neck, heads) in NHWC order
-        model = model.to(memory_format=torch.channels_last)
-    if sync_bn:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    ctx = ExtensionContext(cfg, model, dist, dist.device, out, train_set, cfg.seed)
+
+def setup_extensions(
+    extensions: list[Extension], ctx: ExtensionContext, sync_bn: bool
+) -> dict[str, list[torch.nn.Module]]:
+    """Each extension set up; its trainable modules on the device, by extension name."""
     ext_modules: dict[str, list[torch.nn.Module]] = {}
     for ext in extensions:
         ext.setup(ctx)
-        mods = [m.to(dist.device) for m in ext.modules()]
+        mods = [m.to(ctx.device) for m in ext.modules()]
         if sync_bn:
             mods = [torch.nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in mods]
         ext_modules[ext.name] = mods
-    all_ext_modules = [m for mods in ext_modules.values() for m in mods]
-    optimizer = build_optimizer(cfg, model, all_ext_modules)
-    scaler = grad_scaler(dist.device, amp)
-    start = 0
-    names = [e.name for e in extensions]
-    if cfg.resume:
-        path = out / "checkpoint.pt" if cfg.resume == "auto" else Path(cfg.resume)
-        ckpt = load_checkpoint(path)
-        for key in ("model", "optimizer", "scaler", "iter", "rng", "config"):
-            if key not in ckpt:
-                raise FinetuneError(f"{path}: not a {PROG} training checkpoint (no '{key}')")
-        saved = {
-            "norm": "infrared",  # checkpoints from before --norm trained with the infrared statistics
-            **ckpt["config"],
-            "world_size": len(ckpt["rng"]),
-            "extensions": list(ckpt.get("extensions", {})),
-        }
-        current = {**plain_config(cfg), "world_size": dist.world_size, "extensions": names}
-        check_same_settings(path, saved, current, RESUME_MUST_MATCH)
-        model.load_state_dict(ckpt["model"])
-        for ext in extensions:
-            for module, sd in zip(ext_modules[ext.name], ckpt["extension_modules"][ext.name]):
-                module.load_state_dict(sd)
-            ext.load_state_dict(ckpt["extensions"][ext.name])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start = int(ckpt["iter"])
-        restore_rng_state(ckpt["rng"][dist.rank])  # what the model draws (drop path) continues exactly
-    ddp = model
-    if dist.enabled:
-        ddp = DistributedDataParallel(model, device_ids=[dist.device.index] if sync_bn else None)
-    if cfg.compile:  # the training forward only; state dicts and evaluation use the plain module
-        ddp = torch.compile(ddp)
+    return ext_modules
 
-    # Order from (seed, epoch), crops from (seed, epoch, index): batches of (epoch, index) keys from
-    # the resumed iteration on; the workers start once and serve every epoch (unip_train.sampling).
-    batches = KeyBatches(EpochSampler(len(train_set), dist.world_size, dist.rank, seed=cfg.seed), per_proc)
-    batches.set_range(start, cfg.iters)
-    loader = keyed_loader(train_set, batches, cfg.workers, pin_memory=dist.device.type == "cuda")
+
+def resume_from(
+    cfg: FinetuneConfig,
+    dist: du.DistInfo,
+    model: Segmentor,
+    extensions: list[Extension],
+    ext_modules: dict[str, list[torch.nn.Module]],
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+) -> int:
+    """Load the checkpoint ``cfg.resume`` names into everything trained; returns the iterations done."""
+    path = Path(cfg.out) / CHECKPOINT if cfg.resume == "auto" else Path(cfg.resume)
+    ckpt = load_checkpoint(path)
+    for key in ("model", "optimizer", "scaler", "iter", "rng", "config"):
+        if key not in ckpt:
+            raise FinetuneError(f"{path}: not a {PROG} training checkpoint (no '{key}')")
+    names = [e.name for e in extensions]
+    saved = {
+        "norm": "infrared",  # checkpoints from before --norm trained with the infrared statistics
+        **upgrade_record(ckpt["config"]),
+        "world_size": len(ckpt["rng"]),
+        "extensions": list(ckpt.get("extensions", {})),
+    }
+    current = {**plain_config(cfg), "world_size": dist.world_size, "extensions": names}
+    check_same_settings(path, saved, current, RESUME_MUST_MATCH)
+    model.load_state_dict(ckpt["model"])
+    for ext in extensions:
+        for module, sd in zip(ext_modules[ext.name], ckpt["extension_modules"][ext.name]):
+            module.load_state_dict(sd)
+        ext.load_state_dict(ckpt["extensions"][ext.name])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    restore_rng_state(ckpt["rng"][dist.rank])  # what the model draws (drop path) continues exactly
+    return int(ckpt["iter"])
+
+
+def start_run_folder(
+    cfg: FinetuneConfig, dist: du.DistInfo, semi: SemiData, extension_names: list[str], start: int
+) -> runs.ScalarLog:
+    """``config.json`` (and the semi-supervised split) written by rank 0; the log opened."""
+    out = Path(cfg.out)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        runs.write_config(out, {**config_record(cfg), "world_size": dist.world_size, "extensions": names})
+        runs.write_config(
+            out, {**config_record(cfg), "world_size": dist.world_size, "extensions": extension_names}
+        )
         if semi.split is not None:
             write_split(out, semi.split)
-    log = runs.ScalarLog(
+    return runs.ScalarLog(
         out, enabled=dist.is_main, step_key="iter", resume_step=start if cfg.resume else None
     )
+
+
+def run_notes(
+    cfg: FinetuneConfig,
+    train_set: SegDataset,
+    eval_set: SegDataset,
+    semi: SemiData,
+    backbone_info: dict,
+    norm_why: str = "",
+) -> list[str]:
     stats = norm_record(cfg.norm)
     norm_note = (
         f"normalization {cfg.norm} (mean {', '.join(f'{m * 255:.4g}' for m in stats['mean'])}, std "
@@ -218,23 +317,15 @@ def setup(
     )
     notes = list(dict.fromkeys(train_set.notes + eval_set.notes + backbone_info["notes"] + [norm_note]))
     if semi.files:
-        notes.append(
-            f"semi-supervised: {len(train_set)} labelled and {len(semi.files)} unlabelled training images"
-            + (
-                f" ({semi.left_out} --unlabelled images left out: labelled or evaluation images)"
-                if semi.left_out
-                else ""
-            )
+        left_out = (
+            f" ({semi.left_out} --unlabelled images left out: labelled or evaluation images)"
+            if semi.left_out
+            else ""
         )
-    if dist.is_main:
-        for note in notes:
-            print(f"{PROG}: {note}", flush=True)
-    record = {"event": "start", "config": plain_config(cfg), "backbone": backbone_info, "notes": notes}
-    log.write({**record, "world": dist.world_size, "resumed_from": start, "extensions": names})
-    state = TrainState(
-        cfg, dist, model, ddp, optimizer, scaler, loader, log, amp, start, extensions, ext_modules
-    )
-    return state, eval_set, backbone_info
+        notes.append(
+            f"semi-supervised: {len(train_set)} labelled and {len(semi.files)} unlabelled training images{left_out}"
+        )
+    return notes
 
 
 def config_record(cfg: FinetuneConfig) -> dict:
@@ -300,16 +391,25 @@ def evaluate_saved(
     out: str | Path | None = None,
     device: str = "auto",
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
-    """Re-evaluate ``model.pt``; writes ``metrics.json`` next to it (or into ``out``)."""
+    """Re-evaluate ``model.pt``; writes ``metrics.json`` next to it (or into ``out``) and appends an
+    eval line to that folder's ``log.jsonl``. A ``metrics.json`` already there is refused unless
+    ``overwrite``, which moves it to ``previous-<time>/`` (the rest of the run stays in place)."""
     model, cfg, _ = load_model(model_path)
     cfg = replace(cfg, data_root=data_root or cfg.data_root, eval_split=split or cfg.eval_split)
+    target = Path(out) if out is not None else Path(model_path).parent
+    if (target / METRICS).exists() and not overwrite:
+        raise FinetuneError(
+            f"{target} already holds a {METRICS}; pass --overwrite to re-score into it (the old one is moved "
+            f"to {target}/{command.PREVIOUS_PREFIX}<time>/), or choose another --out"
+        )
     dist = du.init_distributed(device)
     try:
         model.to(dist.device)
         eval_set = SegDataset(
             cfg.data_root, cfg.dataset, cfg.eval_split, cfg.num_classes,
-            EvalResize.for_crop(cfg.crop, img_scale(cfg.dataset, cfg.crop)), label_map=cfg.label_map,
+            EvalResize.for_crop(cfg.img_size, img_scale(cfg.dataset, cfg.img_size)), label_map=cfg.label_map,
             norm=parse_normalization(cfg.norm),
         )  # fmt: skip
         if eval_set.num_classes != model.num_classes:
@@ -319,16 +419,17 @@ def evaluate_saved(
         if dist.is_main:
             for note in eval_set.notes:
                 print(f"{PROG}: {note}", flush=True)
-        amp = amp_dtype(cfg.amp, dist.device)
+        amp = amp_dtype(cfg.precision, dist.device)
         conf = evaluate(
             model, eval_set, eval_set.num_classes, cfg.eval_window, cfg.eval_stride, dist.device, amp=amp,
             rank=dist.rank, world_size=dist.world_size, progress=progress and dist.is_main,
         )  # fmt: skip
         metrics = run_metrics(cfg, conf, eval_set)
         if dist.is_main:
-            target = Path(out) if out is not None else Path(model_path).parent
             target.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(target / "metrics.json", json.dumps(runs.plain(metrics), indent=2) + "\n")
+            if (target / METRICS).exists():
+                command.move_aside(target, keep=[p.name for p in target.iterdir() if p.name != METRICS])
+            atomic_write_text(target / METRICS, json.dumps(runs.plain(metrics), indent=2) + "\n")
             record = {"event": "eval", "miou": metrics["miou"], "pixel_acc": metrics["pixel_acc"]}
             with open(target / runs.LOG_NAME, "a", encoding="utf-8") as f:
                 f.write(json.dumps(runs.plain({**record, "split": cfg.eval_split})) + "\n")
