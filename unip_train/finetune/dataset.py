@@ -30,6 +30,16 @@ from .layouts import (
     split_file,
 )
 
+# Every segmentation input is normalized with the infrared statistics (method.md section 4); the
+# predictor and the ONNX sidecar read them from here.
+INPUT_NORMALIZATION = "infrared"
+
+
+def input_mean_std() -> tuple[float, float]:
+    """Mean and std of the grey input on the 0-255 scale, as :func:`to_input` takes them."""
+    mean, std = NORMALIZATIONS[INPUT_NORMALIZATION]
+    return mean[0] * 255.0, std[0] * 255.0
+
 
 def read_grey(path: Path, thermal_channel: bool = False) -> np.ndarray:
     """A single-channel infrared image as float32 [H, W] on the 0-255 scale.
@@ -156,7 +166,7 @@ class SegDataset(KeyedDataset):
         self.split = split
         self.transform = transform
         self.seed = seed
-        self.mean, self.std = NORMALIZATIONS["infrared"]
+        self.mean, self.std = NORMALIZATIONS[INPUT_NORMALIZATION]
         self.notes: list[str] = []
         path, notes = split_file(self.root, self.layout, split)
         self.split_path = path
