@@ -343,7 +343,7 @@ def test_analyze_worker_error_is_one_line(tiny_vit, tmp_path):
     bad = images / "zz_cut.png"
     bad.write_bytes(next(images.glob("g8_*.png")).read_bytes()[:60])
     args = ["--checkpoint", f"m=timm:{ARCH}:{tiny_vit}", "--images", images, "--out", tmp_path / "out"]
-    args += ["--img-size", IMG, "--num-workers", 1, "--no-progress", "--bootstrap", 10]
+    args += ["--img-size", IMG, "--workers", 1, "--no-progress", "--bootstrap", 10]
     proc = run("unip_analysis.cli", *args)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "Original" not in proc.stderr
     (line,) = proc.stderr.splitlines()

@@ -12,17 +12,18 @@ one line on stderr, exit status 2, and nothing written.
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
-from . import __version__, analyze, checkpoints, images, report
+from . import __version__, analyze, checkpoints, command, images, report
 from .checkpoints import CheckpointSpec, LoadedBackbone
-from .errors import SpecError, UnipError, error_line
+from .errors import SpecError
 from .files import read_json
 from .patterns import Thresholds, default_thresholds
 from .workers import MAX_DEFAULT_WORKERS, default_num_workers
@@ -32,150 +33,104 @@ EXIT_BAD_INPUT = 2
 _MANIFEST_KEYS = ("name", "family", "arch", "path")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises instead of printing usage, so every bad input reads the same one line."""
+@dataclass(kw_only=True)
+class AnalyzeOptions:
+    """Every option of ``unip-analyze``, declared once (:mod:`unip_analysis.command`)."""
 
-    def error(self, message: str):
-        raise SpecError(f"{message} (see {PROG} --help)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog=PROG,
-        description="Per-layer attention NMI and distance of ViT checkpoints over an image folder; "
-        "classifies layers as local / hybrid / global and selects the deepest hybrid layer (UNIP).",
-    )
-    src = p.add_argument_group("what to analyse")
-    src.add_argument(
-        "--checkpoint",
-        action="append",
-        default=[],
+    checkpoint: list[str] = command.option(
+        [],
+        help=f"a checkpoint to analyse, NAME=FAMILY:ARCH:PATH (repeatable); FAMILY one of "
+        f"{', '.join(checkpoints.FAMILIES)}; NAME=timm:ARCH.TAG (no PATH) reads timm's pretrained weights "
+        "from the local Hugging Face cache",
+        group="what to analyse",
         metavar="NAME=FAMILY:ARCH:PATH",
-        help=f"a checkpoint to analyse (repeatable); FAMILY is one of {', '.join(checkpoints.FAMILIES)}; "
-        "NAME=timm:ARCH.TAG (no PATH) reads timm's pretrained weights from the local Hugging Face cache",
+        repeat=True,
     )
-    src.add_argument(
-        "--manifest",
-        type=Path,
+    manifest: Path | None = command.option(
+        None,
+        help='many checkpoints: {"checkpoints": [{"name", "family", "arch", "path"}, ...]}; relative paths '
+        "are read from the manifest's folder; \"path\": null with family timm and ARCH.TAG reads timm's "
+        "pretrained weights",
+        group="what to analyse",
         metavar="FILE.json",
-        help='many checkpoints: {"checkpoints": [{"name", "family", "arch", "path"}, ...]}; '
-        'relative paths are read from the manifest\'s folder; "path": null with family timm and ARCH.TAG '
-        "reads timm's pretrained weights",
     )
-    src.add_argument(
-        "--allow-download",
-        action="store_true",
-        help="let NAME=timm:ARCH.TAG fetch weights missing from the Hugging Face cache (default: never)",
+    allow_download: bool = command.option(
+        False,
+        help="let NAME=timm:ARCH.TAG fetch weights missing from the Hugging Face cache (never by default)",
+        group="what to analyse",
     )
-    src.add_argument(
-        "--images", type=Path, required=True, metavar="DIR", help="image folder (searched recursively)"
-    )
-    src.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for the outputs")
-    src.add_argument(
-        "--img-size", type=_positive_int, metavar="PX", help="input size (default: the arch's own)"
-    )
-    src.add_argument(
-        "--num-images",
-        type=_positive_int,
-        metavar="N",
-        help="analyse only the first N images (sorted by path)",
-    )
-    src.add_argument(
-        "--norm",
-        default="imagenet",
-        help="image normalization: imagenet (default), infrared, infmix, or MEAN,STD (0-1 or 0-255 scale)",
-    )
-    sel = p.add_argument_group("patterns and layer selection")
-    sel.add_argument(
-        "--global-max",
-        type=float,
+    images: Path = command.option(help="image folder (searched recursively)", group="data", metavar="DIR")
+    img_size: int | None = command.img_size(None, "input size", aliases=())
+    num_images: int | None = command.option(
+        None, help="analyse only the first N images (sorted by path)", group="data", metavar="N",
+        check=command.positive,
+    )  # fmt: skip
+    norm: str = command.norm("imagenet")
+    global_max: float | None = command.option(
+        None,
+        help="NMI at or below which a layer is global",
+        group="patterns and layer selection",
         metavar="NMI",
-        help="NMI at or below which a layer is global (default: derived at the analysed token grid)",
+        default_text="derived at the analysed token grid",
     )
-    sel.add_argument(
-        "--local-min",
-        type=float,
+    local_min: float | None = command.option(
+        None,
+        help="NMI at or above which a layer is local",
+        group="patterns and layer selection",
         metavar="NMI",
-        help="NMI at or above which a layer is local (default: derived at the analysed token grid)",
+        default_text="derived at the analysed token grid",
     )
-    sel.add_argument(
-        "--layer",
-        action="append",
-        default=[],
+    layer: list[str] = command.option(
+        [],
+        help="select layer N (1-based) instead of the rule, for every model (N) or for one (NAME=N); repeatable",
+        group="patterns and layer selection",
         metavar="N | NAME=N",
-        help="select layer N (1-based) instead of the rule, for every model or for NAME (repeatable)",
+        repeat=True,
     )
-    sel.add_argument(
-        "--fallback",
-        choices=("nearest", "none"),
-        default="nearest",
-        help="when no layer is hybrid: the layer nearest the hybrid band (default), or none",
+    fallback: Literal["nearest", "none"] = command.option(
+        "nearest",
+        help="when no layer is hybrid: the layer nearest the hybrid band, or none",
+        group="patterns and layer selection",
     )
-    sel.add_argument(
-        "--bootstrap",
-        type=_positive_int,
-        default=1000,
-        metavar="N",
-        help="bootstrap resamples for the NMI 95%% intervals (default: 1000)",
-    )
-    fig = p.add_argument_group("figures")
-    fig.add_argument(
-        "--query-points",
-        default=";".join(f"{y},{x}" for y, x in analyze.DEFAULT_QUERY_POINTS),
+    bootstrap: int = command.option(
+        1000, help="bootstrap resamples for the NMI 95% intervals", group="patterns and layer selection",
+        metavar="N", check=command.positive,
+    )  # fmt: skip
+    query_points: str = command.option(
+        ";".join(f"{y},{x}" for y, x in analyze.DEFAULT_QUERY_POINTS),
+        help="query positions for the attention-map figures, as fractions of the image",
+        group="figures",
         metavar="Y,X;Y,X",
-        help="query positions for attention maps as fractions of the image (default: %(default)s)",
     )
-    fig.add_argument(
-        "--map-images",
-        type=_non_negative_int,
-        default=1,
-        metavar="N",
-        help="images shown in the attention-map figures, 0 for none (default: 1)",
+    map_images: int = command.option(
+        1, help="images shown in the attention-map figures, 0 for none", group="figures", metavar="N",
+        check=command.non_negative,
+    )  # fmt: skip
+    batch_size: int = command.batch_size(16, "images per forward")
+    device: str = command.device()
+    precision: str = command.precision(
+        "fp32", "the models run under autocast; logits, softmax and statistics stay fp32 / fp64"
     )
-    run = p.add_argument_group("running")
-    run.add_argument(
-        "--batch-size", type=_positive_int, default=16, metavar="N", help="images per forward (default: 16)"
+    workers: int | None = command.workers(
+        f"image-decoding worker processes (default: the cores available, at most {MAX_DEFAULT_WORKERS}, "
+        "less torch's threads when the model runs on the CPU)"
     )
-    run.add_argument(
-        "--device", default="auto", help="cpu, cuda, cuda:N, or auto (default: cuda if available)"
+    out: Path = command.out(
+        "folder for the outputs (layer_selection.json, layer_stats.csv, figures/, report.html)"
     )
-    run.add_argument(
-        "--precision",
-        choices=tuple(analyze.PRECISIONS),
-        default="fp32",
-        help="run the models under bf16 / fp16 autocast; logits, softmax and statistics stay fp32 / fp64 "
-        "(default: fp32)",
-    )
-    run.add_argument(
-        "--num-workers",
-        "--workers",
-        type=_non_negative_int,
-        default=None,
-        metavar="N",
-        help=f"image-decoding worker processes (default: the cores available, at most {MAX_DEFAULT_WORKERS}, "
-        f"less torch's threads when the model runs on the CPU: {default_num_workers()} here with --device auto)",
-    )
-    run.add_argument("--no-progress", action="store_true", help="no progress bars (shown only on a terminal)")
-    run.add_argument("--debug", action="store_true", help="show the full traceback on errors")
-    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    return p
+    overwrite: bool = command.overwrite()
+    progress: bool = command.progress()
+    debug: bool = command.debug()
 
 
-def _positive_int(text: str) -> int:
-    value = _non_negative_int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
+COMMAND = command.Command(
+    PROG,
+    AnalyzeOptions,
+    description="Per-layer attention NMI and distance of ViT checkpoints over an image folder; classifies "
+    "layers as local / hybrid / global and selects the deepest hybrid layer (UNIP).",
+)
+# What an analysis folder holds: a folder with one of these is not written over without --overwrite.
+OUTPUTS = ("layer_selection.json", "layer_stats.csv", "report.html")
 
 
 # --- parsing what the user asked for --------------------------------------------------------
@@ -289,6 +244,13 @@ def resolve_device(text: str) -> str:
     return text
 
 
+def resolve_precision(text: str, device: str) -> str:
+    """``auto``: bf16 on CUDA, fp32 on the CPU (the statistics stay fp32 / fp64 either way)."""
+    if text == "auto":
+        return "bf16" if device.startswith("cuda") else "fp32"
+    return text
+
+
 def resolve_thresholds(
     global_max: float | None, local_min: float | None, grids: dict[str, tuple[int, int]]
 ) -> Thresholds:
@@ -319,7 +281,7 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def run(args: argparse.Namespace) -> dict[str, Path]:
+def run(args: AnalyzeOptions) -> dict[str, Path]:
     """Load, analyse, then write; returns the written paths. Raises UnipError on bad input."""
     specs = collect_specs(args.checkpoint, args.manifest)
     names = [s.name for s in specs]
@@ -329,6 +291,8 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
     device = resolve_device(args.device)
     if args.out.exists() and not args.out.is_dir():
         raise SpecError(f"{args.out}: --out exists and is not a folder; pass a folder path")
+    if not args.overwrite:  # refused before any work; with --overwrite the old files go aside at the end
+        command.prepare_out(args.out, OUTPUTS, what="an analysis", can_resume=False)
     n_found = len(images.find_images(args.images))
     if args.out.resolve().is_relative_to(args.images.resolve()):
         # Images are found recursively: the next run would read our figures as images.
@@ -378,16 +342,16 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
             device=device,
             query_points=points,
             map_images=args.map_images,
-            num_workers=args.num_workers
-            if args.num_workers is not None
-            else default_num_workers(args.device),
-            progress=not args.no_progress and sys.stderr.isatty(),  # no bar fragments in logs
-            precision=args.precision,
+            num_workers=args.workers if args.workers is not None else default_num_workers(args.device),
+            progress=args.progress and sys.stderr.isatty(),  # no bar fragments in logs
+            precision=resolve_precision(args.precision, device),
         )
         entries[name] = analyze.model_entry(res, th, overrides.get(name), args.fallback, args.bootstrap)
         analyses.append(res)
 
     rep = report.build_report(analyses, entries, th, args.images, len(dataset), args.norm)
+    if args.overwrite:
+        command.prepare_out(args.out, OUTPUTS, overwrite=True, what="an analysis", can_resume=False)
     written = report.write_report(rep, args.out)
     for line in report.selection_summary(rep.doc) + report.compare_profiles(rep.doc):
         _say(line)
@@ -401,15 +365,14 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the exit status (0 done, 2 bad input)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
-    try:
-        args = build_parser().parse_args(argv)
-        run(args)
-    except (UnipError, ValueError, OSError) as err:
-        if debug:
-            raise
-        print(f"{PROG}: error: {error_line(err)}", file=sys.stderr, flush=True)
-        return EXIT_BAD_INPUT
+    if argv == ["--version"]:
+        print(f"{PROG} {__version__}")
+        return 0
+    return command.main(COMMAND, run_quietly, argv, exit_codes={ValueError: 2, OSError: 2})
+
+
+def run_quietly(args: AnalyzeOptions) -> int:
+    run(args)
     return 0
 
 

@@ -1,0 +1,623 @@
+"""One grammar for every ``unip-*`` command: options declared once, parsed by jsonargparse.
+
+A command declares its options as ONE typed dataclass (``@dataclass(kw_only=True)``) whose fields are
+made by :func:`option` (or by the shared declarations below, so that the same concept has the same
+name, values, default and help in every command). Everything else comes from that declaration:
+
+- the parser (jsonargparse, which also types values such as ``list[int]`` and ``Literal[...]``);
+- ``--config FILE`` (YAML, JSON or TOML; keys are the option names with ``_`` or ``-``; unknown keys
+  are refused with the key named; a run's own ``config.json`` reads back as it was written);
+- ``--print-config`` (the resolved options as YAML, then exit), the ``--help`` text (every option
+  with its help and default), and the options table of ``docs/cli.md`` (:func:`options_table`);
+- old spellings kept for one release (``aliases`` / ``deprecated_values``): they work and print a
+  one-line deprecation notice.
+
+:func:`main` runs a command: bad input (a bad option or value, a missing file, a refused run folder)
+ends every open progress bar, prints one line ``PROG: error: ...`` on its own line and exits 2;
+``--debug`` shows the traceback. :func:`prepare_out` is the one rule for output folders: a folder that
+holds a run is continued (``--resume``) or replaced with the old files moved aside (``--overwrite``),
+never silently reused.
+
+jsonargparse is the field's choice for this (LightningCLI builds on it). We call its
+``add_argument`` per field rather than ``add_class_arguments`` so option names keep the dashes every
+``unip-*`` command has always used (``--batch-size``, not ``--batch_size``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import MISSING, dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from .errors import SpecError, UnipError, error_line
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+__all__ = [
+    "Command", "DEVICE_HELP", "PRECISIONS", "batch_size", "debug", "device", "img_size", "main", "norm",
+    "option", "options_table", "out", "overwrite", "precision", "prepare_out", "progress", "resume", "seed",
+    "workers",
+]  # fmt: skip
+
+EXIT_BAD_INPUT = 2
+_META = "unip_option"
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+DEVICE_HELP = "cpu, cuda, cuda:N or auto (cuda when available, else cpu); cuda:N is honoured exactly"
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+
+
+# --- declaring options ------------------------------------------------------------------------------
+
+
+def option(
+    default: Any = MISSING,
+    *,
+    help: str,
+    group: str = "options",
+    aliases: Sequence[str] = (),
+    deprecated_values: Mapping[str, str] | None = None,
+    metavar: str | None = None,
+    const: Any = None,
+    check: Callable[[Any], str | None] | None = None,
+    default_text: str | None = None,
+    repeat: bool = False,
+) -> Any:
+    """A dataclass field that is also a command-line option ``--NAME`` (NAME: the field name with
+    dashes). No ``default`` = required. ``aliases``: old spellings (``--crop``) that still work with a
+    deprecation notice; ``deprecated_values``: old values mapped to new ones (``{"none": "fp32"}``).
+    ``const``: the value of the bare option (``--resume`` alone). ``check(value)`` returns an error
+    text or None. ``default_text``: how the default reads in ``--help`` when it is derived.
+    List options take ``--opt a,b,c`` (or a JSON list); with ``repeat`` each use adds one value
+    (``--checkpoint A --checkpoint B``), the first on the command line replacing a ``--config`` list."""
+    meta = {
+        _META: {
+            "help": help,
+            "group": group,
+            "aliases": tuple(aliases),
+            "deprecated_values": dict(deprecated_values or {}),
+            "metavar": metavar,
+            "const": const,
+            "check": check,
+            "default_text": default_text,
+            "repeat": repeat,
+        }
+    }
+    if isinstance(default, (list, dict, set)):
+        value = default
+        return field(default_factory=lambda: type(value)(value), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# Shared declarations: the same concept, the same option in every command that has it.
+
+
+def out(help: str = "folder for the outputs") -> Any:
+    return option(help=help, group="run", metavar="DIR")
+
+
+def device(default: str = "auto") -> Any:
+    return option(default, help=DEVICE_HELP, group="run", check=_check_device)
+
+
+def precision(default: str = "auto", help: str = "") -> Any:
+    text = "numeric precision: auto (bf16 on CUDA, fp32 on the CPU), bf16, fp16 or fp32"
+    return option(
+        default,
+        help=f"{text}{'; ' + help if help else ''}",
+        group="run",
+        aliases=("--amp",),
+        deprecated_values={"none": "fp32"},
+        check=_check_precision,
+    )
+
+
+def workers(
+    help: str = "data loader processes; default: cores / processes, less torch's threads on the CPU",
+) -> Any:
+    return option(None, help=help, group="run", aliases=("--num-workers",), metavar="N", check=non_negative)
+
+
+def batch_size(default: int | None, help: str) -> Any:
+    return option(default, help=help, group="run", metavar="N", check=positive)
+
+
+def img_size(default: int | None, help: str, aliases: Sequence[str] = ()) -> Any:
+    return option(default, help=help, group="data", metavar="PX", check=positive, aliases=aliases)
+
+
+def norm(default: str, help: str = "") -> Any:
+    text = "image normalisation: imagenet, infrared, infmix, or MEAN,STD (0-1 or 0-255 scale)"
+    return option(default, help=f"{text}{'; ' + help if help else ''}", group="data", metavar="PRESET")
+
+
+def seed(help: str = "random seed (data order, augmentation, initialisation)") -> Any:
+    return option(0, help=help, group="run", metavar="N")
+
+
+def resume(help: str = "") -> Any:
+    text = "continue the run in --out exactly from its checkpoint.pt (or from the checkpoint CKPT given)"
+    return option(
+        None, help=f"{text}{'; ' + help if help else ''}", group="run", metavar="[CKPT]", const="auto"
+    )
+
+
+def overwrite() -> Any:
+    return option(
+        False,
+        help="replace the run in --out; its files are moved into --out/previous-<time>/, not deleted",
+        group="run",
+    )
+
+
+def progress() -> Any:
+    return option(True, help="progress bars (--no-progress: none)", group="run")
+
+
+def debug() -> Any:
+    return option(False, help="show tracebacks of errors", group="run")
+
+
+def _check_device(value: str) -> str | None:
+    if not _DEVICE.match(str(value)):
+        return f"{value!r}: expected {DEVICE_HELP}"
+    return None
+
+
+def _check_precision(value: str) -> str | None:
+    return None if value in PRECISIONS else f"{value!r}: expected one of {', '.join(PRECISIONS)}"
+
+
+def positive(value: Any) -> str | None:
+    return None if value is None or value >= 1 else f"must be at least 1, got {value}"
+
+
+def non_negative(value: Any) -> str | None:
+    return None if value is None or value >= 0 else f"must not be negative, got {value}"
+
+
+# --- the command --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One option as the parser and the docs see it."""
+
+    name: str  # field name
+    flag: str  # --name-with-dashes
+    type: Any
+    default: Any
+    required: bool
+    help: str
+    group: str
+    aliases: tuple[str, ...]
+    deprecated_values: dict[str, str]
+    metavar: str | None
+    const: Any
+    check: Callable[[Any], str | None] | None
+    default_text: str | None
+    repeat: bool
+
+    @property
+    def is_flag(self) -> bool:
+        return self.type is bool
+
+    @property
+    def is_list(self) -> bool:
+        return "list[" in str(self.type) or getattr(self.type, "__origin__", None) is list
+
+
+def specs(options: type) -> list[Spec]:
+    """The options a dataclass declares, in declaration order."""
+    hints = get_type_hints(options)
+    out_ = []
+    for f in dataclasses.fields(options):
+        meta = f.metadata.get(_META)
+        if meta is None:
+            raise TypeError(f"{options.__name__}.{f.name} is not declared with command.option()")
+        if f.default is not MISSING:
+            default, required = f.default, False
+        elif f.default_factory is not MISSING:
+            default, required = f.default_factory(), False
+        else:
+            default, required = None, True
+        out_.append(
+            Spec(
+                f.name, "--" + f.name.replace("_", "-"), hints[f.name], default, required, meta["help"],
+                meta["group"], meta["aliases"], meta["deprecated_values"], meta["metavar"], meta["const"],
+                meta["check"], meta["default_text"], meta["repeat"],
+            )
+        )  # fmt: skip
+    return out_
+
+
+class Command:
+    """A command: its name, its options dataclass, and the parser built from them."""
+
+    def __init__(
+        self,
+        prog: str,
+        options: type,
+        description: str,
+        epilog: str | None = None,
+        ignored_keys: Sequence[str] = (),
+    ):
+        self.prog, self.options, self.description, self.epilog = prog, options, description, epilog
+        # Keys a run's config.json records that are not options (world_size, say): skipped when read back.
+        self.ignored_keys = tuple(ignored_keys)
+        self.specs = specs(options)
+        self.by_name = {s.name: s for s in self.specs}
+        self.by_flag = {s.flag: s for s in self.specs}
+
+    # -- parser ------------------------------------------------------------------------------------
+
+    def parser(self):
+        from jsonargparse import ActionYesNo, ArgumentParser
+
+        p = ArgumentParser(
+            prog=self.prog, description=self.description, epilog=self.epilog, exit_on_error=False,
+            default_env=False,
+        )  # fmt: skip
+        p.add_argument(
+            "--config", metavar="FILE", help="YAML, JSON or TOML file of option values; flags override it"
+        )
+        p.add_argument(
+            "--print-config", action=ActionYesNo(no_prefix="no-"), default=False,
+            help="print the resolved options as YAML and exit",
+        )  # fmt: skip
+        groups: dict[str, Any] = {}
+        for s in self.specs:
+            g = groups.get(s.group) or groups.setdefault(s.group, p.add_argument_group(s.group))
+            help_text = s.help + (f" (default: {s.default_text})" if s.default_text else "")
+            if s.is_flag:
+                g.add_argument(s.flag, action=ActionYesNo(no_prefix="no-"), default=s.default, help=help_text)
+                continue
+            kwargs: dict[str, Any] = {"type": s.type, "help": help_text, "metavar": s.metavar}
+            if s.required:
+                kwargs["required"] = True
+            else:
+                kwargs["default"] = s.default
+            if s.const is not None:
+                kwargs.update(nargs="?", const=s.const)
+            g.add_argument(s.flag, **kwargs)
+        return p
+
+    # -- parsing -----------------------------------------------------------------------------------
+
+    def parse(self, argv: Sequence[str] | None = None) -> Any:
+        """The options the command line (and ``--config``) give, as the options dataclass."""
+        argv = self._translate(list(sys.argv[1:] if argv is None else argv))
+        parser = self.parser()
+        config_path, argv = _take_config(argv)
+        namespace = None
+        try:
+            if config_path is not None:
+                values = self._file_values(config_path)
+                namespace = parser.parse_object(values, defaults=True)
+            ns = parser.parse_args(argv, namespace=namespace)
+        except (Exception, SystemExit) as e:  # jsonargparse raises ArgumentError / its own errors
+            if isinstance(e, SystemExit):
+                raise
+            raise SpecError(f"{_one_line(str(e))} (see {self.prog} --help)") from None
+        values = {s.name: getattr(ns, s.name) for s in self.specs}
+        for s in self.specs:
+            v = values[s.name]
+            if isinstance(v, str) and v in s.deprecated_values:
+                values[s.name] = s.deprecated_values[v]
+                _notice(self.prog, f"{s.flag} {v} is deprecated; use {s.flag} {s.deprecated_values[v]}")
+            if s.check is not None and values[s.name] is not None:
+                problem = s.check(values[s.name])
+                if problem:
+                    raise SpecError(f"{s.flag}: {problem} (see {self.prog} --help)")
+        if getattr(ns, "print_config", False):
+            print(_yaml(values), end="")
+            raise SystemExit(0)
+        return self.options(**values)
+
+    def _translate(self, argv: list[str]) -> list[str]:
+        """Old spellings -> current ones (one notice each); list options in jsonargparse's form."""
+        aliases = {a: s for s in self.specs for a in s.aliases}
+        out_: list[str] = []
+        seen: set[str] = set()
+        i = 0
+        while i < len(argv):
+            arg = argv[i]
+            i += 1
+            name, eq, value = arg.partition("=")
+            if name in aliases:
+                s = aliases[name]
+                _notice(
+                    self.prog, f"{name} is deprecated; use {s.flag} (the old name goes in the next release)"
+                )
+                name = s.flag
+            elif name.startswith("--no-") and "--" + name[5:] in aliases and aliases["--" + name[5:]].is_flag:
+                s = aliases["--" + name[5:]]
+                _notice(self.prog, f"{name} is deprecated; use --no-{s.flag[2:]}")
+                name = "--no-" + s.flag[2:]
+            spec = self.by_flag.get(name)
+            if spec is None or not spec.is_list:
+                out_.append(name + eq + value)
+                continue
+            if not eq:  # --opt VALUE
+                if i >= len(argv):
+                    out_.append(name)
+                    continue
+                value, i = argv[i], i + 1
+            if value.lstrip().startswith("["):
+                out_ += [name, value]
+            elif spec.repeat:
+                out_ += [name + ("+" if name in seen else ""), value if name in seen else json.dumps([value])]
+            else:
+                parts = [p.strip() for p in value.split(",") if p.strip()]
+                out_ += [name, "[" + ", ".join(p if _is_number(p) else json.dumps(p) for p in parts) + "]"]
+            seen.add(name)
+        return out_
+
+    def _file_values(self, path: Path) -> dict[str, Any]:
+        raw = read_config_file(path)
+        aliases = {a[2:].replace("-", "_"): s for s in self.specs for a in s.aliases}
+        values: dict[str, Any] = {}
+        unknown = []
+        for key, value in raw.items():
+            if key in self.by_name:
+                values[key] = value
+            elif key in aliases:
+                values[aliases[key].name] = _old_value(aliases[key], key, value)
+                _notice(self.prog, f"{path}: key {key} is deprecated; use {aliases[key].name}")
+            elif key not in self.ignored_keys and key not in ("config", "print_config"):
+                unknown.append(key)
+        if unknown:
+            raise SpecError(
+                f"{path}: unknown option(s) {', '.join(sorted(unknown))}; keys are {self.prog}'s option "
+                f"names (see {self.prog} --help)"
+            )
+        return values
+
+    def record(self, options: Any) -> dict[str, Any]:
+        """The resolved options as JSON-ready values (what ``config.json`` holds)."""
+        return {s.name: _plain_value(getattr(options, s.name)) for s in self.specs}
+
+
+def _old_value(spec: Spec, key: str, value: Any) -> Any:
+    # Old boolean keys of renamed options (``amp = false``) read as the new option's values.
+    if spec.name == "precision" and isinstance(value, bool):
+        return "auto" if value else "fp32"
+    return value
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _take_config(argv: list[str]) -> tuple[Path | None, list[str]]:
+    path, rest, i = None, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--config":
+            if i + 1 >= len(argv):
+                raise SpecError("--config needs a FILE")
+            path, i = Path(argv[i + 1]), i + 2
+            continue
+        if arg.startswith("--config="):
+            path = Path(arg.split("=", 1)[1])
+        else:
+            rest.append(arg)
+        i += 1
+    return path, rest
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A flat mapping of option names (``_`` form) to values from a ``.yaml`` / ``.yml`` / ``.json`` /
+    ``.toml`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(
+            f"{path}: --config file not found; pass a .yaml, .json or .toml file of option values"
+        )
+    text = path.read_text(encoding="utf-8")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".toml":
+            data = tomllib.loads(text)
+        elif suffix == ".json":
+            data = json.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            raise SpecError(f"{path}: --config must end in .yaml, .yml, .json or .toml")
+    except SpecError:
+        raise
+    except Exception as e:  # each format's own parse error
+        raise SpecError(f"{path}: cannot parse --config file ({_one_line(str(e))}); fix its syntax") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: --config must hold one mapping of option: value pairs")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def _plain_value(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_plain_value(v) for v in value]
+    if isinstance(value, list):
+        return [_plain_value(v) for v in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
+
+
+def _yaml(values: Mapping[str, Any]) -> str:
+    import yaml
+
+    return yaml.safe_dump(dict(values), sort_keys=False)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _notice(prog: str, text: str) -> None:
+    print(f"{prog}: note: {text}", file=sys.stderr, flush=True)
+
+
+# --- running ----------------------------------------------------------------------------------------
+
+
+def close_progress_bars() -> None:
+    """End every open tqdm bar so that what is printed next stands on its own line."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return
+    for bar in list(getattr(tqdm, "_instances", ())):
+        try:
+            bar.close()
+        except Exception:  # a bar half torn down by the error itself
+            pass
+
+
+def main(
+    command: Command,
+    run: Callable[[Any], int | None],
+    argv: Sequence[str] | None = None,
+    exit_codes: Mapping[type, int] | None = None,
+    cleanup: Callable[[], None] | None = None,
+) -> int:
+    """Parse, then ``run(options)``; its return value (None = 0) is the exit status. Bad input
+    (:class:`UnipError` and the types in ``exit_codes``) ends the bars, prints one line, exits 2
+    (or the mapped status); ``--debug`` prints the traceback too."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug_ = "--debug" in argv
+    known = (UnipError, *(exit_codes or {}))
+    try:
+        options = command.parse(argv)
+        debug_ = bool(getattr(options, "debug", debug_))
+        status = run(options)
+        return int(status or 0)
+    except known as e:
+        close_progress_bars()
+        if debug_:
+            traceback.print_exc()
+        print(f"{command.prog}: error: {error_line(e)}", file=sys.stderr, flush=True)
+        for kind, code in (exit_codes or {}).items():
+            if isinstance(e, kind):
+                return code
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        close_progress_bars()
+        print(f"{command.prog}: interrupted", file=sys.stderr, flush=True)
+        return 130
+    except BaseException:
+        close_progress_bars()
+        raise
+    finally:
+        if cleanup is not None:
+            cleanup()
+
+
+# --- output folders ---------------------------------------------------------------------------------
+
+PREVIOUS_PREFIX = "previous-"
+
+
+def prepare_out(
+    out: str | Path,
+    markers: Iterable[str],
+    resume: bool = False,
+    overwrite: bool = False,
+    what: str = "a run",
+    can_resume: bool = True,
+) -> Path | None:
+    """The one rule for an output folder. ``markers``: files whose presence means the folder holds
+    ``what`` (``checkpoint.pt``, ``metrics.json``...). Empty or new folder: go on (``--resume`` is
+    refused: nothing to continue). Holding a run: ``resume`` continues it, ``overwrite`` moves every
+    file into ``OUT/previous-<time>/`` first (returned), anything else is refused with one line."""
+    out = Path(out)
+    found = sorted(m for m in markers if (out / m).exists())
+    if resume and overwrite:
+        raise SpecError(
+            "--resume and --overwrite together: continue the run (--resume) or replace it (--overwrite)"
+        )
+    if not found:
+        if resume:
+            raise SpecError(
+                f"{out}: nothing to resume (no {' or '.join(markers)}); drop --resume to start a run"
+            )
+        return None
+    if resume and can_resume:
+        return None
+    if not overwrite:
+        hint = "pass --resume to continue it or --overwrite" if can_resume else "pass --overwrite"
+        raise SpecError(
+            f"{out} already holds {what} ({', '.join(found)}); {hint} to replace it (the old files are moved "
+            f"to {out}/{PREVIOUS_PREFIX}<time>/), or choose another --out"
+        )
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = out / f"{PREVIOUS_PREFIX}{stamp}"
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = out / f"{PREVIOUS_PREFIX}{stamp}-{n}"
+    aside.mkdir()
+    for item in sorted(out.iterdir()):
+        if item == aside or item.name.startswith(PREVIOUS_PREFIX):
+            continue
+        item.rename(aside / item.name)
+    return aside
+
+
+# --- docs ---------------------------------------------------------------------------------------------
+
+
+def options_table(commands: Sequence[Command]) -> str:
+    """A Markdown table of every option of every command: one row per option name (the same concept
+    has the same name everywhere), one column per command, the default in each cell."""
+    names: list[str] = []
+    helps: dict[str, str] = {}
+    for cmd in commands:
+        for s in cmd.specs:
+            if s.flag not in names:
+                names.append(s.flag)
+                helps[s.flag] = s.help
+    shared = [n for n in names if sum(n in cmd.by_flag for cmd in commands) > 1]
+    ordered = shared + [n for n in names if n not in shared]
+    head = "| option | " + " | ".join(f"`{c.prog}`" for c in commands) + " | meaning |"
+    rule = "|---" * (len(commands) + 2) + "|"
+    rows = [head, rule]
+    for n in ordered:
+        cells = []
+        for cmd in commands:
+            s = cmd.by_flag.get(n)
+            cells.append("-" if s is None else _cell(s))
+        rows.append(f"| `{n}` | " + " | ".join(cells) + f" | {_md(helps[n])} |")
+    return "\n".join(rows) + "\n"
+
+
+def _cell(s: Spec) -> str:
+    if s.required:
+        return "required"
+    if s.default_text:
+        return _md(s.default_text)
+    if s.is_flag:
+        return "on" if s.default else "off"
+    if s.default is None:
+        return "unset"
+    return f"`{_md(json.dumps(_plain_value(s.default)) if not isinstance(s.default, str) else s.default)}`"
+
+
+def _md(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
