@@ -37,7 +37,6 @@ from .runner import dataset_items, list_images
 
 OPSET = 18  # the lowest the torch.export-based exporter writes
 TOLERANCE = 1e-3  # float32 logits: ONNX Runtime's kernels sum in another order than PyTorch's
-FORMATS = ("onnx",)
 
 
 class WindowLogits(torch.nn.Module):

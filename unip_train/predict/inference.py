@@ -15,7 +15,6 @@ palette, config) or from the ONNX file's sidecar JSON (:meth:`ModelInfo.sidecar`
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -297,7 +296,3 @@ def describe(seg: Segmenter) -> str:
         f"{seg.source} ({seg.backend}, {seg.device}, {prec}): {seg.info.num_classes} classes, "
         f"windows {seg.info.window} stride {seg.info.stride}"
     )
-
-
-def dumps(data: dict) -> str:
-    return json.dumps(data, indent=2) + "\n"
