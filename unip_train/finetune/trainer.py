@@ -33,6 +33,7 @@ from .evaluation import evaluate, summarize
 from .extensions import Extension, ExtensionContext, build_extensions, check_names
 from .ll_fpn import Segmentor
 from .model_file import build_backbone, build_segmentor, load_model, save_model
+from .pictures import write_run_pictures
 from .semi import prepare_semi, write_split
 
 PROG = "unip-finetune"
@@ -90,6 +91,9 @@ def run(cfg: FinetuneConfig, extensions: Sequence[Extension] = ()) -> dict:
                     "pixel_acc": metrics["pixel_acc"],
                 },
                 prefix="eval",
+            )
+            write_run_pictures(
+                out, state.model, eval_set, conf, cfg.eval_window, cfg.eval_stride, dist.device, state.amp
             )
         du.barrier()
         return metrics
@@ -280,7 +284,7 @@ def evaluate_saved(
     progress: bool = True,
 ) -> dict:
     """Re-evaluate ``model.pt``; writes ``metrics.json`` next to it (or into ``out``)."""
-    model, cfg, _ = load_model(model_path)
+    model, cfg, ckpt = load_model(model_path)
     cfg = replace(cfg, data_root=data_root or cfg.data_root, eval_split=split or cfg.eval_split)
     dist = du.init_distributed(device)
     try:
@@ -309,6 +313,9 @@ def evaluate_saved(
             record = {"event": "eval", "miou": metrics["miou"], "pixel_acc": metrics["pixel_acc"]}
             with open(target / runs.LOG_NAME, "a", encoding="utf-8") as f:
                 f.write(json.dumps(runs.plain({**record, "split": cfg.eval_split})) + "\n")
+            write_run_pictures(
+                target, model, eval_set, conf, cfg.eval_window, cfg.eval_stride, dist.device, amp, ckpt.get("palette"),
+            )  # fmt: skip
         return metrics
     finally:
         du.cleanup()
