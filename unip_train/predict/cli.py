@@ -104,7 +104,7 @@ def run_predict(o: PredictOptions) -> int:
     if o.overwrite:
         outputs = (PRED, OVERLAY, PROB, ERRORS, METRICS, FAILED)
         command.prepare_out(o.out, outputs, overwrite=True, what="predictions", can_resume=False)
-    print(f"unip-predict: {describe(seg)}; {len(items)} images", file=sys.stderr, flush=True)
+    print(f"unip-predict: {describe(seg)}; {len(items)} images", flush=True)
     record = {
         "model": str(seg.source), "backend": seg.backend, "device": str(seg.device),
         "precision": {None: "fp32"}.get(seg.amp, str(seg.amp).replace("torch.", "")),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -281,7 +282,9 @@ def predict(
     def fail(rec: dict, why: str) -> None:
         path = items[rec["i"]].image
         result.failures.append((path, why))
-        bar.write(f"{PROG}: {why if why.startswith(str(path)) else f'{path}: {why}'} (skipped)")
+        bar.write(
+            f"{PROG}: {why if why.startswith(str(path)) else f'{path}: {why}'} (skipped)", file=sys.stderr
+        )
         bar.update(1)
 
     try:
