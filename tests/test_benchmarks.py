@@ -44,3 +44,11 @@ def test_bench_analysis_extrapolates_the_stacked_variant_by_depth():
     assert bench_analysis.stacked_depth(plain, 1, max_gib=4.0) == 1
     assert bench_analysis.stacked_depth(plain, 1, max_gib=60.0) is None
     assert bench_analysis.stacked_depth({"heads": 6, "tokens": 197, "depth": 12}, 8, 4.0) is None
+
+
+def test_bench_predict_quick():
+    report = run_quick("bench_predict.py")
+    assert report["benchmark"] == "predict" and report["images"] == 4
+    assert report["predict_images_per_s"] > 0 and report["bare_images_per_s"] > 0
+    assert report["ratio_predict_over_bare"] > 0 and report["ratio_ort_over_torch"] > 0
+    assert report["onnx_max_abs_diff"] <= 1e-3 and report["onnx_vs_torch_mask_agreement"] > 0.99
