@@ -172,12 +172,18 @@ def model_file(path: str | Path) -> Path:
     return path
 
 
-def load_torch_model(path: str | Path) -> tuple[torch.nn.Module, ModelInfo, Path]:
-    """The segmentor of ``model.pt`` (or a run folder) in eval mode, its :class:`ModelInfo`, its path."""
+def load_torch_model(
+    path: str | Path, channels_last: bool = False
+) -> tuple[torch.nn.Module, ModelInfo, Path]:
+    """The segmentor of ``model.pt`` (or a run folder) in eval mode, its :class:`ModelInfo`, its path.
+    ``channels_last``: in NHWC memory order when the run trained and evaluated so (``--channels-last``,
+    the default; the same results up to summation order, a third faster on the CPU)."""
     path = model_file(path)
     if path.suffix == ".onnx":
         raise PredictError(f"{path}: an ONNX graph; read it with --backend onnx (or auto)")
     model, cfg, ckpt = load_model(path)
+    if channels_last and cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     return model, model_info(path, model, cfg, ckpt), path
 
 
@@ -204,6 +210,19 @@ def precision_dtype(precision: str, info: ModelInfo, device: torch.device) -> to
     return amp_dtype(info.amp if precision == "auto" else _AMP_OF_PRECISION[precision], device)
 
 
+def prepare(path: Path, info: ModelInfo) -> tuple[torch.Tensor, torch.Tensor]:
+    """(normalized input [3, h, w] at the evaluation scale, grey [H, W] 0-255 as read) of one image."""
+    grey = torch.from_numpy(read_grey(path, info.thermal_channel))
+    h, w = grey.shape
+    if min(h, w) < info.patch:
+        raise PredictError(
+            f"{path}: image is {h}x{w} pixels, smaller than one {info.patch}x{info.patch} patch "
+            "of the model; segment images of at least one patch"
+        )
+    img, _ = EvalResize.for_crop(info.crop)(grey, None)
+    return to_input(img, info.mean, info.std), grey
+
+
 @dataclass
 class Segmenter:
     """A model ready to segment: its :class:`ModelInfo`, the backend's window function, where and in
@@ -217,16 +236,7 @@ class Segmenter:
     source: Path
 
     def prepare(self, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-        """(normalized input [3, h, w] at the evaluation scale, grey [H, W] 0-255 as read)."""
-        grey = torch.from_numpy(read_grey(path, self.info.thermal_channel))
-        h, w = grey.shape
-        if min(h, w) < self.info.patch:
-            raise PredictError(
-                f"{path}: image is {h}x{w} pixels, smaller than one {self.info.patch}x{self.info.patch} patch "
-                "of the model; segment images of at least one patch"
-            )
-        img, _ = EvalResize.for_crop(self.info.crop)(grey, None)
-        return to_input(img, self.info.mean, self.info.std), grey
+        return prepare(path, self.info)
 
     @torch.no_grad()
     def logits(self, batch: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -284,7 +294,7 @@ def open_model(
         if precision not in ("auto", "fp32"):
             raise SpecError(f"--precision {precision}: the ONNX backend runs the exported float32 graph")
         return Segmenter(info, onnx_window_fn(path, dev), dev, None, "onnx", path)
-    model, info, path = load_torch_model(path)
+    model, info, path = load_torch_model(path, channels_last=True)
     model.to(dev)
     return Segmenter(info, upsampled_logits(model), dev, precision_dtype(precision, info, dev), "torch", path)
 

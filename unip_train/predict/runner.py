@@ -28,7 +28,7 @@ from ..finetune.dataset import SegDataset, label_lut, read_label
 from ..finetune.evaluation import confusion_matrix
 from ..finetune.layouts import DatasetError, find_file, get_layout
 from ..finetune.pictures import error_panel, overlay
-from .inference import PredictError, Segmenter
+from .inference import ModelInfo, PredictError, Segmenter, prepare
 from .outputs import (
     Targets,
     image_row,
@@ -162,11 +162,12 @@ class ReadSet(torch.utils.data.Dataset):
     """Item ``i`` as a dict: ``input`` and ``grey`` (to segment), or ``pred`` (done before), ``label``
     when there is one, ``error`` when the image cannot be used. Label problems raise (they stop the run)."""
 
-    def __init__(self, seg: Segmenter, items: Sequence[Item], done: Sequence[Path | None]):
-        self.seg, self.items, self.done = seg, list(items), list(done)
-        layout_ids = get_layout(seg.info.dataset).label_ids
-        self.lut = label_lut(layout_ids if seg.info.label_map == "cityscapes" else None)
-        self.hint = f"the model has {seg.info.num_classes} classes ({', '.join(seg.info.classes[:4])}, ...)"
+    def __init__(self, info: ModelInfo, items: Sequence[Item], done: Sequence[Path | None]):
+        # The model info only, not the model: workers need no weights (nor an ONNX session).
+        self.info, self.items, self.done = info, list(items), list(done)
+        layout_ids = get_layout(info.dataset).label_ids
+        self.lut = label_lut(layout_ids if info.label_map == "cityscapes" else None)
+        self.hint = f"the model has {info.num_classes} classes ({', '.join(info.classes[:4])}, ...)"
 
     def __len__(self) -> int:
         return len(self.items)
@@ -179,14 +180,14 @@ class ReadSet(torch.utils.data.Dataset):
                 rec["pred"] = read_mask(self.done[i])
                 size = rec["pred"].shape
             else:
-                rec["input"], grey = self.seg.prepare(it.image)
+                rec["input"], grey = prepare(it.image, self.info)
                 rec["grey"] = grey.numpy()
                 size = rec["grey"].shape
         except (ImageError, DatasetError, PredictError) as e:
             rec["error"] = error_line(e)
             return rec
         if it.label is not None:
-            label = read_label(it.label, self.seg.info.num_classes, self.lut, self.hint)
+            label = read_label(it.label, self.info.num_classes, self.lut, self.hint)
             if label.shape != size:
                 raise DatasetError(
                     f"{it.label}: label map is {label.shape[0]}x{label.shape[1]} but image {it.image} is "
@@ -241,7 +242,7 @@ def predict(
     conf = np.zeros((len(classes), len(classes)), dtype=np.int64)
     rows: list[dict] = []
     loader = torch.utils.data.DataLoader(
-        ReadSet(seg, items, done), batch_size=None, num_workers=workers, collate_fn=_keep,
+        ReadSet(seg.info, items, done), batch_size=None, num_workers=workers, collate_fn=_keep,
         pin_memory=seg.device.type == "cuda",
     )  # fmt: skip
     bar = tqdm(total=len(items), desc=PROG, unit="img", disable=not progress, dynamic_ncols=True)
