@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(BIN)/python -m unip_train.demo --preset demo --out demo_out
 
 experiment: $(STAMP)
-	$(BIN)/python -m unip_train.demo --preset experiment --out demo_out
+	$(BIN)/python -m unip_train.demo --preset experiment --out demo_out --readme README.md
 
 test: $(STAMP)
 	$(BIN)/ruff check .
@@ -28,7 +28,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 figures: $(STAMP)
-	$(BIN)/python -m unip_train.demo --preset experiment --out demo_out --figures-dir figures
+	$(BIN)/python -m unip_train.demo --preset experiment --out demo_out --figures-dir figures --readme README.md
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_analysis.py

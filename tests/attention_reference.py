@@ -93,3 +93,20 @@ def distance_reference(
         [[math.dist(p, q) for q in centres] for p in centres], dtype=torch.float64, device=a.device
     )
     return (a * d).sum((-2, -1)) / a.shape[-2]
+
+
+def nmi_unip_published(attn: torch.Tensor) -> torch.Tensor:
+    """UNIP's NMI as its authors published it (casiatao/UNIP issue 3), term by term, in float64:
+    the whole map [B, H, L, L] as given; p(q) = row sum / sum of row sums, p(k) = column sum /
+    sum of column sums; joint = A * p(q); log2 throughout, no epsilon (maps without zeros only).
+    Returns [B, H]: the published function then takes the mean over heads."""
+    a = attn.double()
+    row_sum = a.sum(-1, keepdim=True)  # [B, H, L, 1]
+    pq = row_sum / row_sum.sum(-2, keepdim=True)
+    col_sum = a.sum(-2, keepdim=True)  # [B, H, 1, L]
+    pk = col_sum / col_sum.sum(-1, keepdim=True)
+    hq = -(pq * torch.log2(pq)).sum((-1, -2))
+    hk = -(pk * torch.log2(pk)).sum((-1, -2))
+    joint = a * pq
+    mi = (joint * torch.log2(joint / (pq * pk))).sum((-1, -2))
+    return mi / torch.sqrt(hq * hk)

@@ -113,6 +113,9 @@ def test_two_families_end_to_end_in_process(tiny_timm_checkpoint, image_dir, tmp
     assert not timm_m["selection_rule"].startswith("override")
     # What the terminal says: thresholds and where they came from, each model's choice, the files.
     assert "thresholds: global_max=" in stdout and "derived at a 4x4 token grid" in stdout
+    assert doc["nmi_definition"] == "park" and "NMI: Park et al.'s NMI" in stdout  # the default
+    assert all(len(m["robustness"]["moved_bands"]) == 15 for m in (timm_m, mae_m))
+    assert f"tiny_timm: {'FRAGILE' if timm_m['robustness']['fragile'] else 'robust'}: " in stdout
     assert "tiny_mae: layer 3 of 4" in stdout and "override" in stdout
     assert f"tiny_timm: layer {timm_m['selected_layer']} of 4" in stdout
     assert str(out / "layer_selection.json") in stdout and str(out / "report.html") in stdout
@@ -434,3 +437,53 @@ def test_published_formats_end_to_end_nmi_equals_timm_explicit_attention(
         got = [layer["nmi"] for layer in doc["models"][name]["layers"]]
         assert got == pytest.approx(want, abs=1e-6), name
     assert doc["models"]["dinov2"]["num_prefix_tokens"] == 5
+
+
+def test_nmi_unip_and_robustness_end_to_end(image_dir, tmp_path, capsys):
+    """--nmi unip on a model with a distillation token: the file records the definition and its
+    NMI is UNIP's published function on timm's maps; the same model with the bands placed far from
+    and next to its layers' NMI reads robust, then fragile, in the file, the terminal and the report."""
+    from attention_reference import nmi_reference, nmi_unip_published, timm_explicit_attention
+
+    arch = "deit_tiny_distilled_patch16_224(depth=4,embed_dim=64,num_heads=2,patch_size=8)"
+    torch.manual_seed(0)
+    ref = build_vit(arch, img_size=TINY_IMG).eval()
+    weights = tmp_path / "deit.safetensors"
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(weights))
+    spec = ["--checkpoint", f"d=timm:{arch}:{weights}", "--nmi", "unip", "--map-images", "0"]
+
+    out = tmp_path / "far"
+    rc, stdout, err = run_main(
+        capsys, *spec, *common(image_dir, out), "--global-max", "1e-6", "--local-min", "0.5"
+    )
+    assert rc == 0, err
+    doc = selection.read(out / "layer_selection.json")
+    assert doc["nmi_definition"] == "unip" and ref.num_prefix_tokens == 2
+    x = torch.stack([analyze.image_dataset(image_dir, TINY_IMG)[i] for i in range(6)])
+    maps, *_ = timm_explicit_attention(ref, x)
+    got = [layer["nmi"] for layer in doc["models"]["d"]["layers"]]
+    # fp32 maps computed twice (ours, timm's): ~4e-9 apart on these near-collapsed layers
+    assert got == pytest.approx([nmi_unip_published(maps[i]).mean().item() for i in range(4)], abs=1e-7)
+    park = [nmi_reference(maps[i], 2).mean().item() for i in range(4)]
+    assert max(abs(a - b) for a, b in zip(got, park)) > 1e-6  # not Park et al.'s numbers
+    assert "NMI: UNIP's published NMI (whole map, prefix tokens kept) (--nmi unip)" in stdout
+    rob = doc["models"]["d"]["robustness"]
+    assert rob["rule_layer"] == 4 and not rob["fragile"]
+    assert "d: robust: the rule selects layer 4 for every band in global_max x0.5-8" in stdout
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert "How robust the selection is" in page and "published NMI (whole map, prefix tokens kept)" in page
+
+    # global_max between layers 3 and 4: the rule takes layer 3; at x0.5 layer 4 turns hybrid, from
+    # x2 on every layer reads global and the fallback takes the highest NMI, layer 1
+    v3, v4 = got[2], got[3]
+    assert got == sorted(got, reverse=True) and v3 < 3 * v4, "the tiny model's NMI profile changed"
+    near = tmp_path / "near"
+    rc, stdout, err = run_main(
+        capsys, *spec, *common(image_dir, near), "--global-max", str((v3 + v4) / 2), "--local-min", "0.5"
+    )
+    assert rc == 0, err
+    rob = selection.read(near / "layer_selection.json")["models"]["d"]["robustness"]
+    assert rob["rule_layer"] == 3 and rob["fragile"] and rob["margins"][2]["edge"] == "global_max"
+    (line,) = [ln for ln in stdout.splitlines() if "FRAGILE" in ln]
+    assert line.startswith("d: FRAGILE: the rule selects layer 3, but 1, 4 when the bands move within")
+    assert "d: FRAGILE" in (near / "report.html").read_text(encoding="utf-8")

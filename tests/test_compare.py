@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from scipy import stats
 
 from unip_analysis import selection
 from unip_analysis.checkpoints import build_vit, load_backbone
@@ -23,6 +24,7 @@ from unip_train.compare import (
     PlanError,
     build_outputs,
     load_plan,
+    paired_t,
     plan_from_dict,
     plot_layerwise,
     render_figures,
@@ -392,25 +394,80 @@ def test_summary_means_intervals_and_paired_differences_match_a_hand_computation
     dhalf = T_975_DF2 * 0.01 / math.sqrt(3)
     assert dist.diff_mean == pytest.approx(0.05)
     assert (dist.diff_ci95_lo, dist.diff_ci95_hi) == pytest.approx((0.05 - dhalf, 0.05 + dhalf))
-    assert dist.diff_per_seed == "0:+0.0500 1:+0.0400 2:+0.0600" and dist.signs == "+++"
-    assert dist.every_seed_agrees and dist.verdict == "higher at all 3 seeds"
-    mixed = row[("mixed", "ft", None)]
-    assert mixed.signs == "-++" and not mixed.every_seed_agrees
-    assert mixed.verdict == "seeds disagree: no clear difference"
+    assert dist.diff_per_seed == "0:+0.0500 1:+0.0400 2:+0.0600"
+    # t = 0.05 / (0.01 / sqrt(3)) = 8.66 on 2 degrees of freedom: p = 0.0131; the interval excludes 0
+    assert dist.diff_p == pytest.approx(0.013072457560346393, rel=1e-9)
+    assert dist.verdict == "higher" and dist.test == "paired t-test over 3 seeds, 95% interval"
+    mixed = row[("mixed", "ft", None)]  # -0.01 +0.01 +0.01: two of three seeds higher, interval spans 0
+    assert mixed.verdict == "no clear difference"
     assert mixed.diff_mean == pytest.approx(0.01 / 3)
+    assert mixed.diff_ci95_lo < 0 < mixed.diff_ci95_hi and mixed.diff_p > 0.05
     late = row[("late", "ft", None)]  # one seed, paired with the baseline's seed 2 only
     assert late.n_paired == 1 and late.diff_mean == pytest.approx(-0.14)
-    assert math.isnan(late.miou_ci95_lo) and math.isnan(late.diff_ci95_lo)
-    assert late.verdict == "one paired seed: no verdict" and not late.every_seed_agrees
+    assert math.isnan(late.miou_ci95_lo) and math.isnan(late.diff_ci95_lo) and math.isnan(late.diff_p)
+    assert late.verdict == "too few seeds" and late.test == ""
     base = row[("rand", "ft", None)]
     assert base.verdict == "baseline" and base.n_paired == 0 and math.isnan(base.diff_mean)
     # layer-wise cells are paired layer by layer: dist - rand = 0.10 - 0.03 * seed at layer 1
     l1 = row[("dist", "lpw", 1)]
-    assert l1.diff_per_seed == "0:+0.1000 1:+0.0700" and l1.verdict == "higher at all 2 seeds"
+    # both seeds higher, but 2 seeds are too few to call it
+    assert l1.diff_per_seed == "0:+0.1000 1:+0.0700" and l1.verdict == "too few seeds"
     assert row[("dist", "lpw", 2)].diff_mean == pytest.approx((0.09 + 0.06) / 2)
     # without a baseline: means only
     alone = summarize(hand_results(), baseline=None)
     assert (alone["verdict"] == "").all() and alone["diff_mean"].isna().all()
+
+
+@pytest.mark.filterwarnings("ignore:Precision loss occurred:RuntimeWarning")  # scipy, constant differences
+def test_paired_t_matches_scipys_ttest_rel_and_calls_only_what_the_interval_supports():
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.3, 0.6, 5)
+    seen = set()
+    for shift, noise in [(0.02, 0.01), (-0.03, 0.02), (0.0, 0.02), (0.004, 0.03)]:
+        row = base + shift + rng.normal(0, noise, 5)
+        test = paired_t(row - base)
+        ref = stats.ttest_rel(row, base)
+        ci = ref.confidence_interval(0.95)
+        assert test.p == pytest.approx(ref.pvalue, rel=1e-9)
+        assert (test.lo, test.hi) == pytest.approx((ci.low, ci.high), rel=1e-9)
+        expected = "higher" if ci.low > 0 else "lower" if ci.high < 0 else "no clear difference"
+        assert test.verdict == expected and (test.p < 0.05) == (expected != "no clear difference")
+        seen.add(expected)
+    assert seen == {"higher", "lower", "no clear difference"}
+    # a constant +1 at every seed: the interval is the point 1, p 0 (ttest_rel says the same)
+    const = paired_t([1.0, 1.0, 1.0])
+    assert (const.lo, const.hi, const.verdict) == (1.0, 1.0, "higher")
+    assert const.p == stats.ttest_rel([2.0, 3.0, 4.0], [1.0, 2.0, 3.0]).pvalue == 0.0
+    assert paired_t([-1.0, -1.0, -1.0, -1.0]).verdict == "lower"
+    # symmetric noise: as many seeds lower as higher, by as much
+    sym = paired_t([0.02, -0.02, 0.01, -0.01])
+    assert sym.mean == pytest.approx(0.0, abs=1e-12) and sym.lo < 0 < sym.hi
+    assert sym.p == pytest.approx(1.0) and sym.verdict == "no clear difference"
+    assert paired_t([0.0, 0.0, 0.0]).verdict == "no clear difference"
+    # every seed the same sign is not enough: 2 seeds are too few, 3 agreeing seeds can still be unclear
+    assert paired_t([0.05, 0.04]).verdict == "too few seeds"
+    spread = paired_t([0.001, 0.002, 0.05])
+    assert spread.lo < 0 and spread.verdict == "no clear difference"
+    assert paired_t([]).verdict == "no paired seeds"
+    assert paired_t([0.1, 0.2, 0.15]).name == "paired t-test over 3 seeds, 95% interval"
+
+
+def test_report_and_printed_lines_name_the_test_and_its_p_value():
+    from unip_train.compare.cli import _verdicts
+    from unip_train.compare.report import render_html
+
+    results = hand_results().assign(pixel_acc=0.9, run_dir="cells")
+    summary = summarize(results, baseline="rand")
+    html = render_html([], results, summary, {}, "plan", "plan.json", "rand")
+    assert "paired t-test over the seeds both rows share" in html
+    assert "every paired seed has the same sign" not in html
+    dist = re.search(r"<tr[^>]*><td>dist</td>.*?</tr>", html, re.S).group(0)
+    assert ">0.013<" in dist and ">higher<" in dist and "paired t-test over 3 seeds, 95% interval" in dist
+    lines = {line.split(":")[0].split()[-1]: line for line in _verdicts(summary)}
+    assert lines["dist"].endswith(
+        "+0.0500 vs rand: higher (paired t-test over 3 seeds, 95% interval: +0.0252 to +0.0748, p = 0.013)"
+    )
+    assert lines["late"].endswith("-0.1400 vs rand: too few seeds")
 
 
 def test_t_interval_is_the_textbook_formula():
@@ -443,6 +500,13 @@ def test_figures_draw_the_summary_and_the_selection_files_nmi(tmp_path: Path):
     assert any(np.allclose(ln.get_ydata(), means) for ln in twin.get_lines() if len(ln.get_ydata()) == 2)
     assert "over NMI of 'teacher_a'" in dist_ax.get_title()
     assert "no NMI" in fig.axes[0].get_title()
+    # the NMI is named by the definition the file records; files without the field are Park et al.'s
+    assert "park NMI" in dist_ax.get_title() and "park definition" in dist_ax.get_ylabel()
+    fig = plot_layerwise(
+        summary, results, "soda", "lpw", doc | {"nmi_definition": "unip"}, {"dist": "teacher_a"}
+    )
+    assert "unip NMI" in fig.axes[1].get_title() and "unip definition" in fig.axes[1].get_ylabel()
+    assert any("NMI (unip)" in t.get_text() for t in fig.axes[1].get_legend().get_texts())
 
 
 # --- real cells ---------------------------------------------------------------------------------------

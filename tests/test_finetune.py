@@ -314,7 +314,8 @@ def test_cli_errors_are_one_line_and_exit_2(tiny_timm_checkpoint, synthetic_fold
     code, err = cli([*common, "--dataset", "cityscapes"], capsys)
     assert (
         code == 2
-        and err == "unip-finetune: error: unknown dataset 'cityscapes'; known: soda, mfnet, scut, folder\n"
+        and err
+        == "unip-finetune: error: unknown dataset 'cityscapes'; known: soda, mfnet, scut, folder, nyuv2, sunrgbd, ade20k, mfnet-rgb\n"
     )
 
     code, err = cli([*common, "--dataset", "soda"], capsys)

@@ -268,7 +268,8 @@ def test_every_cli_defaults_to_the_machines_cores_and_takes_both_spellings(monke
 
     assert default(finetune.build_parser(), "workers") is None
     assert default(pretrain.get_args_parser(), "num_workers") is None
-    assert default(analyze_cli.build_parser(), "num_workers") is None
+    assert analyze_cli.COMMAND.by_name["workers"].default is None
+    assert analyze_cli.COMMAND.by_name["workers"].aliases == ("--num-workers",)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     for cores in (1, 3):
         monkeypatch.setattr(workers, "available_cores", lambda cores=cores: cores)
@@ -286,7 +287,6 @@ def test_every_cli_defaults_to_the_machines_cores_and_takes_both_spellings(monke
     for parser, dest in (
         (finetune.build_parser(), "workers"),
         (pretrain.get_args_parser(), "num_workers"),
-        (analyze_cli.build_parser(), "num_workers"),
     ):
         action = next(a for a in parser._actions if a.dest == dest)
         assert action.option_strings == ["--num-workers", "--workers"]

@@ -250,3 +250,63 @@ def test_compare_profiles_states_difference_or_its_absence():
     assert "differ at 2 of 4 layers" in line and "layers 3, 4" in line
     doc = {"models": {"a": model([0.3, 0.2]), "b": model([0.305, 0.21])}}
     assert "do NOT differ" in compare_profiles(doc)[0]
+
+
+def test_robustness_in_the_summary_the_html_and_the_json():
+    th = Thresholds(0.015, 0.2, source="given for the test")
+    near = synthetic("near", 4, curve=[0.3, 0.4, 0.135, 0.025])  # layer 4 just above global_max
+    far = synthetic("far", 3, curve=[0.3, 0.4, 0.135], seed=2)  # layer 3 hybrid in every moved band
+    entries = {a.name: model_entry(a, th, n_boot=50) for a in (near, far)}
+    doc = report.build_document(entries, th, "imgs", 5, 32, "infrared", nmi_definition="unip")
+    assert (
+        doc["models"]["near"]["robustness"]["fragile"] and not doc["models"]["far"]["robustness"]["fragile"]
+    )
+    lines = report.robustness_summary(doc)
+    verdicts = [line for line in lines if not line.startswith(" ")]
+    assert verdicts == [
+        "near: FRAGILE: the rule selects layer 4, but 3 when the bands move within "
+        "global_max x0.5-8, local_min x0.75-1.25",
+        "far: robust: the rule selects layer 3 for every band in global_max x0.5-8, local_min x0.75-1.25",
+    ]
+    text = "\n".join(lines)
+    assert "global_max x2" in text and "local_min x1.25" in text
+    assert "layer 4 (the rule's layer): NMI - global_max = +0.01" in text
+    header, grid, margins = report.robustness_rows(doc["models"]["near"])
+    assert header == [
+        "rule's layer",
+        "local_min x0.75 (0.15)",
+        "local_min x1 (0.2)",
+        "local_min x1.25 (0.25)",
+    ]
+    assert [row[0] for row in grid] == [f"global_max x{f:g} ({0.015 * f:.4g})" for f in (0.5, 1, 2, 4, 8)]
+    assert grid[1][1:] == ["4", "4", "4"] and grid[2][1:] == ["3", "3", "3"]
+    assert [row[:2] for row in margins] == [
+        ["1", "local_min"],
+        ["2", "local_min"],
+        ["3", "local_min"],
+        ["4", "global_max"],
+    ]
+    page = report.render_html(doc, {}, th.source)
+    assert page.count("How robust the selection is") == 2
+    assert "near: FRAGILE" in page and "far: robust" in page and "CI contains the edge" in page
+    assert "published NMI (whole map, prefix tokens kept)" in page  # the recorded definition
+    old = {k: v for k, v in doc.items() if k != "nmi_definition"}
+    assert "NMI (patch tokens, rows renormalised)" in report.render_html(old, {}, th.source)
+
+
+def test_report_names_the_nmi_definition_and_refuses_a_mixture(analyses, monkeypatch):
+    table = report.layer_frame(_doc(analyses))
+    ax = plots.plot_nmi_curves(table, TH, nmi_definition="unip").axes[0]
+    assert "unip definition" in ax.get_ylabel()
+    drawn = []
+    plot = plots.plot_nmi_curves
+    monkeypatch.setattr(plots, "plot_nmi_curves", lambda *a, **k: drawn.append(k) or plot(*a, **k))
+    unip = synthetic("u", 4)
+    unip.nmi_definition = "unip"
+    rep = report.build_report([unip], {"u": model_entry(unip, TH, n_boot=20)}, TH, "imgs", 5, "infrared")
+    assert rep.doc["nmi_definition"] == "unip" and drawn[-1]["nmi_definition"] == "unip"
+    with pytest.raises(ValueError, match="different NMI definitions"):
+        report.build_report(
+            [analyses[0], unip], {a.name: model_entry(a, TH, n_boot=20) for a in (analyses[0], unip)},
+            TH, "imgs", 5, "infrared",
+        )  # fmt: skip

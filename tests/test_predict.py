@@ -14,20 +14,19 @@ import torch
 from conftest import TINY_ARCH
 from PIL import Image
 
+from unip_train.export.cli import main as export_main
+from unip_train.export.onnx import export_onnx
 from unip_train.finetune.config import FinetuneConfig, resolve
 from unip_train.finetune.model_file import build_backbone, build_segmentor, save_model
 from unip_train.finetune.pictures import RUN_PICTURES
 from unip_train.finetune.trainer import evaluate_saved, run
-from unip_train.predict.cli import export_main, main
-from unip_train.predict.export import export_onnx
+from unip_train.predict.cli import main
 from unip_train.predict.inference import ModelInfo, PredictError, open_model, sidecar_path
-from unip_train.synthetic import generate, voc_palette
-
-PALETTE = voc_palette()[: 3 * 21]  # SODA's 21 classes
+from unip_train.synthetic import generate
 
 
-def with_palette(model_pt: Path, dest: Path, palette=PALETTE) -> Path:
-    """A copy of ``model.pt`` with ``palette`` (None: without one) -- the test adds it itself."""
+def with_palette(model_pt: Path, dest: Path, palette) -> Path:
+    """A copy of ``model.pt`` with ``palette`` (None: without one, as files from before palettes)."""
     ckpt = torch.load(model_pt, weights_only=True)
     ckpt.pop("palette", None)
     if palette is not None:
@@ -57,8 +56,16 @@ def trained(tmp_path_factory) -> dict:
         crop=32, head_channels=16, batch_size=4, workers=0, lr=1e-3, progress=False, log_every=5, iters=10,
     )  # fmt: skip
     metrics = run(cfg)
-    model = with_palette(root / "run" / "model.pt", root / "model" / "model.pt")
-    return {"root": root, "data": data, "run": root / "run", "model": model, "metrics": metrics, "cfg": cfg}
+    model = root / "run" / "model.pt"
+    palette = [v for rgb in torch.load(model, weights_only=True)["palette"] for v in rgb]
+    return {
+        "data": data,
+        "run": root / "run",
+        "model": model,
+        "metrics": metrics,
+        "cfg": cfg,
+        "palette": palette,
+    }
 
 
 def read(path: Path) -> np.ndarray:
@@ -118,7 +125,7 @@ def test_masks_read_back_with_pil(trained, tmp_path: Path):
     for rel in ("a", "night/b"):
         with Image.open(out / "pred" / f"{rel}.png") as im:
             assert im.mode == "P" and im.size == (64, 48)
-            assert im.getpalette()[: len(PALETTE)] == PALETTE
+            assert im.getpalette()[: 3 * 21] == trained["palette"] and len(trained["palette"]) == 63
             mask = np.asarray(im)
         assert mask.max() < 21
         probs = np.load(out / "prob" / f"{rel}.npy")
@@ -218,8 +225,9 @@ def test_onnx_export_of_upernet_matches_pytorch_and_predicts_alike(trained, tmp_
     assert "opset 18" in said and "max abs logit difference" in said
     side = json.loads(sidecar_path(onnx_path).read_text())
     assert side["check"]["max_abs_diff"] <= 1e-3 and side["check"]["argmax_agreement"] > 0.999
-    assert side["classes"][1] == "person" and side["palette"][1] == PALETTE[3:6]
-    assert side["window"] == 32 and side["stride"] == 21 and side["mean"] == pytest.approx(96.9255)
+    assert side["classes"][1] == "person" and side["palette"][1] == trained["palette"][3:6]
+    assert side["window"] == 32 and side["stride"] == 21 and side["channels"] == 1
+    assert side["norm"] == "infrared" and side["mean"] == [pytest.approx(96.9255 / 255)] * 3
     info = ModelInfo.from_sidecar(sidecar_path(onnx_path))
     assert info == open_model(trained["model"], device="cpu").info  # everything the torch path uses
     out_t, out_o = tmp_path / "t", tmp_path / "o"
@@ -249,8 +257,9 @@ def test_onnx_export_of_a_linear_probe(trained, tmp_path: Path):
     model = build_segmentor(cfg, backbone, 21)
     torch.nn.init.normal_(model.decode_head.classifier.weight, std=0.5)  # logits far from ties
     path = tmp_path / "lp" / "model.pt"
-    save_model(path, model, cfg, [f"c{i}" for i in range(21)], info)
-    with_palette(path, path)
+    save_model(
+        path, model, cfg, [f"c{i}" for i in range(21)], info, [[i, 2 * i, 3 * i] for i in range(21)], 1
+    )
     report = export_onnx(path, tmp_path / "lp.onnx", images=str(trained["data"] / "JPEGImages"))
     print(
         f"\nlinear probe: max |ORT - PyTorch| {report['max_abs_diff']:.2e}, argmax agreement {report['argmax_agreement']}"

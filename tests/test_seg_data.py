@@ -17,6 +17,7 @@ from unip_train.finetune.augment import EvalResize, TrainAugment, nearest_indice
 from unip_train.finetune.dataset import SegDataset, to_input
 from unip_train.finetune.evaluation import confusion_matrix, summarize
 from unip_train.finetune.layouts import (
+    EVAL_SPLIT,
     IGNORE_INDEX,
     LAYOUTS,
     SCUT_CITYSCAPES_IDS,
@@ -26,7 +27,10 @@ from unip_train.finetune.layouts import (
 from unip_train.synthetic import CLASSES, LAYOUT_CLASS_MAP, generate, make_scene
 
 SIZE = (40, 48)
-EXPECTED = {"soda": 21, "mfnet": 9, "scut": 10, "folder": len(CLASSES)}
+EXPECTED = {
+    "soda": 21, "mfnet": 9, "scut": 10, "folder": len(CLASSES), "nyuv2": 41, "sunrgbd": 38, "ade20k": 150,
+    "mfnet-rgb": 9,
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("variant", ["release", "unip"])
@@ -34,7 +38,7 @@ EXPECTED = {"soda": 21, "mfnet": 9, "scut": 10, "folder": len(CLASSES)}
 def test_each_layout_reads_its_replica(tmp_path: Path, layout: str, variant: str):
     root = generate(tmp_path / layout, layout, n_train=5, n_test=3, size=SIZE, seed=1, variant=variant)
     train = SegDataset(root, layout, "train")
-    test = SegDataset(root, layout, "test")
+    test = SegDataset(root, layout, EVAL_SPLIT[layout])
     assert (len(train), len(test)) == (5, 3)
     assert train.num_classes == EXPECTED[layout]
     if layout == "soda":
@@ -45,7 +49,8 @@ def test_each_layout_reads_its_replica(tmp_path: Path, layout: str, variant: str
     for i in range(len(train)):
         img, label = train[i]
         assert img.shape == (3, *SIZE) and img.dtype == torch.float32
-        assert torch.equal(img[0], img[1]) and torch.equal(img[0], img[2])  # grey replicated
+        grey = torch.equal(img[0], img[1]) and torch.equal(img[0], img[2])
+        assert grey == (LAYOUTS[layout].channels == 1 or layout in ("nyuv2", "sunrgbd"))  # depth: replicated
         assert label.shape == SIZE and label.dtype == torch.int64
         values = set(label.unique().tolist())
         assert values <= set(range(train.num_classes)) | {IGNORE_INDEX}
@@ -53,6 +58,7 @@ def test_each_layout_reads_its_replica(tmp_path: Path, layout: str, variant: str
     # Synthetic classes land on the layout's indices (person / car at least, in every layout).
     mapping = LAYOUT_CLASS_MAP[layout]
     assert mapping[CLASSES.index("person")] in seen and mapping[CLASSES.index("car")] in seen
+    assert len(train.palette) == train.num_classes
     assert IGNORE_INDEX in seen  # some object borders carry the ignore band
 
 

@@ -47,6 +47,20 @@ def test_round_trip_and_teacher_resolution(doc, tmp_path):
         (lambda d: d["models"]["t"]["layers"][1].update(nmi=float("nan")), "nmi should be float"),
         (lambda d: d["models"]["t"].update(selected_layer=9), "selected_layer must be null or 1..4"),
         (lambda d: d["models"]["t"].update(selected_heads=7), "disagrees with heads_per_layer"),
+        (lambda d: d.update(nmi_definition="pmi"), "nmi_definition 'pmi' not in"),
+        (lambda d: d["models"]["t"]["robustness"]["margins"].pop(), "3 margins for depth 4"),
+        (lambda d: d["models"]["t"]["robustness"]["margins"][0].update(edge="mid"), "edge 'mid'"),
+        (
+            lambda d: d["models"]["t"]["robustness"].update(
+                fragile=not d["models"]["t"]["robustness"]["fragile"]
+            ),
+            "fragile is",
+        ),
+        (
+            lambda d: d["models"]["t"]["robustness"]["moved_bands"][0].update(valid=False, selected_layer=2),
+            "crossed bands",
+        ),
+        (lambda d: d["models"]["t"]["robustness"].update(rule_layer=5), "rule_layer must be null or 1..4"),
     ],
 )
 def test_validation_names_the_problem(doc, tmp_path, mutate, message):
@@ -74,3 +88,18 @@ def test_teacher_refusals(doc, tmp_path):
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(SelectionError, match="not valid JSON"):
         selection.read(tmp_path / "broken.json")
+
+
+def test_nmi_definition_and_robustness_round_trip_and_old_files_read_as_park(doc, tmp_path):
+    rob = doc["models"]["t"]["robustness"]
+    assert len(rob["margins"]) == 4 and len(rob["moved_bands"]) == 15 and isinstance(rob["fragile"], bool)
+    assert "nmi_definition" not in doc and selection.nmi_definition(doc) == "park"
+    unip = copy.deepcopy(doc) | {"nmi_definition": "unip"}
+    back = selection.read(selection.write(tmp_path / "unip.json", unip))
+    assert back["nmi_definition"] == "unip" and selection.nmi_definition(back) == "unip"
+    assert back["models"]["t"]["robustness"] == json.loads(json.dumps(rob))
+    # a file written before the two fields: still schema version 1, read as Park et al.'s NMI
+    old = copy.deepcopy(doc)
+    del old["models"]["t"]["robustness"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert selection.nmi_definition(selection.read(tmp_path / "old.json")) == "park"

@@ -6,6 +6,9 @@ Notebook use::
     bb = checkpoints.load_backbone("mae", "vit_base_patch16_224", "mae_pretrain_vit_base.pth")
     res = analyze.analyze_backbone(bb, analyze.image_dataset("imgs/", 224, "infrared"), name="mae_b")
     res.layer_table()        # pandas DataFrame: layer, nmi, CI, distance, pattern
+
+``nmi="unip"`` measures NMI with UNIP's published function instead of Park et al.'s
+(:mod:`unip_analysis.metrics`); the bands and the selection then use the same definition.
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ from tqdm.auto import tqdm
 from . import images as imgs
 from .attention import observe_attention
 from .checkpoints import LoadedBackbone
-from .metrics import NMI_EPS, StreamingStatistics, bootstrap_ci
-from .patterns import Thresholds, classify, default_thresholds, select_layer
+from .metrics import NMI_EPS, StreamingStatistics, bootstrap_ci, check_nmi_definition
+from .patterns import Thresholds, classify, default_thresholds, robustness, select_layer
 
 DEFAULT_QUERY_POINTS: tuple[tuple[float, float], ...] = ((0.5, 0.5), (0.25, 0.25), (0.75, 0.7))
 
@@ -63,6 +66,7 @@ class ModelAnalysis:
     query_maps: list[np.ndarray]  # per layer: [map_images, points, heads, grid_h, grid_w]
     map_images: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    nmi_definition: str = "park"  # what head_nmi holds: metrics.NMI_DEFINITIONS
 
     @property
     def n_images(self) -> int:
@@ -76,7 +80,7 @@ class ModelAnalysis:
         return np.array([d.mean() for d in self.head_distance])
 
     def layer_table(self, thresholds: Thresholds | None = None, n_boot: int = 1000) -> pd.DataFrame:
-        th = thresholds or default_thresholds(self.grid)
+        th = thresholds or default_thresholds(self.grid, self.nmi_definition)
         rows = []
         for i, (hn, hd) in enumerate(zip(self.head_nmi, self.head_distance)):
             lo, hi = bootstrap_ci(hn.mean(axis=1), n_boot=n_boot, seed=i)
@@ -131,6 +135,7 @@ class LayerObserver:
 
     ``nmi[layer]`` / ``distance[layer]``: one [B, H] tensor per forward; ``maps[layer]``: one
     [images, points, H, grid_h, grid_w] tensor per forward that still had figure images to keep.
+    ``nmi_definition``: 'park' or 'unip' (whose NMI also reads the prefix tokens' rows).
     """
 
     def __init__(
@@ -142,8 +147,10 @@ class LayerObserver:
         query_tokens: Sequence[int] = (),
         map_images: int = 0,
         device: torch.device | str = "cpu",
+        nmi_definition: str = "park",
     ):
         self.grid, self.patch_size, self.npt, self.device = grid, patch_size, num_prefix_tokens, device
+        self.nmi_definition = check_nmi_definition(nmi_definition)
         self.query_tokens = list(query_tokens)
         self.map_images_left = map_images
         self.nmi: list[list[torch.Tensor]] = [[] for _ in range(depth)]
@@ -160,15 +167,19 @@ class LayerObserver:
 
     def start_layer(self, layer: int, shape: tuple[int, int, int]) -> None:
         batch, heads, _ = shape
-        self._stats = StreamingStatistics(batch, heads, self.grid, self.patch_size, self.npt, self.device)
+        self._stats = StreamingStatistics(
+            batch, heads, self.grid, self.patch_size, self.npt, self.device, self.nmi_definition
+        )
         self._rows = None
         if self._take and self.query_tokens:
             n = self.grid[0] * self.grid[1]
             self._rows = torch.zeros(self._take, len(self.query_tokens), heads, n)
 
     def rows(self, layer: int, q0: int, probs: torch.Tensor) -> None:
-        if q0 < self.npt:
-            return  # prefix queries: not part of either statistic
+        if q0 < self.npt:  # prefix queries: part of UNIP's NMI only
+            if self.nmi_definition == "unip":
+                self._stats.add_(q0, probs)
+            return
         if self._rows is not None:  # figure rows first: the statistics consume the block
             p0, p1 = q0 - self.npt, q0 - self.npt + probs.shape[2]
             for j, token in enumerate(self.query_tokens):
@@ -208,21 +219,24 @@ def analyze_backbone(
     num_workers: int = 0,
     progress: bool = True,
     precision: str = "fp32",
+    nmi: str = "park",
 ) -> ModelAnalysis:
     """Forward every image once; reduce each layer's attention to NMI / distance as it is produced.
 
     Attention is computed a block of query rows at a time and reduced at once, so no layer's
     whole [B, H, N, N] map exists (plus ``map_images`` x query rows kept for figures).
     ``precision`` bf16 / fp16 runs the model under autocast; the logits, softmax and statistics
-    stay in fp32 / fp64.
+    stay in fp32 / fp64. ``nmi``: 'park' (Park et al., patch tokens) or 'unip' (UNIP's published
+    function on the whole map), see :mod:`unip_analysis.metrics`.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    check_nmi_definition(nmi)
     model = backbone.model.to(device).eval()
     grid = tuple(int(g) for g in model.patch_embed.grid_size)
     q_idx = query_token_indices(query_points, grid)
     observer = LayerObserver(
-        backbone.depth, grid, backbone.patch_size, backbone.num_prefix_tokens, q_idx, map_images, device
+        backbone.depth, grid, backbone.patch_size, backbone.num_prefix_tokens, q_idx, map_images, device, nmi
     )
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers
@@ -255,6 +269,7 @@ def analyze_backbone(
         query_maps=[torch.cat(v).numpy() if v else np.zeros((0,)) for v in observer.maps],
         map_images=[str(f) for f in files[:map_images]],
         notes=list(backbone.notes),
+        nmi_definition=nmi,
     )
 
 
@@ -265,7 +280,8 @@ def model_entry(
     fallback: str = "nearest",
     n_boot: int = 1000,
 ) -> dict:
-    """The ``models.NAME`` object of layer_selection.json for one analysis."""
+    """The ``models.NAME`` object of layer_selection.json for one analysis. ``thresholds`` must be
+    bands for the analysis' NMI definition (``res.nmi_definition``)."""
     table = res.layer_table(thresholds, n_boot=n_boot)
     sel = select_layer(
         table["nmi"].tolist(), table["pattern"].tolist(), thresholds, override=layer, fallback=fallback
@@ -295,4 +311,7 @@ def model_entry(
         "selected_layer": sel.layer,
         "selected_heads": None if sel.layer is None else res.heads_per_layer[sel.layer - 1],
         "selection_rule": sel.rule,
+        "robustness": robustness(
+            [lay["nmi"] for lay in layers], [lay["nmi_ci95"] for lay in layers], thresholds, fallback
+        ),
     }

@@ -25,6 +25,7 @@ from . import __version__, analyze, checkpoints, command, images, report
 from .checkpoints import CheckpointSpec, LoadedBackbone
 from .errors import SpecError
 from .files import read_json
+from .metrics import NMI_LABELS
 from .patterns import Thresholds, default_thresholds
 from .workers import MAX_DEFAULT_WORKERS, default_num_workers
 
@@ -60,12 +61,19 @@ class AnalyzeOptions:
         group="what to analyse",
     )
     images: Path = command.option(help="image folder (searched recursively)", group="data", metavar="DIR")
-    img_size: int | None = command.img_size(None, "input size", aliases=())
+    img_size: int | None = command.img_size(None, "input size; default: the architecture's own")
     num_images: int | None = command.option(
         None, help="analyse only the first N images (sorted by path)", group="data", metavar="N",
         check=command.positive,
     )  # fmt: skip
     norm: str = command.norm("imagenet")
+    nmi: Literal["park", "unip"] = command.option(
+        "park",
+        help="NMI definition: park (Park et al.: patch tokens, rows renormalised) or unip (the function "
+        "UNIP's authors published: the whole map, prefix tokens kept); the bands and the selection use the "
+        "same one",
+        group="patterns and layer selection",
+    )
     global_max: float | None = command.option(
         None,
         help="NMI at or below which a layer is global",
@@ -252,9 +260,13 @@ def resolve_precision(text: str, device: str) -> str:
 
 
 def resolve_thresholds(
-    global_max: float | None, local_min: float | None, grids: dict[str, tuple[int, int]]
+    global_max: float | None,
+    local_min: float | None,
+    grids: dict[str, tuple[int, int]],
+    nmi_definition: str = "park",
 ) -> Thresholds:
-    """Given values win; missing ones are derived at the analysed token grid (one grid for all models)."""
+    """Given values win; missing ones are derived at the analysed token grid (one grid for all
+    models), with the NMI definition they will be applied to."""
     if global_max is not None and local_min is not None:
         return Thresholds(global_max, local_min, source="given with --global-max / --local-min")
     if len(set(grids.values())) > 1:
@@ -263,7 +275,7 @@ def resolve_thresholds(
             f"the models see different token grids ({listing}) and default thresholds depend on the grid; "
             "pass --img-size so the grids agree, or give --global-max and --local-min"
         )
-    derived = default_thresholds(next(iter(grids.values())))
+    derived = default_thresholds(next(iter(grids.values())), nmi_definition)
     if global_max is None and local_min is None:
         return derived
     given = "global_max" if global_max is not None else "local_min"
@@ -324,10 +336,11 @@ def run(args: AnalyzeOptions) -> dict[str, Path]:
         raise SpecError(f"the architectures default to different input sizes ({listing}); pass --img-size")
     img_size = sizes.pop()
     grids = {n: tuple(int(g) for g in bb.model.patch_embed.grid_size) for n, bb in backbones.items()}
-    th = resolve_thresholds(args.global_max, args.local_min, grids)
+    th = resolve_thresholds(args.global_max, args.local_min, grids, args.nmi)
     dataset = analyze.image_dataset(args.images, img_size, args.norm, limit=args.num_images)
     _say(
         f"images: {len(dataset)} of {n_found} under {args.images} at {img_size}px, norm {args.norm}\n"
+        f"NMI: {NMI_LABELS[args.nmi]} (--nmi {args.nmi})\n"
         f"thresholds: global_max={th.global_max:.4f} local_min={th.local_min:.4f} ({th.source})"
     )
 
@@ -345,6 +358,7 @@ def run(args: AnalyzeOptions) -> dict[str, Path]:
             num_workers=args.workers if args.workers is not None else default_num_workers(args.device),
             progress=args.progress and sys.stderr.isatty(),  # no bar fragments in logs
             precision=resolve_precision(args.precision, device),
+            nmi=args.nmi,
         )
         entries[name] = analyze.model_entry(res, th, overrides.get(name), args.fallback, args.bootstrap)
         analyses.append(res)
@@ -353,7 +367,8 @@ def run(args: AnalyzeOptions) -> dict[str, Path]:
     if args.overwrite:
         command.prepare_out(args.out, OUTPUTS, overwrite=True, what="an analysis", can_resume=False)
     written = report.write_report(rep, args.out)
-    for line in report.selection_summary(rep.doc) + report.compare_profiles(rep.doc):
+    lines = report.selection_summary(rep.doc) + report.robustness_summary(rep.doc)
+    for line in lines + report.compare_profiles(rep.doc):
         _say(line)
     _say("wrote:")
     width = max(len(k) for k in written)

@@ -320,7 +320,7 @@ class Command:
                 if problem:
                     raise SpecError(f"{s.flag}: {problem} (see {self.prog} --help)")
         if getattr(ns, "print_config", False):
-            print(_yaml(values), end="")
+            print(_yaml({k: _plain_value(v) for k, v in values.items()}), end="")
             raise SystemExit(0)
         return self.options(**values)
 

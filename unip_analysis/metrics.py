@@ -1,6 +1,13 @@
 """Attention metrics as pure functions over [batch, heads, queries, keys] tensors.
 
-Definitions follow Park et al. (ICLR 2023) as used by UNIP (method.md section 1).
+Two definitions of NMI (method.md section 1), named by :data:`NMI_DEFINITIONS`:
+
+- ``park``: Park et al. (ICLR 2023), the reference notebook: patch tokens only, rows renormalised,
+  p(q) uniform (:func:`nmi` on :func:`patch_attention`);
+- ``unip``: the function UNIP's authors published (casiatao/UNIP issue 3): the layer's whole map,
+  prefix tokens kept, rows as they are, p(q) and p(k) from row and column sums (:func:`nmi_unip`).
+
+The attention distance follows Park et al. under either.
 """
 
 from __future__ import annotations
@@ -13,6 +20,12 @@ import torch
 NMI_EPS = 1e-8  # added before renormalizing the patch rows for NMI, as the reference analysis does
 DISTANCE_EPS = 1e-32  # ... and for the attention distance (method.md section 1)
 EPS = NMI_EPS
+NMI_DEFINITIONS = ("park", "unip")
+# How figures and reports name each definition.
+NMI_LABELS = {
+    "park": "Park et al.'s NMI (patch tokens, rows renormalised)",
+    "unip": "UNIP's published NMI (whole map, prefix tokens kept)",
+}
 
 
 def patch_attention(
@@ -53,6 +66,88 @@ def nmi(attn: torch.Tensor) -> torch.Tensor:
     return mi / torch.sqrt(h_k * h_q)
 
 
+def nmi_unip(attn: torch.Tensor) -> torch.Tensor:
+    """NMI as UNIP's authors published it (casiatao/UNIP issue 3), per (batch, head).
+
+    ``attn`` is a layer's whole map [B, H, L, L] as the block computes it: prefix tokens kept,
+    rows not renormalised. With R_q the row sums, C_k the column sums and T their total:
+    ``p(q) = R_q / T``, ``p(k) = C_k / T``, ``joint = A[q, k] p(q)``,
+    ``I = sum_qk joint log(joint / (p(q) p(k)))``, ``NMI = I / sqrt(H(Q) H(K))``.
+    The published code uses log2 (the base cancels) and no epsilon: an entry that is exactly 0
+    (an underflowed softmax) makes it NaN there; here it contributes 0, the limit of x log x.
+    Returns [B, H] float64.
+    """
+    a = attn.double()
+    rows, cols = a.sum(-1), a.sum(-2)  # [B, H, L]
+    total = rows.sum(-1, keepdim=True)
+    p_q, p_k = rows / total, cols / total
+    h_q = -torch.special.xlogy(p_q, p_q).sum(-1)
+    h_k = -torch.special.xlogy(p_k, p_k).sum(-1)
+    joint = a * p_q.unsqueeze(-1)
+    # joint / (p(q) p(k)) = A / p(k); p(k) > 0 wherever A > 0.
+    ratio = torch.where(a > 0, a / p_k.unsqueeze(-2), 1.0)
+    mi = (joint * torch.log(ratio)).sum(dim=(-2, -1))
+    return mi / torch.sqrt(h_q * h_k)
+
+
+def check_nmi_definition(definition: str) -> str:
+    """``definition`` if it names one of :data:`NMI_DEFINITIONS`, else ValueError."""
+    if definition not in NMI_DEFINITIONS:
+        raise ValueError(f"NMI definition {definition!r}: expected one of {', '.join(NMI_DEFINITIONS)}")
+    return definition
+
+
+class UnipNMISums:
+    """The sums :func:`nmi_unip` needs, accumulated over blocks of whole query rows (every token,
+    prefix included), so that the map never has to exist.
+
+    p(k) needs every query's column before the mutual information can be formed; rearranged,
+    with R_q, C_k, T as in :func:`nmi_unip` and ``W_k = sum_q R_q A[q, k]``, everything is a sum
+    over rows (exact, no approximation)::
+
+        T I    = sum_q R_q sum_k A log A  -  sum_k W_k log p(k)
+        H(Q)   = log T - (1/T) sum_q R_q log R_q,      H(K) from p(k) = C_k / T
+
+    Kept in fp64: T, sum_q R_q log R_q, sum_q R_q sum_k A log A, C_k and W_k.
+    """
+
+    def __init__(self, batch: int, heads: int, tokens: int, device: torch.device | str = "cpu"):
+        f64 = {"dtype": torch.float64, "device": device}
+        self.tokens = tokens
+        self.total = torch.zeros(batch, heads, **f64)  # T
+        self.row_entropy = torch.zeros(batch, heads, **f64)  # sum_q R_q log R_q
+        self.row_plogp = torch.zeros(batch, heads, **f64)  # sum_q R_q sum_k A log A
+        self.cols = torch.zeros(batch, heads, tokens, **f64)  # C_k
+        self.weighted_cols = torch.zeros(batch, heads, tokens, **f64)  # W_k
+        self.rows_seen = 0
+
+    def add(self, probs: torch.Tensor) -> None:
+        """Add whole rows [B, H, rows, tokens] (any query rows, each exactly once). ``probs`` is
+        left as it was."""
+        rows = probs.sum(dim=-1)  # R_q, in the block's dtype (pairwise summation)
+        r64 = rows.double()
+        self.total += r64.sum(-1)
+        self.row_entropy += torch.special.xlogy(r64, r64).sum(-1)
+        self.cols += probs.sum(dim=-2, dtype=torch.float64)
+        self.weighted_cols += (rows.unsqueeze(-2) @ probs).squeeze(-2).double()
+        # A log A with 0 log 0 = 0: clamping to the smallest normal float changes no entry that
+        # is not already (sub)normal-small, and multiplying by A makes those 0 (or < 1e-36).
+        plogp = probs.clamp_min(torch.finfo(probs.dtype).tiny).log_().mul_(probs).sum(-1)
+        self.row_plogp += (r64 * plogp.double()).sum(-1)
+        self.rows_seen += probs.shape[-2]
+
+    def result(self) -> torch.Tensor:
+        """NMI per (batch, head), float64 [B, H]."""
+        if self.rows_seen != self.tokens:
+            raise ValueError(f"UNIP NMI saw {self.rows_seen} query rows of {self.tokens}")
+        t = self.total
+        p_k = self.cols / t.unsqueeze(-1)
+        h_k = -torch.special.xlogy(p_k, p_k).sum(-1)
+        h_q = torch.log(t) - self.row_entropy / t
+        mi = (self.row_plogp - torch.special.xlogy(self.weighted_cols, p_k).sum(-1)) / t
+        return mi / torch.sqrt(h_q * h_k)
+
+
 def patch_centres(grid: tuple[int, int], patch_size: int | tuple[int, int]) -> torch.Tensor:
     """(y, x) of every patch on a (rows, cols) grid in pixels, row-major: [rows * cols, 2] float64."""
     ph, pw = (patch_size, patch_size) if isinstance(patch_size, int) else patch_size
@@ -70,6 +165,9 @@ class StreamingStatistics:
     it keeps, in fp64: ``sum_q p(k|q)`` (for p(k), the mean over ALL queries, needed before H(K)
     can be computed), ``sum_q H(K|q)`` and ``sum_q sum_k p(k|q) d(q, k)``. :meth:`result` then
     gives ``NMI = (H(K) - mean_q H(K|q)) / sqrt(H(K) log N)`` and the mean distance in pixels.
+
+    ``nmi_definition='unip'`` gives UNIP's published NMI instead (:class:`UnipNMISums`, over the
+    whole map: the prefix tokens' query rows are then added too); the distance is the same.
     """
 
     def __init__(
@@ -80,10 +178,15 @@ class StreamingStatistics:
         patch_size: int | tuple[int, int],
         num_prefix_tokens: int,
         device: torch.device | str = "cpu",
+        nmi_definition: str = "park",
     ):
         self.num_prefix_tokens = num_prefix_tokens
+        self.nmi_definition = check_nmi_definition(nmi_definition)
         self.centres = patch_centres(grid, patch_size).to(device)
         self.num_patches = n = self.centres.shape[0]
+        self.unip = (
+            UnipNMISums(batch, heads, n + num_prefix_tokens, device) if nmi_definition == "unip" else None
+        )
         f64 = {"dtype": torch.float64, "device": device}
         self.prob_k = torch.zeros(batch, heads, n, **f64)  # sum_q p(k|q)
         self.cond_entropy = torch.zeros(batch, heads, **f64)  # sum_q H(K|q)
@@ -91,10 +194,17 @@ class StreamingStatistics:
         self.rows_seen = 0
 
     def add_(self, q0: int, probs: torch.Tensor) -> None:
-        """Add rows ``q0 : q0 + rows`` (token indices, all patch queries) of the post-softmax map,
-        fp32 [B, H, rows, tokens] with prefix key columns included. Overwrites ``probs``."""
+        """Add rows ``q0 : q0 + rows`` (token indices) of the post-softmax map, fp32 [B, H, rows,
+        tokens] with prefix key columns included. Overwrites ``probs``. Prefix query rows are
+        refused, except under the 'unip' definition, which counts them."""
         npt = self.num_prefix_tokens
-        if q0 < npt:
+        if self.unip is not None:
+            self.unip.add(probs)  # before the patch statistics consume the block
+            skip = min(max(npt - q0, 0), probs.shape[-2])
+            probs, q0 = probs[..., skip:, :], q0 + skip
+            if probs.shape[-2] == 0:
+                return
+        elif q0 < npt:
             raise ValueError(f"rows from {q0} include prefix queries (the first {npt} tokens)")
         a = probs[..., npt:]  # view: patch keys, [B, H, rows, P]
         n, rows = self.num_patches, a.shape[-2]
@@ -107,6 +217,9 @@ class StreamingStatistics:
         d_rows = torch.nn.functional.pad(d.to(probs.dtype), (npt, 0))  # zero for prefix keys
         weighted = torch.einsum("bhqk,qk->bhq", probs, d_rows).double()  # sum_k A d
         self.distance += ((weighted + DISTANCE_EPS * d.sum(-1)) / (mass + n * DISTANCE_EPS)).sum(-1)
+        self.rows_seen += rows
+        if self.unip is not None:
+            return
         z = mass + n * NMI_EPS  # normaliser of (A + 1e-8) over patch keys
         inv_z = 1.0 / z
         self.prob_k += (inv_z.to(probs.dtype).unsqueeze(-2) @ probs).squeeze(-2)[..., npt:]
@@ -118,13 +231,14 @@ class StreamingStatistics:
         plogp = log_a.mul_(a).sum(dim=-1).double()
         del log_a
         self.cond_entropy += (torch.log(z) - plogp * inv_z).sum(-1)
-        self.rows_seen += rows
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(NMI, mean attention distance in pixels), each float64 [B, H]."""
         n = self.num_patches
         if self.rows_seen != n:
             raise ValueError(f"statistics saw {self.rows_seen} patch query rows of {n}")
+        if self.unip is not None:
+            return self.unip.result(), self.distance / n
         p_k = self.prob_k / n
         h_k = -torch.special.xlogy(p_k, p_k).sum(-1)
         nmi_ = (h_k - self.cond_entropy / n) / torch.sqrt(h_k * math.log(n))
@@ -137,14 +251,17 @@ def map_statistics(
     grid: tuple[int, int],
     patch_size: int | tuple[int, int],
     rows: int | None = None,
+    nmi_definition: str = "park",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """NMI and mean attention distance per (batch, head) of a whole post-softmax map [B, H, N, N],
-    fed to :class:`StreamingStatistics` ``rows`` query rows at a time (default: all at once).
+    fed to :class:`StreamingStatistics` ``rows`` query rows at a time (default: all at once;
+    under 'unip' the prefix tokens' rows too, as the first rows of the first block).
     The map is not modified. Returns float64 tensors [B, H]."""
     b, h, n, _ = attn.shape
-    stats = StreamingStatistics(b, h, grid, patch_size, num_prefix_tokens, attn.device)
+    stats = StreamingStatistics(b, h, grid, patch_size, num_prefix_tokens, attn.device, nmi_definition)
     step = rows or n
-    for q0 in range(num_prefix_tokens, n, step):
+    first = 0 if nmi_definition == "unip" else num_prefix_tokens
+    for q0 in range(first, n, step):
         block = attn[:, :, q0 : q0 + step].clone()
         stats.add_(q0, block if block.dtype in (torch.float32, torch.float64) else block.float())
     return stats.result()

@@ -120,11 +120,14 @@ def _shade_bands(ax, th: Thresholds, ymax: float) -> None:
 # --- figures -----------------------------------------------------------------------------
 
 
-def plot_nmi_curves(tables: Tables, thresholds: Thresholds, ax=None, x: str = "auto") -> Figure:
+def plot_nmi_curves(
+    tables: Tables, thresholds: Thresholds, ax=None, x: str = "auto", nmi_definition: str | None = None
+) -> Figure:
     """Layer NMI against depth for every model, over the local / hybrid / global bands.
 
     Shaded error bands are the bootstrap 95% intervals over images (``nmi_ci_lo``/``nmi_ci_hi``
-    columns, when present); a star marks each model's selected layer.
+    columns, when present); a star marks each model's selected layer. ``nmi_definition`` ('park'
+    or 'unip') names the NMI on the axis.
     """
     frame = _with_rel_depth(_as_frame(tables))
     col, label = _x_axis(frame, x)
@@ -147,7 +150,11 @@ def plot_nmi_curves(tables: Tables, thresholds: Thresholds, ax=None, x: str = "a
             ax.plot(sel[col], sel["nmi"], "*", ms=16, color=c, mec="black", mew=0.8, zorder=4)
     ax.set_ylim(0.0, ymax)
     ax.set_xlabel(label)
-    ax.set_ylabel("layer NMI (mean over heads and images)")
+    ax.set_ylabel(
+        "layer NMI (mean over heads and images)"
+        if nmi_definition is None
+        else f"layer NMI, {nmi_definition} definition\n(mean over heads and images)"
+    )
     ax.set_title("Attention NMI by depth (shaded: 95% bootstrap CI; star: selected layer)", fontsize=10)
     ax.grid(alpha=0.3, zorder=1)
     ax.legend(fontsize=8, loc="best", framealpha=0.9)

@@ -28,6 +28,7 @@ import pandas as pd
 from . import __version__, plots, selection
 from .analyze import ModelAnalysis
 from .files import atomic_write_bytes, atomic_write_text
+from .metrics import NMI_LABELS
 from .patterns import Thresholds
 
 GENERATOR = f"unip-analyze {__version__}"
@@ -55,16 +56,19 @@ def build_document(
     img_size: int,
     norm: str,
     created: datetime | None = None,
+    nmi_definition: str = selection.DEFAULT_NMI_DEFINITION,
 ) -> dict:
     """The whole ``layer_selection.json`` document (schema version 1), validated.
 
-    ``entries`` maps model names to :func:`unip_analysis.analyze.model_entry` results.
+    ``entries`` maps model names to :func:`unip_analysis.analyze.model_entry` results, all
+    measured with ``nmi_definition``.
     """
     created = created or datetime.now(timezone.utc)
     doc = {
         "schema_version": selection.SCHEMA_VERSION,
         "generator": GENERATOR,
         "created": created.astimezone(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "nmi_definition": nmi_definition,
         "thresholds": {"global_max": float(thresholds.global_max), "local_min": float(thresholds.local_min)},
         "images": {
             "dir": str(Path(images_dir).resolve()),
@@ -128,7 +132,9 @@ def render_figures(analyses: Sequence[ModelAnalysis], doc: dict, thresholds: Thr
     """Figure file name -> PNG bytes: NMI curves, distance curves, pattern heat-map, attention maps."""
     table = layer_frame(doc)
     figs = {
-        "nmi_curves.png": plots.png_bytes(plots.plot_nmi_curves(table, thresholds)),
+        "nmi_curves.png": plots.png_bytes(
+            plots.plot_nmi_curves(table, thresholds, nmi_definition=selection.nmi_definition(doc))
+        ),
         "attn_distance.png": plots.png_bytes(plots.plot_attn_distance(table)),
         "pattern_heatmap.png": plots.png_bytes(plots.plot_pattern_heatmap(table)),
     }
@@ -173,6 +179,85 @@ def selection_summary(doc: dict) -> list[str]:
             lines.append(
                 f"  note: no layer of {name} is hybrid: layer NMI spans {min(nmis):.4f}..{max(nmis):.4f}, "
                 f"the hybrid band is ({th['global_max']:.4f}, {th['local_min']:.4f}); {what}"
+            )
+    return lines
+
+
+def robustness_rows(m: dict) -> tuple[list[str], list[list[str]], list[list[str]]]:
+    """One model entry's ``robustness`` as text tables: (header, rows) of the rule's layer under
+    moved bands, one row per global_max factor and one column per local_min factor ('-' where the
+    moved edges cross), and per layer its margin to the nearest edge: [layer, edge, NMI - edge,
+    95% interval, whether the interval contains the edge]. Empty for files without it."""
+    rob = m.get("robustness")
+    if rob is None:
+        return [], [], []
+    gmax = {c["global_max_factor"]: c["global_max"] for c in rob["moved_bands"]}
+    lmin = {c["local_min_factor"]: c["local_min"] for c in rob["moved_bands"]}
+    at = {(c["global_max_factor"], c["local_min_factor"]): c for c in rob["moved_bands"]}
+    header = ["rule's layer", *(f"local_min x{g:g} ({v:.4g})" for g, v in lmin.items())]
+    grid = []
+    for f, v in gmax.items():
+        cells = [at[f, g] for g in lmin]
+        grid.append(
+            [f"global_max x{f:g} ({v:.4g})"]
+            + [("-" if not c["valid"] else str(c["selected_layer"] or "none")) for c in cells]
+        )
+    margins = [
+        [
+            str(mg["layer"]),
+            mg["edge"],
+            f"{mg['margin']:+.3g}",
+            f"{mg['margin_ci95'][0]:+.3g} .. {mg['margin_ci95'][1]:+.3g}",
+            "yes" if mg["edge_in_ci95"] else "",
+        ]
+        for mg in rob["margins"]
+    ]
+    return header, grid, margins
+
+
+def robustness_verdict(name: str, m: dict) -> str:
+    """One line: whether the rule's layer for model ``name`` survives the moved bands."""
+    rob = m["robustness"]
+    cells = rob["moved_bands"]
+    gmax = [c["global_max_factor"] for c in cells]
+    lmin = [c["local_min_factor"] for c in cells]
+    span = f"global_max x{min(gmax):g}-{max(gmax):g}, local_min x{min(lmin):g}-{max(lmin):g}"
+    rule = rob["rule_layer"] or "none"
+    given = m["selected_layer"] != rob["rule_layer"] and m["selection_rule"].startswith("override")
+    tail = f" (the selection itself, layer {m['selected_layer']}, was given with --layer)" if given else ""
+    if not rob["fragile"]:
+        return f"{name}: robust: the rule selects layer {rule} for every band in {span}{tail}"
+    others = sorted({c["selected_layer"] or 0 for c in cells if c["valid"]} - {rob["rule_layer"] or 0})
+    listing = ", ".join("none" if v == 0 else str(v) for v in others)
+    return f"{name}: FRAGILE: the rule selects layer {rule}, but {listing} when the bands move within {span}{tail}"
+
+
+def robustness_summary(doc: dict) -> list[str]:
+    """For the terminal, per model: the verdict line, the moved-bands table, and the margins of
+    the rule's layer and of the layer nearest an edge."""
+    lines = []
+    for name, m in doc["models"].items():
+        if "robustness" not in m:
+            continue
+        rob = m["robustness"]
+        lines.append(robustness_verdict(name, m))
+        header, grid, _ = robustness_rows(m)
+        widths = [max(len(r[i]) for r in [header, *grid]) for i in range(len(header))]
+        for row in [header, *grid]:
+            lines.append(
+                "    "
+                + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+            )
+        margins = rob["margins"]
+        shown = [margins[rob["rule_layer"] - 1]] if rob["rule_layer"] else []
+        nearest = min(margins, key=lambda mg: abs(mg["margin"]))
+        shown += [nearest] if nearest not in shown else []
+        for mg in shown:
+            what = "the rule's layer" if mg["layer"] == rob["rule_layer"] else "nearest an edge"
+            lo, hi = mg["margin_ci95"]
+            lines.append(
+                f"    layer {mg['layer']} ({what}): NMI - {mg['edge']} = {mg['margin']:+.3g} "
+                f"(95% CI {lo:+.3g} .. {hi:+.3g}{', contains the edge' if mg['edge_in_ci95'] else ''})"
             )
     return lines
 
@@ -315,6 +400,7 @@ def render_html(
                 [td("global_max (NMI at or below: global)"), td(f"{th['global_max']:.4f}", num=True)],
                 [td("local_min (NMI at or above: local)"), td(f"{th['local_min']:.4f}", num=True)],
                 [td("how they were set"), td(thresholds_source or "not recorded")],
+                [td("NMI definition"), td(NMI_LABELS[selection.nmi_definition(doc)])],
                 [td("image folder"), f"<td><code>{esc(im['dir'])}</code></td>"],
                 [td("images analysed"), td(im["count"], num=True)],
                 [td("image size"), td(f"{im['img_size']} px", num=True)],
@@ -374,6 +460,16 @@ def render_html(
         parts.append(
             html_table(["layer", "pattern", "NMI", "95% CI", "distance (px)", "heads", ""], rows, classes)
         )
+        header, grid, margins = robustness_rows(m)
+        if header:
+            parts.append(f"<h3>How robust the selection is</h3><p>{esc(robustness_verdict(name, m))}</p>")
+            parts.append(html_table(header, [[td(c) for c in row] for row in grid]))
+            parts.append(
+                html_table(
+                    ["layer", "nearest edge", "NMI - edge", "95% CI", "CI contains the edge"],
+                    [[td(c, num=i in (0, 2, 3)) for i, c in enumerate(row)] for row in margins],
+                )
+            )
         if names[name] in figures:
             parts.append(img_tag(figures[names[name]], f"attention maps of {name}"))
     parts.append("</body></html>")
@@ -404,7 +500,14 @@ def build_report(
 ) -> Report:
     """Document, head table, figures and HTML of a run; nothing is written."""
     img_size = analyses[0].img_size
-    doc = build_document(entries, thresholds, images_dir, image_count, img_size, norm, created)
+    definitions = {res.nmi_definition for res in analyses}
+    if len(definitions) > 1:
+        raise ValueError(
+            f"the analyses measured different NMI definitions ({', '.join(sorted(definitions))})"
+        )
+    doc = build_document(
+        entries, thresholds, images_dir, image_count, img_size, norm, created, definitions.pop()
+    )
     figures = render_figures(analyses, doc, thresholds)
     page = render_html(doc, figures, thresholds.source, {res.name: res.notes for res in analyses})
     return Report(doc=doc, stats=stats_frame(analyses, doc), figures=figures, html=page)

@@ -3,13 +3,24 @@
 This module alone writes, reads and validates the file. Layout::
 
     {schema_version: 1, generator, created,
+     nmi_definition: "park" | "unip",                      (optional: absent reads as "park")
      thresholds: {global_max, local_min},
      images: {dir, count, img_size, norm},
      models: {NAME: {family, arch, weights, weights_sha256, depth, embed_dim, patch_size,
                      num_prefix_tokens, heads_per_layer: [...],
                      layers: [{layer (1-based), nmi, nmi_ci95: [lo, hi], attn_distance,
                                pattern, head_nmi: [...]}],
-                     selected_layer (int or null), selected_heads (int or null), selection_rule}}}
+                     selected_layer (int or null), selected_heads (int or null), selection_rule,
+                     robustness: {rule_layer (int or null), fragile,          (optional)
+                                  margins: [{layer, edge, margin, margin_ci95: [lo, hi],
+                                             edge_in_ci95}],
+                                  moved_bands: [{global_max_factor, local_min_factor,
+                                                 global_max, local_min, valid,
+                                                 selected_layer (int or null)}]}}}}
+
+Every NMI in the file (layers, thresholds, robustness) is of the one ``nmi_definition``
+(:mod:`unip_analysis.metrics`); :func:`nmi_definition` reads it. The two optional fields came
+later within version 1: files written before them stay readable.
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ from typing import Any
 
 from .errors import SelectionError
 from .files import atomic_write_text, read_json, sha256_file
+from .metrics import NMI_DEFINITIONS
 from .patterns import PATTERNS
 
 SCHEMA_VERSION = 1
@@ -57,6 +69,22 @@ _LAYER = {
 }
 
 
+_MARGIN = {"layer": int, "edge": str, "margin": float, "margin_ci95": list, "edge_in_ci95": bool}
+_MOVED = {
+    "global_max_factor": float,
+    "local_min_factor": float,
+    "global_max": float,
+    "local_min": float,
+    "valid": bool,
+}
+DEFAULT_NMI_DEFINITION = "park"  # what files written before the field measured
+
+
+def nmi_definition(doc: dict) -> str:
+    """Which NMI the document's numbers are: 'park' or 'unip' ('park' for files without the field)."""
+    return doc.get("nmi_definition", DEFAULT_NMI_DEFINITION)
+
+
 def _type_ok(value: Any, kind: type) -> bool:
     if kind is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -86,6 +114,11 @@ def validate(doc: Any, src: str = "layer_selection.json") -> dict:
             "regenerate the file with this version of unip-analyze"
         )
     _check_fields(doc, _TOP, "top level", src)
+    if nmi_definition(doc) not in NMI_DEFINITIONS:
+        raise SelectionError(
+            f"{src}: nmi_definition {doc['nmi_definition']!r} not in {NMI_DEFINITIONS}; "
+            "regenerate the file with unip-analyze --nmi"
+        )
     _check_fields(doc["thresholds"], {"global_max": float, "local_min": float}, "thresholds", src)
     _check_fields(doc["images"], {"dir": str, "count": int, "img_size": int, "norm": str}, "images", src)
     if not doc["models"]:
@@ -122,7 +155,44 @@ def validate(doc: Any, src: str = "layer_selection.json") -> dict:
             raise SelectionError(f"{src}: {where}.selected_heads must be null when selected_layer is null")
         if sel is not None and heads != m["heads_per_layer"][sel - 1]:
             raise SelectionError(f"{src}: {where}.selected_heads {heads!r} disagrees with heads_per_layer")
+        if "robustness" in m:
+            _check_robustness(m["robustness"], depth, f"{where}.robustness", src)
     return doc
+
+
+def _check_layer_or_null(value: Any, depth: int, where: str, src: str) -> None:
+    if value is not None and not (_type_ok(value, int) and 1 <= value <= depth):
+        raise SelectionError(f"{src}: {where} must be null or 1..{depth}, found {value!r}")
+
+
+def _check_robustness(rob: Any, depth: int, where: str, src: str) -> None:
+    _check_fields(rob, {"margins": list, "moved_bands": list, "fragile": bool}, where, src)
+    _check_layer_or_null(rob.get("rule_layer", "absent"), depth, f"{where}.rule_layer", src)
+    if len(rob["margins"]) != depth:
+        raise SelectionError(f"{src}: {where} has {len(rob['margins'])} margins for depth {depth}")
+    for i, mg in enumerate(rob["margins"]):
+        at = f"{where}.margins[{i}]"
+        _check_fields(mg, _MARGIN, at, src)
+        if mg["layer"] != i + 1 or mg["edge"] not in ("global_max", "local_min"):
+            raise SelectionError(
+                f"{src}: {at} should be layer {i + 1} with edge global_max or local_min, "
+                f"found layer {mg['layer']!r}, edge {mg['edge']!r}"
+            )
+        if len(mg["margin_ci95"]) != 2 or not all(_type_ok(v, float) for v in mg["margin_ci95"]):
+            raise SelectionError(f"{src}: {at}.margin_ci95 should be [lo, hi], found {mg['margin_ci95']!r}")
+    changed = False
+    for i, cell in enumerate(rob["moved_bands"]):
+        at = f"{where}.moved_bands[{i}]"
+        _check_fields(cell, _MOVED, at, src)
+        _check_layer_or_null(cell.get("selected_layer", "absent"), depth, f"{at}.selected_layer", src)
+        if not cell["valid"] and cell["selected_layer"] is not None:
+            raise SelectionError(f"{src}: {at} has crossed bands (valid false) but a selected_layer")
+        changed |= cell["valid"] and cell["selected_layer"] != rob["rule_layer"]
+    if changed != rob["fragile"]:
+        raise SelectionError(
+            f"{src}: {where}.fragile is {rob['fragile']} but the moved bands "
+            f"{'do' if changed else 'never'} change the rule's layer"
+        )
 
 
 def write(path: str | Path, doc: dict) -> Path:

@@ -18,10 +18,18 @@ Rows of the comparison (``--preset demo`` runs the first two; ``--preset experim
   layer *is* the selected one, the row is ``local`` instead: the teacher's most local layer |
 | pad | PAD continual pre-training of the MIM teacher (adapters + patch-wise scale) |
 | selected_pixl | the selected student fine-tuned with PiXL's pixel loss on the same few labels |
+| sup_selected | NMI-HAD student distilled from the supervised teacher's selected (deepest hybrid) layer |
+| sup_last | NMI-HAD student distilled from the supervised teacher's last layer, which reads global: the
+  paper's central ablation (hybrid vs last layer) where the two differ |
 
 Every stage runs through the entry points users call (unip-analyze, unip-pretrain, unip-compare,
 which runs unip-finetune per cell) and prints the equivalent command. Finished stages and cells are
 reused, so an interrupted demo continues where it stopped.
+
+``--readme README.md`` (make experiment, make figures) keeps the README's table honest: the run's
+summary.csv is copied to ``figures/demo_summary.csv`` beside the README, and the table between the
+README's ``<!-- demo-table:start -->`` / ``<!-- demo-table:end -->`` markers is rendered from that
+copy by :func:`readme_table`.
 """
 
 from __future__ import annotations
@@ -40,18 +48,38 @@ import numpy as np
 from unip_analysis import cli as analyze_cli
 from unip_analysis import selection
 from unip_analysis.checkpoints import safetensors_metadata
+from unip_analysis.errors import SpecError
 from unip_analysis.files import atomic_write_text
 from unip_analysis.workers import available_cores
 
 from . import demo_task
 from .compare import cli as compare_cli
+from .compare.statistics import format_p, paired_t
 from .pretrain import cli as pretrain_cli
 
 ASSETS = Path(__file__).parent / "assets"
 TEACHERS = ("mim", "sup")
 IMG = 64
 STUDENT = "vit_tiny_patch16_224(depth=6,embed_dim=64,num_heads=2,patch_size=8)"
-ROWS = ("random", "selected", "teacher", "last", "pad", "selected_pixl")
+ROWS = ("random", "selected", "teacher", "last", "pad", "selected_pixl", "sup_selected", "sup_last")
+# The README's demo table: between these markers, rendered from this copy of the run's summary.csv
+# (the path is relative to the README's folder).
+TABLE_START, TABLE_END = "<!-- demo-table:start -->", "<!-- demo-table:end -->"
+DEMO_SUMMARY = "figures/demo_summary.csv"
+# What each row of the comparison fine-tunes, in the README's words (summary.csv names the row only).
+ROW_BACKBONES = {
+    "random": "the student (6 x 64), random init",
+    "selected": "NMI-HAD student of the MIM teacher's selected (deepest hybrid) layer",
+    "teacher": "the MIM teacher (8 x 128), fine-tuned directly",
+    "last": "NMI-HAD student of the MIM teacher's last layer (the paper's ablation)",
+    "local": "NMI-HAD student of the MIM teacher's most local layer (stands in for the last-layer ablation)",
+    "pad": "PAD of the MIM teacher (fresh decoder)",
+    "selected_pixl": "the selected student + PiXL",
+    "sup_selected": "NMI-HAD student of the supervised teacher's selected (deepest hybrid) layer",
+    "sup_last": "NMI-HAD student of the supervised teacher's last (global) layer",
+}
+# The paper's central ablation, per teacher: (selected-layer row, last-layer row).
+ABLATIONS = {"MIM": ("selected", "last"), "supervised": ("sup_selected", "sup_last")}
 
 
 @dataclass(frozen=True)
@@ -127,11 +155,13 @@ def distilled_layer(model: dict, which: str) -> int:
     return 1 + int(np.argmax([layer["nmi"] for layer in model["layers"]]))
 
 
-def distil(out: Path, sel_path: Path, unlabelled: Path, layer: int, selected: int, p: Preset) -> Path:
-    """NMI-HAD of the MIM teacher's ``layer`` into the student; returns the run folder."""
-    run = out / f"pretrain_layer{layer}"
+def distil(
+    out: Path, sel_path: Path, unlabelled: Path, layer: int, selected: int, p: Preset, teacher: str = "mim"
+) -> Path:
+    """NMI-HAD of ``teacher``'s ``layer`` into the student; returns the run folder."""
+    run = out / (f"pretrain_layer{layer}" if teacher == "mim" else f"pretrain_{teacher}_layer{layer}")
     if not (run / "student.safetensors").exists():
-        argv = ["--selection", str(sel_path), "--teacher", "mim"]
+        argv = ["--selection", str(sel_path), "--teacher", teacher]
         if layer != selected:  # the selected layer is what unip-pretrain reads from the file
             argv += ["--layer", str(layer)]
         argv += ["--student", STUDENT, "--input-size", str(IMG), "--infrared", str(unlabelled),
@@ -140,7 +170,7 @@ def distil(out: Path, sel_path: Path, unlabelled: Path, layer: int, selected: in
                  "--save-every", str(p.distill_epochs), "--ckpt-every-steps", "0", "--no-progress",
                  "--out", str(run)]  # fmt: skip
         run_cli("unip-pretrain", pretrain_cli.main, argv)
-    say(f"  layer {layer}: distillation loss {loss_curve(run / 'log.jsonl')}")
+    say(f"  {teacher} layer {layer}: distillation loss {loss_curve(run / 'log.jsonl')}")
     return run
 
 
@@ -216,6 +246,108 @@ def table(summary: list[dict], labels: dict[str, str], mode: str = "ft") -> list
     return lines
 
 
+def readme_table(summary: list[dict], mode: str = "ft") -> str:
+    """The README's demo table, from the rows of the demo's summary.csv (as :func:`read_summary`
+    gives them): per fine-tuned row, mean mIoU with its 95% interval, the difference to random init
+    at each seed, and unip-compare's paired t-test of it (interval, p, verdict)."""
+    rows = [r for r in summary if r["mode"] == mode and not r["layer"]]
+    if not rows:
+        raise SpecError(f"the demo's summary has no {mode!r} rows to put in the README table")
+    tests = list(dict.fromkeys(r["test"] for r in rows if r["test"]))
+    lines = [
+        f"Rendered from [`{DEMO_SUMMARY}`]({DEMO_SUMMARY}) (the run's `summary.csv`) by "
+        f"`python -m unip_train.demo --readme README.md`. LL-FPN fine-tuning, seeds "
+        f"{', '.join(rows[0]['seeds'].split())}, paired against random init; "
+        f"verdict: {'; '.join(tests) or 'no paired test'}, a difference called only when the interval excludes 0.",
+        "",
+        "| row | backbone | mean mIoU [95% interval] | minus random init, per seed "
+        "| difference [95% interval] | p | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        mean = f"{float(r['miou_mean']):.3f}"
+        if r["miou_ci95_lo"]:
+            mean += f" [{float(r['miou_ci95_lo']):.3f}, {float(r['miou_ci95_hi']):.3f}]"
+        per_seed = " ".join(d.split(":")[1] for d in r["diff_per_seed"].split())
+        diff = f"{float(r['diff_mean']):+.4f}" if r["diff_mean"] else ""
+        if r["diff_ci95_lo"]:
+            diff += f" [{float(r['diff_ci95_lo']):+.4f}, {float(r['diff_ci95_hi']):+.4f}]"
+        cells = [r["backbone"], ROW_BACKBONES.get(r["backbone"], ""), mean, per_seed, diff,
+                 format_p(r["diff_p"]), r["verdict"]]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    ablation = ablation_rows(rows)
+    if ablation:
+        lines += [
+            "",
+            "The paper's central ablation, per teacher: the student distilled from the selected (hybrid) "
+            "layer minus the one distilled from the last layer, paired by seed (the same paired t-test).",
+            "",
+            "| teacher | selected minus last, per seed | difference [95% interval] | p | verdict |",
+            "|---|---|---|---|---|",
+            *ablation,
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def ablation_rows(rows: list[dict]) -> list[str]:
+    """Selected-layer student minus last-layer student, per seed, for each teacher whose two rows the
+    summary holds. Both rows' differences to random init share the seed's random-init run, so their
+    difference is the two students' own paired difference."""
+    by_name = {r["backbone"]: r for r in rows}
+    out = []
+    for teacher, (sel, last) in ABLATIONS.items():
+        if sel not in by_name or last not in by_name:
+            continue
+        per_seed = {}
+        for name, sign in ((sel, 1.0), (last, -1.0)):
+            for item in by_name[name]["diff_per_seed"].split():
+                seed, value = item.split(":")
+                per_seed.setdefault(seed, []).append(sign * float(value))
+        diffs = {seed: sum(v) for seed, v in per_seed.items() if len(v) == 2}
+        test = paired_t(list(diffs.values()))
+        cells = [
+            teacher,
+            " ".join(f"{seed}:{d:+.4f}" for seed, d in diffs.items()),
+            f"{test.mean:+.4f} [{test.lo:+.4f}, {test.hi:+.4f}]",
+            format_p(test.p),
+            test.verdict,
+        ]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def readme_block(readme: Path) -> tuple[str, str, str]:
+    """The README's text before, between and after the demo-table markers."""
+    try:
+        text = readme.read_text(encoding="utf-8")
+    except OSError as e:
+        raise SpecError(
+            f"{readme}: cannot read the README ({e.strerror}); pass the README.md to update"
+        ) from None
+    if (
+        text.count(TABLE_START) != 1
+        or text.count(TABLE_END) != 1
+        or text.index(TABLE_START) > text.index(TABLE_END)
+    ):
+        raise SpecError(
+            f"{readme}: expected one {TABLE_START} line and, after it, one {TABLE_END} line around the "
+            "demo table; add them where the table goes"
+        )
+    head, rest = text.split(TABLE_START)
+    body, tail = rest.split(TABLE_END)
+    return head, body, tail
+
+
+def write_readme_table(readme: Path, summary_csv: Path) -> tuple[Path, Path]:
+    """Copy ``summary_csv`` to ``figures/demo_summary.csv`` beside ``readme`` and render the table
+    between the README's markers from that copy; both written atomically. Returns both paths."""
+    head, _, tail = readme_block(readme)
+    copy = atomic_write_text(readme.parent / DEMO_SUMMARY, summary_csv.read_text(encoding="utf-8"))
+    table_md = readme_table(read_summary(copy))
+    atomic_write_text(readme, f"{head}{TABLE_START}\n{table_md}{TABLE_END}{tail}")
+    return readme, copy
+
+
 def layerwise_lines(summary: list[dict], doc: dict) -> list[str]:
     """Per teacher: probe mIoU by layer beside the layer's NMI and pattern, and where each peaks."""
     lines = []
@@ -245,13 +377,17 @@ def run(
     rows: tuple[str, ...] | None = None,
     jobs: int | None = None,
     figures_dir: Path | None = None,
+    readme: Path | None = None,
 ) -> dict:
-    """Run the demo into ``out``; returns the selection document, the summary rows and the time."""
+    """Run the demo into ``out``; returns the selection document, the summary rows and the time.
+    ``readme``: also render the fine-tuning table into that README (:func:`write_readme_table`)."""
     t_start = time.time()
     p = PRESETS[preset]
     if rows is not None:
         p = replace(p, rows=rows)
     out = Path(out).resolve()
+    if readme is not None:
+        readme_block(readme)  # a README without the markers fails now, not after the run
     out.mkdir(parents=True, exist_ok=True)
     total = 5
 
@@ -304,6 +440,10 @@ def run(
               "local": f"NMI-HAD, layer {ablation} (most local)", "pad": "PAD of the MIM teacher",
               "selected_pixl": f"NMI-HAD, layer {selected} + PiXL", "mim_teacher": "MIM teacher (probe)",
               "sup_teacher": "supervised teacher (probe)"}  # fmt: skip
+    sup = doc["models"]["sup"]
+    sup_layers = {"sup_selected": distilled_layer(sup, "selected"), "sup_last": distilled_layer(sup, "last")}
+    labels["sup_selected"] = f"NMI-HAD of sup, layer {sup_layers['sup_selected']} (selected)"
+    labels["sup_last"] = f"NMI-HAD of sup, layer {sup_layers['sup_last']} (last)"
     arch = safetensors_metadata(teachers["mim"])["arch"]
     backbones: list[dict] = []
     ft_only = ["ft"]
@@ -322,6 +462,14 @@ def run(
             backbones.append(
                 {"name": "teacher", "backbone": f"timm:{arch}:{teachers['mim']}", "modes": ft_only}
             )
+        elif row in sup_layers:
+            if sup_layers["sup_selected"] == sup_layers["sup_last"] and row == "sup_last":
+                say(
+                    "  the supervised teacher selects its last layer: the sup_last row would repeat sup_selected"
+                )
+                continue
+            run_dir = distil(out, sel_path, unlabelled, sup_layers[row], sup_layers["sup_selected"], p, "sup")
+            backbones.append({"name": row, "backbone": str(run_dir), "modes": ft_only})
         elif row == "pad":
             backbones.append({"name": "pad", "backbone": str(pad(out, teachers["mim"], unlabelled, p)), "modes": ft_only})  # fmt: skip
     if p.layerwise is not None:
@@ -354,6 +502,11 @@ def run(
     )
     for line in table(summary, labels):
         say("  " + line)
+    ablation = ablation_rows([r for r in summary if r["mode"] == "ft" and not r["layer"]])
+    if ablation:
+        say("\nselected-layer student minus last-layer student, per teacher (paired by seed):")
+        for line in ablation:
+            say("  " + line)
     probe = layerwise_lines(summary, doc)
     if probe:
         say("\nlayer-wise linear probing of the teachers (mIoU, mean over seeds; pattern of the layer):")
@@ -367,6 +520,9 @@ def run(
         ]:
             shutil.copy2(png, figures_dir / png.name)
         say(f"figures copied to {figures_dir}")
+    if readme is not None:
+        _, copy = write_readme_table(readme, out / "compare" / "summary.csv")
+        say(f"README table rendered into {readme} from {copy}")
     say(f"\nanalysis report: {out / 'analysis' / 'report.html'}")
     say(f"comparison report: {out / 'compare' / 'report.html'}")
     seconds = time.time() - t_start
@@ -387,6 +543,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", help=f"comma-separated rows, overriding the preset's ({','.join(ROWS)})")
     ap.add_argument("--jobs", type=int, help="fine-tuning cells at a time (default: min(2, cores))")
     ap.add_argument("--figures-dir", type=Path, help="also copy the figures here (make figures)")
+    ap.add_argument(
+        "--readme",
+        type=Path,
+        help=f"also render the fine-tuning table between this README's {TABLE_START} / {TABLE_END} "
+        f"markers, from a copy of summary.csv written to {DEMO_SUMMARY} beside it (make experiment, make figures)",
+    )
     args = ap.parse_args(argv)
     rows = None
     if args.rows:
@@ -396,7 +558,18 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--rows {','.join(unknown)}: expected some of {','.join(ROWS)}")
         if "random" not in rows:
             ap.error("--rows must include random (the baseline of the paired differences)")
-    run(args.out, preset=args.preset, rows=rows, jobs=args.jobs, figures_dir=args.figures_dir)
+    try:
+        run(
+            args.out,
+            preset=args.preset,
+            rows=rows,
+            jobs=args.jobs,
+            figures_dir=args.figures_dir,
+            readme=args.readme,
+        )
+    except SpecError as e:
+        print(f"demo: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

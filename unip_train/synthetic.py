@@ -16,10 +16,13 @@ Scenes get slight blur and sensor noise. Label maps carry a thin 255 (ignore) ba
 of some objects, as hand-labelled infrared sets do.
 
 :func:`generate` writes the dataset in one of the layouts of :mod:`unip_train.finetune.layouts`
-(SODA, MFNet, SCUT-Seg, folder), as released or as UNIP prepares them, with the real files' quirks
-(palette PNGs, duplicate entries, Cityscapes label IDs, two-column split files, 4-channel or
-extracted thermal images), mapping these classes into the layout's class list
-(:data:`LAYOUT_CLASS_MAP`); :func:`generate_unlabelled` writes a plain image folder.
+(SODA, MFNet, SCUT-Seg, folder; NYUDv2 and SUN RGB-D depth, ADE20K, MFNet RGB), as released or as
+UNIP prepares them, with the real files' quirks (palette PNGs, duplicate entries, Cityscapes label
+IDs, two-column split files, 4-channel or extracted thermal images, depth PNGs of one or three
+channels, NYUDv2's ``Lable_single_channel`` folder, ADE20K's split folders and zero label), mapping
+these classes into the layout's class list (:data:`LAYOUT_CLASS_MAP`); the scene's grey level is
+the depth of the depth layouts and is tinted into colour for the RGB ones (:func:`colourise`).
+:func:`generate_unlabelled` writes a plain image folder.
 
     python -m unip_train.synthetic --layout scut --variant release --out DIR --train 40 --test 20 --size 128
 """
@@ -35,6 +38,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from .finetune.classes import ADE20K_CLASSES, NYUV2_CLASSES, SUNRGBD_CLASSES, voc_palette
 from .finetune.layouts import IGNORE_INDEX, LAYOUTS, SCUT_CITYSCAPES_IDS
 
 CLASSES: list[str] = ["background", "person", "car", "pole", "bicycle", "building"]
@@ -48,13 +52,24 @@ TEMPERATURE: dict[str, tuple[int, int]] = {
     "building": (100, 120),
 }
 
+
+def _indices(classes: tuple[str, ...], *names: str) -> list[int]:
+    return [classes.index(n) for n in names]
+
+
 # Synthetic class index -> class index in each layout. Classes a layout lacks become its
-# background (index 0): MFNet has no pole or building class, SCUT-Seg no building.
+# background (index 0): MFNet has no pole or building class, SCUT-Seg no building; the indoor sets
+# take the nearest class they have. ADE20K has no background class: the scene's background is
+# stored as label 0, which the layout ignores (IGNORE_INDEX here).
 LAYOUT_CLASS_MAP: dict[str, list[int]] = {
     "soda": [0, 1, 10, 5, 11, 2],  # background, person, car, pole, bicycle, building
     "mfnet": [0, 2, 1, 0, 3, 0],  # unlabelled, person, car, -, bike, -
     "scut": [0, 2, 4, 9, 3, 0],  # background, person, car, pole, rider (bicycle + rider), -
     "folder": list(range(len(CLASSES))),
+    "nyuv2": [0, *_indices(NYUV2_CLASSES, "person", "box", "otherstructure", "otherfurniture", "wall")],
+    "sunrgbd": [0, *_indices(SUNRGBD_CLASSES, "person", "box", "lamp", "chair", "wall")],
+    "ade20k": [IGNORE_INDEX, *_indices(ADE20K_CLASSES, "person", "car", "pole", "bicycle", "building")],
+    "mfnet-rgb": [0, 2, 1, 0, 3, 0],
 }
 
 
@@ -197,35 +212,44 @@ def make_scene(rng: np.random.Generator, size: int | tuple[int, int]) -> tuple[n
     return np.clip(np.rint(img), 0, 255).astype(np.uint8), label
 
 
-def _write_image(path: Path, img: np.ndarray, rng: np.random.Generator, mfnet: str | None = None) -> None:
-    """``mfnet``: "rgbt" writes RGB + thermal as one 4-channel PNG (the release; the loader must pick
-    the 4th channel), "thermal" the thermal channel alone (UNIP's ``thermal_imgs/``). The RGB
-    channels are drawn either way, so both variants of one seed hold the same scenes."""
+def colourise(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """uint8 [H, W, 3] from a grey scene: three different tone curves of the grey level plus noise,
+    so the channels differ from each other and from the grey."""
+    g = img.astype(np.float32)
+    rgb = np.stack([g, 255.0 - 0.8 * g, 0.5 * g + 60.0], axis=2) + rng.normal(0.0, 4.0, (*img.shape, 3))
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+
+
+def _write_image(
+    path: Path, img: np.ndarray, rng: np.random.Generator, mfnet: str | None = None, kind: str = "grey"
+) -> None:
+    """``mfnet``: "rgbt" writes RGB + thermal as one 4-channel PNG (the release; the infrared loader
+    must pick the 4th channel, the RGB one the first three), "thermal" the thermal channel alone
+    (UNIP's ``thermal_imgs/``), "rgb" the RGB channels alone. The RGB channels are drawn either way,
+    so every variant of one seed holds the same scenes. ``kind`` (other layouts): "grey",
+    "colour" (:func:`colourise`), "depth1" / "depth3" (the grey level as an 8-bit depth PNG of one
+    channel, or replicated to three)."""
     if mfnet is not None:
         rgb = np.clip(255 - img[..., None].astype(np.int16) + rng.integers(-20, 21, (*img.shape, 3)), 0, 255)
         if mfnet == "rgbt":
             arr = np.concatenate([rgb.astype(np.uint8), img[..., None]], axis=2)
             Image.fromarray(arr, mode="RGBA").save(path)
             return
+        if mfnet == "rgb":
+            Image.fromarray(rgb.astype(np.uint8), mode="RGB").save(path)
+            return
+    if kind == "colour":
+        Image.fromarray(colourise(img, rng), mode="RGB").save(
+            path, **({"quality": 95} if path.suffix == ".jpg" else {})
+        )
+        return
+    if kind == "depth3":
+        Image.fromarray(np.repeat(img[..., None], 3, axis=2), mode="RGB").save(path)
+        return
     if path.suffix == ".jpg":
         Image.fromarray(img, mode="L").save(path, quality=95)
     else:
         Image.fromarray(img, mode="L").save(path)
-
-
-def voc_palette() -> list[int]:
-    """The PASCAL VOC colour map (256 RGB triples, bit-interleaved), which SODA's PNGs carry."""
-    palette = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        palette += [r, g, b]
-    return palette
 
 
 def _write_label(path: Path, label: np.ndarray, palette: bool) -> None:
@@ -244,6 +268,10 @@ _SCENE_SPLITS = {
     "mfnet": ("train", "val", "test"),
     "scut": ("train", "val"),
     "folder": ("train", "test"),
+    "nyuv2": ("train", "test"),
+    "sunrgbd": ("train", "test"),
+    "ade20k": ("train", "val"),
+    "mfnet-rgb": ("train", "val", "test"),
 }
 
 
@@ -268,6 +296,15 @@ def generate(
     - scut: labels in Cityscapes label IDs named ``STEM_labelIds.png`` and two-column split files
       (release), or 0-9 labels and one-column files (unip); ``train.txt`` and ``val.txt``, no ``test.txt``.
     - folder: ``images/``, ``masks/``, ``train.txt`` / ``test.txt`` and ``classes.txt``.
+    - nyuv2 / sunrgbd: 8-bit depth PNGs in ``Depth/``, single-channel and three-channel in turn
+      (even and odd scenes), labels in ``Lable_single_channel/`` (NYUDv2's spelling) or ``labels/``,
+      ``train_depth.txt`` / ``test_depth.txt``.
+    - ade20k: ``ADEChallengeData2016/`` (release) or the data root itself (unip, as the reference's
+      data_root points into it) holding ``images/{training,validation}/ADE_*.jpg`` colour images and
+      ``annotations/...`` PNGs with label 0 (the scene's background) and classes 1-150; no split files;
+      ``n_test`` validation scenes.
+    - mfnet-rgb: ``images/`` 4-channel RGB-T (release; the loader takes the RGB channels) or 3-channel
+      RGB (unip), MFNet's split lists (unip: plus ``val_test.txt``).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
@@ -276,8 +313,11 @@ def generate(
     spec = LAYOUTS[layout]
     out = Path(out)
     unip = variant == "unip"
+    if layout == "ade20k":
+        return _generate_ade20k(out if unip else out / spec.root_subdir, n_train, n_test, size, seed)
     image_dir = "thermal_imgs" if layout == "mfnet" and unip else spec.image_dirs[-1]
-    mfnet = ("thermal" if unip else "rgbt") if layout == "mfnet" else None
+    mfnet = {"mfnet": "thermal" if unip else "rgbt", "mfnet-rgb": "rgb" if unip else "rgbt"}.get(layout)
+    depth = layout in ("nyuv2", "sunrgbd")
     cityscapes = layout == "scut" and not unip
     (out / image_dir).mkdir(parents=True, exist_ok=True)
     (out / spec.label_dir).mkdir(parents=True, exist_ok=True)
@@ -298,7 +338,8 @@ def generate(
             index += 1
             img, label = make_scene(rng, size)
             label_name = f"{stem}_labelIds.png" if cityscapes else f"{stem}{spec.label_suffix}"
-            _write_image(out / image_dir / f"{stem}{spec.image_suffix}", img, rng, mfnet)
+            kind = ("depth1" if int(stem) % 2 == 0 else "depth3") if depth else "grey"
+            _write_image(out / image_dir / f"{stem}{spec.image_suffix}", img, rng, mfnet, kind)
             _write_label(out / spec.label_dir / label_name, lut[label], palette=layout == "soda")
             if cityscapes:
                 lines.append(f"{image_dir}/{stem}{spec.image_suffix} {spec.label_dir}/{label_name}")
@@ -307,7 +348,7 @@ def generate(
         lists[split] = lines
     if layout == "soda":
         _add_soda_copies(out, spec, lists)
-    if layout == "mfnet":
+    if layout in ("mfnet", "mfnet-rgb"):
         half = len(lists["test"]) // 2
         lists["test_day"], lists["test_night"] = lists["test"][:half], lists["test"][half:]
         if unip:
@@ -317,6 +358,24 @@ def generate(
     if spec.classes is None:
         (out / "classes.txt").write_text("".join(f"{c}\n" for c in CLASSES))
     return out
+
+
+def _generate_ade20k(base: Path, n_train: int, n_test: int, size: int | tuple[int, int], seed: int) -> Path:
+    """ADE20K's folders under ``base`` (``ADEChallengeData2016``): colour JPEGs and label PNGs storing
+    0 for the scene's background (ignored when read), class index + 1 for objects, 255 kept."""
+    stored = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+    stored[0] = 0
+    stored[1 : len(CLASSES)] = np.asarray(LAYOUT_CLASS_MAP["ade20k"][1:]) + 1
+    rng = np.random.default_rng(seed)
+    for split, folder, n in (("train", "training", n_train), ("val", "validation", n_test)):
+        (base / "images" / folder).mkdir(parents=True, exist_ok=True)
+        (base / "annotations" / folder).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            stem = f"ADE_{split}_{i + 1:08d}"
+            img, label = make_scene(rng, size)
+            _write_image(base / "images" / folder / f"{stem}.jpg", img, rng, kind="colour")
+            _write_label(base / "annotations" / folder / f"{stem}.png", stored[label], palette=False)
+    return base.parent if base.name == LAYOUTS["ade20k"].root_subdir else base
 
 
 def _add_soda_copies(out: Path, spec, lists: dict[str, list[str]]) -> None:

@@ -6,7 +6,7 @@ command (the UNIP paper's comparison), and the same pieces for notebooks.
 - :mod:`.cells`       each cell's unip-finetune arguments, folder and state (finished / resume / new)
 - :mod:`.execution`   running cells: child processes here or submitit jobs; progress and time left
 - :mod:`.processes`   one cell attempt as a ``python -m unip_train.finetune`` process
-- :mod:`.statistics`  results table, means with t intervals, paired differences to the baseline
+- :mod:`.statistics`  results table, means with t intervals, paired t-tests against the baseline
 - :mod:`.figures`     mIoU per backbone; layer-wise probing over NMI by depth
 - :mod:`.report`      the self-contained report.html
 - :mod:`.comparison`  the steps together: run_plan, build_outputs, write_outputs
@@ -39,6 +39,7 @@ _EXPORTS = {
     "PlanError": "plan",
     "load_plan": "plan",
     "plan_from_dict": "plan",
+    "paired_t": "statistics",
     "results_table": "statistics",
     "summarize": "statistics",
     "t_interval": "statistics",

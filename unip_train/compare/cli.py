@@ -23,6 +23,7 @@ from .cells import FINISHED, prepare
 from .comparison import build_outputs, write_outputs
 from .execution import run_cells, submitit_executor
 from .plan import load_plan
+from .statistics import format_p
 
 PROG = "unip-compare"
 EXECUTORS = ("local", "slurm", "submitit-local")
@@ -128,13 +129,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _verdicts(summary) -> list[str]:
-    """One line per non-baseline row of the whole-backbone modes: mean, difference, verdict."""
+    """One line per non-baseline row of the whole-backbone modes: mean, difference, verdict and the
+    test behind it."""
     lines = []
     if not len(summary):
         return lines
     for r in summary[summary["layer"].isna()].itertuples(index=False):
         line = f"  {r.dataset} {r.mode} {r.backbone}: mIoU {r.miou_mean:.4f} over {r.n_seeds} seed(s)"
         if r.n_paired:
-            line += f", {r.diff_mean:+.4f} vs {r.baseline} ({r.verdict})"
+            line += f", {r.diff_mean:+.4f} vs {r.baseline}: {r.verdict}"
+            if isinstance(r.test, str) and r.test:
+                line += (
+                    f" ({r.test}: {r.diff_ci95_lo:+.4f} to {r.diff_ci95_hi:+.4f}, p = {format_p(r.diff_p)})"
+                )
         lines.append(line)
     return lines

@@ -19,7 +19,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from unip_analysis import plots
+from unip_analysis import plots, selection
 from unip_analysis.patterns import Thresholds
 from unip_analysis.report import layer_frame
 
@@ -97,7 +97,8 @@ def plot_layerwise(
     """Layer-wise probing of ``dataset`` / ``mode``: one panel per backbone. Left axis: the backbone's
     layer NMI with its bootstrap interval over the pattern bands, from ``selection_doc`` (the model
     named ``selection_models[backbone]``); right axis: probe mIoU by layer, mean over seeds with
-    its 95% t interval (band) and every seed (dots)."""
+    its 95% t interval (band) and every seed (dots). The NMI axis and title name the definition the
+    file records (Park et al.'s or UNIP's published one)."""
     import matplotlib.pyplot as plt
 
     selection_models = dict(selection_models or {})
@@ -116,12 +117,17 @@ def plot_layerwise(
         model = selection_models.get(name)
         nmi = None if table is None or model is None else table[table["model"] == model]
         if nmi is not None and len(nmi):
-            plots.plot_nmi_curves(nmi, selection_thresholds(selection_doc), ax=ax, x="layer")
+            definition = selection.nmi_definition(selection_doc)
+            plots.plot_nmi_curves(
+                nmi, selection_thresholds(selection_doc), ax=ax, x="layer", nmi_definition=definition
+            )
             ax.get_legend().remove()
             miou_ax = ax.twinx()
             # The pattern names sit just right of the NMI axis: move the mIoU axis further out.
             miou_ax.spines["right"].set_position(("axes", 1.1))
-            title = f"{name}: probe mIoU by layer over NMI of {model!r} (layer_selection.json)"
+            title = (
+                f"{name}: probe mIoU by layer over NMI of {model!r} ({definition} NMI, layer_selection.json)"
+            )
         else:
             miou_ax = ax
             ax.set_xlabel("layer (1-based)")
@@ -151,7 +157,7 @@ def plot_layerwise(
             Line2D([], [], marker="o", ls="", color=SEED_COLOR, ms=3, label="probe mIoU, one seed"),
         ]
         if miou_ax is not ax:
-            handles = [*_nmi_handles(ax), *handles]
+            handles = [*_nmi_handles(ax, definition), *handles]
         # Below the panel: inside, it would cover the curves whatever corner it took.
         ax.legend(
             handles=handles,
@@ -167,9 +173,9 @@ def plot_layerwise(
     return fig
 
 
-def _nmi_handles(ax) -> list[Line2D]:
-    """A legend entry for the NMI curve plot_nmi_curves drew (labelled with the model and the
-    selected layer)."""
+def _nmi_handles(ax, definition: str) -> list[Line2D]:
+    """A legend entry for the NMI curve plot_nmi_curves drew (labelled with the NMI definition,
+    the model and the selected layer)."""
     curves = [ln for ln in ax.get_lines() if not ln.get_label().startswith("_")][:1]
     return [
         Line2D(
@@ -178,7 +184,7 @@ def _nmi_handles(ax) -> list[Line2D]:
             marker="o",
             ms=3.5,
             color=ln.get_color(),
-            label=f"layer NMI of {ln.get_label()}, 95% bootstrap CI",
+            label=f"layer NMI ({definition}) of {ln.get_label()}, 95% bootstrap CI",
         )
         for ln in curves
     ]

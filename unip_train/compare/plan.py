@@ -20,7 +20,8 @@ full before any cell runs. The schema and its validation live here and nowhere e
     modes = ["ft"]                             # the modes this row runs (default: all of them)
 
     [[datasets]]
-    dataset = "soda"                           # unip-finetune --dataset (layout)
+    dataset = "soda"                           # unip-finetune --dataset (layout; also mfnet, scut,
+                                               # folder, nyuv2, sunrgbd, ade20k, mfnet-rgb)
     root = "/data/SODA"
     # name = "soda"                            # label (default: dataset); options = {...}
 
@@ -377,7 +378,7 @@ def _depth(arch: str) -> int:
 
 
 def _dataset(entry: Any, where: str, base: Path, known: dict) -> DatasetEntry:
-    from unip_train.finetune.layouts import LAYOUTS
+    from unip_train.finetune.layouts import LAYOUTS, split_source
 
     entry = _table(entry, where, _DATASET_KEYS)
     layout = entry.get("dataset", entry.get("name"))
@@ -390,8 +391,8 @@ def _dataset(entry: Any, where: str, base: Path, known: dict) -> DatasetEntry:
     root = _path(entry["root"], base)
     if not root.is_dir():
         raise PlanError(f"{where}: root {root} is not a folder; point it at the {layout} dataset")
-    train_list = root / LAYOUTS[layout].splits["train"]
-    if not train_list.is_file():
+    train_list = split_source(root, LAYOUTS[layout], "train")  # a list file, or ADE20K's folder
+    if not train_list.exists():
         raise PlanError(f"{where}: {train_list} not found; is {root} a {layout} dataset?")
     return DatasetEntry(name, layout, root, _options(entry.get("options", {}), where, known))
 

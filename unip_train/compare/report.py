@@ -1,8 +1,9 @@
-"""``report.html`` of a comparison: one page that opens offline (figures embedded; the only links are to the cells' pictures)
-with the summary over seeds, the paired differences and their verdicts, the figures, per-class
-IoU per summary row, every seed's numbers with links to its run folder's pictures (``curves.png``,
-``confusion_matrix.png``, ``per_class_iou.png``, ``samples.png``: relative links, so the report
-folder moves as a whole) and every cell's command. Styling and HTML pieces are the analysis
+"""``report.html`` of a comparison: one page that opens offline (figures embedded; the only links are
+to the cells' pictures) with the summary over seeds, the paired t-tests against the baseline and their
+verdicts, the figures, per-class IoU per summary row, every seed's numbers with links to its run
+folder's pictures (``curves.png``, ``confusion_matrix.png``, ``per_class_iou.png``, ``samples.png``:
+relative links, so the results folder moves as a whole) and every cell's command. Styling and HTML
+pieces are the analysis
 report's (:mod:`unip_analysis.report`), so both reports read alike.
 """
 
@@ -20,7 +21,7 @@ from unip_analysis.report import CSS, esc, html_table, img_tag, td
 
 from ..finetune.pictures import RUN_PICTURES
 from .cells import FINISHED, CellRun
-from .statistics import class_columns
+from .statistics import class_columns, format_p
 
 GENERATOR = f"unip-compare {__version__}"
 _EXTRA_CSS = "pre{background:#f7f7f7;padding:.6rem;overflow-x:auto;font-size:.8rem}details{margin:.6rem 0}"
@@ -55,7 +56,8 @@ def summary_rows(summary: pd.DataFrame) -> list[list[str]]:
                 td(_interval(r.miou_ci95_lo, r.miou_ci95_hi), num=True),
                 td(_f(r.diff_mean, signed=True), num=True),
                 td(_interval(r.diff_ci95_lo, r.diff_ci95_hi, signed=True) if r.n_paired else "", num=True),
-                f"<td><code>{esc(r.diff_per_seed)}</code></td>", td(r.verdict),
+                td(format_p(r.diff_p), num=True), f"<td><code>{esc(r.diff_per_seed)}</code></td>", td(r.verdict),
+                td(r.test),
             ]
         )  # fmt: skip
     return rows
@@ -63,7 +65,7 @@ def summary_rows(summary: pd.DataFrame) -> list[list[str]]:
 
 SUMMARY_HEADER = [
     "backbone", "dataset", "mode", "layer", "seeds", "mean mIoU", "95% t interval",
-    "minus baseline", "95% t interval", "per seed (seed:difference)", "verdict",
+    "minus baseline", "95% t interval", "p", "per seed (seed:difference)", "verdict", "test",
 ]  # fmt: skip
 
 
@@ -93,7 +95,9 @@ def render_html(
         f'<p class="muted">{esc(GENERATOR)}, created {esc(created)}. Every cell is one unip-finetune run; '
         "a seed fixes the head's initialisation and the data order for every row, so differences at the same "
         "seed are paired. Intervals are Student-t 95% intervals over seeds (mean &plusmn; t<sub>0.975, n-1</sub> "
-        "&middot; sd / &radic;n). A difference is called only when every paired seed has the same sign.</p>",
+        "&middot; sd / &radic;n). Differences to the baseline: paired t-test over the seeds both rows share "
+        "(95% interval of the per-seed differences, two-sided p-value); the verdict says higher or lower "
+        "only when that interval excludes 0, and needs at least 3 paired seeds.</p>",
         f"<p><b>{len(finished)} of {len(runs)} cells finished.</b>"
         + (
             f" Baseline row: <b>{esc(baseline)}</b>."

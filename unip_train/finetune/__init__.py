@@ -1,4 +1,5 @@
-"""Fine-tuning and evaluation on infrared segmentation (``unip-finetune``, method.md section 4).
+"""Fine-tuning and evaluation on infrared (and RGB / depth) segmentation (``unip-finetune``, method.md
+sections 4 and 9).
 
 - :mod:`.config` holds every option and the published recipe's defaults; :mod:`.cli` the command
   line; :mod:`.trainer` a run's set-up (data, model, optimizer, resume, run folder) and evaluation;

@@ -1,5 +1,9 @@
 """Training augmentation and evaluation resizing of segmentation samples (method.md section 4, after
-mmsegmentation 0.x): rescale, crop with cat_max_ratio, flip, photometric distortion, padding."""
+mmsegmentation 0.x): rescale, crop with cat_max_ratio, flip, photometric distortion, padding.
+
+Images are grey [H, W] or, for the RGB / depth layouts, colour [3, H, W] (0-255 float); every step
+treats the channels alike (the photometric distortion is brightness and contrast only, also on
+colour: mmsegmentation's saturation and hue steps are not applied here)."""
 
 from __future__ import annotations
 
@@ -35,7 +39,9 @@ def nearest_indices(n_in: int, n_out: int) -> torch.Tensor:
 
 
 def resize(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize of a grey image [H, W] (labels: :func:`nearest_indices`)."""
+    """Bilinear resize of a grey image [H, W] or a colour one [3, H, W] (labels: :func:`nearest_indices`)."""
+    if img.dim() == 3:
+        return F.interpolate(img[None], size=size, mode="bilinear", align_corners=False)[0]
     return F.interpolate(img[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
 
 
@@ -45,7 +51,10 @@ class TrainAugment:
     photometric distortion (brightness, contrast), pad to the crop (label padding 255).
 
     The real recipe uses ``scale = (2048, 512)`` with 512 crops; :meth:`for_crop` scales it as
-    ``(4 * crop, crop)``. Random draws come from ``g`` (torch's global generator when None).
+    ``(4 * crop, crop)`` unless given. Random draws come from ``g`` (torch's global generator when
+    None). ``pad_value``: the image's padding, per channel or one for all (0-255), the
+    normalization's mean so that padding is 0 once normalized, as mmseg pads normalized images; a
+    grey image padded under a per-channel mean becomes [3, H, W].
     """
 
     crop: int
@@ -55,17 +64,22 @@ class TrainAugment:
     flip_prob: float = 0.5
     brightness_delta: float = 32.0
     contrast_range: tuple[float, float] = (0.5, 1.5)
+    pad_value: tuple[float, ...] = (NORMALIZATIONS["infrared"][0][0] * 255.0,)
 
     @classmethod
-    def for_crop(cls, crop: int) -> TrainAugment:
-        return cls(crop=crop, scale=(4 * crop, crop))
+    def for_crop(
+        cls, crop: int, scale: tuple[int, int] | None = None, mean: tuple[float, ...] | None = None
+    ) -> TrainAugment:
+        """``mean``: the normalization's mean (0-1 scale), padded with; default the infrared one."""
+        pad = cls.pad_value if mean is None else tuple(m * 255.0 for m in mean)
+        return cls(crop=crop, scale=scale or (4 * crop, crop), pad_value=pad)
 
     def __call__(
         self, img: torch.Tensor, label: torch.Tensor, g: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         draws = Draws(g)
         r = draws.uniform(*self.ratio_range)
-        h, w = img.shape
+        h, w = img.shape[-2:]
         size = rescale_size(h, w, (self.scale[0] * r, self.scale[1] * r))
         img = resize(img, size)
         img, label = self._crop(img, label, nearest_indices(h, size[0]), nearest_indices(w, size[1]), draws)
@@ -87,7 +101,7 @@ class TrainAugment:
 
         The ratio is formed in float32, as the same test on torch tensors did, so the decisions are
         unchanged."""
-        h, w = img.shape
+        h, w = img.shape[-2:]
         ch, cw = min(self.crop, h), min(self.crop, w)
         resized = label.numpy().take(rows.numpy(), 0).take(cols.numpy(), 1)
         limit = np.float32(self.cat_max_ratio)
@@ -114,7 +128,7 @@ class TrainAugment:
             counts = counts[counts > 0]
             if len(counts) > 1 and np.float32(counts.max()) / np.float32(counts.sum()) < limit:
                 break
-        return img[top : top + ch, left : left + cw], torch.from_numpy(np.ascontiguousarray(window))
+        return img[..., top : top + ch, left : left + cw], torch.from_numpy(np.ascontiguousarray(window))
 
     def _photometric(self, img: torch.Tensor, draws: Draws) -> torch.Tensor:
         if draws.chance(0.5):
@@ -127,8 +141,16 @@ class TrainAugment:
         h, w = label.shape
         ph, pw = self.crop - h, self.crop - w
         if ph > 0 or pw > 0:
-            # The mean grey level becomes 0 after normalization, as mmseg pads normalized inputs.
-            img = F.pad(img, (0, pw, 0, ph), value=NORMALIZATIONS["infrared"][0][0] * 255.0)
+            # The mean becomes 0 after normalization, as mmseg pads normalized inputs.
+            fill = self.pad_value
+            if img.dim() == 2 and len(set(fill)) == 1:
+                img = F.pad(img, (0, pw, 0, ph), value=fill[0])
+            else:
+                c = img.shape[0] if img.dim() == 3 else len(fill)
+                fill = fill if len(fill) == c else fill[:1] * c
+                src = img if img.dim() == 3 else img.expand(c, h, w)
+                img = torch.tensor(fill, dtype=img.dtype)[:, None, None].repeat(1, self.crop, self.crop)
+                img[:, :h, :w] = src
             label = F.pad(label, (0, pw, 0, ph), value=IGNORE_INDEX)
         return img, label
 
@@ -167,14 +189,14 @@ class EvalResize:
     scale: tuple[int, int]
 
     @classmethod
-    def for_crop(cls, crop: int) -> EvalResize:
-        return cls(scale=(4 * crop, crop))
+    def for_crop(cls, crop: int, scale: tuple[int, int] | None = None) -> EvalResize:
+        return cls(scale=scale or (4 * crop, crop))
 
     def __call__(
         self, img: torch.Tensor, label: torch.Tensor, g: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``g`` is accepted for the common transform signature; nothing here is random."""
-        size = rescale_size(*img.shape, self.scale)
-        if size != tuple(img.shape):
+        size = rescale_size(*img.shape[-2:], self.scale)
+        if size != tuple(img.shape[-2:]):
             img = resize(img, size)
         return img, label

@@ -1,5 +1,6 @@
 """``unip-finetune``: LL-FPN fine-tuning, multi-layer fine-tuning and (layer-wise) linear probing of a
-ViT backbone on an infrared segmentation dataset, then sliding-window mIoU (method.md section 4).
+ViT backbone on an infrared (or RGB / depth) segmentation dataset, then sliding-window mIoU (method.md
+sections 4 and 9).
 
     unip-finetune --backbone unip:vit_small_patch16_224:student.safetensors --dataset soda \\
         --data-root /data/SODA --mode ft --out runs/soda_ft
@@ -30,12 +31,14 @@ from .. import runs
 from ..precision import AMP_CHOICES
 from .config import (
     CE_AVERAGES,
+    DEFAULT_CROP,
     DEFAULT_ITERS,
+    DEFAULT_WARMUP,
     PIXEL_LOSSES,
     FinetuneConfig,
     FinetuneError,
 )
-from .layouts import LABEL_MAPS
+from .layouts import LABEL_MAPS, LAYOUTS
 from .ll_fpn import NECKS
 from .pixl import DEFAULT_ETA, DEFAULT_SCALES, DEFAULT_TAU, DEFAULT_WEIGHT, SCALE_RULES
 from .semi import DEFAULT_DECAY, DEFAULT_THRESHOLD
@@ -70,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("data and model")
     g.add_argument("--backbone", help="FAMILY:ARCH:PATH of the pre-trained ViT")
-    g.add_argument("--dataset", help="soda | mfnet | scut | folder")
+    g.add_argument("--dataset", help=" | ".join(LAYOUTS))
     g.add_argument("--data-root", help="folder holding the dataset in its layout")
     g.add_argument(
         "--label-map",
@@ -79,10 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="SCUT-Seg labels: auto (detect Cityscapes label IDs, default) | none | cityscapes",
     )
     g.add_argument("--num-classes", type=int, help="folder layout without classes.txt")
+    g.add_argument(
+        "--norm",
+        default="auto",
+        help="image normalization: imagenet | infrared | infmix | MEAN,STD; auto (default): the backbone's "
+        "pre-training norm when its student.json / backbone.json records one, else the dataset's "
+        "(infrared; imagenet for nyuv2, sunrgbd, ade20k, mfnet-rgb)",
+    )
     g.add_argument("--train-split", default="train", help="split to train on (default train)")
     g.add_argument(
         "--eval-split",
-        help="split to evaluate (default test; MFNet also val, val_test, test_day, test_night)",
+        help="split to evaluate (default test; ade20k val; MFNet also val, val_test, test_day, test_night)",
     )
     g.add_argument("--mode", default="ft", help="ft (fine-tune, default) | lp (linear probing)")
     g.add_argument("--neck", default="ll-fpn", help=f"{' | '.join(NECKS)} (ft; default ll-fpn)")
@@ -176,9 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--warmup-iters",
         type=int,
-        help="linear warm-up (default: SODA 1500, MFNet 1000, SCUT 1700; at most iters/5)",
+        help=f"linear warm-up (default: {', '.join(f'{k} {v}' for k, v in DEFAULT_WARMUP.items())}; at most iters/5)",
     )
-    g.add_argument("--crop", type=int, default=512)
+    crops = sorted(set(DEFAULT_CROP.values()))
+    g.add_argument(
+        "--crop",
+        type=int,
+        help="training crop (default: "
+        + "; ".join(f"{c} for {', '.join(k for k, v in DEFAULT_CROP.items() if v == c)}" for c in crops)
+        + ")",
+    )
     g.add_argument(
         "--batch-size", type=int, help="total over processes (default 8; 4 when fine-tuning ViT-L)"
     )

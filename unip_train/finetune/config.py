@@ -6,12 +6,15 @@ docs/parity.md for each file); :func:`resolve` fills what a run leaves unset fro
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import torch
 
 from unip_analysis.checkpoints import FAMILIES, build_vit, parse_spec
 from unip_analysis.errors import SpecError, UnipError
+from unip_analysis.images import parse_normalization
 
 from ..precision import normalize_amp
 from ..runs import default_num_workers
@@ -21,10 +24,29 @@ from .pixl import DEFAULT_ETA, DEFAULT_SCALES, DEFAULT_TAU, DEFAULT_WEIGHT, Pixl
 from .semi import DEFAULT_DECAY, DEFAULT_THRESHOLD, check_teacher_options, parse_label_fraction
 
 # Iterations and linear warm-up of the published schedule per dataset (configs/fine_tuning/*:
-# runner.max_iters, lr_config.warmup_iters; the linear-probing configs use the same). The folder
-# layout has no reference: 10,000 iterations, warm-up as SODA's.
-DEFAULT_ITERS = {"soda": 14_400, "mfnet": 9_800, "scut": 16_800, "folder": 10_000}
-DEFAULT_WARMUP = {"soda": 1_500, "mfnet": 1_000, "scut": 1_700, "folder": 1_500}
+# runner.max_iters, lr_config.warmup_iters; the linear-probing configs use the same; the RGB / depth
+# sets: configs/layerwise_linear_probing/*, method.md section 9). The folder layout has no
+# reference: 10,000 iterations, warm-up as SODA's.
+DEFAULT_ITERS = {
+    "soda": 14_400, "mfnet": 9_800, "scut": 16_800, "folder": 10_000,
+    "nyuv2": 9_800, "sunrgbd": 65_000, "ade20k": 75_000, "mfnet-rgb": 9_800,
+}  # fmt: skip
+DEFAULT_WARMUP = {
+    "soda": 1_500, "mfnet": 1_000, "scut": 1_700, "folder": 1_500,
+    "nyuv2": 1_000, "sunrgbd": 6_000, "ade20k": 1_500, "mfnet-rgb": 1_000,
+}  # fmt: skip
+# Crop and Resize img_scale (long, short) of each dataset's config: 512 and (2048, 512), but 480 and
+# (2048, 480) for the two depth sets. A crop other than the default scales img_scale with it.
+DEFAULT_CROP = {name: 512 for name in DEFAULT_ITERS} | {"nyuv2": 480, "sunrgbd": 480}
+REFERENCE_LONG_EDGE = 2048
+# Slide-inference stride of every config, at its own crop (480 or 512); other crops: 2/3 of the window.
+REFERENCE_STRIDE = 341
+# --norm auto without a norm recorded with the backbone: the dataset's config (method.md sections 4, 9).
+DEFAULT_NORM = {name: "infrared" for name in DEFAULT_ITERS} | {
+    name: "imagenet" for name in ("nyuv2", "sunrgbd", "ade20k", "mfnet-rgb")
+}
+# Files a pre-training run writes beside its backbone, whose recipe records the norm it trained with.
+PRETRAIN_SIDECARS = ("student.json", "backbone.json")
 # Layer-wise lr decay: 0.85 in the LL-FPN launch scripts, 0.65 in the (multi-layer) configs.
 DEFAULT_LAYER_DECAY = {"ll-fpn": 0.85, "multi-layer": 0.65}
 # Relative position bias: the configs switch it on; the LL-FPN launch scripts switch it off.
@@ -42,14 +64,15 @@ class FinetuneConfig:
     """Every knob of a run. ``None`` means: derive from the recipe (see :func:`resolve`)."""
 
     backbone: str  # FAMILY:ARCH:PATH, as for unip-analyze
-    dataset: str  # soda | mfnet | scut | folder
+    dataset: str  # soda | mfnet | scut | folder | nyuv2 | sunrgbd | ade20k | mfnet-rgb
     data_root: str
     out: str
     mode: str = "ft"  # ft | lp
     neck: str = "ll-fpn"  # ll-fpn | multi-layer (ft only)
     layers: list[int] | None = None  # 1-based; default last (ll-fpn) or 4,6,8,12 scaled to depth
     iters: int | None = None  # default: the published count for the dataset
-    crop: int = 512
+    crop: int | None = None  # default: the dataset's (480 for nyuv2 / sunrgbd, else 512)
+    norm: str = "auto"  # auto | imagenet | infrared | infmix | MEAN,STD (see resolve_norm)
     batch_size: int | None = None  # total over processes; default 8 (4 when fine-tuning ViT-L)
     lr: float = 1e-4
     weight_decay: float = 0.05
@@ -118,6 +141,61 @@ def arch_shape(arch: str) -> tuple[int, int]:
     return len(model.blocks), int(model.embed_dim)
 
 
+def img_scale(dataset: str, crop: int) -> tuple[int, int]:
+    """Resize ``img_scale`` (long, short) for ``crop``: the dataset config's (2048, crop) at its own
+    crop, scaled with the crop otherwise ((4 * crop, crop) for the 512 sets)."""
+    return round(REFERENCE_LONG_EDGE * crop / DEFAULT_CROP[dataset]), crop
+
+
+def recorded_norm(backbone: str) -> tuple[str, Path] | None:
+    """The ``--norm`` a pre-training run recorded for this backbone (``recipe.norm`` of the
+    ``student.json`` / ``backbone.json`` beside its file), and that file; ``None`` when there is none."""
+    _, _, path = parse_backbone(backbone)
+    if not path:
+        return None
+    folder = Path(path).parent
+    for name in (Path(path).with_suffix(".json").name, *PRETRAIN_SIDECARS):
+        side = folder / name
+        if side.name not in PRETRAIN_SIDECARS or not side.is_file():
+            continue
+        try:
+            recipe = json.loads(side.read_text(encoding="utf-8")).get("recipe", {})
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(recipe, dict) and isinstance(recipe.get("norm"), str):
+            return recipe["norm"], side
+    return None
+
+
+def resolve_norm(norm: str, dataset: str, backbone: str) -> tuple[str, str]:
+    """``--norm`` as a preset name or ``MEAN,STD``, and why: ``auto`` is the backbone's pre-training
+    normalization when its run recorded one (:func:`recorded_norm`), else the dataset's
+    (:data:`DEFAULT_NORM`: the infrared statistics, ImageNet's for the RGB / depth sets)."""
+    if norm == "auto":
+        found = recorded_norm(backbone)
+        if found is not None:
+            norm, why = found[0], f"the backbone's pre-training normalization ({found[1]})"
+        else:
+            norm, why = (
+                DEFAULT_NORM[dataset],
+                f"the {dataset} default (no normalization recorded with the backbone)",
+            )
+    else:
+        why = "--norm"
+    try:
+        parse_normalization(norm)
+    except SpecError as e:
+        raise FinetuneError(f"--norm: {e}") from None
+    return norm, why
+
+
+def norm_record(norm: str) -> dict:
+    """What ``model.pt`` and ``metrics.json`` record of a resolved ``--norm``: the name and the
+    per-channel mean and std on the 0-1 scale."""
+    mean, std = parse_normalization(norm)
+    return {"name": norm, "mean": list(mean), "std": list(std)}
+
+
 def resolve(cfg: FinetuneConfig) -> FinetuneConfig:
     """Fill recipe defaults and check the options that do not need data files."""
     get_layout(cfg.dataset)
@@ -143,10 +221,14 @@ def resolve(cfg: FinetuneConfig) -> FinetuneConfig:
     _, dim = arch_shape(arch)
     large = dim >= LARGE_EMBED_DIM
     iters = cfg.iters if cfg.iters is not None else DEFAULT_ITERS[cfg.dataset]
-    window = cfg.eval_window or cfg.crop
+    crop = cfg.crop if cfg.crop is not None else DEFAULT_CROP[cfg.dataset]
+    window = cfg.eval_window or crop
+    stride = REFERENCE_STRIDE if window == DEFAULT_CROP[cfg.dataset] else max(1, int(window * 2 / 3))
     out = replace(
         cfg,
         iters=iters,
+        crop=crop,
+        norm=resolve_norm(cfg.norm, cfg.dataset, cfg.backbone)[0],
         batch_size=cfg.batch_size or (4 if large and cfg.mode == "ft" else 8),
         layers=list(cfg.layers) if cfg.layers is not None else None,
         layer_decay=cfg.layer_decay if cfg.layer_decay is not None else DEFAULT_LAYER_DECAY[cfg.neck],
@@ -157,7 +239,7 @@ def resolve(cfg: FinetuneConfig) -> FinetuneConfig:
         rel_pos_bias=cfg.rel_pos_bias if cfg.rel_pos_bias is not None else DEFAULT_REL_POS_BIAS[cfg.neck],
         head_channels=cfg.head_channels or dim,
         eval_window=window,
-        eval_stride=cfg.eval_stride or max(1, int(window * 2 / 3)),
+        eval_stride=cfg.eval_stride or stride,
         eval_split=cfg.eval_split or EVAL_SPLIT[cfg.dataset],
         betas=tuple(cfg.betas),
         label_fraction=None if cfg.label_fraction is None else str(cfg.label_fraction),

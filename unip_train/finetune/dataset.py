@@ -1,10 +1,11 @@
-"""One split of a segmentation dataset as tensors: files read (grey, 16-bit, 4-channel thermal), label
-maps mapped and checked, decoded images cached, samples transformed (:class:`SegDataset`). Where each
-layout keeps its files: :mod:`.layouts`; the augmentation: :mod:`.augment`."""
+"""One split of a segmentation dataset as tensors: files read (grey, 16-bit, 4-channel thermal; 8-bit
+colour and depth for the RGB / depth layouts), label maps mapped and checked, decoded images cached,
+samples transformed (:class:`SegDataset`). Where each layout keeps its files: :mod:`.layouts`; the
+augmentation: :mod:`.augment`."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,25 +21,22 @@ from .layouts import (
     IGNORE_INDEX,
     LABEL_MAPS,
     DatasetError,
+    Layout,
     SplitEntry,
     dataset_classes,
+    dataset_palette,
     drop_copies,
     find_file,
+    folder_split,
     get_layout,
     image_folder,
+    layout_root,
+    palette_source,
     read_entries,
     split_file,
 )
 
-# Every segmentation input is normalized with the infrared statistics (method.md section 4); the
-# predictor and the ONNX sidecar read them from here.
-INPUT_NORMALIZATION = "infrared"
-
-
-def input_mean_std() -> tuple[float, float]:
-    """Mean and std of the grey input on the 0-255 scale, as :func:`to_input` takes them."""
-    mean, std = NORMALIZATIONS[INPUT_NORMALIZATION]
-    return mean[0] * 255.0, std[0] * 255.0
+Norm = tuple[tuple[float, ...], tuple[float, ...]]  # (mean, std) per channel, 0-1 scale
 
 
 def read_grey(path: Path, thermal_channel: bool = False) -> np.ndarray:
@@ -66,6 +64,72 @@ def read_grey(path: Path, thermal_channel: bool = False) -> np.ndarray:
     return (((v + v) + v) / 3).mul_(255.0).numpy()
 
 
+# --- 8-bit readers: uint8 [H, W, C] (C = 1 grey infrared, C = 3 colour / depth) -----------------------
+
+
+def read_pixels(path: Path, channels: int, thermal_channel: bool = False) -> np.ndarray:
+    """An image as uint8 [H, W, ``channels``]: :func:`read_colour` for 3 channels; for 1, the grey
+    infrared image of :func:`read_grey` rounded to 8 bits (8-bit files keep their values exactly;
+    16-bit ones are scaled by 255 / 65535, then rounded)."""
+    if channels == 3:
+        return read_colour(path)
+    if channels != 1:
+        raise ValueError(f"channels must be 1 or 3, not {channels}")
+    grey = read_grey(path, thermal_channel)
+    return np.clip(np.rint(grey), 0, 255).astype(np.uint8)[..., None]
+
+
+def png_bit_depth(path: Path) -> int | None:
+    """Bits per sample a PNG's header declares (byte 24: after the signature and the IHDR length,
+    type, width and height); ``None`` for a file too short to hold one."""
+    with open(path, "rb") as f:
+        head = f.read(25)
+    return head[24] if len(head) == 25 and head[12:16] == b"IHDR" else None
+
+
+def read_colour(path: Path) -> np.ndarray:
+    """An image as uint8 [H, W, 3] RGB, as mmsegmentation's ``LoadImageFromFile`` (OpenCV's
+    ``IMREAD_COLOR``) reads it: single-channel files replicated to three channels, the alpha (4th)
+    channel dropped (MFNet's RGB-T release: its RGB channels), palette images as their colours.
+
+    16-bit images are refused: OpenCV would keep only their high byte (depth in millimetres mostly
+    0-40 after that) and Pillow reads 16-bit colour PNGs as 8-bit silently; depth maps must be
+    converted to 8 bits first, as the datasets UNIP's repository reads are prepared.
+    """
+    try:
+        with Image.open(path) as im:
+            bits = png_bit_depth(path) if im.format == "PNG" else None
+            if bits == 16 or im.mode in ("I", "F") or im.mode.startswith("I;16"):
+                raise DatasetError(
+                    f"{path}: {'16' if bits == 16 or im.mode.startswith('I;16') else '32'}-bit image (mode "
+                    f"{im.mode}); depth and colour images are read as 8-bit, as the reference's loader reads "
+                    "them: convert the file to 8 bits (e.g. depth scaled to 0-255) first"
+                )
+            if im.mode == "RGB":
+                return np.asarray(im).copy()
+            if im.mode == "RGBA":
+                return np.ascontiguousarray(np.asarray(im)[..., :3])
+            if im.mode in ("L", "LA", "1"):
+                grey = np.asarray(im.convert("L"))
+                return np.repeat(grey[..., None], 3, axis=2)
+            return np.asarray(im.convert("RGB")).copy()  # palette, CMYK, YCbCr
+    except (UnidentifiedImageError, OSError) as e:
+        raise DatasetError(f"{path}: cannot decode image ({e}); remove or replace the file") from None
+
+
+def read_input(path: Path, channels: int, thermal_channel: bool = False) -> torch.Tensor:
+    """An image as a model input is made from it, before any transform: grey [H, W] (``channels`` 1,
+    :func:`read_grey`) or colour [3, H, W] (3, :func:`read_colour`), float32 on the 0-255 scale.
+    What :class:`SegDataset` and ``unip-predict`` read."""
+    if channels == 1:
+        return torch.from_numpy(read_grey(path, thermal_channel))
+    # the float colour path, until the augmentation works on uint8 [H, W, C]
+    return torch.from_numpy(np.ascontiguousarray(read_colour(path).transpose(2, 0, 1))).float()
+
+
+# --- label maps ------------------------------------------------------------------------------------
+
+
 def read_label_values(path: Path) -> np.ndarray:
     """A label map as stored: uint8/uint16 [H, W]. Palette PNGs give their indices, not colours."""
     try:
@@ -88,6 +152,22 @@ def label_lut(label_ids: tuple[int, ...] | None) -> np.ndarray | None:
     lut[list(label_ids)] = np.arange(len(label_ids))
     lut[IGNORE_INDEX] = IGNORE_INDEX
     return lut
+
+
+def reduce_zero_lut() -> np.ndarray:
+    """mmsegmentation's ``reduce_zero_label`` as a lookup table: 0 -> 255 (ignored), v -> v - 1,
+    255 stays 255 (it becomes 254 then 255 there)."""
+    lut = np.arange(65536, dtype=np.int32) - 1
+    lut[0] = IGNORE_INDEX
+    lut[IGNORE_INDEX] = IGNORE_INDEX
+    return lut
+
+
+def layout_lut(layout: Layout, label_map: str) -> np.ndarray | None:
+    """Stored label value -> class index: Cityscapes IDs, mmsegmentation's zero reduction, or none."""
+    if label_map == "cityscapes":
+        return label_lut(layout.label_ids)
+    return reduce_zero_lut() if layout.reduce_zero_label else None
 
 
 def check_label_values(path: Path, values: np.ndarray, num_classes: int, hint: str) -> None:
@@ -133,11 +213,18 @@ class Sample:
 class SegDataset(KeyedDataset):
     """One split of a segmentation dataset: ``(image [3, H, W] normalized, label [H, W] int64)``.
 
+    Images have :attr:`channels` channels as the layout says (1: grey infrared, replicated to three
+    when normalized; 3: colour / depth, read by :func:`read_colour`), normalized by ``norm`` (mean,
+    std per channel on the 0-1 scale; default: the infrared statistics). Labels of a
+    ``reduce_zero_label`` layout (ADE20K) are read with 0 ignored and 1..N as classes 0..N-1.
+    :attr:`palette` holds one colour per class (:func:`~.layouts.dataset_palette`).
+
     Files are checked when the dataset is built: every listed sample needs an image and a label map
     of the same size, and (``check_values``) label values within the class range or 255 after the
     label mapping. ``label_map`` is one of :data:`LABEL_MAPS`: ``auto`` detects SCUT-Seg's
     Cityscapes label IDs from the values (the result is :attr:`label_map` and a note).
-    ``transform(img, label, g) -> (img, label)`` runs on the 0-255 grey image before normalization;
+    ``transform(img, label, g) -> (img, label)`` runs on the 0-255 image (grey [H, W] or colour
+    [3, H, W]) before normalization;
     its random draws come from ``g``, a generator seeded by (``seed``, epoch, index) (see
     :mod:`unip_train.sampling`), so augmentation does not depend on RNG history or loader workers;
     the training loader indexes it by ``(epoch, index)`` keys (:class:`~unip_train.sampling.KeyedDataset`).
@@ -155,23 +242,35 @@ class SegDataset(KeyedDataset):
         seed: int = 0,
         label_map: str = "auto",
         cache_mb: float = 0.0,
+        norm: Norm | None = None,
     ):
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise DatasetError(
-                f"{self.root}: data root not found; pass the folder that holds the {name} dataset"
-            )
+        root = Path(root)
+        if not root.is_dir():
+            raise DatasetError(f"{root}: data root not found; pass the folder that holds the {name} dataset")
         self.layout = get_layout(name)
+        self.root, self.notes = layout_root(root, self.layout)
         self.classes = dataset_classes(name, self.root, num_classes)
+        self.palette = dataset_palette(name, self.root, num_classes)
+        self.palette_source = palette_source(name, self.root)
+        self.channels = self.layout.channels
         self.split = split
         self.transform = transform
         self.seed = seed
-        self.mean, self.std = NORMALIZATIONS[INPUT_NORMALIZATION]
-        self.notes: list[str] = []
-        path, notes = split_file(self.root, self.layout, split)
+        self.mean, self.std = norm if norm is not None else NORMALIZATIONS["infrared"]
+        if self.layout.palette is None:
+            self.notes.append(f"palette: {self.palette_source}")
+        if self.layout.reduce_zero_label:
+            n = self.num_classes
+            self.notes.append(
+                f"{name} labels: 0 ignored, 1..{n} read as classes 0..{n - 1} (reduce_zero_label, as the reference)"
+            )
+        if self.layout.split_dirs:
+            path, entries = folder_split(self.root, self.layout, split)
+        else:
+            path, notes = split_file(self.root, self.layout, split)
+            self.notes += notes
+            entries = read_entries(path)
         self.split_path = path
-        self.notes += notes
-        entries = read_entries(path)
         if self.layout.skip_copies:
             entries, copies = drop_copies(entries)
             if copies:
@@ -181,7 +280,7 @@ class SegDataset(KeyedDataset):
         self.notes += notes
         self.samples = [self._locate(e, path, image_dir) for e in entries]
         self.label_map = self._choose_label_map(label_map, check_values)
-        self.lut = label_lut(self.layout.label_ids if self.label_map == "cityscapes" else None)
+        self.lut = self._lut(self.label_map)
         self.cache_mb = cache_mb  # decoded images kept in memory (see load)
         self._cache: dict[Path, tuple[torch.Tensor, torch.Tensor]] = {}
         self._cached_bytes = 0
@@ -210,6 +309,9 @@ class SegDataset(KeyedDataset):
             )
         return Sample(entry.stem, img, lab)
 
+    def _lut(self, label_map: str) -> np.ndarray | None:
+        return layout_lut(self.layout, label_map)
+
     def _range_hint(self, label_map: str) -> str:
         if self.layout.label_ids is not None:
             ids = ", ".join(map(str, self.layout.label_ids))
@@ -219,6 +321,11 @@ class SegDataset(KeyedDataset):
             )
         if self.layout.classes is None:
             return "set the classes with classes.txt or --num-classes, or fix the label map"
+        if self.layout.reduce_zero_label:
+            return (
+                f"{self.layout.name} stores 0 (ignored) and 1..{self.num_classes}; the values shown are the "
+                "stored ones minus 1 (reduce_zero_label): check --dataset or fix the label map"
+            )
         return f"{self.layout.name} has {self.num_classes} classes; check --dataset or fix the label map"
 
     def _choose_label_map(self, label_map: str, check_values: bool) -> str:
@@ -253,7 +360,7 @@ class SegDataset(KeyedDataset):
                             "; these values are also Cityscapes IDs: pass --label-map cityscapes if they are"
                         )
                     self.notes.append(note)
-        lut = label_lut(ids if label_map == "cityscapes" else None)
+        lut = self._lut(label_map)
         hint = self._range_hint(label_map)
         for path, v in values.items():
             check_label_values(path, v if lut is None else lut[v], self.num_classes, hint)
@@ -267,8 +374,8 @@ class SegDataset(KeyedDataset):
         return len(self.samples)
 
     def load(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw grey image [H, W] (0-255 float) and label [H, W] (uint8 class indices, 255 ignored), before
-        any transform.
+        """Raw image, grey [H, W] or colour [3, H, W] (0-255 float), and label [H, W] (uint8 class
+        indices, 255 ignored), before any transform.
 
         Decoded pairs are kept in memory up to :attr:`cache_mb` per training process (shared out
         among its loader workers, each of which holds its own), first come first kept: later epochs
@@ -277,7 +384,7 @@ class SegDataset(KeyedDataset):
         s = self.samples[i]
         hit = self._cache.get(s.image)  # keyed by file: subsets (labelled_subset) share the cache
         if hit is None:
-            img = torch.from_numpy(read_grey(s.image, self.layout.thermal_channel))
+            img = read_input(s.image, self.channels, self.layout.thermal_channel)
             label = torch.from_numpy(
                 read_label(s.label, self.num_classes, self.lut, self._range_hint(self.label_map))
             )
@@ -297,13 +404,30 @@ class SegDataset(KeyedDataset):
         img, label = self.load(i)
         if self.transform is not None:
             img, label = self.transform(img, label, sample_generator(self.seed, epoch, i))
-        return to_input(img, self.mean[0] * 255.0, self.std[0] * 255.0), label.long()
+        return to_input(img, *scaled_norm(self.mean, self.std)), label.long()
 
 
-def to_input(grey: torch.Tensor, mean: float, std: float) -> torch.Tensor:
-    """Grey [H, W] 0-255 -> normalized [3, H, W] (grey replicated to three channels), written into one
-    new tensor: ``(grey - mean) / std`` in its first channel, copied to the other two."""
-    out = torch.empty((3, *grey.shape), dtype=grey.dtype)
-    torch.sub(grey, mean, out=out[0]).div_(std)
-    out[1:] = out[0]
+def scaled_norm(mean: Sequence[float], std: Sequence[float]) -> tuple[float | tuple, float | tuple]:
+    """(mean, std) on the 0-255 scale for :func:`to_input`: one number each when every channel has
+    the same value, else one per channel."""
+    if len(set(mean)) == 1 and len(set(std)) == 1:
+        return mean[0] * 255.0, std[0] * 255.0
+    return tuple(m * 255.0 for m in mean), tuple(s * 255.0 for s in std)
+
+
+def to_input(img: torch.Tensor, mean: float | Sequence[float], std: float | Sequence[float]) -> torch.Tensor:
+    """Image 0-255 -> normalized [3, H, W], written into one new tensor: ``(img - mean) / std`` per
+    channel. ``img`` is grey [H, W] (replicated to three channels) or colour [3, H, W]; ``mean`` and
+    ``std`` one value for every channel or three. Grey with one value: the first channel computed,
+    copied to the other two."""
+    if img.dim() == 2 and not isinstance(mean, Sequence) and not isinstance(std, Sequence):
+        out = torch.empty((3, *img.shape), dtype=img.dtype)
+        torch.sub(img, mean, out=out[0]).div_(std)
+        out[1:] = out[0]
+        return out
+    means = mean if isinstance(mean, Sequence) else (mean,) * 3
+    stds = std if isinstance(std, Sequence) else (std,) * 3
+    out = torch.empty((3, *img.shape[-2:]), dtype=img.dtype)
+    for c in range(3):
+        torch.sub(img if img.dim() == 2 else img[c], means[c], out=out[c]).div_(stds[c])
     return out

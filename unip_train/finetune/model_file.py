@@ -1,5 +1,8 @@
 """``model.pt``: a fine-tuned segmentor with everything needed to rebuild it without the backbone file
-(state dict, resolved config, classes, where the backbone came from). :func:`build_backbone` and
+(state dict, resolved config, classes, where the backbone came from) and to use it on new images
+(``palette``: one RGB colour per class; ``norm``: the input normalization; ``channels``: 1 for grey
+infrared images, 3 for colour / depth ones; files written before these were recorded read back with
+``None``). :func:`build_backbone` and
 :func:`build_segmentor` make the model a config asks for; :func:`save_model` / :func:`load_model` write
 and read the file (``torch.load(weights_only=True)``)."""
 
@@ -19,6 +22,7 @@ from .backbone import prepare_for_finetuning
 from .config import (
     FinetuneConfig,
     FinetuneError,
+    norm_record,
     parse_backbone,
     plain_config,
 )
@@ -70,12 +74,24 @@ def build_segmentor(cfg: FinetuneConfig, backbone: torch.nn.Module, num_classes:
     )
 
 
-def save_model(path: Path, model: Segmentor, cfg: FinetuneConfig, classes, backbone_info: dict) -> None:
+def save_model(
+    path: Path,
+    model: Segmentor,
+    cfg: FinetuneConfig,
+    classes,
+    backbone_info: dict,
+    palette=None,
+    channels: int | None = None,
+) -> None:
+    """``palette``: one (R, G, B) per class; ``channels``: the dataset's image channels."""
     state = {
         "format": MODEL_FORMAT,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "config": plain_config(cfg),
         "classes": list(classes),
+        "palette": None if palette is None else [list(map(int, c)) for c in palette],
+        "norm": norm_record(cfg.norm),
+        "channels": channels,
         "backbone": backbone_info,
     }
     save_checkpoint(path, state)
@@ -95,7 +111,10 @@ def load_model(path: str | Path) -> tuple[Segmentor, FinetuneConfig, dict]:
             "fine-tune again to re-evaluate it"
         )
     known = {f.name for f in fields(FinetuneConfig)}
-    cfg = FinetuneConfig(**{k: v for k, v in ckpt["config"].items() if k in known})
+    # Files from before --norm trained with the infrared statistics; before palettes: none recorded.
+    cfg = FinetuneConfig(**{"norm": "infrared", **{k: v for k, v in ckpt["config"].items() if k in known}})
+    for key in ("palette", "norm", "channels"):
+        ckpt.setdefault(key, None)
     info = ckpt["backbone"]
     kwargs = transformers_format.timm_kwargs(info["hf_build"], path) if "hf_build" in info else {}
     backbone = build_vit(info["arch"], img_size=cfg.crop, heads_per_layer=info["heads_per_layer"], **kwargs)

@@ -57,10 +57,10 @@ def colorize(mask: np.ndarray, palette: np.ndarray) -> np.ndarray:
     return lut[mask]
 
 
-def grey_rgb(grey: np.ndarray) -> np.ndarray:
-    """A 0-255 float grey image as uint8 RGB."""
-    g = np.clip(np.asarray(grey, dtype=np.float32), 0, 255).round().astype(np.uint8)
-    return np.repeat(g[..., None], 3, axis=2)
+def grey_rgb(image: np.ndarray) -> np.ndarray:
+    """A 0-255 float image as the dataset reads it, grey [H, W] or colour [3, H, W], as uint8 RGB."""
+    g = np.clip(np.asarray(image, dtype=np.float32), 0, 255).round().astype(np.uint8)
+    return np.ascontiguousarray(g.transpose(1, 2, 0)) if g.ndim == 3 else np.repeat(g[..., None], 3, axis=2)
 
 
 def overlay(grey: np.ndarray, mask: np.ndarray, palette: np.ndarray, opacity: float) -> np.ndarray:

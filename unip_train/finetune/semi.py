@@ -41,7 +41,7 @@ from unip_analysis.images import IMAGE_SUFFIXES, NORMALIZATIONS, find_images
 from ..precision import amp_dtype, autocast
 from ..sampling import EpochSampler, KeyBatches, KeyedDataset, keyed_generator, keyed_loader, sample_generator
 from .augment import TrainAugment
-from .dataset import SegDataset, read_grey, to_input
+from .dataset import Norm, SegDataset, read_grey, scaled_norm, to_input
 from .layouts import IGNORE_INDEX
 from .losses import seg_loss
 
@@ -177,6 +177,11 @@ def prepare_semi(
     dirs = [Path(d) for d in unlabelled_dirs or ()]
     if label_fraction is None and not dirs:
         return SemiData(train_set)
+    if train_set.channels != 1:
+        raise SemiError(
+            f"--label-fraction / --unlabelled: semi-supervision reads grey infrared images; the "
+            f"{train_set.layout.name} layout has colour / depth images (fine-tune it without them)"
+        )
     split, labelled = None, train_set
     files: list[UnlabelledFile] = []
     thermal = train_set.layout.thermal_channel
@@ -242,16 +247,24 @@ class UnlabelledSet(KeyedDataset):
     """
 
     def __init__(
-        self, files: Sequence[UnlabelledFile], crop: int, seed: int = 0, student_photometric: bool = True
+        self,
+        files: Sequence[UnlabelledFile],
+        crop: int,
+        seed: int = 0,
+        student_photometric: bool = True,
+        norm: Norm | None = None,
+        scale: tuple[int, int] | None = None,
     ):
+        """``norm``: the labelled set's (mean, std), 0-1 scale (default the infrared statistics);
+        ``scale``: the rescale's img_scale (default ``(4 * crop, crop)``)."""
         self.files = list(files)
         self.seed = seed
-        base = TrainAugment.for_crop(crop)
+        mean, std = norm if norm is not None else NORMALIZATIONS["infrared"]
+        base = TrainAugment.for_crop(crop, scale, mean)
         # No label steers the crop (cat_max_ratio 1 = accept the first draw).
         self.weak = replace(base, cat_max_ratio=1.0, brightness_delta=0.0, contrast_range=(1.0, 1.0))
         self.student = replace(base, cat_max_ratio=1.0) if student_photometric else self.weak
-        mean, std = NORMALIZATIONS["infrared"]
-        self.mean, self.std = mean[0] * 255.0, std[0] * 255.0
+        self.mean, self.std = scaled_norm(mean, std)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -373,7 +386,14 @@ class MeanTeacherExtension:
         world, rank = ctx.dist.world_size, ctx.dist.rank
         b = self.batch_size or max(1, int(ctx.cfg.batch_size) // world)
         seed = stream_seed(ctx.seed, UNLABELLED_KEY)
-        self.dataset = UnlabelledSet(self.files, int(ctx.cfg.crop), seed, self.student_photometric)
+        from .config import DEFAULT_CROP, img_scale  # config imports this module's defaults
+
+        crop, train_set, dataset = int(ctx.cfg.crop), ctx.train_set, getattr(ctx.cfg, "dataset", None)
+        self.dataset = UnlabelledSet(
+            self.files, crop, seed, self.student_photometric,
+            None if train_set is None else (train_set.mean, train_set.std),
+            img_scale(dataset, crop) if dataset in DEFAULT_CROP else None,
+        )  # fmt: skip
         self.sampler = EpochSampler(len(self.files), world, rank, seed=seed)
         self.per_epoch = self.sampler.per_rank // b
         if self.per_epoch < 1:

@@ -13,6 +13,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from unip_analysis.files import atomic_write_text
+from unip_analysis.images import parse_normalization
 
 from .. import distributed as du
 from .. import runs
@@ -24,8 +25,11 @@ from .augment import EvalResize, TrainAugment
 from .config import (
     FinetuneConfig,
     FinetuneError,
+    img_scale,
+    norm_record,
     plain_config,
     resolve,
+    resolve_norm,
 )
 from .dataset import SegDataset
 from .engine import TrainState, train
@@ -40,7 +44,7 @@ PROG = "unip-finetune"
 RESUME_MUST_MATCH = (
     "dataset", "mode", "neck", "layers", "crop", "batch_size", "seed", "world_size", "extensions",
     "layer_scale", "rel_pos_bias", "head_channels", "aux_channels", "pixel_loss", "pixl_scales",
-    "label_fraction", "unlabelled",
+    "label_fraction", "unlabelled", "norm",
 )  # fmt: skip
 # Values config.json records that are not options (read back with --config, they are skipped).
 DERIVED_KEYS = ("world_size", "extensions")
@@ -67,11 +71,13 @@ def build_optimizer(
 def run(cfg: FinetuneConfig, extensions: Sequence[Extension] = ()) -> dict:
     """Train per ``cfg`` (plus the extensions it asks for and ``extensions``), evaluate, write the
     run folder; returns the metrics dict."""
-    cfg = resolve(cfg)
+    resolved = resolve(cfg)
+    why = resolve_norm(cfg.norm, cfg.dataset, cfg.backbone)[1]
+    cfg = resolved
     dist = du.init_distributed(cfg.device)
     state = None
     try:
-        state, eval_set, backbone_info = setup(cfg, dist, list(extensions))
+        state, eval_set, backbone_info = setup(cfg, dist, list(extensions), norm_why=why)
         cfg = state.cfg
         train(state, save=lambda it: save_training_state(state, it))
         conf = evaluate(
@@ -81,7 +87,10 @@ def run(cfg: FinetuneConfig, extensions: Sequence[Extension] = ()) -> dict:
         metrics = run_metrics(cfg, conf, eval_set)
         if dist.is_main:
             out = Path(cfg.out)
-            save_model(out / "model.pt", state.model, cfg, eval_set.classes, backbone_info)
+            save_model(
+                out / "model.pt", state.model, cfg, eval_set.classes, backbone_info, eval_set.palette,
+                eval_set.channels,
+            )  # fmt: skip
             atomic_write_text(out / "metrics.json", json.dumps(runs.plain(metrics), indent=2) + "\n")
             state.log.write(
                 {
@@ -93,8 +102,9 @@ def run(cfg: FinetuneConfig, extensions: Sequence[Extension] = ()) -> dict:
                 prefix="eval",
             )
             write_run_pictures(
-                out, state.model, eval_set, conf, cfg.eval_window, cfg.eval_stride, dist.device, state.amp
-            )
+                out, state.model, eval_set, conf, cfg.eval_window, cfg.eval_stride, dist.device, state.amp,
+                eval_set.palette,
+            )  # fmt: skip
         du.barrier()
         return metrics
     finally:
@@ -104,20 +114,24 @@ def run(cfg: FinetuneConfig, extensions: Sequence[Extension] = ()) -> dict:
 
 
 def setup(
-    cfg: FinetuneConfig, dist: du.DistInfo, extensions: list[Extension]
+    cfg: FinetuneConfig, dist: du.DistInfo, extensions: list[Extension], norm_why: str = "--norm"
 ) -> tuple[TrainState, SegDataset, dict]:
-    """Datasets, model, extensions, optimizer, optional resume, DDP wrapper, loader, run folder."""
+    """Datasets, model, extensions, optimizer, optional resume, DDP wrapper, loader, run folder.
+    ``norm_why``: where the resolved ``cfg.norm`` came from, for the run's notes."""
     out = Path(cfg.out)
     du.seed_everything(cfg.seed + dist.rank)
     amp = amp_dtype(cfg.amp, dist.device)
+    norm = parse_normalization(cfg.norm)
+    scale = img_scale(cfg.dataset, cfg.crop)
     train_set = SegDataset(
-        cfg.data_root, cfg.dataset, cfg.train_split, cfg.num_classes, TrainAugment.for_crop(cfg.crop),
-        seed=cfg.seed, label_map=cfg.label_map, cache_mb=cfg.cache_mb,
+        cfg.data_root, cfg.dataset, cfg.train_split, cfg.num_classes,
+        TrainAugment.for_crop(cfg.crop, scale, norm[0]), seed=cfg.seed, label_map=cfg.label_map,
+        cache_mb=cfg.cache_mb, norm=norm,
     )  # fmt: skip
     # The evaluation split is read as the training split was (the detected label IDs included).
     eval_set = SegDataset(
-        cfg.data_root, cfg.dataset, cfg.eval_split, cfg.num_classes, EvalResize.for_crop(cfg.crop),
-        label_map=train_set.label_map,
+        cfg.data_root, cfg.dataset, cfg.eval_split, cfg.num_classes, EvalResize.for_crop(cfg.crop, scale),
+        label_map=train_set.label_map, norm=norm,
     )  # fmt: skip
     cfg = replace(cfg, label_map=train_set.label_map)
     # Semi-supervision: the labelled part of the split, and the images the mean teacher labels.
@@ -167,6 +181,7 @@ def setup(
             if key not in ckpt:
                 raise FinetuneError(f"{path}: not a {PROG} training checkpoint (no '{key}')")
         saved = {
+            "norm": "infrared",  # checkpoints from before --norm trained with the infrared statistics
             **ckpt["config"],
             "world_size": len(ckpt["rng"]),
             "extensions": list(ckpt.get("extensions", {})),
@@ -201,7 +216,12 @@ def setup(
     log = runs.ScalarLog(
         out, enabled=dist.is_main, step_key="iter", resume_step=start if cfg.resume else None
     )
-    notes = list(dict.fromkeys(train_set.notes + eval_set.notes + backbone_info["notes"]))
+    stats = norm_record(cfg.norm)
+    norm_note = (
+        f"normalization {cfg.norm} (mean {', '.join(f'{m * 255:.4g}' for m in stats['mean'])}, std "
+        f"{', '.join(f'{s * 255:.4g}' for s in stats['std'])} on 0-255): {norm_why}"
+    )
+    notes = list(dict.fromkeys(train_set.notes + eval_set.notes + backbone_info["notes"] + [norm_note]))
     if semi.files:
         notes.append(
             f"semi-supervised: {len(train_set)} labelled and {len(semi.files)} unlabelled training images"
@@ -272,6 +292,9 @@ def run_metrics(cfg: FinetuneConfig, conf, eval_set: SegDataset) -> dict:
         "eval_window": cfg.eval_window,
         "eval_stride": cfg.eval_stride,
         "backbone": cfg.backbone,
+        "norm": norm_record(cfg.norm),
+        "palette": [list(c) for c in eval_set.palette],
+        "palette_source": eval_set.palette_source,
     }
 
 
@@ -290,8 +313,9 @@ def evaluate_saved(
     try:
         model.to(dist.device)
         eval_set = SegDataset(
-            cfg.data_root, cfg.dataset, cfg.eval_split, cfg.num_classes, EvalResize.for_crop(cfg.crop),
-            label_map=cfg.label_map,
+            cfg.data_root, cfg.dataset, cfg.eval_split, cfg.num_classes,
+            EvalResize.for_crop(cfg.crop, img_scale(cfg.dataset, cfg.crop)), label_map=cfg.label_map,
+            norm=parse_normalization(cfg.norm),
         )  # fmt: skip
         if eval_set.num_classes != model.num_classes:
             raise FinetuneError(

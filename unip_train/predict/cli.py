@@ -1,4 +1,4 @@
-"""``unip-predict`` and ``unip-export``: use a fine-tuned model on new images, and outside PyTorch.
+"""``unip-predict``: segment images with a fine-tuned model (``unip-export``: :mod:`unip_train.export.cli`).
 
     unip-predict --model runs/soda_ft --images new_frames/ --out preds/
     unip-predict --model runs/soda_ft --data-root /data/SODA --split test --out preds_test/   # + metrics
@@ -7,7 +7,7 @@
     unip-predict --backend onnx --model soda_ft.onnx --images new_frames/ --out preds_onnx/
 
 The library: :func:`unip_train.predict.inference.open_model`, :func:`unip_train.predict.runner.predict`,
-:func:`unip_train.predict.export.export_onnx`.
+:func:`unip_train.export.onnx.export_onnx`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from unip_analysis import command
 from unip_analysis.errors import SpecError
 
 from ..runs import default_num_workers
-from .export import OPSET, TOLERANCE, export_onnx
 from .inference import describe, open_model
 from .outputs import ERRORS, FAILED, METRICS, OVERLAY, PRED, PROB
 from .runner import dataset_items, list_images, match_labels, predict, run_summary
@@ -76,7 +75,7 @@ class PredictOptions:
     debug: bool = command.debug()
 
 
-PREDICT = command.Command(
+COMMAND = command.Command(
     "unip-predict",
     PredictOptions,
     description="Segment images with a fine-tuned model (the run's own evaluation settings): indexed PNG "
@@ -122,55 +121,8 @@ def run_predict(o: PredictOptions) -> int:
     return EXIT_FAILED if result.failures else 0
 
 
-@dataclass(kw_only=True)
-class ExportOptions:
-    model: str = command.option(
-        help="a unip-finetune run folder or its model.pt", group="model", metavar="PATH"
-    )
-    format: Literal["onnx"] = command.option("onnx", help="export format", group="model")
-    out: Path = command.option(
-        help="the graph to write (the sidecar JSON is OUT.json beside it)", group="run", metavar="FILE"
-    )
-    images: str | None = command.option(
-        None, help="images whose windows check the export (default: the run's evaluation split)",
-        group="check", metavar="DIR|GLOB|LIST",
-    )  # fmt: skip
-    opset: int = command.option(OPSET, help="ONNX opset (18 or newer)", group="model", check=command.positive)
-    tolerance: float = command.option(
-        TOLERANCE, help="refuse the export when ONNX Runtime's logits differ from PyTorch's by more",
-        group="check",
-    )  # fmt: skip
-    overwrite: bool = command.option(False, help="replace an existing OUT and its sidecar", group="run")
-    debug: bool = command.debug()
-
-
-EXPORT = command.Command(
-    "unip-export",
-    ExportOptions,
-    description="Export a fine-tuned model as an ONNX graph of one sliding window (dynamic batch) with a "
-    "sidecar JSON, checked against PyTorch with ONNX Runtime.",
-)
-
-
-def run_export(o: ExportOptions) -> int:
-    out = Path(o.out)
-    if out.exists() and not o.overwrite:
-        raise SpecError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
-    report = export_onnx(o.model, out, images=o.images, opset=o.opset, tolerance=o.tolerance)
-    print(
-        f"unip-export: {out} (opset {report['opset']}), sidecar {report['sidecar']}; ONNX Runtime vs PyTorch on "
-        f"{report['checked_on']}: max abs logit difference {report['max_abs_diff']:.3g} (tolerance "
-        f"{report['tolerance']:g}), argmax agreement {report['argmax_agreement']:.4%}"
-    )
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    return command.main(PREDICT, run_predict, argv)
-
-
-def export_main(argv: Sequence[str] | None = None) -> int:
-    return command.main(EXPORT, run_export, argv)
+    return command.main(COMMAND, run_predict, argv)
 
 
 if __name__ == "__main__":

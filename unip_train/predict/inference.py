@@ -1,10 +1,11 @@
 """The one pre- and post-processing path of a fine-tuned model, shared by the PyTorch and ONNX backends.
 
 Pre-processing is the fine-tuning evaluation's, piece by piece (:mod:`unip_train.finetune.dataset`,
-:mod:`unip_train.finetune.augment`): the file read as grey on the 0-255 scale (:func:`read_grey`:
-colour averaged, 16-bit scaled, the 4th channel of 4-channel RGB-T files for MFNet), resized keeping
-its ratio to the run's evaluation scale (:class:`EvalResize`), normalized and replicated to three
-channels (:func:`to_input`). Post-processing is evaluation's too
+:mod:`unip_train.finetune.augment`): the file read as the dataset reads it (:func:`read_input`: grey
+on the 0-255 scale for the infrared layouts, colour averaged, 16-bit scaled, the 4th channel of
+4-channel RGB-T files for MFNet; 8-bit colour for the RGB / depth layouts), resized keeping its ratio
+to the run's evaluation scale (:class:`EvalResize`), normalized with the run's ``--norm`` and made
+three channels (:func:`to_input`). Post-processing is evaluation's too
 (:func:`~unip_train.finetune.evaluation.full_size_logits`): sliding windows of the run's size and
 stride, logits averaged, resized bilinearly to the original image, argmax. A backend only maps a
 normalized batch of windows [B, 3, win, win] to logits [B, C, win, win].
@@ -25,10 +26,11 @@ import torch
 
 from unip_analysis.errors import SpecError, UnipError
 from unip_analysis.files import read_json
+from unip_analysis.images import parse_normalization
 
 from ..finetune.augment import EvalResize
-from ..finetune.config import FinetuneConfig
-from ..finetune.dataset import input_mean_std, read_grey, to_input
+from ..finetune.config import FinetuneConfig, img_scale
+from ..finetune.dataset import read_input, scaled_norm, to_input
 from ..finetune.evaluation import LogitsFn, full_size_logits, upsampled_logits
 from ..finetune.layouts import get_layout
 from ..finetune.model_file import load_model
@@ -49,20 +51,23 @@ class PredictError(UnipError):
 class ModelInfo:
     """Everything pre- and post-processing need, and what a deployer needs beside an exported graph.
 
-    ``mean`` / ``std``: the grey input's statistics on the 0-255 scale; ``crop``: the evaluation resize
-    is keep-ratio to (4 x crop, crop); ``window`` / ``stride``: sliding-window inference;
-    ``thermal_channel``: 4-channel files give their 4th channel (else colour is averaged to grey).
+    ``channels``: 1 (grey infrared: colour files averaged, 16-bit scaled, ``thermal_channel``: the 4th
+    channel of 4-channel files) or 3 (colour / depth, 8-bit); ``mean`` / ``std``: per channel on the
+    0-1 scale (``norm``: their name); ``scale``: the evaluation resize keeps the ratio to fit
+    (long, short) edges; ``window`` / ``stride``: sliding-window inference.
     """
 
     classes: tuple[str, ...]
     palette: tuple[tuple[int, int, int], ...]
-    mean: float
-    std: float
-    crop: int
+    norm: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    channels: int
+    thermal_channel: bool
+    scale: tuple[int, int]
     window: int
     stride: int
     patch: int
-    thermal_channel: bool
     dataset: str
     data_root: str
     eval_split: str
@@ -80,18 +85,25 @@ class ModelInfo:
     def sidecar(self, opset: int | None = None) -> dict:
         """The sidecar JSON of an exported graph (the channel rule spelled out for a deployer)."""
         d = asdict(self)
-        d["classes"], d["palette"] = list(self.classes), [list(c) for c in self.palette]
+        d.update(classes=list(self.classes), palette=[list(c) for c in self.palette])
+        d.update(mean=list(self.mean), std=list(self.std), scale=list(self.scale))
+        if self.channels == 1:
+            reading = (
+                "read the file as grey on the 0-255 scale: 8-bit as is, 16-bit / 65535 * 255, colour averaged "
+                "over R, G, B"
+                + (", 4-channel RGB-T files: their 4th (thermal) channel" if self.thermal_channel else "")
+                + "; replicate it to 3 channels"
+            )
+        else:
+            reading = "read the file as 8-bit RGB (grey replicated, alpha dropped; 16-bit files refused)"
         return {
             "format": SIDECAR_FORMAT,
             **d,
             "opset": opset,
-            "input": "float32 [B, 3, window, window]: grey replicated to 3 channels, (v - mean) / std",
+            "input": "float32 [B, 3, window, window]: (value / 255 - mean) / std per channel",
             "output": "float32 [B, num_classes, window, window]: per-class logits at input size",
             "channel_rule": (
-                "read the file as grey on the 0-255 scale: 8-bit as is, 16-bit / 65535 * 255, colour averaged "
-                "over R, G, B"
-                + (", 4-channel RGB-T files: the 4th (thermal) channel" if self.thermal_channel else "")
-                + "; resize keeping the ratio to fit (4 * crop, crop) (long, short edge); windows of "
+                f"{reading}; resize (bilinear) keeping the ratio to fit scale (long, short edge); windows of "
                 "window x window every stride pixels, the last ending at the border, smaller images padded "
                 "with 0 after normalization; average overlapping logits, resize bilinearly to the image, argmax"
             ),
@@ -108,7 +120,14 @@ class ModelInfo:
             return cls(
                 classes=tuple(data["classes"]),
                 palette=read_palette(data["palette"], len(data["classes"]), path),
-                **{k: data[k] for k in cls.__dataclass_fields__ if k not in ("classes", "palette")},
+                mean=tuple(data["mean"]),
+                std=tuple(data["std"]),
+                scale=tuple(data["scale"]),
+                **{
+                    k: data[k]
+                    for k in cls.__dataclass_fields__
+                    if k not in ("classes", "palette", "mean", "std", "scale")
+                },
             )
         except KeyError as e:
             raise PredictError(
@@ -136,20 +155,25 @@ def read_palette(value, num_classes: int, path: Path) -> tuple[tuple[int, int, i
 
 
 def model_info(path: Path, model: torch.nn.Module, cfg: FinetuneConfig, ckpt: dict) -> ModelInfo:
-    """The :class:`ModelInfo` of a loaded ``model.pt``."""
+    """The :class:`ModelInfo` of a loaded ``model.pt`` (what its evaluation used: ``--norm``, the
+    dataset's channels and resize scale, the window and stride)."""
     classes = tuple(ckpt["classes"])
-    mean, std = input_mean_std()
+    mean, std = parse_normalization(cfg.norm)
+    layout = get_layout(cfg.dataset)
     patch = model.backbone.patch_embed.patch_size
+    window = int(cfg.eval_window or cfg.crop)
     return ModelInfo(
         classes=classes,
         palette=read_palette(ckpt.get("palette"), len(classes), path),
-        mean=mean,
-        std=std,
-        crop=int(cfg.crop),
-        window=int(cfg.eval_window or cfg.crop),
-        stride=int(cfg.eval_stride or max(1, int((cfg.eval_window or cfg.crop) * 2 / 3))),
+        norm=str(cfg.norm),
+        mean=tuple(float(m) for m in mean),
+        std=tuple(float(s) for s in std),
+        channels=int(ckpt.get("channels") or layout.channels),
+        thermal_channel=layout.thermal_channel,
+        scale=tuple(int(v) for v in img_scale(cfg.dataset, cfg.crop)),
+        window=window,
+        stride=int(cfg.eval_stride or max(1, int(window * 2 / 3))),
         patch=int(max(patch) if isinstance(patch, Sequence) else patch),
-        thermal_channel=get_layout(cfg.dataset).thermal_channel,
         dataset=cfg.dataset,
         data_root=str(cfg.data_root),
         eval_split=str(cfg.eval_split),
@@ -211,16 +235,18 @@ def precision_dtype(precision: str, info: ModelInfo, device: torch.device) -> to
 
 
 def prepare(path: Path, info: ModelInfo) -> tuple[torch.Tensor, torch.Tensor]:
-    """(normalized input [3, h, w] at the evaluation scale, grey [H, W] 0-255 as read) of one image."""
-    grey = torch.from_numpy(read_grey(path, info.thermal_channel))
-    h, w = grey.shape
+    """(normalized input [3, h, w] at the evaluation scale, the image as read: grey [H, W] or colour
+    [3, H, W], 0-255) of one file, as :class:`~unip_train.finetune.dataset.SegDataset` with
+    :class:`EvalResize` makes an evaluation sample."""
+    image = read_input(path, info.channels, info.thermal_channel)
+    h, w = image.shape[-2:]
     if min(h, w) < info.patch:
         raise PredictError(
             f"{path}: image is {h}x{w} pixels, smaller than one {info.patch}x{info.patch} patch "
             "of the model; segment images of at least one patch"
         )
-    img, _ = EvalResize.for_crop(info.crop)(grey, None)
-    return to_input(img, info.mean, info.std), grey
+    img, _ = EvalResize(info.scale)(image, None)
+    return to_input(img, *scaled_norm(info.mean, info.std)), image
 
 
 @dataclass

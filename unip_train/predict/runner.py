@@ -24,7 +24,7 @@ from tqdm import tqdm
 from unip_analysis.errors import ImageError, error_line
 from unip_analysis.images import IMAGE_SUFFIXES, find_images
 
-from ..finetune.dataset import SegDataset, label_lut, read_label
+from ..finetune.dataset import SegDataset, layout_lut, read_label
 from ..finetune.evaluation import confusion_matrix
 from ..finetune.layouts import DatasetError, find_file, get_layout
 from ..finetune.pictures import error_panel, overlay
@@ -159,14 +159,13 @@ def dataset_items(
 
 
 class ReadSet(torch.utils.data.Dataset):
-    """Item ``i`` as a dict: ``input`` and ``grey`` (to segment), or ``pred`` (done before), ``label``
+    """Item ``i`` as a dict: ``input`` and ``image`` (to segment), or ``pred`` (done before), ``label``
     when there is one, ``error`` when the image cannot be used. Label problems raise (they stop the run)."""
 
     def __init__(self, info: ModelInfo, items: Sequence[Item], done: Sequence[Path | None]):
         # The model info only, not the model: workers need no weights (nor an ONNX session).
         self.info, self.items, self.done = info, list(items), list(done)
-        layout_ids = get_layout(info.dataset).label_ids
-        self.lut = label_lut(layout_ids if info.label_map == "cityscapes" else None)
+        self.lut = layout_lut(get_layout(info.dataset), info.label_map)
         self.hint = f"the model has {info.num_classes} classes ({', '.join(info.classes[:4])}, ...)"
 
     def __len__(self) -> int:
@@ -180,9 +179,9 @@ class ReadSet(torch.utils.data.Dataset):
                 rec["pred"] = read_mask(self.done[i])
                 size = rec["pred"].shape
             else:
-                rec["input"], grey = prepare(it.image, self.info)
-                rec["grey"] = grey.numpy()
-                size = rec["grey"].shape
+                rec["input"], image = prepare(it.image, self.info)
+                rec["image"] = image.numpy()
+                size = rec["image"].shape[-2:]
         except (ImageError, DatasetError, PredictError) as e:
             rec["error"] = error_line(e)
             return rec
@@ -260,7 +259,7 @@ def predict(
             return
         batch = torch.stack([r["input"] for r in pending])
         try:
-            logits = seg.logits(batch, pending[0]["grey"].shape)
+            logits = seg.logits(batch, pending[0]["image"].shape[-2:])
         except RuntimeError as e:  # out of memory and the like: these images fail, the rest still run
             for r in pending:
                 fail(r, f"inference failed ({error_line(e)})")
@@ -271,9 +270,9 @@ def predict(
             t = targets[r["i"]]
             if save_probs:
                 write_probs(t.prob, torch.softmax(lg, 0).cpu().numpy())
-            write_rgb(t.overlay, overlay(r["grey"], pred, palette, opacity), "JPEG")
+            write_rgb(t.overlay, overlay(r["image"], pred, palette, opacity), "JPEG")
             if "label" in r:
-                write_rgb(t.errors, error_panel(r["grey"], r["label"], pred, palette), "PNG")
+                write_rgb(t.errors, error_panel(r["image"], r["label"], pred, palette), "PNG")
             write_mask(t.pred, pred, palette)  # last: its presence with the others marks the image done
             score(r, pred)
             result.segmented += 1
@@ -297,9 +296,10 @@ def predict(
                 result.skipped += 1
                 bar.update(1)
             else:
-                key = (rec["input"].shape, rec["grey"].shape)
+                key = (rec["input"].shape, rec["image"].shape)
                 if pending and (
-                    key != (pending[0]["input"].shape, pending[0]["grey"].shape) or len(pending) >= batch_size
+                    key != (pending[0]["input"].shape, pending[0]["image"].shape[-2:])
+                    or len(pending) >= batch_size
                 ):
                     flush()
                 pending.append(rec)

@@ -54,7 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"keep boxes with aspect <= R ({d.max_aspect:g})",
     )
     p.add_argument(
-        "--num-workers", "--workers", type=int, default=max(1, runs.default_num_workers(device=None)), help="processes"
+        "--num-workers",
+        "--workers",
+        type=int,
+        default=max(1, runs.default_num_workers(device=None)),
+        help="processes",
     )
     p.add_argument("--overwrite", action="store_true", help="recompute files that exist")
     p.add_argument("--debug", action="store_true", help="show tracebacks")

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from unip_analysis.files import atomic_write, atomic_write_text
 
 from ..finetune.evaluation import upsampled_logits
-from .inference import PredictError, Segmenter, load_torch_model, sidecar_path
-from .runner import dataset_items, list_images
+from ..predict.inference import PredictError, Segmenter, load_torch_model, sidecar_path
+from ..predict.runner import dataset_items, list_images
 
 OPSET = 18  # the lowest the torch.export-based exporter writes
 TOLERANCE = 1e-3  # float32 logits: ONNX Runtime's kernels sum in another order than PyTorch's
