@@ -9,7 +9,9 @@
   written: the limit of this model on this machine. ``--rounds`` (3) rounds of bare then predict
   (each into a new folder), the round with the median ratio reported, every round's beside it:
   ``ratio_predict_over_bare`` = predict seconds / bare seconds (1.0 = reading and writing fully
-  hidden behind the model).
+  hidden behind the model); ``cpu_ratio_predict_over_bare`` the same in CPU seconds of this process
+  and its loader workers (on a busy machine wall time measures the neighbours; the round kept is
+  the one with the median CPU ratio).
 - ``onnx_window``: one batch of windows [B, 3, win, win] through ONNX Runtime (CPU provider, as
   many intra-op threads as torch has) and through PyTorch (float32), alternately, median of the
   repeats; ``ratio_ort_over_torch`` < 1 means ONNX Runtime is faster. ``predict_onnx``:
@@ -34,7 +36,7 @@ import time
 from pathlib import Path
 
 from bench_finetune import QUICK, config, make_backbone
-from machine import emit, environment
+from machine import cpu_seconds, emit, environment
 
 IMAGE_SIZE = (480, 640)
 
@@ -57,12 +59,12 @@ def make_model(root: Path, arch: str, crop: int) -> Path:
     return path
 
 
-def bare_seconds(seg, batches) -> float:
-    """Logits and argmax of ready batches, nothing else."""
-    t = time.perf_counter()
+def bare_seconds(seg, batches) -> tuple[float, float]:
+    """Logits and argmax of ready batches, nothing else: (wall, CPU) seconds."""
+    t, c = time.perf_counter(), cpu_seconds()
     for batch, size in batches:
         seg.logits(batch, size).argmax(1)
-    return time.perf_counter() - t
+    return time.perf_counter() - t, cpu_seconds() - c
 
 
 def main() -> int:
@@ -109,12 +111,12 @@ def main() -> int:
         bare_seconds(seg, batches[:1])  # warm-up
         rounds = []
         for r in range(args.rounds):  # alternately, so that a change of load moves both
-            bare = bare_seconds(seg, batches)
-            t = time.perf_counter()
+            bare, bare_cpu = bare_seconds(seg, batches)
+            t, c = time.perf_counter(), cpu_seconds()
             done = predict(seg, items, root / f"pred{r}", args.batch_size, workers, progress=False)
-            rounds.append((time.perf_counter() - t, bare))
+            rounds.append((time.perf_counter() - t, bare, cpu_seconds() - c, bare_cpu))
             assert not done.failures, done.failures
-        real, bare = sorted(rounds, key=lambda rb: rb[0] / rb[1])[(len(rounds) - 1) // 2]
+        real, bare, real_cpu, bare_cpu = sorted(rounds, key=lambda rb: rb[2] / rb[3])[(len(rounds) - 1) // 2]
 
         report = export_onnx(model, root / "model.onnx", images=str(images))
         opts = ort.SessionOptions()
@@ -164,7 +166,10 @@ def main() -> int:
             "predict_images_per_s": round(n / real, 3),
             "bare_images_per_s": round(n / bare, 3),
             "ratio_predict_over_bare": round(real / bare, 3),
-            "round_ratios": [round(a / b, 3) for a, b in rounds],
+            "cpu_s_per_image": {"predict": round(real_cpu / n, 4), "bare": round(bare_cpu / n, 4)},
+            "cpu_ratio_predict_over_bare": round(real_cpu / bare_cpu, 3),
+            "round_ratios": [round(a / b, 3) for a, b, _, _ in rounds],
+            "round_cpu_ratios": [round(c / d, 3) for _, _, c, d in rounds],
             "onnx_window_batch": [args.batch_size, 3, win, win],
             "onnx_window_s": {"ort": round(ort_s, 5), "torch": round(torch_s, 5)},
             "ratio_ort_over_torch": round(ort_s / torch_s, 3),

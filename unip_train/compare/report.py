@@ -131,16 +131,8 @@ def render_html(
         parts.append(_class_table(results))
         parts.append("<details open><summary>Every cell's numbers and pictures</summary>")
         header = [
-            "backbone",
-            "dataset",
-            "mode",
-            "layer",
-            "seed",
-            "mIoU",
-            "pixel acc",
-            "run folder",
-            "pictures",
-        ]
+            "backbone", "dataset", "mode", "layer", "seed", "mIoU", "pixel acc", "run folder", "pictures",
+        ]  # fmt: skip
         folders = {r.run_dir.as_posix(): r.run_dir for r in runs}
         rows = [
             [td(r.backbone), td(r.dataset), td(r.mode), td(_layer(r.layer), num=True), td(r.seed, num=True),
