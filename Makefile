@@ -35,3 +35,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_pretrain.py
 	$(BIN)/python benchmarks/bench_pretrain_loop.py --out benchmarks/results_pretrain_loop.json
 	$(BIN)/python benchmarks/bench_finetune.py --out benchmarks/results_finetune.json
+	$(BIN)/python benchmarks/bench_predict.py --out benchmarks/results_predict.json

@@ -52,3 +52,11 @@ def test_bench_explorer_quick():
     assert report["report_bytes"] > 0 and report["precision"] in ("fp16", "int8")
     if "browser" in report:  # chromium present
         assert report["browser"]["load_ms_median"] > 0 and report["browser"]["click_to_frame_ms_median"] > 0
+
+
+def test_bench_predict_quick():
+    report = run_quick("bench_predict.py")
+    assert report["benchmark"] == "predict" and report["images"] == 4
+    assert report["predict_images_per_s"] > 0 and report["bare_images_per_s"] > 0
+    assert report["ratio_predict_over_bare"] > 0 and report["ratio_ort_over_torch"] > 0
+    assert report["onnx_max_abs_diff"] <= 1e-3 and report["onnx_vs_torch_mask_agreement"] > 0.99

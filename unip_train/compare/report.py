@@ -1,6 +1,9 @@
-"""``report.html`` of a comparison: one self-contained page (figures embedded, no external files)
-with the summary over seeds, the paired t-tests against the baseline and their verdicts, the figures, per-class
-IoU, every seed's numbers and every cell's command. Styling and HTML pieces are the analysis
+"""``report.html`` of a comparison: one page that opens offline (figures embedded; the only links are
+to the cells' pictures) with the summary over seeds, the paired t-tests against the baseline and their
+verdicts, the figures, per-class IoU per summary row, every seed's numbers with links to its run
+folder's pictures (``curves.png``, ``confusion_matrix.png``, ``per_class_iou.png``, ``samples.png``:
+relative links, so the results folder moves as a whole) and every cell's command. Styling and HTML
+pieces are the analysis
 report's (:mod:`unip_analysis.report`), so both reports read alike.
 """
 
@@ -9,12 +12,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pandas as pd
 
 from unip_analysis import __version__
 from unip_analysis.report import CSS, esc, html_table, img_tag, td
 
+from ..finetune.pictures import RUN_PICTURES
 from .cells import FINISHED, CellRun
 from .statistics import class_columns, format_p
 
@@ -124,11 +129,15 @@ def render_html(
         ]
     if len(results):
         parts.append(_class_table(results))
-        parts.append("<details><summary>Every cell's numbers</summary>")
-        header = ["backbone", "dataset", "mode", "layer", "seed", "mIoU", "pixel acc", "run folder"]
+        parts.append("<details open><summary>Every cell's numbers and pictures</summary>")
+        header = [
+            "backbone", "dataset", "mode", "layer", "seed", "mIoU", "pixel acc", "run folder", "pictures",
+        ]  # fmt: skip
+        folders = {r.run_dir.as_posix(): r.run_dir for r in runs}
         rows = [
             [td(r.backbone), td(r.dataset), td(r.mode), td(_layer(r.layer), num=True), td(r.seed, num=True),
-             td(_f(r.miou), num=True), td(_f(r.pixel_acc), num=True), f"<td><code>{esc(r.run_dir)}</code></td>"]
+             td(_f(r.miou), num=True), td(_f(r.pixel_acc), num=True), f"<td><code>{esc(r.run_dir)}</code></td>",
+             _picture_links(r.run_dir, folders)]
             for r in results.itertuples(index=False)
         ]  # fmt: skip
         parts += [html_table(header, rows), "</details>"]
@@ -145,17 +154,37 @@ def _row_classes(summary: pd.DataFrame, baseline: str | None) -> list[str]:
     return ["sel" if b == baseline else "" for b in summary["backbone"]]
 
 
+def _picture_links(run_dir: str, folders: Mapping[str, Path]) -> str:
+    """Links (relative to report.html, which sits above the cells) to the pictures the cell's run
+    folder holds (:data:`~unip_train.finetune.pictures.RUN_PICTURES`)."""
+    folder = next((p for key, p in folders.items() if key.endswith(Path(run_dir).as_posix())), None)
+    names = [n for n in RUN_PICTURES if folder is not None and (folder / n).is_file()]
+    links = " ".join(
+        f'<a href="{esc(Path(run_dir, n).as_posix())}">{esc(n.removesuffix(".png").replace("_", " "))}</a>'
+        for n in names
+    )
+    return f"<td>{links}</td>"
+
+
 def _class_table(results: pd.DataFrame) -> str:
-    """Mean IoU per class over seeds (whole-backbone modes), one table per dataset."""
-    whole = results[results["layer"].isna()]
-    parts = ["<details><summary>Per-class IoU (mean over seeds)</summary>"]
-    for dataset, d in whole.groupby("dataset", sort=False):
+    """IoU per class, mean over seeds: one table per dataset, one line per summary row (backbone,
+    mode and, for layer-wise probing, layer)."""
+    parts = ["<h2>Per-class IoU (mean over seeds)</h2>"]
+    for dataset, d in results.groupby("dataset", sort=False):
         cols = [c for c in class_columns(d) if d[c].notna().any()]
-        means = d.groupby(["backbone", "mode"], sort=False)[cols].mean()
+        keys = d.assign(layer=d["layer"].astype("object").where(d["layer"].notna(), ""))
+        means = keys.groupby(["backbone", "mode", "layer"], sort=False)[cols].mean()
         rows = [
-            [td(b), td(m), *(td(_f(v, 3), num=True) for v in vals)]
-            for (b, m), vals in zip(means.index, means.to_numpy())
+            [
+                td(b),
+                td(m),
+                td(_layer(layer) if layer != "" else "", num=True),
+                *(td(_f(v, 3), num=True) for v in vals),
+            ]
+            for (b, m, layer), vals in zip(means.index, means.to_numpy())
         ]
-        parts += [f"<h3>{esc(dataset)}</h3>", html_table(["backbone", "mode", *(c[4:] for c in cols)], rows)]
-    parts.append("</details>")
+        parts += [
+            f"<h3>{esc(dataset)}</h3>",
+            html_table(["backbone", "mode", "layer", *(c[4:] for c in cols)], rows),
+        ]
     return "".join(parts)

@@ -21,6 +21,7 @@ from .layouts import (
     IGNORE_INDEX,
     LABEL_MAPS,
     DatasetError,
+    Layout,
     SplitEntry,
     dataset_classes,
     dataset_palette,
@@ -116,6 +117,16 @@ def read_colour(path: Path) -> np.ndarray:
         raise DatasetError(f"{path}: cannot decode image ({e}); remove or replace the file") from None
 
 
+def read_input(path: Path, channels: int, thermal_channel: bool = False) -> torch.Tensor:
+    """An image as a model input is made from it, before any transform: grey [H, W] (``channels`` 1,
+    :func:`read_grey`) or colour [3, H, W] (3, :func:`read_colour`), float32 on the 0-255 scale.
+    What :class:`SegDataset` and ``unip-predict`` read."""
+    if channels == 1:
+        return torch.from_numpy(read_grey(path, thermal_channel))
+    # the float colour path, until the augmentation works on uint8 [H, W, C]
+    return torch.from_numpy(np.ascontiguousarray(read_colour(path).transpose(2, 0, 1))).float()
+
+
 # --- label maps ------------------------------------------------------------------------------------
 
 
@@ -150,6 +161,13 @@ def reduce_zero_lut() -> np.ndarray:
     lut[0] = IGNORE_INDEX
     lut[IGNORE_INDEX] = IGNORE_INDEX
     return lut
+
+
+def layout_lut(layout: Layout, label_map: str) -> np.ndarray | None:
+    """Stored label value -> class index: Cityscapes IDs, mmsegmentation's zero reduction, or none."""
+    if label_map == "cityscapes":
+        return label_lut(layout.label_ids)
+    return reduce_zero_lut() if layout.reduce_zero_label else None
 
 
 def check_label_values(path: Path, values: np.ndarray, num_classes: int, hint: str) -> None:
@@ -292,10 +310,7 @@ class SegDataset(KeyedDataset):
         return Sample(entry.stem, img, lab)
 
     def _lut(self, label_map: str) -> np.ndarray | None:
-        """Stored label value -> class index: Cityscapes IDs, mmsegmentation's zero reduction, or none."""
-        if label_map == "cityscapes":
-            return label_lut(self.layout.label_ids)
-        return reduce_zero_lut() if self.layout.reduce_zero_label else None
+        return layout_lut(self.layout, label_map)
 
     def _range_hint(self, label_map: str) -> str:
         if self.layout.label_ids is not None:
@@ -369,10 +384,7 @@ class SegDataset(KeyedDataset):
         s = self.samples[i]
         hit = self._cache.get(s.image)  # keyed by file: subsets (labelled_subset) share the cache
         if hit is None:
-            if self.channels == 1:
-                img = torch.from_numpy(read_grey(s.image, self.layout.thermal_channel))
-            else:  # the float colour path, until the augmentation works on uint8 [H, W, C]
-                img = torch.from_numpy(np.ascontiguousarray(read_colour(s.image).transpose(2, 0, 1))).float()
+            img = read_input(s.image, self.channels, self.layout.thermal_channel)
             label = torch.from_numpy(
                 read_label(s.label, self.num_classes, self.lut, self._range_hint(self.label_map))
             )

@@ -65,6 +65,25 @@ def upsampled_logits(model: torch.nn.Module) -> LogitsFn:
     return fn
 
 
+def full_size_logits(
+    fn: LogitsFn,
+    img: torch.Tensor,
+    size: Sequence[int],
+    num_classes: int,
+    window: int,
+    stride: int,
+    amp: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Sliding-window logits of a batch [B, 3, h, w] (the resized, normalized images) under autocast to
+    ``amp``, resized bilinearly in float32 to ``size`` (the label's, which is the original image's):
+    [B, C, *size]. What evaluation scores and ``unip-predict`` writes."""
+    with autocast(img.device, amp):
+        logits = slide_logits(fn, img, num_classes, window, stride)
+    if logits.shape[-2:] != tuple(size):
+        logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+    return logits
+
+
 def confusion_matrix(pred: torch.Tensor, label: torch.Tensor, num_classes: int) -> torch.Tensor:
     """[C, C] int64 counts, rows = ground truth, columns = prediction; label 255 skipped."""
     keep = label != IGNORE_INDEX
@@ -117,11 +136,9 @@ def evaluate(
     indices = range(rank, len(dataset), world_size)
     for i in tqdm(indices, desc="eval", disable=not progress, leave=False, dynamic_ncols=True):
         img, label = dataset[i]
-        img = img.unsqueeze(0).to(device)
-        with autocast(device, amp):
-            logits = slide_logits(fn, img, num_classes, window, stride)
-        if logits.shape[-2:] != label.shape[-2:]:
-            logits = F.interpolate(logits, size=label.shape[-2:], mode="bilinear", align_corners=False)
+        logits = full_size_logits(
+            fn, img.unsqueeze(0).to(device), label.shape[-2:], num_classes, window, stride, amp
+        )
         conf += confusion_matrix(logits.argmax(1)[0].cpu(), label, num_classes)
     if world_size > 1 and dist.is_initialized():
         conf_dev = conf.to(device)

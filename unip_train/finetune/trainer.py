@@ -40,6 +40,7 @@ from .evaluation import evaluate, summarize
 from .extensions import Extension, ExtensionContext, build_extensions, check_names
 from .ll_fpn import Segmentor
 from .model_file import build_backbone, build_segmentor, load_model, save_model
+from .pictures import write_run_pictures
 from .semi import SemiData, prepare_semi, write_split
 
 PROG = "unip-finetune"
@@ -106,6 +107,10 @@ def run(cfg: FinetuneConfig, extensions: Sequence[Extension] = (), *, overwrite:
                 "pixel_acc": metrics["pixel_acc"],
             }
             state.log.write(record, prefix="eval")
+            write_run_pictures(
+                out, state.model, eval_set, conf, cfg.eval_window, cfg.eval_stride, dist.device, state.amp,
+                eval_set.palette,
+            )  # fmt: skip
         du.barrier()
         return metrics
     finally:
@@ -396,7 +401,7 @@ def evaluate_saved(
     """Re-evaluate ``model.pt``; writes ``metrics.json`` next to it (or into ``out``) and appends an
     eval line to that folder's ``log.jsonl``. A ``metrics.json`` already there is refused unless
     ``overwrite``, which moves it to ``previous-<time>/`` (the rest of the run stays in place)."""
-    model, cfg, _ = load_model(model_path)
+    model, cfg, ckpt = load_model(model_path)
     cfg = replace(cfg, data_root=data_root or cfg.data_root, eval_split=split or cfg.eval_split)
     target = Path(out) if out is not None else Path(model_path).parent
     if (target / METRICS).exists() and not overwrite:
@@ -433,6 +438,9 @@ def evaluate_saved(
             record = {"event": "eval", "miou": metrics["miou"], "pixel_acc": metrics["pixel_acc"]}
             with open(target / runs.LOG_NAME, "a", encoding="utf-8") as f:
                 f.write(json.dumps(runs.plain({**record, "split": cfg.eval_split})) + "\n")
+            write_run_pictures(
+                target, model, eval_set, conf, cfg.eval_window, cfg.eval_stride, dist.device, amp, ckpt.get("palette"),
+            )  # fmt: skip
         return metrics
     finally:
         du.cleanup()

@@ -1,0 +1,1 @@
+"""``unip-export``: fine-tuned models for deployment outside PyTorch (ONNX)."""

@@ -1,0 +1,129 @@
+"""``unip-predict``: segment images with a fine-tuned model (``unip-export``: :mod:`unip_train.export.cli`).
+
+    unip-predict --model runs/soda_ft --images new_frames/ --out preds/
+    unip-predict --model runs/soda_ft --data-root /data/SODA --split test --out preds_test/   # + metrics
+    unip-predict --model runs/soda_ft --images 'flight/**/*.png' --labels flight_masks/ --out preds/
+    unip-export --model runs/soda_ft --format onnx --out soda_ft.onnx
+    unip-predict --backend onnx --model soda_ft.onnx --images new_frames/ --out preds_onnx/
+
+The library: :func:`unip_train.predict.inference.open_model`, :func:`unip_train.predict.runner.predict`,
+:func:`unip_train.export.onnx.export_onnx`.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from unip_analysis import command
+from unip_analysis.errors import SpecError
+
+from ..runs import default_num_workers
+from .inference import describe, open_model
+from .outputs import ERRORS, FAILED, METRICS, OVERLAY, PRED, PROB
+from .runner import dataset_items, list_images, match_labels, predict, run_summary
+
+EXIT_FAILED = 1  # some images could not be segmented (listed in failed.txt)
+
+
+@dataclass(kw_only=True)
+class PredictOptions:
+    model: str = command.option(
+        help="a unip-finetune run folder, its model.pt, or an exported .onnx (with its .onnx.json)",
+        group="model", metavar="PATH",
+    )  # fmt: skip
+    backend: Literal["auto", "torch", "onnx"] = command.option(
+        "auto", help="torch (model.pt), onnx (an exported graph, ONNX Runtime) or auto (by the file's suffix)",
+        group="model",
+    )  # fmt: skip
+    images: str | None = command.option(
+        None, help="images to segment: a folder (recursive), a glob pattern ('dir/**/*.png') or a .txt list",
+        group="data", metavar="DIR|GLOB|LIST",
+    )  # fmt: skip
+    labels: str | None = command.option(
+        None, help="folder of label maps named like the images: adds metrics.json, per_image.csv, the confusion "
+        "matrix and errors/ panels", group="data", metavar="DIR",
+    )  # fmt: skip
+    dataset: str | None = command.option(
+        None, help="segment and score a dataset split instead of --images (default: the run's dataset)",
+        group="data",
+    )  # fmt: skip
+    data_root: str | None = command.option(
+        None, help="the dataset's folder (default: the run's --data-root)", group="data", metavar="DIR"
+    )
+    split: str | None = command.option(
+        None, help="the split to segment and score (default: the run's evaluation split)", group="data"
+    )
+    opacity: float = command.option(0.5, help="mask opacity in overlay/ images (0-1)", group="outputs")
+    save_probs: bool = command.option(
+        False, help="also write prob/REL.npy: float16 class probabilities [C, H, W]", group="outputs"
+    )
+    out: Path = command.out(
+        "output folder; running again into it continues (images already done are skipped)"
+    )
+    overwrite: bool = command.overwrite()
+    batch_size: int = command.batch_size(4, "images (of one size) per sliding-window batch")
+    workers: int | None = command.workers()
+    device: str = command.device()
+    precision: str = command.precision(
+        help="auto is the run's own --precision, as its evaluation ran (the ONNX backend: fp32)"
+    )
+    progress: bool = command.progress()
+    debug: bool = command.debug()
+
+
+COMMAND = command.Command(
+    "unip-predict",
+    PredictOptions,
+    description="Segment images with a fine-tuned model (the run's own evaluation settings): indexed PNG "
+    "masks with the dataset's palette, overlays, optional probabilities; metrics with labels.",
+)
+
+
+def run_predict(o: PredictOptions) -> int:
+    dataset_mode = any(v is not None for v in (o.dataset, o.data_root, o.split))
+    if dataset_mode and (o.images is not None or o.labels is not None):
+        raise SpecError(
+            "--images/--labels and --dataset/--data-root/--split: pass one way of choosing images"
+        )
+    if not dataset_mode and o.images is None:
+        raise SpecError(
+            "no images: pass --images DIR|GLOB|LIST, or --data-root / --split for a dataset split"
+        )
+    seg = open_model(o.model, o.backend, o.device, o.precision)
+    if dataset_mode:
+        items = dataset_items(seg, o.dataset, o.data_root, o.split)
+    else:
+        items = list_images(o.images)
+        if o.labels is not None:
+            items = match_labels(items, o.labels)
+    if o.overwrite:
+        outputs = (PRED, OVERLAY, PROB, ERRORS, METRICS, FAILED)
+        command.prepare_out(o.out, outputs, overwrite=True, what="predictions", can_resume=False)
+    print(f"unip-predict: {describe(seg)}; {len(items)} images", flush=True)
+    record = {
+        "model": str(seg.source), "backend": seg.backend, "device": str(seg.device),
+        "precision": {None: "fp32"}.get(seg.amp, str(seg.amp).replace("torch.", "")),
+        "eval_window": seg.info.window, "eval_stride": seg.info.stride,
+        "labels": o.labels, "dataset": o.dataset or (seg.info.dataset if dataset_mode else None),
+        "data_root": o.data_root or (seg.info.data_root if dataset_mode else None),
+        "split": o.split or (seg.info.eval_split if dataset_mode else None),
+    }  # fmt: skip
+    workers = o.workers if o.workers is not None else default_num_workers(str(seg.device))
+    result = predict(
+        seg, items, o.out, batch_size=o.batch_size, workers=workers, opacity=o.opacity,
+        save_probs=o.save_probs, progress=o.progress, record=record,
+    )  # fmt: skip
+    print(run_summary(result, Path(o.out)))
+    return EXIT_FAILED if result.failures else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return command.main(COMMAND, run_predict, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
