@@ -4,7 +4,7 @@ layout keeps its files: :mod:`.layouts`; the augmentation: :mod:`.augment`."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +54,22 @@ def read_grey(path: Path, thermal_channel: bool = False) -> np.ndarray:
     # (bit for bit what averaging read_image's output gives, so crops do not depend on the path).
     v = torch.from_numpy(arr)
     return (((v + v) + v) / 3).mul_(255.0).numpy()
+
+
+def read_grey_u8(path: Path, thermal_channel: bool = False) -> np.ndarray:
+    """The grey image as uint8 [H, W, 1], what the 8-bit augmentation works on: 8-bit grey files and
+    MFNet's thermal channel as stored; anything else (colour averaged, 16-bit scaled) is
+    :func:`read_grey` rounded to the nearest level."""
+    try:
+        with Image.open(path) as im:
+            if thermal_channel and len(im.getbands()) == 4:
+                return np.array(im)[..., 3:]
+            if im.mode == "L":
+                return np.array(im)[..., None]
+    except (UnidentifiedImageError, OSError) as e:
+        raise DatasetError(f"{path}: cannot decode image ({e}); remove or replace the file") from None
+    grey = np.rint(read_grey(path, thermal_channel))
+    return np.clip(grey, 0, 255).astype(np.uint8)[..., None]
 
 
 def read_label_values(path: Path) -> np.ndarray:
@@ -127,8 +143,9 @@ class SegDataset(KeyedDataset):
     of the same size, and (``check_values``) label values within the class range or 255 after the
     label mapping. ``label_map`` is one of :data:`LABEL_MAPS`: ``auto`` detects SCUT-Seg's
     Cityscapes label IDs from the values (the result is :attr:`label_map` and a note).
-    ``transform(img, label, g) -> (img, label)`` runs on the 0-255 grey image before normalization;
-    its random draws come from ``g``, a generator seeded by (``seed``, epoch, index) (see
+    ``transform(img, label, g) -> (img, label)`` runs on numpy views of the uint8 image [H, W, 1] and
+    label map before normalization (:mod:`.augment`, 8 bits as mmsegmentation); its random draws come
+    from ``g``, a generator seeded by (``seed``, epoch, index) (see
     :mod:`unip_train.sampling`), so augmentation does not depend on RNG history or loader workers;
     the training loader indexes it by ``(epoch, index)`` keys (:class:`~unip_train.sampling.KeyedDataset`).
     :attr:`notes` says what was decided about the files (fallback split, skipped copies, label IDs).
@@ -140,7 +157,7 @@ class SegDataset(KeyedDataset):
         name: str,
         split: str,
         num_classes: int | None = None,
-        transform: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
+        transform: Callable[..., tuple[np.ndarray, np.ndarray]] | None = None,
         check_values: bool = True,
         seed: int = 0,
         label_map: str = "auto",
@@ -257,8 +274,8 @@ class SegDataset(KeyedDataset):
         return len(self.samples)
 
     def load(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw grey image [H, W] (0-255 float) and label [H, W] (uint8 class indices, 255 ignored), before
-        any transform.
+        """Raw image uint8 [H, W, 1] (0-255 grey) and label [H, W] (uint8 class indices, 255 ignored),
+        before any transform.
 
         Decoded pairs are kept in memory up to :attr:`cache_mb` per training process (shared out
         among its loader workers, each of which holds its own), first come first kept: later epochs
@@ -267,7 +284,7 @@ class SegDataset(KeyedDataset):
         s = self.samples[i]
         hit = self._cache.get(s.image)  # keyed by file: subsets (labelled_subset) share the cache
         if hit is None:
-            img = torch.from_numpy(read_grey(s.image, self.layout.thermal_channel))
+            img = torch.from_numpy(read_grey_u8(s.image, self.layout.thermal_channel))
             label = torch.from_numpy(
                 read_label(s.label, self.num_classes, self.lut, self._range_hint(self.label_map))
             )
@@ -283,17 +300,42 @@ class SegDataset(KeyedDataset):
         return self.cache_mb * 2**20 / (info.num_workers if info is not None else 1)
 
     def item(self, i: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sample ``i`` transformed with the draws of (seed, ``epoch``, ``i``)."""
-        img, label = self.load(i)
+        """Sample ``i`` transformed with the draws of (seed, ``epoch``, ``i``), then normalized (and
+        padded, after :class:`~unip_train.finetune.augment.TrainAugment`) by :func:`to_input`."""
+        img, label = (t.numpy() for t in self.load(i))
+        size = None
         if self.transform is not None:
             img, label = self.transform(img, label, sample_generator(self.seed, epoch, i))
-        return to_input(img, self.mean[0] * 255.0, self.std[0] * 255.0), label.long()
+            size = label.shape if getattr(self.transform, "pads_image", False) else None
+        mean, std = (tuple(v * 255.0 for v in vs) for vs in (self.mean, self.std))
+        return to_input(img, mean, std, size), torch.from_numpy(label.astype(np.int64))
 
 
-def to_input(grey: torch.Tensor, mean: float, std: float) -> torch.Tensor:
-    """Grey [H, W] 0-255 -> normalized [3, H, W] (grey replicated to three channels), written into one
-    new tensor: ``(grey - mean) / std`` in its first channel, copied to the other two."""
-    out = torch.empty((3, *grey.shape), dtype=grey.dtype)
-    torch.sub(grey, mean, out=out[0]).div_(std)
-    out[1:] = out[0]
-    return out
+def to_input(
+    img: np.ndarray,
+    mean: float | Sequence[float],
+    std: float | Sequence[float],
+    size: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """uint8 image [h, w, C] (C = 1 grey, replicated; C = 3 RGB) -> float32 input [3, H, W], as mmseg's
+    ``Normalize`` then ``Pad``: ``(float32(v) - mean) * (1 / std)`` per channel in float32, with
+    ``1 / std`` formed in float64 and rounded to float32 (``mmcv.imnormalize``: ``cv2.subtract``,
+    ``cv2.multiply``), ``mean`` / ``std`` on the 0-255 scale (one value or one per channel, RGB);
+    then padded at the bottom and right with 0 to ``size`` = (H, W) when given."""
+    h, w, c = img.shape
+    if c not in (1, 3):
+        raise ValueError(f"to_input: expected an image [H, W, 1] or [H, W, 3], got {list(img.shape)}")
+    height, width = size if size is not None else (h, w)
+    if height < h or width < w:
+        raise ValueError(f"to_input: cannot pad a {h} x {w} image to {height} x {width}")
+    means = np.broadcast_to(np.asarray(mean, dtype=np.float32), (3,))
+    invs = np.broadcast_to(1.0 / np.asarray(std, dtype=np.float32).astype(np.float64), (3,)).astype(np.float32)
+    out = (np.zeros if (height, width) != (h, w) else np.empty)((3, height, width), dtype=np.float32)
+    for k in range(3):
+        if k > 0 and c == 1 and means[k] == means[0] and invs[k] == invs[0]:
+            out[k] = out[0]  # grey with one normalization for all channels: the same values
+            continue
+        region = out[k, :h, :w]
+        np.subtract(img[..., k if c == 3 else 0], means[k], out=region, dtype=np.float32)
+        np.multiply(region, invs[k], out=region)
+    return torch.from_numpy(out)
