@@ -171,7 +171,7 @@ def chw(rgb: np.ndarray) -> torch.Tensor:
 SIZES = [(480, 640), (512, 640), (60, 90), (300, 200)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def base_scene(i: int) -> tuple[np.ndarray, np.ndarray]:
     """Eight synthetic scenes, two of each of :data:`SIZES`, made once."""
     return make_scene(np.random.default_rng(100 + i), SIZES[i % len(SIZES)])
@@ -342,7 +342,7 @@ def test_dataset_samples_are_mmsegs_from_the_file(tmp_path: Path):
     assert len(ds._cache) == 4
 
 
-def test_read_grey_u8_keeps_8_bit_levels_and_rounds_the_rest(tmp_path: Path):
+def test_read_grey_u8_reads_levels_as_mmseg_and_rounds_the_rest(tmp_path: Path):
     from PIL import Image
 
     from unip_train.finetune.dataset import read_grey
@@ -353,6 +353,8 @@ def test_read_grey_u8_keeps_8_bit_levels_and_rounds_the_rest(tmp_path: Path):
         "g16.png": rng.integers(0, 65536, (16, 16), dtype=np.uint16),
         "rgb.png": rng.integers(0, 256, (16, 16, 3), dtype=np.uint8),
         "rgbt.png": rng.integers(0, 256, (16, 16, 4), dtype=np.uint8),
+        "g8.jpg": base_scene(2)[0][:16, :16],
+        "grey_as_rgb.jpg": np.repeat(base_scene(2)[0][:16, :16, None], 3, axis=2),
     }
     for name, arr in files.items():
         Image.fromarray(arr).save(tmp_path / name)
@@ -360,6 +362,8 @@ def test_read_grey_u8_keeps_8_bit_levels_and_rounds_the_rest(tmp_path: Path):
         assert got.dtype == np.uint8 and got.shape == (16, 16, 1), name
         if name == "g8.png":
             assert np.array_equal(got[..., 0], arr)
+        elif name in ("g16.png", "g8.jpg", "grey_as_rgb.jpg"):  # as mmseg reads them (cv2, colour)
+            assert np.array_equal(got, cv2.imread(str(tmp_path / name), cv2.IMREAD_COLOR)[..., :1])
         elif name == "rgbt.png":
             assert np.array_equal(got[..., 0], arr[..., 3])
         else:

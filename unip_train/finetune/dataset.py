@@ -57,15 +57,19 @@ def read_grey(path: Path, thermal_channel: bool = False) -> np.ndarray:
 
 
 def read_grey_u8(path: Path, thermal_channel: bool = False) -> np.ndarray:
-    """The grey image as uint8 [H, W, 1], what the 8-bit augmentation works on: 8-bit grey files and
-    MFNet's thermal channel as stored; anything else (colour averaged, 16-bit scaled) is
-    :func:`read_grey` rounded to the nearest level."""
+    """The grey image as uint8 [H, W, 1], what the 8-bit augmentation works on, as mmseg's
+    ``LoadImageFromFile`` (``cv2.imread``, colour) holds it in each of its three channels: 8-bit grey
+    files and MFNet's thermal channel as stored; 16-bit grey the high byte (``v >> 8``, OpenCV's
+    conversion). Colour files are averaged to grey and other depths scaled (:func:`read_grey`),
+    rounded to the nearest level."""
     try:
         with Image.open(path) as im:
             if thermal_channel and len(im.getbands()) == 4:
                 return np.array(im)[..., 3:]
             if im.mode == "L":
                 return np.array(im)[..., None]
+            if im.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+                return (np.asarray(im, dtype=np.uint16) >> 8).astype(np.uint8)[..., None]
     except (UnidentifiedImageError, OSError) as e:
         raise DatasetError(f"{path}: cannot decode image ({e}); remove or replace the file") from None
     grey = np.rint(read_grey(path, thermal_channel))
@@ -329,7 +333,9 @@ def to_input(
     if height < h or width < w:
         raise ValueError(f"to_input: cannot pad a {h} x {w} image to {height} x {width}")
     means = np.broadcast_to(np.asarray(mean, dtype=np.float32), (3,))
-    invs = np.broadcast_to(1.0 / np.asarray(std, dtype=np.float32).astype(np.float64), (3,)).astype(np.float32)
+    invs = np.broadcast_to(1.0 / np.asarray(std, dtype=np.float32).astype(np.float64), (3,)).astype(
+        np.float32
+    )
     out = (np.zeros if (height, width) != (h, w) else np.empty)((3, height, width), dtype=np.float32)
     for k in range(3):
         if k > 0 and c == 1 and means[k] == means[0] and invs[k] == invs[0]:
