@@ -19,6 +19,12 @@ import torch
 
 from .layouts import IGNORE_INDEX
 
+# One sample's OpenCV calls are small, and they run beside torch's threads (in the training process)
+# or in loader workers: OpenCV's own thread pool only competes with those (on 2 busy cores a
+# 128 px sample took twice as long with it). mmsegmentation's later 0.x releases do the same in
+# every process (``setup_multi_processes``: ``opencv_num_threads`` 0). Results do not depend on it.
+cv2.setNumThreads(0)
+
 # --- geometry (mmcv.image.geometric) -------------------------------------------------------------
 
 
@@ -135,19 +141,20 @@ class TrainAugment:
         labelled = window.size - np.count_nonzero(window == IGNORE_INDEX)
         if labelled == 0 or (window.size - np.count_nonzero(window)) / labelled >= self.cat_max_ratio:
             return False
-        counts = np.bincount(window.ravel())
-        if len(counts) > IGNORE_INDEX:
-            counts[IGNORE_INDEX] = 0
-        counts = counts[counts > 0]
-        return len(counts) > 1 and int(counts.max()) / int(counts.sum()) < self.cat_max_ratio
+        # OpenCV's histogram: a quarter of np.bincount's time; float32 counts, exact below 2**24.
+        counts = cv2.calcHist([window], [0], None, [256], [0, 256]).reshape(-1)
+        counts[IGNORE_INDEX] = 0
+        return np.count_nonzero(counts) > 1 and int(counts.max()) / labelled < self.cat_max_ratio
 
     def _photometric(self, img: np.ndarray, draws: Draws) -> np.ndarray:
         """mmseg ``PhotoMetricDistortion``: brightness, then contrast first (mode 1) or last (mode 0),
         saturation and hue between, each with probability 1/2 (``randint(2)``), each rounding back
         to uint8. Brightness and contrast map every value on its own: their tables are composed and
         applied once. Saturation and hue go through OpenCV's HSV (``cvtColor``, uint8) each on its
-        own, as mmseg converts twice; on a grey image (C = 1, meaning R = G = B) both are exact
-        no-ops (S = 0; tested over every level, shift and factor), so only their draws are made."""
+        own, as mmseg converts twice, on the crop as mmseg holds it (flipped first: OpenCV's HSV to
+        RGB is not the same function of every pixel wherever it sits in the image, so the order
+        matters). On a grey image (C = 1, meaning R = G = B) both are exact no-ops (S = 0; tested
+        over every level, shift and factor), so only their draws are made."""
         table: np.ndarray | None = None  # pending per-value steps, applied together
 
         def then(step: np.ndarray) -> None:
@@ -156,7 +163,7 @@ class TrainAugment:
 
         def apply() -> np.ndarray:
             nonlocal table
-            out = img if table is None else table[img]
+            out = img if table is None else cv2.LUT(img, table).reshape(img.shape)
             table = None
             return out
 
@@ -170,14 +177,14 @@ class TrainAugment:
             factor = draws.uniform(*self.saturation_range)
             if colour:
                 img = apply()
-                hsv = cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_RGB2HSV)
+                hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
                 hsv[..., 1] = scale_table(factor)[hsv[..., 1]]
                 img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
         if draws.randint(2):
             shift = draws.randint(2 * self.hue_delta) - self.hue_delta  # randint(-delta, delta)
             if colour:
                 img = apply()
-                hsv = cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_RGB2HSV)
+                hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
                 hsv[..., 0] = (hsv[..., 0].astype(np.int64) + shift) % 180
                 img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
         if mode == 0 and draws.randint(2):
