@@ -61,14 +61,17 @@ def imrescale(img: np.ndarray, scale: tuple[int, int], interpolation: int) -> np
 
 
 def imnormalize(img: np.ndarray, mean: list[float], std: list[float]) -> np.ndarray:
-    """mmseg Normalize(to_rgb=True): mean / std as float32 arrays, then mmcv.imnormalize_."""
+    """mmseg Normalize(to_rgb=True): mean / std as float32 arrays, then mmcv.imnormalize_: a float32
+    copy, BGR -> RGB, ``cv2.subtract(img, float64(mean))``, ``cv2.multiply(img, 1 / float64(std))``,
+    written out as OpenCV 4.x computes the two (checked against opencv-python-headless 4.5.5, the
+    OpenCV of mmcv 1.3's time): the subtraction in float32, the product in float64 rounded to
+    float32. (OpenCV 5 rounds the factor to float32 and multiplies in float32: last-bit differences.)"""
     img = img.copy().astype(np.float32)
     mean = np.float64(np.array(mean, dtype=np.float32).reshape(1, -1))
     stdinv = 1 / np.float64(np.array(std, dtype=np.float32).reshape(1, -1))
-    cv2.cvtColor(img, cv2.COLOR_BGR2RGB, img)
-    cv2.subtract(img, mean, img)
-    cv2.multiply(img, stdinv, img)
-    return img
+    img = np.ascontiguousarray(img[..., ::-1])
+    img = img - mean.astype(np.float32)
+    return (img.astype(np.float64) * stdinv).astype(np.float32)
 
 
 def impad(img: np.ndarray, shape: tuple[int, int], pad_val: float) -> np.ndarray:

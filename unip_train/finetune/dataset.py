@@ -322,20 +322,20 @@ def to_input(
     size: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """uint8 image [h, w, C] (C = 1 grey, replicated; C = 3 RGB) -> float32 input [3, H, W], as mmseg's
-    ``Normalize`` then ``Pad``: ``(float32(v) - mean) * (1 / std)`` per channel in float32, with
-    ``1 / std`` formed in float64 and rounded to float32 (``mmcv.imnormalize``: ``cv2.subtract``,
-    ``cv2.multiply``), ``mean`` / ``std`` on the 0-255 scale (one value or one per channel, RGB);
-    then padded at the bottom and right with 0 to ``size`` = (H, W) when given."""
+    ``Normalize`` then ``Pad``: ``(float32(v) - mean) * (1 / std)`` per channel, the subtraction in
+    float32, the product in float64 with ``1 / std`` formed in float64, rounded to float32
+    (``mmcv.imnormalize``: ``cv2.subtract``, ``cv2.multiply`` as OpenCV 4.x computes them);
+    ``mean`` / ``std`` on the 0-255 scale (one value or one per channel, RGB); then padded at the
+    bottom and right with 0 to ``size`` = (H, W) when given."""
     h, w, c = img.shape
     if c not in (1, 3):
         raise ValueError(f"to_input: expected an image [H, W, 1] or [H, W, 3], got {list(img.shape)}")
     height, width = size if size is not None else (h, w)
     if height < h or width < w:
         raise ValueError(f"to_input: cannot pad a {h} x {w} image to {height} x {width}")
+    # mmseg holds mean and std as float32 arrays; imnormalize takes 1 / float64(std).
     means = np.broadcast_to(np.asarray(mean, dtype=np.float32), (3,))
-    invs = np.broadcast_to(1.0 / np.asarray(std, dtype=np.float32).astype(np.float64), (3,)).astype(
-        np.float32
-    )
+    invs = np.broadcast_to(1.0 / np.asarray(std, dtype=np.float32).astype(np.float64), (3,))
     out = (np.zeros if (height, width) != (h, w) else np.empty)((3, height, width), dtype=np.float32)
     for k in range(3):
         if k > 0 and c == 1 and means[k] == means[0] and invs[k] == invs[0]:
@@ -343,5 +343,5 @@ def to_input(
             continue
         region = out[k, :h, :w]
         np.subtract(img[..., k if c == 3 else 0], means[k], out=region, dtype=np.float32)
-        np.multiply(region, invs[k], out=region)
+        np.multiply(region, invs[k], out=region, dtype=np.float64, casting="same_kind")
     return torch.from_numpy(out)
