@@ -5,7 +5,8 @@ PhotoMetricDistortion, Normalize, Pad) and mmcv 1.x (``imrescale`` / ``rescale_s
 ``numpy.random`` calls answered by one torch call each on the sample's generator. TrainAugment,
 EvalResize and to_input must give the same numbers bit for bit, from the same draws (the generator
 state after them included), for grey images (C = 1, which mmseg sees replicated to 3 channels) and
-RGB ones (C = 3)."""
+RGB ones (C = 3). The reference calls the installed OpenCV where mmcv does (resize, HSV); what an
+OpenCV of mmcv's time gives alike and apart is in docs/parity.md."""
 
 from __future__ import annotations
 
