@@ -31,7 +31,7 @@ def test_labelled_set_reads_as_soda_with_soda_class_indices(tmp_path):
     seen = set()
     for i in range(len(train)):
         img, label = train.load(i)
-        assert img.shape == label.shape == (48, 48)
+        assert img.shape == (48, 48, 1) and label.shape == (48, 48)
         seen |= set(np.unique(label.numpy()).tolist())
     assert seen <= set(demo_task.CLASS_INDEX.values())
     assert {0, demo_task.CLASS_INDEX["person"]} <= seen  # every scene holds at least one person

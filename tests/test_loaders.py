@@ -387,8 +387,8 @@ def test_cached_images_give_the_same_samples_within_the_budget(folder, monkeypat
 
     plain, cached = dataset(0), dataset(1024)
     decodes = []
-    real_read = finetune_dataset.read_grey
-    monkeypatch.setattr(finetune_dataset, "read_grey", lambda *a: decodes.append(a[0]) or real_read(*a))
+    real_read = finetune_dataset.read_grey_u8
+    monkeypatch.setattr(finetune_dataset, "read_grey_u8", lambda *a: decodes.append(a[0]) or real_read(*a))
     for epoch in range(3):
         for i in range(len(plain)):
             for a, b in zip(plain.item(i, epoch), cached.item(i, epoch)):
@@ -397,8 +397,8 @@ def test_cached_images_give_the_same_samples_within_the_budget(folder, monkeypat
     # A subset (label-fraction runs) shares the cache by file, never by index.
     sub = labelled_subset(cached, [cached.samples[5].stem])
     assert torch.equal(sub.load(0)[0], plain.load(5)[0])
-    # The budget bounds it: one 40 x 40 pair is 8,000 bytes; room for 3 of them.
-    small = dataset(3 * 8000 / 2**20)
+    # The budget bounds it: one 40 x 40 pair is 3,200 bytes (uint8 image and label); room for 3.
+    small = dataset(3 * 3200 / 2**20)
     for i in range(len(small)):
         small.load(i)
-    assert len(small._cache) == 3 and small._cached_bytes == 24000
+    assert len(small._cache) == 3 and small._cached_bytes == 9600

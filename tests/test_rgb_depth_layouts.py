@@ -67,9 +67,9 @@ def test_nyuv2_and_sunrgbd_read_depth_and_keep_class_zero(tmp_path: Path):
             # Even stems: single-channel PNGs (replicated), odd stems: three-channel ones (as stored).
             assert stored.ndim == (2 if i % 2 == 0 else 3)
             depth = stored if stored.ndim == 2 else stored[..., 0]
-            assert img.shape == (3, *SIZE)
+            assert img.shape == (*SIZE, 3) and img.dtype == torch.uint8  # what the 8-bit augmentation takes
             for c in range(3):
-                assert np.array_equal(img[c].numpy(), depth.astype(np.float32))
+                assert np.array_equal(img[..., c].numpy(), depth)
             # Class 0 (_background_) is a class: labels are read as stored, no zero reduction.
             raw = np.asarray(Image.open(root / label_dir / f"{s.stem}.png"))
             assert np.array_equal(label.numpy(), raw) and (raw == 0).any()
@@ -115,7 +115,7 @@ def test_mfnet_rgb_reads_the_rgb_channels_of_the_release(tmp_path: Path):
     rgbt = np.asarray(Image.open(ds.samples[0].image))
     assert rgbt.shape[-1] == 4
     img, _ = ds.load(0)
-    assert np.array_equal(img.numpy().transpose(1, 2, 0), rgbt[..., :3].astype(np.float32))
+    assert np.array_equal(img.numpy(), rgbt[..., :3])
     assert not np.array_equal(rgbt[..., 0], rgbt[..., 3])  # not the thermal channel
     # The uint8 [H, W, C] reader: RGB for the colour layouts, the thermal channel for the infrared one.
     colour, thermal = read_pixels(ds.samples[0].image, 3), read_pixels(ds.samples[0].image, 1, True)
@@ -173,7 +173,7 @@ def test_imagenet_norm_per_channel_and_padding_is_zero_once_normalized(tmp_path:
     raw, _ = ds.load(0)
     img, _ = ds[0]
     mean, std = IMAGENET_255
-    expected = (raw.numpy() - mean[:, None, None]) / std[:, None, None]
+    expected = (raw.numpy().transpose(2, 0, 1).astype(np.float64) - mean[:, None, None]) / std[:, None, None]
     np.testing.assert_allclose(img.numpy(), expected, rtol=1e-5, atol=1e-5)
     # A grey (infrared) layout under ImageNet's norm: grey replicated, normalized per channel.
     soda = generate(tmp_path / "soda", "soda", 2, 1, size=SIZE)
@@ -181,9 +181,12 @@ def test_imagenet_norm_per_channel_and_padding_is_zero_once_normalized(tmp_path:
     grey, _ = grey_ds.load(0)
     out, _ = grey_ds[0]
     for c in range(3):
-        np.testing.assert_allclose(out[c].numpy(), (grey.numpy() - mean[c]) / std[c], rtol=1e-5, atol=1e-5)
-    # Padding is the norm's mean, 0 once normalized, for colour and for grey under a per-channel mean.
-    aug = TrainAugment(crop=64, scale=(48, 40), ratio_range=(1.0, 1.0), pad_value=tuple(mean))
+        np.testing.assert_allclose(
+            out[c].numpy(), (grey.numpy()[..., 0] - mean[c]) / std[c], rtol=1e-5, atol=1e-5
+        )
+    # Padding is 0 after normalization (mmseg pads the normalized image), for colour and for grey
+    # under a per-channel mean.
+    aug = TrainAugment(crop=64, scale=(48, 40), ratio_range=(1.0, 1.0))
     for ds_ in (ds, grey_ds):
         ds_.transform = aug
         x, label = ds_[0]
@@ -204,7 +207,13 @@ def test_dataset_defaults_and_norm_resolution(tmp_path: Path):
     }
     for dataset, (crop, iters, warmup, norm, split) in table.items():
         c = cfg(dataset)
-        assert (c.img_size, c.iters, c.warmup_iters, c.norm, c.eval_split) == (crop, iters, warmup, norm, split)
+        assert (c.img_size, c.iters, c.warmup_iters, c.norm, c.eval_split) == (
+            crop,
+            iters,
+            warmup,
+            norm,
+            split,
+        )
         assert (c.eval_window, c.eval_stride) == (crop, 341)  # the configs' slide stride at 480 and 512
     assert (cfg("nyuv2", img_size=64).eval_stride, cfg("nyuv2", norm="0.5,0.25").norm) == (42, "0.5,0.25")
     # auto: the norm the backbone's pre-training run recorded beside it.

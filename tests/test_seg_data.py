@@ -1,11 +1,10 @@
 """Segmentation datasets: each layout read from a generated replica (as released and as UNIP prepares
 it), class counts, ignore handling, the real files' quirks (SCUT-Seg Cityscapes IDs and two-column
-splits, MFNet thermal_imgs/ and its extra splits, SODA palette PNGs and duplicate entries),
-augmentation shapes, and errors that name the file at fault."""
+splits, MFNet thermal_imgs/ and its extra splits, SODA palette PNGs and duplicate entries), and
+errors that name the file at fault. The augmentation: tests/test_augment.py."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from unip_train.finetune.augment import EvalResize, TrainAugment, nearest_indices
-from unip_train.finetune.dataset import SegDataset, to_input
+from unip_train.finetune.dataset import SegDataset
 from unip_train.finetune.evaluation import confusion_matrix, summarize
 from unip_train.finetune.layouts import (
     EVAL_SPLIT,
@@ -24,7 +22,7 @@ from unip_train.finetune.layouts import (
     DatasetError,
     dataset_classes,
 )
-from unip_train.synthetic import CLASSES, LAYOUT_CLASS_MAP, generate, make_scene
+from unip_train.synthetic import CLASSES, LAYOUT_CLASS_MAP, generate
 
 SIZE = (40, 48)
 EXPECTED = {
@@ -96,120 +94,6 @@ def test_ignore_label_is_left_out_of_the_confusion_matrix():
     m = summarize(conf, ["a", "b", "c"])
     assert m["per_class_iou"] == {"a": 0.5, "b": 0.5, "c": None}  # c absent from GT and prediction
     assert m["miou"] == pytest.approx(0.5) and m["pixel_acc"] == pytest.approx(2 / 3)
-
-
-def test_train_augment_crops_pads_and_keeps_label_values():
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    img, label = make_scene(rng, (30, 50))
-    aug = TrainAugment.for_crop(64)
-    for _ in range(5):
-        out_img, out_label = aug(torch.from_numpy(img).float(), torch.from_numpy(label).long())
-        assert out_img.shape == (64, 64) and out_label.shape == (64, 64)
-        assert set(out_label.unique().tolist()) <= set(np.unique(label).tolist()) | {IGNORE_INDEX}
-        assert out_img.min() >= 0 and out_img.max() <= 255
-    # A 30x50 scene scaled to fit (256, 64) * ratio <= 2 can be smaller than the crop: padded with 255.
-    small = TrainAugment(crop=64, scale=(64, 16), ratio_range=(1.0, 1.0))
-    _, padded = small(torch.from_numpy(img).float(), torch.from_numpy(label).long())
-    assert (padded[20:, :] == IGNORE_INDEX).all()
-
-
-def reference_augment(aug: TrainAugment, img, label, g):
-    """The recipe as first written: resize the whole image and label map (nearest through float), try
-    crops on the resized map counting every class, one torch call per random draw. The augmentation
-    must stay bit-identical to it, generator state included."""
-    import torch.nn.functional as F
-
-    from unip_train.finetune.augment import rescale_size
-
-    def uniform(lo, hi):
-        return lo + (hi - lo) * float(torch.rand((), generator=g))
-
-    r = uniform(*aug.ratio_range)
-    size = rescale_size(*img.shape, (aug.scale[0] * r, aug.scale[1] * r))
-    img = F.interpolate(img[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
-    label = F.interpolate(label[None, None].float(), size=size, mode="nearest")[0, 0].long()
-    h, w = label.shape
-    ch, cw = min(aug.crop, h), min(aug.crop, w)
-    for _ in range(10):
-        top = int(torch.randint(0, h - ch + 1, (), generator=g))
-        left = int(torch.randint(0, w - cw + 1, (), generator=g))
-        lab = label[top : top + ch, left : left + cw]
-        if aug.cat_max_ratio >= 1.0:
-            break
-        counts = torch.bincount(lab[lab != IGNORE_INDEX].flatten())
-        counts = counts[counts > 0]
-        if len(counts) > 1 and counts.max() / counts.sum() < aug.cat_max_ratio:
-            break
-    img = img[top : top + ch, left : left + cw]
-    if torch.rand((), generator=g) < aug.flip_prob:
-        img, lab = img.flip(-1), lab.flip(-1)
-    if torch.rand((), generator=g) < 0.5:
-        img = img + uniform(-aug.brightness_delta, aug.brightness_delta)
-    if torch.rand((), generator=g) < 0.5:
-        img = img * uniform(*aug.contrast_range)
-    return aug._pad(img.clamp(0.0, 255.0), lab)
-
-
-def test_nearest_indices_are_pytorchs_nearest_resize():
-    rng = np.random.default_rng(1)
-    for n_in, n_out in [(480, 160), (640, 213), (480, 1024), (7, 3), (3, 7), (1, 5), (5, 1)] + [
-        tuple(rng.integers(1, 1500, 2)) for _ in range(200)
-    ]:
-        label = torch.from_numpy(rng.integers(0, 256, (2, n_in))).float()
-        want = torch.nn.functional.interpolate(label[None], size=n_out, mode="nearest")[0]
-        assert torch.equal(label[:, nearest_indices(int(n_in), int(n_out))], want), (n_in, n_out)
-
-
-@pytest.mark.parametrize("crop", [32, 128, 512])
-def test_train_augment_is_bit_identical_to_resizing_the_whole_label_first(crop):
-    """The label map resized by index gathers and kept uint8, windows refused early on their class-0
-    share, draws made into reused scalars: the same images, labels and random draws as the full-size
-    float resize, full class count and one torch call per draw, for scenes of several sizes and
-    classes; also with no crop search and a flip probability that float32 does not hold exactly
-    (compared as torch compares), and from torch's global generator."""
-    rng = np.random.default_rng(crop)
-    recipe = TrainAugment.for_crop(crop)
-    for i in range(12):
-        h, w = [(480, 640), (512, 640), (60, 90), (300, 200)][i % 4]
-        img, label = make_scene(rng, (h, w))
-        if i % 3 == 1:  # class 0 not the background: every window takes the full class count
-            label = (label + 1) % 7
-        label[rng.random((h, w)) < 0.05] = IGNORE_INDEX
-        img, label = torch.from_numpy(img).float(), torch.from_numpy(label.astype(np.uint8))
-        aug = recipe if i % 4 else replace(recipe, cat_max_ratio=1.0, flip_prob=0.7)
-        ga, gb = torch.Generator().manual_seed(i), torch.Generator().manual_seed(i)
-        if i == 5:  # the global generator
-            ga = gb = None
-            torch.manual_seed(i)
-        got_img, got_label = aug(img, label, ga)
-        state = torch.get_rng_state()
-        if i == 5:
-            torch.manual_seed(i)
-        want_img, want_label = reference_augment(aug, img, label.long(), gb)
-        assert torch.equal(got_img, want_img) and torch.equal(got_label.long(), want_label)
-        if i == 5:
-            assert torch.equal(state, torch.get_rng_state())  # the same draws, no more
-        else:
-            assert torch.equal(ga.get_state(), gb.get_state())
-
-
-def test_to_input_normalizes_and_replicates_the_grey_channel():
-    """Written into one tensor, bit for bit ``(grey - mean) / std`` in each of three channels, for a
-    whole image and for a crop (a strided view), in the input's dtype."""
-    grey = torch.rand(40, 50, dtype=torch.float64).float() * 255
-    for x in (grey, grey[3:30, 7:41]):
-        out = to_input(x, 100.5, 47.25)
-        assert out.shape == (3, *x.shape) and out.dtype == x.dtype and out.is_contiguous()
-        for c in range(3):
-            assert torch.equal(out[c], (x - 100.5) / 47.25)
-    assert to_input(grey.double(), 1.0, 2.0).dtype == torch.float64
-
-
-def test_eval_resize_keeps_ratio_and_label():
-    img, label = torch.rand(30, 60) * 255, torch.zeros(30, 60, dtype=torch.long)
-    out_img, out_label = EvalResize.for_crop(32)(img, label)
-    assert out_img.shape == (32, 64) and out_label.shape == (30, 60)
 
 
 # --- errors --------------------------------------------------------------------------------------

@@ -68,15 +68,14 @@ def read_grey(path: Path, thermal_channel: bool = False) -> np.ndarray:
 
 
 def read_pixels(path: Path, channels: int, thermal_channel: bool = False) -> np.ndarray:
-    """An image as uint8 [H, W, ``channels``]: :func:`read_colour` for 3 channels; for 1, the grey
-    infrared image of :func:`read_grey` rounded to 8 bits (8-bit files keep their values exactly;
-    16-bit ones are scaled by 255 / 65535, then rounded)."""
+    """An image as uint8 [H, W, ``channels``], what the 8-bit augmentation works on and what
+    :class:`SegDataset` and ``unip-predict`` read: :func:`read_colour` for 3 channels (RGB),
+    :func:`read_grey_u8` for 1."""
     if channels == 3:
         return read_colour(path)
     if channels != 1:
         raise ValueError(f"channels must be 1 or 3, not {channels}")
-    grey = read_grey(path, thermal_channel)
-    return np.clip(np.rint(grey), 0, 255).astype(np.uint8)[..., None]
+    return read_grey_u8(path, thermal_channel)
 
 
 def png_bit_depth(path: Path) -> int | None:
@@ -117,17 +116,27 @@ def read_colour(path: Path) -> np.ndarray:
         raise DatasetError(f"{path}: cannot decode image ({e}); remove or replace the file") from None
 
 
-def read_input(path: Path, channels: int, thermal_channel: bool = False) -> torch.Tensor:
-    """An image as a model input is made from it, before any transform: grey [H, W] (``channels`` 1,
-    :func:`read_grey`) or colour [3, H, W] (3, :func:`read_colour`), float32 on the 0-255 scale.
-    What :class:`SegDataset` and ``unip-predict`` read."""
-    if channels == 1:
-        return torch.from_numpy(read_grey(path, thermal_channel))
-    # the float colour path, until the augmentation works on uint8 [H, W, C]
-    return torch.from_numpy(np.ascontiguousarray(read_colour(path).transpose(2, 0, 1))).float()
+def read_grey_u8(path: Path, thermal_channel: bool = False) -> np.ndarray:
+    """The grey image as uint8 [H, W, 1], what the 8-bit augmentation works on, as mmseg's
+    ``LoadImageFromFile`` (``cv2.imread``, colour) holds it in each of its three channels: 8-bit grey
+    files and MFNet's thermal channel as stored; 16-bit grey the high byte (``v >> 8``, OpenCV's
+    conversion). Colour files are averaged to grey and other depths scaled (:func:`read_grey`),
+    rounded to the nearest level."""
+    try:
+        with Image.open(path) as im:
+            if thermal_channel and len(im.getbands()) == 4:
+                return np.array(im)[..., 3:]
+            if im.mode == "L":
+                return np.array(im)[..., None]
+            if im.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+                return (np.asarray(im, dtype=np.uint16) >> 8).astype(np.uint8)[..., None]
+    except (UnidentifiedImageError, OSError) as e:
+        raise DatasetError(f"{path}: cannot decode image ({e}); remove or replace the file") from None
+    grey = np.rint(read_grey(path, thermal_channel))
+    return np.clip(grey, 0, 255).astype(np.uint8)[..., None]
 
 
-# --- label maps ------------------------------------------------------------------------------------
+# --- label maps-------------------------------------------------
 
 
 def read_label_values(path: Path) -> np.ndarray:
@@ -223,9 +232,9 @@ class SegDataset(KeyedDataset):
     of the same size, and (``check_values``) label values within the class range or 255 after the
     label mapping. ``label_map`` is one of :data:`LABEL_MAPS`: ``auto`` detects SCUT-Seg's
     Cityscapes label IDs from the values (the result is :attr:`label_map` and a note).
-    ``transform(img, label, g) -> (img, label)`` runs on the 0-255 image (grey [H, W] or colour
-    [3, H, W]) before normalization;
-    its random draws come from ``g``, a generator seeded by (``seed``, epoch, index) (see
+    ``transform(img, label, g) -> (img, label)`` runs on numpy views of the uint8 image [H, W, C] (C = 1
+    grey, 3 RGB) and label map before normalization (:mod:`.augment`, 8 bits as mmsegmentation); its
+    random draws come from ``g``, a generator seeded by (``seed``, epoch, index) (see
     :mod:`unip_train.sampling`), so augmentation does not depend on RNG history or loader workers;
     the training loader indexes it by ``(epoch, index)`` keys (:class:`~unip_train.sampling.KeyedDataset`).
     :attr:`notes` says what was decided about the files (fallback split, skipped copies, label IDs).
@@ -237,7 +246,7 @@ class SegDataset(KeyedDataset):
         name: str,
         split: str,
         num_classes: int | None = None,
-        transform: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
+        transform: Callable[..., tuple[np.ndarray, np.ndarray]] | None = None,
         check_values: bool = True,
         seed: int = 0,
         label_map: str = "auto",
@@ -374,8 +383,8 @@ class SegDataset(KeyedDataset):
         return len(self.samples)
 
     def load(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw image, grey [H, W] or colour [3, H, W] (0-255 float), and label [H, W] (uint8 class
-        indices, 255 ignored), before any transform.
+        """Raw image uint8 [H, W, C] (C = 1 grey, 3 RGB) and label [H, W] (uint8 class indices, 255
+        ignored), before any transform.
 
         Decoded pairs are kept in memory up to :attr:`cache_mb` per training process (shared out
         among its loader workers, each of which holds its own), first come first kept: later epochs
@@ -384,7 +393,7 @@ class SegDataset(KeyedDataset):
         s = self.samples[i]
         hit = self._cache.get(s.image)  # keyed by file: subsets (labelled_subset) share the cache
         if hit is None:
-            img = read_input(s.image, self.channels, self.layout.thermal_channel)
+            img = torch.from_numpy(read_pixels(s.image, self.channels, self.layout.thermal_channel))
             label = torch.from_numpy(
                 read_label(s.label, self.num_classes, self.lut, self._range_hint(self.label_map))
             )
@@ -400,11 +409,16 @@ class SegDataset(KeyedDataset):
         return self.cache_mb * 2**20 / (info.num_workers if info is not None else 1)
 
     def item(self, i: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sample ``i`` transformed with the draws of (seed, ``epoch``, ``i``)."""
-        img, label = self.load(i)
+        """Sample ``i`` transformed with the draws of (seed, ``epoch``, ``i``), then normalized (and
+        padded, after :class:`~unip_train.finetune.augment.TrainAugment`) by :func:`to_input`."""
+        img, label = (t.numpy() for t in self.load(i))
+        size = None
         if self.transform is not None:
             img, label = self.transform(img, label, sample_generator(self.seed, epoch, i))
-        return to_input(img, *scaled_norm(self.mean, self.std)), label.long()
+            size = label.shape if getattr(self.transform, "pads_image", False) else None
+        return to_input(img, *scaled_norm(self.mean, self.std), size), torch.from_numpy(
+            label.astype(np.int64)
+        )
 
 
 def scaled_norm(mean: Sequence[float], std: Sequence[float]) -> tuple[float | tuple, float | tuple]:
@@ -415,19 +429,33 @@ def scaled_norm(mean: Sequence[float], std: Sequence[float]) -> tuple[float | tu
     return tuple(m * 255.0 for m in mean), tuple(s * 255.0 for s in std)
 
 
-def to_input(img: torch.Tensor, mean: float | Sequence[float], std: float | Sequence[float]) -> torch.Tensor:
-    """Image 0-255 -> normalized [3, H, W], written into one new tensor: ``(img - mean) / std`` per
-    channel. ``img`` is grey [H, W] (replicated to three channels) or colour [3, H, W]; ``mean`` and
-    ``std`` one value for every channel or three. Grey with one value: the first channel computed,
-    copied to the other two."""
-    if img.dim() == 2 and not isinstance(mean, Sequence) and not isinstance(std, Sequence):
-        out = torch.empty((3, *img.shape), dtype=img.dtype)
-        torch.sub(img, mean, out=out[0]).div_(std)
-        out[1:] = out[0]
-        return out
-    means = mean if isinstance(mean, Sequence) else (mean,) * 3
-    stds = std if isinstance(std, Sequence) else (std,) * 3
-    out = torch.empty((3, *img.shape[-2:]), dtype=img.dtype)
-    for c in range(3):
-        torch.sub(img if img.dim() == 2 else img[c], means[c], out=out[c]).div_(stds[c])
-    return out
+def to_input(
+    img: np.ndarray,
+    mean: float | Sequence[float],
+    std: float | Sequence[float],
+    size: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """uint8 image [h, w, C] (C = 1 grey, replicated; C = 3 RGB) -> float32 input [3, H, W], as mmseg's
+    ``Normalize`` then ``Pad``: ``(float32(v) - mean) * (1 / std)`` per channel, the subtraction in
+    float32, the product in float64 with ``1 / std`` formed in float64, rounded to float32
+    (``mmcv.imnormalize``: ``cv2.subtract``, ``cv2.multiply`` as OpenCV 4.x computes them);
+    ``mean`` / ``std`` on the 0-255 scale (one value or one per channel, RGB); then padded at the
+    bottom and right with 0 to ``size`` = (H, W) when given."""
+    h, w, c = img.shape
+    if c not in (1, 3):
+        raise ValueError(f"to_input: expected an image [H, W, 1] or [H, W, 3], got {list(img.shape)}")
+    height, width = size if size is not None else (h, w)
+    if height < h or width < w:
+        raise ValueError(f"to_input: cannot pad a {h} x {w} image to {height} x {width}")
+    # mmseg holds mean and std as float32 arrays; imnormalize takes 1 / float64(std).
+    means = np.broadcast_to(np.asarray(mean, dtype=np.float32), (3,))
+    invs = np.broadcast_to(1.0 / np.asarray(std, dtype=np.float32).astype(np.float64), (3,))
+    out = (np.zeros if (height, width) != (h, w) else np.empty)((3, height, width), dtype=np.float32)
+    for k in range(3):
+        if k > 0 and c == 1 and means[k] == means[0] and invs[k] == invs[0]:
+            out[k] = out[0]  # grey with one normalization for all channels: the same values
+            continue
+        region = out[k, :h, :w]
+        np.subtract(img[..., k if c == 3 else 0], means[k], out=region, dtype=np.float32)
+        np.multiply(region, invs[k], out=region, dtype=np.float64, casting="same_kind")
+    return torch.from_numpy(out)

@@ -279,7 +279,8 @@ def write_run_pictures(
     for i in sample_indices(len(eval_set)):
         img, label = eval_set[i]
         logits = full_size_logits(fn, img[None].to(device), label.shape, len(classes), window, stride, amp)
-        grey = eval_set.load(i)[0].numpy()
+        pixels = eval_set.load(i)[0].numpy()  # uint8 [H, W, C]
+        grey = pixels[..., 0] if pixels.shape[-1] == 1 else pixels.transpose(2, 0, 1)
         rows.append(
             (
                 eval_set.samples[i].stem,

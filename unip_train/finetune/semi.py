@@ -41,7 +41,7 @@ from unip_analysis.images import IMAGE_SUFFIXES, NORMALIZATIONS, find_images
 from ..precision import amp_dtype, autocast
 from ..sampling import EpochSampler, KeyBatches, KeyedDataset, keyed_generator, keyed_loader, sample_generator
 from .augment import TrainAugment
-from .dataset import Norm, SegDataset, read_grey, scaled_norm, to_input
+from .dataset import Norm, SegDataset, read_grey_u8, scaled_norm, to_input
 from .layouts import IGNORE_INDEX
 from .losses import seg_loss
 
@@ -260,9 +260,9 @@ class UnlabelledSet(KeyedDataset):
         self.files = list(files)
         self.seed = seed
         mean, std = norm if norm is not None else NORMALIZATIONS["infrared"]
-        base = TrainAugment.for_crop(crop, scale, mean)
+        base = TrainAugment.for_crop(crop, scale)
         # No label steers the crop (cat_max_ratio 1 = accept the first draw).
-        self.weak = replace(base, cat_max_ratio=1.0, brightness_delta=0.0, contrast_range=(1.0, 1.0))
+        self.weak = replace(base, cat_max_ratio=1.0, photometric=False)
         self.student = replace(base, cat_max_ratio=1.0) if student_photometric else self.weak
         self.mean, self.std = scaled_norm(mean, std)
 
@@ -272,15 +272,15 @@ class UnlabelledSet(KeyedDataset):
     def item(self, i: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Both views of image ``i`` as drawn in ``epoch``."""
         f = self.files[i]
-        grey = torch.from_numpy(read_grey(f.path, f.thermal_channel))
-        blank = torch.zeros(grey.shape, dtype=torch.int64)  # padding turns into 255
+        grey = read_grey_u8(f.path, f.thermal_channel)
+        blank = np.zeros(grey.shape[:2], dtype=np.uint8)  # padding turns into 255
         # Two generators from one key: the same draws, hence the same rescale, crop and flip.
         weak, mask = self.weak(grey, blank, sample_generator(self.seed, epoch, i))
         student, _ = self.student(grey, blank, sample_generator(self.seed, epoch, i))
         return (
-            to_input(student, self.mean, self.std),
-            to_input(weak, self.mean, self.std),
-            mask != IGNORE_INDEX,
+            to_input(student, self.mean, self.std, mask.shape),
+            to_input(weak, self.mean, self.std, mask.shape),
+            torch.from_numpy(mask != IGNORE_INDEX),
         )
 
 

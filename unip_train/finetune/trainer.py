@@ -208,7 +208,7 @@ def read_data(cfg: FinetuneConfig) -> tuple[SegDataset, SegDataset, SemiData]:
     scale = img_scale(cfg.dataset, cfg.img_size)
     train_set = SegDataset(
         cfg.data_root, cfg.dataset, cfg.train_split, cfg.num_classes,
-        TrainAugment.for_crop(cfg.img_size, scale, norm[0]), seed=cfg.seed, label_map=cfg.label_map,
+        TrainAugment.for_crop(cfg.img_size, scale), seed=cfg.seed, label_map=cfg.label_map,
         cache_mb=cfg.cache_mb, norm=norm,
     )  # fmt: skip
     # The evaluation split is read as the training split was (the detected label IDs included).

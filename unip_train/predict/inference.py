@@ -1,8 +1,8 @@
 """The one pre- and post-processing path of a fine-tuned model, shared by the PyTorch and ONNX backends.
 
 Pre-processing is the fine-tuning evaluation's, piece by piece (:mod:`unip_train.finetune.dataset`,
-:mod:`unip_train.finetune.augment`): the file read as the dataset reads it (:func:`read_input`: grey
-on the 0-255 scale for the infrared layouts, colour averaged, 16-bit scaled, the 4th channel of
+:mod:`unip_train.finetune.augment`): the file read as the dataset reads it (:func:`read_pixels`: 8-bit
+grey for the infrared layouts as OpenCV reads it (colour averaged, 16-bit its high byte), the 4th channel of
 4-channel RGB-T files for MFNet; 8-bit colour for the RGB / depth layouts), resized keeping its ratio
 to the run's evaluation scale (:class:`EvalResize`), normalized with the run's ``--norm`` and made
 three channels (:func:`to_input`). Post-processing is evaluation's too
@@ -30,7 +30,7 @@ from unip_analysis.images import parse_normalization
 
 from ..finetune.augment import EvalResize
 from ..finetune.config import FinetuneConfig, img_scale
-from ..finetune.dataset import read_input, scaled_norm, to_input
+from ..finetune.dataset import read_pixels, scaled_norm, to_input
 from ..finetune.evaluation import LogitsFn, full_size_logits, upsampled_logits
 from ..finetune.layouts import get_layout
 from ..finetune.model_file import load_model
@@ -236,15 +236,16 @@ def prepare(path: Path, info: ModelInfo) -> tuple[torch.Tensor, torch.Tensor]:
     """(normalized input [3, h, w] at the evaluation scale, the image as read: grey [H, W] or colour
     [3, H, W], 0-255) of one file, as :class:`~unip_train.finetune.dataset.SegDataset` with
     :class:`EvalResize` makes an evaluation sample."""
-    image = read_input(path, info.channels, info.thermal_channel)
-    h, w = image.shape[-2:]
+    pixels = read_pixels(path, info.channels, info.thermal_channel)  # uint8 [H, W, C]
+    h, w = pixels.shape[:2]
     if min(h, w) < info.patch:
         raise PredictError(
             f"{path}: image is {h}x{w} pixels, smaller than one {info.patch}x{info.patch} patch "
             "of the model; segment images of at least one patch"
         )
-    img, _ = EvalResize(info.scale)(image, None)
-    return to_input(img, *scaled_norm(info.mean, info.std)), image
+    img, _ = EvalResize(info.scale)(pixels, None)
+    image = torch.from_numpy(pixels).permute(2, 0, 1).float()  # as read, for overlays and panels
+    return to_input(img, *scaled_norm(info.mean, info.std)), image[0] if image.shape[0] == 1 else image
 
 
 @dataclass
