@@ -16,7 +16,7 @@ import torch
 from attention_reference import ATTENTION_ARCHS, randomize
 from conftest import TINY_ARCH, TINY_IMG, write_images
 
-from unip_analysis import analyze, attention, checkpoints, explorer, report
+from unip_analysis import analyze, attention, checkpoints, explorer, explorer_widget, report
 from unip_analysis.patterns import default_thresholds
 
 CHROMIUM = "/usr/bin/chromium"
@@ -263,7 +263,7 @@ def test_explore_for_jupyter_returns_the_displayed_rows(tmp_path):
     arrays, the same as the analysis' data; the widget carries the report's JS module."""
     images = write_images(tmp_path / "imgs", n=3)
     a, b = backbone(TINY_ARCH, TINY_IMG), backbone(CASES["registers"][0], 32, seed=3)
-    w = explorer.explore({"a": a, "b": b}, images, explore_images=2)
+    w = explorer_widget.explore({"a": a, "b": b}, images, explore_images=2)
     assert "unipExplorerMount" in w._esm and "export default" in w._esm
     w.set(query=(1, 2), layer=3, head="mean", image=1)
     assert w.state["query"] == 6
@@ -279,8 +279,8 @@ def test_explore_for_jupyter_returns_the_displayed_rows(tmp_path):
     bundle = w._repr_mimebundle_()
     data = bundle[0] if isinstance(bundle, tuple) else bundle
     assert "application/vnd.jupyter.widget-view+json" in data and "<iframe srcdoc=" in data["text/html"]
-    static = explorer.explore([w.base.analyses["a"]], widget=False)
-    assert isinstance(static, explorer.Explorer) and "data-unip-explorer" in static.html()
+    static = explorer_widget.explore([w.base.analyses["a"]], widget=False)
+    assert isinstance(static, explorer_widget.Explorer) and "data-unip-explorer" in static.html()
 
 
 def test_explore_refuses_an_analysis_without_explorer_data(image_dir):
@@ -288,7 +288,7 @@ def test_explore_refuses_an_analysis_without_explorer_data(image_dir):
         backbone(TINY_ARCH, TINY_IMG), analyze.image_dataset(image_dir, TINY_IMG), progress=False
     )
     with pytest.raises(ValueError, match="no explorer data"):
-        explorer.explore(res)
+        explorer_widget.explore(res)
 
 
 WIDGET_HOST = """<!DOCTYPE html><html><head><meta charset="utf-8"></head><body><div id="el"></div>
@@ -313,7 +313,7 @@ def test_widget_module_renders_and_syncs_in_the_browser(browser, tmp_path):
     """The anywidget ES module (the report's JS plus render()) in chromium under a minimal host:
     the state set from Python moves the view, and the rows it sends back equal Python's."""
     images = write_images(tmp_path / "imgs", n=2)
-    w = explorer.explore({"a": backbone(TINY_ARCH, TINY_IMG)}, images, explore_images=2)
+    w = explorer_widget.explore({"a": backbone(TINY_ARCH, TINY_IMG)}, images, explore_images=2)
     w.set(query=5, layer=3, head=0, image=1)  # before the view opens: its first render shows it
     state = {"_esm": w._esm, "meta": w.meta, "blobs": w.blobs, "state": w.state, "displayed": {}}
     page_path = tmp_path / "host.html"
@@ -379,7 +379,7 @@ def test_query_stride_stores_every_other_query_and_snaps(browser, tmp_path, monk
     box = big.bounding_box()
     big.click(position={"x": box["width"] * (3.2 / 8), "y": box["height"] * (1.2 / 4)})  # patch (1, 3)
     assert page.evaluate("unipExplorer.state().query") == 20  # (1, 3) -> (2, 4): halves round up
-    assert explorer._snap(res.explorer, 1, 3) == 20  # the same in Python (Explorer.displayed_rows)
+    assert explorer_widget._snap(res.explorer, 1, 3) == 20  # the same in Python (Explorer.displayed_rows)
     assert "reduced: query stride 2" in page.inner_text("[data-unip-explorer]")
     assert not errors and not outside
     page.close()

@@ -9,14 +9,15 @@ The pieces, importable for notebooks:
 - :mod:`unip_analysis.analyze`      run a model over images and collect per-layer statistics
 - :mod:`unip_analysis.selection`    the ``layer_selection.json`` contract (schema version 1)
 - :mod:`unip_analysis.plots`        figures
-- :mod:`unip_analysis.explorer`     the interactive attention explorer (report.html, Jupyter: `explore`)
+- :mod:`unip_analysis.explorer`     the interactive attention explorer (report.html); in Jupyter
+  :mod:`unip_analysis.explorer_widget` (`explore`)
 """
 
 __version__ = "0.1.0"
 
 
 def explore(*args, **kwargs):
-    """The interactive attention explorer in Jupyter: see :func:`unip_analysis.explorer.explore`."""
-    from .explorer import explore as _explore
+    """The interactive attention explorer in Jupyter: see :func:`unip_analysis.explorer_widget.explore`."""
+    from .explorer_widget import explore as _explore
 
     return _explore(*args, **kwargs)

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 from .metrics import check_nmi_definition, local_window_attention, nmi, nmi_unip, shared_attention
 
+# One colour per pattern in every figure, report and the explorer.
+PATTERN_COLORS = {"local": "#4C72B0", "hybrid": "#55A868", "global": "#C44E52"}
 PATTERNS = ("local", "hybrid", "global")
 LOCAL_WEIGHT_FOR_LOCAL_MIN = 0.5
 LOCAL_WEIGHT_FOR_GLOBAL_MAX = 0.1

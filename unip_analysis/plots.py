@@ -36,9 +36,8 @@ from .analyze import ModelAnalysis  # noqa: E402
 from .errors import ImageError  # noqa: E402
 from .files import atomic_write_bytes  # noqa: E402
 from .images import read_image, resize_center_crop  # noqa: E402
-from .patterns import PATTERNS, Thresholds  # noqa: E402
+from .patterns import PATTERN_COLORS, PATTERNS, Thresholds  # noqa: E402
 
-PATTERN_COLORS = {"local": "#4C72B0", "hybrid": "#55A868", "global": "#C44E52"}
 _BAND_ALPHA = 0.13
 _MODEL_COLORS = plt.get_cmap("tab10").colors
 

@@ -25,7 +25,7 @@ from unip_analysis.images import parse_normalization
 
 from ..precision import normalize_amp
 from ..runs import MAX_DEFAULT_WORKERS, default_num_workers
-from .layouts import EVAL_SPLIT, LABEL_MAPS, get_layout
+from .layouts import DEFAULT_CROP, EVAL_SPLIT, LABEL_MAPS, get_layout
 from .ll_fpn import MODES, NECKS
 from .pixl import DEFAULT_ETA, DEFAULT_SCALES, DEFAULT_TAU, DEFAULT_WEIGHT, SCALE_RULES, PixlExtension
 from .semi import DEFAULT_DECAY, DEFAULT_THRESHOLD, check_teacher_options, parse_label_fraction
@@ -42,10 +42,6 @@ DEFAULT_WARMUP = {
     "soda": 1_500, "mfnet": 1_000, "scut": 1_700, "folder": 1_500,
     "nyuv2": 1_000, "sunrgbd": 6_000, "ade20k": 1_500, "mfnet-rgb": 1_000,
 }  # fmt: skip
-# Crop and Resize img_scale (long, short) of each dataset's config: 512 and (2048, 512), but 480 and
-# (2048, 480) for the two depth sets. A crop other than the default scales img_scale with it.
-DEFAULT_CROP = {name: 512 for name in DEFAULT_ITERS} | {"nyuv2": 480, "sunrgbd": 480}
-REFERENCE_LONG_EDGE = 2048
 # Slide-inference stride of every config, at its own crop (480 or 512); other crops: 2/3 of the window.
 REFERENCE_STRIDE = 341
 # --norm auto without a norm recorded with the backbone: the dataset's config (method.md sections 4, 9).
@@ -279,12 +275,6 @@ def arch_shape(arch: str) -> tuple[int, int]:
     with torch.device("meta"):
         model = build_vit(arch)
     return len(model.blocks), int(model.embed_dim)
-
-
-def img_scale(dataset: str, crop: int) -> tuple[int, int]:
-    """Resize ``img_scale`` (long, short) for ``crop``: the dataset config's (2048, crop) at its own
-    crop, scaled with the crop otherwise ((4 * crop, crop) for the 512 sets)."""
-    return round(REFERENCE_LONG_EDGE * crop / DEFAULT_CROP[dataset]), crop
 
 
 def recorded_norm(backbone: str) -> tuple[str, Path] | None:

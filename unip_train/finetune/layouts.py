@@ -153,6 +153,16 @@ LAYOUTS: dict[str, Layout] = {
 # The split each layout evaluates on by default (ADE20K: its validation folder, as the reference's
 # val and test both read it).
 EVAL_SPLIT = {name: "test" for name in LAYOUTS} | {"ade20k": "val"}
+# Crop and Resize img_scale (long, short) of each dataset's config: 512 and (2048, 512), but 480 and
+# (2048, 480) for the two depth sets. A crop other than the default scales img_scale with it.
+DEFAULT_CROP = {name: 512 for name in LAYOUTS} | {"nyuv2": 480, "sunrgbd": 480}
+REFERENCE_LONG_EDGE = 2048
+
+
+def img_scale(dataset: str, crop: int) -> tuple[int, int]:
+    """Resize ``img_scale`` (long, short) for ``crop``: the dataset config's (2048, crop) at its own
+    crop, scaled with the crop otherwise ((4 * crop, crop) for the 512 sets)."""
+    return round(REFERENCE_LONG_EDGE * crop / DEFAULT_CROP[dataset]), crop
 
 
 class DatasetError(UnipError):

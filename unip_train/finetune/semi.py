@@ -42,7 +42,7 @@ from ..precision import amp_dtype, autocast
 from ..sampling import EpochSampler, KeyBatches, KeyedDataset, keyed_generator, keyed_loader, sample_generator
 from .augment import TrainAugment
 from .dataset import Norm, SegDataset, read_grey_u8, scaled_norm, to_input
-from .layouts import IGNORE_INDEX
+from .layouts import DEFAULT_CROP, IGNORE_INDEX, img_scale
 from .losses import seg_loss
 
 DEFAULT_DECAY = 0.999
@@ -386,8 +386,6 @@ class MeanTeacherExtension:
         world, rank = ctx.dist.world_size, ctx.dist.rank
         b = self.batch_size or max(1, int(ctx.cfg.batch_size) // world)
         seed = stream_seed(ctx.seed, UNLABELLED_KEY)
-        from .config import DEFAULT_CROP, img_scale  # config imports this module's defaults
-
         crop, train_set, dataset = int(ctx.cfg.img_size), ctx.train_set, getattr(ctx.cfg, "dataset", None)
         self.dataset = UnlabelledSet(
             self.files, crop, seed, self.student_photometric,

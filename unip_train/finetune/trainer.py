@@ -27,7 +27,6 @@ from .augment import EvalResize, TrainAugment
 from .config import (
     FinetuneConfig,
     FinetuneError,
-    img_scale,
     norm_record,
     plain_config,
     resolve,
@@ -38,6 +37,7 @@ from .dataset import SegDataset
 from .engine import TrainState, train
 from .evaluation import evaluate, summarize
 from .extensions import Extension, ExtensionContext, build_extensions, check_names
+from .layouts import img_scale
 from .ll_fpn import Segmentor
 from .model_file import build_backbone, build_segmentor, load_model, save_model
 from .pictures import write_run_pictures

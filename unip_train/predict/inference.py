@@ -29,10 +29,10 @@ from unip_analysis.files import read_json
 from unip_analysis.images import parse_normalization
 
 from ..finetune.augment import EvalResize
-from ..finetune.config import FinetuneConfig, img_scale
+from ..finetune.config import FinetuneConfig
 from ..finetune.dataset import read_pixels, scaled_norm, to_input
 from ..finetune.evaluation import LogitsFn, full_size_logits, upsampled_logits
-from ..finetune.layouts import get_layout
+from ..finetune.layouts import get_layout, img_scale
 from ..finetune.model_file import load_model
 from ..precision import amp_dtype
 
