@@ -66,6 +66,7 @@ ROWS = ("random", "selected", "teacher", "last", "pad", "selected_pixl", "sup_se
 # (the path is relative to the README's folder).
 TABLE_START, TABLE_END = "<!-- demo-table:start -->", "<!-- demo-table:end -->"
 DEMO_SUMMARY = "figures/demo_summary.csv"
+DEMO_STAGES = 5  # the stages :func:`run` announces
 # What each row of the comparison fine-tunes, in the README's words (summary.csv names the row only).
 ROW_BACKBONES = {
     "random": "the student (6 x 64), random init",
@@ -379,27 +380,9 @@ def layerwise_lines(summary: list[dict], doc: dict) -> list[str]:
     return lines
 
 
-def run(
-    out: Path,
-    preset: str = "demo",
-    rows: tuple[str, ...] | None = None,
-    jobs: int | None = None,
-    figures_dir: Path | None = None,
-    readme: Path | None = None,
-) -> dict:
-    """Run the demo into ``out``; returns the selection document, the summary rows and the time.
-    ``readme``: also render the fine-tuning table into that README (:func:`write_readme_table`)."""
-    t_start = time.time()
-    p = PRESETS[preset]
-    if rows is not None:
-        p = replace(p, rows=rows)
-    out = Path(out).resolve()
-    if readme is not None:
-        readme_block(readme)  # a README without the markers fails now, not after the run
-    out.mkdir(parents=True, exist_ok=True)
-    total = 5
-
-    t = stage(1, total, "synthetic infrared task: many unlabelled scenes, a few labelled ones")
+def synthetic_data(out: Path, p: Preset) -> tuple[Path, Path]:
+    """Stage 1: the unlabelled scenes and the labelled SODA-layout task (kept when already there)."""
+    t = stage(1, DEMO_STAGES, "synthetic infrared task: many unlabelled scenes, a few labelled ones")
     unlabelled = out / "data" / "unlabelled"
     soda = out / "data" / "soda"
     if not (soda / "test_infrared.txt").exists():
@@ -409,8 +392,13 @@ def run(
         f"{p.unlabelled} unlabelled scenes in {unlabelled}; {p.train} labelled train / {p.test} test "
         f"scenes (SODA layout) in {soda} ({time.time() - t:.0f}s)"
     )
+    return unlabelled, soda
 
-    t = stage(2, total, "attention analysis of the two shipped teachers (unip-analyze)")
+
+def analyze_teachers(out: Path, unlabelled: Path, p: Preset) -> tuple[dict[str, Path], dict, Path]:
+    """Stage 2: unip-analyze of the shipped teachers (unless done); returns the teachers' files, the
+    selection document and its path."""
+    t = stage(2, DEMO_STAGES, "attention analysis of the two shipped teachers (unip-analyze)")
     teachers = teacher_files()
     sel_path = out / "analysis" / selection.FILENAME
     if not sel_path.exists():
@@ -430,8 +418,15 @@ def run(
             f"  {name}: NMI by layer (l/h/g = local/hybrid/global) {curve} -> selected layer {m['selected_layer']}"
         )
     say(f"({time.time() - t:.0f}s)")
+    return teachers, doc, sel_path
 
-    t = stage(3, total, "pre-training: NMI-HAD students of the MIM teacher, PAD (unip-pretrain)")
+
+def pretrain_rows(
+    out: Path, doc: dict, sel_path: Path, teachers: dict[str, Path], unlabelled: Path, p: Preset
+) -> tuple[list[dict], dict[str, str]]:
+    """Stage 3: distil (or reuse) every row's student; returns the comparison's backbones and the
+    rows' display labels."""
+    t = stage(3, DEMO_STAGES, "pre-training: NMI-HAD students of the MIM teacher, PAD (unip-pretrain)")
     mim = doc["models"]["mim"]
     selected = distilled_layer(mim, "selected")
     ablation, ablation_row = distilled_layer(mim, "last"), "last"
@@ -485,9 +480,15 @@ def run(
             backbones.append({"name": f"{name}_teacher", "backbone": f"timm:{arch}:{teachers[name]}",
                               "selection_model": name, "modes": ["lp-layerwise"]})  # fmt: skip
     say(f"({time.time() - t:.0f}s)")
+    return backbones, labels
 
+
+def fine_tune_rows(out: Path, soda: Path, backbones: list[dict], p: Preset, jobs: int | None) -> None:
+    """Stage 4: unip-compare over every row (fine-tuning) and teacher (layer-wise probing)."""
     t = stage(
-        4, total, "fine-tuning (LL-FPN) of every row and layer-wise probing of the teachers (unip-compare)"
+        4,
+        DEMO_STAGES,
+        "fine-tuning (LL-FPN) of every row and layer-wise probing of the teachers (unip-compare)",
     )
     plan = make_plan(out, soda, backbones, p)
     jobs = jobs or max(1, min(2, available_cores()))
@@ -498,7 +499,11 @@ def run(
     )
     say(f"({time.time() - t:.0f}s)")
 
-    stage(5, total, "summary")
+
+def print_summary(out: Path, doc: dict, labels: dict[str, str], p: Preset) -> list[dict]:
+    """Stage 5: the teachers' profiles, the fine-tuning table, the ablation and the layer-wise probe;
+    returns the summary rows."""
+    stage(5, DEMO_STAGES, "summary")
     summary = read_summary(out / "compare" / "summary.csv")
     from unip_analysis.report import compare_profiles
 
@@ -520,14 +525,47 @@ def run(
         say("\nlayer-wise linear probing of the teachers (mIoU, mean over seeds; pattern of the layer):")
         for line in probe:
             say(line)
+    return summary
+
+
+def copy_figures(out: Path, figures_dir: Path) -> None:
+    """Copy the analysis and comparison figures into ``figures_dir``."""
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    for png in [
+        *(out / "analysis" / "figures").glob("*.png"),
+        *(out / "compare" / "figures").glob("*.png"),
+    ]:
+        shutil.copy2(png, figures_dir / png.name)
+    say(f"figures copied to {figures_dir}")
+
+
+def run(
+    out: Path,
+    preset: str = "demo",
+    rows: tuple[str, ...] | None = None,
+    jobs: int | None = None,
+    figures_dir: Path | None = None,
+    readme: Path | None = None,
+) -> dict:
+    """Run the demo into ``out``; returns the selection document, the summary rows and the time.
+    ``readme``: also render the fine-tuning table into that README (:func:`write_readme_table`)."""
+    t_start = time.time()
+    p = PRESETS[preset]
+    if rows is not None:
+        p = replace(p, rows=rows)
+    out = Path(out).resolve()
+    if readme is not None:
+        readme_block(readme)  # a README without the markers fails now, not after the run
+    out.mkdir(parents=True, exist_ok=True)
+
+    unlabelled, soda = synthetic_data(out, p)
+    teachers, doc, sel_path = analyze_teachers(out, unlabelled, p)
+    backbones, labels = pretrain_rows(out, doc, sel_path, teachers, unlabelled, p)
+    fine_tune_rows(out, soda, backbones, p, jobs)
+    summary = print_summary(out, doc, labels, p)
+
     if figures_dir is not None:
-        figures_dir.mkdir(parents=True, exist_ok=True)
-        for png in [
-            *(out / "analysis" / "figures").glob("*.png"),
-            *(out / "compare" / "figures").glob("*.png"),
-        ]:
-            shutil.copy2(png, figures_dir / png.name)
-        say(f"figures copied to {figures_dir}")
+        copy_figures(out, figures_dir)
     if readme is not None:
         _, copy = write_readme_table(readme, out / "compare" / "summary.csv")
         say(f"README table rendered into {readme} from {copy}")
