@@ -345,20 +345,9 @@ def _pattern_badge(pattern: str) -> str:
     return f'<td><span class="pat" style="background:{color}">{esc(pattern)}</span></td>'
 
 
-def render_html(
-    doc: dict,
-    figures: Mapping[str, bytes],
-    thresholds_source: str = "",
-    notes: Mapping[str, Sequence[str]] | None = None,
-    explorer_html: str = "",
-) -> str:
-    """One self-contained HTML page: summary, thresholds, figures, the attention explorer (when
-    ``explorer_html`` holds one, see :func:`unip_analysis.explorer.render_section`), and per model
-    its checkpoint, selection and layer table. Opens offline: no external CSS, scripts or images."""
-    notes = notes or {}
-    th, im = doc["thresholds"], doc["images"]
-    names = figure_names(list(doc["models"]))
-    parts = [
+def _page_head(doc: dict) -> list[str]:
+    """The page's head, title and introduction."""
+    return [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
@@ -368,8 +357,12 @@ def render_html(
         f'<p class="muted">{esc(doc["generator"])}, created {esc(doc["created"])}. '
         "NMI between queries and keys per layer (mean over heads and images); local / hybrid / global "
         "patterns and the layer a distillation teacher should use (the deepest hybrid one, UNIP, ICLR 2025).</p>",
-        "<h2>Selected layers</h2>",
     ]
+
+
+def _selected_layers_html(doc: dict) -> list[str]:
+    """The "Selected layers" table (one row per model) and, for several models, whether their
+    profiles differ."""
     summary_rows = []
     for name, m in doc["models"].items():
         sel = m["selected_layer"]
@@ -385,16 +378,23 @@ def render_html(
                 td(m["selection_rule"]),
             ]
         )
-    parts.append(
+    parts = [
+        "<h2>Selected layers</h2>",
         html_table(
             ["model", "family", "arch", "depth", "selected layer", "heads", "pattern", "rule"], summary_rows
-        )
-    )
+        ),
+    ]
     comparison = compare_profiles(doc)
     if comparison:
         parts.append("<h2>Do the profiles differ?</h2>")
         parts.append("<ul>" + "".join(f"<li>{esc(line)}</li>" for line in comparison) + "</ul>")
-    parts += [
+    return parts
+
+
+def _thresholds_html(doc: dict, thresholds_source: str) -> list[str]:
+    """The thresholds, the NMI definition and the images the run analysed."""
+    th, im = doc["thresholds"], doc["images"]
+    return [
         "<h2>Thresholds and images</h2>",
         html_table(
             ["", "value"],
@@ -409,8 +409,12 @@ def render_html(
                 [td("normalization"), td(im["norm"])],
             ],
         ),
-        "<h2>Figures</h2>",
     ]
+
+
+def _figures_html(figures: Mapping[str, bytes], explorer_html: str) -> list[str]:
+    """The run's three depth figures and, when there is one, the attention explorer."""
+    parts = ["<h2>Figures</h2>"]
     for fname, alt in (
         ("nmi_curves.png", "NMI by depth"),
         ("attn_distance.png", "attention distance by depth"),
@@ -425,60 +429,92 @@ def render_html(
             'the stored queries and keys (docs/analysis.md, "Attention explorer").</p>',
             explorer_html,
         ]
+    return parts
+
+
+def _checkpoint_table(m: dict, notes: Sequence[str]) -> str:
+    """One model's checkpoint: family, weights, shape, selection and the loader's notes."""
+    sel = m["selected_layer"]
+    return html_table(
+        ["checkpoint", ""],
+        [
+            [td("family"), td(m["family"])],
+            [td("arch"), f"<td><code>{esc(m['arch'])}</code></td>"],
+            [td("weights"), f"<td><code>{esc(m['weights'])}</code></td>"],
+            [td("sha256"), f"<td><code>{esc(m['weights_sha256'])}</code></td>"],
+            [
+                td("depth / width / patch"),
+                td(f"{m['depth']} blocks, embed dim {m['embed_dim']}, patch {m['patch_size']}"),
+            ],
+            [td("prefix tokens"), td(m["num_prefix_tokens"])],
+            [
+                td("selected layer"),
+                td("none" if sel is None else f"{sel} ({m['selected_heads']} heads)"),
+            ],
+            [td("rule"), td(m["selection_rule"])],
+        ]
+        + [[td("note"), td(n)] for n in notes],
+    )
+
+
+def _layer_table(m: dict) -> str:
+    """One model's layers: pattern, NMI with its interval, attention distance; the selected one marked."""
+    sel = m["selected_layer"]
+    rows, classes = [], []
+    for lay in m["layers"]:
+        lo, hi = lay["nmi_ci95"]
+        is_sel = lay["layer"] == sel
+        rows.append(
+            [
+                td(lay["layer"], num=True),
+                _pattern_badge(lay["pattern"]),
+                td(f"{lay['nmi']:.4f}", num=True),
+                td(f"{lo:.4f} – {hi:.4f}", num=True),
+                td(f"{lay['attn_distance']:.1f}", num=True),
+                td(len(lay["head_nmi"]), num=True),
+                td("selected" if is_sel else ""),
+            ]
+        )
+        classes.append("sel" if is_sel else "")
+    return html_table(["layer", "pattern", "NMI", "95% CI", "distance (px)", "heads", ""], rows, classes)
+
+
+def _robustness_html(name: str, m: dict) -> list[str]:
+    """How the selection moves with the thresholds, and each layer's margin to the nearest edge."""
+    header, grid, margins = robustness_rows(m)
+    if not header:
+        return []
+    return [
+        f"<h3>How robust the selection is</h3><p>{esc(robustness_verdict(name, m))}</p>",
+        html_table(header, [[td(c) for c in row] for row in grid]),
+        html_table(
+            ["layer", "nearest edge", "NMI - edge", "95% CI", "CI contains the edge"],
+            [[td(c, num=i in (0, 2, 3)) for i, c in enumerate(row)] for row in margins],
+        ),
+    ]
+
+
+def render_html(
+    doc: dict,
+    figures: Mapping[str, bytes],
+    thresholds_source: str = "",
+    notes: Mapping[str, Sequence[str]] | None = None,
+    explorer_html: str = "",
+) -> str:
+    """One self-contained HTML page: summary, thresholds, figures, the attention explorer (when
+    ``explorer_html`` holds one, see :func:`unip_analysis.explorer.render_section`), and per model
+    its checkpoint, selection and layer table. Opens offline: no external CSS, scripts or images."""
+    notes = notes or {}
+    names = figure_names(list(doc["models"]))
+    parts = _page_head(doc)
+    parts += _selected_layers_html(doc)
+    parts += _thresholds_html(doc, thresholds_source)
+    parts += _figures_html(figures, explorer_html)
     for name, m in doc["models"].items():
-        sel = m["selected_layer"]
         parts.append(f"<h2>{esc(name)}</h2>")
-        parts.append(
-            html_table(
-                ["checkpoint", ""],
-                [
-                    [td("family"), td(m["family"])],
-                    [td("arch"), f"<td><code>{esc(m['arch'])}</code></td>"],
-                    [td("weights"), f"<td><code>{esc(m['weights'])}</code></td>"],
-                    [td("sha256"), f"<td><code>{esc(m['weights_sha256'])}</code></td>"],
-                    [
-                        td("depth / width / patch"),
-                        td(f"{m['depth']} blocks, embed dim {m['embed_dim']}, patch {m['patch_size']}"),
-                    ],
-                    [td("prefix tokens"), td(m["num_prefix_tokens"])],
-                    [
-                        td("selected layer"),
-                        td("none" if sel is None else f"{sel} ({m['selected_heads']} heads)"),
-                    ],
-                    [td("rule"), td(m["selection_rule"])],
-                ]
-                + [[td("note"), td(n)] for n in notes.get(name, [])],
-            )
-        )
-        rows, classes = [], []
-        for lay in m["layers"]:
-            lo, hi = lay["nmi_ci95"]
-            is_sel = lay["layer"] == sel
-            rows.append(
-                [
-                    td(lay["layer"], num=True),
-                    _pattern_badge(lay["pattern"]),
-                    td(f"{lay['nmi']:.4f}", num=True),
-                    td(f"{lo:.4f} – {hi:.4f}", num=True),
-                    td(f"{lay['attn_distance']:.1f}", num=True),
-                    td(len(lay["head_nmi"]), num=True),
-                    td("selected" if is_sel else ""),
-                ]
-            )
-            classes.append("sel" if is_sel else "")
-        parts.append(
-            html_table(["layer", "pattern", "NMI", "95% CI", "distance (px)", "heads", ""], rows, classes)
-        )
-        header, grid, margins = robustness_rows(m)
-        if header:
-            parts.append(f"<h3>How robust the selection is</h3><p>{esc(robustness_verdict(name, m))}</p>")
-            parts.append(html_table(header, [[td(c) for c in row] for row in grid]))
-            parts.append(
-                html_table(
-                    ["layer", "nearest edge", "NMI - edge", "95% CI", "CI contains the edge"],
-                    [[td(c, num=i in (0, 2, 3)) for i, c in enumerate(row)] for row in margins],
-                )
-            )
+        parts.append(_checkpoint_table(m, notes.get(name, [])))
+        parts.append(_layer_table(m))
+        parts += _robustness_html(name, m)
         if names[name] in figures:
             parts.append(img_tag(figures[names[name]], f"attention maps of {name}"))
     parts.append("</body></html>")
