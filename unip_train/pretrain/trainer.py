@@ -196,26 +196,13 @@ def trainable(module: torch.nn.Module) -> tuple[int, ...]:
     return tuple(id(p) for p in module.parameters() if p.requires_grad)
 
 
-def train(args: Any, method: PretrainMethod) -> None:
-    """One run of ``method`` with unip-pretrain's resolved options ``args`` (:mod:`.cli`)."""
-    # The run folder's rule first: nothing is built for a refused run. Under torchrun every process
-    # checks before the process group forms, so none can see a file rank 0 writes later.
-    path = resume_path(args)
-    info = distributed.init_distributed(args.device)
-    device = info.device
-    amp = autocast_dtype(args.precision, device)
-    say = print if info.is_main else (lambda *a, **k: None)
-
-    # Same seed on every process, so every process starts from the same weights.
-    distributed.seed_everything(args.seed)
-    method.build(device)
-    sources, dataset, batches, loader, iters = build_data(args, method, info)
-
-    # Optimization.
-    effective = args.batch_size * args.accum_iter * info.world_size
+def loop_config(args: Any, iters: int, world_size: int, amp: torch.dtype | None) -> LoopConfig:
+    """The optimization: effective batch = batch x accumulation x processes, lr from --lr or from
+    --blr scaled by it (lr = blr x effective / 256), warm-up and total steps from the epochs."""
+    effective = args.batch_size * args.accum_iter * world_size
     lr = args.lr if args.lr is not None else lr_from_blr(args.blr, effective)
     steps_per_epoch = iters // args.accum_iter
-    cfg = LoopConfig(
+    return LoopConfig(
         iters_per_epoch=iters,
         accum_iter=args.accum_iter,
         lr=lr,
@@ -226,22 +213,28 @@ def train(args: Any, method: PretrainMethod) -> None:
         clip_grad=args.clip_grad,
         amp_dtype=amp,
     )
-    optimizer = adamw(method.param_groups(args.weight_decay), lr=lr, betas=BETAS)
-    scaler = grad_scaler(device, amp)
 
+
+def run_recipe(args: Any, cfg: LoopConfig, world_size: int, images: int) -> dict:
+    """What the run records (config.json, every checkpoint): the options and the values derived
+    from them; a resumed run must match it (:func:`check_resumable`)."""
     recipe = recorded_options(args)
     recipe.update(
-        effective_batch=effective,
-        world_size=info.world_size,
-        lr_absolute=lr,
-        steps_per_epoch=steps_per_epoch,
+        effective_batch=cfg.effective_batch,
+        world_size=world_size,
+        lr_absolute=cfg.lr,
+        steps_per_epoch=cfg.steps_per_epoch,
         total_steps=cfg.total_steps,
         warmup_steps=cfg.warmup_steps,
         betas=list(BETAS),
-        amp_dtype=dtype_name(amp),
-        images=len(dataset),
+        amp_dtype=dtype_name(cfg.amp_dtype),
+        images=images,
     )
-    recipe = runs.plain(recipe)
+    return runs.plain(recipe)
+
+
+def checkpoint_state(method: PretrainMethod, optimizer, scaler, recipe: dict):
+    """The function a :class:`RunFolder` calls for a checkpoint's state at (epoch, micro-batch, step)."""
 
     def state(epoch: int, iters_done: int, step: int) -> dict:
         return {
@@ -255,34 +248,41 @@ def train(args: Any, method: PretrainMethod) -> None:
             "identity": method.identity(),
         }
 
-    kill_at = int(os.environ[KILL_ENV]) if os.environ.get(KILL_ENV) else None
-    run = RunFolder(args.out, info, state, kill_at)
+    return state
 
-    start_epoch, start_iter, ckpt = 0, 0, None
-    if path is not None:
-        ckpt = checkpointing.load_checkpoint(path)
-        check_resumable(ckpt, recipe, method, path)
-        method.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, start_iter = int(ckpt["epoch"]), int(ckpt["iter_in_epoch"])
-        run.skipped.update(ckpt.get("skipped", []))
-        say(f"resumed from {path}: epoch {start_epoch}, micro-batch {start_iter}, step {ckpt['step']}")
-    if info.is_main:  # everything is checked: the run folder may now be written
-        start_run_folder(args, say)
-        runs.write_config(args.out, {**recipe, "started_from": method.info()})
-    run.log = runs.ScalarLog(args.out, info.is_main, resume_step=int(ckpt["step"]) if ckpt else None)
 
-    say(
-        f"{method.describe()}\n"
-        f"data: {len(dataset)} images from {len(sources)} folder(s); effective batch {effective} = "
-        f"{args.batch_size} x {args.accum_iter} x {info.world_size}; lr {lr:.3g}; "
-        f"{steps_per_epoch} steps/epoch x {args.epochs} epochs",
-        flush=True,
-    )
-    if ckpt is not None:  # last, so nothing in setup draws from the restored generators
-        checkpointing.restore_rng_state(ckpt["rng"][info.rank])  # same world size: check_resumable
+def load_resume(
+    path: Path, recipe: dict, method: PretrainMethod, optimizer, scaler, run: RunFolder, say
+) -> tuple[int, int, dict]:
+    """Check ``path`` against this run and load its weights, optimizer, scaler and skipped images
+    (not yet its RNG state); returns the epoch and micro-batch to continue from, and the checkpoint."""
+    ckpt = checkpointing.load_checkpoint(path)
+    check_resumable(ckpt, recipe, method, path)
+    method.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    start_epoch, start_iter = int(ckpt["epoch"]), int(ckpt["iter_in_epoch"])
+    run.skipped.update(ckpt.get("skipped", []))
+    say(f"resumed from {path}: epoch {start_epoch}, micro-batch {start_iter}, step {ckpt['step']}")
+    return start_epoch, start_iter, ckpt
 
+
+def train_epochs(
+    args: Any,
+    method: PretrainMethod,
+    info: distributed.DistInfo,
+    cfg: LoopConfig,
+    batches: KeyBatches,
+    loader,
+    optimizer,
+    scaler,
+    run: RunFolder,
+    start_epoch: int,
+    start_iter: int,
+) -> int:
+    """The epochs from (``start_epoch``, ``start_iter``) to the last, a checkpoint after each;
+    returns the optimizer steps done."""
+    iters, steps_per_epoch = cfg.iters_per_epoch, cfg.steps_per_epoch
     model, wrapped_for = None, None
     step = start_epoch * steps_per_epoch + start_iter // args.accum_iter
     # One loader pass from the resumed micro-batch to the last: every batch carries its epoch, so
@@ -311,14 +311,27 @@ def train(args: Any, method: PretrainMethod) -> None:
         step = (epoch + 1) * steps_per_epoch
         done = epoch + 1
         run.save(done, 0, step, keep_epoch=done % args.save_every == 0 or done == args.epochs)
-    run.log.close()
+    return step
 
+
+def export_run(
+    args: Any,
+    method: PretrainMethod,
+    info: distributed.DistInfo,
+    run: RunFolder,
+    sources: list,
+    images: int,
+    recipe: dict,
+    step: int,
+    say,
+) -> None:
+    """Rank 0 exports the student with the run's summary; every process must hold the same weights."""
     digests = gather(checkpointing.weights_digest(method.backbone()))
     skipped = run.all_skipped()
     if info.is_main:
         summary = {
             "data": {
-                "images": len(dataset),
+                "images": images,
                 "sources": [s.summary() for s in sources],
                 "skipped_unreadable": len(skipped),
             },
@@ -331,6 +344,53 @@ def train(args: Any, method: PretrainMethod) -> None:
         say(f"wrote {written} ({len(skipped)} unreadable images skipped)")
     if len(set(digests)) != 1:
         raise UnipError(f"processes ended with different weights ({digests}); DDP did not keep them in sync")
+
+
+def train(args: Any, method: PretrainMethod) -> None:
+    """One run of ``method`` with unip-pretrain's resolved options ``args`` (:mod:`.cli`)."""
+    # The run folder's rule first: nothing is built for a refused run. Under torchrun every process
+    # checks before the process group forms, so none can see a file rank 0 writes later.
+    path = resume_path(args)
+    info = distributed.init_distributed(args.device)
+    device = info.device
+    amp = autocast_dtype(args.precision, device)
+    say = print if info.is_main else (lambda *a, **k: None)
+
+    # Same seed on every process, so every process starts from the same weights.
+    distributed.seed_everything(args.seed)
+    method.build(device)
+    sources, dataset, batches, loader, iters = build_data(args, method, info)
+
+    cfg = loop_config(args, iters, info.world_size, amp)
+    optimizer = adamw(method.param_groups(args.weight_decay), lr=cfg.lr, betas=BETAS)
+    scaler = grad_scaler(device, amp)
+    recipe = run_recipe(args, cfg, info.world_size, len(dataset))
+
+    kill_at = int(os.environ[KILL_ENV]) if os.environ.get(KILL_ENV) else None
+    run = RunFolder(args.out, info, checkpoint_state(method, optimizer, scaler, recipe), kill_at)
+    start_epoch, start_iter, ckpt = 0, 0, None
+    if path is not None:
+        start_epoch, start_iter, ckpt = load_resume(path, recipe, method, optimizer, scaler, run, say)
+    if info.is_main:  # everything is checked: the run folder may now be written
+        start_run_folder(args, say)
+        runs.write_config(args.out, {**recipe, "started_from": method.info()})
+    run.log = runs.ScalarLog(args.out, info.is_main, resume_step=int(ckpt["step"]) if ckpt else None)
+
+    say(
+        f"{method.describe()}\n"
+        f"data: {len(dataset)} images from {len(sources)} folder(s); effective batch {cfg.effective_batch} = "
+        f"{args.batch_size} x {args.accum_iter} x {info.world_size}; lr {cfg.lr:.3g}; "
+        f"{cfg.steps_per_epoch} steps/epoch x {args.epochs} epochs",
+        flush=True,
+    )
+    if ckpt is not None:  # last, so nothing in setup draws from the restored generators
+        checkpointing.restore_rng_state(ckpt["rng"][info.rank])  # same world size: check_resumable
+
+    step = train_epochs(
+        args, method, info, cfg, batches, loader, optimizer, scaler, run, start_epoch, start_iter
+    )
+    run.log.close()
+    export_run(args, method, info, run, sources, len(dataset), recipe, step, say)
 
 
 def check_resumable(ckpt: dict, recipe: dict, method: PretrainMethod, path: Path) -> None:
