@@ -211,6 +211,108 @@ class Result:
     metrics: dict | None = None
 
 
+def check_options(batch_size: int, opacity: float) -> None:
+    """Refuse a batch size below 1 and an overlay opacity outside [0, 1]."""
+    if batch_size < 1:
+        raise PredictError(f"--batch-size {batch_size}: expected 1 or more")
+    if not 0.0 <= opacity <= 1.0:
+        raise PredictError(f"--opacity {opacity}: expected a value in [0, 1]")
+
+
+def finished_masks(targets: Sequence[Targets], items: Sequence[Item], save_probs: bool) -> list[Path | None]:
+    """Per image, its mask when a run before wrote every output it needs (the image is not redone)."""
+    return [
+        t.pred if all(p.is_file() for p in t.expected(save_probs, it.label is not None)) else None
+        for t, it in zip(targets, items)
+    ]
+
+
+class Batcher:
+    """One run's state as the loader's records come in: images of one size are batched, segmented
+    and written together; failures are listed and scored images counted in the confusion matrix."""
+
+    def __init__(
+        self,
+        seg: Segmenter,
+        items: Sequence[Item],
+        targets: Sequence[Targets],
+        batch_size: int,
+        opacity: float,
+        save_probs: bool,
+        bar: tqdm,
+    ):
+        self.seg, self.items, self.targets, self.bar = seg, items, targets, bar
+        self.batch_size, self.opacity, self.save_probs = batch_size, opacity, save_probs
+        self.palette = seg.info.palette_array()
+        self.classes = seg.info.classes
+        self.result = Result()
+        self.conf = np.zeros((len(self.classes), len(self.classes)), dtype=np.int64)
+        self.rows: list[dict] = []
+        self.pending: list[dict] = []
+
+    def take(self, rec: dict) -> None:
+        """One loader record: a failure, an image done before (scored again), or one to segment."""
+        if "error" in rec:
+            self.fail(rec, rec["error"])
+        elif "pred" in rec:
+            self.score(rec, rec["pred"])
+            self.result.skipped += 1
+            self.bar.update(1)
+        else:
+            pending = self.pending
+            key = (rec["input"].shape, rec["image"].shape)
+            if pending and (
+                key != (pending[0]["input"].shape, pending[0]["image"].shape[-2:])
+                or len(pending) >= self.batch_size
+            ):
+                self.flush()
+            pending.append(rec)
+
+    def score(self, rec: dict, pred: np.ndarray) -> None:
+        """Add a labelled image's confusion matrix to the run's, and its row to the per-image table."""
+        if "label" in rec:
+            n = len(self.classes)
+            c = confusion_matrix(torch.from_numpy(pred), torch.from_numpy(rec["label"]), n).numpy()
+            self.conf += c
+            self.rows.append(image_row(str(self.items[rec["i"]].rel), c, self.classes))
+
+    def flush(self) -> None:
+        """Segment the pending batch and write each image's outputs, the mask last."""
+        pending = self.pending
+        if not pending:
+            return
+        batch = torch.stack([r["input"] for r in pending])
+        try:
+            logits = self.seg.logits(batch, pending[0]["image"].shape[-2:])
+        except RuntimeError as e:  # out of memory and the like: these images fail, the rest still run
+            for r in pending:
+                self.fail(r, f"inference failed ({error_line(e)})")
+            pending.clear()
+            return
+        for r, lg in zip(pending, logits):
+            pred = lg.argmax(0).to(torch.uint8).cpu().numpy()
+            t = self.targets[r["i"]]
+            if self.save_probs:
+                write_probs(t.prob, torch.softmax(lg, 0).cpu().numpy())
+            write_rgb(t.overlay, overlay(r["image"], pred, self.palette, self.opacity), "JPEG")
+            if "label" in r:
+                write_rgb(t.errors, error_panel(r["image"], r["label"], pred, self.palette), "PNG")
+            write_mask(t.pred, pred, self.palette)  # last: its presence with the others marks the image done
+            self.score(r, pred)
+            self.result.segmented += 1
+            self.bar.update(1)
+        pending.clear()
+
+    def fail(self, rec: dict, why: str) -> None:
+        """List an image that could not be segmented, and say so."""
+        path = self.items[rec["i"]].image
+        self.result.failures.append((path, why))
+        self.bar.write(
+            f"{PROG}: {why if why.startswith(str(path)) else f'{path}: {why}'} (skipped)", file=sys.stderr
+        )
+        self.bar.update(1)
+
+
 def predict(
     seg: Segmenter,
     items: Sequence[Item],
@@ -223,93 +325,28 @@ def predict(
     record: dict | None = None,
 ) -> Result:
     """Segment ``items`` into ``out`` (continuing a folder written before); with labels, score them."""
-    if batch_size < 1:
-        raise PredictError(f"--batch-size {batch_size}: expected 1 or more")
-    if not 0.0 <= opacity <= 1.0:
-        raise PredictError(f"--opacity {opacity}: expected a value in [0, 1]")
+    check_options(batch_size, opacity)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     labelled = any(it.label is not None for it in items)
-    palette = seg.info.palette_array()
-    classes = seg.info.classes
     targets = [Targets(out, it.rel) for it in items]
-    done = [
-        t.pred if all(p.is_file() for p in t.expected(save_probs, it.label is not None)) else None
-        for t, it in zip(targets, items)
-    ]
-    result = Result()
-    conf = np.zeros((len(classes), len(classes)), dtype=np.int64)
-    rows: list[dict] = []
+    done = finished_masks(targets, items, save_probs)
     loader = torch.utils.data.DataLoader(
         ReadSet(seg.info, items, done), batch_size=None, num_workers=workers, collate_fn=_keep,
         pin_memory=seg.device.type == "cuda",
     )  # fmt: skip
     bar = tqdm(total=len(items), desc=PROG, unit="img", disable=not progress, dynamic_ncols=True)
-    pending: list[dict] = []
-
-    def score(rec: dict, pred: np.ndarray) -> None:
-        nonlocal conf
-        if "label" in rec:
-            c = confusion_matrix(torch.from_numpy(pred), torch.from_numpy(rec["label"]), len(classes)).numpy()
-            conf += c
-            rows.append(image_row(str(items[rec["i"]].rel), c, classes))
-
-    def flush() -> None:
-        if not pending:
-            return
-        batch = torch.stack([r["input"] for r in pending])
-        try:
-            logits = seg.logits(batch, pending[0]["image"].shape[-2:])
-        except RuntimeError as e:  # out of memory and the like: these images fail, the rest still run
-            for r in pending:
-                fail(r, f"inference failed ({error_line(e)})")
-            pending.clear()
-            return
-        for r, lg in zip(pending, logits):
-            pred = lg.argmax(0).to(torch.uint8).cpu().numpy()
-            t = targets[r["i"]]
-            if save_probs:
-                write_probs(t.prob, torch.softmax(lg, 0).cpu().numpy())
-            write_rgb(t.overlay, overlay(r["image"], pred, palette, opacity), "JPEG")
-            if "label" in r:
-                write_rgb(t.errors, error_panel(r["image"], r["label"], pred, palette), "PNG")
-            write_mask(t.pred, pred, palette)  # last: its presence with the others marks the image done
-            score(r, pred)
-            result.segmented += 1
-            bar.update(1)
-        pending.clear()
-
-    def fail(rec: dict, why: str) -> None:
-        path = items[rec["i"]].image
-        result.failures.append((path, why))
-        bar.write(
-            f"{PROG}: {why if why.startswith(str(path)) else f'{path}: {why}'} (skipped)", file=sys.stderr
-        )
-        bar.update(1)
-
+    run = Batcher(seg, items, targets, batch_size, opacity, save_probs, bar)
     try:
         for rec in loader:
-            if "error" in rec:
-                fail(rec, rec["error"])
-            elif "pred" in rec:
-                score(rec, rec["pred"])
-                result.skipped += 1
-                bar.update(1)
-            else:
-                key = (rec["input"].shape, rec["image"].shape)
-                if pending and (
-                    key != (pending[0]["input"].shape, pending[0]["image"].shape[-2:])
-                    or len(pending) >= batch_size
-                ):
-                    flush()
-                pending.append(rec)
-        flush()
+            run.take(rec)
+        run.flush()
     finally:
         bar.close()
-    write_failed(out, result.failures)
+    write_failed(out, run.result.failures)
     if labelled:
-        result.metrics = write_metrics(out, conf, classes, rows, dict(record or {}))
-    return result
+        run.result.metrics = write_metrics(out, run.conf, run.classes, run.rows, dict(record or {}))
+    return run.result
 
 
 def run_summary(result: Result, out: Path) -> str:
