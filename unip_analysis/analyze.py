@@ -213,6 +213,92 @@ def autocast(device: str | torch.device, dtype: torch.dtype | None) -> contextli
     return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
+def explorer_recorder(
+    backbone: LoadedBackbone,
+    model: torch.nn.Module,
+    dataset: torch.utils.data.Dataset,
+    grid: tuple[int, int],
+    explore_images: int,
+) -> ExplorerRecorder | None:
+    """The recorder keeping every layer's q and k of the first ``explore_images`` images (None for 0)."""
+    if explore_images <= 0:
+        return None
+    blocks = list(model.blocks)
+    plan = plan_explorer(
+        min(explore_images, len(dataset)),
+        [b.attn.num_heads for b in blocks],
+        [_head_dim(b.attn) for b in blocks],
+        grid,
+        backbone.num_prefix_tokens,
+    )
+    return ExplorerRecorder(
+        plan,
+        backbone.depth,
+        grid,
+        backbone.num_prefix_tokens,
+        getattr(dataset, "mean", None),
+        getattr(dataset, "std", None),
+    )
+
+
+def forward_all(
+    model: torch.nn.Module,
+    loader: torch.utils.data.DataLoader,
+    observer: LayerObserver,
+    recorder: ExplorerRecorder | None,
+    device: str | torch.device,
+    dtype: torch.dtype | None,
+    bar_title: str,
+    progress: bool,
+) -> None:
+    """One forward pass over every batch with ``observer`` reducing each layer's attention."""
+    bar = tqdm(loader, desc=bar_title, unit="batch", disable=not progress, leave=False)
+    with observe_attention(model, observer):
+        for batch in bar:
+            observer.start_batch(batch.shape[0])
+            if recorder is not None:
+                recorder.start_batch(batch)
+            with autocast(device, dtype):
+                model.forward_features(batch.to(device, non_blocking=True))
+
+
+def analysis_result(
+    backbone: LoadedBackbone,
+    name: str,
+    grid: tuple[int, int],
+    observer: LayerObserver,
+    recorder: ExplorerRecorder | None,
+    query_points: Sequence[tuple[float, float]],
+    files: Sequence,
+    map_images: int,
+    nmi: str,
+) -> ModelAnalysis:
+    """The :class:`ModelAnalysis` of a finished pass: the backbone's facts and the per-head arrays."""
+    return ModelAnalysis(
+        name=name,
+        family=backbone.family,
+        arch=backbone.arch,
+        weights=backbone.path,
+        weights_sha256=backbone.sha256,
+        depth=backbone.depth,
+        embed_dim=backbone.embed_dim,
+        patch_size=backbone.patch_size,
+        num_prefix_tokens=backbone.num_prefix_tokens,
+        heads_per_layer=backbone.heads_per_layer,
+        img_size=backbone.img_size,
+        grid=grid,
+        head_nmi=[torch.cat(v).double().numpy() for v in observer.nmi],
+        head_distance=[torch.cat(v).double().numpy() for v in observer.distance],
+        query_points=[tuple(p) for p in query_points],
+        query_tokens=observer.query_tokens,
+        query_maps=[torch.cat(v).numpy() if v else np.zeros((0,)) for v in observer.maps],
+        map_images=[str(f) for f in files[:map_images]],
+        notes=list(backbone.notes),
+        nmi_definition=nmi,
+        explorer=None if recorder is None else recorder.result([_label(f) for f in files]),
+    )
+
+
 @torch.inference_mode()
 def analyze_backbone(
     backbone: LoadedBackbone,
@@ -234,9 +320,9 @@ def analyze_backbone(
     whole [B, H, N, N] map exists (plus ``map_images`` x query rows kept for figures).
     ``precision`` bf16 / fp16 runs the model under autocast; the logits, softmax and statistics
     stay in fp32 / fp64. ``nmi``: 'park' (Park et al., patch tokens) or 'unip' (UNIP's published
-    function on the whole map), see :mod:`unip_analysis.metrics`.
-    stay in fp32 / fp64. ``explore_images`` > 0 also keeps every layer's q and k of that many
-    first images, encoded for the attention explorer (:mod:`unip_analysis.explorer`).
+    function on the whole map), see :mod:`unip_analysis.metrics`. ``explore_images`` > 0 also
+    keeps every layer's q and k of that many first images, encoded for the attention explorer
+    (:mod:`unip_analysis.explorer`).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
@@ -244,24 +330,7 @@ def analyze_backbone(
     model = backbone.model.to(device).eval()
     grid = tuple(int(g) for g in model.patch_embed.grid_size)
     q_idx = query_token_indices(query_points, grid)
-    recorder = None
-    if explore_images > 0:
-        blocks = list(model.blocks)
-        plan = plan_explorer(
-            min(explore_images, len(dataset)),
-            [b.attn.num_heads for b in blocks],
-            [_head_dim(b.attn) for b in blocks],
-            grid,
-            backbone.num_prefix_tokens,
-        )
-        recorder = ExplorerRecorder(
-            plan,
-            backbone.depth,
-            grid,
-            backbone.num_prefix_tokens,
-            getattr(dataset, "mean", None),
-            getattr(dataset, "std", None),
-        )
+    recorder = explorer_recorder(backbone, model, dataset, grid, explore_images)
     observer = LayerObserver(
         backbone.depth,
         grid,
@@ -276,39 +345,9 @@ def analyze_backbone(
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers
     )
-    bar = tqdm(loader, desc=f"analyse {name}", unit="batch", disable=not progress, leave=False)
-    dtype = PRECISIONS[precision]
-    with observe_attention(model, observer):
-        for batch in bar:
-            observer.start_batch(batch.shape[0])
-            if recorder is not None:
-                recorder.start_batch(batch)
-            with autocast(device, dtype):
-                model.forward_features(batch.to(device, non_blocking=True))
+    forward_all(model, loader, observer, recorder, device, PRECISIONS[precision], f"analyse {name}", progress)
     files = getattr(dataset, "files", [])
-    return ModelAnalysis(
-        name=name,
-        family=backbone.family,
-        arch=backbone.arch,
-        weights=backbone.path,
-        weights_sha256=backbone.sha256,
-        depth=backbone.depth,
-        embed_dim=backbone.embed_dim,
-        patch_size=backbone.patch_size,
-        num_prefix_tokens=backbone.num_prefix_tokens,
-        heads_per_layer=backbone.heads_per_layer,
-        img_size=backbone.img_size,
-        grid=grid,
-        head_nmi=[torch.cat(v).double().numpy() for v in observer.nmi],
-        head_distance=[torch.cat(v).double().numpy() for v in observer.distance],
-        query_points=[tuple(p) for p in query_points],
-        query_tokens=q_idx,
-        query_maps=[torch.cat(v).numpy() if v else np.zeros((0,)) for v in observer.maps],
-        map_images=[str(f) for f in files[:map_images]],
-        notes=list(backbone.notes),
-        nmi_definition=nmi,
-        explorer=None if recorder is None else recorder.result([_label(f) for f in files]),
-    )
+    return analysis_result(backbone, name, grid, observer, recorder, query_points, files, map_images, nmi)
 
 
 def _head_dim(attn: torch.nn.Module) -> int:

@@ -300,14 +300,9 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def run(args: AnalyzeOptions) -> dict[str, Path]:
-    """Load, analyse, then write; returns the written paths. Raises UnipError on bad input."""
-    specs = collect_specs(args.checkpoint, args.manifest)
-    names = [s.name for s in specs]
-    overrides = parse_layer_overrides(args.layer, names)
-    points = parse_query_points(args.query_points)
-    images.parse_normalization(args.norm)  # fail on a bad --norm before loading anything
-    device = resolve_device(args.device)
+def check_out_folder(args: AnalyzeOptions) -> int:
+    """Refuse an --out that is a file, holds an analysis (without --overwrite) or lies inside the
+    image folder; returns how many images the folder holds."""
     if args.out.exists() and not args.out.is_dir():
         raise SpecError(f"{args.out}: --out exists and is not a folder; pass a folder path")
     if not args.overwrite:  # refused before any work; with --overwrite the old files go aside at the end
@@ -318,7 +313,13 @@ def run(args: AnalyzeOptions) -> dict[str, Path]:
         raise SpecError(
             f"{args.out}: --out lies inside the image folder {args.images}; choose a folder outside it"
         )
+    return n_found
 
+
+def load_backbones(
+    specs: Sequence[CheckpointSpec], overrides: dict[str, int], args: AnalyzeOptions, device: str
+) -> dict[str, LoadedBackbone]:
+    """Every checkpoint, by name, with its loader's notes said; a --layer beyond its depth refused."""
     backbones: dict[str, LoadedBackbone] = {}
     for s in specs:
         _say(f"loading {s.name}: {s.family} {s.arch} from {s.path or 'the Hugging Face cache'}")
@@ -337,20 +338,30 @@ def run(args: AnalyzeOptions) -> dict[str, Path]:
                 f"--layer {overrides[s.name]} for {s.name!r} is outside 1..{bb.depth} ({bb.path})"
             )
         backbones[s.name] = bb
+    return backbones
+
+
+def common_img_size(backbones: dict[str, LoadedBackbone]) -> int:
+    """The input size every model runs at; models whose defaults differ need --img-size."""
     sizes = {bb.img_size for bb in backbones.values()}
     if len(sizes) > 1:
         listing = ", ".join(f"{n} {bb.img_size}" for n, bb in backbones.items())
         raise SpecError(f"the architectures default to different input sizes ({listing}); pass --img-size")
-    img_size = sizes.pop()
-    grids = {n: tuple(int(g) for g in bb.model.patch_embed.grid_size) for n, bb in backbones.items()}
-    th = resolve_thresholds(args.global_max, args.local_min, grids, args.nmi)
-    dataset = analyze.image_dataset(args.images, img_size, args.norm, limit=args.num_images)
-    _say(
-        f"images: {len(dataset)} of {n_found} under {args.images} at {img_size}px, norm {args.norm}\n"
-        f"NMI: {NMI_LABELS[args.nmi]} (--nmi {args.nmi})\n"
-        f"thresholds: global_max={th.global_max:.4f} local_min={th.local_min:.4f} ({th.source})"
-    )
+    return sizes.pop()
 
+
+def analyze_models(
+    args: AnalyzeOptions,
+    names: Sequence[str],
+    backbones: dict[str, LoadedBackbone],
+    dataset: torch.utils.data.Dataset,
+    th: Thresholds,
+    overrides: dict[str, int],
+    points: list[tuple[float, float]],
+    device: str,
+) -> tuple[list[analyze.ModelAnalysis], dict[str, dict]]:
+    """Analyse the models one at a time (each dropped from ``backbones`` as it starts); returns the
+    analyses and each model's selection entry."""
     analyses, entries = [], {}
     for name in names:
         _say(f"analysing {name}")
@@ -373,8 +384,11 @@ def run(args: AnalyzeOptions) -> dict[str, Path]:
                 _say(f"  explorer: {note}")
         entries[name] = analyze.model_entry(res, th, overrides.get(name), args.fallback, args.bootstrap)
         analyses.append(res)
+    return analyses, entries
 
-    rep = report.build_report(analyses, entries, th, args.images, len(dataset), args.norm)
+
+def write_outputs(args: AnalyzeOptions, rep: report.Report) -> dict[str, Path]:
+    """Write the run (moving an old one aside under --overwrite) and say what was selected and written."""
     if args.overwrite:
         command.prepare_out(args.out, OUTPUTS, overwrite=True, what="an analysis", can_resume=False)
     written = report.write_report(rep, args.out)
@@ -386,6 +400,32 @@ def run(args: AnalyzeOptions) -> dict[str, Path]:
     for kind, path in written.items():
         _say(f"  {kind:<{width}}  {path}")
     return written
+
+
+def run(args: AnalyzeOptions) -> dict[str, Path]:
+    """Load, analyse, then write; returns the written paths. Raises UnipError on bad input."""
+    specs = collect_specs(args.checkpoint, args.manifest)
+    names = [s.name for s in specs]
+    overrides = parse_layer_overrides(args.layer, names)
+    points = parse_query_points(args.query_points)
+    images.parse_normalization(args.norm)  # fail on a bad --norm before loading anything
+    device = resolve_device(args.device)
+    n_found = check_out_folder(args)
+
+    backbones = load_backbones(specs, overrides, args, device)
+    img_size = common_img_size(backbones)
+    grids = {n: tuple(int(g) for g in bb.model.patch_embed.grid_size) for n, bb in backbones.items()}
+    th = resolve_thresholds(args.global_max, args.local_min, grids, args.nmi)
+    dataset = analyze.image_dataset(args.images, img_size, args.norm, limit=args.num_images)
+    _say(
+        f"images: {len(dataset)} of {n_found} under {args.images} at {img_size}px, norm {args.norm}\n"
+        f"NMI: {NMI_LABELS[args.nmi]} (--nmi {args.nmi})\n"
+        f"thresholds: global_max={th.global_max:.4f} local_min={th.local_min:.4f} ({th.source})"
+    )
+
+    analyses, entries = analyze_models(args, names, backbones, dataset, th, overrides, points, device)
+    rep = report.build_report(analyses, entries, th, args.images, len(dataset), args.norm)
+    return write_outputs(args, rep)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
