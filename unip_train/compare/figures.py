@@ -86,6 +86,91 @@ def selection_thresholds(doc: dict) -> Thresholds:
     return Thresholds(th["global_max"], th["local_min"], source="layer_selection.json")
 
 
+def _nmi_underlay(ax, name: str, nmi: pd.DataFrame, model: str, selection_doc: dict) -> tuple:
+    """Draw the model's NMI by layer over the pattern bands on ``ax``; returns the twin axis for the
+    mIoU, the panel's title and the NMI definition."""
+    definition = selection.nmi_definition(selection_doc)
+    plots.plot_nmi_curves(
+        nmi, selection_thresholds(selection_doc), ax=ax, x="layer", nmi_definition=definition
+    )
+    ax.get_legend().remove()
+    miou_ax = ax.twinx()
+    # The pattern names sit just right of the NMI axis: move the mIoU axis further out.
+    miou_ax.spines["right"].set_position(("axes", 1.1))
+    title = f"{name}: probe mIoU by layer over NMI of {model!r} ({definition} NMI, layer_selection.json)"
+    return miou_ax, title, definition
+
+
+def _miou_by_layer(miou_ax, sb: pd.DataFrame, rb: pd.DataFrame) -> tuple[np.ndarray, int]:
+    """Probe mIoU by layer: mean line, 95% t band, every seed's dot, the best layer marked; returns
+    the probed layers and the best one."""
+    layers = sb["layer"].astype(int).to_numpy()
+    miou_ax.fill_between(
+        layers,
+        sb["miou_ci95_lo"].astype(float),
+        sb["miou_ci95_hi"].astype(float),
+        color=MIOU_COLOR,
+        alpha=0.12,
+        lw=0,
+    )
+    miou_ax.plot(layers, sb["miou_mean"], "-s", color=MIOU_COLOR, ms=5, lw=1.8, zorder=5)
+    miou_ax.plot(rb["layer"].astype(int), rb["miou"], "o", color=SEED_COLOR, ms=3, zorder=4)
+    best = int(layers[int(np.nanargmax(sb["miou_mean"].to_numpy()))])
+    miou_ax.axvline(best, color=MIOU_COLOR, ls=":", lw=1)
+    miou_ax.set_ylabel("probe mIoU")
+    return layers, best
+
+
+def _layerwise_legend(ax, miou_ax, best: int, definition: str | None) -> None:
+    """The panel's legend, below it: the mIoU entries, after the NMI curve's when one is drawn."""
+    handles = [
+        Line2D(
+            [],
+            [],
+            marker="s",
+            color=MIOU_COLOR,
+            label=f"probe mIoU, mean and 95% t interval (best: layer {best})",
+        ),
+        Line2D([], [], marker="o", ls="", color=SEED_COLOR, ms=3, label="probe mIoU, one seed"),
+    ]
+    if miou_ax is not ax:
+        handles = [*_nmi_handles(ax, definition), *handles]
+    # Below the panel: inside, it would cover the curves whatever corner it took.
+    ax.legend(
+        handles=handles,
+        fontsize=7.5,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.16),
+        ncols=2,
+        frameon=False,
+    )
+
+
+def _layerwise_panel(
+    ax,
+    name: str,
+    sb: pd.DataFrame,
+    rb: pd.DataFrame,
+    nmi: pd.DataFrame | None,
+    model: str | None,
+    selection_doc: dict | None,
+) -> None:
+    """One backbone's panel: its NMI underlay (when the selection has it), the probe mIoU, legend,
+    layer ticks and title."""
+    definition = None
+    if nmi is not None and len(nmi):
+        miou_ax, title, definition = _nmi_underlay(ax, name, nmi, model, selection_doc)
+    else:
+        miou_ax = ax
+        ax.set_xlabel("layer (1-based)")
+        title = f"{name}: probe mIoU by layer (no NMI: not in the plan's layer_selection)"
+    layers, best = _miou_by_layer(miou_ax, sb, rb)
+    _layerwise_legend(ax, miou_ax, best, definition)
+    depth = int(nmi["layer"].max()) if miou_ax is not ax else int(layers.max())
+    ax.set_xticks(range(1, max(depth, int(layers.max())) + 1))
+    ax.set_title(title, fontsize=9.5)
+
+
 def plot_layerwise(
     summary: pd.DataFrame,
     results: pd.DataFrame,
@@ -112,64 +197,10 @@ def plot_layerwise(
         len(backbones), 1, figsize=(8.2, 4.4 * len(backbones)), squeeze=False, layout="constrained"
     )
     for ax, name in zip(axes[:, 0], backbones):
-        sb = s[s["backbone"] == name].sort_values("layer")
-        rb = r[r["backbone"] == name]
         model = selection_models.get(name)
         nmi = None if table is None or model is None else table[table["model"] == model]
-        if nmi is not None and len(nmi):
-            definition = selection.nmi_definition(selection_doc)
-            plots.plot_nmi_curves(
-                nmi, selection_thresholds(selection_doc), ax=ax, x="layer", nmi_definition=definition
-            )
-            ax.get_legend().remove()
-            miou_ax = ax.twinx()
-            # The pattern names sit just right of the NMI axis: move the mIoU axis further out.
-            miou_ax.spines["right"].set_position(("axes", 1.1))
-            title = (
-                f"{name}: probe mIoU by layer over NMI of {model!r} ({definition} NMI, layer_selection.json)"
-            )
-        else:
-            miou_ax = ax
-            ax.set_xlabel("layer (1-based)")
-            title = f"{name}: probe mIoU by layer (no NMI: not in the plan's layer_selection)"
-        layers = sb["layer"].astype(int).to_numpy()
-        miou_ax.fill_between(
-            layers,
-            sb["miou_ci95_lo"].astype(float),
-            sb["miou_ci95_hi"].astype(float),
-            color=MIOU_COLOR,
-            alpha=0.12,
-            lw=0,
-        )
-        miou_ax.plot(layers, sb["miou_mean"], "-s", color=MIOU_COLOR, ms=5, lw=1.8, zorder=5)
-        miou_ax.plot(rb["layer"].astype(int), rb["miou"], "o", color=SEED_COLOR, ms=3, zorder=4)
-        best = int(layers[int(np.nanargmax(sb["miou_mean"].to_numpy()))])
-        miou_ax.axvline(best, color=MIOU_COLOR, ls=":", lw=1)
-        miou_ax.set_ylabel("probe mIoU")
-        handles = [
-            Line2D(
-                [],
-                [],
-                marker="s",
-                color=MIOU_COLOR,
-                label=f"probe mIoU, mean and 95% t interval (best: layer {best})",
-            ),
-            Line2D([], [], marker="o", ls="", color=SEED_COLOR, ms=3, label="probe mIoU, one seed"),
-        ]
-        if miou_ax is not ax:
-            handles = [*_nmi_handles(ax, definition), *handles]
-        # Below the panel: inside, it would cover the curves whatever corner it took.
-        ax.legend(
-            handles=handles,
-            fontsize=7.5,
-            loc="upper center",
-            bbox_to_anchor=(0.5, -0.16),
-            ncols=2,
-            frameon=False,
-        )
-        depth = int(nmi["layer"].max()) if miou_ax is not ax else int(layers.max())
-        ax.set_xticks(range(1, max(depth, int(layers.max())) + 1))
-        ax.set_title(title, fontsize=9.5)
+        sb, rb = s[s["backbone"] == name].sort_values("layer"), r[r["backbone"] == name]
+        _layerwise_panel(ax, name, sb, rb, nmi, model, selection_doc)
     return fig
 
 
