@@ -316,18 +316,42 @@ def generate(
     if layout == "ade20k":
         return _generate_ade20k(out if unip else out / spec.root_subdir, n_train, n_test, size, seed)
     image_dir = "thermal_imgs" if layout == "mfnet" and unip else spec.image_dirs[-1]
-    mfnet = {"mfnet": "thermal" if unip else "rgbt", "mfnet-rgb": "rgb" if unip else "rgbt"}.get(layout)
-    depth = layout in ("nyuv2", "sunrgbd")
-    cityscapes = layout == "scut" and not unip
     (out / image_dir).mkdir(parents=True, exist_ok=True)
     (out / spec.label_dir).mkdir(parents=True, exist_ok=True)
+    counts = {"train": n_train, "val": n_test, "test": n_test}
+    lists = _write_scenes(out, layout, unip, image_dir, counts, size, seed)
+    _write_split_files(out, layout, unip, lists)
+    return out
+
+
+def _stored_label_lut(layout: str, cityscapes: bool) -> np.ndarray:
+    """Class index -> the value the layout's label files store (its class order; Cityscapes label
+    IDs for SCUT's release); 255 (ignore) stays 255."""
     lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
     lut[: len(CLASSES)] = LAYOUT_CLASS_MAP[layout]
     if cityscapes:
         ids = np.array([*SCUT_CITYSCAPES_IDS, *([0] * (256 - len(SCUT_CITYSCAPES_IDS)))], dtype=np.uint8)
         ids[IGNORE_INDEX] = IGNORE_INDEX
         lut = ids[lut]
-    counts = {"train": n_train, "val": n_test, "test": n_test}
+    return lut
+
+
+def _write_scenes(
+    out: Path,
+    layout: str,
+    unip: bool,
+    image_dir: str,
+    counts: dict[str, int],
+    size: int | tuple[int, int],
+    seed: int,
+) -> dict[str, list[str]]:
+    """Draw and write each split's scenes in turn (one generator, stems numbered across splits);
+    returns each split's list lines."""
+    spec = LAYOUTS[layout]
+    mfnet = {"mfnet": "thermal" if unip else "rgbt", "mfnet-rgb": "rgb" if unip else "rgbt"}.get(layout)
+    depth = layout in ("nyuv2", "sunrgbd")
+    cityscapes = layout == "scut" and not unip
+    lut = _stored_label_lut(layout, cityscapes)
     rng = np.random.default_rng(seed)
     index = 0
     lists: dict[str, list[str]] = {}
@@ -346,6 +370,13 @@ def generate(
             else:
                 lines.append(stem)
         lists[split] = lines
+    return lists
+
+
+def _write_split_files(out: Path, layout: str, unip: bool, lists: dict[str, list[str]]) -> None:
+    """The layout's split files: SODA's copies, MFNet's day / night halves (and UNIP's val_test),
+    and ``classes.txt`` for layouts that carry their own class list."""
+    spec = LAYOUTS[layout]
     if layout == "soda":
         _add_soda_copies(out, spec, lists)
     if layout in ("mfnet", "mfnet-rgb"):
@@ -357,7 +388,6 @@ def generate(
         (out / spec.splits[split]).write_text("".join(f"{line}\n" for line in lines))
     if spec.classes is None:
         (out / "classes.txt").write_text("".join(f"{c}\n" for c in CLASSES))
-    return out
 
 
 def _generate_ade20k(base: Path, n_train: int, n_test: int, size: int | tuple[int, int], seed: int) -> Path:
