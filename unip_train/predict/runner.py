@@ -260,9 +260,10 @@ class Batcher:
             self.bar.update(1)
         else:
             pending = self.pending
+            # Same input size and same image size (grey [H, W] or colour [3, H, W]): one batch.
             key = (rec["input"].shape, rec["image"].shape)
             if pending and (
-                key != (pending[0]["input"].shape, pending[0]["image"].shape[-2:])
+                key != (pending[0]["input"].shape, pending[0]["image"].shape)
                 or len(pending) >= self.batch_size
             ):
                 self.flush()
