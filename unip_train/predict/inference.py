@@ -16,7 +16,6 @@ palette, config) or from the ONNX file's sidecar JSON (:meth:`ModelInfo.sidecar`
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from unip_analysis.errors import SpecError, UnipError
 from unip_analysis.files import read_json
 from unip_analysis.images import parse_normalization
 
+from ..distributed import resolve_device
 from ..finetune.augment import EvalResize
 from ..finetune.config import FinetuneConfig
 from ..finetune.dataset import read_pixels, scaled_norm, to_input
@@ -214,17 +214,6 @@ def sidecar_path(onnx_path: Path) -> Path:
     return onnx_path.with_name(onnx_path.name + ".json")
 
 
-def resolve_device(text: str) -> torch.device:
-    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` -> a device that exists here."""
-    if text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
-        raise SpecError(f"--device {text!r}: expected auto, cpu, cuda or cuda:N")
-    if text.startswith("cuda") and not torch.cuda.is_available():
-        raise SpecError(f"--device {text}: no CUDA device is visible; use --device cpu (or auto)")
-    return torch.device(text)
-
-
 def precision_dtype(precision: str, info: ModelInfo, device: torch.device) -> torch.dtype | None:
     """Autocast dtype of ``--precision``: ``auto`` is the run's own ``--precision`` (as its evaluation ran)."""
     if precision not in PRECISIONS:
@@ -305,7 +294,7 @@ def open_model(
     float32: its sidecar gives the rest)."""
     if backend not in BACKENDS:
         raise SpecError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
-    dev = resolve_device(device)
+    dev = resolve_device(device)  # the trainers' rule: cuda:N honoured exactly
     path = model_file(path)
     if backend == "auto":
         backend = "onnx" if path.suffix == ".onnx" else "torch"
