@@ -118,6 +118,23 @@ def test_config_unknown_keys_refused_with_the_key_named(tmp_path):
     assert ignoring.parse(["--config", str(path)]).images == Path("i")
 
 
+def test_config_file_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("img_size = \n")
+    with pytest.raises(SpecError, match="bad.toml: cannot parse"):
+        TOY.parse(["--config", str(bad)])
+    with pytest.raises(SpecError, match="none.json: --config file not found"):
+        TOY.parse(["--config", str(tmp_path / "none.json")])
+    wrong = tmp_path / "w.txt"
+    wrong.write_text("images: i\n")
+    with pytest.raises(SpecError, match="w.txt: --config must end in"):
+        TOY.parse(["--config", str(wrong)])
+    typed = tmp_path / "t.json"
+    typed.write_text(json.dumps({"images": "i", "out": "o", "img_size": "many"}))
+    with pytest.raises(SpecError, match="--img-size 'many': expected an integer"):
+        TOY.parse(["--config", str(typed)])
+
+
 def test_old_config_keys_read_with_a_notice(tmp_path, capsys):
     path = tmp_path / "c.json"
     path.write_text(

@@ -3,63 +3,14 @@ the default worker count, one-line errors from loader workers."""
 
 from __future__ import annotations
 
-import argparse
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from unip_analysis import workers
-from unip_analysis.errors import ImageError, SpecError, error_line
+from unip_analysis.errors import ImageError, error_line
 from unip_train import runs
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="t")
-    p.add_argument("--config")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--infrared", type=Path, action="append", default=[])
-    p.add_argument("--amp", choices=("bf16", "none"), default="none")
-    return p
-
-
-@pytest.mark.parametrize("suffix", [".json", ".toml"])
-def test_config_file_sets_defaults_and_flags_override_it(tmp_path, suffix):
-    cfg = tmp_path / f"c{suffix}"
-    if suffix == ".json":
-        cfg.write_text(json.dumps({"batch-size": 32, "lr": 0.5, "out": "r", "infrared": ["a", "b"]}))
-    else:
-        cfg.write_text('batch_size = 32\nlr = 0.5\nout = "r"\ninfrared = ["a", "b"]\n')
-    args = runs.parse_with_config(parser(), ["--config", str(cfg)])
-    assert (args.batch_size, args.lr, args.out, args.infrared) == (32, 0.5, Path("r"), [Path("a"), Path("b")])
-    args = runs.parse_with_config(parser(), ["--config", str(cfg), "--batch-size", "4", "--out", "x"])
-    assert (args.batch_size, args.out, args.lr) == (4, Path("x"), 0.5)
-
-
-def test_config_file_errors_name_the_file(tmp_path):
-    bad = tmp_path / "bad.toml"
-    bad.write_text("batch_size = \n")
-    with pytest.raises(SpecError, match="bad.toml: cannot parse"):
-        runs.parse_with_config(parser(), ["--config", str(bad)])
-    unknown = tmp_path / "u.json"
-    unknown.write_text(json.dumps({"out": "r", "batchsize": 3}))
-    with pytest.raises(SpecError, match=r"u.json: unknown option\(s\) batchsize"):
-        runs.parse_with_config(parser(), ["--config", str(unknown)])
-    with pytest.raises(SpecError, match="not found"):
-        runs.parse_with_config(parser(), ["--config", str(tmp_path / "none.json")])
-    wrong = tmp_path / "w.json"
-    wrong.write_text(json.dumps({"out": "r", "batch_size": "many"}))
-    with pytest.raises(SpecError, match="batch_size = 'many'"):
-        runs.parse_with_config(parser(), ["--config", str(wrong)])
-    # a run's own config.json repeats the run: recorded derived values can be skipped
-    derived = tmp_path / "config.json"
-    derived.write_text(json.dumps({"out": "r", "world_size": 2}))
-    assert runs.parse_with_config(parser(), ["--config", str(derived)], ignore=["world_size"]).out == Path(
-        "r"
-    )
 
 
 def test_write_config_is_plain_json(tmp_path):
@@ -160,37 +111,6 @@ def test_error_line_reduces_a_worker_traceback_to_the_original_message():
         next(iter(loader))
     assert "Original Traceback" in str(info.value)
     assert error_line(info.value) == "/data/x0.png: cannot decode image; remove or replace the file"
-
-
-def test_config_keys_may_use_any_long_spelling_and_lists_for_single_options(tmp_path):
-    p = argparse.ArgumentParser(prog="t")
-    p.add_argument("--config")
-    p.add_argument("--num-workers", "--workers", dest="workers", type=int, default=2)
-    p.add_argument("--layers", type=lambda t: [int(x) for x in t.split(",")])
-    p.add_argument("--no-amp", dest="amp", action="store_false")
-    cfg = tmp_path / "c.json"
-    cfg.write_text(json.dumps({"num_workers": 5, "layers": [4, 6, 8, 12], "amp": False}))
-    args = runs.parse_with_config(p, ["--config", str(cfg)])
-    assert (args.workers, args.layers, args.amp) == (5, [4, 6, 8, 12], False)
-    # A flag without a value is named by its dest only: "no_amp = true" is not "amp = true".
-    cfg.write_text(json.dumps({"no_amp": True}))
-    with pytest.raises(SpecError, match="unknown option"):
-        runs.parse_with_config(p, ["--config", str(cfg)])
-
-
-def test_repeatable_option_on_the_command_line_replaces_the_files_list(tmp_path):
-    cfg = tmp_path / "c.toml"
-    cfg.write_text('out = "r"\ninfrared = ["a", "b"]\n')
-    args = runs.parse_with_config(parser(), ["--config", str(cfg), "--infrared", "c"])
-    assert args.infrared == [Path("c")]
-    assert runs.parse_with_config(parser(), ["--config", str(cfg)]).infrared == [Path("a"), Path("b")]
-    # without --config, repeats accumulate as usual
-    assert runs.parse_with_config(
-        parser(), ["--out", "r", "--infrared", "x", "--infrared", "y"]
-    ).infrared == [
-        Path("x"),
-        Path("y"),
-    ]
 
 
 def test_scalar_log_plots_one_curve_per_list_element(tmp_path):
