@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from . import images as imgs
 from .attention import observe_attention
 from .checkpoints import LoadedBackbone
-from .explorer import ExplorerData, ExplorerRecorder, plan_explorer
+from .explorer import ExplorerData, ExplorerRecorder, ModelShape, plan_explorer
 from .metrics import NMI_EPS, StreamingStatistics, bootstrap_ci, check_nmi_definition
 from .patterns import Thresholds, classify, default_thresholds, robustness, select_layer
 
@@ -68,7 +68,7 @@ class ModelAnalysis:
     map_images: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     nmi_definition: str = "park"  # what head_nmi holds: metrics.NMI_DEFINITIONS
-    explorer: ExplorerData | None = None  # every layer's q and k of a few images (--explore-images)
+    explorer: ExplorerData | None = None  # every layer's attention of a few images (--explore-images)
 
     @property
     def n_images(self) -> int:
@@ -213,32 +213,29 @@ def autocast(device: str | torch.device, dtype: torch.dtype | None) -> contextli
     return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
+def explorer_shape(backbone: LoadedBackbone) -> ModelShape:
+    """What the explorer's size depends on (heads and head size per layer, grid, prefix tokens)."""
+    blocks = list(backbone.model.blocks)
+    return ModelShape(
+        tuple(int(b.attn.num_heads) for b in blocks),
+        tuple(_head_dim(b.attn) for b in blocks),
+        tuple(int(g) for g in backbone.model.patch_embed.grid_size),
+        backbone.num_prefix_tokens,
+    )
+
+
 def explorer_recorder(
     backbone: LoadedBackbone,
-    model: torch.nn.Module,
     dataset: torch.utils.data.Dataset,
-    grid: tuple[int, int],
     explore_images: int,
+    budget: int | None = None,
 ) -> ExplorerRecorder | None:
-    """The recorder keeping every layer's q and k of the first ``explore_images`` images (None for 0)."""
+    """The recorder keeping the attention of the first ``explore_images`` images (None for 0)."""
     if explore_images <= 0:
         return None
-    blocks = list(model.blocks)
-    plan = plan_explorer(
-        min(explore_images, len(dataset)),
-        [b.attn.num_heads for b in blocks],
-        [_head_dim(b.attn) for b in blocks],
-        grid,
-        backbone.num_prefix_tokens,
-    )
-    return ExplorerRecorder(
-        plan,
-        backbone.depth,
-        grid,
-        backbone.num_prefix_tokens,
-        getattr(dataset, "mean", None),
-        getattr(dataset, "std", None),
-    )
+    shape = explorer_shape(backbone)
+    plan = plan_explorer(shape, min(explore_images, len(dataset)), budget)
+    return ExplorerRecorder(plan, shape, getattr(dataset, "mean", None), getattr(dataset, "std", None))
 
 
 def forward_all(
@@ -313,6 +310,7 @@ def analyze_backbone(
     precision: str = "fp32",
     nmi: str = "park",
     explore_images: int = 0,
+    explore_budget: int | None = None,
 ) -> ModelAnalysis:
     """Forward every image once; reduce each layer's attention to NMI / distance as it is produced.
 
@@ -321,8 +319,8 @@ def analyze_backbone(
     ``precision`` bf16 / fp16 runs the model under autocast; the logits, softmax and statistics
     stay in fp32 / fp64. ``nmi``: 'park' (Park et al., patch tokens) or 'unip' (UNIP's published
     function on the whole map), see :mod:`unip_analysis.metrics`. ``explore_images`` > 0 also
-    keeps every layer's q and k of that many first images, encoded for the attention explorer
-    (:mod:`unip_analysis.explorer`).
+    keeps every layer's attention of that many first images for the attention explorer, encoded
+    within ``explore_budget`` bytes (:mod:`unip_analysis.explorer`).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
@@ -330,7 +328,7 @@ def analyze_backbone(
     model = backbone.model.to(device).eval()
     grid = tuple(int(g) for g in model.patch_embed.grid_size)
     q_idx = query_token_indices(query_points, grid)
-    recorder = explorer_recorder(backbone, model, dataset, grid, explore_images)
+    recorder = explorer_recorder(backbone, dataset, explore_images, explore_budget)
     observer = LayerObserver(
         backbone.depth,
         grid,

@@ -1,26 +1,27 @@
 """The attention explorer: every layer, head and query of a few images, interactive and offline.
 
-What is stored is not the attention maps but what they are computed from: per explored image and
-layer, each head's query vectors of the patch tokens (already scaled by ``head_dim^-0.5``) and key
-vectors of every token, after q/k norm and rotary embedding, plus the block's additive logit bias
-where it has one (BEiT's relative position bias; image-independent, stored once per layer). The
-browser computes a row on demand, ``softmax(q . k_j + bias_j)`` over all tokens, as the analysis
-does: exact up to the stored precision, and N x d per head instead of N^2.
+During the analysis' own forward pass the explored images' exact attention rows are at hand
+(``softmax(q . k_j + bias_j)`` over all tokens, from the layer's q and k as the analysis uses
+them). :class:`ExplorerRecorder` encodes them in every candidate form and measures, for each,
+the largest error of every row the page can show, in units of that row's maximum (the page scales
+each map to its own maximum):
 
-Two precisions (docs/analysis.md, "Attention explorer", states the error bounds):
+- ``rows-u8``: each shown row (a head's, and the mean of the heads) as uint8 of its own maximum
+  over the patch keys, that maximum and the prefix tokens' values in fp32. Error <= 1/510 of the
+  maximum: the colour map's own resolution. N^2 per head.
+- ``qk-f16``: q of the patch queries (already scaled by ``head_dim^-0.5``) and k of every token,
+  after q/k norm and rotary embedding, in half precision, plus the block's logit bias where it has
+  one; the browser computes a row on demand. N x d per head.
+- ``qk-i8``: the same as int8 with one fp32 scale per (token, head) vector; far off on trained
+  models (outlier channels), the last resort.
 
-- ``fp16``: every value rounded to half precision, ``|x - x^| <= 2^-11 |x|``;
-- ``int8``: each (token, head) vector as int8 times one fp32 scale ``s = max|x| / 127``,
-  ``|x - x^| <= s / 2``.
+:func:`choose_encodings` keeps, per model, the encoding and query stride that the one budget of
+the report allows (:func:`option_order`), for every model at once: precision or query stride is
+given up before any image; :func:`plan_images` decides the images, the same for every model,
+before the pass. The measured error goes with the data to the page, which shows it next to the map.
 
-:func:`plan_explorer` takes fp16 when the encoded data fits the per-model budget, then int8, then
-fewer images, then a query stride, and records each reduction so the report can say so. The data
-are recorded during the analysis' own forward pass (:class:`ExplorerRecorder`, fed by
-:class:`unip_analysis.analyze.LayerObserver`): nothing but the explored images' q and k is kept.
-
-:func:`row` is the same computation in numpy (what the browser displays, to float64 rounding);
-:func:`explore` shows the explorer in Jupyter (anywidget), or as static HTML where widgets are
-unavailable.
+:func:`row` is the browser's computation in numpy (what the page displays, to float64 rounding);
+:func:`unip_analysis.explorer_widget.explore` shows the explorer in Jupyter.
 """
 
 from __future__ import annotations
@@ -41,14 +42,22 @@ from PIL import Image
 from .patterns import PATTERN_COLORS
 
 DEFAULT_EXPLORE_IMAGES = 4
-# Encoded bytes (after base64) one model's explorer data may take in report.html.
-BUDGET_BYTES = 24 * 2**20
-PRECISIONS = ("fp16", "int8")
+DEFAULT_BUDGET_MB = 60.0
+# Encoded bytes (after gzip + base64) the explorer's data may take in report.html, every model together.
+BUDGET_BYTES = int(DEFAULT_BUDGET_MB * 10**6)
+ENCODINGS = ("rows-u8", "qk-f16", "qk-i8")
+ENCODING_NAMES = {
+    "rows-u8": "rows as uint8 of their maximum",
+    "qk-f16": "q and k as fp16",
+    "qk-i8": "q and k as int8 with a scale per token and head",
+}
+EXACT = 0.01  # a shown row within 1% of its maximum: exact to the eye (the colour map resolves 0.4%)
 _INT8_MAX = 127
 _FP16_MAX = 65504.0
-_FP16_REL = 2.0**-11  # round to nearest: |x - fp16(x)| <= 2^-11 |x| in the normal range
-_FP16_ABS = 2.0**-25  # ... and half the smallest subnormal step below it
-_F32_REL = 2.0**-23  # int8: x / s and int * s (the browser's Float32Array) are each rounded in fp32
+# Rows are recorded only while their raw size stays within this many budgets (compression and a
+# query stride bring them down); beyond, only q and k are.
+_ROWS_RECORD_BUDGETS = 4
+_QUERY_BLOCK = 256  # queries per block when computing exact rows (4,097 tokens: 100 MB per block)
 
 
 # --- what to store ---------------------------------------------------------------------------
@@ -60,165 +69,218 @@ def query_indices(grid: tuple[int, int], stride: int = 1) -> list[int]:
     return [r * cols + c for r in range(0, rows, stride) for c in range(0, cols, stride)]
 
 
+@dataclass(frozen=True)
+class ModelShape:
+    """What the explorer's size depends on: heads and head size per layer, patch grid, prefix tokens."""
+
+    heads: tuple[int, ...]
+    head_dims: tuple[int, ...]
+    grid: tuple[int, int]
+    num_prefix_tokens: int
+
+    @property
+    def patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def tokens(self) -> int:
+        return self.patches + self.num_prefix_tokens
+
+    def rows_bytes(self, images: int) -> int:
+        """Raw bytes of the rows-u8 encoding at every query: (heads + mean) x queries x keys."""
+        per_row = self.patches + 4 * (1 + self.num_prefix_tokens)
+        return images * sum((h + 1) * self.patches * per_row for h in self.heads)
+
+    def qk_i8_bytes(self, images: int, stride: int) -> int:
+        """Upper estimate of the base64 text of int8 q and k (no credit for compression)."""
+        queries = len(query_indices(self.grid, stride))
+        raw = sum(h * (d + 4) * (queries + self.tokens) for h, d in zip(self.heads, self.head_dims))
+        return math.ceil(images * raw * 4 / 3)
+
+
 @dataclass
 class ExplorerPlan:
-    """What one model's explorer stores: precision, query stride, how many images, and why."""
+    """Before the pass: how many images every model keeps, which encodings are recorded, and why."""
 
-    precision: str
-    query_stride: int
     images: int
+    encodings: tuple[str, ...] = ENCODINGS
+    budget: int = BUDGET_BYTES
     reductions: list[str] = field(default_factory=list)
-    estimated_bytes: int = 0
 
 
-def encoded_bytes(
-    precision: str,
-    images: int,
-    heads: Sequence[int],
-    head_dims: Sequence[int],
-    tokens: int,
-    queries: int,
-) -> int:
-    """Upper estimate of the base64 text one model's q and k take (no credit for compression)."""
-    per_value = 2 if precision == "fp16" else 1
-    raw = 0
-    for h, d in zip(heads, head_dims):
-        raw += h * d * (queries + tokens) * per_value
-        if precision == "int8":
-            raw += 4 * h * (queries + tokens)  # one fp32 scale per (token, head)
-    return math.ceil(images * raw * 4 / 3)
+def plan_images(
+    shapes: Sequence[ModelShape], images: int, budget: int | None = None
+) -> tuple[int, list[str]]:
+    """The images every model keeps: all asked for unless even the smallest encoding (int8 q and
+    k, the widest query stride) of every model together exceeds ``budget``; then fewer, the same
+    for every model. Returns the count and what was reduced."""
+    budget = BUDGET_BYTES if budget is None else budget
+
+    def smallest(n: int) -> int:
+        return sum(s.qk_i8_bytes(n, max(s.grid)) for s in shapes)
+
+    n = images
+    while n > 1 and smallest(n) > budget:
+        n -= 1
+    notes = []
+    if n < images:
+        notes.append(
+            f"{n} of the {images} images asked for (--explore-images) in every model: the keys of every "
+            f"token of more images exceed the {budget / 1e6:.0f} MB budget (--explore-budget)"
+        )
+    if smallest(n) > budget:
+        notes.append(
+            f"still {smallest(n) / 1e6:.0f} MB, over the {budget / 1e6:.0f} MB budget: the keys of every "
+            "token are needed for any row"
+        )
+    return n, notes
 
 
 def plan_explorer(
-    images: int,
-    heads: Sequence[int],
-    head_dims: Sequence[int],
-    grid: tuple[int, int],
-    num_prefix_tokens: int,
-    budget: int | None = None,
+    shape: ModelShape, images: int, budget: int | None = None, shared: Sequence[ModelShape] = ()
 ) -> ExplorerPlan:
-    """The most exact data that fit ``budget``: fp16, else int8, else fewer images, else a query
-    stride (every s-th patch row and column is a stored query). ``reductions`` says what was given up."""
+    """The pass' plan for one model: the images (decided over ``shared``, every model of the report,
+    when given) and the encodings worth recording (rows only while their size is within reach)."""
     budget = BUDGET_BYTES if budget is None else budget
-    tokens = grid[0] * grid[1] + num_prefix_tokens
-    patches = grid[0] * grid[1]
-
-    def size(precision: str, n: int, stride: int) -> int:
-        return encoded_bytes(precision, n, heads, head_dims, tokens, len(query_indices(grid, stride)))
-
-    mib = 2**20
-    if size("fp16", images, 1) <= budget:
-        return ExplorerPlan("fp16", 1, images, [], size("fp16", images, 1))
-    notes = [
-        f"q and k stored as int8 with a scale per token and head, not fp16 "
-        f"({size('fp16', images, 1) / mib:.1f} MiB would exceed the {budget / mib:.0f} MiB budget)"
-    ]
-    n = images
-    while n > 1 and size("int8", n, 1) > budget:
-        n -= 1
-    if n < images:
-        notes.append(f"{n} of the {images} images asked for (--explore-images), to stay within the budget")
-    stride = 1
-    while size("int8", n, stride) > budget and stride < max(grid):
-        stride += 1
-    if stride > 1:
-        kept = len(query_indices(grid, stride))
-        notes.append(
-            f"query stride {stride}: every {stride}th patch row and column can be queried "
-            f"({kept} of {patches} queries), to stay within the budget"
-        )
-    if size("int8", n, stride) > budget:  # every row needs every key: k alone is too large
-        notes.append(
-            f"still {size('int8', n, stride) / mib:.0f} MiB, over the {budget / mib:.0f} MiB budget: the keys "
-            "of every token are needed for any row"
-        )
-    return ExplorerPlan("int8", stride, n, notes, size("int8", n, stride))
+    n, notes = plan_images(list(shared) or [shape], images, budget)
+    encodings = tuple(
+        e for e in ENCODINGS if e != "rows-u8" or shape.rows_bytes(n) <= _ROWS_RECORD_BUDGETS * budget
+    )
+    return ExplorerPlan(n, encodings, budget, notes)
 
 
 # --- encoding --------------------------------------------------------------------------------
 
 
+def quantize_int8(x: torch.Tensor) -> torch.Tensor:
+    """``x`` [..., d] as the page decodes its int8 form: one scale ``max|x| / 127`` per vector."""
+    values, scale = _int8(x)
+    return values.float() * scale[..., None]
+
+
+def _int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = x.abs().amax(-1) / _INT8_MAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale)).float()
+    return torch.round(x / scale[..., None]).clamp_(-_INT8_MAX, _INT8_MAX).to(torch.int8), scale
+
+
 @dataclass
 class Encoded:
-    """One tensor [heads, tokens, d] as stored: ``values`` (float16, or int8 with fp32 ``scale``
-    [heads, tokens]), and what the browser decodes it to (``decoded``, float32)."""
+    """One tensor [heads, n, d] as stored: ``values`` (float16, or int8 with fp32 ``scale`` [heads, n])."""
 
     values: np.ndarray
-    scale: np.ndarray | None
+    scale: np.ndarray | None = None
 
     @property
     def dtype(self) -> str:
         return "f16" if self.values.dtype == np.float16 else "i8"
 
-    def take(self, i: int) -> Encoded:
-        """Image ``i`` of a batch encoded at once."""
-        return Encoded(self.values[i], None if self.scale is None else self.scale[i])
+    def take(self, index: Sequence[int] | slice, axis: int = 1) -> Encoded:
+        """The vectors ``index`` along ``axis`` (1: tokens)."""
+        idx = (slice(None),) * axis + (index,)
+        return Encoded(self.values[idx], None if self.scale is None else self.scale[idx])
 
     def decoded(self) -> np.ndarray:
+        """What the browser decodes (float32: a Float32Array)."""
         if self.scale is None:
             return self.values.astype(np.float32)
-        return self.values.astype(np.float32) * self.scale[..., None]  # fp32 product, as Float32Array
-
-    def error(self) -> np.ndarray:
-        """Bound on ``|x - decoded|`` per element (docs/analysis.md)."""
-        dec = np.abs(self.decoded().astype(np.float64))
-        if self.scale is None:
-            return dec * (_FP16_REL / (1 - _FP16_REL)) + _FP16_ABS
-        return self.scale.astype(np.float64)[..., None] / 2 + dec * _F32_REL
+        return self.values.astype(np.float32) * self.scale[..., None]
 
 
-def encode(x: torch.Tensor, precision: str) -> Encoded:
-    """``x`` [..., tokens, d] fp32 in the stored precision; fp16 that would overflow falls back to int8."""
-    x = x.contiguous()
-    if precision == "fp16" and float(x.abs().max()) < _FP16_MAX:
-        return Encoded(x.to(torch.float16).cpu().numpy(), None)
-    scale = x.abs().amax(-1) / _INT8_MAX
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(x / scale[..., None]).clamp_(-_INT8_MAX, _INT8_MAX).to(torch.int8)
-    return Encoded(q.cpu().numpy(), scale.cpu().numpy().astype(np.float32))
+def encode_qk(x: torch.Tensor, encoding: str) -> Encoded | None:
+    """``x`` [..., n, d] fp32 in ``encoding`` (qk-f16 / qk-i8); None where fp16 would overflow."""
+    x = x.float()
+    if encoding == "qk-f16":
+        if float(x.abs().max()) >= _FP16_MAX:
+            return None
+        return Encoded(x.to(torch.float16).cpu().numpy())
+    values, scale = _int8(x)
+    return Encoded(values.cpu().numpy(), scale.cpu().numpy())
 
 
-def logit_error_bound(q: Encoded, k: Encoded) -> np.ndarray:
-    """Max over keys of the bound on ``|q.k - q^.k^|`` per (head, query):
-    ``sum_d dq_d |k^_d| + |q^_d| dk_d + dq_d dk_d`` with d* the per-element bounds
-    (= ``dq . |k^| + (|q^| + dq) . dk``; fp32 sums of non-negative terms, rounded up by 1e-5)."""
-    qd, kd = torch.from_numpy(np.abs(q.decoded())), torch.from_numpy(np.abs(k.decoded()))
-    qe = torch.from_numpy(q.error().astype(np.float32))
-    ke = torch.from_numpy(k.error().astype(np.float32))
-    eps = qe @ kd.transpose(1, 2) + (qd + qe) @ ke.transpose(1, 2)
-    return (eps.amax(-1) * (1 + 1e-5)).double().numpy()
+@dataclass
+class RowsLayer:
+    """One image and layer as rows-u8: per (head, or the mean as the last), stored query and patch
+    key, ``u8 = round(255 p / max)``; ``scale`` = that maximum over the patch keys, ``prefix`` the
+    prefix tokens' attention (fp32). Displayed: ``u8 * scale / 255``."""
+
+    u8: np.ndarray  # [heads + 1, queries, patches] uint8
+    scale: np.ndarray  # [heads + 1, queries] float32
+    prefix: np.ndarray  # [heads + 1, queries, prefix tokens] float32
+
+    def take(self, queries: Sequence[int]) -> RowsLayer:
+        return RowsLayer(self.u8[:, queries], self.scale[:, queries], self.prefix[:, queries])
+
+    def full(self) -> np.ndarray:
+        """[heads + 1, queries, tokens] float64, prefix first, as the browser decodes it."""
+        patches = self.u8.astype(np.float64) * self.scale.astype(np.float64)[..., None] / 255
+        return np.concatenate([self.prefix.astype(np.float64), patches], -1)
+
+
+def encode_rows(p: torch.Tensor, npt: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows ``p`` [rows, queries, tokens] (prefix first) as uint8 of their patch maximum."""
+    patches = p[..., npt:]
+    top = patches.amax(-1).float()
+    top = torch.where(top > 0, top, torch.ones_like(top))
+    u8 = torch.round(patches / top[..., None].double() * 255).clamp_(0, 255).to(torch.uint8)
+    return u8.cpu().numpy(), top.cpu().numpy(), p[..., :npt].float().cpu().numpy()
+
+
+def shown_error(got: torch.Tensor, exact: torch.Tensor, npt: int) -> torch.Tensor:
+    """Largest ``|got - exact|`` over the patch keys in units of the exact row's patch maximum
+    (what the map shows, scaled to its maximum): ``max_j |g_j - p_j| / max_j p_j``."""
+    t = exact[..., npt:]
+    return (got[..., npt:] - t).abs().amax(-1) / t.amax(-1).clamp_min(1e-300)
 
 
 # --- recording during the analysis -------------------------------------------------------------
 
 
 @dataclass
+class QKLayer:
+    """One image and layer as q (patch queries) and k (every token), one of the qk encodings."""
+
+    q: Encoded  # [heads, patches, d]
+    k: Encoded  # [heads, tokens, d]
+
+
+@dataclass
 class ExplorerData:
-    """One model's explorer data: per explored image and layer the encoded q (stored patch queries)
-    and k (every token), the images as the model saw them, and the bias per layer."""
+    """One model's explorer: the images as the model saw them, per recorded encoding and per image
+    and layer the stored rows or q / k (every patch query; a query stride takes a subset), the logit
+    bias per layer (q / k only), and each encoding's measured error per image, layer and query.
+    :func:`choose_encodings` sets ``encoding`` and ``query_stride``: what the page gets."""
 
     plan: ExplorerPlan
     grid: tuple[int, int]
     num_prefix_tokens: int
-    queries: list[int]
+    heads: list[int]
     images: list[np.ndarray]  # uint8 [H, W] grey or [H, W, 3]
     labels: list[str]
-    q: list[list[Encoded]]  # [image][layer]: [heads, queries, d]
-    k: list[list[Encoded]]  # [image][layer]: [heads, tokens, d]
-    bias: list[np.ndarray | None]  # [layer]: float32 [heads, queries, tokens]
-    _logit_error: dict = field(default_factory=dict, repr=False)
+    layers: dict[str, list[list[RowsLayer | QKLayer]]]  # encoding -> [image][layer]
+    bias: list[np.ndarray | None]  # [layer]: float32 [heads, patches, tokens]
+    errors: dict[str, np.ndarray]  # encoding -> [images, layers, patches]: max over heads and the mean
+    encoding: str = ""
+    query_stride: int = 1
+    reductions: list[str] = field(default_factory=list)
+    _texts: dict = field(default_factory=dict, repr=False)
 
     @property
     def depth(self) -> int:
         return len(self.bias)
 
-    def logit_error(self, image: int, layer: int) -> np.ndarray:
-        """Bound on the logit error per (head, stored query) at ``layer`` (1-based), max over keys;
-        computed when first asked (the report), not during the analysis pass."""
-        key = (image, layer)
-        if key not in self._logit_error:
-            self._logit_error[key] = logit_error_bound(self.q[image][layer - 1], self.k[image][layer - 1])
-        return self._logit_error[key]
+    @property
+    def queries(self) -> list[int]:
+        return query_indices(self.grid, self.query_stride)
+
+    def error(self, encoding: str | None = None, stride: int | None = None) -> float:
+        """The largest measured error of any shown row (fraction of the row's maximum)."""
+        e = self.errors[encoding or self.encoding]
+        return float(e[:, :, query_indices(self.grid, stride or self.query_stride)].max())
+
+    def layer_error(self, image: int, layer: int) -> float:
+        """The largest measured error of the shown rows of ``image`` at ``layer`` (1-based)."""
+        return float(self.errors[self.encoding][image, layer - 1, self.queries].max())
 
 
 def display_image(x: torch.Tensor, mean: Sequence[float] | None, std: Sequence[float] | None) -> np.ndarray:
@@ -235,26 +297,25 @@ def display_image(x: torch.Tensor, mean: Sequence[float] | None, std: Sequence[f
 
 
 class ExplorerRecorder:
-    """Keeps the encoded q and k of the first ``plan.images`` images, layer by layer, as the
-    streaming analysis computes them (:meth:`projections` is called once per layer and forward)."""
+    """Keeps the first ``plan.images`` images' attention, layer by layer, as the streaming analysis
+    computes it (:meth:`projections` is called once per layer and forward): every recorded encoding,
+    and each one's error against the exact rows measured on the spot."""
 
     def __init__(
         self,
         plan: ExplorerPlan,
-        depth: int,
-        grid: tuple[int, int],
-        num_prefix_tokens: int,
+        shape: ModelShape,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
     ):
-        self.plan, self.grid, self.npt = plan, grid, num_prefix_tokens
+        self.plan, self.shape, self.npt = plan, shape, shape.num_prefix_tokens
         self.mean, self.std = mean, std
-        self.queries = query_indices(grid, plan.query_stride)
         self.images_left = plan.images
         self._take, self._first = 0, 0
         self.images: list[np.ndarray] = []
-        self.q: list[list[Encoded]] = []
-        self.k: list[list[Encoded]] = []
+        self.layers: dict[str, list[list]] = {e: [] for e in plan.encodings}
+        self.errors: dict[str, list[list[np.ndarray]]] = {e: [] for e in plan.encodings}
+        depth = len(shape.heads)
         self.bias: list[np.ndarray | None] = [None] * depth
         self._bias_seen = [False] * depth
 
@@ -264,8 +325,9 @@ class ExplorerRecorder:
         self._first = len(self.images)
         for x in batch[: self._take]:
             self.images.append(display_image(x, self.mean, self.std))
-            self.q.append([])
-            self.k.append([])
+            for e in self.layers:
+                self.layers[e].append([])
+                self.errors[e].append([])
 
     def projections(
         self,
@@ -277,52 +339,207 @@ class ExplorerRecorder:
     ) -> None:
         if not self._take:  # every image to explore has been seen: nothing to compute
             return
-        q = q[: self._take].float() * scale  # as the analysis' logits: (q.float() * scale) @ k^T
-        rows = torch.tensor(self.queries, device=q.device) + self.npt
+        npt, take = self.npt, self._take
+        q = q[:take, :, npt:].float() * scale  # patch queries, as the analysis' logits use them
+        k = k[:take].float()
         if not self._bias_seen[layer]:
             b = bias()
-            if b is not None:
-                b = (
-                    b if b.dim() == 3 else b[0]
-                )  # [heads, tokens, tokens]: BEiT's shared table has no batch dim
-                self.bias[layer] = b.index_select(1, rows).float().cpu().numpy()
+            if b is not None:  # [heads, tokens, tokens]: BEiT's shared table has no batch dim
+                b = b if b.dim() == 3 else b[0]
+                self.bias[layer] = b[:, npt:].float().cpu().numpy()
             self._bias_seen[layer] = True
-        # the whole batch's explored images at once: one encoding per layer and forward
-        qe = encode(q.index_select(2, rows), self.plan.precision)
-        ke = encode(k[: self._take], self.plan.precision)
-        for j in range(self._take):
-            self.q[self._first + j].append(qe.take(j))
-            self.k[self._first + j].append(ke.take(j))
+        b = None if self.bias[layer] is None else torch.from_numpy(self.bias[layer]).to(q.device).double()
+        qk = {}
+        for e in self.layers:
+            if e == "rows-u8":
+                continue
+            eq, ek = encode_qk(q, e), encode_qk(k, e)
+            if eq is None or ek is None:  # fp16 would overflow: not a candidate for this model
+                self.errors[e][self._first].append(np.full(q.shape[2], np.inf))
+                continue
+            qk[e] = (eq, ek, torch.from_numpy(eq.decoded()).to(q.device).double(),
+                     torch.from_numpy(ek.decoded()).to(q.device).double())  # fmt: skip
+        rows = [] if "rows-u8" in self.layers else None
+        errors = {e: [] for e in (*qk, *(["rows-u8"] if rows is not None else []))}
+        kd = k.double().transpose(-1, -2)
+        patches = q.shape[2]
+        for q0 in range(0, patches, _QUERY_BLOCK):
+            q1 = min(q0 + _QUERY_BLOCK, patches)
+            exact = _with_mean(_softmax(q[:, :, q0:q1].double() @ kd, b, q0, q1))  # [b, heads + 1, blk, N]
+            if rows is not None:
+                u8, top, pre = encode_rows(exact, npt)
+                rows.append((u8, top, pre))
+                got = RowsLayer(u8, top, pre).full()
+                errors["rows-u8"].append(
+                    shown_error(torch.from_numpy(got).to(exact.device), exact, npt).amax(1)
+                )
+            for e, (_, _, dq, dk) in qk.items():
+                got = _with_mean(_softmax(dq[:, :, q0:q1] @ dk.transpose(-1, -2), b, q0, q1))
+                errors[e].append(shown_error(got, exact, npt).amax(1))
+            del exact
+        for j in range(take):
+            i = self._first + j
+            for e, (eq, ek, _, _) in qk.items():
+                self.layers[e][i].append(QKLayer(eq.take(j, 0), ek.take(j, 0)))
+            if rows is not None:
+                self.layers["rows-u8"][i].append(
+                    RowsLayer(*(np.concatenate([r[n][j] for r in rows], axis=1) for n in range(3)))
+                )
+            for e, parts in errors.items():
+                self.errors[e][i].append(torch.cat([p[j] for p in parts]).float().cpu().numpy())
 
     def result(self, labels: Sequence[str]) -> ExplorerData:
-        return ExplorerData(
+        """The recorded data, with the encoding chosen for this model alone within the plan's budget."""
+        usable = [e for e in self.layers if all(len(lays) == len(self.bias) for lays in self.layers[e])]
+        data = ExplorerData(
             plan=self.plan,
-            grid=self.grid,
+            grid=self.shape.grid,
             num_prefix_tokens=self.npt,
-            queries=self.queries,
+            heads=list(self.shape.heads),
             images=self.images,
             labels=list(labels)[: len(self.images)],
-            q=self.q,
-            k=self.k,
+            layers={e: self.layers[e] for e in usable},
             bias=self.bias,
+            errors={e: np.array(self.errors[e], dtype=np.float32) for e in usable},
         )
+        choose_encodings([data], self.plan.budget)
+        return data
+
+
+def _softmax(logits: torch.Tensor, bias: torch.Tensor | None, q0: int, q1: int) -> torch.Tensor:
+    if bias is not None:
+        logits = logits + bias[:, q0:q1]
+    return logits.softmax(-1)
+
+
+def _with_mean(p: torch.Tensor) -> torch.Tensor:
+    """[b, heads, q, N] -> [b, heads + 1, q, N]: the heads' rows and their mean, as the page shows them."""
+    return torch.cat([p, p.mean(1, keepdim=True)], 1)
+
+
+# --- choosing what the page gets ---------------------------------------------------------------
+
+
+def _raw_bytes(data: ExplorerData, encoding: str, stride: int) -> int:
+    """Raw bytes of one option (before gzip): what sizes are estimated from."""
+    queries = len(query_indices(data.grid, stride))
+    tokens, npt = data.grid[0] * data.grid[1] + data.num_prefix_tokens, data.num_prefix_tokens
+    per_image = 0
+    for lay in data.layers[encoding][0]:
+        if isinstance(lay, RowsLayer):
+            per_image += lay.u8.shape[0] * queries * (tokens - npt + 4 + 4 * npt)
+        else:
+            h, _, d = lay.q.values.shape
+            item = lay.q.values.itemsize
+            per_image += h * d * (queries + tokens) * item + (
+                0 if lay.q.scale is None else 4 * h * (queries + tokens)
+            )
+    bias = 0
+    if not encoding.startswith("rows"):
+        bias = sum(4 * b.shape[0] * queries * b.shape[2] for b in data.bias if b is not None)
+    return len(data.images) * per_image + bias
+
+
+def option_order(data: ExplorerData) -> list[tuple[str, int]]:
+    """This model's (encoding, query stride) options, best first: rows within 1% of their maximum
+    (:data:`EXACT`) before any that are not; then every query before a stride; then, within 1%, the
+    smaller before the larger (both exact to the eye), beyond 1% the more exact first."""
+    strides = []
+    for s in range(1, max(data.grid) + 1):
+        if not strides or len(query_indices(data.grid, s)) < len(query_indices(data.grid, strides[-1])):
+            strides.append(s)
+    options = [(e, s) for e in data.layers for s in strides if math.isfinite(data.error(e, s))]
+
+    def key(o: tuple[str, int]) -> tuple:
+        err = data.error(*o)
+        return (err > EXACT, o[1], _raw_bytes(data, *o) if err <= EXACT else err)
+
+    return sorted(options, key=key)
+
+
+def _describe(data: ExplorerData, best: tuple[str, int], budget: int) -> list[str]:
+    notes = []
+    err = data.error()
+    if data.encoding != best[0]:
+        notes.append(
+            f"{ENCODING_NAMES[data.encoding]} (measured error {100 * err:.2f}% of the row maximum), not "
+            f"{ENCODING_NAMES[best[0]]} ({100 * data.error(*best):.2f}%), to stay within the "
+            f"{budget / 1e6:.0f} MB budget (--explore-budget)"
+        )
+    if data.query_stride > 1:
+        s, kept, patches = data.query_stride, len(data.queries), data.grid[0] * data.grid[1]
+        notes.append(
+            f"query stride {s}: every {s}th patch row and column can be queried ({kept} of {patches} "
+            f"queries), to stay within the {budget / 1e6:.0f} MB budget (--explore-budget)"
+        )
+    return notes
+
+
+def choose_encodings(datas: Sequence[ExplorerData], budget: int | None = None) -> int:
+    """Set every model's encoding and query stride so that all of them together fit ``budget``
+    (gzip + base64 bytes), each as far up its :func:`option_order` as the others allow: while over,
+    the model taking most steps down to its next smaller option. The images stay (they were decided
+    before the pass, :func:`plan_images`). Returns the total bytes; each model's ``reductions`` say
+    what was given up."""
+    budget = BUDGET_BYTES if budget is None else budget
+    orders = [option_order(d) for d in datas]
+    at = [0] * len(datas)
+
+    def size(m: int, o: tuple[str, int], exact: bool = False) -> float:
+        d = datas[m]
+        if exact or o[1] == 1:
+            return _text_bytes(d, *o)
+        # a stride: the measured size of every query, scaled by the raw sizes (gzip once per encoding)
+        return _text_bytes(d, o[0], 1) * _raw_bytes(d, *o) / _raw_bytes(d, o[0], 1)
+
+    sizes = [size(m, orders[m][0]) for m in range(len(datas))]
+    while True:
+        while sum(sizes) > budget:
+            movable = []
+            for m, order in enumerate(orders):
+                nxt = next((j for j in range(at[m] + 1, len(order)) if size(m, order[j]) < sizes[m]), None)
+                if nxt is not None:
+                    movable.append((sizes[m], m, nxt))
+            if not movable:
+                break
+            _, m, nxt = max(movable)
+            at[m], sizes[m] = nxt, size(m, orders[m][nxt])
+        actual = [size(m, orders[m][at[m]], exact=True) for m in range(len(datas))]
+        if sum(actual) <= budget or actual == sizes:
+            break
+        sizes = actual  # the estimate was low: go on from the measured sizes
+    for m, d in enumerate(datas):
+        d.encoding, d.query_stride = orders[m][at[m]]
+        for k in [k for k in d._texts if k != (d.encoding, d.query_stride)]:
+            del d._texts[k]  # the options not taken
+        d.reductions = list(d.plan.reductions) + _describe(d, orders[m][0], budget)
+        if sum(actual) > budget:
+            d.reductions.append(
+                f"all models together take {sum(actual) / 1e6:.1f} MB, over the {budget / 1e6:.0f} MB "
+                "budget even at the smallest encoding"
+            )
+    return int(sum(actual))
 
 
 # --- rows, as the browser computes them ------------------------------------------------------
 
 
 def full_row(data: ExplorerData, image: int, layer: int, head: int | str, query: int) -> np.ndarray | None:
-    """Softmax over every token (prefix first) of patch query ``query`` at ``layer`` (1-based),
-    ``head`` 0-based or ``"mean"``; None for a query the stride did not store."""
+    """The attention of patch query ``query`` over every token (prefix first) at ``layer``
+    (1-based), ``head`` 0-based or ``"mean"``, as the page computes it from the stored data; None
+    for a query the stride did not store."""
     if query not in data.queries:
         return None
-    qi = data.queries.index(query)
-    q = data.q[image][layer - 1].decoded().astype(np.float64)[:, qi]  # [heads, d]
-    k = data.k[image][layer - 1].decoded().astype(np.float64)  # [heads, tokens, d]
+    lay = data.layers[data.encoding][image][layer - 1]
+    if isinstance(lay, RowsLayer):
+        h = data.heads[layer - 1] if head == "mean" else int(head)
+        return lay.take([query]).full()[h, 0]
+    q = lay.q.decoded().astype(np.float64)[:, query]  # [heads, d]
+    k = lay.k.decoded().astype(np.float64)  # [heads, tokens, d]
     logits = np.einsum("hd,hnd->hn", q, k)
     b = data.bias[layer - 1]
     if b is not None:
-        logits = logits + b[:, qi].astype(np.float64)
+        logits = logits + b[:, query].astype(np.float64)
     p = np.exp(logits - logits.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     return p.mean(0) if head == "mean" else p[int(head)]
@@ -330,7 +547,7 @@ def full_row(data: ExplorerData, image: int, layer: int, head: int | str, query:
 
 def row(data: ExplorerData, image: int, layer: int, head: int | str, query: int) -> np.ndarray | None:
     """What the explorer displays: the attention of patch ``query`` over the patch keys (row-major),
-    not renormalised (its sum plus :func:`prefix_share` is 1)."""
+    not renormalised (with :func:`prefix_share` it sums to 1, within the stored precision)."""
     p = full_row(data, image, layer, head, query)
     return None if p is None else p[data.num_prefix_tokens :]
 
@@ -369,6 +586,53 @@ class _Blob:
         return base64.b64encode(gzip.compress(b"".join(self.parts), compresslevel=6, mtime=0)).decode("ascii")
 
 
+def _layer_entry(blob: _Blob, lay: RowsLayer | QKLayer, queries: list[int]) -> dict:
+    if isinstance(lay, RowsLayer):
+        r = lay.take(queries)
+        return {"enc": "rows", "u8": blob.add(r.u8), "scale": blob.add(r.scale), "prefix": blob.add(r.prefix)}
+    q = lay.q.take(queries)
+    return {
+        "enc": "qk",
+        "dtype": q.dtype,
+        "q": blob.add(q.values),
+        "k": blob.add(lay.k.values),
+        "qs": None if q.scale is None else blob.add(q.scale),
+        "ks": None if lay.k.scale is None else blob.add(lay.k.scale),
+        "d": int(q.values.shape[-1]),
+    }
+
+
+def _encoded(data: ExplorerData, encoding: str, stride: int) -> tuple[list[list[dict]], list[str], dict]:
+    """Per image the layer entries and blob text of one option, and the bias (q / k only); cached."""
+    key = (encoding, stride)
+    if key not in data._texts:
+        queries = query_indices(data.grid, stride)
+        entries, texts = [], []
+        for lays in data.layers[encoding]:
+            blob = _Blob()
+            entries.append([_layer_entry(blob, lay, queries) for lay in lays])
+            texts.append(blob.text())
+        bias: dict = {"text": None, "offsets": [None] * data.depth}
+        if not encoding.startswith("rows") and any(b is not None for b in data.bias):
+            blob, seen = _Blob(), {}
+            for lay, b in enumerate(data.bias):
+                if b is None:
+                    continue
+                b = np.ascontiguousarray(b[:, queries])
+                digest = hashlib.sha256(b.tobytes()).hexdigest()  # BEiT's shared bias: stored once
+                if digest not in seen:
+                    seen[digest] = blob.add(b)
+                bias["offsets"][lay] = seen[digest]
+            bias["text"] = blob.text()
+        data._texts[key] = (entries, texts, bias)
+    return data._texts[key]
+
+
+def _text_bytes(data: ExplorerData, encoding: str, stride: int) -> int:
+    _, texts, bias = _encoded(data, encoding, stride)
+    return sum(len(t) for t in texts) + len(bias["text"] or "")
+
+
 def model_payload(
     analysis, thresholds, selected_layer: int | None = None, key: str = "m0"
 ) -> tuple[dict, dict[str, str]]:
@@ -390,26 +654,13 @@ def model_payload(
                 for h in range(hn.shape[1])
             ]
         )
+    entries, texts, bias = _encoded(data, data.encoding, data.query_stride)
     blobs: dict[str, str] = {}
     images = []
     for i, img in enumerate(data.images):
-        blob = _Blob()
-        layers = []
-        for lay in range(data.depth):
-            q, k = data.q[i][lay], data.k[i][lay]
-            entry = {
-                "dtype": q.dtype,
-                "q": blob.add(q.values),
-                "k": blob.add(k.values),
-                "kdtype": k.dtype,
-                "qs": None if q.scale is None else blob.add(q.scale),
-                "ks": None if k.scale is None else blob.add(k.scale),
-                "d": int(q.values.shape[-1]),
-                "eps": float(data.logit_error(i, lay + 1).max()),
-            }
-            layers.append(entry)
         name = f"{key}i{i}"
-        blobs[name] = blob.text()
+        blobs[name] = texts[i]
+        layers = [{**e, "err": data.layer_error(i, lay + 1)} for lay, e in enumerate(entries[i])]
         images.append(
             {
                 "label": data.labels[i] if i < len(data.labels) else f"image {i + 1}",
@@ -418,19 +669,10 @@ def model_payload(
                 "layers": layers,
             }
         )
-    bias_blob, bias_offsets, seen = _Blob(), [], {}
-    for b in data.bias:
-        if b is None:
-            bias_offsets.append(None)
-            continue
-        digest = hashlib.sha256(b.tobytes()).hexdigest()  # BEiT's shared bias: stored once
-        if digest not in seen:
-            seen[digest] = bias_blob.add(b.astype(np.float32))
-        bias_offsets.append(seen[digest])
     bias_key = None
-    if any(o is not None for o in bias_offsets):
+    if bias["text"] is not None:
         bias_key = f"{key}bias"
-        blobs[bias_key] = bias_blob.text()
+        blobs[bias_key] = bias["text"]
     meta = {
         "name": analysis.name,
         "grid": [int(g) for g in data.grid],
@@ -439,28 +681,34 @@ def model_payload(
         "depth": int(analysis.depth),
         "heads": heads,
         "queries": [int(q) for q in data.queries],
-        "stride": int(data.plan.query_stride),
-        "precision": data.plan.precision,
-        "reductions": list(data.plan.reductions),
+        "stride": int(data.query_stride),
+        "encoding": data.encoding,
+        "encodingName": ENCODING_NAMES[data.encoding],
+        "error": data.error(),
+        "bytes": _text_bytes(data, data.encoding, data.query_stride),
+        "reductions": list(data.reductions),
         "selected": selected_layer,
         "headStats": head_stats,
-        "bias": {"blob": bias_key, "offsets": bias_offsets},
+        "bias": {"blob": bias_key, "offsets": bias["offsets"]},
         "images": images,
     }
     return meta, blobs
 
 
 def payload(
-    analyses: Sequence, thresholds, selected: Mapping[str, int | None]
+    analyses: Sequence, thresholds, selected: Mapping[str, int | None], budget: int | None = None
 ) -> tuple[dict, dict[str, str]]:
-    """Description and blobs of every analysis that has explorer data."""
-
+    """Description and blobs of every analysis that has explorer data, the encodings chosen for
+    all of them together within ``budget`` (:func:`choose_encodings`)."""
+    budget = BUDGET_BYTES if budget is None else budget
+    shown = [a for a in analyses if getattr(a, "explorer", None) is not None]
+    total = choose_encodings([a.explorer for a in shown], budget)
     models, blobs = [], {}
-    for j, res in enumerate(a for a in analyses if getattr(a, "explorer", None) is not None):
+    for j, res in enumerate(shown):
         meta, b = model_payload(res, thresholds, selected.get(res.name), key=f"m{j}")
         models.append(meta)
         blobs.update(b)
-    return {"models": models, "colors": dict(PATTERN_COLORS)}, blobs
+    return {"models": models, "colors": dict(PATTERN_COLORS), "budget": budget, "bytes": total}, blobs
 
 
 # --- HTML ----------------------------------------------------------------------------------------

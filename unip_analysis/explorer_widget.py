@@ -11,7 +11,16 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from .explorer import DEFAULT_EXPLORE_IMAGES, ExplorerData, payload, render_page, row, static_text
+from .explorer import (
+    DEFAULT_BUDGET_MB,
+    DEFAULT_EXPLORE_IMAGES,
+    ExplorerData,
+    payload,
+    plan_images,
+    render_page,
+    row,
+    static_text,
+)
 
 # --- Jupyter -----------------------------------------------------------------------------------
 
@@ -45,37 +54,58 @@ export default {
 """
 
 
-def _analyses_from(source, images, names, explore_images: int, img_size, norm: str, device: str) -> list:
-    from .analyze import ModelAnalysis, analyze_backbone, image_dataset
+def _analyses_from(
+    source, images, names, explore_images: int, img_size, norm: str, device: str, budget: int
+) -> list:
+    """Finished analyses as they are; loaded backbones analysed here, each at its own input size
+    (its own grid) on the same first images, as many for every model (:func:`plan_images`)."""
+    from .analyze import ModelAnalysis, analyze_backbone, explorer_shape, image_dataset
     from .checkpoints import LoadedBackbone
 
     if isinstance(source, (ModelAnalysis, LoadedBackbone)):
         source = [source]
     items = list(source.items()) if isinstance(source, Mapping) else [(None, s) for s in source]
-    out = []
-    dataset = None
-    for j, (name, item) in enumerate(items):
+    for _, item in items:
         if isinstance(item, ModelAnalysis):
             if item.explorer is None:
                 raise ValueError(
                     f"analysis {item.name!r} has no explorer data; run analyze_backbone(..., explore_images=N) "
                     "or pass the backbone and images"
                 )
-            out.append(item)
-            continue
-        if not isinstance(item, LoadedBackbone):
+        elif not isinstance(item, LoadedBackbone):
             raise TypeError(
                 f"explore() takes ModelAnalysis or LoadedBackbone objects, got {type(item).__name__}"
             )
-        if images is None:
-            raise ValueError("explore(backbone, images): pass an image folder or a dataset to look at")
-        if dataset is None:
-            if isinstance(images, torch.utils.data.Dataset):
-                dataset = images
-            else:
-                dataset = image_dataset(images, img_size or item.img_size, norm, limit=explore_images)
+    backbones = [item for _, item in items if isinstance(item, LoadedBackbone)]
+    if backbones and images is None:
+        raise ValueError("explore(backbone, images): pass an image folder or a dataset to look at")
+    n = plan_images([explorer_shape(bb) for bb in backbones], explore_images, budget)[0] if backbones else 0
+    datasets: dict[int, torch.utils.data.Dataset] = {}  # one per input size, the same images
+    out = []
+    for j, (name, item) in enumerate(items):
+        if isinstance(item, ModelAnalysis):
+            out.append(item)
+            continue
+        size = img_size or item.img_size
+        if isinstance(images, torch.utils.data.Dataset):
+            dataset = images
+            shape = tuple(dataset[0].shape[-2:])
+            want = tuple(
+                int(g * p)
+                for g, p in zip(item.model.patch_embed.grid_size, item.model.patch_embed.patch_size)
+            )
+            if shape != want:
+                raise ValueError(
+                    f"explore(): the dataset's images are {shape[0]}x{shape[1]} px, the model "
+                    f"{name or names[j] if names else j + 1} takes {want[0]}x{want[1]}; pass an image folder "
+                    "(each model then gets the images at its own size) or a dataset at that size"
+                )
+        else:
+            if size not in datasets:
+                datasets[size] = image_dataset(images, size, norm, limit=n)
+            dataset = datasets[size]
         label = name or (names[j] if names else f"model{j + 1}")
-        sub = torch.utils.data.Subset(dataset, range(min(explore_images, len(dataset))))
+        sub = torch.utils.data.Subset(dataset, range(min(n, len(dataset))))
         for attr in ("files", "mean", "std"):  # what the analysis reads from the dataset
             if hasattr(dataset, attr):
                 setattr(sub, attr, getattr(dataset, attr))
@@ -87,7 +117,8 @@ def _analyses_from(source, images, names, explore_images: int, img_size, norm: s
                 device=device,
                 map_images=0,
                 progress=False,
-                explore_images=explore_images,
+                explore_images=n,
+                explore_budget=budget,
             )
         )
     return out
@@ -100,12 +131,12 @@ class Explorer:
     index, row-major, of the first model). :meth:`displayed_rows` gives what the explorer shows for
     it, per model (the same computation as the browser's, see :func:`row`)."""
 
-    def __init__(self, analyses: Sequence, thresholds=None):
+    def __init__(self, analyses: Sequence, thresholds=None, budget: int | None = None):
         from .patterns import default_thresholds
 
         self.analyses = {a.name: a for a in analyses}
         th = thresholds or default_thresholds(analyses[0].grid)
-        self.meta, self.blobs = payload(analyses, th, {a.name: None for a in analyses})
+        self.meta, self.blobs = payload(analyses, th, {a.name: None for a in analyses}, budget)
         first = analyses[0]
         g = first.grid
         self.state = {"image": 0, "layer": 1, "head": "mean", "query": (g[0] // 2) * g[1] + g[1] // 2}
@@ -150,7 +181,7 @@ class Explorer:
 
 
 def _snap(data: ExplorerData, r: int, c: int) -> int:
-    s = data.plan.query_stride
+    s = data.query_stride
     rows_, cols = data.grid
     # halves round up, as the page's Math.round does
     r = min(math.floor(r / s + 0.5) * s, (rows_ - 1) // s * s)
@@ -169,17 +200,21 @@ def explore(
     device: str = "cpu",
     thresholds=None,
     widget: bool | None = None,
+    explore_budget: float = DEFAULT_BUDGET_MB,
 ):
     """The attention explorer in Jupyter: every layer x head for a query you choose, models side by side.
 
     ``source``: finished analyses (``analyze_backbone(..., explore_images=N)``) or loaded backbones
     (one, a list, or ``{name: backbone}``), which are analysed here on the first ``explore_images``
-    of ``images`` (a folder or a dataset). Returns an anywidget widget where anywidget is installed
+    of ``images`` (a folder or a dataset), each model at its own input size (``img_size`` for all),
+    the same images for every model. ``explore_budget``: MB that every model's data together may
+    take (the encoding and query stride are chosen to fit, :func:`unip_analysis.explorer.choose_encodings`). Returns an anywidget widget where anywidget is installed
     (``widget=False``: the static HTML fallback, an :class:`Explorer`). Either way ``.set(query=...)``
     chooses the query from Python and ``.displayed_rows()`` returns the shown rows as numpy arrays.
     """
-    analyses = _analyses_from(source, images, names, explore_images, img_size, norm, device)
-    base = Explorer(analyses, thresholds)
+    budget = int(explore_budget * 1e6)
+    analyses = _analyses_from(source, images, names, explore_images, img_size, norm, device, budget)
+    base = Explorer(analyses, thresholds, budget)
     if widget is False:
         return base
     try:

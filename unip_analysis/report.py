@@ -425,8 +425,10 @@ def _figures_html(figures: Mapping[str, bytes], explorer_html: str) -> list[str]
     if explorer_html:
         parts += [
             "<h2>Attention explorer</h2>",
-            '<p class="muted">Every layer, head and patch query of the first images, computed in the page from '
-            'the stored queries and keys (docs/analysis.md, "Attention explorer").</p>',
+            '<p class="muted">Every layer, head and patch query of the same first images for every model, '
+            "stored as the rows themselves or as queries and keys, whichever is more exact within the "
+            "report's budget; the error of every shown row is measured against the exact attention and "
+            'shown next to the map (docs/analysis.md, "Attention explorer").</p>',
             explorer_html,
         ]
     return parts
@@ -542,8 +544,10 @@ def build_report(
     image_count: int,
     norm: str,
     created: datetime | None = None,
+    explore_budget: int | None = None,
 ) -> Report:
-    """Document, head table, figures and HTML of a run; nothing is written."""
+    """Document, head table, figures and HTML of a run; nothing is written. The explorer's data of
+    every model together take at most ``explore_budget`` bytes (:func:`explorer.choose_encodings`)."""
     img_size = analyses[0].img_size
     definitions = {res.nmi_definition for res in analyses}
     if len(definitions) > 1:
@@ -557,7 +561,7 @@ def build_report(
     section = ""
     if any(res.explorer is not None for res in analyses):
         selected = {name: m["selected_layer"] for name, m in doc["models"].items()}
-        section = explorer.render_section(*explorer.payload(analyses, thresholds, selected))
+        section = explorer.render_section(*explorer.payload(analyses, thresholds, selected, explore_budget))
     page = render_html(doc, figures, thresholds.source, {res.name: res.notes for res in analyses}, section)
     return Report(doc=doc, stats=stats_frame(analyses, doc), figures=figures, html=page)
 

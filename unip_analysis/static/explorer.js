@@ -1,8 +1,12 @@
 // UNIP attention explorer: plain JavaScript, no build step, nothing fetched from anywhere.
 //
-// The data are each layer's q (patch queries, already scaled by head_dim^-0.5) and k (every token) per
-// head, fp16 or int8 with a scale per (token, head), gzip + base64; a row is softmax(q . k_j + bias_j)
-// over all tokens, computed on demand in float64 (docs/analysis.md, "Attention explorer").
+// Per model, image and layer the data are either the shown rows themselves (uint8 of each row's
+// maximum over the patch keys, that maximum and the prefix tokens' attention in fp32; the heads and
+// their mean) or q (patch queries, already scaled by head_dim^-0.5) and k (every token) per head,
+// fp16 or int8 with a scale per (token, head), from which a row is softmax(q . k_j + bias_j) over
+// all tokens, computed on demand in float64. gzip + base64. Each layer carries the largest error of
+// its shown rows, measured against the exact attention during the analysis (docs/analysis.md,
+// "Attention explorer"); the page shows it next to the map.
 //
 // report.html mounts it with unipExplorerMount(root, unipExplorerReadDom(root), {global: true}), which
 // also sets window.unipExplorer (the API the tests drive); the Jupyter widget (anywidget) appends an
@@ -51,7 +55,7 @@ class UxModel {
     this.cols = meta.grid[1];
     this.tokens = this.rows * this.cols + meta.npt;
     this.qIndex = new Map(meta.queries.map((q, i) => [q, i]));
-    this.data = [];  // [image][layer] -> {q, k, d, eps}
+    this.data = [];  // [image][layer] -> {rows: {u8, scale, prefix}} or {q, k, d}, and err
     this.biasArrays = [];
   }
 
@@ -65,11 +69,18 @@ class UxModel {
     this.data = await Promise.all(this.images.map(async (im) => {
       const buf = await uxGunzip(blobs[im.blob]);
       return im.layers.map((L, l) => {
-        const H = this.heads[l], d = L.d;
+        const H = this.heads[l], d = L.d, P = N - this.npt;
+        if (L.enc === "rows") {
+          return {err: L.err, rows: {
+            u8: new Uint8Array(buf, L.u8, (H + 1) * nq * P),
+            scale: new Float32Array(buf, L.scale, (H + 1) * nq),
+            prefix: new Float32Array(buf, L.prefix, (H + 1) * nq * this.npt),
+          }};
+        }
         return {
           q: uxDecode(buf, L.q, L.dtype, H * nq * d, L.qs, d),
-          k: uxDecode(buf, L.k, L.kdtype, H * N * d, L.ks, d),
-          d, eps: L.eps,
+          k: uxDecode(buf, L.k, L.dtype, H * N * d, L.ks, d),
+          d, err: L.err,
         };
       });
     }));
@@ -94,9 +105,21 @@ class UxModel {
     return out;
   }
 
+  // A stored row (rows encoding): the prefix tokens' values, then u8 * max / 255 over the patches.
+  storedRow(image, layer, h, qi) {
+    const R = this.data[image][layer - 1].rows, npt = this.npt, P = this.tokens - npt;
+    const out = new Float64Array(this.tokens), r = h * this.queries.length + qi, s = R.scale[r];
+    for (let j = 0; j < npt; j++) out[j] = R.prefix[r * npt + j];
+    for (let j = 0; j < P; j++) out[npt + j] = R.u8[r * P + j] * s / 255;
+    return out;
+  }
+
   fullRow(image, layer, head, query) {
     const qi = this.qIndex.get(query);
     if (qi === undefined) return null;
+    if (this.data[image][layer - 1].rows) {
+      return this.storedRow(image, layer, head === "mean" ? this.heads[layer - 1] : head, qi);
+    }
     if (head !== "mean") return this.headRow(image, layer, head, qi);
     const H = this.heads[layer - 1], out = new Float64Array(this.tokens);
     for (let h = 0; h < H; h++) {
@@ -112,6 +135,10 @@ class UxModel {
     const s = this.stride, last = (n) => Math.floor((n - 1) / s) * s;
     return Math.min(Math.round(r / s) * s, last(this.rows)) * this.cols + Math.min(Math.round(c / s) * s, last(this.cols));
   }
+}
+
+function uxPct(x) {  // a fraction as a percentage with two significant digits
+  return `${(100 * x).toPrecision(2)}%`;
 }
 
 function uxEl(tag, attrs, parent) {
@@ -134,7 +161,7 @@ function unipExplorerReadDom(root) {
 // displayed): called after every render (the Jupyter widget syncs it).
 function unipExplorerMount(root, source, options) {
   options = options || {};
-  const colors = source.meta.colors || {};
+  const colors = source.meta.colors || {}, budgetBytes = source.meta.budget || 0;
   const models = source.meta.models.map((m) => new UxModel(m));
   const byName = new Map(models.map((m) => [m.name, m]));
   const first = models[0];
@@ -172,6 +199,9 @@ function unipExplorerMount(root, source, options) {
   function buildPanel(m) {
     const p = {m, el: uxEl("div", {cls: "ux-panel"})};
     uxEl("h3", {text: m.name}, p.el);
+    uxEl("p", {cls: "ux-enc", text: `${m.encodingName}: every shown row within ${uxPct(m.error)} of its ` +
+      `maximum (measured against the exact attention); ${(m.bytes / 1e6).toFixed(1)} MB of the report's ` +
+      `${(budgetBytes / 1e6).toFixed(0)} MB explorer budget`}, p.el);
     for (const note of m.reductions) uxEl("p", {cls: "ux-note", text: `reduced: ${note}`}, p.el);
     const main = uxEl("div", {cls: "ux-main"}, p.el);
     p.big = uxEl("canvas", {cls: "ux-big"}, main);
@@ -182,6 +212,7 @@ function unipExplorerMount(root, source, options) {
     const g = p.barCanvas.getContext("2d");
     for (let y = 0; y < 200; y++) { const c = uxColor(1 - y / 199); g.fillStyle = `rgb(${c})`; g.fillRect(0, y, 12, 1); }
     p.info = uxEl("div", {cls: "ux-info"}, p.el);
+    p.err = uxEl("div", {cls: "ux-err"}, p.el);
     p.gridEl = uxEl("div", {cls: "ux-grid"}, p.el);
     const H = Math.max(...m.heads);
     p.gridEl.style.gridTemplateColumns = `2.4em repeat(${H}, minmax(34px, 64px))`;
@@ -277,10 +308,12 @@ function unipExplorerMount(root, source, options) {
     }
     g.lineWidth = 2; g.strokeStyle = "#ff2d55"; g.strokeRect(qc * pw + 1, qr * ph + 1, pw - 2, ph - 2);
     p.barMax.textContent = max.toPrecision(3);
-    const eps = m.data[image][layer - 1].eps;
+    const err = m.data[image][layer - 1].err;
     p.info.textContent = `query patch (${qr + 1}, ${qc + 1}) #${query} \u00b7 layer ${layer}/${m.depth} \u00b7 ` +
-      `head ${head === "mean" ? "mean" : head + 1} \u00b7 prefix share ${prefix.toFixed(4)} \u00b7 max ${max.toPrecision(3)} \u00b7 ` +
-      `${m.precision}: logit error \u2264 ${eps.toExponential(1)}, attention within \u00b1${((Math.exp(2 * eps) - 1) * 100).toPrecision(2)}%`;
+      `head ${head === "mean" ? "mean" : head + 1} \u00b7 prefix share ${prefix.toFixed(4)} \u00b7 max ${max.toPrecision(3)}`;
+    p.err.textContent = `measured error at this layer and image: ${uxPct(err)} of the row maximum` +
+      (err > 0.01 ? " \u2014 over 1%: the map is not the model's attention to the colour map's resolution" : "");
+    p.err.classList.toggle("ux-warn", err > 0.01);
     // every layer x head for this query
     for (const rowCells of p.cells) {
       for (const c of rowCells) {
