@@ -129,42 +129,41 @@ def expected_rows(bb, data, layer: int, image: int) -> torch.Tensor:
 def check_rows(page, bb, data, res, queries=None, goal: float | None = None) -> int:
     """Rows read back from the page equal Python's computation from the stored data, and are within
     the measured error (and ``goal``, when given) of the model's own attention, in units of the
-    row's maximum over the patch keys."""
+    row's maximum over the patch keys. ``queries``: every stored one when "all"."""
     ex, npt = res.explorer, res.num_prefix_tokens
-    checked = 0
-    for image in range(len(ex.images)):
-        for layer in range(1, res.depth + 1):
-            true = expected_rows(bb, data, layer, image)
-            for query in queries or [0, len(ex.queries) // 2, ex.queries[-1]]:
-                measured = float(ex.errors[ex.encoding][image, layer - 1, query])
-                for head in [*range(true.shape[0]), "mean"]:
-                    got = page.evaluate("a => unipExplorer.row(...a)", [res.name, image, layer, head, query])
-                    share = page.evaluate(
-                        "a => unipExplorer.prefixShare(...a)", [res.name, image, layer, head, query]
-                    )
-                    got = np.array(got)
-                    assert got.shape == (res.grid[0] * res.grid[1],)
-                    # exactly what Python computes from the stored values
-                    np.testing.assert_allclose(
-                        got, explorer.row(ex, image, layer, head, query), rtol=0, atol=1e-12
-                    )
-                    top = got.max()
-                    # stored rows: each patch value rounded to 1/255 of the row maximum
-                    rounding = 1e-12 if ex.encoding.startswith("qk") else got.size * top / 510
-                    assert got.sum() + share == pytest.approx(1.0, abs=rounding + 1e-7)
-                    want = (
-                        true[:, npt + query].mean(0) if head == "mean" else true[head, npt + query]
-                    ).numpy()
-                    err = np.abs(got - want[npt:]).max() / want[npt:].max()
-                    assert err <= measured * 1.01 + 1e-5, (case_name(res), layer, head, err, measured)
-                    if goal is not None:
-                        assert err <= goal, (case_name(res), layer, head, err)
-                    # the prefix share: fp32 as stored rows, else as exact as q and k
-                    assert abs(share - want[:npt].sum()) <= {"rows-u8": 1e-6, "qk-f16": 1e-4}.get(
-                        ex.encoding, 2e-2
-                    )
-                    checked += 1
-    return checked
+    if queries == "all":
+        queries = ex.queries
+    asked = [
+        [res.name, image, layer, head, query]
+        for image in range(len(ex.images))
+        for layer in range(1, res.depth + 1)
+        for query in queries or [0, len(ex.queries) // 2, ex.queries[-1]]
+        for head in [*range(res.heads_per_layer[layer - 1]), "mean"]
+    ]
+    shown = page.evaluate(  # one call for every row: the page computes each as it would to draw it
+        "asked => asked.map((a) => [unipExplorer.row(...a), unipExplorer.prefixShare(...a)])", asked
+    )
+    true = {}
+    for (_, image, layer, head, query), (got, share) in zip(asked, shown):
+        if (image, layer) not in true:
+            true[image, layer] = expected_rows(bb, data, layer, image)
+        t = true[image, layer]
+        measured = float(ex.errors[ex.encoding][image, layer - 1, query])
+        got = np.array(got)
+        assert got.shape == (res.grid[0] * res.grid[1],)
+        # exactly what Python computes from the stored values
+        np.testing.assert_allclose(got, explorer.row(ex, image, layer, head, query), rtol=0, atol=1e-12)
+        # stored rows: each patch value rounded to 1/255 of the row maximum
+        rounding = 1e-12 if ex.encoding.startswith("qk") else got.size * got.max() / 510
+        assert got.sum() + share == pytest.approx(1.0, abs=rounding + 1e-7)
+        want = (t[:, npt + query].mean(0) if head == "mean" else t[head, npt + query]).numpy()
+        err = np.abs(got - want[npt:]).max() / want[npt:].max()
+        assert err <= measured * 1.01 + 1e-5, (case_name(res), layer, head, err, measured)
+        if goal is not None:
+            assert err <= goal, (case_name(res), image, layer, head, query, err)
+        # the prefix share: fp32 as stored rows, else as exact as q and k
+        assert abs(share - want[:npt].sum()) <= {"rows-u8": 1e-6, "qk-f16": 1e-4}.get(ex.encoding, 2e-2)
+    return len(asked)
 
 
 def case_name(res) -> str:
