@@ -126,6 +126,14 @@ class AnalyzeOptions:
         metavar="N",
         check=command.non_negative,
     )
+    explore_budget: float = command.option(
+        explorer.DEFAULT_BUDGET_MB,
+        help="MB the explorer's data of every model together may take in report.html: each model's encoding "
+        "and query stride are chosen to fit, every model keeps the same images",
+        group="figures",
+        metavar="MB",
+        check=lambda mb: None if mb > 0 else f"must be more than 0 MB, got {mb}",
+    )
     workers: int | None = command.workers(
         f"image-decoding worker processes (default: the cores available, at most {MAX_DEFAULT_WORKERS}, "
         "less torch's threads when the model runs on the CPU)"
@@ -319,7 +327,8 @@ def check_out_folder(args: AnalyzeOptions) -> int:
 def load_backbones(
     specs: Sequence[CheckpointSpec], overrides: dict[str, int], args: AnalyzeOptions, device: str
 ) -> dict[str, LoadedBackbone]:
-    """Every checkpoint, by name, with its loader's notes said; a --layer beyond its depth refused."""
+    """Every checkpoint, by name, with its loader's notes said; a --layer beyond its depth refused.
+    The weights stay on the CPU: each model goes to ``device`` only for its own analysis."""
     backbones: dict[str, LoadedBackbone] = {}
     for s in specs:
         _say(f"loading {s.name}: {s.family} {s.arch} from {s.path or 'the Hugging Face cache'}")
@@ -328,7 +337,7 @@ def load_backbones(
             s.arch,
             s.path,
             img_size=args.img_size,
-            device=device,
+            device="cpu",
             allow_download=args.allow_download,
         )
         for note in bb.notes:
@@ -360,9 +369,16 @@ def analyze_models(
     points: list[tuple[float, float]],
     device: str,
 ) -> tuple[list[analyze.ModelAnalysis], dict[str, dict]]:
-    """Analyse the models one at a time (each dropped from ``backbones`` as it starts); returns the
-    analyses and each model's selection entry."""
+    """Analyse the models one at a time, each on the device only for its own analysis and dropped
+    from ``backbones`` as it starts; returns the analyses and each model's selection entry."""
     analyses, entries = [], {}
+    explore, notes = explorer.plan_images(
+        [analyze.explorer_shape(bb) for bb in backbones.values()],
+        min(args.explore_images, len(dataset)),
+        int(args.explore_budget * 1e6),
+    )
+    for note in notes:
+        _say(f"explorer: {note}")
     for name in names:
         _say(f"analysing {name}")
         res = analyze.analyze_backbone(
@@ -377,11 +393,9 @@ def analyze_models(
             progress=args.progress and sys.stderr.isatty(),  # no bar fragments in logs
             precision=resolve_precision(args.precision, device),
             nmi=args.nmi,
-            explore_images=args.explore_images,
+            explore_images=explore if args.explore_images else 0,
+            explore_budget=int(args.explore_budget * 1e6),
         )
-        if res.explorer is not None:
-            for note in res.explorer.plan.reductions:
-                _say(f"  explorer: {note}")
         entries[name] = analyze.model_entry(res, th, overrides.get(name), args.fallback, args.bootstrap)
         analyses.append(res)
     return analyses, entries
@@ -424,7 +438,18 @@ def run(args: AnalyzeOptions) -> dict[str, Path]:
     )
 
     analyses, entries = analyze_models(args, names, backbones, dataset, th, overrides, points, device)
-    rep = report.build_report(analyses, entries, th, args.images, len(dataset), args.norm)
+    rep = report.build_report(
+        analyses,
+        entries,
+        th,
+        args.images,
+        len(dataset),
+        args.norm,
+        explore_budget=int(args.explore_budget * 1e6),
+    )
+    for res in analyses:
+        if res.explorer is not None:
+            _say(f"explorer {res.name}: {explorer.summary(res.explorer)}")
     return write_outputs(args, rep)
 
 

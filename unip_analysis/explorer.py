@@ -86,10 +86,23 @@ class ModelShape:
     def tokens(self) -> int:
         return self.patches + self.num_prefix_tokens
 
-    def rows_bytes(self, images: int) -> int:
-        """Raw bytes of the rows-u8 encoding at every query: (heads + mean) x queries x keys."""
+    def rows_bytes(self, images: int, stride: int = 1) -> int:
+        """Raw bytes of the rows-u8 encoding: (heads + mean) x stored queries x keys."""
         per_row = self.patches + 4 * (1 + self.num_prefix_tokens)
-        return images * sum((h + 1) * self.patches * per_row for h in self.heads)
+        queries = len(query_indices(self.grid, stride))
+        return images * sum((h + 1) * queries * per_row for h in self.heads)
+
+    def records_rows(self, images: int, budget: int) -> bool:
+        """Whether the rows are worth recording: their raw size within reach of the budget."""
+        return self.rows_bytes(images) <= _ROWS_RECORD_BUDGETS * budget
+
+    def smallest_bytes(self, images: int, budget: int) -> float:
+        """Upper estimate of the smallest option: the widest query stride, rows or int8 q and k."""
+        widest = max(self.grid)
+        sizes = [self.qk_i8_bytes(images, widest)]
+        if self.records_rows(images, budget):
+            sizes.append(self.rows_bytes(images, widest) * 4 / 3)
+        return min(sizes)
 
     def qk_i8_bytes(self, images: int, stride: int) -> int:
         """Upper estimate of the base64 text of int8 q and k (no credit for compression)."""
@@ -111,13 +124,13 @@ class ExplorerPlan:
 def plan_images(
     shapes: Sequence[ModelShape], images: int, budget: int | None = None
 ) -> tuple[int, list[str]]:
-    """The images every model keeps: all asked for unless even the smallest encoding (int8 q and
-    k, the widest query stride) of every model together exceeds ``budget``; then fewer, the same
-    for every model. Returns the count and what was reduced."""
+    """The images every model keeps: all asked for unless even the smallest option (the widest
+    query stride) of every model together exceeds ``budget``; then fewer, the same for every
+    model. Returns the count and what was reduced."""
     budget = BUDGET_BYTES if budget is None else budget
 
-    def smallest(n: int) -> int:
-        return sum(s.qk_i8_bytes(n, max(s.grid)) for s in shapes)
+    def smallest(n: int) -> float:
+        return sum(s.smallest_bytes(n, budget) for s in shapes)
 
     n = images
     while n > 1 and smallest(n) > budget:
@@ -143,9 +156,7 @@ def plan_explorer(
     when given) and the encodings worth recording (rows only while their size is within reach)."""
     budget = BUDGET_BYTES if budget is None else budget
     n, notes = plan_images(list(shared) or [shape], images, budget)
-    encodings = tuple(
-        e for e in ENCODINGS if e != "rows-u8" or shape.rows_bytes(n) <= _ROWS_RECORD_BUDGETS * budget
-    )
+    encodings = tuple(e for e in ENCODINGS if e != "rows-u8" or shape.records_rows(n, budget))
     return ExplorerPlan(n, encodings, budget, notes)
 
 
@@ -277,6 +288,16 @@ class ExplorerData:
         """The largest measured error of any shown row (fraction of the row's maximum)."""
         e = self.errors[encoding or self.encoding]
         return float(e[:, :, query_indices(self.grid, stride or self.query_stride)].max())
+
+    def keep_images(self, n: int) -> None:
+        """Keep only the first ``n`` images (another model of the report has no more)."""
+        if n >= len(self.images):
+            return
+        self.images, self.labels = self.images[:n], self.labels[:n]
+        self.layers = {e: lays[:n] for e, lays in self.layers.items()}
+        self.errors = {e: err[:n] for e, err in self.errors.items()}
+        self._texts.clear()
+        self.plan.reductions.append(f"the first {n} images only: another model of the report has no more")
 
     def layer_error(self, image: int, layer: int) -> float:
         """The largest measured error of the shown rows of ``image`` at ``layer`` (1-based)."""
@@ -521,6 +542,15 @@ def choose_encodings(datas: Sequence[ExplorerData], budget: int | None = None) -
     return int(sum(actual))
 
 
+def summary(data: ExplorerData) -> str:
+    """One line: the encoding, its measured error, the size, and what was reduced."""
+    line = (
+        f"{ENCODING_NAMES[data.encoding]}, every shown row within {100 * data.error():.2g}% of its maximum "
+        f"(measured), {_text_bytes(data, data.encoding, data.query_stride) / 1e6:.1f} MB"
+    )
+    return "; ".join([line, *data.reductions])
+
+
 # --- rows, as the browser computes them ------------------------------------------------------
 
 
@@ -698,10 +728,14 @@ def model_payload(
 def payload(
     analyses: Sequence, thresholds, selected: Mapping[str, int | None], budget: int | None = None
 ) -> tuple[dict, dict[str, str]]:
-    """Description and blobs of every analysis that has explorer data, the encodings chosen for
-    all of them together within ``budget`` (:func:`choose_encodings`)."""
+    """Description and blobs of every analysis that has explorer data: the same images for every
+    model (the first as many as every model has), the encodings chosen for all of them together
+    within ``budget`` (:func:`choose_encodings`)."""
     budget = BUDGET_BYTES if budget is None else budget
     shown = [a for a in analyses if getattr(a, "explorer", None) is not None]
+    common = min((len(a.explorer.images) for a in shown), default=0)
+    for a in shown:  # the same images for every model
+        a.explorer.keep_images(common)
     total = choose_encodings([a.explorer for a in shown], budget)
     models, blobs = [], {}
     for j, res in enumerate(shown):

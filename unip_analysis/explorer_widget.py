@@ -12,7 +12,6 @@ import numpy as np
 import torch
 
 from .explorer import (
-    DEFAULT_BUDGET_MB,
     DEFAULT_EXPLORE_IMAGES,
     ExplorerData,
     payload,
@@ -200,19 +199,21 @@ def explore(
     device: str = "cpu",
     thresholds=None,
     widget: bool | None = None,
-    explore_budget: float = DEFAULT_BUDGET_MB,
+    explore_budget: float | None = None,
 ):
     """The attention explorer in Jupyter: every layer x head for a query you choose, models side by side.
 
     ``source``: finished analyses (``analyze_backbone(..., explore_images=N)``) or loaded backbones
     (one, a list, or ``{name: backbone}``), which are analysed here on the first ``explore_images``
     of ``images`` (a folder or a dataset), each model at its own input size (``img_size`` for all),
-    the same images for every model. ``explore_budget``: MB that every model's data together may
+    the same images for every model. ``explore_budget``: MB (default 60) that every model's data together may
     take (the encoding and query stride are chosen to fit, :func:`unip_analysis.explorer.choose_encodings`). Returns an anywidget widget where anywidget is installed
     (``widget=False``: the static HTML fallback, an :class:`Explorer`). Either way ``.set(query=...)``
     chooses the query from Python and ``.displayed_rows()`` returns the shown rows as numpy arrays.
     """
-    budget = int(explore_budget * 1e6)
+    from . import explorer
+
+    budget = explorer.BUDGET_BYTES if explore_budget is None else int(explore_budget * 1e6)
     analyses = _analyses_from(source, images, names, explore_images, img_size, norm, device, budget)
     base = Explorer(analyses, thresholds, budget)
     if widget is False:
