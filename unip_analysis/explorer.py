@@ -483,8 +483,8 @@ def _describe(data: ExplorerData, best: tuple[str, int], budget: int) -> list[st
     err = data.error()
     if data.encoding != best[0]:
         notes.append(
-            f"{ENCODING_NAMES[data.encoding]} (measured error {100 * err:.2f}% of the row maximum), not "
-            f"{ENCODING_NAMES[best[0]]} ({100 * data.error(*best):.2f}%), to stay within the "
+            f"{ENCODING_NAMES[data.encoding]} (measured error {percent(err)} of the row maximum), not "
+            f"{ENCODING_NAMES[best[0]]} ({percent(data.error(*best))}), to stay within the "
             f"{budget / 1e6:.0f} MB budget (--explore-budget)"
         )
     if data.query_stride > 1:
@@ -542,10 +542,16 @@ def choose_encodings(datas: Sequence[ExplorerData], budget: int | None = None) -
     return int(sum(actual))
 
 
+def percent(x: float) -> str:
+    """A fraction as the page writes it: two significant digits, whole numbers from 10%."""
+    v = 100 * x
+    return f"{v:.0f}%" if v >= 10 else f"{v:#.2g}%"
+
+
 def summary(data: ExplorerData) -> str:
     """One line: the encoding, its measured error, the size, and what was reduced."""
     line = (
-        f"{ENCODING_NAMES[data.encoding]}, every shown row within {100 * data.error():.2g}% of its maximum "
+        f"{ENCODING_NAMES[data.encoding]}, every shown row within {percent(data.error())} of its maximum "
         f"(measured), {_text_bytes(data, data.encoding, data.query_stride) / 1e6:.1f} MB"
     )
     return "; ".join([line, *data.reductions])

@@ -137,8 +137,9 @@ class UxModel {
   }
 }
 
-function uxPct(x) {  // a fraction as a percentage with two significant digits
-  return `${(100 * x).toPrecision(2)}%`;
+function uxPct(x) {  // a fraction as a percentage: two significant digits, whole numbers from 10% (explorer.percent)
+  const v = 100 * x;
+  return `${v >= 10 ? v.toFixed(0) : v.toPrecision(2)}%`;
 }
 
 function uxEl(tag, attrs, parent) {
