@@ -48,10 +48,16 @@ def test_bench_analysis_extrapolates_the_stacked_variant_by_depth():
 
 def test_bench_explorer_quick():
     report = run_quick("bench_explorer.py")
-    assert report["analysis"]["seconds"]["with"] > 0 and report["analysis"]["ratio_with_over_without"] > 0
-    assert report["report_bytes"] > 0 and report["precision"] in ("fp16", "int8")
-    if "browser" in report:  # chromium present
-        assert report["browser"]["load_ms_median"] > 0 and report["browser"]["click_to_frame_ms_median"] > 0
+    assert [c["weights"] for c in report["cases"]] == ["random", "trained-like"]
+    for case in report["cases"]:
+        assert case["report_bytes"] > 0 and case["encoding"] in case["per_encoding"]
+        assert set(case["per_encoding"]) == {"rows-u8", "qk-f16", "qk-i8"}
+        assert (
+            case["measured_error"] <= 0.01
+            and case["checked_error_image0"] <= case["measured_error"] * 1.01 + 1e-5
+        )
+        if "browser" in case:  # chromium present
+            assert case["browser"]["load_ms_median"] > 0 and case["browser"]["click_to_frame_ms_median"] > 0
 
 
 def test_bench_predict_quick():

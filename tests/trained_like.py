@@ -22,6 +22,7 @@ TINY_TRAINED_IMG = 32
 SINK_DIM = 0  # the residual dimension that marks the cls token
 OUTLIER = 200.0  # q's outlier channel: 80x the others' typical entry (SHARP)
 SHARP = 2.5  # q and k entries of the other channels, std: logits ~ SHARP^2 sqrt(d) / sqrt(d)
+SINK_LOGIT = 25.0  # the cls key's outlier term in a sink head's logits (LayerNorm gives it ~sqrt(dim))
 
 
 def make_trained_like(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -39,13 +40,15 @@ def make_trained_like(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             w[: 2 * dim] = torch.randn(2 * dim, dim, generator=gen) * (SHARP / dim**0.5)
             b[: 2 * dim] = 0
             sink_heads = max(1, heads // 3)
+            # k_c(cls) ~ w * sqrt(dim), times q_c = OUTLIER and the head scale d^-0.5: SINK_LOGIT
+            reads = SINK_LOGIT * d**0.5 / (OUTLIER * dim**0.5)
             for h in range(heads):
                 c = h * d + (li + h) % d  # the outlier channel of this head
                 # q: a large constant; k: reads SINK_DIM (large for the cls token only)
                 w[c] = 0
                 b[c] = OUTLIER
                 w[dim + c] = 0
-                w[dim + c, SINK_DIM] = 0.09 if h < sink_heads and li > 0 else 0.004
+                w[dim + c, SINK_DIM] = reads if h < sink_heads and li > 0 else reads / 20
     return model
 
 
