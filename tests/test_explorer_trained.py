@@ -4,6 +4,7 @@ softmax, where int8 q / k with a scale per vector is far off."""
 
 from __future__ import annotations
 
+import pytest
 import test_explorer
 import torch
 from test_explorer import check_rows, open_report, page_of
@@ -96,6 +97,13 @@ def test_an_error_over_1_percent_is_shown_prominently(browser, tmp_path, monkeyp
     assert warn.count() == 1
     want = f"{explorer.percent(res.explorer.layer_error(1, 3))} of the row maximum"
     assert want in warn.inner_text() and "over 1%" in warn.inner_text()
+    assert page.evaluate("unipExplorer.error('trained', 1, 3)") == pytest.approx(
+        res.explorer.layer_error(1, 3)
+    )
+    assert page.evaluate("[unipExplorer.encoding('trained'), unipExplorer.error('trained')]") == [
+        "qk-i8",
+        pytest.approx(res.explorer.error()),
+    ]
     assert "+-" not in page.inner_text("[data-unip-explorer]") and "\u00b1" not in page.inner_text(
         "[data-unip-explorer]"
     )

@@ -384,6 +384,9 @@ function unipExplorerMount(root, source, options) {
     heads: (name, layer) => model(name).heads[layer - 1],
     grid: (name) => [model(name).rows, model(name).cols],
     queries: (name) => model(name).queries.slice(),
+    encoding: (name) => model(name).encoding,
+    // the largest measured error of the shown rows (fraction of the row maximum): the model's, or one image and layer's
+    error: (name, image, layer) => (image === undefined ? model(name).error : model(name).data[image][layer - 1].err),
     row(name, image, layer, head, query) {
       const m = model(name), r = m.fullRow(image, layer, head, query);
       return r === null ? null : Array.from(r.subarray(m.npt));
