@@ -149,13 +149,12 @@ def plan_images(
     return n, notes
 
 
-def plan_explorer(
-    shape: ModelShape, images: int, budget: int | None = None, shared: Sequence[ModelShape] = ()
-) -> ExplorerPlan:
-    """The pass' plan for one model: the images (decided over ``shared``, every model of the report,
-    when given) and the encodings worth recording (rows only while their size is within reach)."""
+def plan_explorer(shape: ModelShape, images: int, budget: int | None = None) -> ExplorerPlan:
+    """The pass' plan for one model: the images (a report of several models asks
+    :func:`plan_images` for all of them first and passes the count) and the encodings worth
+    recording (rows only while their size is within reach)."""
     budget = BUDGET_BYTES if budget is None else budget
-    n, notes = plan_images(list(shared) or [shape], images, budget)
+    n, notes = plan_images([shape], images, budget)
     encodings = tuple(e for e in ENCODINGS if e != "rows-u8" or shape.records_rows(n, budget))
     return ExplorerPlan(n, encodings, budget, notes)
 

@@ -86,6 +86,7 @@ def _analyses_from(
             out.append(item)
             continue
         size = img_size or item.img_size
+        label = name or (names[j] if names else f"model{j + 1}")
         if isinstance(images, torch.utils.data.Dataset):
             dataset = images
             shape = tuple(dataset[0].shape[-2:])
@@ -96,14 +97,13 @@ def _analyses_from(
             if shape != want:
                 raise ValueError(
                     f"explore(): the dataset's images are {shape[0]}x{shape[1]} px, the model "
-                    f"{name or names[j] if names else j + 1} takes {want[0]}x{want[1]}; pass an image folder "
+                    f"{label!r} takes {want[0]}x{want[1]}; pass an image folder "
                     "(each model then gets the images at its own size) or a dataset at that size"
                 )
         else:
             if size not in datasets:
                 datasets[size] = image_dataset(images, size, norm, limit=n)
             dataset = datasets[size]
-        label = name or (names[j] if names else f"model{j + 1}")
         sub = torch.utils.data.Subset(dataset, range(min(n, len(dataset))))
         for attr in ("files", "mean", "std"):  # what the analysis reads from the dataset
             if hasattr(dataset, attr):
