@@ -5,6 +5,8 @@ sidecar's 16-bit rule is the reader's, and ``--precision auto`` is the shared ru
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -17,7 +19,6 @@ from conftest import TINY_ARCH
 from PIL import Image
 
 from unip_train.export.cli import main as export_main
-from unip_train.export.onnx import export_onnx
 from unip_train.finetune.config import FinetuneConfig, resolve
 from unip_train.finetune.dataset import read_pixels
 from unip_train.finetune.model_file import build_backbone, build_segmentor, save_model
@@ -66,14 +67,26 @@ def tiny(tmp_path_factory) -> dict:
     return {"model": save_tiny(root / "run"), "images": images, "root": root}
 
 
-def test_export_checked_on_one_image_runs_any_batch(tiny, tmp_path: Path):
+@pytest.fixture(scope="module")
+def exported(tiny) -> dict:
+    """``unip-export --out DIR/model`` (no suffix) checked on one image."""
+    out = tiny["root"] / "exported" / "model"
+    out.parent.mkdir()
+    said = io.StringIO()
+    with contextlib.redirect_stdout(said):
+        rc = export_main(
+            ["--model", str(tiny["model"]), "--out", str(out), "--images", str(tiny["images"][0])]
+        )
+    return {"rc": rc, "said": said.getvalue(), "dir": out.parent, "onnx": out.parent / "model.onnx"}
+
+
+def test_export_checked_on_one_image_runs_any_batch(tiny, exported):
     """The graph of an export checked on one image takes batch 3 and agrees with PyTorch there; the
-    check itself ran a batch of two different windows."""
-    out = tmp_path / "one.onnx"
-    report = export_onnx(tiny["model"], out, images=str(tiny["images"][0]))
-    assert any(shape[0] >= 2 for shape in report["batch_shapes"])
-    assert report["window_contents"] >= 2
-    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    check itself ran a batch of two different windows of that image."""
+    assert exported["rc"] == 0
+    check = json.loads(sidecar_path(exported["onnx"]).read_text())["check"]
+    assert check["window_contents"] == 2 and [s[0] for s in check["batch_shapes"]] == [2, 1, 3]
+    session = ort.InferenceSession(str(exported["onnx"]), providers=["CPUExecutionProvider"])
     assert isinstance(session.get_inputs()[0].shape[0], str)  # a named (dynamic) batch axis
     torch.manual_seed(3)
     x = torch.randn(3, 3, 32, 32)
@@ -85,31 +98,27 @@ def test_export_checked_on_one_image_runs_any_batch(tiny, tmp_path: Path):
     assert np.abs(got - expected).max() <= 1e-3
 
 
-def test_export_out_without_suffix_gets_it(tiny, tmp_path: Path, capsys):
-    assert export_main(["--model", str(tiny["model"]), "--out", str(tmp_path / "model"),
-                        "--images", str(tiny["images"][1])]) == 0  # fmt: skip
-    assert (tmp_path / "model.onnx").is_file() and (tmp_path / "model.onnx.json").is_file()
-    assert not (tmp_path / "model").exists()
-    assert "model.onnx" in capsys.readouterr().out
-    # ... and unip-predict reads it (auto backend: by the suffix).
+def test_export_out_without_suffix_gets_it(tiny, exported, tmp_path: Path):
+    assert exported["onnx"].is_file() and sidecar_path(exported["onnx"]).is_file()
+    assert sorted(p.name for p in exported["dir"].iterdir()) == ["model.onnx", "model.onnx.json"]
+    assert f"unip-export: {exported['onnx']} " in exported["said"]
+    # ... and unip-predict reads it (auto backend: by the suffix), a batch of three images at once.
     out = tmp_path / "preds"
-    argv = ["--model", str(tmp_path / "model.onnx"), "--images", str(tiny["images"][0]), "--out", str(out)]
-    assert predict_main([*argv, "--no-progress", "--workers", "0"]) == 0
-    assert len(list((out / "pred").glob("*.png"))) == 1
+    argv = ["--model", str(exported["onnx"]), "--images", str(tiny["images"][0].parent), "--out", str(out)]
+    assert predict_main([*argv, "--no-progress", "--workers", "0", "--batch-size", "3"]) == 0
+    assert len(list((out / "pred").glob("*.png"))) == len(tiny["images"])
 
 
-def test_onnx_runtime_errors_are_one_line(tiny, tmp_path: Path, capsys):
+def test_onnx_runtime_errors_are_one_line(tiny, exported, tmp_path: Path, capsys):
     """A graph that takes only batch 1 (as exports before this version could be), run on two images of
     one size: one line naming the graph, and the traceback with --debug."""
     import onnx
 
-    good = tmp_path / "good.onnx"
-    export_onnx(tiny["model"], good, images=str(tiny["images"][0]))
-    graph = onnx.load(str(good))
+    graph = onnx.load(str(exported["onnx"]))
     graph.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1  # a batch of 1 only
     fixed = tmp_path / "fixed.onnx"
     onnx.save(graph, str(fixed))
-    sidecar_path(fixed).write_text(sidecar_path(good).read_text())
+    sidecar_path(fixed).write_text(sidecar_path(exported["onnx"]).read_text())
     argv = ["--model", str(fixed), "--images", str(tiny["images"][0].parent), "--batch-size", "2",
             "--no-progress", "--workers", "0"]  # fmt: skip
     assert predict_main([*argv, "--out", str(tmp_path / "p")]) == 2
@@ -120,12 +129,10 @@ def test_onnx_runtime_errors_are_one_line(tiny, tmp_path: Path, capsys):
     assert "Traceback" in capsys.readouterr().err
 
 
-def test_sidecar_states_the_readers_16_bit_rule(tiny, tmp_path: Path):
+def test_sidecar_states_the_readers_16_bit_rule(exported, tmp_path: Path):
     """The sidecar's rule for 16-bit grey files is what read_pixels does: the high byte (>> 8)."""
-    out = tmp_path / "g.onnx"
-    export_onnx(tiny["model"], out, images=str(tiny["images"][0]))
-    rule = json.loads(sidecar_path(out).read_text())["channel_rule"]
-    assert ">> 8" in rule and "65535" not in rule
+    rule = json.loads(sidecar_path(exported["onnx"]).read_text())["channel_rule"]
+    assert "16-bit grey its high byte (v >> 8)" in rule and "65535" not in rule
     values = np.array([[0, 255, 256, 32767, 32768, 65280, 65535, 511]], dtype=np.uint16)
     path = tmp_path / "g16.png"
     Image.fromarray(values).save(path)
