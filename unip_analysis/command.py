@@ -269,7 +269,9 @@ class Command:
 
     # -- parser ------------------------------------------------------------------------------------
 
-    def parser(self):
+    def parser(self, check_required: bool = True):
+        """The jsonargparse parser; ``check_required=False`` leaves required options to the caller
+        (:meth:`parse` with ``--config``: they may come from the file or from the command line)."""
         from jsonargparse import ActionYesNo, ArgumentParser
 
         p = ArgumentParser(
@@ -291,8 +293,10 @@ class Command:
                 g.add_argument(s.flag, action=ActionYesNo(no_prefix="no-"), default=s.default, help=help_text)
                 continue
             kwargs: dict[str, Any] = {"type": s.type, "help": help_text, "metavar": s.metavar}
-            if s.required:
+            if s.required and check_required:
                 kwargs["required"] = True
+            elif s.required:
+                kwargs["default"] = None
             else:
                 kwargs["default"] = s.default
             if s.const is not None:
@@ -305,19 +309,23 @@ class Command:
     def parse(self, argv: Sequence[str] | None = None) -> Any:
         """The options the command line (and ``--config``) give, as the options dataclass."""
         argv = self._translate(list(sys.argv[1:] if argv is None else argv))
-        parser = self.parser()
         config_path, argv = _take_config(argv)
+        # With --config, required options may come from the file or the flags: checked once both are in.
+        parser = self.parser(check_required=config_path is None)
         namespace = None
         try:
             if config_path is not None:
-                values = self._file_values(config_path)
-                # Required options may come from the command line: checked once the flags are in.
-                namespace = parser.parse_object(values, defaults=True, _skip_validation=True)
+                namespace = parser.parse_object(self._file_values(config_path), defaults=True)
             ns = parser.parse_args(argv, namespace=namespace)
         except (Exception, SystemExit) as e:  # jsonargparse raises ArgumentError / its own errors
             if isinstance(e, SystemExit):
                 raise
             raise SpecError(f"{self._concise(_one_line(str(e)))} (see {self.prog} --help)") from None
+        missing = [s.name for s in self.specs if s.required and getattr(ns, s.name) is None]
+        if missing:
+            raise SpecError(
+                f"the following arguments are required: {', '.join(missing)} (see {self.prog} --help)"
+            )
         values = {s.name: getattr(ns, s.name) for s in self.specs}
         for s in self.specs:
             v = values[s.name]
