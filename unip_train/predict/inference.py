@@ -286,11 +286,10 @@ def onnx_window_fn(path: Path, device: torch.device) -> LogitsFn:
     graph_input = session.get_inputs()[0]
 
     def fn(x: torch.Tensor) -> torch.Tensor:
+        # onnxruntime raises its own types (InvalidArgument, Fail, ...): one line, the traceback with --debug
         try:
             out = session.run(None, {graph_input.name: x.detach().float().cpu().numpy()})[0]
-        except (
-            Exception
-        ) as e:  # onnxruntime's own types (InvalidArgument, Fail, ...): one line, not its traceback
+        except Exception as e:
             raise PredictError(
                 f"{path}: ONNX Runtime cannot run the graph (input {graph_input.shape}) on windows "
                 f"{list(x.shape)}: {error_line(e)}; export the model again with unip-export "
