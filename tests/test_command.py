@@ -135,6 +135,21 @@ def test_config_file_errors_name_the_file(tmp_path):
         TOY.parse(["--config", str(typed)])
 
 
+def test_config_required_options_from_the_file_or_the_flags(tmp_path):
+    """A required option may come from --config or the command line; missing from both, one line."""
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"images": "i", "img_size": 32}))
+    opts = TOY.parse(["--config", str(path), "--out", "o"])
+    assert (opts.images, opts.out, opts.img_size) == (Path("i"), Path("o"), 32)
+    with pytest.raises(
+        SpecError, match=r"^the following arguments are required: out \(see unip-toy --help\)$"
+    ):
+        TOY.parse(["--config", str(path)])
+    path.write_text(json.dumps({"images": "i", "out": "o", "precision": "fp64"}))
+    with pytest.raises(SpecError, match="--precision: 'fp64': expected one of auto"):
+        TOY.parse(["--config", str(path)])
+
+
 def test_old_config_keys_read_with_a_notice(tmp_path, capsys):
     path = tmp_path / "c.json"
     path.write_text(

@@ -1,14 +1,23 @@
-"""--device for training: cuda:N is honoured on one process, refused under torchrun (issue 21).
+"""--device and --precision, one rule for every command (unip_analysis.device): cuda:N is honoured on
+one process, refused under torchrun (issue 21), checked against the visible GPUs by the analysis too;
+the option accepts what the resolver accepts; precision auto is the shared rule.
 
 The GPU is faked (torch.cuda.is_available / device_count), so these run on CPU."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 
+from unip_analysis import cli as analysis_cli
+from unip_analysis import command
+from unip_analysis import device as rules
 from unip_analysis.errors import SpecError
+from unip_train import precision
 from unip_train.distributed import resolve_device
+from unip_train.predict import inference
 
 
 def _machine(monkeypatch, gpus: int, world: int = 1, local: int = 0) -> None:
@@ -77,5 +86,35 @@ def test_torchrun_on_cpu(monkeypatch):
 @pytest.mark.parametrize("device", ["gpu", "cuda:x", "cuda1", "mps"])
 def test_unknown_device_is_refused(monkeypatch, device):
     _machine(monkeypatch, gpus=1)
-    with pytest.raises(SpecError, match="expected auto, cpu, cuda or cuda:N"):
+    with pytest.raises(SpecError, match="expected cpu, cuda, cuda:N or auto"):
         resolve_device(device)
+
+
+def test_the_analysis_checks_cuda_n_against_the_visible_gpus(monkeypatch):
+    _machine(monkeypatch, gpus=2)
+    assert analysis_cli.resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(SpecError, match=r"sees 2 GPU\(s\) \(cuda:0 to cuda:1\)"):
+        analysis_cli.resolve_device("cuda:3")
+
+
+@dataclass(kw_only=True)
+class _Opts:
+    device: str = command.device()
+    precision: str = command.precision()
+
+
+@pytest.mark.parametrize("value", ["mps", "gpu", "cuda:x"])
+def test_device_option_refuses_what_the_resolver_refuses(value):
+    with pytest.raises(SpecError, match=f"--device: '{value}': expected cpu, cuda, cuda:N or auto"):
+        command.Command("unip-toy", _Opts, description="").parse(["--device", value])
+
+
+def test_precision_is_one_rule_declared_once(monkeypatch):
+    assert command.PRECISIONS is rules.PRECISIONS is precision.PRECISIONS is inference.PRECISIONS
+    _machine(monkeypatch, gpus=1)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert analysis_cli.resolve_precision("auto", torch.device("cuda", 0)) == "fp16"  # as the trainers
+    assert precision.amp_dtype("auto", "cuda") == torch.float16
+    assert analysis_cli.resolve_precision("auto", "cpu") == "fp32"
+    with pytest.raises(SpecError, match="fp16 needs CUDA"):
+        analysis_cli.resolve_precision("fp16", "cpu")

@@ -12,6 +12,7 @@ from attention_reference import ATTENTION_ARCHS, distance_reference, nmi_referen
 
 from unip_analysis import analyze
 from unip_analysis.checkpoints import LoadedBackbone, build_vit
+from unip_analysis.device import DTYPES
 
 ARCHS = [ATTENTION_ARCHS["vit"], ATTENTION_ARCHS["registers"]]
 
@@ -79,7 +80,7 @@ def check_half_precision(
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_half_precision_statistics_on_cpu(arch, precision):
-    check_half_precision(arch, "cpu", analyze.PRECISIONS[precision], precision)
+    check_half_precision(arch, "cpu", DTYPES[precision], precision)
 
 
 def test_fp16_logits_beyond_the_fp16_range_stay_finite():
@@ -109,4 +110,4 @@ def test_cuda_analysis(precision):
         for c, g in zip(cpu.head_nmi + cpu.head_distance, gpu.head_nmi + gpu.head_distance):
             np.testing.assert_allclose(g, c, rtol=1e-5, atol=1e-6)
         return
-    check_half_precision(ARCHS[1], "cuda", analyze.PRECISIONS[precision], precision)
+    check_half_precision(ARCHS[1], "cuda", DTYPES[precision], precision)

@@ -13,7 +13,6 @@ Notebook use::
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from tqdm.auto import tqdm
 from . import images as imgs
 from .attention import observe_attention
 from .checkpoints import LoadedBackbone
+from .device import DTYPES, autocast
 from .explorer import ExplorerData, ExplorerRecorder, ModelShape, plan_explorer
 from .metrics import NMI_EPS, StreamingStatistics, bootstrap_ci, check_nmi_definition
 from .patterns import Thresholds, classify, default_thresholds, robustness, select_layer
@@ -203,16 +203,6 @@ class LayerObserver:
         self._stats = self._rows = None
 
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def autocast(device: str | torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    """Autocast to ``dtype`` on ``device``'s type, or nothing for full precision (``None``)."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=dtype)
-
-
 def explorer_shape(backbone: LoadedBackbone) -> ModelShape:
     """What the explorer's size depends on (heads and head size per layer, grid, prefix tokens)."""
     blocks = list(backbone.model.blocks)
@@ -322,8 +312,8 @@ def analyze_backbone(
     keeps every layer's attention of that many first images for the attention explorer, encoded
     within ``explore_budget`` bytes (:mod:`unip_analysis.explorer`).
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if precision not in DTYPES:
+        raise ValueError(f"precision {precision!r}: expected one of {', '.join(DTYPES)}")
     check_nmi_definition(nmi)
     model = backbone.model.to(device).eval()
     grid = tuple(int(g) for g in model.patch_embed.grid_size)
@@ -343,7 +333,7 @@ def analyze_backbone(
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers
     )
-    forward_all(model, loader, observer, recorder, device, PRECISIONS[precision], f"analyse {name}", progress)
+    forward_all(model, loader, observer, recorder, device, DTYPES[precision], f"analyse {name}", progress)
     files = getattr(dataset, "files", [])
     return analysis_result(backbone, name, grid, observer, recorder, query_points, files, map_images, nmi)
 

@@ -23,6 +23,7 @@ import torch
 
 from . import __version__, analyze, checkpoints, command, explorer, images, report
 from .checkpoints import CheckpointSpec, LoadedBackbone
+from .device import autocast_dtype, precision_name, resolve_device
 from .errors import SpecError
 from .files import read_json
 from .metrics import NMI_LABELS
@@ -257,21 +258,10 @@ def parse_query_points(text: str) -> list[tuple[float, float]]:
     return points
 
 
-def resolve_device(text: str) -> str:
-    if text == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if text.startswith("cuda") and not torch.cuda.is_available():
-        raise SpecError(f"--device {text}: no CUDA device is visible; use --device cpu (or auto)")
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
-        raise SpecError(f"--device {text!r}: expected cpu, cuda, cuda:N or auto")
-    return text
-
-
-def resolve_precision(text: str, device: str) -> str:
-    """``auto``: bf16 on CUDA, fp32 on the CPU (the statistics stay fp32 / fp64 either way)."""
-    if text == "auto":
-        return "bf16" if device.startswith("cuda") else "fp32"
-    return text
+def resolve_precision(text: str, device: torch.device | str) -> str:
+    """The precision name (bf16, fp16, fp32) of ``--precision`` on ``device``: the shared rule
+    (:func:`unip_analysis.device.autocast_dtype`; the statistics stay fp32 / fp64 either way)."""
+    return precision_name(autocast_dtype(text, device))
 
 
 def resolve_thresholds(
@@ -423,7 +413,8 @@ def run(args: AnalyzeOptions) -> dict[str, Path]:
     overrides = parse_layer_overrides(args.layer, names)
     points = parse_query_points(args.query_points)
     images.parse_normalization(args.norm)  # fail on a bad --norm before loading anything
-    device = resolve_device(args.device)
+    device = resolve_device(args.device)  # the one --device rule: cuda:N checked against the visible GPUs
+    resolve_precision(args.precision, device)  # fp16 without CUDA: refused before loading anything
     n_found = check_out_folder(args)
 
     backbones = load_backbones(specs, overrides, args, device)

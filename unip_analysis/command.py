@@ -38,6 +38,7 @@ from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from .device import DEVICE_HELP, DEVICE_PATTERN, PRECISIONS
 from .errors import SpecError, UnipError, error_line
 
 if sys.version_info >= (3, 11):
@@ -53,9 +54,6 @@ __all__ = [
 
 EXIT_BAD_INPUT = 2
 _META = "unip_option"
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-DEVICE_HELP = "cpu, cuda, cuda:N or auto (cuda when available, else cpu); cuda:N is honoured exactly"
-_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 
 
 # --- declaring options ------------------------------------------------------------------------------
@@ -112,15 +110,20 @@ def device(default: str = "auto") -> Any:
     return option(default, help=DEVICE_HELP, group="run", check=_check_device)
 
 
-def precision(default: str = "auto", help: str = "", aliases: Sequence[str] = ()) -> Any:
-    text = "numeric precision: auto (bf16 on CUDA, fp32 on the CPU), bf16, fp16 or fp32"
+def precision(
+    default: str = "auto", help: str = "", aliases: Sequence[str] = (), extra: Sequence[str] = ()
+) -> Any:
+    """``--precision``, the shared rule (:mod:`unip_analysis.device`); ``extra``: values of this
+    command's own on top (say what they mean in ``help``)."""
+    text = "numeric precision: auto (bf16 on CUDA, fp16 where a GPU lacks bf16, fp32 on the CPU), bf16, fp16"
+    text += f", fp32 or {' or '.join(extra)}" if extra else " or fp32"
     return option(
         default,
         help=f"{text}{'; ' + help if help else ''}",
         group="run",
         aliases=("--amp", *aliases),
         deprecated_values={"none": "fp32"},
-        check=_check_precision,
+        check=lambda value: _check_precision(value, extra),
     )
 
 
@@ -171,13 +174,14 @@ def debug() -> Any:
 
 
 def _check_device(value: str) -> str | None:
-    if not _DEVICE.match(str(value)):
+    if not DEVICE_PATTERN.fullmatch(str(value)):
         return f"{value!r}: expected {DEVICE_HELP}"
     return None
 
 
-def _check_precision(value: str) -> str | None:
-    return None if value in PRECISIONS else f"{value!r}: expected one of {', '.join(PRECISIONS)}"
+def _check_precision(value: str, extra: Sequence[str] = ()) -> str | None:
+    choices = (*PRECISIONS, *extra)
+    return None if value in choices else f"{value!r}: expected one of {', '.join(choices)}"
 
 
 def positive(value: Any) -> str | None:
@@ -265,7 +269,9 @@ class Command:
 
     # -- parser ------------------------------------------------------------------------------------
 
-    def parser(self):
+    def parser(self, check_required: bool = True):
+        """The jsonargparse parser; ``check_required=False`` leaves required options to the caller
+        (:meth:`parse` with ``--config``: they may come from the file or from the command line)."""
         from jsonargparse import ActionYesNo, ArgumentParser
 
         p = ArgumentParser(
@@ -287,8 +293,10 @@ class Command:
                 g.add_argument(s.flag, action=ActionYesNo(no_prefix="no-"), default=s.default, help=help_text)
                 continue
             kwargs: dict[str, Any] = {"type": s.type, "help": help_text, "metavar": s.metavar}
-            if s.required:
+            if s.required and check_required:
                 kwargs["required"] = True
+            elif s.required:
+                kwargs["default"] = None
             else:
                 kwargs["default"] = s.default
             if s.const is not None:
@@ -301,19 +309,23 @@ class Command:
     def parse(self, argv: Sequence[str] | None = None) -> Any:
         """The options the command line (and ``--config``) give, as the options dataclass."""
         argv = self._translate(list(sys.argv[1:] if argv is None else argv))
-        parser = self.parser()
         config_path, argv = _take_config(argv)
+        # With --config, required options may come from the file or the flags: checked once both are in.
+        parser = self.parser(check_required=config_path is None)
         namespace = None
         try:
             if config_path is not None:
-                values = self._file_values(config_path)
-                # Required options may come from the command line: checked once the flags are in.
-                namespace = parser.parse_object(values, defaults=True, _skip_validation=True)
+                namespace = parser.parse_object(self._file_values(config_path), defaults=True)
             ns = parser.parse_args(argv, namespace=namespace)
         except (Exception, SystemExit) as e:  # jsonargparse raises ArgumentError / its own errors
             if isinstance(e, SystemExit):
                 raise
             raise SpecError(f"{self._concise(_one_line(str(e)))} (see {self.prog} --help)") from None
+        missing = [s.name for s in self.specs if s.required and getattr(ns, s.name) is None]
+        if missing:
+            raise SpecError(
+                f"the following arguments are required: {', '.join(missing)} (see {self.prog} --help)"
+            )
         values = {s.name: getattr(ns, s.name) for s in self.specs}
         for s in self.specs:
             v = values[s.name]

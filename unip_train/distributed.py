@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import random
-import re
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from unip_analysis.errors import SpecError
+from unip_analysis.device import resolve_device  # the one --device rule, torchrun-aware
 
 
 @dataclass(frozen=True)
@@ -28,46 +27,6 @@ class DistInfo:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """The torch device this process trains on, from ``--device`` and torchrun's environment.
-
-    ``auto`` is ``cuda`` when a GPU is visible, else ``cpu``. A single process honours ``cuda:N``
-    exactly. Under torchrun (WORLD_SIZE > 1) each process takes the GPU of its LOCAL_RANK, so only
-    ``cuda`` without an index is accepted there: an explicit index would be remapped or shared.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
-        raise SpecError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
-    dev = torch.device(device)
-    if dev.type == "cpu":
-        return dev
-    if not torch.cuda.is_available():
-        raise SpecError(f"--device {device}: no CUDA device is visible to this process; use --device cpu")
-    count = torch.cuda.device_count()
-    if world > 1:
-        if dev.index is not None:
-            raise SpecError(
-                f"--device {device}: under torchrun each process uses the GPU of its local rank; pass "
-                "--device cuda and choose the GPUs with CUDA_VISIBLE_DEVICES"
-            )
-        if local >= count:
-            raise SpecError(
-                f"torchrun started process {local} on this machine, which has {count} GPU(s): one process per "
-                f"GPU (--nproc-per-node {count}), or --device cpu"
-            )
-        return torch.device("cuda", local)
-    index = 0 if dev.index is None else dev.index
-    if index >= count:
-        raise SpecError(
-            f"--device {device}: this process sees {count} GPU(s) (cuda:0 to cuda:{count - 1}); "
-            "pick one of those or check CUDA_VISIBLE_DEVICES"
-        )
-    return torch.device("cuda", index)
 
 
 def init_distributed(device: str = "auto") -> DistInfo:

@@ -1,22 +1,21 @@
-"""Mixed precision: one rule for ``unip-pretrain`` and ``unip-finetune`` (``--precision``).
+"""Mixed precision of the trainers: the shared ``--precision`` rule (:mod:`unip_analysis.device`: ``auto``
+is bf16 on a CUDA device that has it, fp16 with loss scaling where it does not, float32 on the CPU),
+the old ``--amp`` values, loss scaling and run records' dtype names.
 
-``auto`` is bf16 on a CUDA device that has it (fp16 with loss scaling where it does not) and float32
-on the CPU; ``bf16`` also runs on the CPU; ``fp16`` needs CUDA; ``fp32`` is float32 everywhere.
 The old ``--amp`` values still read: ``none`` is ``fp32``; ``true`` / ``false`` (config files of
 earlier versions) are ``auto`` / ``fp32``.
 """
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
+from unip_analysis.device import PRECISIONS, autocast, autocast_dtype
 from unip_analysis.errors import SpecError
 
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-AMP_CHOICES = ("auto", "bf16", "fp16", "none")  # the old --amp values
-_OLD_VALUES = {"none": "fp32"}
+__all__ = ["PRECISIONS", "amp_dtype", "autocast", "dtype_name", "grad_scaler", "normalize_amp"]
+
+_OLD_VALUES = {"none": "fp32"}  # the old --amp value that is no --precision value
 
 
 def normalize_amp(choice: str | bool) -> str:
@@ -30,29 +29,14 @@ def normalize_amp(choice: str | bool) -> str:
 
 
 def amp_dtype(choice: str | bool, device: torch.device | str) -> torch.dtype | None:
-    """The autocast dtype for ``--precision choice`` on ``device``, or None for float32."""
-    choice, device = normalize_amp(choice), torch.device(device)
-    if device.type != "cuda":
-        if choice == "fp16":
-            raise SpecError(
-                f"--precision fp16 needs CUDA; this run is on {device}; use --precision bf16 or fp32"
-            )
-        return torch.bfloat16 if choice == "bf16" else None
-    if choice == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[choice]
+    """The autocast dtype for ``--precision choice`` (current or old value) on ``device``, or None
+    for float32: the shared rule, :func:`unip_analysis.device.autocast_dtype`."""
+    return autocast_dtype(normalize_amp(choice), device)
 
 
 def dtype_name(dtype: torch.dtype | None) -> str:
     """``bfloat16`` / ``float16`` / ``none``: how run records name the precision."""
     return str(dtype).replace("torch.", "") if dtype is not None else "none"
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """Autocast to ``dtype`` on ``device``'s type; a no-op context for None (float32)."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:

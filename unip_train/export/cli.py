@@ -17,7 +17,7 @@ from typing import Literal
 from unip_analysis import command
 from unip_analysis.errors import SpecError
 
-from .onnx import OPSET, TOLERANCE, export_onnx
+from .onnx import OPSET, TOLERANCE, export_onnx, onnx_path
 
 
 @dataclass(kw_only=True)
@@ -27,7 +27,9 @@ class ExportOptions:
     )
     format: Literal["onnx"] = command.option("onnx", help="export format", group="model")
     out: Path = command.option(
-        help="the graph to write (the sidecar JSON is OUT.json beside it)", group="run", metavar="FILE"
+        help="the graph to write, .onnx added when missing (the sidecar JSON is OUT.json beside it)",
+        group="run",
+        metavar="FILE",
     )
     images: str | None = command.option(
         None, help="images whose windows check the export (default: the run's evaluation split)",
@@ -51,7 +53,7 @@ COMMAND = command.Command(
 
 
 def run_export(o: ExportOptions) -> int:
-    out = Path(o.out)
+    out = onnx_path(o.out)
     if out.exists() and not o.overwrite:
         raise SpecError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
     report = export_onnx(o.model, out, images=o.images, opset=o.opset, tolerance=o.tolerance)

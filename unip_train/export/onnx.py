@@ -10,10 +10,11 @@ which runs the same code as the PyTorch backend around the graph.
 
 Exporter: ``torch.onnx.export(..., dynamo=True)`` (torch.export) at opset 18 with a dynamic batch axis.
 The TorchScript exporter (``dynamo=False``) cannot write UperNet's pyramid pooling with a dynamic batch
-(``adaptive_avg_pool2d``: "input size not accessible" once timm's reshapes lose the static shape). The
-check runs
-ONNX Runtime (CPU) on windows of real images (the run's evaluation split, or ``check_images``) and
-refuses the export when the largest absolute logit difference exceeds ``tolerance`` (1e-3 for float32).
+(``adaptive_avg_pool2d``: "input size not accessible" once timm's reshapes lose the static shape).
+The graph is traced on a batch of two different windows: torch.export turns a batch of 1 into a
+constant. The check runs ONNX Runtime (CPU) on windows of real images (the run's evaluation split, or
+``images``) at batches of 2, 1 and 3 and refuses the export when the batch axis is fixed or the largest
+absolute logit difference exceeds ``tolerance`` (1e-3 for float32).
 """
 
 from __future__ import annotations
@@ -52,15 +53,41 @@ class WindowLogits(torch.nn.Module):
 
 
 def check_windows(seg: Segmenter, images: Sequence[Path], count: int = 2) -> tuple[torch.Tensor, str]:
-    """The first window of up to ``count`` images, prepared as prediction prepares them (padded with 0,
-    the normalized mean, as the sliding window pads), and where they came from."""
+    """At least two different windows (prepared as prediction prepares them: padded with 0, the
+    normalized mean, as the sliding window pads) and where they came from.
+
+    The first window of up to ``count`` images; with one image, its last window too (bottom right),
+    or when it fits one window, the window flipped. The export traces a batch of two: torch.export
+    specializes a batch of 1 to a constant, which would leave a graph that takes one window only."""
     win = seg.info.window
-    windows = []
+
+    def window(x: torch.Tensor, top: int, left: int) -> torch.Tensor:
+        crop = x[:, top : top + win, left : left + win]
+        return F.pad(crop, (0, win - crop.shape[-1], 0, win - crop.shape[-2]))
+
+    windows, names = [], []
     for path in images[:count]:
         x, _ = seg.prepare(path)
-        crop = x[:, :win, :win]
-        windows.append(F.pad(crop, (0, win - crop.shape[-1], 0, win - crop.shape[-2])))
-    return torch.stack(windows), ", ".join(str(p) for p in images[:count])
+        windows.append(window(x, 0, 0))
+        names.append(str(path))
+    if len(windows) == 1:
+        h, w = x.shape[-2:]
+        last = window(x, max(h - win, 0), max(w - win, 0))
+        windows.append(last if not torch.equal(last, windows[0]) else windows[0].flip(-1, -2))
+        names[0] += " (two windows)"
+    return torch.stack(windows), ", ".join(names)
+
+
+def check_batches(windows: torch.Tensor) -> list[torch.Tensor]:
+    """The batches the check runs: the traced one, one window alone, and three (the first repeated):
+    a batch axis that is not dynamic fails at 1 or 3."""
+    return [windows, windows[:1], torch.cat([windows, windows[:1]])]
+
+
+def onnx_path(out: str | Path) -> Path:
+    """``out`` with the suffix ``.onnx`` (added when missing: unip-predict tells backends by it)."""
+    out = Path(out)
+    return out if out.suffix == ".onnx" else out.with_name(out.name + ".onnx")
 
 
 def _check_images(seg: Segmenter, given: str | None) -> list[Path]:
@@ -82,8 +109,9 @@ def export_onnx(
     opset: int = OPSET,
     tolerance: float = TOLERANCE,
 ) -> dict:
-    """Write ``out`` (ONNX) and ``out.json`` (sidecar) when ONNX Runtime agrees with PyTorch within
-    ``tolerance``; returns the check's numbers (``max_abs_diff``, ``argmax_agreement``, ``opset``)."""
+    """Write ``out`` (ONNX; ``.onnx`` added when missing) and ``out.json`` (sidecar) when ONNX Runtime
+    agrees with PyTorch within ``tolerance`` at batches of 2, 1 and 3 windows (:func:`check_batches`);
+    returns the check's numbers (``max_abs_diff``, ``argmax_agreement``, ``opset``, ``onnx``)."""
     try:
         import onnx
         import onnxruntime as ort
@@ -103,7 +131,8 @@ def export_onnx(
             wrapper, (windows,), input_names=["input"], output_names=["logits"], opset_version=opset,
             dynamic_shapes={"x": {0: batch}}, dynamo=True, verbose=False,
         )  # fmt: skip
-        expected = wrapper(windows).numpy()
+        batches = check_batches(windows)
+        expected = [wrapper(b).numpy() for b in batches]
     check: dict = {}
 
     def write_checked(tmp: Path) -> None:
@@ -111,29 +140,34 @@ def export_onnx(
         program.save(str(tmp))
         onnx.checker.check_model(str(tmp))
         session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        got = session.run(None, {"input": windows.numpy()})[0]
-        single = session.run(None, {"input": windows[:1].numpy()})[0]  # the batch axis is dynamic
-        check["diff"] = float(max(np.abs(got - expected).max(), np.abs(single - expected[:1]).max()))
-        check["agree"] = float((got.argmax(1) == expected.argmax(1)).mean())
+        dims = session.get_inputs()[0].shape
+        if not isinstance(dims[0], str):
+            raise PredictError(
+                f"{path}: the exported graph's batch axis is fixed to {dims[0]} (input {dims}); nothing written"
+            )
+        got = [session.run(None, {"input": b.numpy()})[0] for b in batches]
+        check["diff"] = float(max(np.abs(g - e).max() for g, e in zip(got, expected)))
+        check["agree"] = float((got[0].argmax(1) == expected[0].argmax(1)).mean())
         if not check["diff"] <= tolerance:
             raise PredictError(
                 f"{path}: ONNX Runtime's logits differ from PyTorch's by up to {check['diff']:.3g} "
                 f"(> tolerance {tolerance:g}) on {source}; nothing written"
             )
 
-    out = Path(out)
+    out = onnx_path(out)
     atomic_write(out, write_checked)
     diff, agree = check["diff"], check["agree"]
     report = {
         "onnx": str(out),
-        "sidecar": str(sidecar_path(Path(out))),
+        "sidecar": str(sidecar_path(out)),
         "opset": opset,
         "max_abs_diff": diff,
         "tolerance": tolerance,
         "argmax_agreement": agree,
         "checked_on": source,
         "window": info.window,
-        "batch_shapes": [list(windows.shape), [1, *windows.shape[1:]]],
+        "window_contents": len(windows),
+        "batch_shapes": [list(b.shape) for b in batches],
     }
     atomic_write_text(
         sidecar_path(out), json.dumps({**info.sidecar(opset), "check": report}, indent=2) + "\n"

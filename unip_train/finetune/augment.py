@@ -10,6 +10,9 @@ for exact resume) and are made where mmseg makes its ``numpy.random`` draws, in 
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -19,11 +22,36 @@ import torch
 
 from .layouts import IGNORE_INDEX
 
-# One sample's OpenCV calls are small, and they run beside torch's threads (in the training process)
-# or in loader workers: OpenCV's own thread pool only competes with those (on 2 busy cores a
-# 128 px sample took twice as long with it). mmsegmentation's later 0.x releases do the same in
-# every process (``setup_multi_processes``: ``opencv_num_threads`` 0). Results do not depend on it.
-cv2.setNumThreads(0)
+_opencv_lock = threading.Lock()
+_opencv_users = 0
+_opencv_threads = 0  # OpenCV's thread count before the first user in
+
+
+@contextlib.contextmanager
+def opencv_single_threaded() -> Iterator[None]:
+    """OpenCV's own thread pool off while the block runs, its thread count as it was after.
+
+    One sample's OpenCV calls are small, and they run beside torch's threads (in the training process)
+    or in loader workers: OpenCV's pool only competes with those (on 2 busy cores a 128 px sample took
+    twice as long with it). mmsegmentation's later 0.x releases turn it off for the whole process
+    (``setup_multi_processes``: ``opencv_num_threads`` 0); here it is off only during our calls, so
+    importing this module changes nothing for the rest of the process. Results do not depend on it.
+    Setting the count costs about a microsecond; the count of users keeps overlapping blocks (threads)
+    from restoring it early."""
+    global _opencv_users, _opencv_threads
+    with _opencv_lock:
+        if _opencv_users == 0:
+            _opencv_threads = cv2.getNumThreads()
+            cv2.setNumThreads(0)
+        _opencv_users += 1
+    try:
+        yield
+    finally:
+        with _opencv_lock:
+            _opencv_users -= 1
+            if _opencv_users == 0:
+                cv2.setNumThreads(_opencv_threads)
+
 
 # --- geometry (mmcv.image.geometric) -------------------------------------------------------------
 
@@ -97,6 +125,7 @@ class TrainAugment:
         """The recipe at ``crop``: ``scale`` the dataset's img_scale, (4 * crop, crop) unless given."""
         return cls(crop=crop, scale=tuple(scale) if scale is not None else (4 * crop, crop))
 
+    @opencv_single_threaded()
     def __call__(
         self, img: np.ndarray, label: np.ndarray, g: torch.Generator | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -231,6 +260,7 @@ class EvalResize:
     def for_crop(cls, crop: int, scale: tuple[int, int] | None = None) -> EvalResize:
         return cls(scale=tuple(scale) if scale is not None else (4 * crop, crop))
 
+    @opencv_single_threaded()
     def __call__(
         self, img: np.ndarray, label: np.ndarray, g: torch.Generator | None = None
     ) -> tuple[np.ndarray, np.ndarray]:

@@ -22,7 +22,7 @@ from unip_analysis import command
 from unip_analysis.errors import SpecError
 
 from ..runs import default_num_workers
-from .inference import describe, open_model
+from .inference import RUN_PRECISION, describe, open_model
 from .outputs import ERRORS, FAILED, METRICS, OVERLAY, PRED, PROB
 from .runner import dataset_items, list_images, match_labels, predict, run_summary
 
@@ -69,7 +69,8 @@ class PredictOptions:
     workers: int | None = command.workers()
     device: str = command.device()
     precision: str = command.precision(
-        help="auto is the run's own --precision, as its evaluation ran (the ONNX backend: fp32)"
+        help="run: the run's own --precision, as its evaluation ran (the ONNX backend: auto or fp32)",
+        extra=(RUN_PRECISION,),
     )
     progress: bool = command.progress()
     debug: bool = command.debug()

@@ -23,22 +23,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from unip_analysis.errors import SpecError, UnipError
+from unip_analysis.device import PRECISIONS, autocast_dtype, precision_name, resolve_device
+from unip_analysis.errors import SpecError, UnipError, error_line
 from unip_analysis.files import read_json
 from unip_analysis.images import parse_normalization
 
-from ..distributed import resolve_device
 from ..finetune.augment import EvalResize
 from ..finetune.config import FinetuneConfig
 from ..finetune.dataset import read_pixels, scaled_norm, to_input
 from ..finetune.evaluation import LogitsFn, full_size_logits, upsampled_logits
 from ..finetune.layouts import get_layout, img_scale
 from ..finetune.model_file import load_model
-from ..precision import amp_dtype
+from ..precision import normalize_amp
 
 SIDECAR_FORMAT = "unip-export/1"
 BACKENDS = ("auto", "torch", "onnx")
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+RUN_PRECISION = "run"  # --precision run: the run's own --precision, as its evaluation ran
 
 
 class PredictError(UnipError):
@@ -87,9 +87,9 @@ class ModelInfo:
         d.update(mean=list(self.mean), std=list(self.std), scale=list(self.scale))
         if self.channels == 1:
             reading = (
-                "read the file as grey on the 0-255 scale: 8-bit as is, 16-bit / 65535 * 255, colour averaged "
-                "over R, G, B"
-                + (", 4-channel RGB-T files: their 4th (thermal) channel" if self.thermal_channel else "")
+                "read the file as 8-bit grey: 8-bit grey as is, 16-bit grey its high byte (v >> 8), colour the "
+                "mean of R, G, B rounded to the nearest integer"
+                + (", 4-channel RGB-T files their 4th (thermal) channel" if self.thermal_channel else "")
                 + "; replicate it to 3 channels"
             )
         else:
@@ -215,10 +215,15 @@ def sidecar_path(onnx_path: Path) -> Path:
 
 
 def precision_dtype(precision: str, info: ModelInfo, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype of ``--precision``: ``auto`` is the run's own ``--precision`` (as its evaluation ran)."""
+    """Autocast dtype of ``--precision``: the shared rule (``auto``: bf16 on CUDA, float32 on the CPU),
+    or with ``run`` the run's own ``--precision`` (as its evaluation ran)."""
+    if precision == RUN_PRECISION:
+        return autocast_dtype(normalize_amp(info.amp), device)
     if precision not in PRECISIONS:
-        raise SpecError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
-    return amp_dtype(info.amp if precision == "auto" else precision, device)
+        raise SpecError(
+            f"--precision {precision!r}: expected one of {', '.join((*PRECISIONS, RUN_PRECISION))}"
+        )
+    return autocast_dtype(precision, device)
 
 
 def prepare(path: Path, info: ModelInfo) -> tuple[torch.Tensor, torch.Tensor]:
@@ -278,10 +283,18 @@ def onnx_window_fn(path: Path, device: torch.device) -> LogitsFn:
         session = ort.InferenceSession(str(path), providers=providers)
     except Exception as e:  # onnxruntime raises its own exception types for unreadable graphs
         raise PredictError(f"{path}: onnxruntime cannot load the graph ({str(e).splitlines()[0]})") from None
-    name = session.get_inputs()[0].name
+    graph_input = session.get_inputs()[0]
 
     def fn(x: torch.Tensor) -> torch.Tensor:
-        out = session.run(None, {name: x.detach().float().cpu().numpy()})[0]
+        # onnxruntime raises its own types (InvalidArgument, Fail, ...): one line, the traceback with --debug
+        try:
+            out = session.run(None, {graph_input.name: x.detach().float().cpu().numpy()})[0]
+        except Exception as e:
+            raise PredictError(
+                f"{path}: ONNX Runtime cannot run the graph (input {graph_input.shape}) on windows "
+                f"{list(x.shape)}: {error_line(e)}; export the model again with unip-export "
+                "(its graph takes any batch), or pass --batch-size 1"
+            ) from e
         return torch.from_numpy(out).to(x.device)
 
     return fn
@@ -294,7 +307,7 @@ def open_model(
     float32: its sidecar gives the rest)."""
     if backend not in BACKENDS:
         raise SpecError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
-    dev = resolve_device(device)  # the trainers' rule: cuda:N honoured exactly
+    dev = resolve_device(device)  # the one --device rule: cuda:N checked against the visible GPUs
     path = model_file(path)
     if backend == "auto":
         backend = "onnx" if path.suffix == ".onnx" else "torch"
@@ -315,8 +328,7 @@ def open_model(
 
 def describe(seg: Segmenter) -> str:
     """One line: model, backend, device, precision, window."""
-    prec = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[seg.amp]
     return (
-        f"{seg.source} ({seg.backend}, {seg.device}, {prec}): {seg.info.num_classes} classes, "
+        f"{seg.source} ({seg.backend}, {seg.device}, {precision_name(seg.amp)}): {seg.info.num_classes} classes, "
         f"windows {seg.info.window} stride {seg.info.stride}"
     )
