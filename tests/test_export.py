@@ -23,7 +23,7 @@ from unip_train.finetune.config import FinetuneConfig, resolve
 from unip_train.finetune.dataset import read_pixels
 from unip_train.finetune.model_file import build_backbone, build_segmentor, save_model
 from unip_train.predict.cli import main as predict_main
-from unip_train.predict.inference import open_model, sidecar_path
+from unip_train.predict.inference import PredictError, open_model, sidecar_path
 from unip_train.synthetic import generate
 
 ort = pytest.importorskip("onnxruntime")
@@ -198,3 +198,18 @@ def test_opencv_runs_single_threaded_only_inside_the_augmentation(monkeypatch):
         assert seen and set(seen) == {1} and cv2.getNumThreads() == 3  # 0: OpenCV's pool off, one thread
     finally:
         cv2.setNumThreads(before)
+
+
+def test_a_graph_with_a_fixed_batch_is_refused(tiny, tmp_path: Path, monkeypatch):
+    """Traced on one window (as before this version), torch.export fixes the batch to 1: the check
+    refuses the graph and nothing is written."""
+    from unip_train.export import onnx as export
+
+    one_window = export.check_windows
+    monkeypatch.setattr(
+        export, "check_windows", lambda seg, images: (one_window(seg, images)[0][:1], "one window")
+    )
+    out = tmp_path / "fixed.onnx"
+    with pytest.raises(PredictError, match=r"batch axis is fixed to 1.*nothing written"):
+        export.export_onnx(tiny["model"], out, images=str(tiny["images"][0]))
+    assert list(tmp_path.iterdir()) == []
