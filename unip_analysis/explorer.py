@@ -559,25 +559,31 @@ def summary(data: ExplorerData) -> str:
 # --- rows, as the browser computes them ------------------------------------------------------
 
 
+def shown_rows(data: ExplorerData, image: int, layer: int, queries: Sequence[int]) -> np.ndarray:
+    """The rows the page computes from the stored data for patch ``queries`` (stored ones) at
+    ``layer`` (1-based): [heads + 1 (the mean last), queries, tokens (prefix first)], float64."""
+    lay = data.layers[data.encoding][image][layer - 1]
+    if isinstance(lay, RowsLayer):
+        return lay.take(list(queries)).full()
+    q = lay.q.decoded().astype(np.float64)[:, list(queries)]  # [heads, queries, d]
+    k = lay.k.decoded().astype(np.float64)  # [heads, tokens, d]
+    logits = q @ k.transpose(0, 2, 1)
+    b = data.bias[layer - 1]
+    if b is not None:
+        logits = logits + b[:, list(queries)].astype(np.float64)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.concatenate([p, p.mean(0, keepdims=True)])
+
+
 def full_row(data: ExplorerData, image: int, layer: int, head: int | str, query: int) -> np.ndarray | None:
     """The attention of patch query ``query`` over every token (prefix first) at ``layer``
     (1-based), ``head`` 0-based or ``"mean"``, as the page computes it from the stored data; None
     for a query the stride did not store."""
     if query not in data.queries:
         return None
-    lay = data.layers[data.encoding][image][layer - 1]
-    if isinstance(lay, RowsLayer):
-        h = data.heads[layer - 1] if head == "mean" else int(head)
-        return lay.take([query]).full()[h, 0]
-    q = lay.q.decoded().astype(np.float64)[:, query]  # [heads, d]
-    k = lay.k.decoded().astype(np.float64)  # [heads, tokens, d]
-    logits = np.einsum("hd,hnd->hn", q, k)
-    b = data.bias[layer - 1]
-    if b is not None:
-        logits = logits + b[:, query].astype(np.float64)
-    p = np.exp(logits - logits.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    return p.mean(0) if head == "mean" else p[int(head)]
+    h = data.heads[layer - 1] if head == "mean" else int(head)
+    return shown_rows(data, image, layer, [query])[h, 0]
 
 
 def row(data: ExplorerData, image: int, layer: int, head: int | str, query: int) -> np.ndarray | None:
