@@ -66,22 +66,22 @@ def write_images(folder: Path, n: int, size: int) -> Path:
     return folder
 
 
-def checked_error(bb, dataset, res) -> float:
+def checked_error(bb, dataset, res, block: int = 512) -> float:
     """Image 0, every layer, head (and the mean) and stored query: the rows the page shows
-    (:func:`explorer.row`) against softmax(attention.layer_qk_logits) in fp64, in units of the
-    row's maximum over the patch keys."""
+    (:func:`explorer.shown_rows`) against softmax(attention.layer_qk_logits) in fp64, in units of
+    the row's maximum over the patch keys."""
     ex, npt = res.explorer, res.num_prefix_tokens
     worst = 0.0
     x = dataset[0][None]
     for layer in range(1, res.depth + 1):
         with torch.no_grad():
-            true = attention.layer_qk_logits(bb.model, x, layer - 1).double().softmax(-1)[0]
-        for query in ex.queries:
-            want = true[:, npt + query, npt:]
-            for head in [*range(true.shape[0]), "mean"]:
-                w = (want.mean(0) if head == "mean" else want[head]).numpy()
-                got = explorer.row(ex, 0, layer, head, query)
-                worst = max(worst, float(np.abs(got - w).max() / w.max()))
+            logits = attention.layer_qk_logits(bb.model, x, layer - 1)[0]
+        for i in range(0, len(ex.queries), block):
+            queries = ex.queries[i : i + block]
+            true = logits[:, [npt + q for q in queries]].double().softmax(-1)
+            true = torch.cat([true, true.mean(0, keepdim=True)]).numpy()[..., npt:]
+            got = explorer.shown_rows(ex, 0, layer, queries)[..., npt:]
+            worst = max(worst, float((np.abs(got - true).max(-1) / true.max(-1)).max()))
     return worst
 
 

@@ -139,12 +139,12 @@ def plan_images(
     if n < images:
         notes.append(
             f"{n} of the {images} images asked for (--explore-images) in every model: the keys of every "
-            f"token of more images exceed the {budget / 1e6:.0f} MB budget (--explore-budget)"
+            f"token of more images exceed the {_mb(budget)} budget (--explore-budget)"
         )
     if smallest(n) > budget:
         notes.append(
-            f"still {smallest(n) / 1e6:.0f} MB, over the {budget / 1e6:.0f} MB budget: the keys of every "
-            "token are needed for any row"
+            f"still {_mb(smallest(n))}, over the {_mb(budget)} budget: the keys of every token are "
+            "needed for any row"
         )
     return n, notes
 
@@ -477,6 +477,14 @@ def option_order(data: ExplorerData) -> list[tuple[str, int]]:
     return sorted(options, key=key)
 
 
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.3g} MB"
+
+
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
 def _describe(data: ExplorerData, best: tuple[str, int], budget: int) -> list[str]:
     notes = []
     err = data.error()
@@ -484,13 +492,13 @@ def _describe(data: ExplorerData, best: tuple[str, int], budget: int) -> list[st
         notes.append(
             f"{ENCODING_NAMES[data.encoding]} (measured error {percent(err)} of the row maximum), not "
             f"{ENCODING_NAMES[best[0]]} ({percent(data.error(*best))}), to stay within the "
-            f"{budget / 1e6:.0f} MB budget (--explore-budget)"
+            f"{_mb(budget)} budget (--explore-budget)"
         )
     if data.query_stride > 1:
         s, kept, patches = data.query_stride, len(data.queries), data.grid[0] * data.grid[1]
         notes.append(
-            f"query stride {s}: every {s}th patch row and column can be queried ({kept} of {patches} "
-            f"queries), to stay within the {budget / 1e6:.0f} MB budget (--explore-budget)"
+            f"query stride {s}: every {_ordinal(s)} patch row and column can be queried ({kept} of {patches} "
+            f"queries), to stay within the {_mb(budget)} budget (--explore-budget)"
         )
     return notes
 
@@ -498,9 +506,9 @@ def _describe(data: ExplorerData, best: tuple[str, int], budget: int) -> list[st
 def choose_encodings(datas: Sequence[ExplorerData], budget: int | None = None) -> int:
     """Set every model's encoding and query stride so that all of them together fit ``budget``
     (gzip + base64 bytes), each as far up its :func:`option_order` as the others allow: while over,
-    the model taking most steps down to its next smaller option. The images stay (they were decided
-    before the pass, :func:`plan_images`). Returns the total bytes; each model's ``reductions`` say
-    what was given up."""
+    the model with the largest data steps down to its next smaller option. The images stay (they
+    were decided before the pass, :func:`plan_images`). Returns the total bytes; each model's
+    ``reductions`` say what was given up and what budget would keep the next better option."""
     budget = BUDGET_BYTES if budget is None else budget
     orders = [option_order(d) for d in datas]
     at = [0] * len(datas)
@@ -530,13 +538,21 @@ def choose_encodings(datas: Sequence[ExplorerData], budget: int | None = None) -
         sizes = actual  # the estimate was low: go on from the measured sizes
     for m, d in enumerate(datas):
         d.encoding, d.query_stride = orders[m][at[m]]
+        d.reductions = list(d.plan.reductions) + _describe(d, orders[m][0], budget)
+        if at[m]:  # the budget that would keep the cheapest of the better options
+            cost, better = min((size(m, o), o) for o in orders[m][: at[m]])
+            need = math.ceil((sum(actual) - actual[m] + cost) / 1e5) / 10  # MB, rounded up
+            stride = f" at query stride {better[1]}" if better[1] > 1 else ""
+            d.reductions.append(
+                f"--explore-budget {need:g} would keep {ENCODING_NAMES[better[0]]}{stride} "
+                f"(measured error {percent(d.error(*better))})"
+            )
         for k in [k for k in d._texts if k != (d.encoding, d.query_stride)]:
             del d._texts[k]  # the options not taken
-        d.reductions = list(d.plan.reductions) + _describe(d, orders[m][0], budget)
         if sum(actual) > budget:
             d.reductions.append(
-                f"all models together take {sum(actual) / 1e6:.1f} MB, over the {budget / 1e6:.0f} MB "
-                "budget even at the smallest encoding"
+                f"all models together take {_mb(sum(actual))}, over the {_mb(budget)} budget even at "
+                "the smallest encoding"
             )
     return int(sum(actual))
 
@@ -559,25 +575,31 @@ def summary(data: ExplorerData) -> str:
 # --- rows, as the browser computes them ------------------------------------------------------
 
 
+def shown_rows(data: ExplorerData, image: int, layer: int, queries: Sequence[int]) -> np.ndarray:
+    """The rows the page computes from the stored data for patch ``queries`` (stored ones) at
+    ``layer`` (1-based): [heads + 1 (the mean last), queries, tokens (prefix first)], float64."""
+    lay = data.layers[data.encoding][image][layer - 1]
+    if isinstance(lay, RowsLayer):
+        return lay.take(list(queries)).full()
+    q = lay.q.decoded().astype(np.float64)[:, list(queries)]  # [heads, queries, d]
+    k = lay.k.decoded().astype(np.float64)  # [heads, tokens, d]
+    logits = q @ k.transpose(0, 2, 1)
+    b = data.bias[layer - 1]
+    if b is not None:
+        logits = logits + b[:, list(queries)].astype(np.float64)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.concatenate([p, p.mean(0, keepdims=True)])
+
+
 def full_row(data: ExplorerData, image: int, layer: int, head: int | str, query: int) -> np.ndarray | None:
     """The attention of patch query ``query`` over every token (prefix first) at ``layer``
     (1-based), ``head`` 0-based or ``"mean"``, as the page computes it from the stored data; None
     for a query the stride did not store."""
     if query not in data.queries:
         return None
-    lay = data.layers[data.encoding][image][layer - 1]
-    if isinstance(lay, RowsLayer):
-        h = data.heads[layer - 1] if head == "mean" else int(head)
-        return lay.take([query]).full()[h, 0]
-    q = lay.q.decoded().astype(np.float64)[:, query]  # [heads, d]
-    k = lay.k.decoded().astype(np.float64)  # [heads, tokens, d]
-    logits = np.einsum("hd,hnd->hn", q, k)
-    b = data.bias[layer - 1]
-    if b is not None:
-        logits = logits + b[:, query].astype(np.float64)
-    p = np.exp(logits - logits.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    return p.mean(0) if head == "mean" else p[int(head)]
+    h = data.heads[layer - 1] if head == "mean" else int(head)
+    return shown_rows(data, image, layer, [query])[h, 0]
 
 
 def row(data: ExplorerData, image: int, layer: int, head: int | str, query: int) -> np.ndarray | None:
