@@ -40,6 +40,10 @@ def synthetic(
         for i in range(depth)
     ]
     maps = [rng.dirichlet(np.ones(16), size=(1, 2, heads)).reshape(1, 2, heads, *grid) for _ in range(depth)]
+    # sinks grow with depth, as in trained ViTs: the last layers send most attention to cls (token 0)
+    sink = [np.clip(0.1 + 0.8 * i / max(depth - 1, 1) + 0.02 * rng.standard_normal((n_images, heads)), 0, 1)
+            for i in range(depth)]  # fmt: skip
+    tokens = [np.full((n_images, heads), 0 if s.mean() >= 0.5 else 1 + i % 16) for i, s in enumerate(sink)]
     return ModelAnalysis(
         name=name,
         family="timm",
@@ -60,6 +64,11 @@ def synthetic(
         query_maps=maps,
         map_images=[str(image)] if image else ["missing.png"],
         notes=["pos_embed resized from 14x14 to 4x4"],
+        head_sink_share=sink,
+        head_prefix_share=[np.where(t == 0, s, 0.05) for s, t in zip(sink, tokens)],
+        head_sink_token=tokens,
+        head_sink_key_ratio=[1.0 + 3.0 * s for s in sink],
+        prefix_names=["cls"],
     )
 
 

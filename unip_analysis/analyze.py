@@ -355,7 +355,9 @@ def analysis_result(
 def _sink_arrays(sinks: Sequence[Sequence[tuple[torch.Tensor, ...]]]) -> dict[str, list[np.ndarray]]:
     """The observer's per-forward sink tensors as ModelAnalysis' per-layer [images, heads] arrays."""
     names = ("head_sink_share", "head_prefix_share", "head_sink_token", "head_sink_key_ratio")
-    return {name: [torch.cat([f[i] for f in layer]).numpy() for layer in sinks] for i, name in enumerate(names)}
+    return {
+        name: [torch.cat([f[i] for f in layer]).numpy() for layer in sinks] for i, name in enumerate(names)
+    }
 
 
 def prefix_token_names(model: torch.nn.Module) -> list[str]:
@@ -433,6 +435,19 @@ def _label(path: str | Path) -> str:
     return Path(path).name
 
 
+def layer_sinks(res: ModelAnalysis, layer: int) -> dict:
+    """A layer's (0-based) sink fields of layer_selection.json: sink_share, prefix_share and
+    sink_key_norm_ratio averaged over heads and images, sink_token the most frequent sink token."""
+    if not res.has_sinks():
+        return {}
+    return {
+        "sink_share": float(res.head_sink_share[layer].mean()),
+        "prefix_share": float(res.head_prefix_share[layer].mean()),
+        "sink_token": res.sink_token(layer),
+        "sink_key_norm_ratio": float(res.head_sink_key_ratio[layer].mean()),
+    }
+
+
 def model_entry(
     res: ModelAnalysis,
     thresholds: Thresholds,
@@ -454,6 +469,7 @@ def model_entry(
             "attn_distance": float(r.attn_distance),
             "pattern": str(r.pattern),
             "head_nmi": [float(v) for v in res.head_nmi[int(r.layer) - 1].mean(axis=0)],
+            **layer_sinks(res, int(r.layer) - 1),
         }
         for r in table.itertuples()
     ]

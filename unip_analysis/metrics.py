@@ -350,7 +350,9 @@ class SinkSums:
         return share, r[..., : self.num_prefix_tokens].sum(-1), token
 
 
-def sink_statistics(attn: torch.Tensor, num_prefix_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sink_statistics(
+    attn: torch.Tensor, num_prefix_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:class:`SinkSums` of a whole post-softmax map [B, H, N, N] (its patch query rows)."""
     b, h, n, _ = attn.shape
     sums = SinkSums(b, h, n, num_prefix_tokens, attn.device)
