@@ -377,13 +377,18 @@ def sink_verdict(name: str, m: dict) -> str:
     rejected = [lay for lay in heavy if lay["layer"] != sel]
     if rejected:
         shares = [lay["sink_share"] for lay in rejected]
-        tokens = sorted({_token(lay["sink_token"]) for lay in rejected})
+        tokens = sorted({_token(lay["sink_token"]) for lay in rejected}, key=str)
         listing = ", ".join(f"{lay['layer']} ({lay['pattern']})" for lay in rejected)
+        span = f"{min(shares):.2f}" + (f"-{max(shares):.2f}" if len(shares) > 1 else "")
         said.append(
-            f"layer{'s' if len(rejected) > 1 else ''} {listing}, not selected, "
-            f"{'are' if len(rejected) > 1 else 'is'} sink-dominated (sink share "
-            f"{min(shares):.2f}{f'-{max(shares):.2f}' if len(shares) > 1 else ''}, {', '.join(tokens)}): "
-            "a global pattern there may be attention to a sink rather than global mixing"
+            f"not selected and sink-dominated: layer{'s' if len(rejected) > 1 else ''} {listing} (sink share "
+            f"{span}, {', '.join(tokens)})"
+            + (
+                "; where such a layer reads global, its low NMI may be attention to a sink rather than "
+                "global mixing"
+                if any(lay["pattern"] == "global" for lay in rejected)
+                else ""
+            )
         )
     if not said:
         top = max(layers, key=lambda lay: lay["sink_share"])
