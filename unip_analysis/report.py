@@ -370,9 +370,9 @@ def sink_verdict(name: str, m: dict) -> str:
     if sel is not None and layers[sel - 1]["sink_share"] >= edge:
         lay = layers[sel - 1]
         said.append(
-            f"the selected layer {sel} is sink-dominated: {lay['sink_share']:.0%} of its patch queries' "
-            f"attention goes to one token ({_token(lay['sink_token'])}), so its NMI measures that token "
-            "more than how attention mixes content"
+            f"the selected layer {sel} is sink-dominated: its heads give on average "
+            f"{lay['sink_share']:.0%} of their patch queries' attention to a single token (most often "
+            f"{_token(lay['sink_token'])}), so its NMI measures that token more than how attention mixes content"
         )
     rejected = [lay for lay in heavy if lay["layer"] != sel]
     if rejected:
