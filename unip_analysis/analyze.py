@@ -141,12 +141,14 @@ class ModelAnalysis:
                         "nmi": float(hn[:, h].mean()),
                         "nmi_std": float(hn[:, h].std()),
                         "attn_distance": float(hd[:, h].mean()),
-                        **self._head_sinks(i, h),
+                        **self.head_sinks(i, h),
                     }
                 )
         return pd.DataFrame(rows)
 
-    def _head_sinks(self, layer: int, head: int) -> dict:
+    def head_sinks(self, layer: int, head: int) -> dict:
+        """One head's sink statistics over images (layer and head 0-based): sink_share,
+        prefix_share, sink_token (most frequent), sink_key_norm_ratio; empty without them."""
         if not self.has_sinks():
             return {}
         return {
