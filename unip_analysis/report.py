@@ -4,7 +4,8 @@
 - :func:`layer_frame`     tidy per-layer table of a document (model, layer, nmi, CI, pattern, selected)
 - :func:`stats_frame`     tidy per-head table (``layer_stats.csv``)
 - :func:`render_figures`  the PNG figures, as bytes
-- :func:`render_html`     one self-contained ``report.html`` (figures embedded as base64, no external files)
+- :func:`render_html`     one self-contained ``report.html`` from ``templates/report.html.j2`` (CSS
+                          inlined, figures embedded as base64, no external files)
 - :func:`write_report`    every file, each atomically, the JSON last
 
 Notebook use::
@@ -62,7 +63,7 @@ def build_document(
     created: datetime | None = None,
     nmi_definition: str = selection.DEFAULT_NMI_DEFINITION,
 ) -> dict:
-    """The whole ``layer_selection.json`` document (schema version 1), validated.
+    """The whole ``layer_selection.json`` document (schema version 2), validated.
 
     ``entries`` maps model names to :func:`unip_analysis.analyze.model_entry` results, all
     measured with ``nmi_definition``.
