@@ -129,6 +129,7 @@ def test_a_sink_model_has_sink_share_one_and_names_its_token(tmp_path):
     doc = report.build_document({"sink": entry}, th, tmp_path, 3, IMG, "imagenet")
     line = report.sink_verdict("sink", doc["models"]["sink"])
     assert "sink-dominated" in line and "cls" in line and "no layer" not in line
+    assert "    " + line in report.robustness_summary(doc)  # the terminal says it too
     stats = report.stats_frame([res], doc)
     assert (stats["sink_share"] > 0.999).all() and set(stats["sink_token"]) == {"cls"}
 
