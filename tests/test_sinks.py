@@ -87,8 +87,9 @@ def test_streaming_sums_equal_the_whole_map_in_any_blocks():
     attn = torch.softmax(torch.randn(2, 3, 21, 21, generator=g) * 3, dim=-1)  # 1 prefix + 20 patches
     whole = sink_statistics(attn, 1)
     sums = SinkSums(2, 3, 21, 1)
-    for q0 in range(1, 21, 6):
-        sums.add(attn[:, :, q0 : q0 + 6])
+    for q0 in range(1, 21, 6):  # rows in blocks, heads in groups (0, 1) and (2,)
+        sums.add(attn[:, :2, q0 : q0 + 6])
+        sums.add(attn[:, 2:, q0 : q0 + 6], h0=2)
     for a, b in zip(sums.result(), whole):
         assert torch.equal(a, b) if a.dtype == torch.int64 else torch.allclose(a, b, atol=1e-12)
     with pytest.raises(ValueError, match="saw 6 patch query rows of 20"):

@@ -333,19 +333,22 @@ class SinkSums:
     def __init__(self, batch: int, heads: int, tokens: int, num_prefix_tokens: int, device="cpu"):
         self.num_prefix_tokens = num_prefix_tokens
         self.received = torch.zeros(batch, heads, tokens, dtype=torch.float64, device=device)
-        self.rows_seen = 0
+        self.rows_per_head = [0] * heads
 
-    def add(self, probs: torch.Tensor) -> None:
-        """Add patch query rows [B, H, rows, tokens] (each exactly once); ``probs`` is not modified."""
-        self.received += probs.sum(dim=-2, dtype=torch.float64)
-        self.rows_seen += probs.shape[-2]
+    def add(self, probs: torch.Tensor, h0: int = 0) -> None:
+        """Add patch query rows [B, h, rows, tokens] of heads ``h0 : h0 + h`` (each row exactly
+        once per head); ``probs`` is not modified."""
+        h = probs.shape[1]
+        self.received[:, h0 : h0 + h] += probs.sum(dim=-2, dtype=torch.float64)
+        for i in range(h0, h0 + h):
+            self.rows_per_head[i] += probs.shape[-2]
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(sink share float64 [B, H], prefix share float64 [B, H], sink token int64 [B, H])."""
         patches = self.received.shape[-1] - self.num_prefix_tokens
-        if self.rows_seen != patches:
-            raise ValueError(f"sink sums saw {self.rows_seen} patch query rows of {patches}")
-        r = self.received / self.rows_seen
+        if set(self.rows_per_head) != {patches}:
+            raise ValueError(f"sink sums saw {min(self.rows_per_head)} patch query rows of {patches}")
+        r = self.received / patches
         share, token = r.max(dim=-1)
         return share, r[..., : self.num_prefix_tokens].sum(-1), token
 
