@@ -71,11 +71,16 @@ def check_outputs(out: Path, names: list[str], weights: dict[str, Path]) -> dict
         "nmi",
         "nmi_std",
         "attn_distance",
+        "sink_share",
+        "prefix_share",
+        "sink_token",
+        "sink_key_norm_ratio",
         "layer_nmi",
         "layer_pattern",
         "selected",
     ]
     assert stats.groupby("model").size().to_dict() == {n: DEPTH * HEADS for n in names}
+    assert stats["sink_share"].between(0, 1).all() and stats["prefix_share"].between(0, 1).all()
     for name in names:
         sel = stats[(stats["model"] == name) & stats["selected"]]
         assert set(sel["layer"]) == {doc["models"][name]["selected_layer"]}

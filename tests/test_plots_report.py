@@ -40,6 +40,10 @@ def synthetic(
         for i in range(depth)
     ]
     maps = [rng.dirichlet(np.ones(16), size=(1, 2, heads)).reshape(1, 2, heads, *grid) for _ in range(depth)]
+    # sinks grow with depth, as in trained ViTs: the last layers send most attention to cls (token 0)
+    sink = [np.clip(0.1 + 0.8 * i / max(depth - 1, 1) + 0.02 * rng.standard_normal((n_images, heads)), 0, 1)
+            for i in range(depth)]  # fmt: skip
+    tokens = [np.full((n_images, heads), 0 if s.mean() >= 0.5 else 1 + i % 16) for i, s in enumerate(sink)]
     return ModelAnalysis(
         name=name,
         family="timm",
@@ -60,6 +64,11 @@ def synthetic(
         query_maps=maps,
         map_images=[str(image)] if image else ["missing.png"],
         notes=["pos_embed resized from 14x14 to 4x4"],
+        head_sink_share=sink,
+        head_prefix_share=[np.where(t == 0, s, 0.05) for s, t in zip(sink, tokens)],
+        head_sink_token=tokens,
+        head_sink_key_ratio=[1.0 + 3.0 * s for s in sink],
+        prefix_names=["cls"],
     )
 
 
@@ -101,6 +110,12 @@ def test_document_validates_and_tables_are_tidy(analyses):
     assert len(stats) == 12 * 3 + 6 * 2
     deep = stats[stats["model"] == "deep<12>"]
     assert deep.groupby("layer")["head"].apply(list).iloc[0] == [1, 2, 3]
+    # per head, over images: the sink columns of layer_stats.csv
+    last = deep[deep["layer"] == 12].sort_values("head")
+    assert np.allclose(last["sink_share"], analyses[0].head_sink_share[11].mean(axis=0))
+    assert np.allclose(last["prefix_share"], analyses[0].head_prefix_share[11].mean(axis=0))
+    assert list(last["sink_token"]) == ["cls"] * 3
+    assert doc["models"]["deep<12>"]["layers"][11]["sink_share"] == pytest.approx(last["sink_share"].mean())
     # The layer's NMI is the mean of its heads' NMI (over images and heads).
     np.testing.assert_allclose(
         deep.groupby("layer")["nmi"].mean(), deep.groupby("layer")["layer_nmi"].first()
@@ -310,3 +325,23 @@ def test_report_names_the_nmi_definition_and_refuses_a_mixture(analyses, monkeyp
             [analyses[0], unip], {a.name: model_entry(a, TH, n_boot=20) for a in (analyses[0], unip)},
             TH, "imgs", 5, "infrared",
         )  # fmt: skip
+
+
+def test_report_comes_from_its_templates_byte_stable_and_offline(analyses):
+    """report.html is rendered from unip_analysis/templates (report.html.j2 and its macros), with
+    static/report.css inlined: the same inputs give the same bytes, and nothing is fetched."""
+    from importlib import resources
+
+    doc = _doc(analyses)
+    figs = {"nmi_curves.png": PNG_MAGIC + b"a", "attention_maps_deep_12.png": PNG_MAGIC + b"b"}
+    section = '<div class="unip-explorer">the explorer section</div>'
+    first = report.render_html(doc, figs, TH.source, {"deep<12>": ["a note"]}, section)
+    assert first == report.render_html(doc, figs, TH.source, {"deep<12>": ["a note"]}, section)
+    assert not re.search(r"https?://", first)  # no CDN, no external anything
+    assert "<link" not in first and "<script" not in first
+    css = resources.files("unip_analysis").joinpath("static", "report.css").read_text()
+    assert f"<style>\n{css}</style>" in first
+    assert first.count("<table>") == 2 + 4 * len(analyses)  # selected, thresholds; per model 4
+    assert section in first and first.index(section) < first.index("<h2>deep&lt;12&gt;</h2>")
+    template = resources.files("unip_analysis").joinpath("templates", "report.html.j2").read_text()
+    assert "Attention-pattern analysis" in template  # the page's text lives in the template

@@ -367,9 +367,9 @@ def test_help_documents_every_option_and_the_effective_batch(capsys):
 
 
 def test_refuses_wrong_schema_version(setup, tmp_path, capsys):
-    doc = dict(setup["doc"], schema_version=2)
+    doc = dict(setup["doc"], schema_version=3)
     sel = write_json(tmp_path / "sel.json", doc)
-    assert "schema_version is 2" in fail(capsys, base_args(sel, setup["images"], tmp_path / "run"))
+    assert "schema_version is 3" in fail(capsys, base_args(sel, setup["images"], tmp_path / "run"))
     assert not (tmp_path / "run").exists()
     assert pretrain.main(base_args(sel, setup["images"], tmp_path / "run") + ["--debug"]) == 2
     assert "Traceback" in capsys.readouterr().err

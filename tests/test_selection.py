@@ -18,7 +18,7 @@ def doc(tiny_timm_checkpoint, image_dir):
     res = analyze.analyze_backbone(bb, analyze.image_dataset(image_dir, 32), name="t", progress=False)
     th = default_thresholds(res.grid)
     return {
-        "schema_version": 1,
+        "schema_version": selection.SCHEMA_VERSION,
         "generator": "test",
         "created": "2026-01-01T00:00:00Z",
         "thresholds": {"global_max": th.global_max, "local_min": th.local_min},
@@ -40,7 +40,7 @@ def test_round_trip_and_teacher_resolution(doc, tmp_path):
 @pytest.mark.parametrize(
     "mutate, message",
     [
-        (lambda d: d.update(schema_version=2), "schema_version is 2"),
+        (lambda d: d.update(schema_version=3), "schema_version is 3"),
         (lambda d: d.pop("thresholds"), "lacks 'thresholds'"),
         (lambda d: d["models"]["t"]["layers"].pop(), "depth 4 but 3 layers"),
         (lambda d: d["models"]["t"]["layers"][0].update(pattern="weird"), "pattern 'weird'"),

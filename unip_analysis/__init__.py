@@ -7,7 +7,7 @@ The pieces, importable for notebooks:
 - :mod:`unip_analysis.metrics`      NMI and mean attention distance on [B, H, Q, K] tensors
 - :mod:`unip_analysis.patterns`     local / hybrid / global bands and the layer-selection rule
 - :mod:`unip_analysis.analyze`      run a model over images and collect per-layer statistics
-- :mod:`unip_analysis.selection`    the ``layer_selection.json`` contract (schema version 1)
+- :mod:`unip_analysis.selection`    the ``layer_selection.json`` contract (schema version 2; version 1 still read)
 - :mod:`unip_analysis.plots`        figures
 - :mod:`unip_analysis.explorer`     the interactive attention explorer (report.html); in Jupyter
   :mod:`unip_analysis.explorer_widget` (`explore`)

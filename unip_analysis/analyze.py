@@ -27,7 +27,7 @@ from .attention import observe_attention
 from .checkpoints import LoadedBackbone
 from .device import DTYPES, autocast
 from .explorer import ExplorerData, ExplorerRecorder, ModelShape, plan_explorer
-from .metrics import NMI_EPS, StreamingStatistics, bootstrap_ci, check_nmi_definition
+from .metrics import NMI_EPS, SinkSums, StreamingStatistics, bootstrap_ci, check_nmi_definition
 from .patterns import Thresholds, classify, default_thresholds, robustness, select_layer
 
 DEFAULT_QUERY_POINTS: tuple[tuple[float, float], ...] = ((0.5, 0.5), (0.25, 0.25), (0.75, 0.7))
@@ -69,6 +69,14 @@ class ModelAnalysis:
     notes: list[str] = field(default_factory=list)
     nmi_definition: str = "park"  # what head_nmi holds: metrics.NMI_DEFINITIONS
     explorer: ExplorerData | None = None  # every layer's attention of a few images (--explore-images)
+    # Attention sinks (metrics.SinkSums), per layer [images, heads]: the largest share of the patch
+    # queries' attention one token receives, the prefix tokens' share, which token (index, prefix
+    # first) and its key's norm over the median key norm of the same head and image.
+    head_sink_share: list[np.ndarray] = field(default_factory=list)
+    head_prefix_share: list[np.ndarray] = field(default_factory=list)
+    head_sink_token: list[np.ndarray] = field(default_factory=list)
+    head_sink_key_ratio: list[np.ndarray] = field(default_factory=list)
+    prefix_names: list[str] = field(default_factory=list)  # "cls", "dist", "reg0".. in token order
 
     @property
     def n_images(self) -> int:
@@ -80,6 +88,25 @@ class ModelAnalysis:
 
     def layer_distance(self) -> np.ndarray:
         return np.array([d.mean() for d in self.head_distance])
+
+    def has_sinks(self) -> bool:
+        """Whether the sink statistics were measured (analyses built before them have none)."""
+        return len(self.head_sink_share) == self.depth
+
+    def token_name(self, token: int) -> str | int:
+        """A token index as layer_selection.json names it: "cls", "dist", "reg0".. or the patch
+        index (0-based, row-major)."""
+        npt = self.num_prefix_tokens
+        if token < npt:
+            return self.prefix_names[token] if token < len(self.prefix_names) else f"prefix{token}"
+        return int(token - npt)
+
+    def sink_token(self, layer: int, head: int | None = None) -> str | int:
+        """The most frequent sink token of ``layer`` (0-based) over images and heads (or over
+        the images of one ``head``); ties go to the lowest token index."""
+        tokens = self.head_sink_token[layer]
+        tokens = tokens if head is None else tokens[:, head]
+        return self.token_name(int(np.bincount(tokens.reshape(-1)).argmax()))
 
     def layer_table(self, thresholds: Thresholds | None = None, n_boot: int = 1000) -> pd.DataFrame:
         th = thresholds or default_thresholds(self.grid, self.nmi_definition)
@@ -114,9 +141,22 @@ class ModelAnalysis:
                         "nmi": float(hn[:, h].mean()),
                         "nmi_std": float(hn[:, h].std()),
                         "attn_distance": float(hd[:, h].mean()),
+                        **self.head_sinks(i, h),
                     }
                 )
         return pd.DataFrame(rows)
+
+    def head_sinks(self, layer: int, head: int) -> dict:
+        """One head's sink statistics over images (layer and head 0-based): sink_share,
+        prefix_share, sink_token (most frequent), sink_key_norm_ratio; empty without them."""
+        if not self.has_sinks():
+            return {}
+        return {
+            "sink_share": float(self.head_sink_share[layer][:, head].mean()),
+            "prefix_share": float(self.head_prefix_share[layer][:, head].mean()),
+            "sink_token": self.sink_token(layer, head),
+            "sink_key_norm_ratio": float(self.head_sink_key_ratio[layer][:, head].mean()),
+        }
 
 
 def query_token_indices(points: Sequence[tuple[float, float]], grid: tuple[int, int]) -> list[int]:
@@ -159,12 +199,22 @@ class LayerObserver:
         self.nmi: list[list[torch.Tensor]] = [[] for _ in range(depth)]
         self.distance: list[list[torch.Tensor]] = [[] for _ in range(depth)]
         self.maps: list[list[torch.Tensor]] = [[] for _ in range(depth)]
+        # per layer, one [B, H] tensor per forward each: sink share, prefix share, sink token, and
+        # the sink token's key norm over the median key norm (metrics.SinkSums)
+        self.sinks: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in range(depth)]
+        self._sinks: SinkSums | None = None
+        self._key_norms: torch.Tensor | None = None
         self._stats: StreamingStatistics | None = None
         self._rows: torch.Tensor | None = None
         self._take = 0
         self.explorer = explorer
-        if explorer is not None:  # only then does the attention hand over each layer's q and k
-            self.projections = explorer.projections
+
+    def projections(self, layer: int, q: torch.Tensor, scale: float, k: torch.Tensor, bias) -> None:
+        """Each layer's q and k (attention.ProjectionObserver): the keys' norms for the sink
+        statistics, then the explorer's, when there is one."""
+        self._key_norms = torch.linalg.vector_norm(k.float(), dim=-1)  # [B, H, tokens]
+        if self.explorer is not None:
+            self.explorer.projections(layer, q, scale, k, bias)
 
     def start_batch(self, batch: int) -> None:
         """Called before each forward: how many of this batch's images the figures still need."""
@@ -176,6 +226,7 @@ class LayerObserver:
         self._stats = StreamingStatistics(
             batch, heads, self.grid, self.patch_size, self.npt, self.device, self.nmi_definition
         )
+        self._sinks = SinkSums(batch, heads, shape[2], self.npt, self.device)
         self._rows = None
         if self._take and self.query_tokens:
             n = self.grid[0] * self.grid[1]
@@ -192,6 +243,7 @@ class LayerObserver:
                 if p0 <= token < p1:
                     row = probs[: self._take, :, token - p0, self.npt :] + NMI_EPS  # [images, H, P]
                     self._rows[:, j] = (row / row.sum(-1, keepdim=True)).cpu()
+        self._sinks.add(probs)  # before the statistics consume the block
         self._stats.add_(q0, probs)
 
     def end_layer(self, layer: int) -> None:
@@ -200,7 +252,11 @@ class LayerObserver:
         self.distance[layer].append(layer_dist.cpu())
         if self._rows is not None:
             self.maps[layer].append(self._rows.reshape(*self._rows.shape[:3], *self.grid))
-        self._stats = self._rows = None
+        share, prefix, token = self._sinks.result()
+        norms = self._key_norms
+        ratio = norms.gather(-1, token.unsqueeze(-1)).squeeze(-1) / norms.median(dim=-1).values
+        self.sinks[layer].append((share.cpu(), prefix.cpu(), token.cpu(), ratio.double().cpu()))
+        self._stats = self._rows = self._sinks = self._key_norms = None
 
 
 def explorer_shape(backbone: LoadedBackbone) -> ModelShape:
@@ -283,7 +339,29 @@ def analysis_result(
         notes=list(backbone.notes),
         nmi_definition=nmi,
         explorer=None if recorder is None else recorder.result([_label(f) for f in files]),
+        **_sink_arrays(observer.sinks),
+        prefix_names=prefix_token_names(backbone.model),
     )
+
+
+def _sink_arrays(sinks: Sequence[Sequence[tuple[torch.Tensor, ...]]]) -> dict[str, list[np.ndarray]]:
+    """The observer's per-forward sink tensors as ModelAnalysis' per-layer [images, heads] arrays."""
+    names = ("head_sink_share", "head_prefix_share", "head_sink_token", "head_sink_key_ratio")
+    return {
+        name: [torch.cat([f[i] for f in layer]).numpy() for layer in sinks] for i, name in enumerate(names)
+    }
+
+
+def prefix_token_names(model: torch.nn.Module) -> list[str]:
+    """The prefix tokens of a timm ViT in token order, as its ``_pos_embed`` concatenates them:
+    "cls", then "dist" (DeiT distilled), then "reg0", "reg1".. (registers)."""
+    names = ["cls"] if getattr(model, "cls_token", None) is not None else []
+    names += ["dist"] if getattr(model, "dist_token", None) is not None else []
+    reg = getattr(model, "reg_token", None)
+    names += [f"reg{i}" for i in range(0 if reg is None else int(reg.shape[1]))]
+    if len(names) != int(getattr(model, "num_prefix_tokens", len(names))):
+        names = [f"prefix{i}" for i in range(int(model.num_prefix_tokens))]  # an order we do not know
+    return names
 
 
 @torch.inference_mode()
@@ -349,6 +427,19 @@ def _label(path: str | Path) -> str:
     return Path(path).name
 
 
+def layer_sinks(res: ModelAnalysis, layer: int) -> dict:
+    """A layer's (0-based) sink fields of layer_selection.json: sink_share, prefix_share and
+    sink_key_norm_ratio averaged over heads and images, sink_token the most frequent sink token."""
+    if not res.has_sinks():
+        return {}
+    return {
+        "sink_share": float(res.head_sink_share[layer].mean()),
+        "prefix_share": float(res.head_prefix_share[layer].mean()),
+        "sink_token": res.sink_token(layer),
+        "sink_key_norm_ratio": float(res.head_sink_key_ratio[layer].mean()),
+    }
+
+
 def model_entry(
     res: ModelAnalysis,
     thresholds: Thresholds,
@@ -370,6 +461,7 @@ def model_entry(
             "attn_distance": float(r.attn_distance),
             "pattern": str(r.pattern),
             "head_nmi": [float(v) for v in res.head_nmi[int(r.layer) - 1].mean(axis=0)],
+            **layer_sinks(res, int(r.layer) - 1),
         }
         for r in table.itertuples()
     ]

@@ -314,3 +314,50 @@ def local_window_attention(grid: tuple[int, int], radius: int = 1) -> torch.Tens
 def shared_attention(n: int) -> torch.Tensor:
     """Every query attends uniformly to every key (complete attention collapse): [N, N]."""
     return torch.full((n, n), 1.0 / n, dtype=torch.float64)
+
+
+# --- attention sinks (method.md section 10) ----------------------------------------------------
+
+SINK_DOMINATED = 0.5  # a layer whose sink share reaches this sends half its attention to one token
+
+
+class SinkSums:
+    """Where a layer's attention goes, accumulated over blocks of patch query rows (method.md
+    section 10; Darcet et al., "Vision Transformers Need Registers", ICLR 2024).
+
+    With r_j = mean over the patch queries q of A[q, j] (full softmax rows, prefix keys included),
+    per (image, head): ``sink share = max_j r_j``, ``prefix share = sum_{j < npt} r_j`` and the
+    sink token ``argmax_j r_j`` (a token index, prefix tokens first). Kept in fp64: sum_q A[q, j].
+    """
+
+    def __init__(self, batch: int, heads: int, tokens: int, num_prefix_tokens: int, device="cpu"):
+        self.num_prefix_tokens = num_prefix_tokens
+        self.received = torch.zeros(batch, heads, tokens, dtype=torch.float64, device=device)
+        self.rows_per_head = [0] * heads
+
+    def add(self, probs: torch.Tensor, h0: int = 0) -> None:
+        """Add patch query rows [B, h, rows, tokens] of heads ``h0 : h0 + h`` (each row exactly
+        once per head); ``probs`` is not modified."""
+        h = probs.shape[1]
+        self.received[:, h0 : h0 + h] += probs.sum(dim=-2, dtype=torch.float64)
+        for i in range(h0, h0 + h):
+            self.rows_per_head[i] += probs.shape[-2]
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sink share float64 [B, H], prefix share float64 [B, H], sink token int64 [B, H])."""
+        patches = self.received.shape[-1] - self.num_prefix_tokens
+        if set(self.rows_per_head) != {patches}:
+            raise ValueError(f"sink sums saw {min(self.rows_per_head)} patch query rows of {patches}")
+        r = self.received / patches
+        share, token = r.max(dim=-1)
+        return share, r[..., : self.num_prefix_tokens].sum(-1), token
+
+
+def sink_statistics(
+    attn: torch.Tensor, num_prefix_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:class:`SinkSums` of a whole post-softmax map [B, H, N, N] (its patch query rows)."""
+    b, h, n, _ = attn.shape
+    sums = SinkSums(b, h, n, num_prefix_tokens, attn.device)
+    sums.add(attn[:, :, num_prefix_tokens:])
+    return sums.result()

@@ -4,7 +4,8 @@
 - :func:`layer_frame`     tidy per-layer table of a document (model, layer, nmi, CI, pattern, selected)
 - :func:`stats_frame`     tidy per-head table (``layer_stats.csv``)
 - :func:`render_figures`  the PNG figures, as bytes
-- :func:`render_html`     one self-contained ``report.html`` (figures embedded as base64, no external files)
+- :func:`render_html`     one self-contained ``report.html`` from ``templates/report.html.j2`` (CSS
+                          inlined, figures embedded as base64, no external files)
 - :func:`write_report`    every file, each atomically, the JSON last
 
 Notebook use::
@@ -28,7 +29,7 @@ import pandas as pd
 from . import __version__, explorer, plots, selection
 from .analyze import ModelAnalysis
 from .files import atomic_write_bytes, atomic_write_text
-from .metrics import NMI_LABELS
+from .metrics import NMI_LABELS, SINK_DOMINATED
 from .patterns import Thresholds
 
 GENERATOR = f"unip-analyze {__version__}"
@@ -42,6 +43,10 @@ STATS_COLUMNS = [
     "nmi",
     "nmi_std",
     "attn_distance",
+    "sink_share",
+    "prefix_share",
+    "sink_token",
+    "sink_key_norm_ratio",
     "layer_nmi",
     "layer_pattern",
     "selected",
@@ -58,7 +63,7 @@ def build_document(
     created: datetime | None = None,
     nmi_definition: str = selection.DEFAULT_NMI_DEFINITION,
 ) -> dict:
-    """The whole ``layer_selection.json`` document (schema version 1), validated.
+    """The whole ``layer_selection.json`` document (schema version 2), validated.
 
     ``entries`` maps model names to :func:`unip_analysis.analyze.model_entry` results, all
     measured with ``nmi_definition``.
@@ -241,6 +246,9 @@ def robustness_summary(doc: dict) -> list[str]:
             continue
         rob = m["robustness"]
         lines.append(robustness_verdict(name, m))
+        sinks = sink_verdict(name, m)
+        if sinks:
+            lines.append("    " + sinks)
         header, grid, _ = robustness_rows(m)
         widths = [max(len(r[i]) for r in [header, *grid]) for i in range(len(header))]
         for row in [header, *grid]:
@@ -297,19 +305,11 @@ def compare_profiles(doc: dict) -> list[str]:
     return lines
 
 
-# HTML pieces shared by the offline reports (this one and unip-compare's).
-CSS = """
-body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:2rem auto;max-width:1100px;
-color:#222;line-height:1.45;padding:0 1rem}
-h1{font-size:1.6rem;margin-bottom:.2rem}h2{border-bottom:1px solid #ddd;padding-bottom:.2rem;margin-top:2.2rem}
-table{border-collapse:collapse;margin:.6rem 0 1.2rem;font-size:.9rem}
-th,td{border:1px solid #ddd;padding:.25rem .55rem;text-align:left;vertical-align:top}
-th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
-tr.sel td{background:#fff6d5;font-weight:600}
-.pat{display:inline-block;padding:0 .45rem;border-radius:.6rem;color:#fff;font-size:.8rem}
-code{font-size:.85rem;word-break:break-all}.muted{color:#666}
-img{max-width:100%;height:auto;border:1px solid #eee;margin:.4rem 0}
-"""
+# --- HTML ----------------------------------------------------------------------------------
+
+# The page's style, shipped as package data; unip-compare's page uses it too.
+CSS = explorer.static_text("report.css")
+REPORT_TEMPLATE = "report.html.j2"
 
 
 def esc(value: object) -> str:
@@ -319,14 +319,13 @@ def esc(value: object) -> str:
 
 def img_tag(png: bytes, alt: str) -> str:
     """An ``<img>`` with the PNG embedded (the report stays one file that opens offline)."""
-    data = base64.b64encode(png).decode("ascii")
-    return f'<img alt="{esc(alt)}" src="data:image/png;base64,{data}">'
+    return f'<img alt="{esc(alt)}" src="data:image/png;base64,{_base64(png)}">'
 
 
 def html_table(
     header: Sequence[str], rows: Sequence[Sequence[str]], row_classes: Sequence[str] | None = None
 ) -> str:
-    """HTML table; cells are pre-escaped HTML."""
+    """HTML table; cells are pre-escaped HTML (unip-compare's page; report.html uses its template)."""
     head = "".join(f"<th>{esc(h)}</th>" for h in header)
     body = []
     for i, row in enumerate(rows):
@@ -340,160 +339,240 @@ def td(value: object, num: bool = False) -> str:
     return f'<td class="num">{esc(value)}</td>' if num else f"<td>{esc(value)}</td>"
 
 
-def _pattern_badge(pattern: str) -> str:
-    color = plots.PATTERN_COLORS.get(pattern, "#888")
-    return f'<td><span class="pat" style="background:{color}">{esc(pattern)}</span></td>'
+def _base64(png: bytes) -> str:
+    return base64.b64encode(png).decode("ascii")
 
 
-def _page_head(doc: dict) -> list[str]:
-    """The page's head, title and introduction."""
-    return [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>Attention-pattern analysis: {esc(', '.join(doc['models']))}</title>",
-        f"<style>{CSS}</style></head><body>",
-        "<h1>Attention-pattern analysis</h1>",
-        f'<p class="muted">{esc(doc["generator"])}, created {esc(doc["created"])}. '
-        "NMI between queries and keys per layer (mean over heads and images); local / hybrid / global "
-        "patterns and the layer a distillation teacher should use (the deepest hybrid one, UNIP, ICLR 2025).</p>",
-    ]
+# A table for report.html's template: {header, rows: [[cell]], classes}; a cell {text, num, code,
+# badge}. The template (templates/report_macros.html.j2) escapes every text.
 
 
-def _selected_layers_html(doc: dict) -> list[str]:
-    """The "Selected layers" table (one row per model) and, for several models, whether their
-    profiles differ."""
-    summary_rows = []
+def cell(value: object, num: bool = False, code: bool = False, badge: str = "") -> dict:
+    """One table cell of report.html: its text, right-aligned (``num``), monospace (``code``) or a
+    pattern badge of colour ``badge``."""
+    return {"text": str(value), "num": num, "code": code, "badge": badge}
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[dict]], classes: Sequence[str] = ()) -> dict:
+    """A table for report.html's template (see :func:`cell`)."""
+    return {"header": list(header), "rows": [list(r) for r in rows], "classes": list(classes)}
+
+
+def sink_verdict(name: str, m: dict) -> str:
+    """One line: whether model ``name``'s selected layer, or a layer the rule did not select, is
+    sink-dominated (sink share at or above :data:`metrics.SINK_DOMINATED`: one token receives at
+    least that share of the patch queries' attention). Empty for files without sink fields."""
+    layers = m["layers"]
+    if "sink_share" not in layers[0]:
+        return ""
+    edge, sel = SINK_DOMINATED, m["selected_layer"]
+    heavy = [lay for lay in layers if lay["sink_share"] >= edge]
+    said = []
+    if sel is not None and layers[sel - 1]["sink_share"] >= edge:
+        lay = layers[sel - 1]
+        said.append(
+            f"the selected layer {sel} is sink-dominated: its heads give on average "
+            f"{lay['sink_share']:.0%} of their patch queries' attention to a single token (most often "
+            f"{_token(lay['sink_token'])}), so its NMI measures that token more than how attention mixes content"
+        )
+    rejected = [lay for lay in heavy if lay["layer"] != sel]
+    if rejected:
+        shares = [lay["sink_share"] for lay in rejected]
+        tokens = sorted({_token(lay["sink_token"]) for lay in rejected}, key=str)
+        listing = ", ".join(f"{lay['layer']} ({lay['pattern']})" for lay in rejected)
+        span = f"{min(shares):.2f}" + (f"-{max(shares):.2f}" if len(shares) > 1 else "")
+        said.append(
+            f"not selected and sink-dominated: layer{'s' if len(rejected) > 1 else ''} {listing} (sink share "
+            f"{span}, {', '.join(tokens)})"
+            + (
+                "; where such a layer reads global, its low NMI may be attention to a sink rather than "
+                "global mixing"
+                if any(lay["pattern"] == "global" for lay in rejected)
+                else ""
+            )
+        )
+    if not said:
+        top = max(layers, key=lambda lay: lay["sink_share"])
+        return (
+            f"{name}: no layer is sink-dominated (sink share below {edge:g} everywhere; "
+            f"largest {top['sink_share']:.2f} at layer {top['layer']})"
+        )
+    return f"{name}: " + "; ".join(said)
+
+
+def _token(token: str | int) -> str:
+    return token if isinstance(token, str) else f"patch {token}"
+
+
+def _selected_table(doc: dict) -> dict:
+    """The "Selected layers" table: one row per model."""
+    rows = []
     for name, m in doc["models"].items():
         sel = m["selected_layer"]
-        summary_rows.append(
+        rows.append(
             [
-                td(name),
-                td(m["family"]),
-                f"<td><code>{esc(m['arch'])}</code></td>",
-                td(m["depth"], num=True),
-                td("none" if sel is None else sel, num=True),
-                td("" if m["selected_heads"] is None else m["selected_heads"], num=True),
-                td("" if sel is None else m["layers"][sel - 1]["pattern"]),
-                td(m["selection_rule"]),
+                cell(name),
+                cell(m["family"]),
+                cell(m["arch"], code=True),
+                cell(m["depth"], num=True),
+                cell("none" if sel is None else sel, num=True),
+                cell("" if m["selected_heads"] is None else m["selected_heads"], num=True),
+                cell("" if sel is None else m["layers"][sel - 1]["pattern"]),
+                cell(m["selection_rule"]),
             ]
         )
-    parts = [
-        "<h2>Selected layers</h2>",
-        html_table(
-            ["model", "family", "arch", "depth", "selected layer", "heads", "pattern", "rule"], summary_rows
-        ),
-    ]
-    comparison = compare_profiles(doc)
-    if comparison:
-        parts.append("<h2>Do the profiles differ?</h2>")
-        parts.append("<ul>" + "".join(f"<li>{esc(line)}</li>" for line in comparison) + "</ul>")
-    return parts
+    return table(["model", "family", "arch", "depth", "selected layer", "heads", "pattern", "rule"], rows)
 
 
-def _thresholds_html(doc: dict, thresholds_source: str) -> list[str]:
-    """The thresholds, the NMI definition and the images the run analysed."""
+def _thresholds_table(doc: dict, thresholds_source: str) -> dict:
+    """The thresholds, the NMI definition, the sink threshold and the images the run analysed."""
     th, im = doc["thresholds"], doc["images"]
-    return [
-        "<h2>Thresholds and images</h2>",
-        html_table(
-            ["", "value"],
-            [
-                [td("global_max (NMI at or below: global)"), td(f"{th['global_max']:.4f}", num=True)],
-                [td("local_min (NMI at or above: local)"), td(f"{th['local_min']:.4f}", num=True)],
-                [td("how they were set"), td(thresholds_source or "not recorded")],
-                [td("NMI definition"), td(NMI_LABELS[selection.nmi_definition(doc)])],
-                [td("image folder"), f"<td><code>{esc(im['dir'])}</code></td>"],
-                [td("images analysed"), td(im["count"], num=True)],
-                [td("image size"), td(f"{im['img_size']} px", num=True)],
-                [td("normalization"), td(im["norm"])],
-            ],
-        ),
-    ]
-
-
-def _figures_html(figures: Mapping[str, bytes], explorer_html: str) -> list[str]:
-    """The run's three depth figures and, when there is one, the attention explorer."""
-    parts = ["<h2>Figures</h2>"]
-    for fname, alt in (
-        ("nmi_curves.png", "NMI by depth"),
-        ("attn_distance.png", "attention distance by depth"),
-        ("pattern_heatmap.png", "pattern heat-map"),
-    ):
-        if fname in figures:
-            parts.append(img_tag(figures[fname], alt))
-    if explorer_html:
-        parts += [
-            "<h2>Attention explorer</h2>",
-            '<p class="muted">Every layer, head and patch query of the same first images for every model, '
-            "stored as the rows themselves or as queries and keys, whichever is more exact within the "
-            "report's budget; the error of every shown row is measured against the exact attention and "
-            'shown next to the map (docs/analysis.md, "Attention explorer").</p>',
-            explorer_html,
-        ]
-    return parts
-
-
-def _checkpoint_table(m: dict, notes: Sequence[str]) -> str:
-    """One model's checkpoint: family, weights, shape, selection and the loader's notes."""
-    sel = m["selected_layer"]
-    return html_table(
-        ["checkpoint", ""],
+    sinks = (
+        [[cell("sink-dominated (sink share at or above)"), cell(f"{SINK_DOMINATED:.2f}", num=True)]]
+        if selection.has_sinks(doc)
+        else []
+    )
+    return table(
+        ["", "value"],
         [
-            [td("family"), td(m["family"])],
-            [td("arch"), f"<td><code>{esc(m['arch'])}</code></td>"],
-            [td("weights"), f"<td><code>{esc(m['weights'])}</code></td>"],
-            [td("sha256"), f"<td><code>{esc(m['weights_sha256'])}</code></td>"],
-            [
-                td("depth / width / patch"),
-                td(f"{m['depth']} blocks, embed dim {m['embed_dim']}, patch {m['patch_size']}"),
-            ],
-            [td("prefix tokens"), td(m["num_prefix_tokens"])],
-            [
-                td("selected layer"),
-                td("none" if sel is None else f"{sel} ({m['selected_heads']} heads)"),
-            ],
-            [td("rule"), td(m["selection_rule"])],
-        ]
-        + [[td("note"), td(n)] for n in notes],
+            [cell("global_max (NMI at or below: global)"), cell(f"{th['global_max']:.4f}", num=True)],
+            [cell("local_min (NMI at or above: local)"), cell(f"{th['local_min']:.4f}", num=True)],
+            [cell("how they were set"), cell(thresholds_source or "not recorded")],
+            [cell("NMI definition"), cell(NMI_LABELS[selection.nmi_definition(doc)])],
+            *sinks,
+            [cell("image folder"), cell(im["dir"], code=True)],
+            [cell("images analysed"), cell(im["count"], num=True)],
+            [cell("image size"), cell(f"{im['img_size']} px", num=True)],
+            [cell("normalization"), cell(im["norm"])],
+        ],
     )
 
 
-def _layer_table(m: dict) -> str:
-    """One model's layers: pattern, NMI with its interval, attention distance; the selected one marked."""
+def _checkpoint_table(m: dict, notes: Sequence[str]) -> dict:
+    """One model's checkpoint: family, weights, shape, selection and the loader's notes."""
     sel = m["selected_layer"]
+    return table(
+        ["checkpoint", ""],
+        [
+            [cell("family"), cell(m["family"])],
+            [cell("arch"), cell(m["arch"], code=True)],
+            [cell("weights"), cell(m["weights"], code=True)],
+            [cell("sha256"), cell(m["weights_sha256"], code=True)],
+            [
+                cell("depth / width / patch"),
+                cell(f"{m['depth']} blocks, embed dim {m['embed_dim']}, patch {m['patch_size']}"),
+            ],
+            [cell("prefix tokens"), cell(m["num_prefix_tokens"])],
+            [cell("selected layer"), cell("none" if sel is None else f"{sel} ({m['selected_heads']} heads)")],
+            [cell("rule"), cell(m["selection_rule"])],
+        ]
+        + [[cell("note"), cell(n)] for n in notes],
+    )
+
+
+def _layer_table(m: dict) -> dict:
+    """One model's layers: pattern, NMI with its interval, attention distance, and where the file
+    has them the attention sinks; the selected layer marked."""
+    sel = m["selected_layer"]
+    sinks = "sink_share" in m["layers"][0]
     rows, classes = [], []
     for lay in m["layers"]:
         lo, hi = lay["nmi_ci95"]
         is_sel = lay["layer"] == sel
-        rows.append(
-            [
-                td(lay["layer"], num=True),
-                _pattern_badge(lay["pattern"]),
-                td(f"{lay['nmi']:.4f}", num=True),
-                td(f"{lo:.4f} – {hi:.4f}", num=True),
-                td(f"{lay['attn_distance']:.1f}", num=True),
-                td(len(lay["head_nmi"]), num=True),
-                td("selected" if is_sel else ""),
+        row = [
+            cell(lay["layer"], num=True),
+            cell(lay["pattern"], badge=plots.PATTERN_COLORS.get(lay["pattern"], "#888")),
+            cell(f"{lay['nmi']:.4f}", num=True),
+            cell(f"{lo:.4f} – {hi:.4f}", num=True),
+            cell(f"{lay['attn_distance']:.1f}", num=True),
+            cell(len(lay["head_nmi"]), num=True),
+        ]
+        if sinks:
+            row += [
+                cell(f"{lay['sink_share']:.3f}", num=True),
+                cell(f"{lay['prefix_share']:.3f}", num=True),
+                cell(lay["sink_token"], num=not isinstance(lay["sink_token"], str)),
+                cell(f"{lay['sink_key_norm_ratio']:.2f}", num=True),
             ]
-        )
+        rows.append([*row, cell("selected" if is_sel else "")])
         classes.append("sel" if is_sel else "")
-    return html_table(["layer", "pattern", "NMI", "95% CI", "distance (px)", "heads", ""], rows, classes)
+    header = ["layer", "pattern", "NMI", "95% CI", "distance (px)", "heads"]
+    if sinks:
+        header += ["sink share", "prefix share", "sink token", "sink key / median key"]
+    return table([*header, ""], rows, classes)
 
 
-def _robustness_html(name: str, m: dict) -> list[str]:
-    """How the selection moves with the thresholds, and each layer's margin to the nearest edge."""
+def _robustness(name: str, m: dict) -> dict | None:
+    """How the selection moves with the thresholds, each layer's margin to the nearest edge, and
+    whether the layers involved are sink-dominated."""
     header, grid, margins = robustness_rows(m)
     if not header:
-        return []
-    return [
-        f"<h3>How robust the selection is</h3><p>{esc(robustness_verdict(name, m))}</p>",
-        html_table(header, [[td(c) for c in row] for row in grid]),
-        html_table(
+        return None
+    return {
+        "verdict": robustness_verdict(name, m),
+        "sinks": sink_verdict(name, m),
+        "bands": table(header, [[cell(c) for c in row] for row in grid]),
+        "margins": table(
             ["layer", "nearest edge", "NMI - edge", "95% CI", "CI contains the edge"],
-            [[td(c, num=i in (0, 2, 3)) for i, c in enumerate(row)] for row in margins],
+            [[cell(c, num=i in (0, 2, 3)) for i, c in enumerate(row)] for row in margins],
         ),
-    ]
+    }
+
+
+FIGURES = (
+    ("nmi_curves.png", "NMI by depth"),
+    ("attn_distance.png", "attention distance by depth"),
+    ("pattern_heatmap.png", "pattern heat-map"),
+)
+
+
+def report_context(
+    doc: dict,
+    figures: Mapping[str, bytes],
+    thresholds_source: str = "",
+    notes: Mapping[str, Sequence[str]] | None = None,
+    explorer_html: str = "",
+) -> dict:
+    """What report.html's template shows, every value already formatted as text."""
+    notes = notes or {}
+    names = figure_names(list(doc["models"]))
+    models = []
+    for name, m in doc["models"].items():
+        png = figures.get(names[name])
+        models.append(
+            {
+                "name": name,
+                "checkpoint": _checkpoint_table(m, notes.get(name, [])),
+                "layers": _layer_table(m),
+                "robustness": _robustness(name, m),
+                "maps": None if png is None else {"alt": f"attention maps of {name}", "data": _base64(png)},
+            }
+        )
+    return {
+        "model_names": list(doc["models"]),
+        "css": CSS,
+        "generator": doc["generator"],
+        "created": doc["created"],
+        "selected": _selected_table(doc),
+        "comparison": compare_profiles(doc),
+        "thresholds": _thresholds_table(doc, thresholds_source),
+        "figures": [{"alt": alt, "data": _base64(figures[f])} for f, alt in FIGURES if f in figures],
+        "explorer_html": explorer_html,
+        "models": models,
+    }
+
+
+def _environment():
+    import jinja2
+
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("unip_analysis", "templates"),
+        autoescape=True,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        undefined=jinja2.StrictUndefined,
+    )
 
 
 def render_html(
@@ -503,24 +582,15 @@ def render_html(
     notes: Mapping[str, Sequence[str]] | None = None,
     explorer_html: str = "",
 ) -> str:
-    """One self-contained HTML page: summary, thresholds, figures, the attention explorer (when
-    ``explorer_html`` holds one, see :func:`unip_analysis.explorer.render_section`), and per model
-    its checkpoint, selection and layer table. Opens offline: no external CSS, scripts or images."""
-    notes = notes or {}
-    names = figure_names(list(doc["models"]))
-    parts = _page_head(doc)
-    parts += _selected_layers_html(doc)
-    parts += _thresholds_html(doc, thresholds_source)
-    parts += _figures_html(figures, explorer_html)
-    for name, m in doc["models"].items():
-        parts.append(f"<h2>{esc(name)}</h2>")
-        parts.append(_checkpoint_table(m, notes.get(name, [])))
-        parts.append(_layer_table(m))
-        parts += _robustness_html(name, m)
-        if names[name] in figures:
-            parts.append(img_tag(figures[names[name]], f"attention maps of {name}"))
-    parts.append("</body></html>")
-    return "\n".join(parts) + "\n"
+    """One self-contained HTML page from ``templates/report.html.j2``: summary, thresholds,
+    figures, the attention explorer (when ``explorer_html`` holds one, see
+    :func:`unip_analysis.explorer.render_section`), and per model its checkpoint, selection, layer
+    table and robustness. Opens offline: no external CSS, scripts or images; the same inputs give
+    the same bytes."""
+    if "</style" in CSS.lower():
+        raise ValueError("report.css must not contain '</style'")
+    context = report_context(doc, figures, thresholds_source, notes, explorer_html)
+    return _environment().get_template(REPORT_TEMPLATE).render(**context)
 
 
 # --- the run's outputs -------------------------------------------------------------------

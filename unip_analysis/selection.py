@@ -1,15 +1,16 @@
-"""``layer_selection.json``: the one contract between analysis and training (schema version 1).
+"""``layer_selection.json``: the one contract between analysis and training (schema version 2).
 
 This module alone writes, reads and validates the file. Layout::
 
-    {schema_version: 1, generator, created,
+    {schema_version: 2, generator, created,
      nmi_definition: "park" | "unip",                      (optional: absent reads as "park")
      thresholds: {global_max, local_min},
      images: {dir, count, img_size, norm},
      models: {NAME: {family, arch, weights, weights_sha256, depth, embed_dim, patch_size,
                      num_prefix_tokens, heads_per_layer: [...],
                      layers: [{layer (1-based), nmi, nmi_ci95: [lo, hi], attn_distance,
-                               pattern, head_nmi: [...]}],
+                               pattern, head_nmi: [...],
+                               sink_share, prefix_share, sink_token, sink_key_norm_ratio}],
                      selected_layer (int or null), selected_heads (int or null), selection_rule,
                      robustness: {rule_layer (int or null), fragile,          (optional)
                                   margins: [{layer, edge, margin, margin_ci95: [lo, hi],
@@ -21,12 +22,20 @@ This module alone writes, reads and validates the file. Layout::
 Every NMI in the file (layers, thresholds, robustness) is of the one ``nmi_definition``
 (:mod:`unip_analysis.metrics`); :func:`nmi_definition` reads it. The two optional fields came
 later within version 1: files written before them stay readable.
+
+Version 2 adds each layer's attention sinks (:class:`unip_analysis.metrics.SinkSums`, method.md
+section 10), averaged over heads and images: ``sink_share`` (the largest share of the patch
+queries' attention one token receives), ``prefix_share`` (the prefix tokens' share),
+``sink_token`` (the most frequent such token: "cls", "dist", "reg0".. or a patch index, 0-based
+row-major) and ``sink_key_norm_ratio`` (its key's norm over the median key norm). Version 1 files
+(without them) are still read: :func:`has_sinks` says which a document is.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +44,8 @@ from .files import atomic_write_text, read_json, sha256_file
 from .metrics import NMI_DEFINITIONS
 from .patterns import PATTERNS
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: no sink fields
 FILENAME = "layer_selection.json"
 
 _TOP = {
@@ -69,6 +79,8 @@ _LAYER = {
 }
 
 
+_SINKS = {"sink_share": float, "prefix_share": float, "sink_key_norm_ratio": float}
+_PREFIX_NAME = re.compile(r"(cls|dist|reg\d+|prefix\d+)")
 _MARGIN = {"layer": int, "edge": str, "margin": float, "margin_ci95": list, "edge_in_ci95": bool}
 _MOVED = {
     "global_max_factor": float,
@@ -83,6 +95,11 @@ DEFAULT_NMI_DEFINITION = "park"  # what files written before the field measured
 def nmi_definition(doc: dict) -> str:
     """Which NMI the document's numbers are: 'park' or 'unip' ('park' for files without the field)."""
     return doc.get("nmi_definition", DEFAULT_NMI_DEFINITION)
+
+
+def has_sinks(doc: dict) -> bool:
+    """Whether the document's layers carry the sink fields (schema version 2 and later)."""
+    return doc.get("schema_version", 1) >= 2
 
 
 def _type_ok(value: Any, kind: type) -> bool:
@@ -104,14 +121,15 @@ def _check_fields(obj: Any, fields: dict[str, type], where: str, src: str) -> No
 
 
 def validate(doc: Any, src: str = "layer_selection.json") -> dict:
-    """Check a document against schema version 1; returns it, or raises :class:`SelectionError`."""
+    """Check a document against its schema version (1 or 2); returns it, or raises
+    :class:`SelectionError`."""
     if not isinstance(doc, dict):
         raise SelectionError(f"{src}: top level must be a JSON object")
     version = doc.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_VERSIONS or isinstance(version, bool):
         raise SelectionError(
-            f"{src}: schema_version is {version!r}, this toolkit reads version {SCHEMA_VERSION}; "
-            "regenerate the file with this version of unip-analyze"
+            f"{src}: schema_version is {version!r}, this toolkit reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}; regenerate the file with this version of unip-analyze"
         )
     _check_fields(doc, _TOP, "top level", src)
     if nmi_definition(doc) not in NMI_DEFINITIONS:
@@ -147,6 +165,8 @@ def validate(doc: Any, src: str = "layer_selection.json") -> dict:
                     f"{src}: {where}.layers[{i}] has {len(layer['head_nmi'])} head_nmi values "
                     f"for {m['heads_per_layer'][i]} heads"
                 )
+            if has_sinks(doc):
+                _check_sinks(layer, f"{where}.layers[{i}]", src)
         sel = m.get("selected_layer", "absent")
         if sel is not None and not (_type_ok(sel, int) and 1 <= sel <= depth):
             raise SelectionError(f"{src}: {where}.selected_layer must be null or 1..{depth}, found {sel!r}")
@@ -158,6 +178,20 @@ def validate(doc: Any, src: str = "layer_selection.json") -> dict:
         if "robustness" in m:
             _check_robustness(m["robustness"], depth, f"{where}.robustness", src)
     return doc
+
+
+def _check_sinks(layer: dict, where: str, src: str) -> None:
+    _check_fields(layer, {**_SINKS, "sink_token": object}, where, src)
+    for key in ("sink_share", "prefix_share"):
+        if not 0.0 <= layer[key] <= 1.0 + 1e-6:
+            raise SelectionError(f"{src}: {where}.{key} should be a share in [0, 1], found {layer[key]!r}")
+    token = layer["sink_token"]
+    if not (
+        (_type_ok(token, int) and token >= 0) or (isinstance(token, str) and _PREFIX_NAME.fullmatch(token))
+    ):
+        raise SelectionError(
+            f"{src}: {where}.sink_token should be a patch index or 'cls', 'dist', 'regN', found {token!r}"
+        )
 
 
 def _check_layer_or_null(value: Any, depth: int, where: str, src: str) -> None:
