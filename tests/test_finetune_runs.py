@@ -210,7 +210,7 @@ def test_a_finished_run_folder_is_never_reused_silently(tiny_timm_checkpoint, fo
 
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith(f"unip-finetune: error: {out} already holds a run")
+    assert err.count("\n") == 1 and err.startswith(f"unip-finetune: error: {out} already holds a unip-finetune run")
     assert "--resume" in err and "--overwrite" in err
     assert snapshot(out) == before  # nothing touched
 

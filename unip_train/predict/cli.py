@@ -104,7 +104,7 @@ def run_predict(o: PredictOptions) -> int:
         if o.labels is not None:
             items = match_labels(items, o.labels)
     folder = output_folder.check(
-        o.out, prediction_run(o, seg, items, dataset_mode), resume=True, overwrite=o.overwrite,
+        o.out, prediction_run(o, seg, items, dataset_mode), resume=not o.overwrite, overwrite=o.overwrite,
         continue_legacy=False,
     )  # fmt: skip
     if folder.begin() is not None:
