@@ -159,3 +159,25 @@ def test_analysis_overwrite_keeps_images_and_checkpoint_inside_out(tiny_timm_che
     bad = [a if a != str(out) else str(other) for a in argv]
     assert cli.main([*bad, "--overwrite"]) == 2
     assert "holds a unip-finetune run" in capsys.readouterr().err
+
+
+def test_find_images_follows_links_and_refuses_broken_ones_and_loops(tmp_path):
+    from unip_analysis.errors import ImageError
+    from unip_analysis.images import find_images
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "a.png").write_bytes(b"x")
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "b.png").write_bytes(b"x")
+    (images / "link.png").symlink_to(elsewhere / "a.png")
+    (images / "sub").symlink_to(elsewhere, target_is_directory=True)
+    assert find_images(images) == [images / "b.png", images / "link.png", images / "sub" / "a.png"]
+    (images / "sub" / "loop").symlink_to(images, target_is_directory=True)
+    with pytest.raises(ImageError, match=r"sub/loop: a link back to a folder above it"):
+        find_images(images)
+    (elsewhere / "loop").unlink()
+    (images / "gone.png").symlink_to(tmp_path / "missing.png")
+    with pytest.raises(ImageError, match=r"gone.png: a broken link"):
+        find_images(images)
