@@ -469,6 +469,17 @@ def test_resume_refuses_a_checkpoint_with_other_batch_settings(setup, tmp_path, 
     run = tmp_path / "run"
     assert pretrain.main(base_args(setup["sel"], setup["images"], run)) == 0
     args = base_args(setup["sel"], setup["images"], run, batch_size=2, epochs=2, resume="auto")
+    # The run folder's record refuses it first (another run), naming what differs.
+    assert "made with other settings (batch_size: 4 -> 2)" in fail(capsys, args)
+    # Its checkpoint, resumed into a new folder: the checkpoint's own check refuses it.
+    args = base_args(
+        setup["sel"],
+        setup["images"],
+        tmp_path / "new",
+        batch_size=2,
+        epochs=2,
+        resume=str(run / "checkpoint.pt"),
+    )
     assert "saved with batch_size=4, this run has 2" in fail(capsys, args)
     # Same settings, more epochs: continues from the end of epoch 1.
     assert pretrain.main(base_args(setup["sel"], setup["images"], run, epochs=2, resume="auto")) == 0

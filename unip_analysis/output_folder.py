@@ -166,11 +166,7 @@ class OutputFolder:
 
     def claim(self, *names: str) -> None:
         """Add top-level names to the record before writing them (the outputs are listed already)."""
-        rec = read_record(self.path) or {}
-        files = list(rec.get("files", []))
-        new = [n for n in names if n not in files]
-        if new:
-            self._write(files + new, rec)
+        claim(self.path, *names)
 
     def _write(self, files: list[str], previous: dict | None) -> None:
         now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -184,6 +180,32 @@ class OutputFolder:
             "updated": now,
         }
         atomic_write_text(self.path / RECORD, json.dumps(doc, indent=2) + "\n")
+
+
+def claim(out: str | Path, *names: str) -> None:
+    """List more top-level names in ``OUT/run.json`` before writing them (names known only while the
+    run goes, such as ``checkpoint-EPOCH.pt``)."""
+    rec = read_record(out)
+    if rec is None:
+        return
+    files = list(rec.get("files", []))
+    new = [n for n in names if n not in files]
+    if new:
+        rec["files"] = sorted(files + new)
+        atomic_write_text(Path(out) / RECORD, json.dumps(rec, indent=2) + "\n")
+
+
+def spec_file(text: str | Path | None) -> Path | None:
+    """The file a checkpoint spec names (``PATH``, ``FAMILY:ARCH:PATH``...; paths may hold ':'),
+    or None (a name of timm's, a download)."""
+    if text is None:
+        return None
+    parts = str(text).split(":")
+    for i in range(len(parts)):
+        candidate = Path(":".join(parts[i:]))
+        if candidate.is_file() or candidate.is_dir() and i > 0:
+            return candidate
+    return None
 
 
 def check(
