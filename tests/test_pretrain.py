@@ -314,11 +314,15 @@ def test_distillation_lowers_the_loss_and_moves_attention_toward_the_teacher(set
             "checkpoint.pt",
             "config.json",
             "log.jsonl",
+            "run.json",
             "student.json",
             "student.safetensors",
         ]
         + TENSORBOARD
     )
+    record = json.loads((run / "run.json").read_text())  # every file listed: --overwrite moves these
+    assert record["command"] == "unip-pretrain"
+    assert {p.name for p in run.iterdir()} - {"run.json"} <= set(record["files"])
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 60 and ckpt["step"] == 180
 
