@@ -241,7 +241,7 @@ def check(
                 f"{out}: --out {where} the input {'folder' if folder.is_dir() else 'file'} {p}; {cmd} does not "
                 "write into its inputs: choose a folder outside it"
             )
-    if overwrite and (place := _protected(out)):
+    if overwrite and run.outputs and (place := _protected(out)):
         raise SpecError(
             f"--out {out} is {place}: --overwrite would move files out of it; give the run a folder of its own"
         )
@@ -286,7 +286,8 @@ def check(
                 "or choose another --out"
             )
         state = _decide(out, what, True, resume, overwrite, can_resume, "", found)
-    to_move = sorted(n for n in owned if n in entries)
+    # A run that writes in place (no outputs of its own to move) leaves the old record to be rewritten.
+    to_move = sorted(n for n in owned if n in entries) if run.outputs else []
     if state == "replace":
         for name in to_move:
             for p in inputs:
