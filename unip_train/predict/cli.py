@@ -65,7 +65,8 @@ class PredictOptions:
         False, help="also write prob/REL.npy: float16 class probabilities [C, H, W]", group="outputs"
     )
     out: Path = command.out(
-        "output folder; running again into it continues (images already done are skipped)"
+        "output folder; the same run again (model, backend, options) continues it: images already done "
+        "are skipped; another run there is refused"
     )
     overwrite: bool = command.overwrite()
     batch_size: int = command.batch_size(4, "images (of one size) per sliding-window batch")
