@@ -87,8 +87,8 @@ def run(cfg: FinetuneConfig, extensions: Sequence[Extension] = (), *, overwrite:
     dist = du.init_distributed(cfg.device)
     state = None
     try:
-        claim_run_folder(cfg, dist, overwrite)
-        state, eval_set, backbone_info = setup(cfg, dist, list(extensions), norm_why=why)
+        folder = claim_run_folder(cfg, dist, overwrite)
+        state, eval_set, backbone_info = setup(cfg, dist, list(extensions), norm_why=why, folder=folder)
         cfg = state.cfg
         train(state, save=lambda it: save_training_state(state, it))
         conf = evaluate(
@@ -122,11 +122,12 @@ def run(cfg: FinetuneConfig, extensions: Sequence[Extension] = (), *, overwrite:
         du.cleanup()
 
 
-def claim_run_folder(cfg: FinetuneConfig, dist: du.DistInfo, overwrite: bool) -> None:
+def claim_run_folder(cfg: FinetuneConfig, dist: du.DistInfo, overwrite: bool) -> output_folder.OutputFolder:
     """The run-folder rule (:mod:`unip_analysis.output_folder`) for ``cfg.out``: a folder made by
     another command or another fine-tuning run is refused; ``--resume`` continues the same run,
     ``--overwrite`` moves only this run's own files aside. Every rank reads the folder before any
-    file moves, so all refuse alike (none is left waiting); only rank 0 moves and records."""
+    file moves, so all refuse alike (none is left waiting); only rank 0 moves and records, once the
+    set-up has passed (:func:`start_run_folder`): a refused run leaves nothing behind."""
     out = Path(cfg.out)
     auto = cfg.resume == "auto"
     if cfg.resume and not auto and not Path(cfg.resume).is_file():
@@ -139,9 +140,8 @@ def claim_run_folder(cfg: FinetuneConfig, dist: du.DistInfo, overwrite: bool) ->
         raise FinetuneError(f"{out}: nothing to resume (no {CHECKPOINT}); drop --resume to start a run")
     # An explicit --resume CKPT may continue into a new folder or into the run it came from.
     folder = output_folder.check(out, finetune_run(cfg), resume=bool(cfg.resume), overwrite=overwrite)
-    if dist.is_main:
-        folder.begin()
     du.barrier()
+    return folder
 
 
 def finetune_run(cfg: FinetuneConfig) -> output_folder.Run:
@@ -159,10 +159,15 @@ def finetune_run(cfg: FinetuneConfig) -> output_folder.Run:
 
 
 def setup(
-    cfg: FinetuneConfig, dist: du.DistInfo, extensions: list[Extension], norm_why: str = "--norm"
+    cfg: FinetuneConfig,
+    dist: du.DistInfo,
+    extensions: list[Extension],
+    norm_why: str = "--norm",
+    folder: output_folder.OutputFolder | None = None,
 ) -> tuple[TrainState, SegDataset, dict]:
     """Datasets, model, extensions, optimizer, optional resume, DDP wrapper, loader, run folder.
-    ``norm_why``: where the resolved ``cfg.norm`` came from, for the run's notes."""
+    ``norm_why``: where the resolved ``cfg.norm`` came from, for the run's notes; ``folder``: the
+    checked run folder (:func:`claim_run_folder`), recorded once the set-up has passed."""
     du.seed_everything(cfg.seed + dist.rank)
     train_set, eval_set, semi = read_data(cfg)
     cfg = replace(cfg, label_map=train_set.label_map)  # as detected: the evaluation split reads alike
@@ -195,7 +200,7 @@ def setup(
     batches = KeyBatches(EpochSampler(len(train_set), dist.world_size, dist.rank, seed=cfg.seed), per_proc)
     batches.set_range(start, cfg.iters)
     loader = keyed_loader(train_set, batches, cfg.workers, pin_memory=dist.device.type == "cuda")
-    log = start_run_folder(cfg, dist, semi, [e.name for e in extensions], start)
+    log = start_run_folder(cfg, dist, semi, [e.name for e in extensions], start, folder)
     notes = run_notes(cfg, train_set, eval_set, semi, backbone_info, norm_why)
     if dist.is_main:
         for note in notes:
@@ -304,11 +309,19 @@ def resume_from(
 
 
 def start_run_folder(
-    cfg: FinetuneConfig, dist: du.DistInfo, semi: SemiData, extension_names: list[str], start: int
+    cfg: FinetuneConfig,
+    dist: du.DistInfo,
+    semi: SemiData,
+    extension_names: list[str],
+    start: int,
+    folder: output_folder.OutputFolder | None = None,
 ) -> runs.ScalarLog:
-    """``config.json`` (and the semi-supervised split) written by rank 0; the log opened."""
+    """Rank 0: the old run's own files moved aside (``--overwrite``), ``run.json``, ``config.json``
+    (and the semi-supervised split) written; the log opened."""
     out = Path(cfg.out)
     if dist.is_main:
+        if folder is not None:
+            folder.begin()
         out.mkdir(parents=True, exist_ok=True)
         runs.write_config(
             out, {**config_record(cfg), "world_size": dist.world_size, "extensions": extension_names}
