@@ -113,12 +113,12 @@ def _say(msg: str) -> None:
 
 def run(args: CompareOptions) -> int:
     plan = load_plan(args.plan)
+    # The results folder is unip-compare's; each cell folder then checks its own settings.
+    folder = output_folder.check(args.out, comparison_run(plan), resume=True)
     if args.dry_run:
         for cell in prepare(plan, args.out, write=False, overwrite=args.overwrite):
             _say(f"{cell.status:8s} {cell.label}\n         {cell.shell_command()}")
         return 0
-    # The results folder is unip-compare's; each cell folder then checks its own settings.
-    folder = output_folder.check(args.out, comparison_run(plan), resume=True)
     executor = None if args.report_only else make_executor(args)
     runs = prepare(
         plan, args.out, write=not args.report_only, overwrite=args.overwrite and not args.report_only,
