@@ -181,3 +181,16 @@ def test_find_images_follows_links_and_refuses_broken_ones_and_loops(tmp_path):
     (images / "gone.png").symlink_to(tmp_path / "missing.png")
     with pytest.raises(ImageError, match=r"gone.png: a broken link"):
         find_images(images)
+
+
+def test_a_folder_digest_covers_its_weights_not_its_checkpoints(tmp_path):
+    run = tmp_path / "pretrain_run"
+    run.mkdir()
+    (run / "student.safetensors").write_bytes(b"w1")
+    (run / "student.json").write_text("{}")
+    first = output_folder.file_digest(run)
+    (run / "checkpoint.pt").write_bytes(b"resumable")
+    (run / "log.jsonl").write_text("x\n")
+    assert output_folder.file_digest(run) == first
+    (run / "student.safetensors").write_bytes(b"w2")
+    assert output_folder.file_digest(run) != first

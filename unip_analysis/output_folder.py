@@ -39,6 +39,8 @@ PREVIOUS_PREFIX = "previous-"
 # Options that steer the process only: never part of a run's identity.
 RUN_ONLY = ("out", "overwrite", "resume", "progress", "debug", "workers", "config", "print_config")
 
+FOLDER_DIGEST_SUFFIXES = (".safetensors", ".bin", ".json")
+
 State = Literal["new", "continue", "replace"]
 
 
@@ -64,13 +66,15 @@ def _version() -> str:
 
 
 def file_digest(path: str | Path) -> str:
-    """``sha256:<hex>`` of a file's bytes (a folder: of its files' names and bytes, sorted)."""
+    """``sha256:<hex>`` of a file's bytes. A folder (a transformers model, a pre-training run): of
+    the weights and descriptions at its top (``*.safetensors``, ``*.bin``, ``*.json`` but its
+    ``run.json``), by name; resumable checkpoints, logs and earlier runs do not count."""
     path = Path(path)
     if path.is_dir():
         parts = [
-            f"{p.relative_to(path).as_posix()}={sha256_file(p)}"
-            for p in sorted(path.rglob("*"))
-            if p.is_file()
+            f"{p.name}={sha256_file(p)}"
+            for p in sorted(path.iterdir())
+            if p.is_file() and p.suffix in FOLDER_DIGEST_SUFFIXES and p.name != RECORD
         ]
         return "sha256:" + hashlib.sha256("\n".join(parts).encode()).hexdigest()
     return "sha256:" + sha256_file(path)
