@@ -103,7 +103,7 @@ def _changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
     parts = []
     for k in keys[:3]:
         if k == "digests":
-            parts.append("the model / checkpoint files (their sha256 differ)")
+            parts.append("the model / checkpoint files: other sha256")
         else:
             parts.append(f"{k}: {_short(old.get(k))} -> {_short(new.get(k))}")
     more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
