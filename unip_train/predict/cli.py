@@ -22,9 +22,9 @@ from unip_analysis import command, output_folder
 from unip_analysis.errors import SpecError
 
 from ..runs import default_num_workers
-from .inference import describe, open_model
+from .inference import Segmenter, describe, open_model
 from .outputs import CONFUSION_CSV, CONFUSION_PNG, ERRORS, FAILED, METRICS, OVERLAY, PER_IMAGE, PRED, PROB
-from .runner import dataset_items, list_images, match_labels, predict, run_summary
+from .runner import Item, dataset_items, list_images, match_labels, predict, run_summary
 
 EXIT_FAILED = 1  # some images could not be segmented (listed in failed.txt)
 OUTPUTS = (PRED, OVERLAY, PROB, ERRORS, METRICS, PER_IMAGE, CONFUSION_CSV, CONFUSION_PNG, FAILED)
@@ -113,7 +113,7 @@ def run_predict(o: PredictOptions) -> int:
     print(f"unip-predict: {describe(seg)}; {len(items)} images", flush=True)
     record = {
         "model": str(seg.source), "backend": seg.backend, "device": str(seg.device),
-        "precision": {None: "fp32"}.get(seg.amp, str(seg.amp).replace("torch.", "")),
+        "precision": precision_name(seg),
         "eval_window": seg.info.window, "eval_stride": seg.info.stride,
         "labels": o.labels, "dataset": o.dataset or (seg.info.dataset if dataset_mode else None),
         "data_root": o.data_root or (seg.info.data_root if dataset_mode else None),
@@ -128,17 +128,16 @@ def run_predict(o: PredictOptions) -> int:
     return EXIT_FAILED if result.failures else 0
 
 
-def prediction_run(o: PredictOptions, seg, items: Sequence, dataset_mode: bool) -> output_folder.Run:
+def prediction_run(
+    o: PredictOptions, seg: Segmenter, items: Sequence[Item], dataset_mode: bool
+) -> output_folder.Run:
     """What makes a prediction folder: the model file (and the ONNX sidecar) by sha256, the backend,
     the precision it runs in, the images and the options that change the outputs. Inputs: the model,
     the image folder (or a glob's fixed folder, or the listed files), the labels, the dataset root."""
     sidecar = seg.source.with_name(seg.source.name + ".json") if seg.backend == "onnx" else None
     options = {f: getattr(o, f) for f in PredictOptions.__dataclass_fields__}
     ident = output_folder.identity(options, skip=NOT_IDENTITY, digests=(seg.source, sidecar))
-    ident |= {
-        "backend": seg.backend,
-        "precision": {None: "fp32"}.get(seg.amp, str(seg.amp).replace("torch.", "")),
-    }
+    ident |= {"backend": seg.backend, "precision": precision_name(seg)}
     inputs = [Path(o.model), seg.source]
     if o.images is not None:
         inputs += image_inputs(o.images, [it.image for it in items])
@@ -146,6 +145,11 @@ def prediction_run(o: PredictOptions, seg, items: Sequence, dataset_mode: bool) 
         Path(p) for p in (o.labels, o.data_root or (seg.info.data_root if dataset_mode else None)) if p
     ]
     return output_folder.Run("unip-predict", ident, OUTPUTS, inputs, markers=(PRED,), what="predictions")
+
+
+def precision_name(seg: Segmenter) -> str:
+    """The precision the model runs in, as metrics.json and run.json name it (fp32, bfloat16...)."""
+    return "fp32" if seg.amp is None else str(seg.amp).replace("torch.", "")
 
 
 def image_inputs(spec: str, files: Sequence[Path]) -> list[Path]:
