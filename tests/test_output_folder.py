@@ -121,6 +121,8 @@ def test_identity_digests_the_model_files(tmp_path):
     assert set(a) == {"lr", "digests"} and a["digests"][str(w)].startswith("sha256:")
     w.write_bytes(b"b" * 10)
     assert output_folder.identity({"lr": 1}, digests=[w]) != a
+    rel = output_folder.identity({"images": "imgs"}, paths=["images"])
+    assert rel["images"] == str(Path.cwd() / "imgs")  # the same run from another folder: other images
 
 
 def test_analysis_overwrite_keeps_images_and_checkpoint_inside_out(tiny_timm_checkpoint, tmp_path, capsys):

@@ -319,7 +319,9 @@ def analysis_run(args: AnalyzeOptions, specs: Sequence[CheckpointSpec]) -> outpu
     checkpoints and the manifest."""
     options = {f.name: getattr(args, f.name) for f in dataclasses.fields(args)}
     paths = [Path(s.path) for s in specs if s.path]
-    ident = output_folder.identity(options, skip=("device", "batch_size", "allow_download"), digests=paths)
+    ident = output_folder.identity(
+        options, skip=("device", "batch_size", "allow_download"), digests=paths, paths=("images", "manifest")
+    )
     inputs = [args.images, *paths, *([Path(args.manifest)] if args.manifest else [])]
     return output_folder.Run(
         "unip-analyze", ident, (*OUTPUTS, report.FIGURES_DIR), inputs, markers=OUTPUTS, what="an analysis"

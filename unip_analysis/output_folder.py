@@ -81,13 +81,22 @@ def file_digest(path: str | Path) -> str:
 
 
 def identity(
-    options: Mapping[str, Any], skip: Iterable[str] = (), digests: Iterable[str | Path | None] = ()
+    options: Mapping[str, Any],
+    skip: Iterable[str] = (),
+    digests: Iterable[str | Path | None] = (),
+    paths: Iterable[str] = (),
 ) -> dict[str, Any]:
-    """A run's identity: ``options`` (but :data:`RUN_ONLY` and ``skip``) as JSON values, plus
-    ``digests``: ``{path: sha256}`` of the model / checkpoint files the run reads."""
+    """A run's identity: ``options`` (but :data:`RUN_ONLY` and ``skip``) as JSON values, the options
+    named in ``paths`` made absolute (the same run from another folder reads the same files), plus
+    ``digests``: ``{absolute path: sha256}`` of the model / checkpoint files the run reads."""
     dropped = set(RUN_ONLY) | set(skip)
-    ident = {k: v for k, v in options.items() if k not in dropped}
-    files = {str(p): file_digest(p) for p in digests if p is not None and Path(p).exists()}
+    absolute = set(paths)
+    ident = {
+        k: (os.path.abspath(v) if k in absolute and isinstance(v, str | Path) else v)
+        for k, v in options.items()
+        if k not in dropped
+    }
+    files = {os.path.abspath(p): file_digest(p) for p in digests if p is not None and Path(p).exists()}
     if files:
         ident["digests"] = files
     return _plain(ident)

@@ -136,7 +136,9 @@ def prediction_run(
     the image folder (or a glob's fixed folder, or the listed files), the labels, the dataset root."""
     sidecar = seg.source.with_name(seg.source.name + ".json") if seg.backend == "onnx" else None
     options = {f: getattr(o, f) for f in PredictOptions.__dataclass_fields__}
-    ident = output_folder.identity(options, skip=NOT_IDENTITY, digests=(seg.source, sidecar))
+    ident = output_folder.identity(
+        options, skip=NOT_IDENTITY, digests=(seg.source, sidecar), paths=("images", "labels", "data_root")
+    )
     ident |= {"backend": seg.backend, "precision": precision_name(seg)}
     inputs = [Path(o.model), seg.source]
     if o.images is not None:
