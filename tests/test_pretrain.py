@@ -673,6 +673,30 @@ def test_a_finished_run_folder_is_never_reused_silently(setup, tmp_path, capsys)
     assert "nothing to resume (no checkpoint.pt)" in line and not (tmp_path / "new").exists()
 
 
+def test_overwrite_keeps_the_teacher_and_selection_inside_out(setup, tmp_path, capsys):
+    """run.json names the teacher the selection points to; --overwrite moves the run's own files
+    only: a teacher checkpoint and selection file kept inside --out stay, and the new run reads them."""
+    run = tmp_path / "run"
+    run.mkdir()
+    teacher = run / "teacher.safetensors"
+    teacher.write_bytes(setup["teacher"].read_bytes())
+    doc = json.loads(setup["sel"].read_text())
+    doc["models"]["t"]["weights"] = str(teacher)
+    sel = write_json(run / "layer_selection.json", doc)
+    args = base_args(sel, setup["images"], run)
+    assert pretrain.main(args) == 0
+    record = json.loads((run / "run.json").read_text())
+    assert record["command"] == "unip-pretrain" and str(teacher) in record["identity"]["digests"]
+    assert pretrain.main(args + ["--overwrite"]) == 0, capsys.readouterr().err
+    (aside,) = run.glob("previous-*")
+    assert teacher.is_file() and sel.is_file() and (aside / "student.safetensors").is_file()
+    assert not (aside / teacher.name).exists() and not (aside / sel.name).exists()
+    preds = tmp_path / "preds"  # another command's folder: refused, even with --overwrite
+    write_json(preds.mkdir() or preds / "run.json", {"command": "unip-predict", "identity": {}, "files": []})
+    line = fail(capsys, base_args(setup["sel"], setup["images"], preds, overwrite=True))
+    assert "holds a unip-predict run" in line and sorted(p.name for p in preds.iterdir()) == ["run.json"]
+
+
 def test_a_run_folder_of_an_earlier_version_resumes_from_checkpoint_last(setup, tmp_path):
     """Before issue 21 the resumable file was checkpoint-last.pt and its recipe used the old option
     names: such a folder continues with a bare --resume, into checkpoint.pt."""

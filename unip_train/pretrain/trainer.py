@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from unip_analysis import images as imgs
-from unip_analysis import output_folder
+from unip_analysis import output_folder, selection
 from unip_analysis.errors import CheckpointError, SpecError, UnipError
 
 from .. import checkpointing, distributed, runs
@@ -151,13 +151,30 @@ def start_run_folder(args: Any, say) -> None:
         say(f"--overwrite: the previous run's files moved to {folder.aside}")
 
 
+def selected_teacher_file(args: Any) -> Path | None:
+    """The teacher checkpoint the selection file names for ``--teacher`` (nmi-had), if it can be read
+    now (a bad file is refused, with its own message, when the method builds)."""
+    sel, name = getattr(args, "selection", None), getattr(args, "teacher", None)
+    if sel is None or name is None or not Path(sel).is_file():
+        return None
+    try:
+        entry, _ = selection.resolve_teacher(
+            selection.read(sel), name, str(sel), layer=getattr(args, "layer", None), check_sha=False
+        )
+    except UnipError:
+        return None
+    weights = entry.get("weights")
+    return Path(weights) if isinstance(weights, str) and Path(weights).is_file() else None
+
+
 def pretrain_run(args: Any) -> output_folder.Run:
-    """A pre-training run: the settings a resume must keep and the sha256 of the teacher and
-    selection files. Inputs: the image folders, the teacher, the selection file, the RoI folder, the
+    """A pre-training run: the settings a resume must keep and the sha256 of the teacher (the file
+    the selection names, or PAD's --init) and the selection file. Inputs: the image folders, the teacher, the selection file, the RoI folder, the
     checkpoint resumed from."""
     recorded = recorded_options(args)
     keys = RESUME_MUST_MATCH + METHODS[args.method].resume_keys
-    files = [output_folder.spec_file(getattr(args, n, None)) for n in ("teacher", "selection")]
+    files = [output_folder.spec_file(getattr(args, n, None)) for n in ("init", "selection")]
+    files.append(selected_teacher_file(args))
     ident = output_folder.identity({k: recorded[k] for k in keys if k in recorded}, digests=files)
     inputs = [*args.infrared, *args.infpre, *args.rgb, *[f for f in files if f is not None]]
     if getattr(args, "rois", None):
