@@ -289,7 +289,7 @@ def _bad_case(kind: str, tmp: Path, st: Path, images: Path) -> tuple[list[str], 
     if kind == "no checkpoints":
         return [], "no checkpoints given"
     if kind == "out inside images":
-        return ["--checkpoint", ok, "--out", str(images / "analysis")], "inside the image folder"
+        return ["--checkpoint", ok, "--out", str(images / "analysis")], "inside the input folder"
     if kind == "bad option value":
         return ["--checkpoint", ok, "--batch-size", "0"], "--batch-size"
     if kind == "timm tag not in the cache":

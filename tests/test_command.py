@@ -202,27 +202,6 @@ def test_an_error_ends_open_progress_bars_first(capsys):
     assert err.endswith("can be read\n")  # nothing of the bar after the error
 
 
-def test_prepare_out_refuses_resumes_and_moves_aside(tmp_path):
-    out = tmp_path / "run"
-    assert command.prepare_out(out, ["metrics.json"]) is None  # new folder: go on
-    with pytest.raises(SpecError, match="nothing to resume"):
-        command.prepare_out(out, ["metrics.json"], resume=True)
-    out.mkdir()
-    (out / "metrics.json").write_text("{}")
-    (out / "log.jsonl").write_text("x\n")
-    with pytest.raises(
-        SpecError, match=r"already holds a run \(metrics.json\); pass --resume .* or --overwrite"
-    ):
-        command.prepare_out(out, ["metrics.json"])
-    assert command.prepare_out(out, ["metrics.json"], resume=True) is None
-    aside = command.prepare_out(out, ["metrics.json"], overwrite=True)
-    assert aside is not None and aside.parent == out and aside.name.startswith("previous-")
-    assert (aside / "metrics.json").read_text() == "{}" and (aside / "log.jsonl").read_text() == "x\n"
-    assert sorted(p.name for p in out.iterdir()) == [aside.name]
-    with pytest.raises(SpecError, match="--resume and --overwrite together"):
-        command.prepare_out(out, ["metrics.json"], resume=True, overwrite=True)
-
-
 def test_options_table_puts_one_concept_on_one_row():
     @dataclass(kw_only=True)
     class Other:

@@ -607,6 +607,20 @@ def test_changed_plan_is_refused_before_anything_runs(two_jobs, assets: Path, ca
     assert sorted(p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()) == before
 
 
+def test_results_folder_of_another_command_or_inside_a_dataset_is_refused(
+    assets: Path, tmp_path: Path, capsys
+):
+    plan = write_plan(tmp_path / "plans", base_plan(assets))
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    (preds / "run.json").write_text(json.dumps({"command": "unip-predict", "identity": {}, "files": []}))
+    assert main(["--plan", str(plan), "--out", str(preds), "--dry-run"]) == 2
+    assert "holds a unip-predict run" in capsys.readouterr().err
+    assert main(["--plan", str(plan), "--out", str(assets / "soda" / "results"), "--overwrite"]) == 2
+    assert "lies inside the input folder" in capsys.readouterr().err
+    assert not (assets / "soda" / "results").exists()
+
+
 def _files(folder: Path) -> dict[str, bytes]:
     return {
         str(p.relative_to(folder)): p.read_bytes()

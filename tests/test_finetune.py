@@ -282,15 +282,33 @@ def test_sigkill_mid_epoch_then_resume_equals_the_uninterrupted_run(
 
 
 def test_resume_refuses_other_data_settings(tiny_timm_checkpoint, synthetic_folder, tmp_path: Path):
-    from unip_analysis.errors import CheckpointError
+    from unip_analysis.errors import CheckpointError, SpecError
 
     out = tmp_path / "run"
     run(config(tiny_timm_checkpoint, synthetic_folder, out, iters=2, head_channels=8))
-    with pytest.raises(CheckpointError, match="saved with batch_size=4, this run has 2"):
+    # The run folder's record refuses it first, naming what differs ...
+    with pytest.raises(SpecError, match=r"other settings \(batch_size: 4 -> 2; head_channels: 8 -> 16\)"):
         run(config(tiny_timm_checkpoint, synthetic_folder, out, iters=4, batch_size=2, resume="auto"))
+    # ... and its checkpoint continued into a new folder is refused by the checkpoint's own check.
+    with pytest.raises(CheckpointError, match="saved with batch_size=4, this run has 2"):
+        run(
+            config(
+                tiny_timm_checkpoint, synthetic_folder, tmp_path / "new", iters=4, batch_size=2, head_channels=8,
+                resume=str(out / "checkpoint.pt"),
+            )
+        )  # fmt: skip
     (out / "other.pt").write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(CheckpointError, match="other.pt: cannot read"):
-        run(config(tiny_timm_checkpoint, synthetic_folder, out, iters=4, resume=str(out / "other.pt")))
+        run(
+            config(
+                tiny_timm_checkpoint,
+                synthetic_folder,
+                out,
+                iters=4,
+                head_channels=8,
+                resume=str(out / "other.pt"),
+            )
+        )
 
 
 def test_resplit_last_heads_of_a_unip_student(tiny_timm_checkpoint, tmp_path: Path):
@@ -420,7 +438,7 @@ def test_torchrun_two_process_cpu_smoke(tiny_timm_checkpoint, synthetic_folder, 
     again = subprocess.run(
         cmd, capture_output=True, text=True, timeout=120, env=env, cwd=Path(__file__).parents[1]
     )
-    assert again.returncode != 0 and f"{out} already holds a run" in again.stderr
+    assert again.returncode != 0 and f"{out} already holds a unip-finetune run" in again.stderr
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     replaced = subprocess.run(
         [*cmd, "--overwrite"],

@@ -210,7 +210,9 @@ def test_a_finished_run_folder_is_never_reused_silently(tiny_timm_checkpoint, fo
 
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith(f"unip-finetune: error: {out} already holds a run")
+    assert err.count("\n") == 1 and err.startswith(
+        f"unip-finetune: error: {out} already holds a unip-finetune run"
+    )
     assert "--resume" in err and "--overwrite" in err
     assert snapshot(out) == before  # nothing touched
 
@@ -310,3 +312,34 @@ def test_old_spellings_parse_to_the_new_options_with_a_notice_each(capsys):
     assert len(notes) == 6 and all(n.startswith("unip-finetune: note: ") and "deprecated" in n for n in notes)
     assert COMMAND.parse(["--no-amp"]).precision == "fp32"
     assert "--no-amp is deprecated; use --precision fp32" in capsys.readouterr().err
+
+
+def test_a_run_folder_belongs_to_its_run(tiny_timm_checkpoint, folder, tmp_path, capsys):
+    """run.json names the run; --overwrite with the backbone inside --out moves only the run's files
+    (the backbone stays, the new run reads it); another command's folder or one inside the dataset
+    is refused even with --overwrite; --resume with other settings is refused by the record."""
+    arch, st = tiny_timm_checkpoint
+    out = tmp_path / "run"
+    out.mkdir()
+    backbone = out / "backbone.safetensors"
+    backbone.write_bytes(st.read_bytes())
+    args = [*common((arch, backbone), folder), "--iters", "2", "--out", str(out)]
+    assert main(args) == 0
+    record = json.loads((out / "run.json").read_text())
+    assert record["command"] == "unip-finetune" and str(backbone) in record["identity"]["digests"]
+    assert {"model.pt", "checkpoint.pt", "metrics.json", "config.json"} <= set(record["files"])
+    assert main([*args, "--overwrite"]) == 0
+    (aside,) = out.glob("previous-*")
+    assert backbone.is_file() and not (aside / backbone.name).exists() and (aside / "model.pt").is_file()
+    capsys.readouterr()
+    assert main([*args[:-2], "--out", str(out), "--resume", "--seed", "7"]) == 2
+    assert "made with other settings (seed: 0 -> 7)" in capsys.readouterr().err
+    predictions = tmp_path / "preds"
+    predictions.mkdir()
+    (predictions / "run.json").write_text(
+        json.dumps({"command": "unip-predict", "identity": {}, "files": []})
+    )
+    assert main([*args[:-2], "--out", str(predictions), "--overwrite"]) == 2
+    assert "holds a unip-predict run" in capsys.readouterr().err
+    assert main([*args[:-2], "--out", str(folder / "runs")]) == 2
+    assert "lies inside the input folder" in capsys.readouterr().err and not (folder / "runs").exists()

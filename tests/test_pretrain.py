@@ -314,11 +314,15 @@ def test_distillation_lowers_the_loss_and_moves_attention_toward_the_teacher(set
             "checkpoint.pt",
             "config.json",
             "log.jsonl",
+            "run.json",
             "student.json",
             "student.safetensors",
         ]
         + TENSORBOARD
     )
+    record = json.loads((run / "run.json").read_text())  # every file listed: --overwrite moves these
+    assert record["command"] == "unip-pretrain"
+    assert {p.name for p in run.iterdir()} - {"run.json"} <= set(record["files"])
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 60 and ckpt["step"] == 180
 
@@ -469,6 +473,17 @@ def test_resume_refuses_a_checkpoint_with_other_batch_settings(setup, tmp_path, 
     run = tmp_path / "run"
     assert pretrain.main(base_args(setup["sel"], setup["images"], run)) == 0
     args = base_args(setup["sel"], setup["images"], run, batch_size=2, epochs=2, resume="auto")
+    # The run folder's record refuses it first (another run), naming what differs.
+    assert "made with other settings (batch_size: 4 -> 2)" in fail(capsys, args)
+    # Its checkpoint, resumed into a new folder: the checkpoint's own check refuses it.
+    args = base_args(
+        setup["sel"],
+        setup["images"],
+        tmp_path / "new",
+        batch_size=2,
+        epochs=2,
+        resume=str(run / "checkpoint.pt"),
+    )
     assert "saved with batch_size=4, this run has 2" in fail(capsys, args)
     # Same settings, more epochs: continues from the end of epoch 1.
     assert pretrain.main(base_args(setup["sel"], setup["images"], run, epochs=2, resume="auto")) == 0
@@ -656,6 +671,30 @@ def test_a_finished_run_folder_is_never_reused_silently(setup, tmp_path, capsys)
     # --resume with nothing to resume: one line, nothing written.
     line = fail(capsys, base_args(setup["sel"], setup["images"], tmp_path / "new") + ["--resume"])
     assert "nothing to resume (no checkpoint.pt)" in line and not (tmp_path / "new").exists()
+
+
+def test_overwrite_keeps_the_teacher_and_selection_inside_out(setup, tmp_path, capsys):
+    """run.json names the teacher the selection points to; --overwrite moves the run's own files
+    only: a teacher checkpoint and selection file kept inside --out stay, and the new run reads them."""
+    run = tmp_path / "run"
+    run.mkdir()
+    teacher = run / "teacher.safetensors"
+    teacher.write_bytes(setup["teacher"].read_bytes())
+    doc = json.loads(setup["sel"].read_text())
+    doc["models"]["t"]["weights"] = str(teacher)
+    sel = write_json(run / "layer_selection.json", doc)
+    args = base_args(sel, setup["images"], run)
+    assert pretrain.main(args) == 0
+    record = json.loads((run / "run.json").read_text())
+    assert record["command"] == "unip-pretrain" and str(teacher) in record["identity"]["digests"]
+    assert pretrain.main(args + ["--overwrite"]) == 0, capsys.readouterr().err
+    (aside,) = run.glob("previous-*")
+    assert teacher.is_file() and sel.is_file() and (aside / "student.safetensors").is_file()
+    assert not (aside / teacher.name).exists() and not (aside / sel.name).exists()
+    preds = tmp_path / "preds"  # another command's folder: refused, even with --overwrite
+    write_json(preds.mkdir() or preds / "run.json", {"command": "unip-predict", "identity": {}, "files": []})
+    line = fail(capsys, base_args(setup["sel"], setup["images"], preds, overwrite=True))
+    assert "holds a unip-predict run" in line and sorted(p.name for p in preds.iterdir()) == ["run.json"]
 
 
 def test_a_run_folder_of_an_earlier_version_resumes_from_checkpoint_last(setup, tmp_path):

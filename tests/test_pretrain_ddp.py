@@ -66,6 +66,7 @@ def test_two_processes_agree_on_weights_and_resume_exactly(tmp_path: Path):
             "checkpoint.pt",
             "config.json",
             "log.jsonl",
+            "run.json",
             "student.json",
             "student.safetensors",
         ]

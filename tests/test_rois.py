@@ -154,8 +154,14 @@ def test_unip_rois_covers_the_warm_objects_and_every_box_passes_pads_filters(tmp
     os.utime(target, (1, 1))
     assert rois_cli.main(["--images", str(msip), "--out", str(out), "--num-workers", "1"]) == 0
     assert target.stat().st_mtime == 1
+    # Other settings would keep proposals made with the old ones: refused, unless --overwrite.
+    capsys.readouterr()
+    assert (
+        rois_cli.main(["--images", str(msip), "--out", str(out), "--num-workers", "1", "--scale", "50"]) == 2
+    )
+    assert "made with other settings (scale: " in capsys.readouterr().err and target.stat().st_mtime == 1
     assert rois_cli.main(["--images", str(msip), "--out", str(out), "--num-workers", "1", "--overwrite"]) == 0
-    assert target.stat().st_mtime > 1
+    assert target.stat().st_mtime > 1 and not list(out.glob("previous-*"))  # recomputed in place
 
 
 def test_region_filters_drop_small_thin_and_repeated_boxes():

@@ -12,6 +12,7 @@ one line on stderr, exit status 2, and nothing written.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import sys
 from collections.abc import Sequence
@@ -21,7 +22,7 @@ from typing import Literal
 
 import torch
 
-from . import __version__, analyze, checkpoints, command, explorer, images, report
+from . import __version__, analyze, checkpoints, command, explorer, images, output_folder, report
 from .checkpoints import CheckpointSpec, LoadedBackbone
 from .device import autocast_dtype, precision_name, resolve_device
 from .errors import SpecError
@@ -298,20 +299,31 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def check_out_folder(args: AnalyzeOptions) -> int:
-    """Refuse an --out that is a file, holds an analysis (without --overwrite) or lies inside the
-    image folder; returns how many images the folder holds."""
-    if args.out.exists() and not args.out.is_dir():
-        raise SpecError(f"{args.out}: --out exists and is not a folder; pass a folder path")
-    if not args.overwrite:  # refused before any work; with --overwrite the old files go aside at the end
-        command.prepare_out(args.out, OUTPUTS, what="an analysis", can_resume=False)
-    n_found = len(images.find_images(args.images))
-    if args.out.resolve().is_relative_to(args.images.resolve()):
-        # Images are found recursively: the next run would read our figures as images.
-        raise SpecError(
-            f"{args.out}: --out lies inside the image folder {args.images}; choose a folder outside it"
-        )
-    return n_found
+def check_out_folder(
+    args: AnalyzeOptions, specs: Sequence[CheckpointSpec]
+) -> tuple[int, output_folder.OutputFolder]:
+    """Refuse, before any work, an --out the run may not write into (:mod:`unip_analysis.output_folder`:
+    a file, an analysis without --overwrite, another command's run, the image folder or a folder inside
+    it); returns how many images the folder holds and the folder (its old files move at the end)."""
+    folder = output_folder.check(
+        args.out, analysis_run(args, specs), overwrite=args.overwrite, can_resume=False
+    )
+    return len(images.find_images(args.images)), folder
+
+
+def analysis_run(args: AnalyzeOptions, specs: Sequence[CheckpointSpec]) -> output_folder.Run:
+    """An analysis: every option that changes the outputs and the checkpoints' sha256. Inputs: the
+    image folder (found recursively: a run inside it would read its own figures as images), the
+    checkpoints and the manifest."""
+    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(args)}
+    paths = [Path(s.path) for s in specs if s.path]
+    ident = output_folder.identity(
+        options, skip=("device", "batch_size", "allow_download"), digests=paths, paths=("images", "manifest")
+    )
+    inputs = [args.images, *paths, *([Path(args.manifest)] if args.manifest else [])]
+    return output_folder.Run(
+        "unip-analyze", ident, (*OUTPUTS, report.FIGURES_DIR), inputs, markers=OUTPUTS, what="an analysis"
+    )
 
 
 def load_backbones(
@@ -391,10 +403,13 @@ def analyze_models(
     return analyses, entries
 
 
-def write_outputs(args: AnalyzeOptions, rep: report.Report) -> dict[str, Path]:
-    """Write the run (moving an old one aside under --overwrite) and say what was selected and written."""
-    if args.overwrite:
-        command.prepare_out(args.out, OUTPUTS, overwrite=True, what="an analysis", can_resume=False)
+def write_outputs(
+    args: AnalyzeOptions, rep: report.Report, folder: output_folder.OutputFolder
+) -> dict[str, Path]:
+    """Write the run (the record first; under --overwrite the old run's own files moved aside) and say
+    what was selected and written."""
+    if folder.begin() is not None:
+        _say(f"--overwrite: the previous analysis moved to {folder.aside}")
     written = report.write_report(rep, args.out)
     lines = report.selection_summary(rep.doc) + report.robustness_summary(rep.doc)
     for line in lines + report.compare_profiles(rep.doc):
@@ -415,7 +430,7 @@ def run(args: AnalyzeOptions) -> dict[str, Path]:
     images.parse_normalization(args.norm)  # fail on a bad --norm before loading anything
     device = resolve_device(args.device)  # the one --device rule: cuda:N checked against the visible GPUs
     resolve_precision(args.precision, device)  # fp16 without CUDA: refused before loading anything
-    n_found = check_out_folder(args)
+    n_found, folder = check_out_folder(args, specs)
 
     backbones = load_backbones(specs, overrides, args, device)
     img_size = common_img_size(backbones)
@@ -441,7 +456,7 @@ def run(args: AnalyzeOptions) -> dict[str, Path]:
     for res in analyses:
         if res.explorer is not None:
             _say(f"explorer {res.name}: {explorer.summary(res.explorer)}")
-    return write_outputs(args, rep)
+    return write_outputs(args, rep, folder)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

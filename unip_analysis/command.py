@@ -14,9 +14,9 @@ name, values, default and help in every command). Everything else comes from tha
 
 :func:`main` runs a command: bad input (a bad option or value, a missing file, a refused run folder)
 ends every open progress bar, prints one line ``PROG: error: ...`` on its own line and exits 2;
-``--debug`` shows the traceback. :func:`prepare_out` is the one rule for output folders: a folder that
-holds a run is continued (``--resume``) or replaced with the old files moved aside (``--overwrite``),
-never silently reused.
+``--debug`` shows the traceback. Output folders follow one rule, :mod:`unip_analysis.output_folder`:
+a folder belongs to the run that made it (``run.json``), is continued (``--resume``) or replaced with
+its own files moved aside (``--overwrite``), never silently reused.
 
 jsonargparse is the field's choice for this (LightningCLI builds on it). We call its
 ``add_argument`` per field rather than ``add_class_arguments`` so option names keep the dashes every
@@ -30,14 +30,14 @@ import json
 import os
 import re
 import sys
-import time
 import traceback
 import typing
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from . import output_folder
 from .device import DEVICE_HELP, DEVICE_PATTERN, PRECISIONS
 from .errors import SpecError, UnipError, error_line
 
@@ -48,7 +48,7 @@ else:  # pragma: no cover - Python 3.10
 
 __all__ = [
     "Command", "DEVICE_HELP", "PRECISIONS", "batch_size", "debug", "device", "img_size", "main", "norm",
-    "move_aside", "option", "options_table", "out", "overwrite", "precision", "prepare_out", "progress", "resume", "seed",
+    "option", "options_table", "out", "overwrite", "precision", "progress", "resume", "seed",
     "workers",
 ]  # fmt: skip
 
@@ -160,7 +160,8 @@ def resume(help: str = "") -> Any:
 def overwrite() -> Any:
     return option(
         False,
-        help="replace the run in --out; its files are moved into --out/previous-<time>/, not deleted",
+        help="replace the run in --out: the files it wrote (listed in --out/run.json) move into --out/previous-<time>/, "
+        "not deleted; inputs never move",
         group="run",
     )
 
@@ -598,65 +599,9 @@ def main(
             cleanup()
 
 
-# --- output folders ---------------------------------------------------------------------------------
+# --- output folders: the rule lives in unip_analysis.output_folder (run.json, --resume, --overwrite) ---
 
-PREVIOUS_PREFIX = "previous-"
-
-
-def prepare_out(
-    out: str | Path,
-    markers: Iterable[str],
-    resume: bool = False,
-    overwrite: bool = False,
-    what: str = "a run",
-    can_resume: bool = True,
-    keep: Iterable[str] = (),
-) -> Path | None:
-    """The one rule for an output folder. ``markers``: files whose presence means the folder holds
-    ``what`` (``checkpoint.pt``, ``metrics.json``...). Empty or new folder: go on (``--resume`` is
-    refused: nothing to continue). Holding a run: ``resume`` continues it, ``overwrite`` moves every
-    file into ``OUT/previous-<time>/`` first (returned; the names in ``keep`` stay), anything else
-    is refused with one line."""
-    out = Path(out)
-    found = sorted(m for m in markers if (out / m).exists())
-    if resume and overwrite:
-        raise SpecError(
-            "--resume and --overwrite together: continue the run (--resume) or replace it (--overwrite)"
-        )
-    if not found:
-        if resume:
-            raise SpecError(
-                f"{out}: nothing to resume (no {' or '.join(markers)}); drop --resume to start a run"
-            )
-        return None
-    if resume and can_resume:
-        return None
-    if not overwrite:
-        hint = "pass --resume to continue it or --overwrite" if can_resume else "pass --overwrite"
-        raise SpecError(
-            f"{out} already holds {what} ({', '.join(found)}); {hint} to replace it (the old files are moved "
-            f"to {out}/{PREVIOUS_PREFIX}<time>/), or choose another --out"
-        )
-    return move_aside(out, keep)
-
-
-def move_aside(out: str | Path, keep: Iterable[str] = ()) -> Path:
-    """Move everything in ``out`` (but earlier ``previous-*`` folders and the names in ``keep``)
-    into a new ``out/previous-<time>/``; returns that folder."""
-    out = Path(out)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    aside = out / f"{PREVIOUS_PREFIX}{stamp}"
-    n = 1
-    while aside.exists():
-        n += 1
-        aside = out / f"{PREVIOUS_PREFIX}{stamp}-{n}"
-    aside.mkdir()
-    kept = set(keep)
-    for item in sorted(out.iterdir()):
-        if item == aside or item.name.startswith(PREVIOUS_PREFIX) or item.name in kept:
-            continue
-        item.rename(aside / item.name)
-    return aside
+PREVIOUS_PREFIX = output_folder.PREVIOUS_PREFIX
 
 
 # --- docs ---------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ live here too, so analysis, distillation and fine-tuning agree on them.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -49,16 +50,42 @@ def parse_normalization(text: str) -> tuple[tuple[float, ...], tuple[float, ...]
 
 
 def find_images(root: str | Path) -> list[Path]:
-    """All image files under ``root``, recursively, sorted; errors if there are none."""
+    """All image files under ``root``, recursively, sorted; errors if there are none. Symbolic links
+    (to files and to folders) are followed and named by where they sit under ``root``; a broken link
+    or a link back into a folder above it is refused with its path."""
     root = Path(root)
     if not root.exists():
         raise ImageError(f"{root}: image folder not found; pass an existing folder with --images")
     if not root.is_dir():
         raise ImageError(f"{root}: not a folder; pass the folder that holds the images")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = []
+    for folder, _, names in os.walk(root, followlinks=True, onerror=_walk_error):
+        here = Path(folder)
+        if here != root:
+            real = here.resolve()
+            above = [here.parent, *here.parent.parents]
+            if any(real == p.resolve() for p in above if p == root or p.is_relative_to(root)):
+                raise ImageError(
+                    f"{here}: a link back to a folder above it (a loop); remove the link or pass a folder without it"
+                )
+        for name in names:
+            path = here / name
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            if path.is_symlink() and not path.exists():
+                raise ImageError(
+                    f"{path}: a broken link (its target {os.readlink(path)} is missing); remove or fix it"
+                )
+            if path.is_file():
+                files.append(path)
+    files.sort()
     if not files:
         raise ImageError(f"{root}: no images found (searched recursively for {', '.join(IMAGE_SUFFIXES)})")
     return files
+
+
+def _walk_error(e: OSError) -> None:
+    raise ImageError(f"{e.filename}: cannot list the folder ({e.strerror}); check its permissions") from None
 
 
 def read_image(path: str | Path) -> torch.Tensor:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from unip_analysis import command
+from unip_analysis import command, output_folder
 from unip_analysis.files import atomic_write_bytes, atomic_write_text, sha256_file
 
 from .backbones import random_init_bytes, random_init_path
@@ -77,14 +77,21 @@ def cell_argv(cell: Cell, backbone_spec: str) -> list[str]:
     return [*argv, "--seed", str(cell.seed), *option_argv(cell.options), "--no-progress"]
 
 
-def prepare(plan: Plan, out: str | Path, write: bool = True, overwrite: bool = False) -> list[CellRun]:
+def prepare(
+    plan: Plan,
+    out: str | Path,
+    write: bool = True,
+    overwrite: bool = False,
+    folder: output_folder.OutputFolder | None = None,
+) -> list[CellRun]:
     """Every cell of ``plan`` under ``out`` with its status. ``write``: write the random-init weights
     that are missing, once every cell folder has been checked, and (with ``overwrite``) move the
     refused folders' files aside; with ``write=False`` nothing is written (their digest is computed
     in memory, refused folders show as ``replace``).
 
     Raises :class:`PlanError` when a cell folder holds a run with other settings, or a folder
-    unip-compare did not make, unless ``overwrite``.
+    unip-compare did not make, unless ``overwrite``. ``folder``: the results folder's record,
+    written (:meth:`~unip_analysis.output_folder.OutputFolder.begin`) before anything else.
     """
     out = Path(out).resolve()
     known: dict[Path, str] = {}  # weights file -> sha256, each file hashed once
@@ -110,15 +117,23 @@ def prepare(plan: Plan, out: str | Path, write: bool = True, overwrite: bool = F
             f"{conflicts[0][1]}{more}; pass --overwrite to move their files aside (into "
             f"{command.PREVIOUS_PREFIX}<time>/ in each folder) and run them again, or choose another --out"
         )
+    if write and folder is not None:
+        folder.begin()
     for run, _ in conflicts:
         run.status = REPLACE
         if write:
-            command.move_aside(run.run_dir)
+            move_cell_aside(run.run_dir)
             run.status = NEW
     if write:
         for path, data in to_write.items():
             atomic_write_bytes(path, data)
     return runs
+
+
+def move_cell_aside(folder: Path, keep: tuple[str, ...] = ()) -> Path:
+    """A cell folder is unip-compare's own (its record and the unip-finetune run it started): its
+    files but ``keep`` go to ``previous-<time>/``."""
+    return output_folder.move_aside(folder, [p.name for p in folder.iterdir() if p.name not in keep])
 
 
 def _status(run: CellRun) -> str | None:
@@ -172,7 +187,7 @@ def clear_failed_attempt(run: CellRun) -> None:
     checkpoint: that attempt's files go to ``previous-<time>/`` (unip-finetune refuses a folder
     holding a run); the cell's record and process output stay."""
     if run.status == NEW and any((run.run_dir / name).exists() for name in RUN_FILES):
-        command.move_aside(run.run_dir, keep=(RECORD, PROCESS_LOG))
+        move_cell_aside(run.run_dir, keep=(RECORD, PROCESS_LOG))
 
 
 def _as_options(argv: list[str]) -> dict[str, str]:

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from unip_analysis import command
+from unip_analysis import command, output_folder
 from unip_analysis.errors import UnipError
 
 from .cells import FINISHED, prepare
-from .comparison import build_outputs, write_outputs
+from .comparison import build_outputs, comparison_run, write_outputs
 from .execution import run_cells, submitit_executor
 from .plan import load_plan
 from .statistics import format_p
@@ -113,14 +113,19 @@ def _say(msg: str) -> None:
 
 def run(args: CompareOptions) -> int:
     plan = load_plan(args.plan)
+    # The results folder is unip-compare's; each cell folder then checks its own settings.
+    folder = output_folder.check(args.out, comparison_run(plan), resume=True)
     if args.dry_run:
         for cell in prepare(plan, args.out, write=False, overwrite=args.overwrite):
             _say(f"{cell.status:8s} {cell.label}\n         {cell.shell_command()}")
         return 0
     executor = None if args.report_only else make_executor(args)
     runs = prepare(
-        plan, args.out, write=not args.report_only, overwrite=args.overwrite and not args.report_only
-    )
+        plan, args.out, write=not args.report_only, overwrite=args.overwrite and not args.report_only,
+        folder=folder,
+    )  # fmt: skip
+    if args.report_only:
+        folder.begin()
     try:
         outcomes = [] if args.report_only else run_cells(runs, jobs=args.jobs, executor=executor, say=_say)
     except KeyboardInterrupt:

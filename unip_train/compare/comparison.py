@@ -14,8 +14,10 @@ from typing import Any
 
 import pandas as pd
 
+from unip_analysis import output_folder
 from unip_analysis.files import atomic_write_bytes, atomic_write_text
 
+from .backbones import RANDOM_INIT_DIR
 from .cells import CellRun, prepare
 from .execution import Outcome, run_cells
 from .figures import render_figures
@@ -89,6 +91,17 @@ def build_outputs(
     name = plan.path.name if plan.path is not None else "plan"
     html = render_html(runs, results, summary, figures, plan.text, name, plan.baseline, failures)
     return Outputs(runs, results, summary, figures, html, failures)
+
+
+def comparison_run(plan: Plan) -> output_folder.Run:
+    """The results folder as unip-compare's: any plan may continue it (each cell folder checks its
+    own settings, :func:`_status`); another command's folder, or one inside a backbone's or a
+    dataset's folder, is refused."""
+    inputs = [row.backbone.path for row in plan.rows if row.backbone.path is not None]
+    inputs += [ds.root for ds in plan.datasets]
+    inputs += [p for p in (plan.path, plan.layer_selection) if p is not None]
+    outputs = ("cells", RANDOM_INIT_DIR, "submitit", RESULTS_CSV, SUMMARY_CSV, FIGURES_DIR, REPORT_HTML)
+    return output_folder.Run("unip-compare", {}, outputs, inputs, markers=("cells",), what="a comparison")
 
 
 def write_outputs(outputs: Outputs, out: str | Path) -> dict[str, Path]:

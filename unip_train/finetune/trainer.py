@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from unip_analysis import command
+from unip_analysis import command, output_folder
 from unip_analysis.files import atomic_write_text
 from unip_analysis.images import parse_normalization
 
@@ -28,6 +28,7 @@ from .config import (
     FinetuneConfig,
     FinetuneError,
     norm_record,
+    parse_backbone,
     plain_config,
     resolve,
     resolve_norm,
@@ -40,8 +41,8 @@ from .extensions import Extension, ExtensionContext, build_extensions, check_nam
 from .layouts import img_scale
 from .ll_fpn import Segmentor
 from .model_file import build_backbone, build_segmentor, load_model, save_model
-from .pictures import write_run_pictures
-from .semi import SemiData, prepare_semi, write_split
+from .pictures import CONFUSION_CSV, RUN_PICTURES, write_run_pictures
+from .semi import SPLIT_FILES, SemiData, prepare_semi, write_split
 
 PROG = "unip-finetune"
 RESUME_MUST_MATCH = (
@@ -54,6 +55,8 @@ DERIVED_KEYS = ("world_size", "extensions")
 CHECKPOINT, METRICS = "checkpoint.pt", "metrics.json"
 # What a run folder holds: one of these there means a run that is continued or replaced, never reused.
 MARKERS = (CHECKPOINT, "model.pt", METRICS, runs.LOG_NAME)
+# Everything a run writes at the top of its folder (run.json lists these before they are written).
+OUTPUTS = (*MARKERS, runs.CONFIG_NAME, runs.TENSORBOARD_DIR, *SPLIT_FILES, *RUN_PICTURES, CONFUSION_CSV)
 
 
 def build_optimizer(
@@ -84,8 +87,8 @@ def run(cfg: FinetuneConfig, extensions: Sequence[Extension] = (), *, overwrite:
     dist = du.init_distributed(cfg.device)
     state = None
     try:
-        claim_run_folder(cfg, dist, overwrite)
-        state, eval_set, backbone_info = setup(cfg, dist, list(extensions), norm_why=why)
+        folder = claim_run_folder(cfg, dist, overwrite)
+        state, eval_set, backbone_info = setup(cfg, dist, list(extensions), norm_why=why, folder=folder)
         cfg = state.cfg
         train(state, save=lambda it: save_training_state(state, it))
         conf = evaluate(
@@ -119,13 +122,13 @@ def run(cfg: FinetuneConfig, extensions: Sequence[Extension] = (), *, overwrite:
         du.cleanup()
 
 
-def claim_run_folder(cfg: FinetuneConfig, dist: du.DistInfo, overwrite: bool) -> None:
-    """The no-overwrite rule (:func:`unip_analysis.command.prepare_out`) for ``cfg.out``. Every rank
-    reads the folder before any file moves, so all refuse alike (none is left waiting); only rank 0
-    moves the old files aside, the others wait for it."""
+def claim_run_folder(cfg: FinetuneConfig, dist: du.DistInfo, overwrite: bool) -> output_folder.OutputFolder:
+    """The run-folder rule (:mod:`unip_analysis.output_folder`) for ``cfg.out``: a folder made by
+    another command or another fine-tuning run is refused; ``--resume`` continues the same run,
+    ``--overwrite`` moves only this run's own files aside. Every rank reads the folder before any
+    file moves, so all refuse alike (none is left waiting); only rank 0 moves and records, once the
+    set-up has passed (:func:`start_run_folder`): a refused run leaves nothing behind."""
     out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise FinetuneError(f"{out}: --out exists and is not a folder; pass a folder path")
     auto = cfg.resume == "auto"
     if cfg.resume and not auto and not Path(cfg.resume).is_file():
         raise FinetuneError(f"{cfg.resume}: nothing to resume (no such checkpoint); check the --resume path")
@@ -135,21 +138,36 @@ def claim_run_folder(cfg: FinetuneConfig, dist: du.DistInfo, overwrite: bool) ->
         )
     if auto and not (out / CHECKPOINT).is_file():
         raise FinetuneError(f"{out}: nothing to resume (no {CHECKPOINT}); drop --resume to start a run")
-    if not overwrite or dist.is_main:
-        # An explicit --resume CKPT may continue into a new folder or into the run it came from.
-        command.prepare_out(out, MARKERS, resume=bool(cfg.resume) and _holds_run(out), overwrite=overwrite)
+    # An explicit --resume CKPT may continue into a new folder or into the run it came from.
+    folder = output_folder.check(out, finetune_run(cfg), resume=bool(cfg.resume), overwrite=overwrite)
     du.barrier()
+    return folder
 
 
-def _holds_run(out: Path) -> bool:
-    return any((out / m).exists() for m in MARKERS)
+def finetune_run(cfg: FinetuneConfig) -> output_folder.Run:
+    """A fine-tuning run: the settings a resume must keep (:data:`RESUME_MUST_MATCH`) and the
+    backbone file's sha256. Inputs: the backbone file, the dataset, the unlabelled folders, the
+    checkpoint resumed from."""
+    options = plain_config(cfg)
+    ident = {k: options[k] for k in RESUME_MUST_MATCH if k in options}
+    backbone = parse_backbone(cfg.backbone)[2] if cfg.backbone else None
+    ident = output_folder.identity(ident, digests=[backbone])
+    inputs = [p for p in (backbone, cfg.data_root, *(cfg.unlabelled or ())) if p]
+    if cfg.resume and cfg.resume != "auto":
+        inputs.append(cfg.resume)
+    return output_folder.Run(PROG, ident, OUTPUTS, inputs, markers=MARKERS, what=f"a {PROG} run")
 
 
 def setup(
-    cfg: FinetuneConfig, dist: du.DistInfo, extensions: list[Extension], norm_why: str = "--norm"
+    cfg: FinetuneConfig,
+    dist: du.DistInfo,
+    extensions: list[Extension],
+    norm_why: str = "--norm",
+    folder: output_folder.OutputFolder | None = None,
 ) -> tuple[TrainState, SegDataset, dict]:
     """Datasets, model, extensions, optimizer, optional resume, DDP wrapper, loader, run folder.
-    ``norm_why``: where the resolved ``cfg.norm`` came from, for the run's notes."""
+    ``norm_why``: where the resolved ``cfg.norm`` came from, for the run's notes; ``folder``: the
+    checked run folder (:func:`claim_run_folder`), recorded once the set-up has passed."""
     du.seed_everything(cfg.seed + dist.rank)
     train_set, eval_set, semi = read_data(cfg)
     cfg = replace(cfg, label_map=train_set.label_map)  # as detected: the evaluation split reads alike
@@ -182,7 +200,7 @@ def setup(
     batches = KeyBatches(EpochSampler(len(train_set), dist.world_size, dist.rank, seed=cfg.seed), per_proc)
     batches.set_range(start, cfg.iters)
     loader = keyed_loader(train_set, batches, cfg.workers, pin_memory=dist.device.type == "cuda")
-    log = start_run_folder(cfg, dist, semi, [e.name for e in extensions], start)
+    log = start_run_folder(cfg, dist, semi, [e.name for e in extensions], start, folder)
     notes = run_notes(cfg, train_set, eval_set, semi, backbone_info, norm_why)
     if dist.is_main:
         for note in notes:
@@ -291,11 +309,19 @@ def resume_from(
 
 
 def start_run_folder(
-    cfg: FinetuneConfig, dist: du.DistInfo, semi: SemiData, extension_names: list[str], start: int
+    cfg: FinetuneConfig,
+    dist: du.DistInfo,
+    semi: SemiData,
+    extension_names: list[str],
+    start: int,
+    folder: output_folder.OutputFolder | None = None,
 ) -> runs.ScalarLog:
-    """``config.json`` (and the semi-supervised split) written by rank 0; the log opened."""
+    """Rank 0: the old run's own files moved aside (``--overwrite``), ``run.json``, ``config.json``
+    (and the semi-supervised split) written; the log opened."""
     out = Path(cfg.out)
     if dist.is_main:
+        if folder is not None:
+            folder.begin()
         out.mkdir(parents=True, exist_ok=True)
         runs.write_config(
             out, {**config_record(cfg), "world_size": dist.world_size, "extensions": extension_names}
@@ -404,6 +430,11 @@ def evaluate_saved(
     model, cfg, ckpt = load_model(model_path)
     cfg = replace(cfg, data_root=data_root or cfg.data_root, eval_split=split or cfg.eval_split)
     target = Path(out) if out is not None else Path(model_path).parent
+    record = output_folder.read_record(target)
+    if record is not None and record["command"] != PROG:
+        raise FinetuneError(
+            f"{target} holds a {record['command']} run ({output_folder.RECORD}); choose another --out"
+        )
     if (target / METRICS).exists() and not overwrite:
         raise FinetuneError(
             f"{target} already holds a {METRICS}; pass --overwrite to re-score into it (the old one is moved "
@@ -433,7 +464,7 @@ def evaluate_saved(
         if dist.is_main:
             target.mkdir(parents=True, exist_ok=True)
             if (target / METRICS).exists():
-                command.move_aside(target, keep=[p.name for p in target.iterdir() if p.name != METRICS])
+                output_folder.move_aside(target, [METRICS])
             atomic_write_text(target / METRICS, json.dumps(runs.plain(metrics), indent=2) + "\n")
             record = {"event": "eval", "miou": metrics["miou"], "pixel_acc": metrics["pixel_acc"]}
             with open(target / runs.LOG_NAME, "a", encoding="utf-8") as f:

@@ -18,15 +18,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from unip_analysis import command
+from unip_analysis import command, output_folder
+from unip_analysis.device import precision_name
 from unip_analysis.errors import SpecError
 
 from ..runs import default_num_workers
-from .inference import RUN_PRECISION, describe, open_model
-from .outputs import ERRORS, FAILED, METRICS, OVERLAY, PRED, PROB
-from .runner import dataset_items, list_images, match_labels, predict, run_summary
+from .inference import RUN_PRECISION, Segmenter, describe, open_model
+from .outputs import CONFUSION_CSV, CONFUSION_PNG, ERRORS, FAILED, METRICS, OVERLAY, PER_IMAGE, PRED, PROB
+from .runner import Item, dataset_items, list_images, match_labels, predict, run_summary
 
 EXIT_FAILED = 1  # some images could not be segmented (listed in failed.txt)
+OUTPUTS = (PRED, OVERLAY, PROB, ERRORS, METRICS, PER_IMAGE, CONFUSION_CSV, CONFUSION_PNG, FAILED)
+# Options that do not change the masks: the folder of a run continues with other values of these.
+NOT_IDENTITY = ("batch_size", "device", "precision", "model", "backend")
 
 
 @dataclass(kw_only=True)
@@ -62,7 +66,8 @@ class PredictOptions:
         False, help="also write prob/REL.npy: float16 class probabilities [C, H, W]", group="outputs"
     )
     out: Path = command.out(
-        "output folder; running again into it continues (images already done are skipped)"
+        "output folder; the same run again (model, backend, options) continues it: images already done "
+        "are skipped; another run there is refused"
     )
     overwrite: bool = command.overwrite()
     batch_size: int = command.batch_size(4, "images (of one size) per sliding-window batch")
@@ -101,13 +106,16 @@ def run_predict(o: PredictOptions) -> int:
         items = list_images(o.images)
         if o.labels is not None:
             items = match_labels(items, o.labels)
-    if o.overwrite:
-        outputs = (PRED, OVERLAY, PROB, ERRORS, METRICS, FAILED)
-        command.prepare_out(o.out, outputs, overwrite=True, what="predictions", can_resume=False)
+    folder = output_folder.check(
+        o.out, prediction_run(o, seg, items, dataset_mode), resume=not o.overwrite, overwrite=o.overwrite,
+        continue_legacy=False,
+    )  # fmt: skip
+    if folder.begin() is not None:
+        print(f"unip-predict: --overwrite: the previous predictions moved to {folder.aside}", flush=True)
     print(f"unip-predict: {describe(seg)}; {len(items)} images", flush=True)
     record = {
         "model": str(seg.source), "backend": seg.backend, "device": str(seg.device),
-        "precision": {None: "fp32"}.get(seg.amp, str(seg.amp).replace("torch.", "")),
+        "precision": precision_name(seg.amp),
         "eval_window": seg.info.window, "eval_stride": seg.info.stride,
         "labels": o.labels, "dataset": o.dataset or (seg.info.dataset if dataset_mode else None),
         "data_root": o.data_root or (seg.info.data_root if dataset_mode else None),
@@ -120,6 +128,43 @@ def run_predict(o: PredictOptions) -> int:
     )  # fmt: skip
     print(run_summary(result, Path(o.out)))
     return EXIT_FAILED if result.failures else 0
+
+
+def prediction_run(
+    o: PredictOptions, seg: Segmenter, items: Sequence[Item], dataset_mode: bool
+) -> output_folder.Run:
+    """What makes a prediction folder: the model file (and the ONNX sidecar) by sha256, the backend,
+    the precision it runs in, the images and the options that change the outputs. Inputs: the model,
+    the image folder (or a glob's fixed folder, or the listed files), the labels, the dataset root."""
+    sidecar = seg.source.with_name(seg.source.name + ".json") if seg.backend == "onnx" else None
+    options = {f: getattr(o, f) for f in PredictOptions.__dataclass_fields__}
+    ident = output_folder.identity(
+        options, skip=NOT_IDENTITY, digests=(seg.source, sidecar), paths=("images", "labels", "data_root")
+    )
+    ident |= {"backend": seg.backend, "precision": precision_name(seg.amp)}
+    inputs = [Path(o.model), seg.source]
+    if o.images is not None:
+        inputs += image_inputs(o.images, [it.image for it in items])
+    inputs += [
+        Path(p) for p in (o.labels, o.data_root or (seg.info.data_root if dataset_mode else None)) if p
+    ]
+    return output_folder.Run("unip-predict", ident, OUTPUTS, inputs, markers=(PRED,), what="predictions")
+
+
+def image_inputs(spec: str, files: Sequence[Path]) -> list[Path]:
+    """The folders (or files) ``--images`` reads: the folder; a glob's folder before its first
+    wildcard (a run there would read its own masks next time); a list's or a single file's images."""
+    path = Path(spec)
+    if path.is_dir():
+        return [path]
+    if not path.is_file() and any(ch in spec for ch in "*?["):
+        fixed = []
+        for part in path.parts:
+            if any(ch in part for ch in "*?["):
+                break
+            fixed.append(part)
+        return [Path(*fixed) if fixed else Path(".")]
+    return list(files)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -55,15 +55,20 @@ class Item:
 # --- which images ------------------------------------------------------------------------------------
 
 
+def _absolute(path: Path) -> Path:
+    """The path made absolute without following links: a linked image keeps its place under the root."""
+    return Path(os.path.abspath(path))
+
+
 def _common_root(paths: Sequence[Path]) -> Path:
-    return Path(os.path.commonpath([str(p.parent.resolve()) for p in paths]))
+    return Path(os.path.commonpath([str(_absolute(p.parent)) for p in paths]))
 
 
 def _items(paths: Sequence[Path], root: Path | None = None) -> list[Item]:
     root = root if root is not None else _common_root(paths)
     items, seen = [], {}
     for p in paths:
-        rel = p.resolve().relative_to(root.resolve()).with_suffix("")
+        rel = _absolute(p).relative_to(_absolute(root)).with_suffix("")
         if rel in seen:
             raise PredictError(
                 f"{p} and {seen[rel]} would both be written as {rel}.png; rename one (outputs are named by stem)"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from unip_analysis import command
+from unip_analysis import command, output_folder
 from unip_analysis.errors import ImageError, SpecError
 from unip_analysis.images import find_images, read_image
 
@@ -87,12 +87,23 @@ def _one(job: tuple[Path, Path, ProposalSettings]) -> tuple[str, int | None]:
     return str(image), len(boxes)
 
 
+def rois_run(args: RoisOptions) -> output_folder.Run:
+    """The proposal settings and the image folder. Nothing is moved aside (the files are recomputed in
+    place, and --out may be the image folder), so the record lists no files of its own."""
+    options = {f: getattr(args, f) for f in RoisOptions.__dataclass_fields__}
+    return output_folder.Run(PROG, output_folder.identity(options), (), what="proposals")
+
+
 def run(args: RoisOptions) -> dict:
     require_scikit_image()  # fail early, before listing thousands of files
     settings = ProposalSettings(
         args.scale, args.sigma, args.min_size, args.min_area, args.min_side, args.max_aspect
     )
     workers = args.workers if args.workers is not None else max(1, runs.default_num_workers(device=None))
+    # Proposals kept from before must come from the same settings: the folder's record says which.
+    folder = output_folder.check(
+        args.out, rois_run(args), resume=not args.overwrite, overwrite=args.overwrite
+    )
     images = find_images(args.images)
     targets: dict[Path, Path] = {}
     for image in images:
@@ -103,6 +114,7 @@ def run(args: RoisOptions) -> dict:
                 "image name up to its first dot); rename one of them"
             )
         targets[target] = image
+    folder.begin()
     jobs = [(img, t, settings) for t, img in targets.items() if args.overwrite or not t.exists()]
     print(f"{len(images)} images; {len(images) - len(jobs)} already have proposals; computing {len(jobs)}")
     counts, unreadable, tic = [], [], time.perf_counter()

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from unip_analysis import command
 from unip_analysis import images as imgs
+from unip_analysis import output_folder, selection
 from unip_analysis.errors import CheckpointError, SpecError, UnipError
 
 from .. import checkpointing, distributed, runs
@@ -40,6 +40,8 @@ RUN_MARKERS = (
     "student.safetensors",
     "backbone.safetensors",
 )
+# Everything a run writes at the top of its folder (checkpoint-EPOCH.pt is listed as it is saved).
+OUTPUTS = (*RUN_MARKERS, "student.json", "backbone.json", runs.TENSORBOARD_DIR)
 BETAS = (0.9, 0.95)
 # Test-only: SIGKILL this process right after optimizer step N (exercises --resume).
 KILL_ENV = "UNIP_PRETRAIN_SIGKILL_AT_STEP"
@@ -95,6 +97,7 @@ class RunFolder:
         if self.info.is_main:
             checkpointing.save_checkpoint(self.out / CHECKPOINT, state)
             if keep_epoch:
+                output_folder.claim(self.out, f"checkpoint-{epoch}.pt")
                 checkpointing.save_checkpoint(self.out / f"checkpoint-{epoch}.pt", state)
         distributed.barrier()
 
@@ -115,15 +118,14 @@ def resume_path(args: Any) -> Path | None:
         raise SpecError(
             "--resume and --overwrite together: continue the run (--resume) or replace it (--overwrite)"
         )
-    if args.out.exists() and not args.out.is_dir():
-        raise SpecError(f"{args.out}: --out exists and is not a folder; pass a folder path")
     if args.resume is None:
-        if not args.overwrite:
-            command.prepare_out(args.out, RUN_MARKERS, what=f"a {PROG} run")
+        # --overwrite moves the old run aside later, once every check has passed (start_run_folder).
+        output_folder.check(args.out, pretrain_run(args), overwrite=args.overwrite)
         return None
     if args.resume == "auto":
         for name in (CHECKPOINT, OLD_CHECKPOINT):
             if (args.out / name).is_file():
+                output_folder.check(args.out, pretrain_run(args), resume=True)  # the same run only
                 return args.out / name
         raise SpecError(
             f"{args.out}: nothing to resume (no {CHECKPOINT}); drop --resume to start a run there, or pass "
@@ -135,17 +137,51 @@ def resume_path(args: Any) -> Path | None:
             f"--resume {path}: checkpoint not found; pass a {CHECKPOINT} of a {PROG} run, or a bare "
             "--resume to continue the run in --out"
         )
+    output_folder.check(args.out, pretrain_run(args), resume=True)
     return path
 
 
 def start_run_folder(args: Any, say) -> None:
-    """Rank 0, once every check has passed: ``--overwrite`` moves the old run aside, then the folder
-    is made."""
-    if args.overwrite:
-        aside = command.prepare_out(args.out, RUN_MARKERS, overwrite=True, what=f"a {PROG} run")
-        if aside is not None:
-            say(f"--overwrite: the previous run's files moved to {aside}")
-    args.out.mkdir(parents=True, exist_ok=True)
+    """Rank 0, once every check has passed: ``--overwrite`` moves the old run's own files aside, then
+    the folder is made and ``run.json`` lists what the run writes."""
+    folder = output_folder.check(
+        args.out, pretrain_run(args), resume=args.resume is not None, overwrite=args.overwrite
+    )
+    if folder.begin() is not None:
+        say(f"--overwrite: the previous run's files moved to {folder.aside}")
+
+
+def selected_teacher_file(args: Any) -> Path | None:
+    """The teacher checkpoint the selection file names for ``--teacher`` (nmi-had), if it can be read
+    now (a bad file is refused, with its own message, when the method builds)."""
+    sel, name = getattr(args, "selection", None), getattr(args, "teacher", None)
+    if sel is None or name is None or not Path(sel).is_file():
+        return None
+    try:
+        entry, _ = selection.resolve_teacher(
+            selection.read(sel), name, str(sel), layer=getattr(args, "layer", None), check_sha=False
+        )
+    except UnipError:
+        return None
+    weights = entry.get("weights")
+    return Path(weights) if isinstance(weights, str) and Path(weights).is_file() else None
+
+
+def pretrain_run(args: Any) -> output_folder.Run:
+    """A pre-training run: the settings a resume must keep and the sha256 of the teacher (the file
+    the selection names, or PAD's --init) and the selection file. Inputs: the image folders, the teacher, the selection file, the RoI folder, the
+    checkpoint resumed from."""
+    recorded = recorded_options(args)
+    keys = RESUME_MUST_MATCH + METHODS[args.method].resume_keys
+    files = [output_folder.spec_file(getattr(args, n, None)) for n in ("init", "selection")]
+    files.append(selected_teacher_file(args))
+    ident = output_folder.identity({k: recorded[k] for k in keys if k in recorded}, digests=files)
+    inputs = [*args.infrared, *args.infpre, *args.rgb, *[f for f in files if f is not None]]
+    if getattr(args, "rois", None):
+        inputs.append(Path(args.rois))
+    if args.resume not in (None, "auto"):
+        inputs.append(Path(args.resume))
+    return output_folder.Run(PROG, ident, OUTPUTS, inputs, markers=RUN_MARKERS, what=f"a {PROG} run")
 
 
 def recorded_options(args: Any) -> dict[str, Any]:
