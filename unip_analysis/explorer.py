@@ -880,6 +880,9 @@ def model_payload(
     data: ExplorerData = analysis.explorer
     heads = list(analysis.heads_per_layer)
     head_stats = []
+    # the attention-sink statistic (issue 28), shown by the page where the analysis has it:
+    # per layer [images, heads] of the largest share one token receives
+    sinks = getattr(analysis, "head_sink_share", None)
     for lay in range(analysis.depth):
         hn, hd = analysis.head_nmi[lay], analysis.head_distance[lay]
         head_stats.append(
@@ -888,6 +891,7 @@ def model_payload(
                     "nmi": float(hn[:, h].mean()),
                     "dist": float(hd[:, h].mean()),
                     "pattern": classify(float(hn[:, h].mean()), thresholds),
+                    **({} if sinks is None else {"sink": float(np.asarray(sinks[lay])[:, h].mean())}),
                 }
                 for h in range(hn.shape[1])
             ]

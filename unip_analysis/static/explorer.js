@@ -275,7 +275,8 @@ function unipExplorerMount(root, source, options) {
         if (h >= m.heads[l - 1]) { uxEl("div", {}, p.gridEl); continue; }
         const st = m.headStats[l - 1][h];
         const cell = uxEl("div", {cls: "ux-cell", title: `layer ${l}, head ${h + 1}: NMI ${st.nmi.toFixed(4)}, ` +
-          `mean distance ${st.dist.toFixed(1)} px, ${st.pattern}`}, p.gridEl);
+          `mean distance ${st.dist.toFixed(1)} px, ${st.pattern}` +
+          (st.sink === undefined ? "" : `, sink share ${st.sink.toFixed(2)}`)}, p.gridEl);
         cell.style.borderColor = colors[st.pattern] || "#888";
         const c = uxEl("canvas", {width: m.cols, height: m.rows}, cell);
         uxEl("div", {text: `h${h + 1} ${st.nmi.toFixed(3)}`}, cell);
