@@ -58,6 +58,7 @@ class UxModel {
     this.data = [];  // [image][layer] -> {rows: {u8, scale, prefix}} or {q, k, d}, and err
     this.biasArrays = [];
     this.colCache = new Map();
+    this.recCache = new Map();
   }
 
   async load(blobs) {
@@ -159,6 +160,23 @@ class UxModel {
     return out;
   }
 
+  // What each token receives: per image, the mean over the stored patch queries of its attention
+  // (full softmax rows, prefix tokens first) [image * tokens + j]; sizes the query-key view's keys.
+  received(layer, head) {
+    const ck = `${layer}/${head}`;
+    if (!this.recCache.has(ck)) {
+      const N = this.tokens, nq = this.queries.length, out = new Float64Array(this.images.length * N);
+      for (let i = 0; i < this.images.length; i++) {
+        for (const q of this.queries) {
+          const r = this.fullRow(i, layer, head, q);
+          for (let j = 0; j < N; j++) out[i * N + j] += r[j] / nq;
+        }
+      }
+      this.recCache.set(ck, out);
+    }
+    return this.recCache.get(ck);
+  }
+
   // The query-key view's points of one head: [(query, key)][image][token][x, y], decoded from uint16.
   qkPoints(layer, head) {
     const ck = `${layer}/${head}`;
@@ -182,6 +200,14 @@ class UxModel {
 function uxPct(x) {  // a fraction as a percentage: two significant digits, whole numbers from 10% (explorer.percent)
   const v = 100 * x;
   return `${v >= 10 ? v.toFixed(0) : v.toPrecision(2)}%`;
+}
+
+function uxTokenName(m, token) {  // prefix tokens first, then the patches (row-major)
+  if (token >= m.npt) {
+    const q = token - m.npt;
+    return `patch (${Math.floor(q / m.cols) + 1}, ${(q % m.cols) + 1}) #${q}`;
+  }
+  return m.npt === 1 ? "the cls token" : `prefix token ${token + 1} of ${m.npt}`;
 }
 
 function uxEl(tag, attrs, parent) {
@@ -315,6 +341,7 @@ function unipExplorerMount(root, source, options) {
                           ["bright", "image brightness of the patch"]]) uxEl("option", {value: v, text: t}, p.qkColor);
     p.qkColor.addEventListener("change", () => set({qkColor: p.qkColor.value}));
     p.qkLegend = uxEl("span", {cls: "ux-qk-legend"}, ctl);
+    p.qkTop = uxEl("div", {cls: "ux-qk-top"}, box);
     const wrap = uxEl("div", {cls: "ux-qk-wrap"}, box);
     p.qkBig = uxEl("canvas", {cls: "ux-qk-big", width: 380, height: 380}, wrap);
     p.qkTip = uxEl("div", {cls: "ux-qk-tip"}, wrap);
@@ -346,7 +373,7 @@ function unipExplorerMount(root, source, options) {
       g.clearRect(0, 0, 48, 48);
       let what;
       if (h.token < m.npt) {
-        what = m.npt === 1 ? "the cls token" : `prefix token ${h.token + 1}`;
+        what = uxTokenName(m, h.token);
       } else {
         const q = h.token - m.npt, pr = Math.floor(q / m.cols), pc = q % m.cols;
         if (im.complete && im.naturalWidth) {
@@ -356,7 +383,8 @@ function unipExplorerMount(root, source, options) {
         }
         what = `patch (${pr + 1}, ${pc + 1}) #${q}`;
       }
-      p.qkTipText.textContent = `${h.role} \u00b7 image ${h.image + 1} \u00b7 ${what}`;
+      p.qkTipText.textContent = `${h.role} \u00b7 image ${h.image + 1} \u00b7 ${what}` + (h.role === "key"
+        ? ` \u00b7 receives ${uxPct(m.received(p.qkBig.tx.layer, p.qkBig.tx.head)[h.image * m.tokens + h.token])}` : "");
     });
     p.qkBig.addEventListener("mouseleave", () => { p.qkTip.style.display = "none"; });
     p.qkBig.addEventListener("click", (ev) => {
@@ -387,7 +415,7 @@ function unipExplorerMount(root, source, options) {
     const k = Math.min((W - 2 * pad) / Math.max(x1 - x0, 1e-12), (H - 2 * pad) / Math.max(y1 - y0, 1e-12));
     const ox = (W - k * (x1 - x0)) / 2, oy = (H - k * (y1 - y0)) / 2;
     const t = {layer, head, x: (v) => ox + k * (v - x0), y: (v) => H - oy - k * (v - y0)};
-    const g = canvas.getContext("2d"), s = big ? 4 : 2;
+    const g = canvas.getContext("2d"), s = big ? 4 : 2, rec = big ? m.received(layer, head) : null;
     g.fillStyle = "#fff"; g.fillRect(0, 0, W, H);
     g.lineWidth = 1;
     for (const role of [1, 0]) {  // keys under queries, prefix tokens on top
@@ -397,7 +425,8 @@ function unipExplorerMount(root, source, options) {
           if ((token < m.npt) !== prefixPass) continue;
           const o = 2 * (role * n + i), x = t.x(pts[o]), y = t.y(pts[o + 1]);
           const c = qkColorOf(m, token, Math.floor(i / T)) || (role ? QK_ROLE.key : QK_ROLE.query);
-          const r = prefixPass ? s + 1 : s;
+          let r = prefixPass ? s + 1 : s;
+          if (role && rec) r += 14 * Math.sqrt(rec[Math.floor(i / T) * m.tokens + token]);  // area ~ attention received
           if (role) { g.strokeStyle = c; g.strokeRect(x - r / 2, y - r / 2, r, r); }
           else { g.fillStyle = c; g.fillRect(x - r / 2, y - r / 2, r, r); }
         }
@@ -424,6 +453,12 @@ function unipExplorerMount(root, source, options) {
       (m.qk.stride > 1 ? ` \u00b7 every ${m.qk.stride}th patch row and column` : "") +
       ` \u00b7 NMI ${stats[h].nmi.toFixed(3)}, ${stats[h].pattern}` +
       (stats[h].sink === undefined ? "" : ` \u00b7 sink share ${stats[h].sink.toFixed(2)}`);
+    const rec = m.received(layer, h), N = m.tokens, I = m.images.length, mean = new Float64Array(N);
+    for (let i = 0; i < I; i++) for (let j = 0; j < N; j++) mean[j] += rec[i * N + j] / I;
+    let top = 0;
+    for (let j = 1; j < N; j++) if (mean[j] > mean[top]) top = j;
+    p.qkTop.textContent = `keys sized by the attention they receive; the most attended token: ${uxTokenName(m, top)}, ` +
+      `${uxPct(mean[top])} of the patch queries' attention (mean over the ${I} explored images)`;
     p.qkLegend.textContent = state.qkColor === "role"
       ? "" : " filled: queries, hollow: keys, black: prefix tokens; colour from low (purple) to high (yellow)";
     if (state.qkColor === "role") {
@@ -440,7 +475,7 @@ function unipExplorerMount(root, source, options) {
       uxEl("div", {cls: "ux-qk-cap", text: `every head of layer ${layer}, by NMI (lowest first)`}, p.qkSmallEl);
       const order = [...Array(m.heads[layer - 1]).keys()].sort((a, b) => stats[a].nmi - stats[b].nmi || a - b);
       p.qkSmall = order.map((hh) => {
-        const cell = uxEl("div", {cls: "ux-cell ux-qk-cell", title: `head ${hh + 1}: NMI ${stats[hh].nmi.toFixed(4)}, ` +
+        const cell = uxEl("div", {cls: "ux-qk-cell", title: `head ${hh + 1}: NMI ${stats[hh].nmi.toFixed(4)}, ` +
           `${stats[hh].pattern}`}, p.qkSmallEl);
         cell.style.borderColor = colors[stats[hh].pattern] || "#888";
         const c = uxEl("canvas", {width: 96, height: 96}, cell);
