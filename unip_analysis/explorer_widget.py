@@ -145,10 +145,12 @@ class Explorer:
         self.state = {"image": 0, "layer": 1, "head": "mean", "query": (g[0] // 2) * g[1] + g[1] // 2}
 
     def set(self, **change) -> None:
-        """``set(query=5)``, ``set(query=(row, col))``, ``set(layer=3, head=1)``..."""
-        q = change.get("query")
-        if isinstance(q, tuple):
-            change["query"] = q[0] * next(iter(self.analyses.values())).grid[1] + q[1]
+        """``set(query=5)``, ``set(query=(row, col))``, ``set(layer=3, head=1)``, ``set(key=(row, col))``
+        (the key patch of "who looks here")..."""
+        for name in ("query", "key"):
+            p = change.get(name)
+            if isinstance(p, tuple):
+                change[name] = p[0] * next(iter(self.analyses.values())).grid[1] + p[1]
         self.state = {**self.state, **change}
 
     def row(self, model: str, image: int, layer: int, head: int | str, query: int) -> np.ndarray | None:
