@@ -286,41 +286,47 @@ def check_qk_embedding(method: str) -> None:
 
 
 def joint_qk(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Queries ``q`` [n, d] (scaled by ``head_dim^-0.5``) and keys ``k`` [m, d] placed for one
-    joint embedding (Yeh et al., "AttentionViz", VIS 2023, sec. 4.1): ``q c`` and ``k / c`` with
-    ``c^2`` = the keys' over the queries' mean distance from their centroid (a common spread), then
-    the keys translated by ``t`` so their centroid is the queries'. Every logit becomes
+    """Queries ``q`` [..., n, d] (scaled by ``head_dim^-0.5``) and keys ``k`` [..., m, d] placed
+    for one joint embedding (Yeh et al., "AttentionViz", VIS 2023, sec. 4.1): ``q c`` and ``k / c``
+    with ``c^2`` = the keys' over the queries' mean distance from their centroid (a common spread),
+    then the keys translated by ``t`` so their centroid is the queries'. Every logit becomes
     ``q_i . k_j + q_i . t c``: a constant per row, so every softmax row is unchanged."""
     q, k = q.double(), k.double()
-    spread_q = (q - q.mean(0)).norm(dim=-1).mean()
-    spread_k = (k - k.mean(0)).norm(dim=-1).mean()
-    c = (spread_k / spread_q).sqrt() if spread_q > 0 and spread_k > 0 else q.new_tensor(1.0)
+    spread_q = (q - q.mean(-2, keepdim=True)).norm(dim=-1).mean(-1)[..., None, None]
+    spread_k = (k - k.mean(-2, keepdim=True)).norm(dim=-1).mean(-1)[..., None, None]
+    ok = (spread_q > 0) & (spread_k > 0)
+    c = torch.where(ok, spread_k / torch.where(ok, spread_q, 1.0), 1.0).sqrt()
     q, k = q * c, k / c
-    return q, k - k.mean(0) + q.mean(0)
+    return q, k - k.mean(-2, keepdim=True) + q.mean(-2, keepdim=True)
 
 
 def embed_2d(x: torch.Tensor, method: str = "pca") -> np.ndarray:
-    """Points ``x`` [n, d] in 2-D. PCA (deterministic: each axis' largest loading made positive),
-    or t-SNE (openTSNE) / UMAP (umap-learn) with a fixed seed."""
+    """Points ``x`` [..., n, d] in 2-D, [..., n, 2]. PCA (the covariance's two leading
+    eigenvectors, each one's largest loading made positive: deterministic), or t-SNE (openTSNE) /
+    UMAP (umap-learn) with a fixed seed, one set of points at a time."""
     x = x.double()
     if method == "pca":
-        xc = x - x.mean(0)
-        _, _, vh = torch.linalg.svd(xc, full_matrices=False)
-        axes = vh[:2]
-        if axes.shape[0] < 2:  # d = 1: a second axis of zeros
-            axes = torch.cat([axes, axes.new_zeros(2 - axes.shape[0], axes.shape[1])])
-        sign = torch.sign(axes.gather(1, axes.abs().argmax(1, keepdim=True)))
-        return (xc @ (axes * torch.where(sign == 0, 1.0, sign)).T).numpy()
-    arr = x.numpy()
-    if method == "tsne":
-        from openTSNE import TSNE
+        xc = x - x.mean(-2, keepdim=True)
+        _, vecs = torch.linalg.eigh(xc.transpose(-1, -2) @ xc)  # ascending eigenvalues
+        axes = (
+            vecs[..., -2:].flip(-1) if vecs.shape[-1] >= 2 else torch.cat([vecs, torch.zeros_like(vecs)], -1)
+        )
+        sign = torch.sign(axes.gather(-2, axes.abs().argmax(-2, keepdim=True)))
+        return (xc @ (axes * torch.where(sign == 0, 1.0, sign))).numpy()
+    if method not in QK_EMBEDDINGS:
+        raise ValueError(f"embedding {method!r}: expected one of {', '.join(QK_EMBEDDINGS)}")
+    flat = x.reshape(-1, *x.shape[-2:]).numpy()
+    out = np.empty((*flat.shape[:2], 2))
+    for i, arr in enumerate(flat):
+        if method == "tsne":
+            from openTSNE import TSNE
 
-        return np.asarray(TSNE(n_components=2, random_state=0, n_jobs=1, verbose=False).fit(arr))
-    if method == "umap":
-        import umap
+            out[i] = np.asarray(TSNE(n_components=2, random_state=0, n_jobs=1, verbose=False).fit(arr))
+        else:
+            import umap
 
-        return umap.UMAP(n_components=2, random_state=0, n_jobs=1).fit_transform(arr)
-    raise ValueError(f"embedding {method!r}: expected one of {', '.join(QK_EMBEDDINGS)}")
+            out[i] = umap.UMAP(n_components=2, random_state=0, n_jobs=1).fit_transform(arr)
+    return out.reshape(*x.shape[:-1], 2)
 
 
 def qk_view_tokens(grid: tuple[int, int], npt: int, stride: int) -> list[int]:
@@ -356,26 +362,41 @@ def qk_view(
     import time
 
     t0 = time.perf_counter()
+    groups = [list(vectors)] if len({tuple(q.shape) for q, _ in vectors}) == 1 else [[v] for v in vectors]
     points, boxes, u16 = [], [], []
-    for q, k in vectors:
-        images, heads, n, _ = q.shape
-        lay_pts = np.zeros((heads, 2, images, n, 2), np.float32)
-        lay_box = np.zeros((heads, 4), np.float32)
-        lay_u16 = np.zeros((heads, 2, images, n, 2), np.uint16)
-        for h in range(heads):
-            qh, kh = joint_qk(q[:, h].reshape(-1, q.shape[-1]), k[:, h].reshape(-1, k.shape[-1]))
-            xy = embed_2d(torch.cat([qh, kh]), method).reshape(2, images, n, 2)
-            lo, hi = xy.min((0, 1, 2)).astype(np.float32), xy.max((0, 1, 2)).astype(np.float32)
-            hi = np.where(hi > lo, hi, lo + 1)  # a flat axis: any span
-            lay_box[h] = [lo[0], hi[0], lo[1], hi[1]]
-            span = hi.astype(np.float64) - lo
-            u = np.round((xy - lo) / span * 65535).clip(0, 65535).astype(np.uint16)
-            lay_u16[h] = u
-            lay_pts[h] = decode_u16(u, lay_box[h])
-        points.append(lay_pts)
-        boxes.append(lay_box)
-        u16.append(lay_u16)
+    # One torch thread: the work is small d x d eigenproblems and light elementwise passes, no
+    # faster with more threads and far slower with them on a CPU shared with other jobs (ViT-B/16's
+    # 144 heads, 4 images, 2 cores at load 11: 13-26 s with two threads, 1.2-2.6 s with one).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for group in groups:
+            _embed_group(group, method, points, boxes, u16)
+    finally:
+        torch.set_num_threads(threads)
     return QKView(method, tokens, stride, points, boxes, u16, time.perf_counter() - t0)
+
+
+def _embed_group(
+    group: Sequence[tuple[torch.Tensor, torch.Tensor]], method: str, points: list, boxes: list, u16: list
+) -> None:
+    """Layers of one shape embedded together (one batch of every layer's heads), appended per layer."""
+    images, heads, n, d = group[0][0].shape
+    # [layers x heads, images x tokens, d]: each head's points of every image, embedded together
+    q, k = (torch.cat([v[i].transpose(0, 1).reshape(heads, images * n, d) for v in group]) for i in (0, 1))
+    jq, jk = joint_qk(q, k)
+    xy = embed_2d(torch.cat([jq, jk], 1), method).reshape(-1, 2, images, n, 2)
+    lo, hi = xy.min((1, 2, 3)).astype(np.float32), xy.max((1, 2, 3)).astype(np.float32)  # [heads, 2]
+    hi = np.where(hi > lo, hi, lo + 1)  # a flat axis: any span
+    box = np.stack([lo[:, 0], hi[:, 0], lo[:, 1], hi[:, 1]], 1)
+    span = (hi.astype(np.float64) - lo)[:, None, None, None]
+    u = np.round((xy - lo[:, None, None, None]) / span * 65535).clip(0, 65535).astype(np.uint16)
+    pts = np.stack([decode_u16(u[h], box[h]) for h in range(len(u))])
+    for layer in range(len(group)):
+        at = slice(layer * heads, (layer + 1) * heads)
+        points.append(pts[at])
+        boxes.append(box[at])
+        u16.append(u[at])
 
 
 def decode_u16(u: np.ndarray, box: np.ndarray) -> np.ndarray:
