@@ -59,6 +59,7 @@ _FP16_MAX = 65504.0
 _ROWS_RECORD_BUDGETS = 4
 _QUERY_BLOCK = 256  # queries per block when computing exact rows (4,097 tokens: 100 MB per block)
 QK_EMBEDDINGS = ("pca", "tsne", "umap")
+QK_EMBEDDING_NAMES = {"pca": "PCA", "tsne": "t-SNE", "umap": "UMAP"}
 # Encoded bytes (base64) the query-key view's 2-D points may take per model: every layer, head, image
 # and kept token, a query and a key point each, two uint16 coordinates (1.2 MB at ViT-B/16, 224 px,
 # 4 images); a patch stride keeps larger grids within it.
@@ -734,7 +735,8 @@ def summary(data: ExplorerData) -> str:
     if data.qk is not None:
         v = data.qk
         line += (
-            f"; query-key view by {v.method.upper()} ({v.seconds:.1f} s), {qk_view_bytes(data) / 1e6:.1f} MB"
+            f"; query-key view by {QK_EMBEDDING_NAMES[v.method]} ({v.seconds:.1f} s), "
+            f"{qk_view_bytes(data) / 1e6:.1f} MB"
             + (f", every {v.stride}th patch row and column" if v.stride > 1 else "")
         )
     return "; ".join([line, *data.reductions])

@@ -21,6 +21,8 @@ const UX_F16 = (() => {
   }
   return t;
 })();
+const UX_RECEIVED_QUERIES = 256;
+const UX_EMBEDDINGS = {pca: "PCA", tsne: "t-SNE", umap: "UMAP"};
 const UX_VIRIDIS = [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]];
 
 function uxColor(v) {  // v in [0, 1] -> [r, g, b]
@@ -160,16 +162,18 @@ class UxModel {
     return out;
   }
 
-  // What each token receives: per image, the mean over the stored patch queries of its attention
-  // (full softmax rows, prefix tokens first) [image * tokens + j]; sizes the query-key view's keys.
+  // What each token receives: per image, the mean over the stored patch queries (at most
+  // UX_RECEIVED_QUERIES of them, evenly spaced: q and k of a large grid make every row costly) of
+  // its attention (full softmax rows, prefix tokens first) [image * tokens + j]; sizes the keys.
   received(layer, head) {
     const ck = `${layer}/${head}`;
     if (!this.recCache.has(ck)) {
-      const N = this.tokens, nq = this.queries.length, out = new Float64Array(this.images.length * N);
+      const N = this.tokens, step = Math.ceil(this.queries.length / UX_RECEIVED_QUERIES);
+      const qs = this.queries.filter((_, i) => i % step === 0), out = new Float64Array(this.images.length * N);
       for (let i = 0; i < this.images.length; i++) {
-        for (const q of this.queries) {
+        for (const q of qs) {
           const r = this.fullRow(i, layer, head, q);
-          for (let j = 0; j < N; j++) out[i * N + j] += r[j] / nq;
+          for (let j = 0; j < N; j++) out[i * N + j] += r[j] / qs.length;
         }
       }
       this.recCache.set(ck, out);
@@ -449,7 +453,7 @@ function unipExplorerMount(root, source, options) {
     p.qkColor.value = state.qkColor;
     p.qkTitle.textContent = `queries and keys, layer ${layer}, head ${h + 1}` +
       (head === "mean" ? " (the mean of heads has none: choose a head on the right)" : "") +
-      ` \u00b7 ${m.qk.method.toUpperCase()} over ${m.images.length} images (${m.qk.seconds.toFixed(1)} s)` +
+      ` \u00b7 ${UX_EMBEDDINGS[m.qk.method] || m.qk.method} over ${m.images.length} images (${m.qk.seconds.toFixed(1)} s)` +
       (m.qk.stride > 1 ? ` \u00b7 every ${m.qk.stride}th patch row and column` : "") +
       ` \u00b7 NMI ${stats[h].nmi.toFixed(3)}, ${stats[h].pattern}` +
       (stats[h].sink === undefined ? "" : ` \u00b7 sink share ${stats[h].sink.toFixed(2)}`);
