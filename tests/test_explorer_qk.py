@@ -244,3 +244,13 @@ def test_qk_embedding_without_its_library_is_one_clear_error(
         assert not (tmp_path / "o").exists()
     assert cli.main([*argv, "--qk-embedding", "mds"]) == 2
     assert "pca" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method,module", [("tsne", "openTSNE"), ("umap", "umap")])
+def test_tsne_and_umap_embed_every_head_with_a_fixed_seed(method, module):
+    """With the extra installed (pip install 'unip-toolkit[embed]'): 2-D points per head, the same twice."""
+    pytest.importorskip(module, reason=f"{module} is not installed (the optional extra 'embed')")
+    x = torch.randn(2, 60, 8, generator=torch.Generator().manual_seed(0))
+    a, b = explorer.embed_2d(x, method), explorer.embed_2d(x, method)
+    assert a.shape == (2, 60, 2) and np.isfinite(a).all()
+    np.testing.assert_allclose(a, b)
