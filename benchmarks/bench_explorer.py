@@ -13,10 +13,15 @@ error of every encoding, for ViT-B/16 with random and with trained-like weights
 - load: navigation start to ``window.unipExplorer.ready`` resolved (the data decoded and the first
   render done), in Debian's chromium (headless, ``/usr/bin/chromium``), median of fresh pages;
 - click: a click on the image at a new query to the next animation frame, all small maps
-  (every layer x head) and the big map drawn, median of ``--clicks`` clicks.
+  (every layer x head) and the big map drawn, median of ``--clicks`` clicks;
+- the query-key view (issue 28): its points' bytes in the page (gzip + base64), the embedding's
+  time (``--qk-embedding``: pca, or tsne / umap with the extra ``unip-toolkit[embed]``), and the
+  redraw when the head or layer changes (``unipExplorer.set``) to the next animation frame: the
+  query-key view, its small multiples of the layer's heads, who looks here and every map.
 
 Goals (issue 27): at 224 px report <= 25 MB, every shown row within 1% of its maximum on
-trained-like weights, load < 3 s, click < 200 ms; at 1,024 px (``--high-res``, 4,097 tokens) q and
+trained-like weights, load < 3 s, click < 200 ms; (issue 28) the query-key view adds <= 2 MB,
+a head or layer switch redraws in < 200 ms; at 1,024 px (``--high-res``, 4,097 tokens) q and
 k remain and the page states their measured error.
 
     .venv/bin/python benchmarks/bench_explorer.py --out benchmarks/results_explorer.json
@@ -85,10 +90,31 @@ def checked_error(bb, dataset, res, block: int = 512) -> float:
     return worst
 
 
-def browser_times(path: Path, loads: int, clicks: int, screenshot: Path | None) -> dict:
+def switch_times(page, depth: int, heads: int, switches: int) -> list[float]:
+    """A head or layer switch (``unipExplorer.set``) to the next animation frame, ``switches`` times."""
+    rng = np.random.default_rng(1)
+    out = []
+    for i in range(switches):
+        change = {"head": int(rng.integers(heads))}
+        if i % 2:
+            change["layer"] = int(rng.integers(1, depth + 1))
+        out.append(
+            page.evaluate(
+                """c => new Promise(resolve => {
+                    const t = performance.now();
+                    window.unipExplorer.set(c);
+                    requestAnimationFrame(() => resolve(performance.now() - t));
+                })""",
+                change,
+            )
+        )
+    return out
+
+
+def browser_times(path: Path, loads: int, clicks: int, screenshot: Path | None, shape=(1, 1)) -> dict:
     from playwright.sync_api import sync_playwright
 
-    load_ms, click_ms = [], []
+    load_ms, click_ms, switch_ms = [], [], []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         for i in range(loads):
@@ -117,6 +143,7 @@ def browser_times(path: Path, loads: int, clicks: int, screenshot: Path | None) 
                             [float(fx), float(fy)],
                         )
                     )
+                switch_ms = switch_times(page, *shape, clicks)
                 if screenshot is not None:
                     page.locator("[data-unip-explorer]").screenshot(path=str(screenshot))
             page.close()
@@ -128,6 +155,8 @@ def browser_times(path: Path, loads: int, clicks: int, screenshot: Path | None) 
         "load_ms": load_ms,
         "click_to_frame_ms_median": statistics.median(click_ms),
         "click_to_frame_ms_max": max(click_ms),
+        "head_or_layer_switch_to_frame_ms_median": statistics.median(switch_ms),
+        "head_or_layer_switch_to_frame_ms_max": max(switch_ms),
     }
 
 
@@ -149,6 +178,7 @@ def run_case(cfg: dict, weights: str, n: int, budget_mb: float, tmp: Path, args)
         progress=False,
         explore_images=n,
         explore_budget=budget,
+        qk_embedding=args.qk_embedding,
     )
     analysis_s = time.perf_counter() - t
     ex = res.explorer
@@ -183,9 +213,17 @@ def run_case(cfg: dict, weights: str, n: int, budget_mb: float, tmp: Path, args)
     ex._texts = {k: v for k, v in ex._texts.items() if k == (ex.encoding, ex.query_stride)}
     result["explorer_mb"] = explorer._text_bytes(ex, ex.encoding, ex.query_stride) / 1e6
     result["checked_error_image0"] = checked_error(bb, dataset, res)
+    result["qk_view"] = {
+        "method": ex.qk.method,
+        "embedding_seconds": ex.qk.seconds,
+        "mb": explorer.qk_view_bytes(ex) / 1e6,
+        "patch_stride": ex.qk.stride,
+        "points": 2 * sum(res.heads_per_layer) * len(ex.images) * len(ex.qk.tokens),
+    }
     if Path(CHROMIUM).exists():
         shot = args.screenshot if weights == "trained-like" else None
-        result["browser"] = browser_times(path, args.loads, args.clicks, shot)
+        shape = (res.depth, min(res.heads_per_layer))
+        result["browser"] = browser_times(path, args.loads, args.clicks, shot, shape)
     if args.keep and weights == "trained-like":
         args.keep.write_bytes(path.read_bytes())
     return result
@@ -200,6 +238,7 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=explorer.DEFAULT_BUDGET_MB, help="MB, --explore-budget")
     ap.add_argument("--loads", type=int, default=3)
     ap.add_argument("--clicks", type=int, default=20)
+    ap.add_argument("--qk-embedding", choices=explorer.QK_EMBEDDINGS, default="pca")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, help="also write the JSON here")
     ap.add_argument("--keep", type=Path, help="keep the trained-like report.html here")

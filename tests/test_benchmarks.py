@@ -56,8 +56,10 @@ def test_bench_explorer_quick():
             case["measured_error"] <= 0.01
             and case["checked_error_image0"] <= case["measured_error"] * 1.01 + 1e-5
         )
+        assert 0 < case["qk_view"]["mb"] <= 2 and case["qk_view"]["method"] == "pca"
         if "browser" in case:  # chromium present
             assert case["browser"]["load_ms_median"] > 0 and case["browser"]["click_to_frame_ms_median"] > 0
+            assert case["browser"]["head_or_layer_switch_to_frame_ms_median"] > 0
 
 
 def test_bench_predict_quick():

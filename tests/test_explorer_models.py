@@ -40,7 +40,9 @@ def test_large_and_base_models_keep_the_same_images(tmp_path, monkeypatch):
     for i in range(4):  # the very same pixels
         np.testing.assert_array_equal(w.analyses["L"].explorer.images[i], w.analyses["B"].explorer.images[i])
     assert w.meta["bytes"] <= 60_000 and w.meta["budget"] == 60_000
-    assert sum(len(t) for t in w.blobs.values()) <= 60_000
+    qk = {m["qk"]["blob"] for m in w.meta["models"]}  # the query-key view: its own 2 MB per model
+    assert sum(len(t) for k, t in w.blobs.items() if k not in qk) <= 60_000
+    assert all(len(w.blobs[k]) <= explorer.QK_BUDGET_BYTES for k in qk)
     large = w.analyses["L"].explorer
     assert large.query_stride > 1 or large.encoding != "rows-u8"
     assert models["L"]["reductions"] and any(

@@ -5,7 +5,10 @@ that is exact on them can get wrong (style.md, "Test on data that looks like the
   trained ViTs (a large constant in q, a key channel that reads one residual dimension);
 - logits in the tens: q and k scaled so each row has a few dominant keys (sharp rows);
 - an attention sink: the cls token carries a large value in one residual dimension, the outlier key
-  channel reads it, so in the first heads of every block but the first most queries attend to it.
+  channel reads it, so in the first heads of every block but the first most queries attend to it;
+- with ``positional=True``, a positional head: the position embedding carries each patch's row and
+  column as two large (cos, sin) pairs in residual dimensions of their own, and the last head of
+  every block reads only those, so its logits fall with the distance between query and key patch.
 
 :func:`trained_like` builds one (any plain timm ViT with ``attn.qkv``); :func:`properties`
 measures what makes it trained-like, for the test that checks the edits did their work.
@@ -23,9 +26,34 @@ SINK_DIM = 0  # the residual dimension that marks the cls token
 OUTLIER = 200.0  # q's outlier channel: 80x the others' typical entry (SHARP)
 SHARP = 2.5  # q and k entries of the other channels, std: logits ~ SHARP^2 sqrt(d) / sqrt(d)
 SINK_LOGIT = 25.0  # the cls key's outlier term in a sink head's logits (LayerNorm gives it ~sqrt(dim))
+POS_DIMS = (1, 2, 3, 4)  # the residual dimensions holding (cos, sin) of the row and of the column
+POS_SIZE = 12.0  # their amplitude in the position embedding: they dominate the token's LayerNorm
+POS_GAIN = 3.0  # the positional head's q / k weight on them: logits ~ 25 at distance 0
 
 
-def make_trained_like(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+def _positional(model: torch.nn.Module) -> None:
+    """Row and column of every patch in the position embedding; the last head of every block reads them."""
+    rows, cols = model.patch_embed.grid_size
+    npt = model.num_prefix_tokens if not getattr(model, "no_embed_class", False) else 0
+    r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    w = torch.pi / (2 * max(rows, cols))  # a quarter turn over the grid: cos and sin both monotone
+    feats = torch.stack([(w * r).cos(), (w * r).sin(), (w * c).cos(), (w * c).sin()], -1).reshape(-1, 4)
+    pos = model.pos_embed[0]
+    pos[npt:, list(POS_DIMS)] = POS_SIZE * feats
+    dim = model.embed_dim
+    for blk in model.blocks:
+        heads = blk.attn.num_heads
+        d = dim // heads
+        w_qkv = blk.attn.qkv.weight
+        for part in (0, dim):  # q, then k: the last head reads the positional dimensions only
+            head = slice(part + (heads - 1) * d, part + heads * d)
+            w_qkv[head] = 0
+            blk.attn.qkv.bias[head] = 0
+            for j, src in enumerate(POS_DIMS):
+                w_qkv[part + (heads - 1) * d + j, src] = POS_GAIN
+
+
+def make_trained_like(model: torch.nn.Module, seed: int = 0, positional: bool = False) -> torch.nn.Module:
     """Edit a timm ViT in place (see the module docstring); returns it."""
     gen = torch.Generator().manual_seed(seed)
     dim = model.embed_dim
@@ -49,15 +77,17 @@ def make_trained_like(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
                 b[c] = OUTLIER
                 w[dim + c] = 0
                 w[dim + c, SINK_DIM] = reads if h < sink_heads and li > 0 else reads / 20
+        if positional:
+            _positional(model)
     return model
 
 
 def trained_like(
-    arch: str = TINY_TRAINED_ARCH, img_size: int = TINY_TRAINED_IMG, seed: int = 0
+    arch: str = TINY_TRAINED_ARCH, img_size: int = TINY_TRAINED_IMG, seed: int = 0, positional: bool = False
 ) -> checkpoints.LoadedBackbone:
     """A trained-like backbone (random weights, then :func:`make_trained_like`)."""
     torch.manual_seed(seed)
-    model = make_trained_like(checkpoints.build_vit(arch, img_size=img_size).eval(), seed)
+    model = make_trained_like(checkpoints.build_vit(arch, img_size=img_size).eval(), seed, positional)
     return checkpoints.LoadedBackbone(model, "timm", arch, "trained-like", "0" * 64, img_size)
 
 

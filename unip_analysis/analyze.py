@@ -275,12 +275,13 @@ def explorer_recorder(
     dataset: torch.utils.data.Dataset,
     explore_images: int,
     budget: int | None = None,
+    qk_embedding: str = "pca",
 ) -> ExplorerRecorder | None:
     """The recorder keeping the attention of the first ``explore_images`` images (None for 0)."""
     if explore_images <= 0:
         return None
     shape = explorer_shape(backbone)
-    plan = plan_explorer(shape, min(explore_images, len(dataset)), budget)
+    plan = plan_explorer(shape, min(explore_images, len(dataset)), budget, qk_embedding)
     return ExplorerRecorder(plan, shape, getattr(dataset, "mean", None), getattr(dataset, "std", None))
 
 
@@ -379,6 +380,7 @@ def analyze_backbone(
     nmi: str = "park",
     explore_images: int = 0,
     explore_budget: int | None = None,
+    qk_embedding: str = "pca",
 ) -> ModelAnalysis:
     """Forward every image once; reduce each layer's attention to NMI / distance as it is produced.
 
@@ -388,7 +390,8 @@ def analyze_backbone(
     stay in fp32 / fp64. ``nmi``: 'park' (Park et al., patch tokens) or 'unip' (UNIP's published
     function on the whole map), see :mod:`unip_analysis.metrics`. ``explore_images`` > 0 also
     keeps every layer's attention of that many first images for the attention explorer, encoded
-    within ``explore_budget`` bytes (:mod:`unip_analysis.explorer`).
+    within ``explore_budget`` bytes, and their queries and keys in 2-D by ``qk_embedding`` (pca,
+    tsne, umap; :func:`unip_analysis.explorer.qk_view`) (:mod:`unip_analysis.explorer`).
     """
     if precision not in DTYPES:
         raise ValueError(f"precision {precision!r}: expected one of {', '.join(DTYPES)}")
@@ -396,7 +399,7 @@ def analyze_backbone(
     model = backbone.model.to(device).eval()
     grid = tuple(int(g) for g in model.patch_embed.grid_size)
     q_idx = query_token_indices(query_points, grid)
-    recorder = explorer_recorder(backbone, dataset, explore_images, explore_budget)
+    recorder = explorer_recorder(backbone, dataset, explore_images, explore_budget, qk_embedding)
     observer = LayerObserver(
         backbone.depth,
         grid,

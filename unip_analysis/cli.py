@@ -136,6 +136,12 @@ class AnalyzeOptions:
         metavar="MB",
         check=lambda mb: None if mb > 0 else f"must be more than 0 MB, got {mb}",
     )
+    qk_embedding: Literal["pca", "tsne", "umap"] = command.option(
+        "pca",
+        help="2-D embedding of the explorer's query-key view: pca (deterministic, instant), tsne (openTSNE) "
+        "or umap (umap-learn), both from the optional extra unip-toolkit[embed]",
+        group="figures",
+    )
     workers: int | None = command.workers(
         f"image-decoding worker processes (default: the cores available, at most {MAX_DEFAULT_WORKERS}, "
         "less torch's threads when the model runs on the CPU)"
@@ -397,6 +403,7 @@ def analyze_models(
             nmi=args.nmi,
             explore_images=explore if args.explore_images else 0,
             explore_budget=int(args.explore_budget * 1e6),
+            qk_embedding=args.qk_embedding,
         )
         entries[name] = analyze.model_entry(res, th, overrides.get(name), args.fallback, args.bootstrap)
         analyses.append(res)
@@ -428,6 +435,8 @@ def run(args: AnalyzeOptions) -> dict[str, Path]:
     overrides = parse_layer_overrides(args.layer, names)
     points = parse_query_points(args.query_points)
     images.parse_normalization(args.norm)  # fail on a bad --norm before loading anything
+    if args.explore_images:
+        explorer.check_qk_embedding(args.qk_embedding)  # t-SNE / UMAP's library, before any pass
     device = resolve_device(args.device)  # the one --device rule: cuda:N checked against the visible GPUs
     resolve_precision(args.precision, device)  # fp16 without CUDA: refused before loading anything
     n_found, folder = check_out_folder(args, specs)

@@ -58,6 +58,12 @@ _FP16_MAX = 65504.0
 # query stride bring them down); beyond, only q and k are.
 _ROWS_RECORD_BUDGETS = 4
 _QUERY_BLOCK = 256  # queries per block when computing exact rows (4,097 tokens: 100 MB per block)
+QK_EMBEDDINGS = ("pca", "tsne", "umap")
+QK_EMBEDDING_NAMES = {"pca": "PCA", "tsne": "t-SNE", "umap": "UMAP"}
+# Encoded bytes (base64) the query-key view's 2-D points may take per model: every layer, head, image
+# and kept token, a query and a key point each, two uint16 coordinates (1.2 MB at ViT-B/16, 224 px,
+# 4 images); a patch stride keeps larger grids within it.
+QK_BUDGET_BYTES = 2 * 10**6
 
 
 # --- what to store ---------------------------------------------------------------------------
@@ -104,6 +110,19 @@ class ModelShape:
             sizes.append(self.rows_bytes(images, widest) * 4 / 3)
         return min(sizes)
 
+    def qk_view_bytes(self, images: int, stride: int) -> int:
+        """Base64 bytes of the query-key view's points (uint16 x, y per query and key) and boxes."""
+        tokens = self.num_prefix_tokens + len(query_indices(self.grid, stride))
+        raw = sum(self.heads) * (images * tokens * 2 * 2 * 2 + 16)
+        return math.ceil(raw / 3) * 4
+
+    def qk_view_stride(self, images: int) -> int:
+        """The smallest patch stride whose query-key view fits :data:`QK_BUDGET_BYTES`."""
+        stride = 1
+        while stride < max(self.grid) and self.qk_view_bytes(images, stride) > QK_BUDGET_BYTES:
+            stride += 1
+        return stride
+
     def qk_i8_bytes(self, images: int, stride: int) -> int:
         """Upper estimate of the base64 text of int8 q and k (no credit for compression)."""
         queries = len(query_indices(self.grid, stride))
@@ -119,6 +138,7 @@ class ExplorerPlan:
     encodings: tuple[str, ...] = ENCODINGS
     budget: int = BUDGET_BYTES
     reductions: list[str] = field(default_factory=list)
+    qk_embedding: str = "pca"
 
 
 def plan_images(
@@ -149,14 +169,17 @@ def plan_images(
     return n, notes
 
 
-def plan_explorer(shape: ModelShape, images: int, budget: int | None = None) -> ExplorerPlan:
+def plan_explorer(
+    shape: ModelShape, images: int, budget: int | None = None, qk_embedding: str = "pca"
+) -> ExplorerPlan:
     """The pass' plan for one model: the images (a report of several models asks
-    :func:`plan_images` for all of them first and passes the count) and the encodings worth
-    recording (rows only while their size is within reach)."""
+    :func:`plan_images` for all of them first and passes the count), the encodings worth
+    recording (rows only while their size is within reach) and the query-key view's embedding."""
     budget = BUDGET_BYTES if budget is None else budget
+    check_qk_embedding(qk_embedding)
     n, notes = plan_images([shape], images, budget)
     encodings = tuple(e for e in ENCODINGS if e != "rows-u8" or shape.records_rows(n, budget))
-    return ExplorerPlan(n, encodings, budget, notes)
+    return ExplorerPlan(n, encodings, budget, notes, qk_embedding)
 
 
 # --- encoding --------------------------------------------------------------------------------
@@ -243,6 +266,147 @@ def shown_error(got: torch.Tensor, exact: torch.Tensor, npt: int) -> torch.Tenso
     return (got[..., npt:] - t).abs().amax(-1) / t.amax(-1).clamp_min(1e-300)
 
 
+# --- the query-key view (AttentionViz) --------------------------------------------------------
+
+
+def check_qk_embedding(method: str) -> None:
+    """Refuse an unknown method, or t-SNE / UMAP without their library, before any pass."""
+    from .errors import UnipError
+
+    if method not in QK_EMBEDDINGS:
+        raise UnipError(f"--qk-embedding {method!r}: expected one of {', '.join(QK_EMBEDDINGS)}")
+    module = {"tsne": "openTSNE", "umap": "umap"}.get(method)
+    if module is not None:
+        import importlib.util
+
+        if importlib.util.find_spec(module) is None:
+            raise UnipError(
+                f"--qk-embedding {method} needs the {module} package, which is not installed: "
+                "pip install 'unip-toolkit[embed]', or use --qk-embedding pca"
+            )
+
+
+def joint_qk(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries ``q`` [..., n, d] (scaled by ``head_dim^-0.5``) and keys ``k`` [..., m, d] placed
+    for one joint embedding (Yeh et al., "AttentionViz", VIS 2023, sec. 4.1): ``q c`` and ``k / c``
+    with ``c^2`` = the keys' over the queries' mean distance from their centroid (a common spread),
+    then the keys translated by ``t`` so their centroid is the queries'. Every logit becomes
+    ``q_i . k_j + q_i . t c``: a constant per row, so every softmax row is unchanged."""
+    q, k = q.double(), k.double()
+    spread_q = (q - q.mean(-2, keepdim=True)).norm(dim=-1).mean(-1)[..., None, None]
+    spread_k = (k - k.mean(-2, keepdim=True)).norm(dim=-1).mean(-1)[..., None, None]
+    ok = (spread_q > 0) & (spread_k > 0)
+    c = torch.where(ok, spread_k / torch.where(ok, spread_q, 1.0), 1.0).sqrt()
+    q, k = q * c, k / c
+    return q, k - k.mean(-2, keepdim=True) + q.mean(-2, keepdim=True)
+
+
+def embed_2d(x: torch.Tensor, method: str = "pca") -> np.ndarray:
+    """Points ``x`` [..., n, d] in 2-D, [..., n, 2]. PCA (the covariance's two leading
+    eigenvectors, each one's largest loading made positive: deterministic), or t-SNE (openTSNE) /
+    UMAP (umap-learn) with a fixed seed, one set of points at a time."""
+    x = x.double()
+    if method == "pca":
+        xc = x - x.mean(-2, keepdim=True)
+        _, vecs = torch.linalg.eigh(xc.transpose(-1, -2) @ xc)  # ascending eigenvalues
+        axes = (
+            vecs[..., -2:].flip(-1) if vecs.shape[-1] >= 2 else torch.cat([vecs, torch.zeros_like(vecs)], -1)
+        )
+        sign = torch.sign(axes.gather(-2, axes.abs().argmax(-2, keepdim=True)))
+        return (xc @ (axes * torch.where(sign == 0, 1.0, sign))).numpy()
+    if method not in QK_EMBEDDINGS:
+        raise ValueError(f"embedding {method!r}: expected one of {', '.join(QK_EMBEDDINGS)}")
+    flat = x.reshape(-1, *x.shape[-2:]).numpy()
+    out = np.empty((*flat.shape[:2], 2))
+    for i, arr in enumerate(flat):
+        if method == "tsne":
+            from openTSNE import TSNE
+
+            out[i] = np.asarray(TSNE(n_components=2, random_state=0, n_jobs=1, verbose=False).fit(arr))
+        else:
+            import umap
+
+            out[i] = umap.UMAP(n_components=2, random_state=0, n_jobs=1).fit_transform(arr)
+    return out.reshape(*x.shape[:-1], 2)
+
+
+def qk_view_tokens(grid: tuple[int, int], npt: int, stride: int) -> list[int]:
+    """The tokens of the query-key view: every prefix token, then the patches of ``stride``."""
+    return list(range(npt)) + [npt + p for p in query_indices(grid, stride)]
+
+
+@dataclass
+class QKView:
+    """Every layer and head's joint 2-D embedding of the explored images' queries and keys:
+    ``points[layer]`` float32 [heads, 2 (query, key), images, tokens, 2] over ``tokens`` (indices,
+    prefix first), stored as uint16 of each head's box ``boxes[layer]`` [heads, 4] (x0, x1, y0, y1);
+    ``points`` are the decoded values, what the page shows."""
+
+    method: str
+    tokens: list[int]
+    stride: int
+    points: list[np.ndarray]
+    boxes: list[np.ndarray]
+    u16: list[np.ndarray]
+    seconds: float
+
+    def keep_images(self, n: int) -> None:
+        self.points = [p[:, :, :n] for p in self.points]
+        self.u16 = [u[:, :, :n] for u in self.u16]
+
+
+def qk_view(
+    vectors: Sequence[tuple[torch.Tensor, torch.Tensor]], tokens: list[int], stride: int, method: str = "pca"
+) -> QKView:
+    """The query-key view of ``vectors``: per layer (q, k), each [images, heads, tokens, d], q
+    already scaled by ``head_dim^-0.5``; each head embedded once for every image together."""
+    import time
+
+    t0 = time.perf_counter()
+    groups = [list(vectors)] if len({tuple(q.shape) for q, _ in vectors}) == 1 else [[v] for v in vectors]
+    points, boxes, u16 = [], [], []
+    # One torch thread: the work is small d x d eigenproblems and light elementwise passes, no
+    # faster with more threads and far slower with them on a CPU shared with other jobs (ViT-B/16's
+    # 144 heads, 4 images, 2 cores at load 11: 13-26 s with two threads, 1.2-2.6 s with one).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for group in groups:
+            _embed_group(group, method, points, boxes, u16)
+    finally:
+        torch.set_num_threads(threads)
+    return QKView(method, tokens, stride, points, boxes, u16, time.perf_counter() - t0)
+
+
+def _embed_group(
+    group: Sequence[tuple[torch.Tensor, torch.Tensor]], method: str, points: list, boxes: list, u16: list
+) -> None:
+    """Layers of one shape embedded together (one batch of every layer's heads), appended per layer."""
+    images, heads, n, d = group[0][0].shape
+    # [layers x heads, images x tokens, d]: each head's points of every image, embedded together
+    q, k = (torch.cat([v[i].transpose(0, 1).reshape(heads, images * n, d) for v in group]) for i in (0, 1))
+    jq, jk = joint_qk(q, k)
+    xy = embed_2d(torch.cat([jq, jk], 1), method).reshape(-1, 2, images, n, 2)
+    lo, hi = xy.min((1, 2, 3)).astype(np.float32), xy.max((1, 2, 3)).astype(np.float32)  # [heads, 2]
+    hi = np.where(hi > lo, hi, lo + 1)  # a flat axis: any span
+    box = np.stack([lo[:, 0], hi[:, 0], lo[:, 1], hi[:, 1]], 1)
+    span = (hi.astype(np.float64) - lo)[:, None, None, None]
+    u = np.round((xy - lo[:, None, None, None]) / span * 65535).clip(0, 65535).astype(np.uint16)
+    pts = np.stack([decode_u16(u[h], box[h]) for h in range(len(u))])
+    for layer in range(len(group)):
+        at = slice(layer * heads, (layer + 1) * heads)
+        points.append(pts[at])
+        boxes.append(box[at])
+        u16.append(u[at])
+
+
+def decode_u16(u: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """uint16 points [..., 2] of box (x0, x1, y0, y1) as the page decodes them (float32)."""
+    box = box.astype(np.float64)
+    lo, span = np.array([box[0], box[2]]), np.array([box[1] - box[0], box[3] - box[2]])
+    return (lo + u * span / 65535).astype(np.float32)
+
+
 # --- recording during the analysis -------------------------------------------------------------
 
 
@@ -273,6 +437,7 @@ class ExplorerData:
     encoding: str = ""
     query_stride: int = 1
     reductions: list[str] = field(default_factory=list)
+    qk: QKView | None = None  # the query-key view's 2-D points
     _texts: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -295,6 +460,8 @@ class ExplorerData:
         self.images, self.labels = self.images[:n], self.labels[:n]
         self.layers = {e: lays[:n] for e, lays in self.layers.items()}
         self.errors = {e: err[:n] for e, err in self.errors.items()}
+        if self.qk is not None:
+            self.qk.keep_images(n)
         self._texts.clear()
         self.plan.reductions.append(f"the first {n} images only: another model of the report has no more")
 
@@ -338,6 +505,10 @@ class ExplorerRecorder:
         depth = len(shape.heads)
         self.bias: list[np.ndarray | None] = [None] * depth
         self._bias_seen = [False] * depth
+        # the query-key view: q and k of its tokens, per layer and batch, until every image is in
+        self.qk_stride = shape.qk_view_stride(plan.images)
+        self.qk_tokens = qk_view_tokens(shape.grid, self.npt, self.qk_stride)
+        self.qk_vectors: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(depth)]
 
     def start_batch(self, batch: torch.Tensor) -> None:
         self._take = min(batch.shape[0], self.images_left)
@@ -360,6 +531,10 @@ class ExplorerRecorder:
         if not self._take:  # every image to explore has been seen: nothing to compute
             return
         npt, take = self.npt, self._take
+        tok = torch.tensor(self.qk_tokens, device=q.device)
+        self.qk_vectors[layer].append(
+            (q[:take, :, tok].float().mul(scale).cpu(), k[:take, :, tok].float().cpu())
+        )
         q = q[:take, :, npt:].float() * scale  # patch queries, as the analysis' logits use them
         k = k[:take].float()
         if not self._bias_seen[layer]:
@@ -422,6 +597,10 @@ class ExplorerRecorder:
             bias=self.bias,
             errors={e: np.array(self.errors[e], dtype=np.float32) for e in usable},
         )
+        if all(self.qk_vectors):
+            vectors = [tuple(torch.cat(part) for part in zip(*lay)) for lay in self.qk_vectors]
+            data.qk = qk_view(vectors, self.qk_tokens, self.qk_stride, self.plan.qk_embedding)
+        self.qk_vectors = []
         choose_encodings([data], self.plan.budget)
         return data
 
@@ -547,7 +726,7 @@ def choose_encodings(datas: Sequence[ExplorerData], budget: int | None = None) -
                 f"--explore-budget {need:g} would keep {ENCODING_NAMES[better[0]]}{stride} "
                 f"(measured error {percent(d.error(*better))})"
             )
-        for k in [k for k in d._texts if k != (d.encoding, d.query_stride)]:
+        for k in [k for k in d._texts if k not in ((d.encoding, d.query_stride), "qk")]:
             del d._texts[k]  # the options not taken
         if sum(actual) > budget:
             d.reductions.append(
@@ -569,6 +748,13 @@ def summary(data: ExplorerData) -> str:
         f"{ENCODING_NAMES[data.encoding]}, every shown row within {percent(data.error())} of its maximum "
         f"(measured), {_text_bytes(data, data.encoding, data.query_stride) / 1e6:.1f} MB"
     )
+    if data.qk is not None:
+        v = data.qk
+        line += (
+            f"; query-key view by {QK_EMBEDDING_NAMES[v.method]} ({v.seconds:.1f} s), "
+            f"{qk_view_bytes(data) / 1e6:.1f} MB"
+            + (f", every {v.stride}th patch row and column" if v.stride > 1 else "")
+        )
     return "; ".join([line, *data.reductions])
 
 
@@ -612,6 +798,30 @@ def row(data: ExplorerData, image: int, layer: int, head: int | str, query: int)
 def prefix_share(data: ExplorerData, image: int, layer: int, head: int | str, query: int) -> float | None:
     p = full_row(data, image, layer, head, query)
     return None if p is None else float(p[: data.num_prefix_tokens].sum())
+
+
+def column(data: ExplorerData, image: int, layer: int, head: int | str, key: int) -> np.ndarray:
+    """What "who looks here" displays: the attention each stored query patch (``data.queries``,
+    row-major) gives to patch ``key``, not renormalised: column ``key`` of the stored rows."""
+    npt = data.num_prefix_tokens
+    return np.array([full_row(data, image, layer, head, q)[npt + key] for q in data.queries])
+
+
+def qk_points(data: ExplorerData, layer: int, head: int) -> dict[str, np.ndarray]:
+    """The query-key view's points of ``layer`` (1-based) and ``head`` (0-based) as the page shows
+    them: ``queries`` and ``keys`` [images x tokens, 2], images in order, the view's tokens
+    (``data.qk.tokens``, prefix first) in order within each."""
+    pts = data.qk.points[layer - 1][head]
+    return {"queries": pts[0].reshape(-1, 2), "keys": pts[1].reshape(-1, 2)}
+
+
+def patch_brightness(img: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """Mean grey value (0-255) of each patch of ``img`` (uint8 [H, W] or [H, W, 3]), row-major."""
+    grey = img.astype(np.float64) if img.ndim == 2 else img.astype(np.float64).mean(-1)
+    rows, cols = grid
+    h, w = grey.shape[0] // rows, grey.shape[1] // cols
+    cells = grey[: rows * h, : cols * w].reshape(rows, h, cols, w).mean((1, 3))
+    return np.round(cells).astype(np.uint8).reshape(-1)
 
 
 # --- the payload the page reads --------------------------------------------------------------
@@ -685,6 +895,22 @@ def _encoded(data: ExplorerData, encoding: str, stride: int) -> tuple[list[list[
     return data._texts[key]
 
 
+def _qk_encoded(data: ExplorerData) -> tuple[str, int, int]:
+    """The query-key view's blob text (every head's box as fp32, then its points as uint16) and
+    the two offsets; cached."""
+    if "qk" not in data._texts:
+        blob = _Blob()
+        boxes = blob.add(np.concatenate(data.qk.boxes))  # [heads of every layer, 4]
+        points = blob.add(np.concatenate(data.qk.u16))  # [heads of every layer, 2, images, tokens, 2]
+        data._texts["qk"] = (blob.text(), boxes, points)
+    return data._texts["qk"]
+
+
+def qk_view_bytes(data: ExplorerData) -> int:
+    """Bytes the query-key view's points take in the page (gzip + base64)."""
+    return 0 if data.qk is None else len(_qk_encoded(data)[0])
+
+
 def _text_bytes(data: ExplorerData, encoding: str, stride: int) -> int:
     _, texts, bias = _encoded(data, encoding, stride)
     return sum(len(t) for t in texts) + len(bias["text"] or "")
@@ -699,6 +925,9 @@ def model_payload(
     data: ExplorerData = analysis.explorer
     heads = list(analysis.heads_per_layer)
     head_stats = []
+    # the attention-sink statistic (issue 28), shown by the page where the analysis has it:
+    # per layer [images, heads] of the largest share one token receives
+    sinks = getattr(analysis, "head_sink_share", None)
     for lay in range(analysis.depth):
         hn, hd = analysis.head_nmi[lay], analysis.head_distance[lay]
         head_stats.append(
@@ -707,6 +936,7 @@ def model_payload(
                     "nmi": float(hn[:, h].mean()),
                     "dist": float(hd[:, h].mean()),
                     "pattern": classify(float(hn[:, h].mean()), thresholds),
+                    **({} if sinks is None else {"sink": float(np.asarray(sinks[lay])[:, h].mean())}),
                 }
                 for h in range(hn.shape[1])
             ]
@@ -730,6 +960,21 @@ def model_payload(
     if bias["text"] is not None:
         bias_key = f"{key}bias"
         blobs[bias_key] = bias["text"]
+    qk = None
+    if data.qk is not None:
+        text, boxes, points = _qk_encoded(data)
+        blobs[f"{key}qk"] = text
+        qk = {
+            "blob": f"{key}qk",
+            "boxes": boxes,
+            "points": points,
+            "tokens": data.qk.tokens,
+            "stride": data.qk.stride,
+            "method": data.qk.method,
+            "seconds": round(data.qk.seconds, 2),
+            "bytes": len(text),
+            "brightness": [patch_brightness(img, data.grid).tolist() for img in data.images],
+        }
     meta = {
         "name": analysis.name,
         "grid": [int(g) for g in data.grid],
@@ -748,6 +993,7 @@ def model_payload(
         "headStats": head_stats,
         "bias": {"blob": bias_key, "offsets": bias["offsets"]},
         "images": images,
+        "qk": qk,
     }
     return meta, blobs
 

@@ -14,8 +14,10 @@ import torch
 from .explorer import (
     DEFAULT_EXPLORE_IMAGES,
     ExplorerData,
+    column,
     payload,
     plan_images,
+    qk_points,
     render_page,
     row,
     static_text,
@@ -54,8 +56,9 @@ export default {
 
 
 def _analyses_from(
-    source, images, names, explore_images: int, img_size, norm: str, device: str, budget: int
-) -> list:
+    source, images, names, explore_images: int, img_size, norm: str, device: str, budget: int,
+    qk_embedding: str = "pca",
+) -> list:  # fmt: skip
     """Finished analyses as they are; loaded backbones analysed here, each at its own input size
     (its own grid) on the same first images, as many for every model (:func:`plan_images`)."""
     from .analyze import ModelAnalysis, analyze_backbone, explorer_shape, image_dataset
@@ -118,6 +121,7 @@ def _analyses_from(
                 progress=False,
                 explore_images=n,
                 explore_budget=budget,
+                qk_embedding=qk_embedding,
             )
         )
     return out
@@ -141,14 +145,24 @@ class Explorer:
         self.state = {"image": 0, "layer": 1, "head": "mean", "query": (g[0] // 2) * g[1] + g[1] // 2}
 
     def set(self, **change) -> None:
-        """``set(query=5)``, ``set(query=(row, col))``, ``set(layer=3, head=1)``..."""
-        q = change.get("query")
-        if isinstance(q, tuple):
-            change["query"] = q[0] * next(iter(self.analyses.values())).grid[1] + q[1]
+        """``set(query=5)``, ``set(query=(row, col))``, ``set(layer=3, head=1)``, ``set(key=(row, col))``
+        (the key patch of "who looks here")..."""
+        for name in ("query", "key"):
+            p = change.get(name)
+            if isinstance(p, tuple):
+                change[name] = p[0] * next(iter(self.analyses.values())).grid[1] + p[1]
         self.state = {**self.state, **change}
 
     def row(self, model: str, image: int, layer: int, head: int | str, query: int) -> np.ndarray | None:
         return row(self.analyses[model].explorer, image, layer, head, query)
+
+    def column(self, model: str, image: int, layer: int, head: int | str, key: int) -> np.ndarray:
+        """ "Who looks here": the attention each stored query patch gives to patch ``key``."""
+        return column(self.analyses[model].explorer, image, layer, head, key)
+
+    def qk(self, model: str, layer: int, head: int) -> dict[str, np.ndarray]:
+        """The query-key view's 2-D points (``queries``, ``keys``: images x tokens in order)."""
+        return qk_points(self.analyses[model].explorer, layer, head)
 
     def displayed_rows(self) -> dict[str, np.ndarray]:
         """Per model, the row the explorer shows for the current state (query mapped by position)."""
@@ -200,6 +214,7 @@ def explore(
     thresholds=None,
     widget: bool | None = None,
     explore_budget: float | None = None,
+    qk_embedding: str = "pca",
 ):
     """The attention explorer in Jupyter: every layer x head for a query you choose, models side by side.
 
@@ -207,14 +222,19 @@ def explore(
     (one, a list, or ``{name: backbone}``), which are analysed here on the first ``explore_images``
     of ``images`` (a folder or a dataset), each model at its own input size (``img_size`` for all),
     the same images for every model. ``explore_budget``: MB (default 60) that every model's data together may
-    take (the encoding and query stride are chosen to fit, :func:`unip_analysis.explorer.choose_encodings`). Returns an anywidget widget where anywidget is installed
+    take (the encoding and query stride are chosen to fit, :func:`unip_analysis.explorer.choose_encodings`).
+    ``qk_embedding``: the query-key view's 2-D embedding, pca (default), tsne or umap (the extra
+    ``unip-toolkit[embed]``). Returns an anywidget widget where anywidget is installed
     (``widget=False``: the static HTML fallback, an :class:`Explorer`). Either way ``.set(query=...)``
     chooses the query from Python and ``.displayed_rows()`` returns the shown rows as numpy arrays.
     """
     from . import explorer
 
     budget = explorer.BUDGET_BYTES if explore_budget is None else int(explore_budget * 1e6)
-    analyses = _analyses_from(source, images, names, explore_images, img_size, norm, device, budget)
+    explorer.check_qk_embedding(qk_embedding)
+    analyses = _analyses_from(
+        source, images, names, explore_images, img_size, norm, device, budget, qk_embedding
+    )
     base = Explorer(analyses, thresholds, budget)
     if widget is False:
         return base
@@ -253,6 +273,12 @@ def _widget_class():
 
         def row(self, *args) -> np.ndarray | None:
             return self.base.row(*args)
+
+        def column(self, *args) -> np.ndarray:
+            return self.base.column(*args)
+
+        def qk(self, *args) -> dict[str, np.ndarray]:
+            return self.base.qk(*args)
 
         def displayed_rows(self) -> dict[str, np.ndarray]:
             self.base.state = dict(self.state)  # the front end may have moved it

@@ -21,6 +21,8 @@ const UX_F16 = (() => {
   }
   return t;
 })();
+const UX_RECEIVED_QUERIES = 256;
+const UX_EMBEDDINGS = {pca: "PCA", tsne: "t-SNE", umap: "UMAP"};
 const UX_VIRIDIS = [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]];
 
 function uxColor(v) {  // v in [0, 1] -> [r, g, b]
@@ -57,6 +59,8 @@ class UxModel {
     this.qIndex = new Map(meta.queries.map((q, i) => [q, i]));
     this.data = [];  // [image][layer] -> {rows: {u8, scale, prefix}} or {q, k, d}, and err
     this.biasArrays = [];
+    this.colCache = new Map();
+    this.recCache = new Map();
   }
 
   async load(blobs) {
@@ -65,6 +69,17 @@ class UxModel {
       const buf = await uxGunzip(blobs[this.bias.blob]);
       this.biasArrays = this.bias.offsets.map((off, l) =>
         off === null ? null : new Float32Array(buf, off, this.heads[l] * nq * N));
+    }
+    if (this.qk) {  // the query-key view: per head of every layer a box (fp32) and uint16 points
+      const buf = await uxGunzip(blobs[this.qk.blob]), total = this.heads.reduce((a, b) => a + b, 0);
+      this.qkN = 2 * this.images.length * this.qk.tokens.length * 2;  // (query, key) x images x tokens x (x, y)
+      this.qkBoxes = new Float32Array(buf, this.qk.boxes, total * 4);
+      this.qkU16 = new Uint16Array(buf, this.qk.points, total * this.qkN);
+      this.qkBase = [];
+      let b = 0;
+      for (const h of this.heads) { this.qkBase.push(b); b += h; }
+      this.qkTok = new Map(this.qk.tokens.map((t, i) => [t, i]));
+      this.qkCache = new Map();
     }
     this.data = await Promise.all(this.images.map(async (im) => {
       const buf = await uxGunzip(blobs[im.blob]);
@@ -130,6 +145,55 @@ class UxModel {
     return out;
   }
 
+  // "Who looks here": the attention each stored query patch gives to patch `key` (column npt + key
+  // of the shown rows), in the order of this.queries; cached, as hovering redraws often.
+  column(image, layer, head, key) {
+    const ck = `${image}/${layer}/${head}/${key}`;
+    if (this.colCache.has(ck)) return this.colCache.get(ck);
+    const nq = this.queries.length, out = new Float64Array(nq), L = this.data[image][layer - 1];
+    if (L.rows) {
+      const R = L.rows, h = head === "mean" ? this.heads[layer - 1] : head, P = this.tokens - this.npt;
+      for (let qi = 0; qi < nq; qi++) { const r = h * nq + qi; out[qi] = R.u8[r * P + key] * R.scale[r] / 255; }
+    } else {
+      for (let qi = 0; qi < nq; qi++) out[qi] = this.fullRow(image, layer, head, this.queries[qi])[this.npt + key];
+    }
+    if (this.colCache.size > 256) this.colCache.clear();
+    this.colCache.set(ck, out);
+    return out;
+  }
+
+  // What each token receives: per image, the mean over the stored patch queries (at most
+  // UX_RECEIVED_QUERIES of them, evenly spaced: q and k of a large grid make every row costly) of
+  // its attention (full softmax rows, prefix tokens first) [image * tokens + j]; sizes the keys.
+  received(layer, head) {
+    const ck = `${layer}/${head}`;
+    if (!this.recCache.has(ck)) {
+      const N = this.tokens, step = Math.ceil(this.queries.length / UX_RECEIVED_QUERIES);
+      const qs = this.queries.filter((_, i) => i % step === 0), out = new Float64Array(this.images.length * N);
+      for (let i = 0; i < this.images.length; i++) {
+        for (const q of qs) {
+          const r = this.fullRow(i, layer, head, q);
+          for (let j = 0; j < N; j++) out[i * N + j] += r[j] / qs.length;
+        }
+      }
+      this.recCache.set(ck, out);
+    }
+    return this.recCache.get(ck);
+  }
+
+  // The query-key view's points of one head: [(query, key)][image][token][x, y], decoded from uint16.
+  qkPoints(layer, head) {
+    const ck = `${layer}/${head}`;
+    if (!this.qkCache.has(ck)) {
+      const g = this.qkBase[layer - 1] + head, n = this.qkN, u = this.qkU16.subarray(g * n, (g + 1) * n);
+      const b = this.qkBoxes.subarray(4 * g, 4 * g + 4), sx = b[1] - b[0], sy = b[3] - b[2];
+      const out = new Float64Array(n);
+      for (let i = 0; i < n; i += 2) { out[i] = b[0] + u[i] * sx / 65535; out[i + 1] = b[2] + u[i + 1] * sy / 65535; }
+      this.qkCache.set(ck, out);
+    }
+    return this.qkCache.get(ck);
+  }
+
   // The nearest stored query to patch (r, c) (every query unless the report uses a query stride).
   snap(r, c) {
     const s = this.stride, last = (n) => Math.floor((n - 1) / s) * s;
@@ -140,6 +204,14 @@ class UxModel {
 function uxPct(x) {  // a fraction as a percentage: two significant digits, whole numbers from 10% (explorer.percent)
   const v = 100 * x;
   return `${v >= 10 ? v.toFixed(0) : v.toPrecision(2)}%`;
+}
+
+function uxTokenName(m, token) {  // prefix tokens first, then the patches (row-major)
+  if (token >= m.npt) {
+    const q = token - m.npt;
+    return `patch (${Math.floor(q / m.cols) + 1}, ${(q % m.cols) + 1}) #${q}`;
+  }
+  return m.npt === 1 ? "the cls token" : `prefix token ${token + 1} of ${m.npt}`;
 }
 
 function uxEl(tag, attrs, parent) {
@@ -166,8 +238,8 @@ function unipExplorerMount(root, source, options) {
   const models = source.meta.models.map((m) => new UxModel(m));
   const byName = new Map(models.map((m) => [m.name, m]));
   const first = models[0];
-  const state = {image: 0, qr: 0.5, qc: 0.5, layer: first.selected || 1, head: "mean",
-                 a: 0, b: models.length > 1 ? 1 : -1};
+  const state = {image: 0, qr: 0.5, qc: 0.5, kr: 0.5, kc: 0.5, layer: first.selected || 1, head: "mean",
+                 a: 0, b: models.length > 1 ? 1 : -1, qkColor: "role"};
   const api = {lastRenderMs: null};
 
   // --- controls ---
@@ -192,7 +264,12 @@ function unipExplorerMount(root, source, options) {
     "head (columns) for the same query, each scaled to its own maximum and framed in the head's pattern colour " +
     "(local / hybrid / global), labelled with the head's NMI and mean distance over the analysed images " +
     "(\u2605: the selected layer). Values are attention over the patch keys, not renormalised: the prefix " +
-    "tokens (cls, registers, distillation token) take the rest, shown as the prefix share."}, root);
+    "tokens (cls, registers, distillation token) take the rest, shown as the prefix share. Beside it, who looks " +
+    "here: the attention each query gives to one key patch (click that map to choose the key). Below, the " +
+    "queries and keys of the explored images in one 2-D embedding per head (AttentionViz: keys moved to the " +
+    "queries' centroid and both scaled to a common spread, which leaves every softmax row unchanged): a local head " +
+    "lays them out like the image's grid, a sink head puts one key far from the rest. Hover a point to see its " +
+    "patch; click a query to make it the query, a key to see who looks at it."}, root);
   const panelsEl = uxEl("div", {cls: "ux-panels"}, root);
   const loading = uxEl("p", {cls: "ux-note", text: "decoding the attention data\u2026"}, panelsEl);
 
@@ -212,8 +289,11 @@ function unipExplorerMount(root, source, options) {
     uxEl("span", {text: "0"}, bar);
     const g = p.barCanvas.getContext("2d");
     for (let y = 0; y < 200; y++) { const c = uxColor(1 - y / 199); g.fillStyle = `rgb(${c})`; g.fillRect(0, y, 12, 1); }
+    p.col = uxEl("canvas", {cls: "ux-col", title: "who looks here: click a patch to make it the key"}, main);
     p.info = uxEl("div", {cls: "ux-info"}, p.el);
+    p.colInfo = uxEl("div", {cls: "ux-info ux-colinfo"}, p.el);
     p.err = uxEl("div", {cls: "ux-err"}, p.el);
+    if (m.qk) buildQK(p);
     p.gridEl = uxEl("div", {cls: "ux-grid"}, p.el);
     const H = Math.max(...m.heads);
     p.gridEl.style.gridTemplateColumns = `2.4em repeat(${H}, minmax(34px, 64px))`;
@@ -225,7 +305,8 @@ function unipExplorerMount(root, source, options) {
         if (h >= m.heads[l - 1]) { uxEl("div", {}, p.gridEl); continue; }
         const st = m.headStats[l - 1][h];
         const cell = uxEl("div", {cls: "ux-cell", title: `layer ${l}, head ${h + 1}: NMI ${st.nmi.toFixed(4)}, ` +
-          `mean distance ${st.dist.toFixed(1)} px, ${st.pattern}`}, p.gridEl);
+          `mean distance ${st.dist.toFixed(1)} px, ${st.pattern}` +
+          (st.sink === undefined ? "" : `, sink share ${st.sink.toFixed(2)}`)}, p.gridEl);
         cell.style.borderColor = colors[st.pattern] || "#888";
         const c = uxEl("canvas", {width: m.cols, height: m.rows}, cell);
         uxEl("div", {text: `h${h + 1} ${st.nmi.toFixed(3)}`}, cell);
@@ -244,7 +325,177 @@ function unipExplorerMount(root, source, options) {
     };
     p.big.addEventListener("click", pick);
     p.big.addEventListener("mousemove", pick);
+    p.col.addEventListener("click", (ev) => {
+      const r = p.col.getBoundingClientRect();
+      const fr = (ev.clientY - r.top) / r.height, fc = (ev.clientX - r.left) / r.width;
+      if (fr < 0 || fr >= 1 || fc < 0 || fc >= 1) return;
+      set({kr: (Math.floor(fr * m.rows) + 0.5) / m.rows, kc: (Math.floor(fc * m.cols) + 0.5) / m.cols});
+    });
     return p;
+  }
+
+  // --- the query-key view ---
+  const QK_ROLE = {query: "#e6550d", key: "#3182bd", prefix: "#111"};
+  function buildQK(p) {
+    const m = p.m, box = uxEl("div", {cls: "ux-qk"}, p.el);
+    p.qkTitle = uxEl("div", {cls: "ux-qk-title"}, box);
+    const ctl = uxEl("div", {cls: "ux-qk-ctl"}, box);
+    p.qkColor = uxEl("select", {cls: "ux-qk-color"}, uxEl("label", {text: "colour by "}, ctl));
+    for (const [v, t] of [["role", "role (query / key / prefix token)"], ["row", "patch row"], ["col", "patch column"],
+                          ["bright", "image brightness of the patch"]]) uxEl("option", {value: v, text: t}, p.qkColor);
+    p.qkColor.addEventListener("change", () => set({qkColor: p.qkColor.value}));
+    p.qkLegend = uxEl("span", {cls: "ux-qk-legend"}, ctl);
+    p.qkTop = uxEl("div", {cls: "ux-qk-top"}, box);
+    const wrap = uxEl("div", {cls: "ux-qk-wrap"}, box);
+    p.qkBig = uxEl("canvas", {cls: "ux-qk-big", width: 380, height: 380}, wrap);
+    p.qkTip = uxEl("div", {cls: "ux-qk-tip"}, wrap);
+    p.qkTipCanvas = uxEl("canvas", {width: 48, height: 48}, p.qkTip);
+    p.qkTipText = uxEl("div", {}, p.qkTip);
+    p.qkSmallEl = uxEl("div", {cls: "ux-qk-small"}, wrap);
+    p.qkSmallLayer = null;
+    const hit = (ev) => {
+      const r = p.qkBig.getBoundingClientRect(), t = p.qkBig.tx;
+      if (!t) return null;
+      const x = (ev.clientX - r.left) * p.qkBig.width / r.width, y = (ev.clientY - r.top) * p.qkBig.height / r.height;
+      const pts = m.qkPoints(t.layer, t.head);
+      let best = -1, bd = 64;  // within 8 px
+      for (let i = 0; i < pts.length; i += 2) {
+        const dx = t.x(pts[i]) - x, dy = t.y(pts[i + 1]) - y, d = dx * dx + dy * dy;
+        if (d < bd) { bd = d; best = i / 2; }
+      }
+      if (best < 0) return null;
+      const T = m.qk.tokens.length, I = m.images.length;
+      return {role: best >= I * T ? "key" : "query", image: Math.floor((best % (I * T)) / T), token: m.qk.tokens[best % T]};
+    };
+    p.qkBig.addEventListener("mousemove", (ev) => {
+      const h = hit(ev);
+      if (!h) { p.qkTip.style.display = "none"; return; }
+      const w = p.qkBig.parentElement.getBoundingClientRect();
+      p.qkTip.style.display = "block";
+      p.qkTip.style.left = `${ev.clientX - w.left + 12}px`; p.qkTip.style.top = `${ev.clientY - w.top + 12}px`;
+      const g = p.qkTipCanvas.getContext("2d"), im = imageOf(m, h.image);
+      g.clearRect(0, 0, 48, 48);
+      let what;
+      if (h.token < m.npt) {
+        what = uxTokenName(m, h.token);
+      } else {
+        const q = h.token - m.npt, pr = Math.floor(q / m.cols), pc = q % m.cols;
+        if (im.complete && im.naturalWidth) {
+          const sw = im.naturalWidth / m.cols, sh = im.naturalHeight / m.rows;
+          g.imageSmoothingEnabled = false;
+          g.drawImage(im, pc * sw, pr * sh, sw, sh, 0, 0, 48, 48);
+        }
+        what = `patch (${pr + 1}, ${pc + 1}) #${q}`;
+      }
+      p.qkTipText.textContent = `${h.role} \u00b7 image ${h.image + 1} \u00b7 ${what}` + (h.role === "key"
+        ? ` \u00b7 receives ${uxPct(m.received(p.qkBig.tx.layer, p.qkBig.tx.head)[h.image * m.tokens + h.token])}` : "");
+    });
+    p.qkBig.addEventListener("mouseleave", () => { p.qkTip.style.display = "none"; });
+    p.qkBig.addEventListener("click", (ev) => {
+      const h = hit(ev);
+      if (!h || h.token < m.npt) return;
+      const q = h.token - m.npt, fr = (Math.floor(q / m.cols) + 0.5) / m.rows, fc = ((q % m.cols) + 0.5) / m.cols;
+      set(h.role === "query" ? {image: h.image, qr: fr, qc: fc} : {image: h.image, kr: fr, kc: fc});
+    });
+  }
+
+  function qkColorOf(m, token, image) {
+    if (token < m.npt) return QK_ROLE.prefix;
+    const q = token - m.npt;
+    if (state.qkColor === "row") return `rgb(${uxColor(m.rows > 1 ? Math.floor(q / m.cols) / (m.rows - 1) : 0)})`;
+    if (state.qkColor === "col") return `rgb(${uxColor(m.cols > 1 ? (q % m.cols) / (m.cols - 1) : 0)})`;
+    if (state.qkColor === "bright") return `rgb(${uxColor(m.qk.brightness[image][q] / 255)})`;
+    return null;
+  }
+
+  // One head's queries (filled squares) and keys (hollow squares) on a canvas, x and y to one scale.
+  function drawQK(canvas, m, layer, head, big, mark) {
+    const pts = m.qkPoints(layer, head), T = m.qk.tokens.length, I = m.images.length, n = I * T;
+    let x0 = Infinity, x1 = -Infinity, y0 = Infinity, y1 = -Infinity;
+    for (let i = 0; i < pts.length; i += 2) {
+      x0 = Math.min(x0, pts[i]); x1 = Math.max(x1, pts[i]); y0 = Math.min(y0, pts[i + 1]); y1 = Math.max(y1, pts[i + 1]);
+    }
+    const W = canvas.width, H = canvas.height, pad = big ? 10 : 3;
+    const k = Math.min((W - 2 * pad) / Math.max(x1 - x0, 1e-12), (H - 2 * pad) / Math.max(y1 - y0, 1e-12));
+    const ox = (W - k * (x1 - x0)) / 2, oy = (H - k * (y1 - y0)) / 2;
+    const t = {layer, head, x: (v) => ox + k * (v - x0), y: (v) => H - oy - k * (v - y0)};
+    const g = canvas.getContext("2d"), s = big ? 4 : 2, rec = big ? m.received(layer, head) : null;
+    g.fillStyle = "#fff"; g.fillRect(0, 0, W, H);
+    g.lineWidth = 1;
+    for (const role of [1, 0]) {  // keys under queries, prefix tokens on top
+      for (const prefixPass of [false, true]) {
+        for (let i = 0; i < n; i++) {
+          const token = m.qk.tokens[i % T];
+          if ((token < m.npt) !== prefixPass) continue;
+          const o = 2 * (role * n + i), x = t.x(pts[o]), y = t.y(pts[o + 1]);
+          const c = qkColorOf(m, token, Math.floor(i / T)) || (role ? QK_ROLE.key : QK_ROLE.query);
+          let r = prefixPass ? s + 1 : s;
+          if (role && rec) r += 14 * Math.sqrt(rec[Math.floor(i / T) * m.tokens + token]);  // area ~ attention received
+          if (role) { g.strokeStyle = c; g.strokeRect(x - r / 2, y - r / 2, r, r); }
+          else { g.fillStyle = c; g.fillRect(x - r / 2, y - r / 2, r, r); }
+        }
+      }
+    }
+    if (mark) {  // the explorer's query (red) and key (cyan) in the shown image
+      for (const [role, token, colour] of [[0, mark.query, "#ff2d55"], [1, mark.key, "#00bcd4"]]) {
+        const ti = m.qkTok.get(m.npt + token);
+        if (ti === undefined) continue;
+        const o = 2 * (role * n + mark.image * T + ti);
+        g.strokeStyle = colour; g.lineWidth = 2; g.beginPath();
+        g.arc(t.x(pts[o]), t.y(pts[o + 1]), big ? 7 : 4, 0, 2 * Math.PI); g.stroke();
+      }
+    }
+    canvas.tx = t;
+  }
+
+  function renderQK(p, image, layer, head, query, key) {
+    const m = p.m, h = head === "mean" ? 0 : head, stats = m.headStats[layer - 1];
+    p.qkColor.value = state.qkColor;
+    p.qkTitle.textContent = `queries and keys, layer ${layer}, head ${h + 1}` +
+      (head === "mean" ? " (the mean of heads has none: choose a head on the right)" : "") +
+      ` \u00b7 ${UX_EMBEDDINGS[m.qk.method] || m.qk.method} over ${m.images.length} images (${m.qk.seconds.toFixed(1)} s)` +
+      (m.qk.stride > 1 ? ` \u00b7 every ${m.qk.stride}th patch row and column` : "") +
+      ` \u00b7 NMI ${stats[h].nmi.toFixed(3)}, ${stats[h].pattern}` +
+      (stats[h].sink === undefined ? "" : ` \u00b7 sink share ${stats[h].sink.toFixed(2)}`);
+    const rec = m.received(layer, h), N = m.tokens, I = m.images.length, mean = new Float64Array(N);
+    for (let i = 0; i < I; i++) for (let j = 0; j < N; j++) mean[j] += rec[i * N + j] / I;
+    let top = 0;
+    for (let j = 1; j < N; j++) if (mean[j] > mean[top]) top = j;
+    p.qkTop.textContent = `keys sized by the attention they receive; the most attended token: ${uxTokenName(m, top)}, ` +
+      `${uxPct(mean[top])} of the patch queries' attention (mean over the ${I} explored images)`;
+    p.qkLegend.textContent = state.qkColor === "role"
+      ? "" : " filled: queries, hollow: keys, black: prefix tokens; colour from low (purple) to high (yellow)";
+    if (state.qkColor === "role") {
+      p.qkLegend.textContent = "";
+      for (const [name, c] of [["query", QK_ROLE.query], ["key (hollow)", QK_ROLE.key], ["prefix token", QK_ROLE.prefix]]) {
+        const sw = uxEl("span", {cls: "ux-qk-swatch"}, p.qkLegend);
+        sw.style.background = c;
+        uxEl("span", {text: ` ${name} `}, p.qkLegend);
+      }
+    }
+    drawQK(p.qkBig, m, layer, h, true, {image, query, key});
+    if (p.qkSmallLayer !== layer) {  // every head of the layer, ordered by NMI (most global first)
+      p.qkSmallEl.textContent = "";
+      uxEl("div", {cls: "ux-qk-cap", text: `every head of layer ${layer}, by NMI (lowest first)`}, p.qkSmallEl);
+      const order = [...Array(m.heads[layer - 1]).keys()].sort((a, b) => stats[a].nmi - stats[b].nmi || a - b);
+      p.qkSmall = order.map((hh) => {
+        const cell = uxEl("div", {cls: "ux-qk-cell", title: `head ${hh + 1}: NMI ${stats[hh].nmi.toFixed(4)}, ` +
+          `${stats[hh].pattern}`}, p.qkSmallEl);
+        cell.style.borderColor = colors[stats[hh].pattern] || "#888";
+        const c = uxEl("canvas", {width: 96, height: 96}, cell);
+        uxEl("div", {text: `h${hh + 1} ${stats[hh].nmi.toFixed(3)}` +
+          (stats[hh].sink === undefined ? "" : ` s${stats[hh].sink.toFixed(2)}`)}, cell);
+        cell.addEventListener("click", () => set({head: hh}));
+        return {cell, canvas: c, head: hh};
+      });
+      p.qkSmallLayer = layer;
+      p.qkSmallColor = null;
+    }
+    if (p.qkSmallColor !== state.qkColor) {  // the small multiples change only with the layer or colouring
+      for (const c of p.qkSmall) drawQK(c.canvas, m, layer, c.head, false, null);
+      p.qkSmallColor = state.qkColor;
+    }
+    for (const c of p.qkSmall) c.cell.classList.toggle("ux-sel-head", c.head === h);
   }
 
   let panels = [], loaded = false;
@@ -262,6 +513,9 @@ function unipExplorerMount(root, source, options) {
 
   function queryOf(m) {
     return m.snap(Math.min(Math.floor(state.qr * m.rows), m.rows - 1), Math.min(Math.floor(state.qc * m.cols), m.cols - 1));
+  }
+  function keyOf(m) {
+    return Math.min(Math.floor(state.kr * m.rows), m.rows - 1) * m.cols + Math.min(Math.floor(state.kc * m.cols), m.cols - 1);
   }
   function headOf(m, layer) {
     return state.head === "mean" ? "mean" : Math.min(state.head, m.heads[layer - 1] - 1);
@@ -284,7 +538,8 @@ function unipExplorerMount(root, source, options) {
     const m = p.m, image = Math.min(state.image, m.images.length - 1), layer = Math.min(state.layer, m.depth);
     const head = headOf(m, layer), query = queryOf(m), qr = Math.floor(query / m.cols), qc = query % m.cols;
     const full = m.fullRow(image, layer, head, query), row = full.subarray(m.npt);
-    displayed[m.name] = {image, layer, head, query, row: Array.from(row)};
+    const key = keyOf(m), col = m.column(image, layer, head, key);
+    displayed[m.name] = {image, layer, head, query, row: Array.from(row), key, column: Array.from(col)};
     let prefix = 0;
     for (let j = 0; j < m.npt; j++) prefix += full[j];
     // the big map: image, attention overlay, patch grid, query
@@ -308,6 +563,25 @@ function unipExplorerMount(root, source, options) {
       g.stroke();
     }
     g.lineWidth = 2; g.strokeStyle = "#ff2d55"; g.strokeRect(qc * pw + 1, qr * ph + 1, pw - 2, ph - 2);
+    // who looks here: each stored query's attention to the key, painted over the patches it stands for
+    if (p.col.width !== p.big.width || p.col.height !== p.big.height) { p.col.width = p.big.width; p.col.height = p.big.height; }
+    const gc = p.col.getContext("2d"), s = m.stride, kr = Math.floor(key / m.cols), kc = key % m.cols;
+    gc.clearRect(0, 0, p.col.width, p.col.height);
+    if (im.complete && im.naturalWidth) { gc.imageSmoothingEnabled = true; gc.drawImage(im, 0, 0, p.col.width, p.col.height); }
+    const spread = new Float64Array(m.rows * m.cols);
+    for (let r = 0; r < m.rows; r++) {
+      for (let c = 0; c < m.cols; c++) spread[r * m.cols + c] = col[m.qIndex.get(Math.floor(r / s) * s * m.cols + Math.floor(c / s) * s)];
+    }
+    const colMax = paintMap(off, m, spread);
+    gc.globalAlpha = 0.6; gc.imageSmoothingEnabled = false;
+    gc.drawImage(off, 0, 0, p.col.width, p.col.height);
+    gc.globalAlpha = 1; gc.lineWidth = 2; gc.strokeStyle = "#00bcd4";
+    gc.strokeRect(kc * pw + 1, kr * ph + 1, pw - 2, ph - 2);
+    let received = 0;
+    for (const v of col) received += v;
+    p.colInfo.textContent = `who looks here (right): key patch (${kr + 1}, ${kc + 1}) #${key} receives ` +
+      `${(received / col.length).toFixed(4)} of the attention of the average query (${col.length} stored queries), ` +
+      `at most ${colMax.toPrecision(3)}`;
     p.barMax.textContent = max.toPrecision(3);
     const err = m.data[image][layer - 1].err;
     p.info.textContent = `query patch (${qr + 1}, ${qc + 1}) #${query} \u00b7 layer ${layer}/${m.depth} \u00b7 ` +
@@ -315,6 +589,7 @@ function unipExplorerMount(root, source, options) {
     p.err.textContent = `measured error at this layer and image: ${uxPct(err)} of the row maximum` +
       (err > 0.01 ? " \u2014 over 1%: the map is not the model's attention to the colour map's resolution" : "");
     p.err.classList.toggle("ux-warn", err > 0.01);
+    if (m.qk) renderQK(p, image, layer, head, query, key);
     // every layer x head for this query
     for (const rowCells of p.cells) {
       for (const c of rowCells) {
@@ -391,6 +666,20 @@ function unipExplorerMount(root, source, options) {
       const m = model(name), r = m.fullRow(image, layer, head, query);
       return r === null ? null : Array.from(r.subarray(m.npt));
     },
+    // "who looks here": the attention each stored query patch (queries(name), row-major) gives to patch `key`
+    column: (name, image, layer, head, key) => Array.from(model(name).column(image, layer, head, key)),
+    // the query-key view of one head (0-based): {queries, keys}, each [[x, y], ...] over images x tokens in order
+    qk(name, layer, head) {
+      const m = model(name);
+      if (!m.qk) return null;
+      const pts = m.qkPoints(layer, head), n = pts.length / 4, pairs = (o) => {
+        const out = [];
+        for (let i = 0; i < n; i++) out.push([pts[2 * (o + i)], pts[2 * (o + i) + 1]]);
+        return out;
+      };
+      return {queries: pairs(0), keys: pairs(n)};
+    },
+    qkTokens: (name) => (model(name).qk ? model(name).qk.tokens.slice() : null),
     prefixShare(name, image, layer, head, query) {
       const m = model(name), r = m.fullRow(image, layer, head, query);
       if (r === null) return null;
@@ -398,17 +687,18 @@ function unipExplorerMount(root, source, options) {
       for (let j = 0; j < m.npt; j++) s += r[j];
       return s;
     },
-    set(change) {  // {image, layer, head, query: patch index of the first shown model}
-      const c = Object.assign({}, change);
-      if ("query" in c) {
-        const m = panels.length ? panels[0].m : first;
-        c.qr = (Math.floor(c.query / m.cols) + 0.5) / m.rows; c.qc = ((c.query % m.cols) + 0.5) / m.cols;
-        delete c.query;
+    set(change) {  // {image, layer, head, query / key: patch index of the first shown model, qkColor}
+      const c = Object.assign({}, change), m = panels.length ? panels[0].m : first;
+      for (const [name, r, cc] of [["query", "qr", "qc"], ["key", "kr", "kc"]]) {
+        if (!(name in c)) continue;
+        c[r] = (Math.floor(c[name] / m.cols) + 0.5) / m.rows; c[cc] = ((c[name] % m.cols) + 0.5) / m.cols;
+        delete c[name];
       }
       set(c);
     },
     state: () => ({image: state.image, layer: state.layer, head: state.head,
                    query: queryOf(panels.length ? panels[0].m : first),
+                   key: keyOf(panels.length ? panels[0].m : first), qkColor: state.qkColor,
                    models: panels.map((p) => p.m.name)}),
     displayed: () => JSON.parse(JSON.stringify(displayed)),
   });
