@@ -231,3 +231,26 @@ def test_validation_checks_the_sink_fields(doc_v2, tmp_path, mutate, message):
     with pytest.raises(SelectionError, match=re.escape("layers[1]") + ".*" + message):
         selection.write(tmp_path / "sel.json", bad)
     assert not (tmp_path / "sel.json").exists()
+
+
+def test_explorer_labels_carry_each_heads_sink_share_and_token():
+    """The explorer's per-head labels (model_payload's headStats) hold the sink share and token the
+    analysis measured; an analysis without sink statistics (built before them) still renders."""
+    from unip_analysis import explorer
+
+    model = sink_model()
+    res = analyze.analyze_backbone(
+        backbone(model, TINY_TRAINED_ARCH), Images(), progress=False, map_images=0, explore_images=2
+    )
+    th = default_thresholds(res.grid)
+    payload, _ = explorer.model_payload(res, th)
+    stats = payload["headStats"]
+    assert len(stats) == res.depth
+    for layer, heads in enumerate(stats):
+        for h, st in enumerate(heads):
+            assert st["sink"] == pytest.approx(res.head_sinks(layer, h)["sink_share"])
+            assert st["sink"] > 0.999 and st["sinkToken"] == "cls"
+    old = copy.copy(res)
+    old.head_sink_share = []  # as an analysis made before the statistic
+    payload, _ = explorer.model_payload(old, th)
+    assert all("sink" not in st for heads in payload["headStats"] for st in heads)

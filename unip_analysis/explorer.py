@@ -916,6 +916,12 @@ def _text_bytes(data: ExplorerData, encoding: str, stride: int) -> int:
     return sum(len(t) for t in texts) + len(bias["text"] or "")
 
 
+def _sink_labels(stats: dict) -> dict:
+    """A head's sink statistics as the page labels them: the largest share one token receives, and
+    which token that is ("cls", "reg0"... or a patch index)."""
+    return {"sink": stats["sink_share"], "sinkToken": stats["sink_token"]}
+
+
 def model_payload(
     analysis, thresholds, selected_layer: int | None = None, key: str = "m0"
 ) -> tuple[dict, dict[str, str]]:
@@ -925,9 +931,8 @@ def model_payload(
     data: ExplorerData = analysis.explorer
     heads = list(analysis.heads_per_layer)
     head_stats = []
-    # the attention-sink statistic (issue 28), shown by the page where the analysis has it:
-    # per layer [images, heads] of the largest share one token receives
-    sinks = getattr(analysis, "head_sink_share", None)
+    # the attention-sink statistic (issue 28), shown by the page where the analysis has it
+    sinks = analysis.has_sinks() if hasattr(analysis, "has_sinks") else False
     for lay in range(analysis.depth):
         hn, hd = analysis.head_nmi[lay], analysis.head_distance[lay]
         head_stats.append(
@@ -936,7 +941,7 @@ def model_payload(
                     "nmi": float(hn[:, h].mean()),
                     "dist": float(hd[:, h].mean()),
                     "pattern": classify(float(hn[:, h].mean()), thresholds),
-                    **({} if sinks is None else {"sink": float(np.asarray(sinks[lay])[:, h].mean())}),
+                    **(_sink_labels(analysis.head_sinks(lay, h)) if sinks else {}),
                 }
                 for h in range(hn.shape[1])
             ]

@@ -25,6 +25,11 @@ const UX_RECEIVED_QUERIES = 256;
 const UX_EMBEDDINGS = {pca: "PCA", tsne: "t-SNE", umap: "UMAP"};
 const UX_VIRIDIS = [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]];
 
+// The token a head's sink share goes to, as the analysis names it: "cls", "reg0"... or a patch index.
+function uxSinkName(token) {
+  return typeof token === "number" ? `patch ${token}` : String(token);
+}
+
 function uxColor(v) {  // v in [0, 1] -> [r, g, b]
   const x = Math.min(Math.max(v, 0), 1) * (UX_VIRIDIS.length - 1), i = Math.min(Math.floor(x), UX_VIRIDIS.length - 2);
   const f = x - i, a = UX_VIRIDIS[i], b = UX_VIRIDIS[i + 1];
@@ -306,7 +311,7 @@ function unipExplorerMount(root, source, options) {
         const st = m.headStats[l - 1][h];
         const cell = uxEl("div", {cls: "ux-cell", title: `layer ${l}, head ${h + 1}: NMI ${st.nmi.toFixed(4)}, ` +
           `mean distance ${st.dist.toFixed(1)} px, ${st.pattern}` +
-          (st.sink === undefined ? "" : `, sink share ${st.sink.toFixed(2)}`)}, p.gridEl);
+          (st.sink === undefined ? "" : `, sink share ${st.sink.toFixed(2)} (${uxSinkName(st.sinkToken)})`)}, p.gridEl);
         cell.style.borderColor = colors[st.pattern] || "#888";
         const c = uxEl("canvas", {width: m.cols, height: m.rows}, cell);
         uxEl("div", {text: `h${h + 1} ${st.nmi.toFixed(3)}`}, cell);
@@ -456,7 +461,7 @@ function unipExplorerMount(root, source, options) {
       ` \u00b7 ${UX_EMBEDDINGS[m.qk.method] || m.qk.method} over ${m.images.length} images (${m.qk.seconds.toFixed(1)} s)` +
       (m.qk.stride > 1 ? ` \u00b7 every ${m.qk.stride}th patch row and column` : "") +
       ` \u00b7 NMI ${stats[h].nmi.toFixed(3)}, ${stats[h].pattern}` +
-      (stats[h].sink === undefined ? "" : ` \u00b7 sink share ${stats[h].sink.toFixed(2)}`);
+      (stats[h].sink === undefined ? "" : ` \u00b7 sink share ${stats[h].sink.toFixed(2)} (${uxSinkName(stats[h].sinkToken)})`);
     const rec = m.received(layer, h), N = m.tokens, I = m.images.length, mean = new Float64Array(N);
     for (let i = 0; i < I; i++) for (let j = 0; j < N; j++) mean[j] += rec[i * N + j] / I;
     let top = 0;
