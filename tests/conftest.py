@@ -74,3 +74,28 @@ def tiny_timm_checkpoint(tmp_path: Path) -> tuple[str, Path]:
     path = tmp_path / "tiny.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return TINY_ARCH, path
+
+
+def tiny_finetune_run(root: Path, n_train: int, n_test: int, batch_size: int, iters: int):
+    """A tiny LL-FPN + UperNet fine-tuning run on a synthetic SODA layout (48 x 64 images), from a
+    random tiny ViT saved as safetensors: returns (dataset root, its config, its metrics); the run is
+    ``root / "run"``."""
+    from safetensors.torch import save_file
+
+    from unip_analysis.checkpoints import build_vit
+    from unip_train.finetune.config import FinetuneConfig
+    from unip_train.finetune.trainer import run
+    from unip_train.synthetic import generate
+
+    torch.manual_seed(0)
+    ckpt = root / "tiny.safetensors"
+    save_file(
+        {k: v.contiguous() for k, v in build_vit(TINY_ARCH, img_size=32).state_dict().items()}, str(ckpt)
+    )
+    data = generate(root / "soda", "soda", n_train=n_train, n_test=n_test, size=(48, 64), seed=0)
+    cfg = FinetuneConfig(
+        backbone=f"timm:{TINY_ARCH}:{ckpt}", dataset="soda", data_root=str(data), out=str(root / "run"),
+        img_size=32, head_channels=16, batch_size=batch_size, workers=0, lr=1e-3, progress=False,
+        log_every=5, iters=iters,
+    )  # fmt: skip
+    return data, cfg, run(cfg)

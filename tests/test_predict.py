@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_ARCH
+from conftest import tiny_finetune_run
 from PIL import Image
 
 from unip_train.export.cli import main as export_main
@@ -19,10 +19,9 @@ from unip_train.export.onnx import export_onnx
 from unip_train.finetune.config import FinetuneConfig, resolve
 from unip_train.finetune.model_file import build_backbone, build_segmentor, save_model
 from unip_train.finetune.pictures import RUN_PICTURES
-from unip_train.finetune.trainer import evaluate_saved, run
+from unip_train.finetune.trainer import evaluate_saved
 from unip_train.predict.cli import main
 from unip_train.predict.inference import ModelInfo, PredictError, open_model, sidecar_path
-from unip_train.synthetic import generate
 
 
 def with_palette(model_pt: Path, dest: Path, palette) -> Path:
@@ -40,22 +39,8 @@ def with_palette(model_pt: Path, dest: Path, palette) -> Path:
 def trained(tmp_path_factory) -> dict:
     """A 10-iteration LL-FPN + UperNet run on a synthetic SODA layout (48 x 64 images: resized to
     32 x 43, two 32-pixel windows each)."""
-    from safetensors.torch import save_file
-
-    from unip_analysis.checkpoints import build_vit
-
     root = tmp_path_factory.mktemp("predict")
-    torch.manual_seed(0)
-    ckpt = root / "tiny.safetensors"
-    save_file(
-        {k: v.contiguous() for k, v in build_vit(TINY_ARCH, img_size=32).state_dict().items()}, str(ckpt)
-    )
-    data = generate(root / "soda", "soda", n_train=8, n_test=5, size=(48, 64), seed=0)
-    cfg = FinetuneConfig(
-        backbone=f"timm:{TINY_ARCH}:{ckpt}", dataset="soda", data_root=str(data), out=str(root / "run"),
-        img_size=32, head_channels=16, batch_size=4, workers=0, lr=1e-3, progress=False, log_every=5, iters=10,
-    )  # fmt: skip
-    metrics = run(cfg)
+    data, cfg, metrics = tiny_finetune_run(root, n_train=8, n_test=5, batch_size=4, iters=10)
     model = root / "run" / "model.pt"
     palette = [v for rgb in torch.load(model, weights_only=True)["palette"] for v in rgb]
     return {

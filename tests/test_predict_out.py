@@ -9,34 +9,17 @@ import shutil
 
 import pytest
 import torch
-from conftest import TINY_ARCH
+from conftest import tiny_finetune_run
 
 from unip_analysis.output_folder import RECORD
-from unip_train.finetune.config import FinetuneConfig
-from unip_train.finetune.trainer import run
 from unip_train.predict.cli import main
-from unip_train.synthetic import generate
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict:
     """A 6-iteration fine-tuning run (model A) and model B: A's weights shifted, other masks."""
-    from safetensors.torch import save_file
-
-    from unip_analysis.checkpoints import build_vit
-
     root = tmp_path_factory.mktemp("predict_out")
-    torch.manual_seed(0)
-    ckpt = root / "tiny.safetensors"
-    save_file(
-        {k: v.contiguous() for k, v in build_vit(TINY_ARCH, img_size=32).state_dict().items()}, str(ckpt)
-    )
-    data = generate(root / "soda", "soda", n_train=6, n_test=3, size=(48, 64), seed=0)
-    cfg = FinetuneConfig(
-        backbone=f"timm:{TINY_ARCH}:{ckpt}", dataset="soda", data_root=str(data), out=str(root / "run"),
-        img_size=32, head_channels=16, batch_size=3, workers=0, lr=1e-3, progress=False, log_every=5, iters=6,
-    )  # fmt: skip
-    run(cfg)
+    data, _, _ = tiny_finetune_run(root, n_train=6, n_test=3, batch_size=3, iters=6)
     a = root / "run" / "model.pt"
     state = torch.load(a, weights_only=True)
     g = torch.Generator().manual_seed(1)
