@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -80,34 +81,47 @@ def one_layer_maps_mib(batch: int, heads: int, tokens: int) -> float:
     return batch * heads * tokens * tokens * 4 / 2**20
 
 
-def child(variants: list[str], arch: str, img: int, batch: int, repeats: int, depth: int | None) -> dict:
-    """Measure each of ``variants`` in this process: {variant: {median_s, peak_extra_mib, ...}}."""
+def child(
+    variants: list[str],
+    arch: str,
+    img: int,
+    batch: int,
+    repeats: int,
+    depth: int | None,
+    device: str = "cpu",
+    block_bytes: int | None = None,
+) -> dict:
+    """Measure each of ``variants`` in this process: {variant: {median_s, peak_extra_mib, ...}}.
+    On CUDA the peak is the caching allocator's peak above what was allocated before the batch,
+    and every timed call ends with a synchronise."""
     import torch
 
-    from unip_analysis.attention import AttentionMaps, observe_attention
+    from unip_analysis.attention import DEFAULT_BLOCK_BYTES, AttentionMaps, observe_attention
     from unip_analysis.checkpoints import build_vit
     from unip_analysis.metrics import patch_distance_matrix
 
     torch.manual_seed(0)
-    model = build_vit(arch, img_size=img).eval()
+    model = build_vit(arch, img_size=img).eval().to(device)
     full_depth = len(model.blocks)
     if depth is not None:
         model.blocks = model.blocks[:depth]
-    x = torch.randn(batch, 3, img, img)
+    x = torch.randn(batch, 3, img, img).to(device)
+    cuda = torch.device(device).type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     grid = tuple(model.patch_embed.grid_size)
     patch = model.patch_embed.patch_size[0]
     npt = model.num_prefix_tokens
     if "stream" in variants:
         from unip_analysis.analyze import LayerObserver  # pandas and friends: only where needed
 
-        observer = LayerObserver(len(model.blocks), grid, patch, npt)
+        observer = LayerObserver(len(model.blocks), grid, patch, npt, device=device)
 
     def plain():
         model.forward_features(x)
 
     def stream():
         observer.start_batch(batch)
-        with observe_attention(model, observer):
+        with observe_attention(model, observer, block_bytes=block_bytes or DEFAULT_BLOCK_BYTES):
             model.forward_features(x)
 
     def stacked():
@@ -119,14 +133,14 @@ def child(variants: list[str], arch: str, img: int, batch: int, repeats: int, de
         a = attns[..., npt:, npt:] + 1e-8
         a = a / a.sum(-1, keepdim=True)
         n = a.shape[-1]
-        pq = torch.full(a.shape[:-1], 1.0 / n)
+        pq = torch.full(a.shape[:-1], 1.0 / n, device=a.device)
         pk = (a * pq[..., None]).sum(-2)
         mi = (a * pq[..., None] * torch.log(a / pk[..., None, :])).sum((-2, -1))
         hk = -(pk * torch.log(pk)).sum(-1)
-        _ = mi / torch.sqrt(hk * torch.log(torch.tensor(float(n))))
+        _ = mi / torch.sqrt(hk * math.log(n))
         b = attns[..., npt:, npt:] + 1e-32
         b = b / b.sum(-1, keepdim=True)
-        _ = (b * patch_distance_matrix(grid, patch).to(b.dtype)).sum((-2, -1)) / n
+        _ = (b * patch_distance_matrix(grid, patch).to(b.device, b.dtype)).sum((-2, -1)) / n
 
     fns = {"plain": plain, "stream": stream, "stacked": stacked}
     peaks, times = {}, {v: [] for v in variants}
@@ -134,6 +148,14 @@ def child(variants: list[str], arch: str, img: int, batch: int, repeats: int, de
         for variant in variants:
             fns[variant]()  # warm-up: loads code and libraries once; not part of the peak
         for variant in variants:  # one batch each, the kernel's peak counter reset before it
+            if cuda:
+                sync()
+                base = torch.cuda.memory_allocated() / 2**20
+                torch.cuda.reset_peak_memory_stats()
+                fns[variant]()
+                sync()
+                peaks[variant] = torch.cuda.max_memory_allocated() / 2**20 - base
+                continue
             base = rss_mib()
             reset_peak_rss()
             fns[variant]()
@@ -142,8 +164,10 @@ def child(variants: list[str], arch: str, img: int, batch: int, repeats: int, de
         # them moves every variant alike and leaves the ratios alone.
         for _ in range(repeats):
             for variant in variants:
+                sync()
                 t0 = time.perf_counter()
                 fns[variant]()
+                sync()
                 times[variant].append(time.perf_counter() - t0)
     shape = {
         "heads": int(model.blocks[0].attn.num_heads),
