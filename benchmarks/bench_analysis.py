@@ -25,6 +25,7 @@ per-layer terms (each layer adds its maps and their reduction). Such entries are
 ``"stacked_extrapolated_from_depth": d``.
 
     .venv/bin/python benchmarks/bench_analysis.py            # the five configurations below
+    .venv/bin/python benchmarks/bench_analysis.py --no-stacked  # (a) and (b) only
     .venv/bin/python benchmarks/bench_analysis.py --quick    # tiny, for the smoke test
 """
 
@@ -143,7 +144,7 @@ def child(
         _ = (b * patch_distance_matrix(grid, patch).to(b.device, b.dtype)).sum((-2, -1)) / n
 
     fns = {"plain": plain, "stream": stream, "stacked": stacked}
-    peaks, times = {}, {v: [] for v in variants}
+    peaks, times, cpu = {}, {v: [] for v in variants}, {v: [] for v in variants}
     with torch.inference_mode():
         for variant in variants:
             fns[variant]()  # warm-up: loads code and libraries once; not part of the peak
@@ -165,17 +166,24 @@ def child(
         for _ in range(repeats):
             for variant in variants:
                 sync()
-                t0 = time.perf_counter()
+                c0, t0 = time.process_time(), time.perf_counter()
                 fns[variant]()
                 sync()
                 times[variant].append(time.perf_counter() - t0)
+                cpu[variant].append(time.process_time() - c0)
     shape = {
         "heads": int(model.blocks[0].attn.num_heads),
         "depth": full_depth,
         "tokens": grid[0] * grid[1] + npt,
     }
     return {
-        v: {"median_s": statistics.median(times[v]), "peak_extra_mib": peaks[v], **shape} for v in variants
+        v: {
+            "median_s": statistics.median(times[v]),
+            "median_cpu_s": statistics.median(cpu[v]),
+            "peak_extra_mib": peaks[v],
+            **shape,
+        }
+        for v in variants
     }
 
 
@@ -222,7 +230,12 @@ def stacked_depth(plain: dict, batch: int, max_gib: float) -> int | None:
     return None if fits >= plain["depth"] else max(1, fits)
 
 
-def measure(cfg: dict, repeats: int, threads: int, stacked_max_gib: float, quick: bool = False) -> dict:
+def measure(
+    cfg: dict, repeats: int, threads: int, stacked_max_gib: float, quick: bool = False, stacked: bool = True
+) -> dict:
+    if not stacked:  # (a) and (b) only: the rows issue 29 asks for, in a third of the time
+        r = run_variants(["plain", "stream"], cfg, repeats, threads)
+        return summarize(cfg, r["plain"], r["stream"])
     if quick:  # the smoke test: one child does everything (its numbers are not results)
         r = run_child(["plain", "stream", "stacked"], cfg, repeats, threads, None, LIVE_MEMORY_ENV)
         a, b, c = r["plain"], r["stream"], r["stacked"]
@@ -244,25 +257,35 @@ def measure(cfg: dict, repeats: int, threads: int, stacked_max_gib: float, quick
             c = dict(part["stacked"])
             for key in ("median_s", "peak_extra_mib"):
                 c[key] = a[key] + (part["stacked"][key] - part["plain"][key]) * scale
+    result = summarize(cfg, a, b, c)
+    if depth is not None:
+        result["stacked_extrapolated_from_depth"] = depth
+    return result
+
+
+def summarize(cfg: dict, a: dict, b: dict, c: dict | None = None) -> dict:
+    """One configuration's entry from (a), (b) and, where it ran, (c)."""
     maps = one_layer_maps_mib(cfg["batch"], a["heads"], a["tokens"])
+    variants = (("plain", a), ("stream", b)) + ((("stacked", c),) if c is not None else ())
     result = {
         **cfg,
         "tokens": a["tokens"],
         "depth": a["depth"],
-        "seconds": {k: round(v["median_s"], 4) for k, v in (("plain", a), ("stream", b), ("stacked", c))},
-        "peak_extra_mib": {
-            k: round(v["peak_extra_mib"], 1) for k, v in (("plain", a), ("stream", b), ("stacked", c))
-        },
+        "seconds": {k: round(v["median_s"], 4) for k, v in variants},
+        "peak_extra_mib": {k: round(v["peak_extra_mib"], 1) for k, v in variants},
         "one_layer_maps_mib": round(maps, 4),
         "ratio_stream_over_plain": round(b["median_s"] / a["median_s"], 3),
-        "ratio_stacked_over_stream": round(c["median_s"] / b["median_s"], 3),
+        # CPU seconds of the timing child (all its threads): on a busy machine wall time also
+        # measures the neighbours; on a quiet one the two ratios agree
+        "cpu_seconds": {"plain": round(a["median_cpu_s"], 4), "stream": round(b["median_cpu_s"], 4)},
+        "ratio_cpu_stream_over_plain": round(b["median_cpu_s"] / a["median_cpu_s"], 3),
         "stream_extra_over_plain_in_layer_maps": round((b["peak_extra_mib"] - a["peak_extra_mib"]) / maps, 3),
-        "stacked_extra_over_plain_in_layer_maps": round(
-            (c["peak_extra_mib"] - a["peak_extra_mib"]) / maps, 2
-        ),
     }
-    if depth is not None:
-        result["stacked_extrapolated_from_depth"] = depth
+    if c is not None:
+        result["ratio_stacked_over_stream"] = round(c["median_s"] / b["median_s"], 3)
+        result["stacked_extra_over_plain_in_layer_maps"] = round(
+            (c["peak_extra_mib"] - a["peak_extra_mib"]) / maps, 2
+        )
     return result
 
 
@@ -284,6 +307,7 @@ def main() -> int:
         metavar="I",
         help="run configuration I only (0-based; repeatable)",
     )
+    ap.add_argument("--no-stacked", action="store_true", help="skip the stacked variant (c)")
     ap.add_argument("--child", help=argparse.SUPPRESS)  # comma-separated variants
     ap.add_argument("--arch")
     ap.add_argument("--img", type=int)
@@ -302,7 +326,10 @@ def main() -> int:
 
     configs = QUICK if args.quick else [c for i, c in enumerate(CONFIGS) if not args.only or i in args.only]
     repeats = 1 if args.quick else args.repeats
-    results = [measure(cfg, repeats, args.threads, args.stacked_max_gib, args.quick) for cfg in configs]
+    results = [
+        measure(cfg, repeats, args.threads, args.stacked_max_gib, args.quick, not args.no_stacked)
+        for cfg in configs
+    ]
     print(
         json.dumps(
             {
@@ -312,6 +339,7 @@ def main() -> int:
                 "timm": version("timm"),
                 "repeats": repeats,
                 "threads": args.threads or "torch default",
+                "load_average_1min": round(os.getloadavg()[0], 2),
                 "results": results,
             }
         )

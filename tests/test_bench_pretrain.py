@@ -34,6 +34,7 @@ def test_bench_pretrain_quick():
             abs(res["ratio_ours_over_bare"] - step["ours"] / step["bare"])
             <= 0.01 * res["ratio_ours_over_bare"] + 0.02
         )
+        assert res["ratio_cpu_ours_over_bare"] > 0 and res["median_step_cpu_s"]["bare"] > 0
         # Both variants compute the same loss from the same weights: the naive one is a fair baseline.
         loss = res["loss_at_init"]
         assert abs(loss["ours"] - loss["naive"]) <= 1e-4 * abs(loss["ours"]) + 1e-6

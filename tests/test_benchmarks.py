@@ -30,6 +30,7 @@ def test_bench_analysis_quick():
     assert res["one_layer_maps_mib"] > 0 and "ratio_stream_over_plain" in res
     assert set(res["peak_extra_mib"]) == set(res["seconds"])
     assert "stream_extra_over_plain_in_layer_maps" in res and "stacked_extrapolated_from_depth" not in res
+    assert res["ratio_cpu_stream_over_plain"] > 0 and set(res["cpu_seconds"]) == {"plain", "stream"}
 
 
 def test_bench_analysis_extrapolates_the_stacked_variant_by_depth():
