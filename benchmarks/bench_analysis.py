@@ -187,6 +187,54 @@ def child(
     }
 
 
+# Where the time goes: torch.profiler's self CPU time per operator, in these groups.
+PROFILE_GROUPS = {
+    "linear layers": ("aten::addmm", "aten::mm", "aten::linear", "aten::mkldnn_convolution", "aten::gelu"),
+    "fused attention (plain)": ("aten::_scaled_dot_product_flash_attention_for_cpu",),
+    "q.k, p.v and p(k) products": ("aten::bmm",),
+    "softmax": ("aten::_softmax",),
+    "log (entropy)": ("aten::log",),
+    "copies": ("aten::copy_",),
+}
+
+
+def profile(arch: str, img: int, batch: int, depth: int = 1) -> dict:
+    """Self CPU seconds per operator group of one plain forward and one analysed forward of the
+    first ``depth`` blocks, on this process's threads: {variant: {group: seconds}}."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from unip_analysis.analyze import LayerObserver
+    from unip_analysis.attention import observe_attention
+    from unip_analysis.checkpoints import build_vit
+
+    torch.manual_seed(0)
+    model = build_vit(arch, img_size=img).eval()
+    model.blocks = model.blocks[:depth]
+    x = torch.randn(batch, 3, img, img)
+    grid, patch = tuple(model.patch_embed.grid_size), model.patch_embed.patch_size[0]
+    observer = LayerObserver(depth, grid, patch, model.num_prefix_tokens)
+
+    def stream():
+        observer.start_batch(batch)
+        with observe_attention(model, observer):
+            model.forward_features(x)
+
+    out = {}
+    with torch.inference_mode():
+        for name, fn in (("plain", lambda: model.forward_features(x)), ("stream", stream)):
+            fn()  # warm-up
+            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                fn()
+            seconds = {group: 0.0 for group in (*PROFILE_GROUPS, "other")}
+            for event in prof.key_averages():
+                group = next((g for g, ops in PROFILE_GROUPS.items() if event.key in ops), "other")
+                seconds[group] += event.self_cpu_time_total / 1e6
+            out[name] = {g: round(v, 4) for g, v in seconds.items() if v > 0}
+    return out
+
+
 # Peak memory is read in a child of its own per variant whose glibc malloc returns every block of
 # 128 KiB or more to the OS when it is freed: RSS then follows live tensors, not blocks the
 # allocator keeps for reuse (with the default allocator, freed map-sized blocks linger in RSS and
@@ -308,6 +356,11 @@ def main() -> int:
         help="run configuration I only (0-based; repeatable)",
     )
     ap.add_argument("--no-stacked", action="store_true", help="skip the stacked variant (c)")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead of timing: where one block's time goes per configuration (torch.profiler, first block only)",
+    )
     ap.add_argument("--child", help=argparse.SUPPRESS)  # comma-separated variants
     ap.add_argument("--arch")
     ap.add_argument("--img", type=int)
@@ -325,6 +378,16 @@ def main() -> int:
     from importlib.metadata import version
 
     configs = QUICK if args.quick else [c for i, c in enumerate(CONFIGS) if not args.only or i in args.only]
+    if args.profile:
+        import torch
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        rows = [{**cfg, "self_cpu_s": profile(cfg["arch"], cfg["img"], cfg["batch"])} for cfg in configs]
+        print(
+            json.dumps({"benchmark": "analysis_profile", "threads": torch.get_num_threads(), "results": rows})
+        )
+        return 0
     repeats = 1 if args.quick else args.repeats
     results = [
         measure(cfg, repeats, args.threads, args.stacked_max_gib, args.quick, not args.no_stacked)

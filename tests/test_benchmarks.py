@@ -61,3 +61,11 @@ def test_bench_predict_quick():
     assert report["predict_images_per_s"] > 0 and report["bare_images_per_s"] > 0
     assert report["ratio_predict_over_bare"] > 0 and report["ratio_ort_over_torch"] > 0
     assert report["onnx_max_abs_diff"] <= 1e-3 and report["onnx_vs_torch_mask_agreement"] > 0.99
+
+
+def test_bench_analysis_profile_groups_the_operators():
+    report = run_quick("bench_analysis.py", "--profile")
+    (res,) = report["results"]
+    plain, stream = res["self_cpu_s"]["plain"], res["self_cpu_s"]["stream"]
+    assert plain["linear layers"] > 0 and "q.k, p.v and p(k) products" not in plain
+    assert stream["q.k, p.v and p(k) products"] > 0 and "fused attention (plain)" not in stream
