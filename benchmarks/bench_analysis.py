@@ -26,6 +26,8 @@ per-layer terms (each layer adds its maps and their reduction). Such entries are
 
     .venv/bin/python benchmarks/bench_analysis.py            # the five configurations below
     .venv/bin/python benchmarks/bench_analysis.py --no-stacked  # (a) and (b) only
+    .venv/bin/python benchmarks/bench_analysis.py --no-stacked --blocks 2 --threads 1  # quick check
+    .venv/bin/python benchmarks/bench_analysis.py --profile --threads 1  # where the time goes
     .venv/bin/python benchmarks/bench_analysis.py --quick    # tiny, for the smoke test
 """
 
@@ -279,11 +281,18 @@ def stacked_depth(plain: dict, batch: int, max_gib: float) -> int | None:
 
 
 def measure(
-    cfg: dict, repeats: int, threads: int, stacked_max_gib: float, quick: bool = False, stacked: bool = True
+    cfg: dict,
+    repeats: int,
+    threads: int,
+    stacked_max_gib: float,
+    quick: bool = False,
+    stacked: bool = True,
+    blocks: int | None = None,
 ) -> dict:
     if not stacked:  # (a) and (b) only: the rows issue 29 asks for, in a third of the time
-        r = run_variants(["plain", "stream"], cfg, repeats, threads)
-        return summarize(cfg, r["plain"], r["stream"])
+        r = run_variants(["plain", "stream"], cfg, repeats, threads, blocks)
+        result = summarize(cfg, r["plain"], r["stream"])
+        return result if blocks is None else {**result, "blocks": blocks}
     if quick:  # the smoke test: one child does everything (its numbers are not results)
         r = run_child(["plain", "stream", "stacked"], cfg, repeats, threads, None, LIVE_MEMORY_ENV)
         a, b, c = r["plain"], r["stream"], r["stacked"]
@@ -357,6 +366,11 @@ def main() -> int:
     )
     ap.add_argument("--no-stacked", action="store_true", help="skip the stacked variant (c)")
     ap.add_argument(
+        "--blocks",
+        type=int,
+        help="with --no-stacked: time the first N blocks only (every block costs the same; a quick check)",
+    )
+    ap.add_argument(
         "--profile",
         action="store_true",
         help="instead of timing: where one block's time goes per configuration (torch.profiler, first block only)",
@@ -390,7 +404,9 @@ def main() -> int:
         return 0
     repeats = 1 if args.quick else args.repeats
     results = [
-        measure(cfg, repeats, args.threads, args.stacked_max_gib, args.quick, not args.no_stacked)
+        measure(
+            cfg, repeats, args.threads, args.stacked_max_gib, args.quick, not args.no_stacked, args.blocks
+        )
         for cfg in configs
     ]
     print(
