@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo experiment test lint figures bench
+.PHONY: install demo experiment test lint figures bench bench-gpu
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -36,3 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_pretrain_loop.py --out benchmarks/results_pretrain_loop.json
 	$(BIN)/python benchmarks/bench_finetune.py --out benchmarks/results_finetune.json
 	$(BIN)/python benchmarks/bench_predict.py --out benchmarks/results_predict.json
+
+# Every GPU check in one command (at most 8 minutes on one H100); rewrites RESULTS.md's GPU section.
+bench-gpu: $(STAMP)
+	$(BIN)/python benchmarks/bench_gpu.py --out benchmarks/results_gpu.json --results-md benchmarks/RESULTS.md

@@ -25,6 +25,9 @@ per-layer terms (each layer adds its maps and their reduction). Such entries are
 ``"stacked_extrapolated_from_depth": d``.
 
     .venv/bin/python benchmarks/bench_analysis.py            # the five configurations below
+    .venv/bin/python benchmarks/bench_analysis.py --no-stacked  # (a) and (b) only
+    .venv/bin/python benchmarks/bench_analysis.py --no-stacked --blocks 2 --threads 1  # quick check
+    .venv/bin/python benchmarks/bench_analysis.py --profile --threads 1  # where the time goes
     .venv/bin/python benchmarks/bench_analysis.py --quick    # tiny, for the smoke test
 """
 
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -80,34 +84,47 @@ def one_layer_maps_mib(batch: int, heads: int, tokens: int) -> float:
     return batch * heads * tokens * tokens * 4 / 2**20
 
 
-def child(variants: list[str], arch: str, img: int, batch: int, repeats: int, depth: int | None) -> dict:
-    """Measure each of ``variants`` in this process: {variant: {median_s, peak_extra_mib, ...}}."""
+def child(
+    variants: list[str],
+    arch: str,
+    img: int,
+    batch: int,
+    repeats: int,
+    depth: int | None,
+    device: str = "cpu",
+    block_bytes: int | None = None,
+) -> dict:
+    """Measure each of ``variants`` in this process: {variant: {median_s, peak_extra_mib, ...}}.
+    On CUDA the peak is the caching allocator's peak above what was allocated before the batch,
+    and every timed call ends with a synchronise."""
     import torch
 
-    from unip_analysis.attention import AttentionMaps, observe_attention
+    from unip_analysis.attention import DEFAULT_BLOCK_BYTES, AttentionMaps, observe_attention
     from unip_analysis.checkpoints import build_vit
     from unip_analysis.metrics import patch_distance_matrix
 
     torch.manual_seed(0)
-    model = build_vit(arch, img_size=img).eval()
+    model = build_vit(arch, img_size=img).eval().to(device)
     full_depth = len(model.blocks)
     if depth is not None:
         model.blocks = model.blocks[:depth]
-    x = torch.randn(batch, 3, img, img)
+    x = torch.randn(batch, 3, img, img).to(device)
+    cuda = torch.device(device).type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     grid = tuple(model.patch_embed.grid_size)
     patch = model.patch_embed.patch_size[0]
     npt = model.num_prefix_tokens
     if "stream" in variants:
         from unip_analysis.analyze import LayerObserver  # pandas and friends: only where needed
 
-        observer = LayerObserver(len(model.blocks), grid, patch, npt)
+        observer = LayerObserver(len(model.blocks), grid, patch, npt, device=device)
 
     def plain():
         model.forward_features(x)
 
     def stream():
         observer.start_batch(batch)
-        with observe_attention(model, observer):
+        with observe_attention(model, observer, block_bytes=block_bytes or DEFAULT_BLOCK_BYTES):
             model.forward_features(x)
 
     def stacked():
@@ -119,21 +136,29 @@ def child(variants: list[str], arch: str, img: int, batch: int, repeats: int, de
         a = attns[..., npt:, npt:] + 1e-8
         a = a / a.sum(-1, keepdim=True)
         n = a.shape[-1]
-        pq = torch.full(a.shape[:-1], 1.0 / n)
+        pq = torch.full(a.shape[:-1], 1.0 / n, device=a.device)
         pk = (a * pq[..., None]).sum(-2)
         mi = (a * pq[..., None] * torch.log(a / pk[..., None, :])).sum((-2, -1))
         hk = -(pk * torch.log(pk)).sum(-1)
-        _ = mi / torch.sqrt(hk * torch.log(torch.tensor(float(n))))
+        _ = mi / torch.sqrt(hk * math.log(n))
         b = attns[..., npt:, npt:] + 1e-32
         b = b / b.sum(-1, keepdim=True)
-        _ = (b * patch_distance_matrix(grid, patch).to(b.dtype)).sum((-2, -1)) / n
+        _ = (b * patch_distance_matrix(grid, patch).to(b.device, b.dtype)).sum((-2, -1)) / n
 
     fns = {"plain": plain, "stream": stream, "stacked": stacked}
-    peaks, times = {}, {v: [] for v in variants}
+    peaks, times, cpu = {}, {v: [] for v in variants}, {v: [] for v in variants}
     with torch.inference_mode():
         for variant in variants:
             fns[variant]()  # warm-up: loads code and libraries once; not part of the peak
         for variant in variants:  # one batch each, the kernel's peak counter reset before it
+            if cuda:
+                sync()
+                base = torch.cuda.memory_allocated() / 2**20
+                torch.cuda.reset_peak_memory_stats()
+                fns[variant]()
+                sync()
+                peaks[variant] = torch.cuda.max_memory_allocated() / 2**20 - base
+                continue
             base = rss_mib()
             reset_peak_rss()
             fns[variant]()
@@ -142,17 +167,74 @@ def child(variants: list[str], arch: str, img: int, batch: int, repeats: int, de
         # them moves every variant alike and leaves the ratios alone.
         for _ in range(repeats):
             for variant in variants:
-                t0 = time.perf_counter()
+                sync()
+                c0, t0 = time.process_time(), time.perf_counter()
                 fns[variant]()
+                sync()
                 times[variant].append(time.perf_counter() - t0)
+                cpu[variant].append(time.process_time() - c0)
     shape = {
         "heads": int(model.blocks[0].attn.num_heads),
         "depth": full_depth,
         "tokens": grid[0] * grid[1] + npt,
     }
     return {
-        v: {"median_s": statistics.median(times[v]), "peak_extra_mib": peaks[v], **shape} for v in variants
+        v: {
+            "median_s": statistics.median(times[v]),
+            "median_cpu_s": statistics.median(cpu[v]),
+            "peak_extra_mib": peaks[v],
+            **shape,
+        }
+        for v in variants
     }
+
+
+# Where the time goes: torch.profiler's self CPU time per operator, in these groups.
+PROFILE_GROUPS = {
+    "linear layers": ("aten::addmm", "aten::mm", "aten::linear", "aten::mkldnn_convolution", "aten::gelu"),
+    "fused attention (plain)": ("aten::_scaled_dot_product_flash_attention_for_cpu",),
+    "q.k, p.v and p(k) products": ("aten::bmm",),
+    "softmax": ("aten::_softmax",),
+    "log (entropy)": ("aten::log",),
+    "copies": ("aten::copy_",),
+}
+
+
+def profile(arch: str, img: int, batch: int, depth: int = 1) -> dict:
+    """Self CPU seconds per operator group of one plain forward and one analysed forward of the
+    first ``depth`` blocks, on this process's threads: {variant: {group: seconds}}."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from unip_analysis.analyze import LayerObserver
+    from unip_analysis.attention import observe_attention
+    from unip_analysis.checkpoints import build_vit
+
+    torch.manual_seed(0)
+    model = build_vit(arch, img_size=img).eval()
+    model.blocks = model.blocks[:depth]
+    x = torch.randn(batch, 3, img, img)
+    grid, patch = tuple(model.patch_embed.grid_size), model.patch_embed.patch_size[0]
+    observer = LayerObserver(depth, grid, patch, model.num_prefix_tokens)
+
+    def stream():
+        observer.start_batch(batch)
+        with observe_attention(model, observer):
+            model.forward_features(x)
+
+    out = {}
+    with torch.inference_mode():
+        for name, fn in (("plain", lambda: model.forward_features(x)), ("stream", stream)):
+            fn()  # warm-up
+            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                fn()
+            seconds = {group: 0.0 for group in (*PROFILE_GROUPS, "other")}
+            for event in prof.key_averages():
+                group = next((g for g, ops in PROFILE_GROUPS.items() if event.key in ops), "other")
+                seconds[group] += event.self_cpu_time_total / 1e6
+            out[name] = {g: round(v, 4) for g, v in seconds.items() if v > 0}
+    return out
 
 
 # Peak memory is read in a child of its own per variant whose glibc malloc returns every block of
@@ -198,7 +280,19 @@ def stacked_depth(plain: dict, batch: int, max_gib: float) -> int | None:
     return None if fits >= plain["depth"] else max(1, fits)
 
 
-def measure(cfg: dict, repeats: int, threads: int, stacked_max_gib: float, quick: bool = False) -> dict:
+def measure(
+    cfg: dict,
+    repeats: int,
+    threads: int,
+    stacked_max_gib: float,
+    quick: bool = False,
+    stacked: bool = True,
+    blocks: int | None = None,
+) -> dict:
+    if not stacked:  # (a) and (b) only: the rows issue 29 asks for, in a third of the time
+        r = run_variants(["plain", "stream"], cfg, repeats, threads, blocks)
+        result = summarize(cfg, r["plain"], r["stream"])
+        return result if blocks is None else {**result, "blocks": blocks}
     if quick:  # the smoke test: one child does everything (its numbers are not results)
         r = run_child(["plain", "stream", "stacked"], cfg, repeats, threads, None, LIVE_MEMORY_ENV)
         a, b, c = r["plain"], r["stream"], r["stacked"]
@@ -220,25 +314,35 @@ def measure(cfg: dict, repeats: int, threads: int, stacked_max_gib: float, quick
             c = dict(part["stacked"])
             for key in ("median_s", "peak_extra_mib"):
                 c[key] = a[key] + (part["stacked"][key] - part["plain"][key]) * scale
+    result = summarize(cfg, a, b, c)
+    if depth is not None:
+        result["stacked_extrapolated_from_depth"] = depth
+    return result
+
+
+def summarize(cfg: dict, a: dict, b: dict, c: dict | None = None) -> dict:
+    """One configuration's entry from (a), (b) and, where it ran, (c)."""
     maps = one_layer_maps_mib(cfg["batch"], a["heads"], a["tokens"])
+    variants = (("plain", a), ("stream", b)) + ((("stacked", c),) if c is not None else ())
     result = {
         **cfg,
         "tokens": a["tokens"],
         "depth": a["depth"],
-        "seconds": {k: round(v["median_s"], 4) for k, v in (("plain", a), ("stream", b), ("stacked", c))},
-        "peak_extra_mib": {
-            k: round(v["peak_extra_mib"], 1) for k, v in (("plain", a), ("stream", b), ("stacked", c))
-        },
+        "seconds": {k: round(v["median_s"], 4) for k, v in variants},
+        "peak_extra_mib": {k: round(v["peak_extra_mib"], 1) for k, v in variants},
         "one_layer_maps_mib": round(maps, 4),
         "ratio_stream_over_plain": round(b["median_s"] / a["median_s"], 3),
-        "ratio_stacked_over_stream": round(c["median_s"] / b["median_s"], 3),
+        # CPU seconds of the timing child (all its threads): on a busy machine wall time also
+        # measures the neighbours; on a quiet one the two ratios agree
+        "cpu_seconds": {"plain": round(a["median_cpu_s"], 4), "stream": round(b["median_cpu_s"], 4)},
+        "ratio_cpu_stream_over_plain": round(b["median_cpu_s"] / a["median_cpu_s"], 3),
         "stream_extra_over_plain_in_layer_maps": round((b["peak_extra_mib"] - a["peak_extra_mib"]) / maps, 3),
-        "stacked_extra_over_plain_in_layer_maps": round(
-            (c["peak_extra_mib"] - a["peak_extra_mib"]) / maps, 2
-        ),
     }
-    if depth is not None:
-        result["stacked_extrapolated_from_depth"] = depth
+    if c is not None:
+        result["ratio_stacked_over_stream"] = round(c["median_s"] / b["median_s"], 3)
+        result["stacked_extra_over_plain_in_layer_maps"] = round(
+            (c["peak_extra_mib"] - a["peak_extra_mib"]) / maps, 2
+        )
     return result
 
 
@@ -260,6 +364,17 @@ def main() -> int:
         metavar="I",
         help="run configuration I only (0-based; repeatable)",
     )
+    ap.add_argument("--no-stacked", action="store_true", help="skip the stacked variant (c)")
+    ap.add_argument(
+        "--blocks",
+        type=int,
+        help="with --no-stacked: time the first N blocks only (every block costs the same; a quick check)",
+    )
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead of timing: where one block's time goes per configuration (torch.profiler, first block only)",
+    )
     ap.add_argument("--child", help=argparse.SUPPRESS)  # comma-separated variants
     ap.add_argument("--arch")
     ap.add_argument("--img", type=int)
@@ -277,8 +392,23 @@ def main() -> int:
     from importlib.metadata import version
 
     configs = QUICK if args.quick else [c for i, c in enumerate(CONFIGS) if not args.only or i in args.only]
+    if args.profile:
+        import torch
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        rows = [{**cfg, "self_cpu_s": profile(cfg["arch"], cfg["img"], cfg["batch"])} for cfg in configs]
+        print(
+            json.dumps({"benchmark": "analysis_profile", "threads": torch.get_num_threads(), "results": rows})
+        )
+        return 0
     repeats = 1 if args.quick else args.repeats
-    results = [measure(cfg, repeats, args.threads, args.stacked_max_gib, args.quick) for cfg in configs]
+    results = [
+        measure(
+            cfg, repeats, args.threads, args.stacked_max_gib, args.quick, not args.no_stacked, args.blocks
+        )
+        for cfg in configs
+    ]
     print(
         json.dumps(
             {
@@ -288,6 +418,7 @@ def main() -> int:
                 "timm": version("timm"),
                 "repeats": repeats,
                 "threads": args.threads or "torch default",
+                "load_average_1min": round(os.getloadavg()[0], 2),
                 "results": results,
             }
         )

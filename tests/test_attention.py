@@ -10,10 +10,12 @@ from attention_reference import ATTENTION_ARCHS, randomize, timm_explicit_attent
 
 from unip_analysis import analyze
 from unip_analysis.attention import (
+    DEFAULT_BLOCK_BYTES,
     AttentionMaps,
     attention_output,
     block_context,
     forward_until,
+    heads_per_block,
     layer_qk_logits,
     logit_bias,
     observe_attention,
@@ -24,7 +26,7 @@ from unip_analysis.attention import (
 )
 from unip_analysis.checkpoints import build_vit, load_backbone, set_attention_heads
 from unip_analysis.errors import SpecError
-from unip_analysis.metrics import nmi, patch_attention
+from unip_analysis.metrics import map_statistics, nmi, patch_attention
 
 TINY = ATTENTION_ARCHS["vit"]
 
@@ -89,7 +91,7 @@ def test_blocks_with_different_head_counts():
         def start_layer(self, layer, shape):
             shapes[layer] = shape
 
-        def rows(self, layer, q0, probs):
+        def rows(self, layer, q0, probs, h0=0):
             pass
 
         def end_layer(self, layer):
@@ -115,30 +117,94 @@ def test_query_blocks_cover_every_row_once_and_never_a_whole_map():
     assert rows_per_block(1, 12, 4097) * 12 * 4097 * 4 <= 4 * 2**20  # 4 MiB of logits at 4,097 tokens
 
 
+def test_blocks_hold_groups_of_heads_only_where_all_heads_leave_few_rows():
+    assert heads_per_block(8, 6, 197) == 6  # ViT-S/16 at 224 px: 99 rows of every head fit 4 MiB
+    assert heads_per_block(1, 12, 4097) == 1  # ViT-B/16 at 1,024 px: 255 rows of one head, not 21 of 12
+    assert rows_per_block(1, 1, 4097) == 255
+    assert heads_per_block(4, 12, 785) == 2 and rows_per_block(4, 2, 785) == 166  # ViT-B/16 at 448 px
+    assert heads_per_block(2, 16, 785) == 4  # ViT-L/16 at 448 px: four equal groups
+    assert heads_per_block(8, 12, 197) == 6  # ViT-B/16 at 224 px: 99 rows of 6 heads, not 55 of 12
+
+
+@pytest.mark.parametrize("kind", list(ATTENTION_ARCHS))
+def test_one_head_a_block_gives_the_maps_of_whole_blocks(kind):
+    """Every attention class (BEiT's position bias sliced per head, EVA's rotary q and k) gives the
+    same maps when a block holds one head as when it holds them all."""
+    model = randomize(build_vit(ATTENTION_ARCHS[kind], img_size=32).eval())
+    x = torch.randn(2, 3, 32, 32)
+    one_head = 2 * 17 * 4 * 9  # 2 images, 17 tokens: 9 rows (the most a block takes) of one head
+    maps = []
+    for block_bytes in (DEFAULT_BLOCK_BYTES, one_head):
+        collector = AttentionMaps()
+        with torch.no_grad(), observe_attention(model, collector, block_bytes=block_bytes):
+            model.forward_features(x)
+        maps.append(collector.maps)
+    assert (
+        heads_per_block(2, model.blocks[0].attn.num_heads, 17, one_head) == 1 < model.blocks[0].attn.num_heads
+    )
+    for layer in maps[0]:
+        torch.testing.assert_close(maps[1][layer], maps[0][layer], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("definition", ["park", "unip"])
+def test_blocks_of_head_groups_give_the_same_maps_and_statistics(definition):
+    """A block budget that splits the 4 heads into 2 groups gives the maps and statistics that
+    blocks of every head give, and the reference formulas on the whole maps."""
+    torch.manual_seed(0)
+    model = build_vit(
+        "vit_tiny_patch16_224(depth=2,embed_dim=64,num_heads=4,patch_size=8)", img_size=64
+    ).eval()
+    x = torch.randn(2, 3, 64, 64)
+    budget = 2 * 2 * 65 * 4 * 33  # 2 images, 65 tokens: 33 rows (the most a block takes) of 2 heads
+    assert heads_per_block(2, 4, 65, budget) == 2
+    maps, stats = {}, {}
+    for name, block_bytes in (("whole", DEFAULT_BLOCK_BYTES), ("groups", budget)):
+        collector = AttentionMaps()
+        observer = analyze.LayerObserver(2, (8, 8), 8, 1, nmi_definition=definition)
+        observer.start_batch(2)
+        with torch.no_grad():
+            with observe_attention(model, collector, block_bytes=block_bytes):
+                model.forward_features(x)
+            with observe_attention(model, observer, block_bytes=block_bytes):
+                model.forward_features(x)
+        maps[name] = collector.maps
+        stats[name] = [(observer.nmi[i][0], observer.distance[i][0]) for i in range(2)]
+    for layer in range(2):
+        torch.testing.assert_close(maps["groups"][layer], maps["whole"][layer], atol=1e-6, rtol=1e-5)
+        (nmi_g, dist_g), (nmi_w, dist_w) = stats["groups"][layer], stats["whole"][layer]
+        torch.testing.assert_close(nmi_g, nmi_w, atol=1e-6, rtol=0)
+        torch.testing.assert_close(dist_g, dist_w, atol=0, rtol=1e-5)
+        want = map_statistics(maps["whole"][layer].double(), 1, (8, 8), 8, nmi_definition=definition)
+        torch.testing.assert_close(nmi_g, want[0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(dist_g, want[1], atol=0, rtol=1e-5)
+
+
 def test_no_block_is_a_layers_whole_map_and_blocks_are_freed():
     """The largest buffer the observer ever sees is a block of rows, and the previous block is
     gone (freed, not merely unreferenced by us) when the next arrives."""
     model = build_vit(
         "vit_tiny_patch16_224(depth=3,embed_dim=64,num_heads=2,patch_size=8)", img_size=32
     ).eval()
-    seen_rows, alive = [], []
+    seen_rows, seen_heads, alive = [], [], []
     previous: list[weakref.ref] = []
 
     class Watch:
         def start_layer(self, layer, shape):
             pass
 
-        def rows(self, layer, q0, probs):
+        def rows(self, layer, q0, probs, h0=0):
             alive.extend(ref() is not None for ref in previous)
             previous[:] = [weakref.ref(probs)]
             seen_rows.append(probs.shape[2])
+            seen_heads.append(probs.shape[1])
 
         def end_layer(self, layer):
             pass
 
     with torch.no_grad(), observe_attention(model, Watch(), block_bytes=2 * 2 * 17 * 4 * 4):
         model.forward_features(torch.randn(2, 3, 32, 32))
-    assert max(seen_rows) == 4 < 17 and len(seen_rows) == 3 * (1 + 4)
+    # a budget of 4 rows of both heads: one head a block, 8 rows (the prefix row, then 16 in 2)
+    assert max(seen_rows) == 8 < 17 and set(seen_heads) == {1} and len(seen_rows) == 3 * 2 * (1 + 2)
     assert not any(alive)
 
 

@@ -30,6 +30,7 @@ def test_bench_analysis_quick():
     assert res["one_layer_maps_mib"] > 0 and "ratio_stream_over_plain" in res
     assert set(res["peak_extra_mib"]) == set(res["seconds"])
     assert "stream_extra_over_plain_in_layer_maps" in res and "stacked_extrapolated_from_depth" not in res
+    assert res["ratio_cpu_stream_over_plain"] > 0 and set(res["cpu_seconds"]) == {"plain", "stream"}
 
 
 def test_bench_analysis_extrapolates_the_stacked_variant_by_depth():
@@ -68,3 +69,11 @@ def test_bench_predict_quick():
     assert report["predict_images_per_s"] > 0 and report["bare_images_per_s"] > 0
     assert report["ratio_predict_over_bare"] > 0 and report["ratio_ort_over_torch"] > 0
     assert report["onnx_max_abs_diff"] <= 1e-3 and report["onnx_vs_torch_mask_agreement"] > 0.99
+
+
+def test_bench_analysis_profile_groups_the_operators():
+    report = run_quick("bench_analysis.py", "--profile")
+    (res,) = report["results"]
+    plain, stream = res["self_cpu_s"]["plain"], res["self_cpu_s"]["stream"]
+    assert plain["linear layers"] > 0 and "q.k, p.v and p(k) products" not in plain
+    assert stream["q.k, p.v and p(k) products"] > 0 and "fused attention (plain)" not in stream

@@ -232,19 +232,20 @@ class LayerObserver:
             n = self.grid[0] * self.grid[1]
             self._rows = torch.zeros(self._take, len(self.query_tokens), heads, n)
 
-    def rows(self, layer: int, q0: int, probs: torch.Tensor) -> None:
+    def rows(self, layer: int, q0: int, probs: torch.Tensor, h0: int = 0) -> None:
         if q0 < self.npt:  # prefix queries: part of UNIP's NMI only
             if self.nmi_definition == "unip":
-                self._stats.add_(q0, probs)
+                self._stats.add_(q0, probs, h0)
             return
         if self._rows is not None:  # figure rows first: the statistics consume the block
             p0, p1 = q0 - self.npt, q0 - self.npt + probs.shape[2]
+            heads = slice(h0, h0 + probs.shape[1])
             for j, token in enumerate(self.query_tokens):
                 if p0 <= token < p1:
-                    row = probs[: self._take, :, token - p0, self.npt :] + NMI_EPS  # [images, H, P]
-                    self._rows[:, j] = (row / row.sum(-1, keepdim=True)).cpu()
-        self._sinks.add(probs)  # before the statistics consume the block
-        self._stats.add_(q0, probs)
+                    row = probs[: self._take, :, token - p0, self.npt :] + NMI_EPS  # [images, h, P]
+                    self._rows[:, j, heads] = (row / row.sum(-1, keepdim=True)).cpu()
+        self._sinks.add(probs, h0)  # before the statistics consume the block
+        self._stats.add_(q0, probs, h0)
 
     def end_layer(self, layer: int) -> None:
         layer_nmi, layer_dist = self._stats.result()

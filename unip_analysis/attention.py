@@ -44,6 +44,8 @@ _POST_NORM_BLOCKS: tuple[type, ...] = (ResPostBlock, EvaBlockPostNorm)
 # cache while the softmax and the statistics pass over it, large enough that per-block overhead
 # is negligible.
 DEFAULT_BLOCK_BYTES = 4 * 2**20
+# Query rows a block should hold per (image, head) for the two products to run at full speed.
+MIN_BLOCK_ROWS = 128
 
 
 # --- which models and attention classes are supported ----------------------------------------
@@ -181,10 +183,23 @@ def _refuse_masks(attn: torch.nn.Module, context: Mapping[str, Any]) -> None:
 
 
 def rows_per_block(batch: int, heads: int, tokens: int, block_bytes: int = DEFAULT_BLOCK_BYTES) -> int:
-    """Query rows per block: as many as fit ``block_bytes`` of fp32 logits, and never more than
-    half the rows, so that no block is a layer's whole map."""
+    """Query rows per block of ``heads`` heads: as many as fit ``block_bytes`` of fp32 logits, and
+    never more than half the rows, so that no block is a layer's whole map."""
     per_row = batch * heads * tokens * 4
     return max(1, min(math.ceil(tokens / 2), block_bytes // per_row))
+
+
+def heads_per_block(batch: int, heads: int, tokens: int, block_bytes: int = DEFAULT_BLOCK_BYTES) -> int:
+    """Heads per block: all of them while a block still holds ``MIN_BLOCK_ROWS`` query rows (or
+    the most it may take), else as few equal groups as give it that many. At high resolution a block of every head holds a
+    few dozen rows, and each (image, head) product ``q @ k^T`` then re-packs the whole of ``k``
+    for those few rows: at 4,097 tokens the two products cost 1.4x what they cost on 256 rows."""
+    target = min(MIN_BLOCK_ROWS, math.ceil(tokens / 2))  # a block never takes more than half the rows
+    if rows_per_block(batch, heads, tokens, block_bytes) >= target:
+        return heads
+    fit = max(1, block_bytes // (batch * tokens * 4 * target))
+    groups = math.ceil(heads / fit)
+    return math.ceil(heads / groups)
 
 
 def query_blocks(tokens: int, num_prefix_tokens: int, rows: int) -> Iterator[tuple[int, int]]:
@@ -205,10 +220,12 @@ class AttentionObserver(Protocol):
     def start_layer(self, layer: int, shape: tuple[int, int, int]) -> None:
         """Layer ``layer`` (0-based) begins; its map would be [batch, heads, tokens, tokens]."""
 
-    def rows(self, layer: int, q0: int, probs: torch.Tensor) -> None:
-        """Rows ``q0 : q0 + probs.shape[2]`` of the map, fp32 [batch, heads, rows, tokens], prefix
-        tokens included. The block's output rows are already computed: the observer owns
-        ``probs`` and may overwrite it."""
+    def rows(self, layer: int, q0: int, probs: torch.Tensor, h0: int = 0) -> None:
+        """Rows ``q0 : q0 + probs.shape[2]`` of heads ``h0 : h0 + probs.shape[1]`` of the map, fp32
+        [batch, heads in the block, rows, tokens], prefix tokens included. At high resolution a
+        block holds a group of heads (see :func:`heads_per_block`); each (head, row) arrives
+        once. The block's output rows are already computed: the observer owns ``probs`` and may
+        overwrite it."""
 
     def end_layer(self, layer: int) -> None:
         """Every row of layer ``layer`` has been delivered."""
@@ -238,30 +255,35 @@ def _streaming_forward(layer: int, observer: AttentionObserver, num_prefix_token
         _refuse_masks(self, context)
         q, k, v = project_qkv(self, x, **context)
         batch, heads, tokens, _ = q.shape
-        # q, k, v are views into one fused projection. Contiguous copies, made once per layer,
-        # free it (the copies take the same memory) and spare every block's products a copy.
-        q, k_t, v = q.contiguous(), k.transpose(-2, -1).contiguous(), v.contiguous()
-        del k
-        heads_out = torch.empty_like(v)
         observer.start_layer(layer, (batch, heads, tokens))
-        rows = rows_per_block(batch, heads, tokens, block_bytes)
+        group = heads_per_block(batch, heads, tokens, block_bytes)
+        rows = rows_per_block(batch, group, tokens, block_bytes)
+        heads_out = torch.empty_like(v)
         # Logits and softmax in fp32 whatever autocast chose for the projections: half-precision
         # logits can overflow and would put rounding noise into every statistic.
         with torch.autocast(x.device.type, enabled=False):
-            k_t = k_t.float()
             take = getattr(observer, "projections", None)
             if take is not None:  # the explorer: this layer's q and k, as the logits below use them
-                take(layer, q, self.scale, k_t.transpose(-2, -1), lambda: logit_bias(self, context))
+                take(layer, q, self.scale, k.float(), lambda: logit_bias(self, context))
+            # q, k, v are views into one fused projection. Contiguous copies per group of heads,
+            # made once per layer, free it (the copies take the same memory) and spare every
+            # block's products a copy.
+            starts = range(0, heads, group)
+            q_g = [q[:, h0 : h0 + group].contiguous() for h0 in starts]
+            k_g = [k[:, h0 : h0 + group].transpose(-2, -1).float().contiguous() for h0 in starts]
+            v_g = [v[:, h0 : h0 + group].contiguous() for h0 in starts]
+            del q, k, v
             for q0, q1 in query_blocks(tokens, num_prefix_tokens, rows):
-                logits = (q[:, :, q0:q1].float() * self.scale) @ k_t
                 bias = logit_bias(self, context, q0, q1)
-                if bias is not None:
-                    logits += bias
-                probs = logits.softmax(dim=-1)
-                del logits
-                heads_out[:, :, q0:q1] = self.attn_drop(probs).to(v.dtype) @ v
-                observer.rows(layer, q0, probs)
-                del probs
+                for g, h0 in enumerate(starts):
+                    logits = (q_g[g][:, :, q0:q1].float() * self.scale) @ k_g[g]
+                    if bias is not None:
+                        logits += bias if bias.shape[-3] == 1 else bias[..., h0 : h0 + group, :, :]
+                    probs = logits.softmax(dim=-1)
+                    del logits
+                    heads_out[:, h0 : h0 + group, q0:q1] = self.attn_drop(probs).to(v_g[g].dtype) @ v_g[g]
+                    observer.rows(layer, q0, probs, h0)
+                    del probs
         observer.end_layer(layer)
         return attention_output(self, heads_out, x)
 
@@ -303,15 +325,17 @@ class AttentionMaps:
 
     def __init__(self) -> None:
         self.maps: dict[int, torch.Tensor] = {}
+        self._heads = 0
 
     def start_layer(self, layer: int, shape: tuple[int, int, int]) -> None:
         self.maps.pop(layer, None)
+        self._heads = shape[1]
 
-    def rows(self, layer: int, q0: int, probs: torch.Tensor) -> None:
+    def rows(self, layer: int, q0: int, probs: torch.Tensor, h0: int = 0) -> None:
+        b, h, r, n = probs.shape
         if layer not in self.maps:
-            b, h, _, n = probs.shape
-            self.maps[layer] = probs.new_empty(b, h, n, n)
-        self.maps[layer][:, :, q0 : q0 + probs.shape[2]] = probs
+            self.maps[layer] = probs.new_empty(b, self._heads, n, n)
+        self.maps[layer][:, h0 : h0 + h, q0 : q0 + r] = probs
 
     def end_layer(self, layer: int) -> None:
         pass

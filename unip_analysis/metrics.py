@@ -119,26 +119,33 @@ class UnipNMISums:
         self.row_plogp = torch.zeros(batch, heads, **f64)  # sum_q R_q sum_k A log A
         self.cols = torch.zeros(batch, heads, tokens, **f64)  # C_k
         self.weighted_cols = torch.zeros(batch, heads, tokens, **f64)  # W_k
-        self.rows_seen = 0
+        self.rows_per_head = [0] * heads
 
-    def add(self, probs: torch.Tensor) -> None:
-        """Add whole rows [B, H, rows, tokens] (any query rows, each exactly once). ``probs`` is
-        left as it was."""
+    @property
+    def rows_seen(self) -> int:
+        """Query rows every head has received."""
+        return min(self.rows_per_head)
+
+    def add(self, probs: torch.Tensor, h0: int = 0) -> None:
+        """Add whole rows [B, h, rows, tokens] of heads ``h0 : h0 + h`` (any query rows, each
+        exactly once per head). ``probs`` is left as it was."""
+        hs = slice(h0, h0 + probs.shape[1])
         rows = probs.sum(dim=-1)  # R_q, in the block's dtype (pairwise summation)
         r64 = rows.double()
-        self.total += r64.sum(-1)
-        self.row_entropy += torch.special.xlogy(r64, r64).sum(-1)
-        self.cols += probs.sum(dim=-2, dtype=torch.float64)
-        self.weighted_cols += (rows.unsqueeze(-2) @ probs).squeeze(-2).double()
+        self.total[:, hs] += r64.sum(-1)
+        self.row_entropy[:, hs] += torch.special.xlogy(r64, r64).sum(-1)
+        self.cols[:, hs] += probs.sum(dim=-2, dtype=torch.float64)
+        self.weighted_cols[:, hs] += (rows.unsqueeze(-2) @ probs).squeeze(-2).double()
         # A log A with 0 log 0 = 0: clamping to the smallest normal float changes no entry that
         # is not already (sub)normal-small, and multiplying by A makes those 0 (or < 1e-36).
         plogp = probs.clamp_min(torch.finfo(probs.dtype).tiny).log_().mul_(probs).sum(-1)
-        self.row_plogp += (r64 * plogp.double()).sum(-1)
-        self.rows_seen += probs.shape[-2]
+        self.row_plogp[:, hs] += (r64 * plogp.double()).sum(-1)
+        for h in range(hs.start, hs.stop):
+            self.rows_per_head[h] += probs.shape[-2]
 
     def result(self) -> torch.Tensor:
         """NMI per (batch, head), float64 [B, H]."""
-        if self.rows_seen != self.tokens:
+        if self.rows_seen != self.tokens or max(self.rows_per_head) != self.tokens:
             raise ValueError(f"UNIP NMI saw {self.rows_seen} query rows of {self.tokens}")
         t = self.total
         p_k = self.cols / t.unsqueeze(-1)
@@ -154,6 +161,16 @@ def patch_centres(grid: tuple[int, int], patch_size: int | tuple[int, int]) -> t
     rows, cols = grid
     yy, xx = torch.meshgrid(torch.arange(rows) * ph, torch.arange(cols) * pw, indexing="ij")
     return torch.stack([yy.flatten(), xx.flatten()], dim=1).double()
+
+
+def centre_distances(centres: torch.Tensor, p0: int, p1: int, dtype: torch.dtype) -> torch.Tensor:
+    """Distances in pixels from patches ``p0:p1`` to every patch, ``sqrt(dy^2 + dx^2)`` in ``dtype``:
+    [p1 - p0, P]. The offsets are whole pixels, so the squares and their sum are exact in fp32 and
+    the correctly rounded square root equals the float64 distance rounded to fp32."""
+    c = centres.to(dtype)
+    dy = c[p0:p1, 0, None] - c[None, :, 0]
+    dx = c[p0:p1, 1, None] - c[None, :, 1]
+    return dy.mul_(dy).addcmul_(dx, dx).sqrt_()
 
 
 class StreamingStatistics:
@@ -191,51 +208,68 @@ class StreamingStatistics:
         self.prob_k = torch.zeros(batch, heads, n, **f64)  # sum_q p(k|q)
         self.cond_entropy = torch.zeros(batch, heads, **f64)  # sum_q H(K|q)
         self.distance = torch.zeros(batch, heads, **f64)  # sum_q sum_k p(k|q) d(q, k)
-        self.rows_seen = 0
+        self.rows_per_head = [0] * heads
+        self._distances: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # the last block's
 
-    def add_(self, q0: int, probs: torch.Tensor) -> None:
-        """Add rows ``q0 : q0 + rows`` (token indices) of the post-softmax map, fp32 [B, H, rows,
-        tokens] with prefix key columns included. Overwrites ``probs``. Prefix query rows are
-        refused, except under the 'unip' definition, which counts them."""
+    @property
+    def rows_seen(self) -> int:
+        """Patch query rows every head has received."""
+        return min(self.rows_per_head)
+
+    def distance_rows(
+        self, p0: int, rows: int, npt: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(d [rows, prefix + P] with zeros for the prefix keys, sum_k d [rows] in fp64) for patch
+        queries ``p0 : p0 + rows``; kept for the next call, which is the same rows' next head group."""
+        key = (p0, rows, npt, dtype)
+        if self._distances is None or self._distances[0] != key:
+            d = centre_distances(self.centres, p0, p0 + rows, dtype)
+            self._distances = key, torch.nn.functional.pad(d, (npt, 0)), d.sum(-1, dtype=torch.float64)
+        return self._distances[1], self._distances[2]
+
+    def add_(self, q0: int, probs: torch.Tensor, h0: int = 0) -> None:
+        """Add rows ``q0 : q0 + rows`` (token indices) of heads ``h0 : h0 + h`` of the post-softmax
+        map, fp32 [B, h, rows, tokens] with prefix key columns included. Overwrites ``probs``.
+        Prefix query rows are refused, except under the 'unip' definition, which counts them."""
         npt = self.num_prefix_tokens
         if self.unip is not None:
-            self.unip.add(probs)  # before the patch statistics consume the block
+            self.unip.add(probs, h0)  # before the patch statistics consume the block
             skip = min(max(npt - q0, 0), probs.shape[-2])
             probs, q0 = probs[..., skip:, :], q0 + skip
             if probs.shape[-2] == 0:
                 return
         elif q0 < npt:
             raise ValueError(f"rows from {q0} include prefix queries (the first {npt} tokens)")
-        a = probs[..., npt:]  # view: patch keys, [B, H, rows, P]
+        hs = slice(h0, h0 + probs.shape[1])
+        a = probs[..., npt:]  # view: patch keys, [B, h, rows, P]
         n, rows = self.num_patches, a.shape[-2]
-        p0 = q0 - npt
         # Sums over one row's keys run in the block's dtype (pairwise summation, ~1e-7 relative);
         # everything accumulated across rows and blocks is fp64. Products with the whole
         # (contiguous) rows, prefix columns weighted 0, avoid copying the strided patch view.
         mass = a.sum(dim=-1).double()  # patch mass of each row, before any eps
-        d = torch.cdist(self.centres[p0 : p0 + rows], self.centres)  # [rows, P] pixels
-        d_rows = torch.nn.functional.pad(d.to(probs.dtype), (npt, 0))  # zero for prefix keys
-        weighted = torch.einsum("bhqk,qk->bhq", probs, d_rows).double()  # sum_k A d
-        self.distance += ((weighted + DISTANCE_EPS * d.sum(-1)) / (mass + n * DISTANCE_EPS)).sum(-1)
-        self.rows_seen += rows
+        d_rows, d_sum = self.distance_rows(q0 - npt, rows, npt, probs.dtype)
+        weighted = torch.linalg.vecdot(probs, d_rows).double()  # sum_k A d, one fused pass
+        self.distance[:, hs] += ((weighted + DISTANCE_EPS * d_sum) / (mass + n * DISTANCE_EPS)).sum(-1)
+        for h in range(hs.start, hs.stop):
+            self.rows_per_head[h] += rows
         if self.unip is not None:
             return
         z = mass + n * NMI_EPS  # normaliser of (A + 1e-8) over patch keys
         inv_z = 1.0 / z
-        self.prob_k += (inv_z.to(probs.dtype).unsqueeze(-2) @ probs).squeeze(-2)[..., npt:]
-        self.prob_k += NMI_EPS * inv_z.sum(-1, keepdim=True)
+        self.prob_k[:, hs] += (inv_z.to(probs.dtype).unsqueeze(-2) @ probs).squeeze(-2)[..., npt:]
+        self.prob_k[:, hs] += NMI_EPS * inv_z.sum(-1, keepdim=True)
         # H(K|q) = log Z - sum_k (A + eps) log(A + eps) / Z. A + eps > 0, so x log x needs no
         # xlogy (several times slower); the block is consumed in place.
         a.add_(NMI_EPS)
         log_a = a.log()
         plogp = log_a.mul_(a).sum(dim=-1).double()
         del log_a
-        self.cond_entropy += (torch.log(z) - plogp * inv_z).sum(-1)
+        self.cond_entropy[:, hs] += (torch.log(z) - plogp * inv_z).sum(-1)
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(NMI, mean attention distance in pixels), each float64 [B, H]."""
         n = self.num_patches
-        if self.rows_seen != n:
+        if self.rows_seen != n or max(self.rows_per_head) != n:
             raise ValueError(f"statistics saw {self.rows_seen} patch query rows of {n}")
         if self.unip is not None:
             return self.unip.result(), self.distance / n
