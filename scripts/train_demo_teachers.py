@@ -212,7 +212,9 @@ def layer_nmi(vit: torch.nn.Module, x: torch.Tensor) -> list[float]:
     vit.eval()
     maps = attention_maps(vit, x)  # 64 tokens a layer at the demo's size: full maps are small
     vit.train(was_training)
-    out = {layer: float(nmi(patch_attention(attn, vit.num_prefix_tokens)).mean()) for layer, attn in maps.items()}
+    out = {
+        layer: float(nmi(patch_attention(attn, vit.num_prefix_tokens)).mean()) for layer, attn in maps.items()
+    }
     return [out[i] for i in range(len(vit.blocks))]
 
 
