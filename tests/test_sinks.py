@@ -254,3 +254,36 @@ def test_explorer_labels_carry_each_heads_sink_share_and_token():
     old.head_sink_share = []  # as an analysis made before the statistic
     payload, _ = explorer.model_payload(old, th)
     assert all("sink" not in st for heads in payload["headStats"] for st in heads)
+
+
+def test_the_page_gives_each_heads_sink_share(tmp_path):
+    """window.unipExplorer.sinkShare(model, layer, head) is the analysis' own sink share and token
+    (head 0-based or "mean"), read through the page in chromium."""
+    import test_explorer
+
+    if not test_explorer.Path(test_explorer.CHROMIUM).exists():
+        pytest.skip(f"{test_explorer.CHROMIUM} is not installed")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    res = analyze.analyze_backbone(
+        trained_like(),
+        Images(size=TINY_TRAINED_IMG),
+        name="tl",
+        progress=False,
+        map_images=0,
+        explore_images=2,
+    )
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=test_explorer.CHROMIUM, args=test_explorer.CHROMIUM_ARGS)
+        try:
+            page, errors, outside = test_explorer.open_report(b, test_explorer.page_of([res], tmp_path))
+            for layer in range(res.depth):
+                shown = page.evaluate("a => unipExplorer.sinkShare('tl', a[0], a[1])", [layer + 1, 0])
+                want = res.head_sinks(layer, 0)
+                assert shown["share"] == pytest.approx(want["sink_share"], rel=1e-9)
+                assert shown["token"] == want["sink_token"]
+                mean = page.evaluate("l => unipExplorer.sinkShare('tl', l, 'mean')", layer + 1)
+                assert mean["share"] == pytest.approx(float(res.head_sink_share[layer].mean()), rel=1e-6)
+            assert page.evaluate("() => unipExplorer.sinkShare('tl', 2, 0)")["token"] == "cls"  # a sink head
+            assert not errors and not outside
+        finally:
+            b.close()

@@ -685,6 +685,15 @@ function unipExplorerMount(root, source, options) {
       return {queries: pairs(0), keys: pairs(n)};
     },
     qkTokens: (name) => (model(name).qk ? model(name).qk.tokens.slice() : null),
+    // a head's attention-sink statistic (head 0-based, or "mean" over the layer's heads): {share, token},
+    // the largest mean share one token receives and that token ("cls", "reg0"... or a patch index); null
+    // where the analysis has none
+    sinkShare(name, layer, head) {
+      const stats = model(name).headStats[layer - 1];
+      if (stats[0].sink === undefined) return null;
+      if (head === "mean") return {share: stats.reduce((s, st) => s + st.sink, 0) / stats.length, token: null};
+      return {share: stats[head].sink, token: stats[head].sinkToken};
+    },
     prefixShare(name, image, layer, head, query) {
       const m = model(name), r = m.fullRow(image, layer, head, query);
       if (r === null) return null;
