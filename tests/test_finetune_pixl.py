@@ -131,11 +131,14 @@ def test_sigkill_then_resume_is_bit_identical_with_pixl_and_label_fraction(files
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert [r["loss"] for r in train_records(whole)] == [r["loss"] for r in train_records(killed)]
-    # resuming without the options the checkpoint was made with is refused
+    # resuming without the options the run was made with is refused by its record (run.json), naming them
     refused = subprocess.run(
         cmd + argv(files, killed, "--resume", iters=6), env=_env(), capture_output=True, text=True
     )
-    assert refused.returncode == 2 and "saved with extensions=['semi', 'pixl']" in refused.stderr
+    assert refused.returncode == 2 and "made with other settings" in refused.stderr
+    assert (
+        'label_fraction: "1/2" -> null' in refused.stderr and 'pixel_loss: "pixl" -> "none"' in refused.stderr
+    )
 
 
 @pytest.mark.parametrize(
