@@ -303,34 +303,37 @@ def results_section(report: dict) -> str:
         "| part | images/s | real (or ours) / bare | other | peak GPU MiB | part s |",
         "|---|---|---|---|---|---|",
     ]
+
+    def row(label: str, part: dict, speed: str, ratio: str, other: str) -> None:
+        lines.append(
+            f"| {label} | {speed} | **{_cell(part, ratio)}** | {other} | {_cell(part, 'peak_gpu_mib')} "
+            f"| {part['seconds']} |"
+        )
+
     step = report["parts"].get("pretrain_step")
     if step:
-        ips = step.get("images_per_s", {})
+        label = f"NMI-HAD step, batch {step.get('batch', '-')}, {step.get('precision', '-')}"
         other = f"ours / naive {_cell(step, 'ratio_ours_over_naive')} (throughput)"
-        lines.append(
-            f"| NMI-HAD step, batch {step.get('batch', '-')}, {step.get('precision', '-')} | {ips.get('ours', '-')} "
-            f"| **{_cell(step, 'ratio_ours_over_bare')}** | {other} | {_cell(step, 'peak_gpu_mib')} | {step['seconds']} |"
-        )
+        row(label, step, step.get("images_per_s", {}).get("ours", "-"), "ratio_ours_over_bare", other)
     loop = report["parts"].get("pretrain_loop")
     if loop:
-        lines.append(
-            f"| pre-training loop (nmi-had), batch {loop.get('batch', '-')} | {_cell(loop, 'images_per_s')} "
-            f"| **{_cell(loop, 'ratio_real_over_bare')}** | workers {_cell(loop, 'workers')} "
-            f"| {_cell(loop, 'peak_gpu_mib')} | {loop['seconds']} |"
+        label = f"pre-training loop (nmi-had), batch {loop.get('batch', '-')}"
+        row(
+            label,
+            loop,
+            _cell(loop, "images_per_s"),
+            "ratio_real_over_bare",
+            f"workers {_cell(loop, 'workers')}",
         )
     for r in report["parts"].get("finetune") or []:
-        lines.append(
-            f"| fine-tuning loop, {r['head']}, {_cell(r, 'arch')} {_cell(r, 'crop')} | {_cell(r, 'images_per_s')} "
-            f"| **{_cell(r, 'ratio_real_over_bare')}** | rounds {_cell(r, 'round_ratios')}, {_cell(r, 'amp')} "
-            f"| {_cell(r, 'peak_gpu_mib')} | {r['seconds']} |"
-        )
+        label = f"fine-tuning loop, {r['head']}, {_cell(r, 'arch')} {_cell(r, 'crop')}"
+        other = f"rounds {_cell(r, 'round_ratios')}, {_cell(r, 'amp')}"
+        row(label, r, _cell(r, "images_per_s"), "ratio_real_over_bare", other)
     pred = report["parts"].get("predict")
     if pred:
-        lines.append(
-            f"| unip-predict, {_cell(pred, 'arch')} {_cell(pred, 'crop')} | {_cell(pred, 'predict_images_per_s')} "
-            f"| **{_cell(pred, 'ratio_predict_over_bare')}** | bare {_cell(pred, 'bare_images_per_s')} images/s "
-            f"| {_cell(pred, 'peak_gpu_mib')} | {pred['seconds']} |"
-        )
+        label = f"unip-predict, {_cell(pred, 'arch')} {_cell(pred, 'crop')}"
+        other = f"bare {_cell(pred, 'bare_images_per_s')} images/s"
+        row(label, pred, _cell(pred, "predict_images_per_s"), "ratio_predict_over_bare", other)
     errors = [
         f"{name}: {p['error']}" for name, p in report["parts"].items() if isinstance(p, dict) and "error" in p
     ]
