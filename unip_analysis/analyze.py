@@ -27,7 +27,7 @@ from .attention import observe_attention
 from .checkpoints import LoadedBackbone
 from .device import DTYPES, autocast
 from .explorer import ExplorerData, ExplorerRecorder, ModelShape, plan_explorer
-from .metrics import NMI_EPS, SinkSums, StreamingStatistics, bootstrap_ci, check_nmi_definition
+from .metrics import NMI_EPS, StreamingStatistics, bootstrap_ci, check_nmi_definition
 from .patterns import Thresholds, classify, default_thresholds, robustness, select_layer
 
 DEFAULT_QUERY_POINTS: tuple[tuple[float, float], ...] = ((0.5, 0.5), (0.25, 0.25), (0.75, 0.7))
@@ -194,6 +194,7 @@ class LayerObserver:
     ):
         self.grid, self.patch_size, self.npt, self.device = grid, patch_size, num_prefix_tokens, device
         self.nmi_definition = check_nmi_definition(nmi_definition)
+        self._unip = nmi_definition == "unip"
         self.query_tokens = list(query_tokens)
         self.map_images_left = map_images
         self.nmi: list[list[torch.Tensor]] = [[] for _ in range(depth)]
@@ -202,7 +203,6 @@ class LayerObserver:
         # per layer, one [B, H] tensor per forward each: sink share, prefix share, sink token, and
         # the sink token's key norm over the median key norm (metrics.SinkSums)
         self.sinks: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in range(depth)]
-        self._sinks: SinkSums | None = None
         self._key_norms: torch.Tensor | None = None
         self._stats: StreamingStatistics | None = None
         self._rows: torch.Tensor | None = None
@@ -226,26 +226,33 @@ class LayerObserver:
         self._stats = StreamingStatistics(
             batch, heads, self.grid, self.patch_size, self.npt, self.device, self.nmi_definition
         )
-        self._sinks = SinkSums(batch, heads, shape[2], self.npt, self.device)
         self._rows = None
         if self._take and self.query_tokens:
             n = self.grid[0] * self.grid[1]
             self._rows = torch.zeros(self._take, len(self.query_tokens), heads, n)
 
+    def softmax_rows(self, layer: int, q0: int, logits: torch.Tensor, h0: int = 0) -> torch.Tensor:
+        """attention.SoftmaxObserver: the block's softmax, taken while the statistics reduce it."""
+        probs = (
+            self._stats.add_logits_(q0, logits, h0) if q0 >= self.npt or self._unip else logits.softmax(-1)
+        )
+        self._keep_figure_rows(q0, probs, h0)
+        return probs
+
     def rows(self, layer: int, q0: int, probs: torch.Tensor, h0: int = 0) -> None:
-        if q0 < self.npt:  # prefix queries: part of UNIP's NMI only
-            if self.nmi_definition == "unip":
-                self._stats.add_(q0, probs, h0)
+        if q0 >= self.npt or self._unip:  # prefix queries: part of UNIP's NMI only
+            self._stats.add_(q0, probs, h0)
+        self._keep_figure_rows(q0, probs, h0)
+
+    def _keep_figure_rows(self, q0: int, probs: torch.Tensor, h0: int) -> None:
+        if self._rows is None or q0 < self.npt:
             return
-        if self._rows is not None:  # figure rows first: the statistics consume the block
-            p0, p1 = q0 - self.npt, q0 - self.npt + probs.shape[2]
-            heads = slice(h0, h0 + probs.shape[1])
-            for j, token in enumerate(self.query_tokens):
-                if p0 <= token < p1:
-                    row = probs[: self._take, :, token - p0, self.npt :] + NMI_EPS  # [images, h, P]
-                    self._rows[:, j, heads] = (row / row.sum(-1, keepdim=True)).cpu()
-        self._sinks.add(probs, h0)  # before the statistics consume the block
-        self._stats.add_(q0, probs, h0)
+        p0, p1 = q0 - self.npt, q0 - self.npt + probs.shape[2]
+        heads = slice(h0, h0 + probs.shape[1])
+        for j, token in enumerate(self.query_tokens):
+            if p0 <= token < p1:
+                row = probs[: self._take, :, token - p0, self.npt :] + NMI_EPS  # [images, h, P]
+                self._rows[:, j, heads] = (row / row.sum(-1, keepdim=True)).cpu()
 
     def end_layer(self, layer: int) -> None:
         layer_nmi, layer_dist = self._stats.result()
@@ -253,11 +260,11 @@ class LayerObserver:
         self.distance[layer].append(layer_dist.cpu())
         if self._rows is not None:
             self.maps[layer].append(self._rows.reshape(*self._rows.shape[:3], *self.grid))
-        share, prefix, token = self._sinks.result()
+        share, prefix, token = self._stats.sinks()
         norms = self._key_norms
         ratio = norms.gather(-1, token.unsqueeze(-1)).squeeze(-1) / norms.median(dim=-1).values
         self.sinks[layer].append((share.cpu(), prefix.cpu(), token.cpu(), ratio.double().cpu()))
-        self._stats = self._rows = self._sinks = self._key_norms = None
+        self._stats = self._rows = self._key_norms = None
 
 
 def explorer_shape(backbone: LoadedBackbone) -> ModelShape:

@@ -231,6 +231,17 @@ class AttentionObserver(Protocol):
         """Every row of layer ``layer`` has been delivered."""
 
 
+class SoftmaxObserver(AttentionObserver, Protocol):
+    """An observer that takes each block's softmax itself, reducing the rows while it computes
+    them (the analysis: unip_analysis.kernels.softmax_rows); its ``rows`` is then not called."""
+
+    def softmax_rows(self, layer: int, q0: int, logits: torch.Tensor, h0: int = 0) -> torch.Tensor:
+        """Rows ``q0 : q0 + logits.shape[2]`` of heads ``h0 : h0 + logits.shape[1]``, fp32 logits
+        [batch, heads in the block, rows, tokens], prefix tokens included, owned by the observer:
+        return their softmax over the last dim (in the same storage or not), which the block's
+        output rows are then computed from."""
+
+
 class ProjectionObserver(AttentionObserver, Protocol):
     """An observer that also wants each layer's logit inputs (the attention explorer stores them):
     called once per layer, before its rows."""
@@ -266,24 +277,34 @@ def _streaming_forward(layer: int, observer: AttentionObserver, num_prefix_token
             if take is not None:  # the explorer: this layer's q and k, as the logits below use them
                 take(layer, q, self.scale, k.float(), lambda: logit_bias(self, context))
             # q, k, v are views into one fused projection. Contiguous copies per group of heads,
-            # made once per layer, free it (the copies take the same memory) and spare every
-            # block's products a copy.
+            # made once per layer (q scaled and in fp32, k transposed), free it (the copies take the
+            # same memory) and spare every block's products a copy.
             starts = range(0, heads, group)
-            q_g = [q[:, h0 : h0 + group].contiguous() for h0 in starts]
-            k_g = [k[:, h0 : h0 + group].transpose(-2, -1).float().contiguous() for h0 in starts]
+            q_g = [(q[:, h0 : h0 + group].float() * self.scale).flatten(0, 1) for h0 in starts]
+            k_g = [
+                k[:, h0 : h0 + group].transpose(-2, -1).float().contiguous().flatten(0, 1) for h0 in starts
+            ]
             v_g = [v[:, h0 : h0 + group].contiguous() for h0 in starts]
             del q, k, v
+            fused = getattr(observer, "softmax_rows", None)
+            most = max(rows, num_prefix_tokens)  # the prefix rows come as one block of their own
+            buffer = torch.empty(batch * group * most * tokens, device=x.device)  # one block's logits
             for q0, q1 in query_blocks(tokens, num_prefix_tokens, rows):
                 bias = logit_bias(self, context, q0, q1)
                 for g, h0 in enumerate(starts):
-                    logits = (q_g[g][:, :, q0:q1].float() * self.scale) @ k_g[g]
+                    n_h = q_g[g].shape[0] // batch
+                    logits = buffer[: batch * n_h * (q1 - q0) * tokens].view(batch * n_h, q1 - q0, tokens)
+                    torch.bmm(q_g[g][:, q0:q1], k_g[g], out=logits)
+                    logits = logits.view(batch, n_h, q1 - q0, tokens)
                     if bias is not None:
-                        logits += bias if bias.shape[-3] == 1 else bias[..., h0 : h0 + group, :, :]
-                    probs = logits.softmax(dim=-1)
-                    del logits
-                    heads_out[:, h0 : h0 + group, q0:q1] = self.attn_drop(probs).to(v_g[g].dtype) @ v_g[g]
-                    observer.rows(layer, q0, probs, h0)
-                    del probs
+                        logits += bias if bias.shape[-3] == 1 else bias[..., h0 : h0 + n_h, :, :]
+                    # the observer either takes the softmax itself (reducing the rows as it goes)
+                    # or receives the probabilities once the block's output rows are computed
+                    probs = logits.softmax(dim=-1) if fused is None else fused(layer, q0, logits, h0)
+                    heads_out[:, h0 : h0 + n_h, q0:q1] = self.attn_drop(probs).to(v_g[g].dtype) @ v_g[g]
+                    if fused is None:
+                        observer.rows(layer, q0, probs, h0)
+                    del probs, logits
         observer.end_layer(layer)
         return attention_output(self, heads_out, x)
 

@@ -17,6 +17,8 @@ import math
 import numpy as np
 import torch
 
+from .kernels import row_statistics, softmax_rows
+
 NMI_EPS = 1e-8  # added before renormalizing the patch rows for NMI, as the reference analysis does
 DISTANCE_EPS = 1e-32  # ... and for the attention distance (method.md section 1)
 EPS = NMI_EPS
@@ -97,64 +99,6 @@ def check_nmi_definition(definition: str) -> str:
     return definition
 
 
-class UnipNMISums:
-    """The sums :func:`nmi_unip` needs, accumulated over blocks of whole query rows (every token,
-    prefix included), so that the map never has to exist.
-
-    p(k) needs every query's column before the mutual information can be formed; rearranged,
-    with R_q, C_k, T as in :func:`nmi_unip` and ``W_k = sum_q R_q A[q, k]``, everything is a sum
-    over rows (exact, no approximation)::
-
-        T I    = sum_q R_q sum_k A log A  -  sum_k W_k log p(k)
-        H(Q)   = log T - (1/T) sum_q R_q log R_q,      H(K) from p(k) = C_k / T
-
-    Kept in fp64: T, sum_q R_q log R_q, sum_q R_q sum_k A log A, C_k and W_k.
-    """
-
-    def __init__(self, batch: int, heads: int, tokens: int, device: torch.device | str = "cpu"):
-        f64 = {"dtype": torch.float64, "device": device}
-        self.tokens = tokens
-        self.total = torch.zeros(batch, heads, **f64)  # T
-        self.row_entropy = torch.zeros(batch, heads, **f64)  # sum_q R_q log R_q
-        self.row_plogp = torch.zeros(batch, heads, **f64)  # sum_q R_q sum_k A log A
-        self.cols = torch.zeros(batch, heads, tokens, **f64)  # C_k
-        self.weighted_cols = torch.zeros(batch, heads, tokens, **f64)  # W_k
-        self.rows_per_head = [0] * heads
-
-    @property
-    def rows_seen(self) -> int:
-        """Query rows every head has received."""
-        return min(self.rows_per_head)
-
-    def add(self, probs: torch.Tensor, h0: int = 0) -> None:
-        """Add whole rows [B, h, rows, tokens] of heads ``h0 : h0 + h`` (any query rows, each
-        exactly once per head). ``probs`` is left as it was."""
-        hs = slice(h0, h0 + probs.shape[1])
-        rows = probs.sum(dim=-1)  # R_q, in the block's dtype (pairwise summation)
-        r64 = rows.double()
-        self.total[:, hs] += r64.sum(-1)
-        self.row_entropy[:, hs] += torch.special.xlogy(r64, r64).sum(-1)
-        self.cols[:, hs] += probs.sum(dim=-2)  # block dtype, then fp64: see SinkSums.add
-        self.weighted_cols[:, hs] += (rows.unsqueeze(-2) @ probs).squeeze(-2).double()
-        # A log A with 0 log 0 = 0: clamping to the smallest normal float changes no entry that
-        # is not already (sub)normal-small, and multiplying by A makes those 0 (or < 1e-36).
-        plogp = probs.clamp_min(torch.finfo(probs.dtype).tiny).log_().mul_(probs).sum(-1)
-        self.row_plogp[:, hs] += (r64 * plogp.double()).sum(-1)
-        for h in range(hs.start, hs.stop):
-            self.rows_per_head[h] += probs.shape[-2]
-
-    def result(self) -> torch.Tensor:
-        """NMI per (batch, head), float64 [B, H]."""
-        if self.rows_seen != self.tokens or max(self.rows_per_head) != self.tokens:
-            raise ValueError(f"UNIP NMI saw {self.rows_seen} query rows of {self.tokens}")
-        t = self.total
-        p_k = self.cols / t.unsqueeze(-1)
-        h_k = -torch.special.xlogy(p_k, p_k).sum(-1)
-        h_q = torch.log(t) - self.row_entropy / t
-        mi = (self.row_plogp - torch.special.xlogy(self.weighted_cols, p_k).sum(-1)) / t
-        return mi / torch.sqrt(h_q * h_k)
-
-
 def patch_centres(grid: tuple[int, int], patch_size: int | tuple[int, int]) -> torch.Tensor:
     """(y, x) of every patch on a (rows, cols) grid in pixels, row-major: [rows * cols, 2] float64."""
     ph, pw = (patch_size, patch_size) if isinstance(patch_size, int) else patch_size
@@ -174,17 +118,27 @@ def centre_distances(centres: torch.Tensor, p0: int, p1: int, dtype: torch.dtype
 
 
 class StreamingStatistics:
-    """NMI and mean attention distance per (image, head) of one layer, accumulated over blocks
-    of query rows so that the layer's map never has to exist (method.md section 1).
+    """NMI, mean attention distance and sink sums per (image, head) of one layer, accumulated
+    over blocks of query rows so that the layer's map never has to exist (method.md section 1).
 
     Per patch query q, with A its post-softmax row over patch keys (prefix columns dropped):
-    ``p(k|q) = (A + 1e-8) / Z_q`` for NMI and ``(A + 1e-32) / Z'_q`` for the distance. Per block
-    it keeps, in fp64: ``sum_q p(k|q)`` (for p(k), the mean over ALL queries, needed before H(K)
-    can be computed), ``sum_q H(K|q)`` and ``sum_q sum_k p(k|q) d(q, k)``. :meth:`result` then
-    gives ``NMI = (H(K) - mean_q H(K|q)) / sqrt(H(K) log N)`` and the mean distance in pixels.
+    ``p(k|q) = (A + 1e-8) / Z_q`` for NMI and ``(A + 1e-32) / Z'_q`` for the distance. Each block
+    is reduced to per-row sums (:func:`unip_analysis.kernels.softmax_rows`) and column sums; kept
+    in fp64: ``sum_q H(K|q)``, ``sum_q sum_k p(k|q) d(q, k)``, ``sum_q 1 / Z_q`` and the columns
+    ``sum_q A[q, k]`` (the sinks) and ``sum_q A[q, k] / Z_q`` (p(k), the mean over ALL queries,
+    needed before H(K) can be computed). :meth:`result` then gives
+    ``NMI = (H(K) - mean_q H(K|q)) / sqrt(H(K) log N)`` and the mean distance in pixels.
 
-    ``nmi_definition='unip'`` gives UNIP's published NMI instead (:class:`UnipNMISums`, over the
-    whole map: the prefix tokens' query rows are then added too); the distance is the same.
+    ``nmi_definition='unip'`` gives UNIP's published NMI instead (:func:`nmi_unip`, over the whole
+    map: the prefix tokens' query rows are added too). p(k) needs every query's column before
+    the mutual information can be formed; rearranged, with R_q, C_k, T as in :func:`nmi_unip` and
+    ``W_k = sum_q R_q A[q, k]``, everything is a sum over rows (exact, no approximation)::
+
+        T I    = sum_q R_q sum_k A log A  -  sum_k W_k log p(k)
+        H(Q)   = log T - (1/T) sum_q R_q log R_q,      H(K) from p(k) = C_k / T
+
+    kept in fp64 (T, sum_q R_q log R_q, sum_q R_q sum_k A log A, C_k and W_k). The distance and
+    the sinks are the same under both.
     """
 
     def __init__(
@@ -201,14 +155,21 @@ class StreamingStatistics:
         self.nmi_definition = check_nmi_definition(nmi_definition)
         self.centres = patch_centres(grid, patch_size).to(device)
         self.num_patches = n = self.centres.shape[0]
-        self.unip = (
-            UnipNMISums(batch, heads, n + num_prefix_tokens, device) if nmi_definition == "unip" else None
-        )
         f64 = {"dtype": torch.float64, "device": device}
-        self.prob_k = torch.zeros(batch, heads, n, **f64)  # sum_q p(k|q)
+        tokens = n + num_prefix_tokens
+        # column sums of the patch query rows: [sum_q A, sum_q A / Z_q (park) or R_q A (unip)]
+        self.cols = torch.zeros(batch, heads, 2, tokens, **f64)
+        self.inv_z = torch.zeros(batch, heads, **f64)  # sum_q 1 / Z_q
         self.cond_entropy = torch.zeros(batch, heads, **f64)  # sum_q H(K|q)
         self.distance = torch.zeros(batch, heads, **f64)  # sum_q sum_k p(k|q) d(q, k)
         self.rows_per_head = [0] * heads
+        self.unip = nmi_definition == "unip"
+        if self.unip:  # T, sum_q R_q log R_q, sum_q R_q sum_k A log A; columns of the prefix rows
+            self.total, self.row_entropy, self.row_plogp = (
+                torch.zeros(batch, heads, **f64) for _ in range(3)
+            )
+            self.prefix_cols = torch.zeros(batch, heads, 2, tokens, **f64)
+            self.prefix_rows_per_head = [0] * heads
         self._distances: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # the last block's
 
     @property
@@ -227,56 +188,92 @@ class StreamingStatistics:
             self._distances = key, torch.nn.functional.pad(d, (npt, 0)), d.sum(-1, dtype=torch.float64)
         return self._distances[1], self._distances[2]
 
+    def _block(self, q0: int, rows: int, dtype: torch.dtype) -> tuple:
+        """(distance rows or None, their sums or None, the column sums the block adds to) for
+        rows ``q0 : q0 + rows``, which are all prefix queries or all patch queries."""
+        npt = self.num_prefix_tokens
+        if q0 >= npt:
+            return (*self.distance_rows(q0 - npt, rows, npt, dtype), self.cols)
+        if not self.unip:
+            raise ValueError(f"rows from {q0} include prefix queries (the first {npt} tokens)")
+        if q0 + rows > npt:
+            raise ValueError(f"rows {q0} to {q0 + rows} mix prefix and patch queries")
+        return None, None, self.prefix_cols
+
+    def add_logits_(self, q0: int, logits: torch.Tensor, h0: int = 0) -> torch.Tensor:
+        """Rows ``q0 : q0 + rows`` (token indices) of heads ``h0 : h0 + h``, as fp32 logits
+        [B, h, rows, tokens] with prefix key columns included: replaced by their softmax while
+        they are reduced (:func:`unip_analysis.kernels.softmax_rows`), and returned. The rows are
+        all prefix queries (counted only under 'unip') or all patch queries."""
+        d, d_sum, cols = self._block(q0, logits.shape[-2], logits.dtype)
+        stats = softmax_rows(logits, self.num_prefix_tokens, d, cols, h0, self.nmi_definition, NMI_EPS)
+        self._accumulate(q0, stats, h0, d_sum)
+        return logits
+
     def add_(self, q0: int, probs: torch.Tensor, h0: int = 0) -> None:
         """Add rows ``q0 : q0 + rows`` (token indices) of heads ``h0 : h0 + h`` of the post-softmax
-        map, fp32 [B, h, rows, tokens] with prefix key columns included. Overwrites ``probs``.
-        Prefix query rows are refused, except under the 'unip' definition, which counts them."""
+        map, [B, h, rows, tokens] in any float dtype, prefix key columns included; ``probs`` is left
+        as it was. Prefix query rows are refused, except under the 'unip' definition, which counts them."""
         npt = self.num_prefix_tokens
-        if self.unip is not None:
-            self.unip.add(probs, h0)  # before the patch statistics consume the block
-            skip = min(max(npt - q0, 0), probs.shape[-2])
-            probs, q0 = probs[..., skip:, :], q0 + skip
-            if probs.shape[-2] == 0:
-                return
-        elif q0 < npt:
-            raise ValueError(f"rows from {q0} include prefix queries (the first {npt} tokens)")
-        hs = slice(h0, h0 + probs.shape[1])
-        a = probs[..., npt:]  # view: patch keys, [B, h, rows, P]
-        n, rows = self.num_patches, a.shape[-2]
-        # Sums over one row's keys run in the block's dtype (pairwise summation, ~1e-7 relative);
-        # everything accumulated across rows and blocks is fp64. Products with the whole
-        # (contiguous) rows, prefix columns weighted 0, avoid copying the strided patch view.
-        mass = a.sum(dim=-1).double()  # patch mass of each row, before any eps
-        d_rows, d_sum = self.distance_rows(q0 - npt, rows, npt, probs.dtype)
-        weighted = torch.linalg.vecdot(probs, d_rows).double()  # sum_k A d, one fused pass
-        self.distance[:, hs] += ((weighted + DISTANCE_EPS * d_sum) / (mass + n * DISTANCE_EPS)).sum(-1)
-        for h in range(hs.start, hs.stop):
-            self.rows_per_head[h] += rows
-        if self.unip is not None:
+        split = min(max(npt - q0, 0), probs.shape[-2]) if self.unip else 0
+        for first, part in ((q0, probs[..., :split, :]), (q0 + split, probs[..., split:, :])):
+            if part.shape[-2]:
+                d, d_sum, cols = self._block(first, part.shape[-2], part.dtype)
+                stats = row_statistics(part, npt, d, cols, h0, self.nmi_definition, NMI_EPS)
+                self._accumulate(first, stats, h0, d_sum)
+
+    def _accumulate(self, q0: int, stats: torch.Tensor, h0: int, d_sum: torch.Tensor | None) -> None:
+        """Add a block's per-row sums [B, h, rows, 4] (kernels.softmax_rows)."""
+        total, mass, dist, plogp = stats.unbind(-1)
+        h, rows = stats.shape[1], stats.shape[2]
+        hs = slice(h0, h0 + h)
+        if self.unip:
+            self.total[:, hs] += total.sum(-1)
+            self.row_entropy[:, hs] += torch.special.xlogy(total, total).sum(-1)
+            self.row_plogp[:, hs] += (total * plogp).sum(-1)
+        if d_sum is None:  # prefix query rows: UNIP's NMI only
+            for i in range(hs.start, hs.stop):
+                self.prefix_rows_per_head[i] += rows
             return
-        z = mass + n * NMI_EPS  # normaliser of (A + 1e-8) over patch keys
-        inv_z = 1.0 / z
-        self.prob_k[:, hs] += (inv_z.to(probs.dtype).unsqueeze(-2) @ probs).squeeze(-2)[..., npt:]
-        self.prob_k[:, hs] += NMI_EPS * inv_z.sum(-1, keepdim=True)
-        # H(K|q) = log Z - sum_k (A + eps) log(A + eps) / Z. A + eps > 0, so x log x needs no
-        # xlogy (several times slower); the block is consumed in place.
-        a.add_(NMI_EPS)
-        log_a = a.log()
-        plogp = log_a.mul_(a).sum(dim=-1).double()
-        del log_a
-        self.cond_entropy[:, hs] += (torch.log(z) - plogp * inv_z).sum(-1)
+        n = self.num_patches
+        self.distance[:, hs] += ((dist + DISTANCE_EPS * d_sum) / (mass + n * DISTANCE_EPS)).sum(-1)
+        if not self.unip:
+            z = mass + n * NMI_EPS  # normaliser of (A + 1e-8) over patch keys
+            # H(K|q) = log Z - sum_k (A + eps) log(A + eps) / Z
+            self.cond_entropy[:, hs] += (torch.log(z) - plogp / z).sum(-1)
+            self.inv_z[:, hs] += (1.0 / z).sum(-1)
+        for i in range(hs.start, hs.stop):
+            self.rows_per_head[i] += rows
+
+    def _check_complete(self) -> None:
+        n, npt = self.num_patches, self.num_prefix_tokens
+        if self.rows_seen != n or max(self.rows_per_head) != n:
+            raise ValueError(f"statistics saw {self.rows_seen} patch query rows of {n}")
+        if self.unip and set(self.prefix_rows_per_head) != {npt}:
+            seen = self.rows_seen + min(self.prefix_rows_per_head)
+            raise ValueError(f"UNIP NMI saw {seen} query rows of {n + npt}")
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(NMI, mean attention distance in pixels), each float64 [B, H]."""
-        n = self.num_patches
-        if self.rows_seen != n or max(self.rows_per_head) != n:
-            raise ValueError(f"statistics saw {self.rows_seen} patch query rows of {n}")
-        if self.unip is not None:
-            return self.unip.result(), self.distance / n
-        p_k = self.prob_k / n
+        self._check_complete()
+        n, npt = self.num_patches, self.num_prefix_tokens
+        if self.unip:
+            t = self.total
+            cols = self.cols + self.prefix_cols
+            p_k = cols[:, :, 0] / t.unsqueeze(-1)
+            h_k = -torch.special.xlogy(p_k, p_k).sum(-1)
+            h_q = torch.log(t) - self.row_entropy / t
+            mi = (self.row_plogp - torch.special.xlogy(cols[:, :, 1], p_k).sum(-1)) / t
+            return mi / torch.sqrt(h_q * h_k), self.distance / n
+        p_k = (self.cols[:, :, 1, npt:] + NMI_EPS * self.inv_z.unsqueeze(-1)) / n
         h_k = -torch.special.xlogy(p_k, p_k).sum(-1)
         nmi_ = (h_k - self.cond_entropy / n) / torch.sqrt(h_k * math.log(n))
         return nmi_, self.distance / n
+
+    def sinks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`SinkSums.result` of the same patch query rows."""
+        self._check_complete()
+        return sink_result(self.cols[:, :, 0], self.num_prefix_tokens)
 
 
 def map_statistics(
@@ -384,9 +381,17 @@ class SinkSums:
         patches = self.received.shape[-1] - self.num_prefix_tokens
         if set(self.rows_per_head) != {patches}:
             raise ValueError(f"sink sums saw {min(self.rows_per_head)} patch query rows of {patches}")
-        r = self.received / patches
-        share, token = r.max(dim=-1)
-        return share, r[..., : self.num_prefix_tokens].sum(-1), token
+        return sink_result(self.received, self.num_prefix_tokens)
+
+
+def sink_result(
+    received: torch.Tensor, num_prefix_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sink share, prefix share, sink token) from ``sum_q A[q, j]`` over every patch query q,
+    [B, H, tokens] fp64 (:class:`SinkSums`)."""
+    r = received / (received.shape[-1] - num_prefix_tokens)
+    share, token = r.max(dim=-1)
+    return share, r[..., :num_prefix_tokens].sum(-1), token
 
 
 def sink_statistics(

@@ -1,0 +1,191 @@
+"""The analysis' fused softmax kernel (unip_analysis.kernels) against the same quantities in PyTorch
+ops in fp64, on logits that look trained: tens in size, a sink column, rows whose far keys underflow."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from attention_reference import timm_explicit_attention
+from trained_like import trained_like
+
+from unip_analysis import analyze, kernels, metrics
+from unip_analysis.metrics import NMI_EPS
+
+needs_cc = pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler on this machine"
+)
+
+
+def trained_logits(b: int, h: int, rows: int, n: int, npt: int, seed: int = 0) -> torch.Tensor:
+    """Logits in the tens, the first key a sink in half the rows, a few rows 100 wide (most keys
+    underflow to exactly 0 in fp32)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, h, rows, n, generator=g) * 4
+    x[..., 0] += 25 * (torch.rand(b, h, rows, generator=g) > 0.5)
+    x[..., ::7, :] *= 12
+    x[..., npt : npt + 3] += 8  # a few patch keys everyone looks at
+    return x
+
+
+def reference(logits, npt, d, definition, h0, heads_total):
+    """softmax_rows in PyTorch ops on fp64 logits."""
+    b, h, _, n = logits.shape
+    cols = torch.zeros(b, heads_total, 2, n, dtype=torch.float64)
+    probs = torch.softmax(logits.double(), dim=-1)
+    stats = kernels.row_statistics(
+        probs, npt, None if d is None else d.double(), cols, h0, definition, NMI_EPS
+    )
+    return probs, stats, cols
+
+
+@needs_cc
+@pytest.mark.parametrize("definition", ["park", "unip"])
+@pytest.mark.parametrize("npt,n", [(1, 197), (0, 64), (5, 205), (1, 1025)])
+def test_kernel_equals_fp64_reference_within_fp32_rounding(definition, npt, n):
+    assert kernels.library() is not None
+    b, h, rows, h0, heads_total = 2, 3, 37, 1, 5
+    logits = trained_logits(b, h, rows, n, npt)
+    d = torch.rand(rows, n) * 500
+    d[:, :npt] = 0
+    want_p, want_s, want_c = reference(logits, npt, d, definition, h0, heads_total)
+    x = logits.clone()
+    cols = torch.zeros(b, heads_total, 2, n, dtype=torch.float64)
+    assert kernels.kernel_applies(x)
+    stats = kernels.softmax_rows(x, npt, d, cols, h0, definition, NMI_EPS)
+    torch.testing.assert_close(x.double(), want_p, rtol=2e-6, atol=1e-12)
+    assert (x == 0).any(), "some probabilities underflow in fp32: the test covers them"
+    # row sums, patch mass, sum A d: fp32 summation of n terms
+    torch.testing.assert_close(stats[..., :2], want_s[..., :2], rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(stats[..., 2], want_s[..., 2], rtol=2e-6, atol=1e-6)
+    # the entropy terms: at most a few units of fp32 rounding of the row's sum of |p log p|
+    torch.testing.assert_close(stats[..., 3], want_s[..., 3], rtol=0, atol=2e-6)
+    torch.testing.assert_close(cols, want_c, rtol=2e-6, atol=1e-9)
+    assert cols[:, :h0].abs().sum() == 0 and cols[:, h0 + h :].abs().sum() == 0  # only its heads
+
+
+@needs_cc
+def test_kernel_is_as_accurate_as_pytorch_fp32_at_4097_tokens():
+    """Against fp64, the kernel's probabilities and entropy terms are no worse than PyTorch's own
+    fp32 softmax and log (the path without a compiler)."""
+    npt, n = 1, 4097
+    logits = trained_logits(1, 1, 16, n, npt, seed=3)
+    d = torch.rand(16, n) * 1000
+    d[:, :npt] = 0
+    for definition in ("park", "unip"):
+        want_p, want_s, _ = reference(logits, npt, d, definition, 0, 1)
+        x = logits.clone()
+        got = kernels.softmax_rows(
+            x, npt, d, torch.zeros(1, 1, 2, n, dtype=torch.float64), 0, definition, NMI_EPS
+        )
+        p32 = torch.softmax(logits, -1)
+        eager = kernels.row_statistics(
+            p32, npt, d, torch.zeros(1, 1, 2, n, dtype=torch.float64), 0, definition, NMI_EPS
+        )
+        for i in range(4):
+            ours = (got[..., i] - want_s[..., i]).abs().max().item()
+            theirs = (eager[..., i] - want_s[..., i]).abs().max().item()
+            assert ours <= 2 * theirs + 1e-9, (definition, i, ours, theirs)
+        assert (x.double() - want_p).abs().max() <= 2 * (p32.double() - want_p).abs().max()
+
+
+@needs_cc
+def test_threads_do_not_change_the_results_beyond_rounding():
+    logits = trained_logits(1, 4, 64, 300, 1, seed=5)
+    outs = []
+    for threads in (1, 2):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            x, cols = logits.clone(), torch.zeros(1, 4, 2, 300, dtype=torch.float64)
+            outs.append((x, kernels.softmax_rows(x, 1, None, cols, 0, "park", NMI_EPS), cols))
+        finally:
+            torch.set_num_threads(before)
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)
+
+
+def test_torch_path_equals_kernel_path_through_the_whole_analysis(monkeypatch):
+    """A trained-like model analysed with and without the kernel: same distance and sinks, and
+    NMI as close to the fp64 truth (timm's explicit attention in fp64) as the PyTorch path. In
+    the sink heads NMI is a difference of two nearly equal entropies (~1e-5 of them), so fp32
+    rounding of either path shows there at a few 1e-6."""
+    backbone = trained_like(positional=True)
+    data = torch.randn(4, 3, backbone.img_size, backbone.img_size, generator=torch.Generator().manual_seed(0))
+    results = {}
+    for mode in ("c", "torch"):
+        monkeypatch.setenv("UNIP_KERNEL", mode)
+        kernels.library.cache_clear()
+        for nmi in ("park", "unip"):
+            res = analyze.analyze_backbone(
+                backbone, data, batch_size=2, progress=False, nmi=nmi, map_images=0
+            )
+            results[mode, nmi] = res
+    kernels.library.cache_clear()
+    maps, *_ = timm_explicit_attention(copy.deepcopy(backbone.model).double(), data.double())
+    truth = {
+        "park": np.stack(
+            [metrics.nmi(metrics.patch_attention(m, 1)).numpy() for m in (maps[i] for i in range(len(maps)))]
+        ),
+        "unip": np.stack([metrics.nmi_unip(m).numpy() for m in (maps[i] for i in range(len(maps)))]),
+    }
+    for nmi in ("park", "unip"):
+        c, t = results["c", nmi], results["torch", nmi]
+        err_c, err_t = (np.abs(np.stack(r.head_nmi) - truth[nmi]).max() for r in (c, t))
+        assert err_c <= max(1e-6, 1.5 * err_t), (nmi, err_c, err_t)
+        for field, rtol, atol in (("head_distance", 2e-6, 0), ("head_sink_share", 0, 2e-6)):
+            got, want = (torch.as_tensor(np.stack(getattr(r, field))) for r in (c, t))
+            torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=field)
+        assert np.array_equal(np.stack(c.head_sink_token), np.stack(t.head_sink_token))
+    assert np.stack(results["c", "park"].head_sink_share).max() > 0.5  # the sink is there
+
+
+def test_without_a_compiler_the_analysis_warns_once_and_uses_pytorch(monkeypatch, tmp_path):
+    monkeypatch.setenv("UNIP_KERNEL", "c")
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    kernels.library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="softmax kernel is not available"):
+            assert kernels.library() is None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert kernels.library() is None  # cached: no second warning
+        x = trained_logits(1, 2, 5, 50, 1)
+        cols = torch.zeros(1, 2, 2, 50, dtype=torch.float64)
+        stats = kernels.softmax_rows(x, 1, None, cols, 0, "park", NMI_EPS)
+        torch.testing.assert_close(x.sum(-1), torch.ones(1, 2, 5))
+        assert stats.shape == (1, 2, 5, 4)
+    finally:
+        kernels.library.cache_clear()
+
+
+@needs_cc
+def test_the_kernel_is_built_once_into_the_cache_and_reused(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("UNIP_KERNEL", raising=False)
+    kernels.library.cache_clear()
+    try:
+        assert kernels.library() is not None
+        built = list((tmp_path / "unip" / "kernels").glob("attention_rows-*.so"))
+        assert len(built) == 1 and not list((tmp_path / "unip" / "kernels").glob("*.so.tmp*"))
+        stamp = built[0].stat().st_mtime_ns
+        kernels.library.cache_clear()
+        assert kernels.library() is not None
+        assert built[0].stat().st_mtime_ns == stamp
+    finally:
+        kernels.library.cache_clear()
+
+
+def test_bad_shapes_are_refused_with_what_was_expected():
+    x = torch.zeros(1, 2, 3, 10)
+    with pytest.raises(ValueError, match=r"cols: expected fp64 \[1, >= 2, 2, 10\]"):
+        kernels.softmax_rows(x, 1, None, torch.zeros(1, 2, 2, 9, dtype=torch.float64), 0, "park", NMI_EPS)
+    with pytest.raises(ValueError, match=r"d: expected \[3, 10\]"):
+        kernels.softmax_rows(
+            x, 1, torch.zeros(3, 9), torch.zeros(1, 2, 2, 10, dtype=torch.float64), 0, "park", NMI_EPS
+        )

@@ -1,0 +1,192 @@
+"""The softmax of each block of attention logits, fused with the row statistics the analysis
+reduces it to: one small C kernel (``csrc/attention_rows.c``), with the same quantities in
+PyTorch ops where it cannot be built.
+
+Per row q of a block (A the row's softmax, P patch keys k >= npt), :func:`softmax_rows` returns
+``[sum_k A, sum_{k >= npt} A, sum_k A d(q, k), entropy term]`` in fp64, the entropy term being
+``sum_{k >= npt} (A + eps) log(A + eps)`` under Park et al.'s NMI and ``sum_k A log A`` under
+UNIP's, and adds each block's column sums to ``cols`` [B, H, 2, tokens] fp64: the plain sum
+over the rows, and the sum weighted by ``1 / (sum_{k >= npt} A + P eps)`` (Park) or by the row's
+sum (UNIP). :class:`unip_analysis.metrics.StreamingStatistics` turns these into NMI, distance and
+sinks.
+
+Why a kernel and not torch.compile: at 4,097 tokens the analysis is the softmax plus an entropy
+log and four sums over every probability, and in PyTorch ops each is a pass of its own over a
+block of MiB (measured in benchmarks/RESULTS.md; torch.compile's code for the same function was
+slower than PyTorch's own softmax on the project's CPU). The kernel keeps one row in cache for
+all of them. It is built with the system's C compiler (``cc``, or ``$CC``) on first use, into
+``$XDG_CACHE_HOME/unip/kernels`` (default ``~/.cache``), in about a second; torch's
+cpp_extension would take a minute and need ninja. ``UNIP_KERNEL=torch`` skips it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "attention_rows.c"
+DEFINITIONS = {"park": 1, "unip": 2}
+_FLAGS = ["-O3", "-march=native", "-fPIC", "-shared"]
+
+
+def _cpu_signature() -> str:
+    """What the compiled code depends on besides its source: ``-march=native`` code from one CPU
+    may not run on another sharing the cache."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return f"{platform.machine()} {platform.processor()} {flags}"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "unip" / "kernels"
+
+
+def _compile(compiler: str, target: Path) -> None:
+    """Build the shared library at ``target`` (with OpenMP where the compiler has it), written
+    to a temporary file and renamed, so that concurrent first uses never load half a file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        for extra in (["-fopenmp"], []):
+            cmd = [compiler, *_FLAGS, *extra, str(SOURCE), "-o", tmp, "-lm"]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode == 0:
+                os.replace(tmp, target)
+                return
+        raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "compiler failed")
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel, built on first use; None (with one warning saying why) where it
+    cannot be built, or where ``UNIP_KERNEL=torch`` asks for the PyTorch ops."""
+    if os.environ.get("UNIP_KERNEL", "c") == "torch":
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    why = None
+    if compiler is None:
+        why = "no C compiler (cc) found"
+    else:
+        key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *_FLAGS, _cpu_signature()]).encode())
+        target = cache_dir() / f"attention_rows-{key.hexdigest()[:16]}.so"
+        try:
+            if not target.exists():
+                _compile(compiler, target)
+            lib = ctypes.CDLL(str(target))
+        except (OSError, RuntimeError) as err:
+            why = f"{compiler} could not build {SOURCE.name}: {err}"
+    if why is not None:
+        warnings.warn(
+            f"unip: the analysis' softmax kernel is not available ({why}); using PyTorch ops, "
+            "the same results, about 1.4x slower at 1,024 px (set UNIP_KERNEL=torch to silence this)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+    fn = lib.unip_attention_rows
+    c_long, ptr = ctypes.c_long, ctypes.c_void_p
+    fn.argtypes = [ptr, c_long, c_long, c_long, c_long, ptr, ptr, ptr] + [c_long] * 5
+    fn.argtypes += [ctypes.c_double, ctypes.c_int, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return lib
+
+
+def _check(logits: torch.Tensor, d: torch.Tensor | None, cols: torch.Tensor, h0: int) -> None:
+    b, h, rows, n = logits.shape
+    if (
+        cols.dtype != torch.float64
+        or cols.shape[0] != b
+        or cols.shape[2:] != (2, n)
+        or h0 + h > cols.shape[1]
+    ):
+        raise ValueError(
+            f"cols: expected fp64 [{b}, >= {h0 + h}, 2, {n}], got {tuple(cols.shape)} {cols.dtype}"
+        )
+    if d is not None and tuple(d.shape) != (rows, n):
+        raise ValueError(f"d: expected [{rows}, {n}], got {tuple(d.shape)}")
+
+
+def kernel_applies(logits: torch.Tensor) -> bool:
+    """Whether :func:`softmax_rows` runs the C kernel on this block (fp32 on the CPU, built)."""
+    return logits.device.type == "cpu" and logits.dtype == torch.float32 and library() is not None
+
+
+def softmax_rows(
+    logits: torch.Tensor,
+    num_prefix_tokens: int,
+    d: torch.Tensor | None,
+    cols: torch.Tensor,
+    h0: int,
+    definition: str,
+    eps: float,
+) -> torch.Tensor:
+    """Replace ``logits`` [B, h, rows, tokens] by its softmax over the last dim, add the block's
+    column sums to ``cols[:, h0 : h0 + h]`` and return the row statistics [B, h, rows, 4] fp64
+    (see the module's docstring). ``d`` [rows, tokens]: each row's distance to every key (0 for
+    the prefix keys), or None (sum_k A d is then 0)."""
+    _check(logits, d, cols, h0)
+    if not kernel_applies(logits) or not logits.is_contiguous() or not cols.is_contiguous():
+        probs = torch.softmax(logits, dim=-1)
+        logits.copy_(probs)
+        return row_statistics(logits, num_prefix_tokens, d, cols, h0, definition, eps)
+    b, h, rows, n = logits.shape
+    stats = torch.empty(b, h, rows, 4, dtype=torch.float64)
+    if d is not None:
+        d = d.to(torch.float32).contiguous()
+    s_b, s_h, s_c, _ = cols.stride()
+    failed = library().unip_attention_rows(
+        logits.data_ptr(), b * h, rows, n, num_prefix_tokens, None if d is None else d.data_ptr(),
+        stats.data_ptr(), cols.data_ptr(), h, h0, s_b, s_h, s_c, eps, DEFINITIONS[definition],
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if failed:
+        raise MemoryError("the analysis' softmax kernel could not allocate its scratch rows")
+    return stats
+
+
+def row_statistics(
+    probs: torch.Tensor,
+    num_prefix_tokens: int,
+    d: torch.Tensor | None,
+    cols: torch.Tensor,
+    h0: int,
+    definition: str,
+    eps: float,
+) -> torch.Tensor:
+    """What :func:`softmax_rows` computes, in PyTorch ops, from rows that are already
+    probabilities (any float dtype; sums within a row in that dtype, everything else fp64).
+    ``probs`` is left as it was."""
+    _check(probs, d, cols, h0)
+    npt = num_prefix_tokens
+    a = probs[..., npt:]
+    total = probs.sum(dim=-1)
+    mass = a.sum(dim=-1)
+    dist = torch.zeros_like(mass) if d is None else torch.linalg.vecdot(probs, d.to(probs.dtype))
+    if definition == "park":
+        a = a + eps  # A + eps > 0: x log x needs no xlogy (several times slower)
+        plogp = torch.log(a).mul_(a).sum(dim=-1)
+        weight = 1.0 / (mass.double() + a.shape[-1] * eps)
+    else:  # A log A with 0 log 0 = 0: the clamp only touches entries that A then makes 0 or < 1e-36
+        plogp = probs.clamp_min(torch.finfo(probs.dtype).tiny).log_().mul_(probs).sum(dim=-1)
+        weight = total.double()
+    hs = slice(h0, h0 + probs.shape[1])
+    cols[:, hs, 0] += probs.sum(dim=-2)  # in the block's dtype, then fp64: an fp64 reduction is ~17x slower
+    cols[:, hs, 1] += (weight.to(probs.dtype).unsqueeze(-2) @ probs).squeeze(-2)
+    return torch.stack([total, mass, dist, plogp], dim=-1).double()
