@@ -114,16 +114,18 @@ def test_query_blocks_cover_every_row_once_and_never_a_whole_map():
         assert covered == list(range(tokens))
         assert all(q1 <= prefix or q0 >= prefix for q0, q1 in blocks)  # prefix rows never mixed in
     assert rows_per_block(8, 6, 197) <= 99  # at most half the rows, whatever the budget
-    assert rows_per_block(1, 12, 4097) * 12 * 4097 * 4 <= 4 * 2**20  # 4 MiB of logits at 4,097 tokens
+    assert rows_per_block(1, 12, 4097) * 12 * 4097 * 4 <= 2 * 2**20  # 2 MiB of logits at 4,097 tokens
 
 
 def test_blocks_hold_groups_of_heads_only_where_all_heads_leave_few_rows():
-    assert heads_per_block(8, 6, 197) == 6  # ViT-S/16 at 224 px: 99 rows of every head fit 4 MiB
-    assert heads_per_block(1, 12, 4097) == 1  # ViT-B/16 at 1,024 px: 255 rows of one head, not 21 of 12
-    assert rows_per_block(1, 1, 4097) == 255
-    assert heads_per_block(4, 12, 785) == 2 and rows_per_block(4, 2, 785) == 166  # ViT-B/16 at 448 px
-    assert heads_per_block(2, 16, 785) == 4  # ViT-L/16 at 448 px: four equal groups
-    assert heads_per_block(8, 12, 197) == 6  # ViT-B/16 at 224 px: 99 rows of 6 heads, not 55 of 12
+    four = 4 * 2**20
+    assert heads_per_block(8, 6, 197, four) == 6  # ViT-S/16 at 224 px: 99 rows of every head fit 4 MiB
+    assert heads_per_block(8, 6, 197) == 3 and rows_per_block(8, 3, 197) == 99  # and 3 heads fit 2 MiB
+    assert heads_per_block(1, 12, 4097) == 1  # ViT-B/16 at 1,024 px: 127 rows of one head, not 10 of 12
+    assert rows_per_block(1, 1, 4097) == 127
+    assert heads_per_block(4, 12, 785) == 1 and rows_per_block(4, 1, 785) == 166  # ViT-B/16 at 448 px
+    assert heads_per_block(2, 16, 785) == 2  # ViT-L/16 at 448 px: eight equal groups
+    assert heads_per_block(8, 12, 197) == 3  # ViT-B/16 at 224 px: 99 rows of 3 heads, not 27 of 12
 
 
 @pytest.mark.parametrize("kind", list(ATTENTION_ARCHS))

@@ -32,14 +32,26 @@ def trained_logits(b: int, h: int, rows: int, n: int, npt: int, seed: int = 0) -
     return x
 
 
+def kernel(x, npt, d, cols, h0, definition):
+    """softmax_rows, returning the row sums."""
+    out = torch.full((*x.shape[:3], 4), float("nan"), dtype=torch.float64)
+    kernels.softmax_rows(x, npt, d, cols, h0, definition, NMI_EPS, out)
+    return out
+
+
+def torch_rows(probs, npt, d, cols, h0, definition):
+    """row_statistics, returning the row sums."""
+    out = torch.full((*probs.shape[:3], 4), float("nan"), dtype=torch.float64)
+    kernels.row_statistics(probs, npt, d, cols, h0, definition, NMI_EPS, out)
+    return out
+
+
 def reference(logits, npt, d, definition, h0, heads_total):
     """softmax_rows in PyTorch ops on fp64 logits."""
     b, h, _, n = logits.shape
     cols = torch.zeros(b, heads_total, 2, n, dtype=torch.float64)
     probs = torch.softmax(logits.double(), dim=-1)
-    stats = kernels.row_statistics(
-        probs, npt, None if d is None else d.double(), cols, h0, definition, NMI_EPS
-    )
+    stats = torch_rows(probs, npt, None if d is None else d.double(), cols, h0, definition)
     return probs, stats, cols
 
 
@@ -56,7 +68,7 @@ def test_kernel_equals_fp64_reference_within_fp32_rounding(definition, npt, n):
     x = logits.clone()
     cols = torch.zeros(b, heads_total, 2, n, dtype=torch.float64)
     assert kernels.kernel_applies(x)
-    stats = kernels.softmax_rows(x, npt, d, cols, h0, definition, NMI_EPS)
+    stats = kernel(x, npt, d, cols, h0, definition)
     torch.testing.assert_close(x.double(), want_p, rtol=2e-6, atol=1e-12)
     assert (x == 0).any(), "some probabilities underflow in fp32: the test covers them"
     # row sums, patch mass, sum A d: fp32 summation of n terms
@@ -79,13 +91,9 @@ def test_kernel_is_as_accurate_as_pytorch_fp32_at_4097_tokens():
     for definition in ("park", "unip"):
         want_p, want_s, _ = reference(logits, npt, d, definition, 0, 1)
         x = logits.clone()
-        got = kernels.softmax_rows(
-            x, npt, d, torch.zeros(1, 1, 2, n, dtype=torch.float64), 0, definition, NMI_EPS
-        )
+        got = kernel(x, npt, d, torch.zeros(1, 1, 2, n, dtype=torch.float64), 0, definition)
         p32 = torch.softmax(logits, -1)
-        eager = kernels.row_statistics(
-            p32, npt, d, torch.zeros(1, 1, 2, n, dtype=torch.float64), 0, definition, NMI_EPS
-        )
+        eager = torch_rows(p32, npt, d, torch.zeros(1, 1, 2, n, dtype=torch.float64), 0, definition)
         for i in range(4):
             ours = (got[..., i] - want_s[..., i]).abs().max().item()
             theirs = (eager[..., i] - want_s[..., i]).abs().max().item()
@@ -102,7 +110,7 @@ def test_threads_do_not_change_the_results_beyond_rounding():
         torch.set_num_threads(threads)
         try:
             x, cols = logits.clone(), torch.zeros(1, 4, 2, 300, dtype=torch.float64)
-            outs.append((x, kernels.softmax_rows(x, 1, None, cols, 0, "park", NMI_EPS), cols))
+            outs.append((x, kernel(x, 1, None, cols, 0, "park"), cols))
         finally:
             torch.set_num_threads(before)
     for a, b in zip(*outs):
@@ -157,9 +165,9 @@ def test_without_a_compiler_the_analysis_warns_once_and_uses_pytorch(monkeypatch
             assert kernels.library() is None  # cached: no second warning
         x = trained_logits(1, 2, 5, 50, 1)
         cols = torch.zeros(1, 2, 2, 50, dtype=torch.float64)
-        stats = kernels.softmax_rows(x, 1, None, cols, 0, "park", NMI_EPS)
+        stats = kernel(x, 1, None, cols, 0, "park")
         torch.testing.assert_close(x.sum(-1), torch.ones(1, 2, 5))
-        assert stats.shape == (1, 2, 5, 4)
+        assert not stats.isnan().any()
     finally:
         kernels.library.cache_clear()
 
@@ -183,9 +191,10 @@ def test_the_kernel_is_built_once_into_the_cache_and_reused(monkeypatch, tmp_pat
 
 def test_bad_shapes_are_refused_with_what_was_expected():
     x = torch.zeros(1, 2, 3, 10)
+    cols = torch.zeros(1, 2, 2, 10, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"cols: expected fp64 \[1, >= 2, 2, 10\]"):
-        kernels.softmax_rows(x, 1, None, torch.zeros(1, 2, 2, 9, dtype=torch.float64), 0, "park", NMI_EPS)
+        kernel(x, 1, None, torch.zeros(1, 2, 2, 9, dtype=torch.float64), 0, "park")
     with pytest.raises(ValueError, match=r"d: expected \[3, 10\]"):
-        kernels.softmax_rows(
-            x, 1, torch.zeros(3, 9), torch.zeros(1, 2, 2, 10, dtype=torch.float64), 0, "park", NMI_EPS
-        )
+        kernel(x, 1, torch.zeros(3, 9), cols, 0, "park")
+    with pytest.raises(ValueError, match=r"out: expected fp64 \[1, 2, 3, 4\]"):
+        kernels.softmax_rows(x, 1, None, cols, 0, "park", NMI_EPS, torch.zeros(1, 2, 3, 4))

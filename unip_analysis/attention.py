@@ -40,10 +40,11 @@ SUPPORTED_MODELS: tuple[type, ...] = (VisionTransformer, Beit, Eva)
 # Blocks that normalise after attention: the attention's input is not norm1(x) there.
 _POST_NORM_BLOCKS: tuple[type, ...] = (ResPostBlock, EvaBlockPostNorm)
 
-# One block of query rows holds at most this many bytes of fp32 logits: small enough to stay in
-# cache while the softmax and the statistics pass over it, large enough that per-block overhead
-# is negligible.
-DEFAULT_BLOCK_BYTES = 4 * 2**20
+# One block of query rows holds at most this many bytes of fp32 logits: small enough that the
+# products q @ k^T and p @ v run near full speed (127 rows of 4,097 tokens: 0.9x the time of
+# timm's fused attention for the same rows on the project's CPU, against 1.1x at 255 rows), large
+# enough that per-block overhead is negligible (benchmarks/RESULTS.md, issue 29).
+DEFAULT_BLOCK_BYTES = 2 * 2**20
 # Query rows a block should hold per (image, head) for the two products to run at full speed.
 MIN_BLOCK_ROWS = 128
 
@@ -277,13 +278,11 @@ def _streaming_forward(layer: int, observer: AttentionObserver, num_prefix_token
             if take is not None:  # the explorer: this layer's q and k, as the logits below use them
                 take(layer, q, self.scale, k.float(), lambda: logit_bias(self, context))
             # q, k, v are views into one fused projection. Contiguous copies per group of heads,
-            # made once per layer (q scaled and in fp32, k transposed), free it (the copies take the
+            # made once per layer (q scaled, q and k in fp32), free it (the copies take the
             # same memory) and spare every block's products a copy.
             starts = range(0, heads, group)
             q_g = [(q[:, h0 : h0 + group].float() * self.scale).flatten(0, 1) for h0 in starts]
-            k_g = [
-                k[:, h0 : h0 + group].transpose(-2, -1).float().contiguous().flatten(0, 1) for h0 in starts
-            ]
+            k_g = [k[:, h0 : h0 + group].float().contiguous().flatten(0, 1) for h0 in starts]
             v_g = [v[:, h0 : h0 + group].contiguous() for h0 in starts]
             del q, k, v
             fused = getattr(observer, "softmax_rows", None)
@@ -294,7 +293,7 @@ def _streaming_forward(layer: int, observer: AttentionObserver, num_prefix_token
                 for g, h0 in enumerate(starts):
                     n_h = q_g[g].shape[0] // batch
                     logits = buffer[: batch * n_h * (q1 - q0) * tokens].view(batch * n_h, q1 - q0, tokens)
-                    torch.bmm(q_g[g][:, q0:q1], k_g[g], out=logits)
+                    torch.bmm(q_g[g][:, q0:q1], k_g[g].transpose(1, 2), out=logits)  # BLAS reads k^T as is
                     logits = logits.view(batch, n_h, q1 - q0, tokens)
                     if bias is not None:
                         logits += bias if bias.shape[-3] == 1 else bias[..., h0 : h0 + n_h, :, :]

@@ -102,13 +102,15 @@ def library() -> ctypes.CDLL | None:
         return None
     fn = lib.unip_attention_rows
     c_long, ptr = ctypes.c_long, ctypes.c_void_p
-    fn.argtypes = [ptr, c_long, c_long, c_long, c_long, ptr, ptr, ptr] + [c_long] * 5
+    fn.argtypes = [ptr, c_long, c_long, c_long, c_long, ptr, ptr, c_long, c_long, ptr] + [c_long] * 5
     fn.argtypes += [ctypes.c_double, ctypes.c_int, ctypes.c_int]
     fn.restype = ctypes.c_int
     return lib
 
 
-def _check(logits: torch.Tensor, d: torch.Tensor | None, cols: torch.Tensor, h0: int) -> None:
+def _check(
+    logits: torch.Tensor, d: torch.Tensor | None, cols: torch.Tensor, h0: int, out: torch.Tensor
+) -> None:
     b, h, rows, n = logits.shape
     if (
         cols.dtype != torch.float64
@@ -121,6 +123,8 @@ def _check(logits: torch.Tensor, d: torch.Tensor | None, cols: torch.Tensor, h0:
         )
     if d is not None and tuple(d.shape) != (rows, n):
         raise ValueError(f"d: expected [{rows}, {n}], got {tuple(d.shape)}")
+    if out.dtype != torch.float64 or tuple(out.shape) != (b, h, rows, 4):
+        raise ValueError(f"out: expected fp64 [{b}, {h}, {rows}, 4], got {tuple(out.shape)} {out.dtype}")
 
 
 def kernel_applies(logits: torch.Tensor) -> bool:
@@ -136,29 +140,29 @@ def softmax_rows(
     h0: int,
     definition: str,
     eps: float,
-) -> torch.Tensor:
+    out: torch.Tensor,
+) -> None:
     """Replace ``logits`` [B, h, rows, tokens] by its softmax over the last dim, add the block's
-    column sums to ``cols[:, h0 : h0 + h]`` and return the row statistics [B, h, rows, 4] fp64
-    (see the module's docstring). ``d`` [rows, tokens]: each row's distance to every key (0 for
-    the prefix keys), or None (sum_k A d is then 0)."""
-    _check(logits, d, cols, h0)
-    if not kernel_applies(logits) or not logits.is_contiguous() or not cols.is_contiguous():
-        probs = torch.softmax(logits, dim=-1)
-        logits.copy_(probs)
-        return row_statistics(logits, num_prefix_tokens, d, cols, h0, definition, eps)
+    column sums to ``cols[:, h0 : h0 + h]`` and write the row statistics to ``out`` [B, h, rows, 4]
+    fp64 (see the module's docstring; a view into a larger tensor will do). ``d`` [rows, tokens]:
+    each row's distance to every key (0 for the prefix keys), or None (sum_k A d is then 0)."""
+    _check(logits, d, cols, h0, out)
+    fits = logits.is_contiguous() and cols.is_contiguous() and out.stride()[2:] == (4, 1)
+    if not (fits and kernel_applies(logits)):
+        logits.copy_(torch.softmax(logits, dim=-1))
+        row_statistics(logits, num_prefix_tokens, d, cols, h0, definition, eps, out)
+        return
     b, h, rows, n = logits.shape
-    stats = torch.empty(b, h, rows, 4, dtype=torch.float64)
     if d is not None:
         d = d.to(torch.float32).contiguous()
     s_b, s_h, s_c, _ = cols.stride()
     failed = library().unip_attention_rows(
         logits.data_ptr(), b * h, rows, n, num_prefix_tokens, None if d is None else d.data_ptr(),
-        stats.data_ptr(), cols.data_ptr(), h, h0, s_b, s_h, s_c, eps, DEFINITIONS[definition],
-        torch.get_num_threads(),
+        out.data_ptr(), out.stride(0), out.stride(1), cols.data_ptr(), h, h0, s_b, s_h, s_c, eps,
+        DEFINITIONS[definition], torch.get_num_threads(),
     )  # fmt: skip
     if failed:
         raise MemoryError("the analysis' softmax kernel could not allocate its scratch rows")
-    return stats
 
 
 def row_statistics(
@@ -169,11 +173,12 @@ def row_statistics(
     h0: int,
     definition: str,
     eps: float,
-) -> torch.Tensor:
+    out: torch.Tensor,
+) -> None:
     """What :func:`softmax_rows` computes, in PyTorch ops, from rows that are already
     probabilities (any float dtype; sums within a row in that dtype, everything else fp64).
     ``probs`` is left as it was."""
-    _check(probs, d, cols, h0)
+    _check(probs, d, cols, h0, out)
     npt = num_prefix_tokens
     a = probs[..., npt:]
     total = probs.sum(dim=-1)
@@ -189,4 +194,4 @@ def row_statistics(
     hs = slice(h0, h0 + probs.shape[1])
     cols[:, hs, 0] += probs.sum(dim=-2)  # in the block's dtype, then fp64: an fp64 reduction is ~17x slower
     cols[:, hs, 1] += (weight.to(probs.dtype).unsqueeze(-2) @ probs).squeeze(-2)
-    return torch.stack([total, mass, dist, plogp], dim=-1).double()
+    out.copy_(torch.stack([total, mass, dist, plogp], dim=-1))

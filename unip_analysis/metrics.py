@@ -123,10 +123,10 @@ class StreamingStatistics:
 
     Per patch query q, with A its post-softmax row over patch keys (prefix columns dropped):
     ``p(k|q) = (A + 1e-8) / Z_q`` for NMI and ``(A + 1e-32) / Z'_q`` for the distance. Each block
-    is reduced to per-row sums (:func:`unip_analysis.kernels.softmax_rows`) and column sums; kept
-    in fp64: ``sum_q H(K|q)``, ``sum_q sum_k p(k|q) d(q, k)``, ``sum_q 1 / Z_q`` and the columns
-    ``sum_q A[q, k]`` (the sinks) and ``sum_q A[q, k] / Z_q`` (p(k), the mean over ALL queries,
-    needed before H(K) can be computed). :meth:`result` then gives
+    is reduced to four sums per row (:func:`unip_analysis.kernels.softmax_rows`: the row's mass,
+    its patch mass, ``sum_k A d`` and ``sum_k (A + eps) log(A + eps)``, kept per row, 32 bytes) and
+    two sums per column, kept in fp64: ``sum_q A[q, k]`` (the sinks) and ``sum_q A[q, k] / Z_q``
+    (p(k), the mean over ALL queries, needed before H(K) can be computed). :meth:`result` then gives
     ``NMI = (H(K) - mean_q H(K|q)) / sqrt(H(K) log N)`` and the mean distance in pixels.
 
     ``nmi_definition='unip'`` gives UNIP's published NMI instead (:func:`nmi_unip`, over the whole
@@ -157,57 +157,58 @@ class StreamingStatistics:
         self.num_patches = n = self.centres.shape[0]
         f64 = {"dtype": torch.float64, "device": device}
         tokens = n + num_prefix_tokens
+        # per query row (prefix rows under 'unip' only): kernels.softmax_rows' four sums
+        self.row_sums = torch.zeros(batch, heads, tokens, 4, **f64)
+        self.d_sum = torch.zeros(n, **f64)  # sum_k d(q, k) per patch query
         # column sums of the patch query rows: [sum_q A, sum_q A / Z_q (park) or R_q A (unip)]
         self.cols = torch.zeros(batch, heads, 2, tokens, **f64)
-        self.inv_z = torch.zeros(batch, heads, **f64)  # sum_q 1 / Z_q
-        self.cond_entropy = torch.zeros(batch, heads, **f64)  # sum_q H(K|q)
-        self.distance = torch.zeros(batch, heads, **f64)  # sum_q sum_k p(k|q) d(q, k)
-        self.rows_per_head = [0] * heads
         self.unip = nmi_definition == "unip"
-        if self.unip:  # T, sum_q R_q log R_q, sum_q R_q sum_k A log A; columns of the prefix rows
-            self.total, self.row_entropy, self.row_plogp = (
-                torch.zeros(batch, heads, **f64) for _ in range(3)
-            )
+        if self.unip:  # the columns of the prefix rows
             self.prefix_cols = torch.zeros(batch, heads, 2, tokens, **f64)
-            self.prefix_rows_per_head = [0] * heads
-        self._distances: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # the last block's
+        self.rows_per_head = [0] * heads
+        self.prefix_rows_per_head = [0] * heads
+        self._distances: tuple[tuple, torch.Tensor] | None = None  # the last block's
 
     @property
     def rows_seen(self) -> int:
         """Patch query rows every head has received."""
         return min(self.rows_per_head)
 
-    def distance_rows(
-        self, p0: int, rows: int, npt: int, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(d [rows, prefix + P] with zeros for the prefix keys, sum_k d [rows] in fp64) for patch
-        queries ``p0 : p0 + rows``; kept for the next call, which is the same rows' next head group."""
+    def distance_rows(self, p0: int, rows: int, npt: int, dtype: torch.dtype) -> torch.Tensor:
+        """d [rows, prefix + P] with zeros for the prefix keys, for patch queries ``p0 : p0 + rows``
+        (their sums go to ``d_sum``); kept for the next call, which is the same rows' next head group."""
         key = (p0, rows, npt, dtype)
         if self._distances is None or self._distances[0] != key:
             d = centre_distances(self.centres, p0, p0 + rows, dtype)
-            self._distances = key, torch.nn.functional.pad(d, (npt, 0)), d.sum(-1, dtype=torch.float64)
-        return self._distances[1], self._distances[2]
+            self.d_sum[p0 : p0 + rows] = d.sum(-1, dtype=torch.float64)
+            self._distances = key, torch.nn.functional.pad(d, (npt, 0))
+        return self._distances[1]
 
-    def _block(self, q0: int, rows: int, dtype: torch.dtype) -> tuple:
-        """(distance rows or None, their sums or None, the column sums the block adds to) for
-        rows ``q0 : q0 + rows``, which are all prefix queries or all patch queries."""
+    def _block(self, q0: int, rows: int, h0: int, heads: int, dtype: torch.dtype) -> tuple:
+        """(distance rows or None, the column sums the block adds to, where its row sums go) for
+        rows ``q0 : q0 + rows`` of heads ``h0 : h0 + heads``, all prefix or all patch queries;
+        counts the rows."""
         npt = self.num_prefix_tokens
+        counts = self.rows_per_head if q0 >= npt else self.prefix_rows_per_head
         if q0 >= npt:
-            return (*self.distance_rows(q0 - npt, rows, npt, dtype), self.cols)
-        if not self.unip:
+            d, cols = self.distance_rows(q0 - npt, rows, npt, dtype), self.cols
+        elif not self.unip:
             raise ValueError(f"rows from {q0} include prefix queries (the first {npt} tokens)")
-        if q0 + rows > npt:
+        elif q0 + rows > npt:
             raise ValueError(f"rows {q0} to {q0 + rows} mix prefix and patch queries")
-        return None, None, self.prefix_cols
+        else:
+            d, cols = None, self.prefix_cols
+        for i in range(h0, h0 + heads):
+            counts[i] += rows
+        return d, cols, self.row_sums[:, h0 : h0 + heads, q0 : q0 + rows]
 
     def add_logits_(self, q0: int, logits: torch.Tensor, h0: int = 0) -> torch.Tensor:
         """Rows ``q0 : q0 + rows`` (token indices) of heads ``h0 : h0 + h``, as fp32 logits
         [B, h, rows, tokens] with prefix key columns included: replaced by their softmax while
         they are reduced (:func:`unip_analysis.kernels.softmax_rows`), and returned. The rows are
         all prefix queries (counted only under 'unip') or all patch queries."""
-        d, d_sum, cols = self._block(q0, logits.shape[-2], logits.dtype)
-        stats = softmax_rows(logits, self.num_prefix_tokens, d, cols, h0, self.nmi_definition, NMI_EPS)
-        self._accumulate(q0, stats, h0, d_sum)
+        d, cols, out = self._block(q0, logits.shape[-2], h0, logits.shape[1], logits.dtype)
+        softmax_rows(logits, self.num_prefix_tokens, d, cols, h0, self.nmi_definition, NMI_EPS, out)
         return logits
 
     def add_(self, q0: int, probs: torch.Tensor, h0: int = 0) -> None:
@@ -218,32 +219,8 @@ class StreamingStatistics:
         split = min(max(npt - q0, 0), probs.shape[-2]) if self.unip else 0
         for first, part in ((q0, probs[..., :split, :]), (q0 + split, probs[..., split:, :])):
             if part.shape[-2]:
-                d, d_sum, cols = self._block(first, part.shape[-2], part.dtype)
-                stats = row_statistics(part, npt, d, cols, h0, self.nmi_definition, NMI_EPS)
-                self._accumulate(first, stats, h0, d_sum)
-
-    def _accumulate(self, q0: int, stats: torch.Tensor, h0: int, d_sum: torch.Tensor | None) -> None:
-        """Add a block's per-row sums [B, h, rows, 4] (kernels.softmax_rows)."""
-        total, mass, dist, plogp = stats.unbind(-1)
-        h, rows = stats.shape[1], stats.shape[2]
-        hs = slice(h0, h0 + h)
-        if self.unip:
-            self.total[:, hs] += total.sum(-1)
-            self.row_entropy[:, hs] += torch.special.xlogy(total, total).sum(-1)
-            self.row_plogp[:, hs] += (total * plogp).sum(-1)
-        if d_sum is None:  # prefix query rows: UNIP's NMI only
-            for i in range(hs.start, hs.stop):
-                self.prefix_rows_per_head[i] += rows
-            return
-        n = self.num_patches
-        self.distance[:, hs] += ((dist + DISTANCE_EPS * d_sum) / (mass + n * DISTANCE_EPS)).sum(-1)
-        if not self.unip:
-            z = mass + n * NMI_EPS  # normaliser of (A + 1e-8) over patch keys
-            # H(K|q) = log Z - sum_k (A + eps) log(A + eps) / Z
-            self.cond_entropy[:, hs] += (torch.log(z) - plogp / z).sum(-1)
-            self.inv_z[:, hs] += (1.0 / z).sum(-1)
-        for i in range(hs.start, hs.stop):
-            self.rows_per_head[i] += rows
+                d, cols, out = self._block(first, part.shape[-2], h0, part.shape[1], part.dtype)
+                row_statistics(part, npt, d, cols, h0, self.nmi_definition, NMI_EPS, out)
 
     def _check_complete(self) -> None:
         n, npt = self.num_patches, self.num_prefix_tokens
@@ -257,18 +234,24 @@ class StreamingStatistics:
         """(NMI, mean attention distance in pixels), each float64 [B, H]."""
         self._check_complete()
         n, npt = self.num_patches, self.num_prefix_tokens
+        total, mass, dist, plogp = self.row_sums.unbind(-1)  # [B, H, tokens] each
+        patch = slice(npt, None)
+        mass = mass[..., patch]
+        distance = ((dist[..., patch] + DISTANCE_EPS * self.d_sum) / (mass + n * DISTANCE_EPS)).sum(-1) / n
         if self.unip:
-            t = self.total
+            t = total.sum(-1)
             cols = self.cols + self.prefix_cols
             p_k = cols[:, :, 0] / t.unsqueeze(-1)
             h_k = -torch.special.xlogy(p_k, p_k).sum(-1)
-            h_q = torch.log(t) - self.row_entropy / t
-            mi = (self.row_plogp - torch.special.xlogy(cols[:, :, 1], p_k).sum(-1)) / t
-            return mi / torch.sqrt(h_q * h_k), self.distance / n
-        p_k = (self.cols[:, :, 1, npt:] + NMI_EPS * self.inv_z.unsqueeze(-1)) / n
+            h_q = torch.log(t) - torch.special.xlogy(total, total).sum(-1) / t
+            mi = ((total * plogp).sum(-1) - torch.special.xlogy(cols[:, :, 1], p_k).sum(-1)) / t
+            return mi / torch.sqrt(h_q * h_k), distance
+        z = mass + n * NMI_EPS  # normaliser of (A + 1e-8) over patch keys
+        cond_entropy = (torch.log(z) - plogp[..., patch] / z).sum(-1)  # sum_q H(K|q)
+        p_k = (self.cols[:, :, 1, npt:] + NMI_EPS * (1.0 / z).sum(-1, keepdim=True)) / n
         h_k = -torch.special.xlogy(p_k, p_k).sum(-1)
-        nmi_ = (h_k - self.cond_entropy / n) / torch.sqrt(h_k * math.log(n))
-        return nmi_, self.distance / n
+        nmi_ = (h_k - cond_entropy / n) / torch.sqrt(h_k * math.log(n))
+        return nmi_, distance
 
     def sinks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`SinkSums.result` of the same patch query rows."""

@@ -7,12 +7,12 @@
    Why a kernel: at 4,097 tokens timm's fused attention never writes its probabilities, while the
    analysis must visit every one; in PyTorch ops the softmax, the log of the entropy terms and each
    sum is a pass of its own over a block of several MiB. Here each row (16 KiB at 4,097 tokens)
-   is read from memory once and stays in the L1 cache for its four passes: maximum, exponentials,
-   normalisation with the row statistics, column sums.
+   is read from memory once and stays in the L1 cache for its three passes: maximum, exponentials,
+   normalisation with the row statistics and the column sums.
 
-   exp and log are computed to about one unit in the last place (a 7th-degree polynomial after
-   Cody-Waite reduction, and the atanh series of the mantissa), not with the libm calls, which
-   do not vectorise. */
+   exp and log are computed to about one unit in the last place (exp: Cody-Waite reduction and
+   the Cephes library's polynomial; log: a table of eight points and a short series), not with
+   the libm calls, which do not vectorise. */
 #include <float.h>
 #include <math.h>
 #include <stdlib.h>
@@ -34,36 +34,45 @@ static inline __m256 exp8(__m256 x) {
                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x); /* ln 2 in two parts */
   r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.0f / 5040);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  /* exp(r) = 1 + r + r^2 P(r) on |r| <= ln(2) / 2, P the Cephes library's expf polynomial */
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
   __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
   return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
 }
 
 static inline __m256 log8(__m256 y) { /* y: positive normal floats */
+  /* y = 2^e m, m in [1, 2); m's top three bits pick c near m from a table of 8, and
+     log y = e log 2 - log(1 / c) + log(1 + r), r = m / c - 1 in [-1/17, 1/17] */
+  const __m256 inv_c = _mm256_setr_ps(0.941176474f, 0.842105269f, 0.761904776f, 0.695652187f, 0.639999986f, 0.592592597f, 0.551724136f, 0.516129017f);
+  const __m256 log_c_hi = _mm256_setr_ps(0.0606246181f, 0.171850249f, 0.271933705f, 0.362905473f, 0.446287125f, 0.523248136f, 0.594707131f, 0.66139853f);
+  const __m256 log_c_lo = _mm256_setr_ps(7.90594673e-12f, 3.0482164e-10f, -7.75744885e-09f, 2.5459036e-09f, -3.68883257e-10f, 2.70418687e-10f, -1.99138201e-08f, -1.79587208e-08f);
   __m256i b = _mm256_castps_si256(y);
-  __m256i e = _mm256_sub_epi32(_mm256_srli_epi32(b, 23), _mm256_set1_epi32(127));
+  __m256i idx = _mm256_srli_epi32(b, 20); /* the permutes read the low three bits */
+  __m256 ef = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(b, 23), _mm256_set1_epi32(127)));
   __m256 m = _mm256_castsi256_ps(
       _mm256_or_si256(_mm256_and_si256(b, _mm256_set1_epi32(0x7FFFFF)), _mm256_set1_epi32(0x3F800000)));
-  __m256 big = _mm256_cmp_ps(m, _mm256_set1_ps(1.41421356f), _CMP_GT_OQ); /* m in [1/sqrt2, sqrt2] */
-  m = _mm256_blendv_ps(m, _mm256_mul_ps(m, _mm256_set1_ps(0.5f)), big);
-  __m256 ef = _mm256_add_ps(_mm256_cvtepi32_ps(e), _mm256_and_ps(big, _mm256_set1_ps(1.0f)));
-  __m256 z = _mm256_div_ps(_mm256_sub_ps(m, _mm256_set1_ps(1.0f)), _mm256_add_ps(m, _mm256_set1_ps(1.0f)));
-  __m256 z2 = _mm256_mul_ps(z, z); /* log m = 2 atanh z = 2 (z + z^3/3 + ...), |z| <= 0.172 */
-  __m256 p = _mm256_set1_ps(2.0f / 9);
-  p = _mm256_fmadd_ps(p, z2, _mm256_set1_ps(2.0f / 7));
-  p = _mm256_fmadd_ps(p, z2, _mm256_set1_ps(2.0f / 5));
-  p = _mm256_fmadd_ps(p, z2, _mm256_set1_ps(2.0f / 3));
-  p = _mm256_fmadd_ps(p, z2, _mm256_set1_ps(2.0f));
-  p = _mm256_mul_ps(p, z);
+  __m256 r = _mm256_fmsub_ps(m, _mm256_permutevar8x32_ps(inv_c, idx), _mm256_set1_ps(1.0f));
+  __m256 p = _mm256_set1_ps(-1.0f / 6); /* log(1 + r) = r - r^2/2 + ... - r^6/6, |error| < 4e-10 */
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 5));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(-1.0f / 4));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 3));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(-0.5f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r);
+  p = _mm256_add_ps(p, _mm256_permutevar8x32_ps(log_c_lo, idx));
   p = _mm256_fmadd_ps(ef, _mm256_set1_ps(-2.12194440e-4f), p);
+  p = _mm256_add_ps(p, _mm256_permutevar8x32_ps(log_c_hi, idx));
   return _mm256_fmadd_ps(ef, _mm256_set1_ps(0.693359375f), p);
+}
+
+/* lanes 0 .. count - 1 of a vector (count < 8): the row's last elements */
+static inline __m256i tail_mask(long count) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)count), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
 static inline double hsum8(__m256 v) {
@@ -77,22 +86,36 @@ static inline float log_clamped(float p) { return logf(p > FLT_MIN ? p : FLT_MIN
 
 /* One row of n logits: softmax in place; o = (sum of the row, sum over the patch keys k >= npt,
    sum_k A d, entropy term); the entropy term is sum_{k >= npt} (A + eps) log(A + eps) under PARK
-   and sum_k A log A (A clamped to FLT_MIN inside the log) under UNIP. */
-static void one_row(float* x, long n, long npt, const float* d, double* o, float eps, int definition) {
+   and sum_k A log A (A clamped to FLT_MIN inside the log) under UNIP. The row is added to col[k]
+   and, weighted by 1 / (mass + (n - npt) eps) (PARK) or by the row's sum (UNIP), to wcol[k]. */
+static void one_row(float* x, long n, long npt, const float* d, double* o, float eps, int definition,
+                    float* col, float* wcol) {
   const int park = definition == PARK, unip = definition == UNIP;
   long j = 0;
   float m = -INFINITY;
 #ifdef __AVX2__
   __m256 vmax = _mm256_set1_ps(-INFINITY);
   for (; j + 8 <= n; j += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(x + j));
+  if (j < n) {
+    const __m256i mask = tail_mask(n - j);
+    const __m256 v = _mm256_blendv_ps(vmax, _mm256_maskload_ps(x + j, mask), _mm256_castsi256_ps(mask));
+    vmax = _mm256_max_ps(vmax, v);
+    j = n;
+  }
   float lanes[8];
   _mm256_storeu_ps(lanes, vmax);
   for (int i = 0; i < 8; ++i) m = lanes[i] > m ? lanes[i] : m;
 #endif
   for (; j < n; ++j) m = x[j] > m ? x[j] : m;
 
-  double s = 0;
-  for (long c0 = 0; c0 < n; c0 += CHUNK) {
+  /* exponentials; the prefix keys summed on their own, so that a sink's mass never cancels
+     out of the patch sums */
+  double s_prefix = 0, s_patch = 0;
+  for (j = 0; j < npt && j < n; ++j) {
+    x[j] = expf(x[j] - m);
+    s_prefix += x[j];
+  }
+  for (long c0 = npt; c0 < n; c0 += CHUNK) {
     const long c1 = c0 + CHUNK < n ? c0 + CHUNK : n;
     double t = 0;
     j = c0;
@@ -103,6 +126,14 @@ static void one_row(float* x, long n, long npt, const float* d, double* o, float
       _mm256_storeu_ps(x + j, e);
       acc = _mm256_add_ps(acc, e);
     }
+    if (j < c1) {
+      const __m256i mask = tail_mask(c1 - j);
+      __m256 e = exp8(_mm256_sub_ps(_mm256_maskload_ps(x + j, mask), vm));
+      e = _mm256_and_ps(e, _mm256_castsi256_ps(mask));
+      _mm256_maskstore_ps(x + j, mask, e);
+      acc = _mm256_add_ps(acc, e);
+      j = c1;
+    }
     t = hsum8(acc);
 #endif
     for (; j < c1; ++j) {
@@ -110,16 +141,20 @@ static void one_row(float* x, long n, long npt, const float* d, double* o, float
       x[j] = e;
       t += e;
     }
-    s += t;
+    s_patch += t;
   }
+  const double s = s_prefix + s_patch;
   const float inv = (float)(1.0 / s);
+  /* the column weight from these sums: the same as from the normalised row up to fp32 rounding */
+  const float w = park ? (float)(1.0 / (s_patch / s + (double)(n - npt) * eps)) : (float)(s * inv);
 
-  /* the prefix keys on their own: a sink's mass never cancels out of the patch sums */
   double prefix = 0, plogp = 0;
   for (j = 0; j < npt && j < n; ++j) {
     const float p = x[j] * inv;
     x[j] = p;
     prefix += p;
+    col[j] += p;
+    wcol[j] += w * p;
     if (unip) plogp += p * log_clamped(p);
   }
   double mass = 0, dist = 0;
@@ -130,9 +165,12 @@ static void one_row(float* x, long n, long npt, const float* d, double* o, float
 #ifdef __AVX2__
     __m256 aa = _mm256_setzero_ps(), ad = aa, ap = aa;
     const __m256 vi = _mm256_set1_ps(inv), ve = _mm256_set1_ps(eps), vt = _mm256_set1_ps(FLT_MIN);
+    const __m256 vw = _mm256_set1_ps(w);
     for (; j + 8 <= c1; j += 8) {
       const __m256 p = _mm256_mul_ps(_mm256_loadu_ps(x + j), vi);
       _mm256_storeu_ps(x + j, p);
+      _mm256_storeu_ps(col + j, _mm256_add_ps(_mm256_loadu_ps(col + j), p));
+      _mm256_storeu_ps(wcol + j, _mm256_fmadd_ps(vw, p, _mm256_loadu_ps(wcol + j)));
       aa = _mm256_add_ps(aa, p);
       if (d) ad = _mm256_fmadd_ps(p, _mm256_loadu_ps(d + j), ad);
       if (park) {
@@ -142,6 +180,22 @@ static void one_row(float* x, long n, long npt, const float* d, double* o, float
         ap = _mm256_fmadd_ps(p, log8(_mm256_max_ps(p, vt)), ap);
       }
     }
+    if (j < c1) { /* the same on the last elements; lanes past the row read and add 0 */
+      const __m256i mask = tail_mask(c1 - j);
+      const __m256 p = _mm256_mul_ps(_mm256_maskload_ps(x + j, mask), vi);
+      _mm256_maskstore_ps(x + j, mask, p);
+      _mm256_maskstore_ps(col + j, mask, _mm256_add_ps(_mm256_maskload_ps(col + j, mask), p));
+      _mm256_maskstore_ps(wcol + j, mask, _mm256_fmadd_ps(vw, p, _mm256_maskload_ps(wcol + j, mask)));
+      aa = _mm256_add_ps(aa, p);
+      if (d) ad = _mm256_fmadd_ps(p, _mm256_maskload_ps(d + j, mask), ad);
+      if (park) {
+        const __m256 a = _mm256_add_ps(p, ve);
+        ap = _mm256_add_ps(ap, _mm256_and_ps(_mm256_mul_ps(a, log8(a)), _mm256_castsi256_ps(mask)));
+      } else if (unip) {
+        ap = _mm256_fmadd_ps(p, log8(_mm256_max_ps(p, vt)), ap);
+      }
+      j = c1;
+    }
     ta = hsum8(aa);
     td = hsum8(ad);
     tp = hsum8(ap);
@@ -149,6 +203,8 @@ static void one_row(float* x, long n, long npt, const float* d, double* o, float
     for (; j < c1; ++j) {
       const float p = x[j] * inv;
       x[j] = p;
+      col[j] += p;
+      wcol[j] += w * p;
       ta += p;
       if (d) td += p * d[j];
       if (park) {
@@ -170,15 +226,15 @@ static void one_row(float* x, long n, long npt, const float* d, double* o, float
 
 /* x: [bh, rows, n] fp32 logits (bh = images x heads, row-major), replaced by their softmax.
    d: [rows, n] distances from each row's query to every key (0 for prefix keys), or NULL.
-   stats: [bh, rows, 4] (see one_row). cols: the column sums are added to
+   stats: row r of image b, head h of the block at stats + b * stats_b + h * stats_h + r * 4 (see
+   one_row). cols: the column sums are added to
    cols + b * stride_b + (h0 + h) * stride_h + c * stride_c + k for image b, head h of the block:
    c = 0 the plain sum over the rows, c = 1 each row weighted by 1 / (mass + (n - npt) eps)
    under PARK, by its sum under UNIP. Returns 0, or 1 where scratch memory could not be had. */
 int unip_attention_rows(float* x, long bh, long rows, long n, long npt, const float* d, double* stats,
-                        double* cols, long heads, long h0, long stride_b, long stride_h, long stride_c,
-                        double eps, int definition, int nthreads) {
+                        long stats_b, long stats_h, double* cols, long heads, long h0, long stride_b,
+                        long stride_h, long stride_c, double eps, int definition, int nthreads) {
   int failed = 0;
-  const double patches = (double)(n - npt);
 #pragma omp parallel num_threads(nthreads) reduction(| : failed)
   {
     float* acc = (float*)calloc(2 * (size_t)n, sizeof(float));
@@ -189,13 +245,8 @@ int unip_attention_rows(float* x, long bh, long rows, long n, long npt, const fl
       for (long r = 0; r < rows; ++r) {
         if (!acc) continue;
         float* row = x + (i * rows + r) * n;
-        double* o = stats + (i * rows + r) * 4;
-        one_row(row, n, npt, d ? d + r * n : NULL, o, (float)eps, definition);
-        const float w = definition == PARK ? (float)(1.0 / (o[1] + patches * eps)) : (float)o[0];
-        for (long k = 0; k < n; ++k) {
-          acc[k] += row[k];
-          acc[n + k] += w * row[k];
-        }
+        double* o = stats + (i / heads) * stats_b + (i % heads) * stats_h + r * 4;
+        one_row(row, n, npt, d ? d + r * n : NULL, o, (float)eps, definition, acc, acc + n);
         touched = 1;
       }
       if (touched) {
