@@ -144,7 +144,7 @@ def analysis(device, c: dict, block_mib: float) -> list[dict]:
 
     rows = []
     for arch, img, batch in c["analysis"]:
-        for mib in (None, block_mib):  # the CPU's block size (4 MiB), then the GPU-sized one
+        for mib in (None, block_mib):  # the CPU's block size (2 MiB), then the GPU-sized one
             block = None if mib is None else int(mib * 2**20)
 
             def one(arch=arch, img=img, batch=batch, block=block) -> dict:

@@ -13,7 +13,7 @@ import torch
 from attention_reference import timm_explicit_attention
 from trained_like import trained_like
 
-from unip_analysis import analyze, kernels, metrics
+from unip_analysis import analyze, attention, kernels, metrics
 from unip_analysis.metrics import NMI_EPS
 
 needs_cc = pytest.mark.skipif(
@@ -198,3 +198,53 @@ def test_bad_shapes_are_refused_with_what_was_expected():
         kernel(x, 1, torch.zeros(3, 9), cols, 0, "park")
     with pytest.raises(ValueError, match=r"out: expected fp64 \[1, 2, 3, 4\]"):
         kernels.softmax_rows(x, 1, None, cols, 0, "park", NMI_EPS, torch.zeros(1, 2, 3, 4))
+
+
+def test_head_groups_in_threads_give_the_one_thread_results_and_restore_torch_threads():
+    """With two torch threads the analysis runs its head groups in two threads of one thread
+    each (attention._in_threads): the same NMI, distance and sinks as with one, and torch's
+    thread count is back afterwards."""
+    backbone = trained_like(arch="vit_tiny_patch16_224(depth=2,embed_dim=64,num_heads=4,patch_size=8)")
+    data = torch.randn(2, 3, backbone.img_size, backbone.img_size, generator=torch.Generator().manual_seed(1))
+    before = torch.get_num_threads()
+    results = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            observer = analyze.LayerObserver(2, (4, 4), 8, 1)
+            observer.start_batch(2)
+            # blocks of one head: four groups, two a thread
+            with (
+                torch.inference_mode(),
+                attention.observe_attention(backbone.model, observer, block_bytes=512),
+            ):
+                backbone.model.forward_features(data)
+            assert torch.get_num_threads() == threads
+            results[threads] = observer
+    finally:
+        torch.set_num_threads(before)
+    one, two = results[1], results[2]
+    for layer in range(2):
+        torch.testing.assert_close(two.nmi[layer][0], one.nmi[layer][0], rtol=0, atol=1e-9)
+        torch.testing.assert_close(two.distance[layer][0], one.distance[layer][0], rtol=1e-9, atol=0)
+        for a, b in zip(two.sinks[layer][0], one.sinks[layer][0]):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
+
+
+def test_the_threads_are_used_where_torch_has_two(monkeypatch):
+    calls = []
+    real = attention._in_threads
+    monkeypatch.setattr(
+        attention, "_in_threads", lambda fn, parts: calls.append(len(parts)) or real(fn, parts)
+    )
+    backbone = trained_like(arch="vit_tiny_patch16_224(depth=1,embed_dim=64,num_heads=4,patch_size=8)")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        observer = analyze.LayerObserver(1, (4, 4), 8, 1)
+        observer.start_batch(1)
+        with torch.no_grad(), attention.observe_attention(backbone.model, observer, block_bytes=512):
+            backbone.model.forward_features(torch.randn(1, 3, 32, 32))
+    finally:
+        torch.set_num_threads(before)
+    assert calls == [2]

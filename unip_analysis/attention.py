@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Protocol
 
@@ -262,6 +263,30 @@ class ProjectionObserver(AttentionObserver, Protocol):
         shared one, or None)."""
 
 
+def _in_threads(fn: Callable[[Sequence[int]], None], parts: list[Sequence[int]]) -> None:
+    """``fn(part)`` for every part at once, one thread each, every torch op single-threaded.
+
+    On the CPU the two products of a block of 127 rows hardly gain from a second thread, while
+    timm's fused attention, which the analysis is compared with, splits its work across heads.
+    So the analysis does the same: each thread takes whole head groups (the statistics of a head
+    are then only ever written by one thread; the kernel and the products release the GIL).
+    torch's thread count is process-wide: it is 1 while the threads run, then restored."""
+    before = torch.get_num_threads()
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+    def run(part: Sequence[int]) -> None:
+        torch.set_num_threads(1)  # this thread's OpenMP setting too
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            fn(part)
+
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(len(parts), thread_name_prefix="unip-attention") as pool:
+            list(pool.map(run, parts))
+    finally:
+        torch.set_num_threads(before)
+
+
 def _streaming_forward(layer: int, observer: AttentionObserver, num_prefix_tokens: int, block_bytes: int):
     def forward(self: torch.nn.Module, x: torch.Tensor, **context: Any) -> torch.Tensor:
         _refuse_masks(self, context)
@@ -287,23 +312,38 @@ def _streaming_forward(layer: int, observer: AttentionObserver, num_prefix_token
             del q, k, v
             fused = getattr(observer, "softmax_rows", None)
             most = max(rows, num_prefix_tokens)  # the prefix rows come as one block of their own
-            buffer = torch.empty(batch * group * most * tokens, device=x.device)  # one block's logits
-            for q0, q1 in query_blocks(tokens, num_prefix_tokens, rows):
-                bias = logit_bias(self, context, q0, q1)
-                for g, h0 in enumerate(starts):
-                    n_h = q_g[g].shape[0] // batch
-                    logits = buffer[: batch * n_h * (q1 - q0) * tokens].view(batch * n_h, q1 - q0, tokens)
-                    torch.bmm(q_g[g][:, q0:q1], k_g[g].transpose(1, 2), out=logits)  # BLAS reads k^T as is
-                    logits = logits.view(batch, n_h, q1 - q0, tokens)
-                    if bias is not None:
-                        logits += bias if bias.shape[-3] == 1 else bias[..., h0 : h0 + n_h, :, :]
-                    # the observer either takes the softmax itself (reducing the rows as it goes)
-                    # or receives the probabilities once the block's output rows are computed
-                    probs = logits.softmax(dim=-1) if fused is None else fused(layer, q0, logits, h0)
-                    heads_out[:, h0 : h0 + n_h, q0:q1] = self.attn_drop(probs).to(v_g[g].dtype) @ v_g[g]
-                    if fused is None:
-                        observer.rows(layer, q0, probs, h0)
-                    del probs, logits
+
+            def blocks_of(groups: Sequence[int]) -> None:
+                """Every block of rows of the head groups ``groups``, in row order."""
+                buffer = torch.empty(batch * group * most * tokens, device=x.device)  # one block's logits
+                for q0, q1 in query_blocks(tokens, num_prefix_tokens, rows):
+                    bias = logit_bias(self, context, q0, q1)
+                    for g in groups:
+                        h0, n_h = starts[g], q_g[g].shape[0] // batch
+                        logits = buffer[: batch * n_h * (q1 - q0) * tokens].view(batch * n_h, q1 - q0, tokens)
+                        torch.bmm(
+                            q_g[g][:, q0:q1], k_g[g].transpose(1, 2), out=logits
+                        )  # BLAS reads k^T as is
+                        logits = logits.view(batch, n_h, q1 - q0, tokens)
+                        if bias is not None:
+                            logits += bias if bias.shape[-3] == 1 else bias[..., h0 : h0 + n_h, :, :]
+                        # the observer either takes the softmax itself (reducing the rows as it
+                        # goes) or receives the probabilities once the block's output rows exist
+                        probs = logits.softmax(dim=-1) if fused is None else fused(layer, q0, logits, h0)
+                        heads_out[:, h0 : h0 + n_h, q0:q1] = self.attn_drop(probs).to(v_g[g].dtype) @ v_g[g]
+                        if fused is None:
+                            observer.rows(layer, q0, probs, h0)
+                        del probs, logits
+
+            workers = (
+                min(torch.get_num_threads(), len(starts))
+                if fused is not None and x.device.type == "cpu"
+                else 1
+            )
+            if workers == 1:
+                blocks_of(range(len(starts)))
+            else:
+                _in_threads(blocks_of, [range(i, len(starts), workers) for i in range(workers)])
         observer.end_layer(layer)
         return attention_output(self, heads_out, x)
 

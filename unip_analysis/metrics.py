@@ -13,6 +13,7 @@ The attention distance follows Park et al. under either.
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import torch
@@ -167,7 +168,7 @@ class StreamingStatistics:
             self.prefix_cols = torch.zeros(batch, heads, 2, tokens, **f64)
         self.rows_per_head = [0] * heads
         self.prefix_rows_per_head = [0] * heads
-        self._distances: tuple[tuple, torch.Tensor] | None = None  # the last block's
+        self._local = threading.local()  # each thread's last distance rows (attention._in_threads)
 
     @property
     def rows_seen(self) -> int:
@@ -178,11 +179,12 @@ class StreamingStatistics:
         """d [rows, prefix + P] with zeros for the prefix keys, for patch queries ``p0 : p0 + rows``
         (their sums go to ``d_sum``); kept for the next call, which is the same rows' next head group."""
         key = (p0, rows, npt, dtype)
-        if self._distances is None or self._distances[0] != key:
+        last = getattr(self._local, "distances", None)
+        if last is None or last[0] != key:
             d = centre_distances(self.centres, p0, p0 + rows, dtype)
             self.d_sum[p0 : p0 + rows] = d.sum(-1, dtype=torch.float64)
-            self._distances = key, torch.nn.functional.pad(d, (npt, 0))
-        return self._distances[1]
+            self._local.distances = last = key, torch.nn.functional.pad(d, (npt, 0))
+        return last[1]
 
     def _block(self, q0: int, rows: int, h0: int, heads: int, dtype: torch.dtype) -> tuple:
         """(distance rows or None, the column sums the block adds to, where its row sums go) for
