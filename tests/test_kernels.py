@@ -34,14 +34,14 @@ def trained_logits(b: int, h: int, rows: int, n: int, npt: int, seed: int = 0) -
 
 def kernel(x, npt, d, cols, h0, definition):
     """softmax_rows, returning the row sums."""
-    out = torch.full((*x.shape[:3], 4), float("nan"), dtype=torch.float64)
+    out = torch.full((*x.shape[:3], 4), float("nan"))
     kernels.softmax_rows(x, npt, d, cols, h0, definition, NMI_EPS, out)
     return out
 
 
 def torch_rows(probs, npt, d, cols, h0, definition):
     """row_statistics, returning the row sums."""
-    out = torch.full((*probs.shape[:3], 4), float("nan"), dtype=torch.float64)
+    out = torch.full((*probs.shape[:3], 4), float("nan"))
     kernels.row_statistics(probs, npt, d, cols, h0, definition, NMI_EPS, out)
     return out
 
@@ -196,14 +196,15 @@ def test_bad_shapes_are_refused_with_what_was_expected():
         kernel(x, 1, None, torch.zeros(1, 2, 2, 9, dtype=torch.float64), 0, "park")
     with pytest.raises(ValueError, match=r"d: expected \[3, 10\]"):
         kernel(x, 1, torch.zeros(3, 9), cols, 0, "park")
-    with pytest.raises(ValueError, match=r"out: expected fp64 \[1, 2, 3, 4\]"):
-        kernels.softmax_rows(x, 1, None, cols, 0, "park", NMI_EPS, torch.zeros(1, 2, 3, 4))
+    with pytest.raises(ValueError, match=r"out: expected fp32 or fp64 \[1, 2, 3, 4\]"):
+        kernels.softmax_rows(x, 1, None, cols, 0, "park", NMI_EPS, torch.zeros(1, 2, 3, 5))
 
 
-def test_head_groups_in_threads_give_the_one_thread_results_and_restore_torch_threads():
+def test_head_groups_in_threads_give_the_one_thread_results_and_restore_torch_threads(monkeypatch):
     """With two torch threads the analysis runs its head groups in two threads of one thread
     each (attention._in_threads): the same NMI, distance and sinks as with one, and torch's
     thread count is back afterwards."""
+    monkeypatch.setattr(attention, "THREADS_FROM_BYTES", 0)  # a tiny model's maps
     backbone = trained_like(arch="vit_tiny_patch16_224(depth=2,embed_dim=64,num_heads=4,patch_size=8)")
     data = torch.randn(2, 3, backbone.img_size, backbone.img_size, generator=torch.Generator().manual_seed(1))
     before = torch.get_num_threads()
@@ -233,6 +234,7 @@ def test_head_groups_in_threads_give_the_one_thread_results_and_restore_torch_th
 
 def test_the_threads_are_used_where_torch_has_two(monkeypatch):
     calls = []
+    monkeypatch.setattr(attention, "THREADS_FROM_BYTES", 4 * 4 * 17 * 17)  # this layer's maps, 1 image
     real = attention._in_threads
     monkeypatch.setattr(
         attention, "_in_threads", lambda fn, parts: calls.append(len(parts)) or real(fn, parts)

@@ -3,7 +3,8 @@ reduces it to: one small C kernel (``csrc/attention_rows.c``), with the same qua
 PyTorch ops where it cannot be built.
 
 Per row q of a block (A the row's softmax, P patch keys k >= npt), :func:`softmax_rows` returns
-``[sum_k A, sum_{k >= npt} A, sum_k A d(q, k), entropy term]`` in fp64, the entropy term being
+``[sum_k A, sum_{k >= npt} A, sum_k A d(q, k), entropy term]`` (summed in fp64 from fp32 pieces
+of 256 keys, stored in fp32: 16 bytes a row), the entropy term being
 ``sum_{k >= npt} (A + eps) log(A + eps)`` under Park et al.'s NMI and ``sum_k A log A`` under
 UNIP's, and adds each block's column sums to ``cols`` [B, H, 2, tokens] fp64: the plain sum
 over the rows, and the sum weighted by ``1 / (sum_{k >= npt} A + P eps)`` (Park) or by the row's
@@ -123,8 +124,10 @@ def _check(
         )
     if d is not None and tuple(d.shape) != (rows, n):
         raise ValueError(f"d: expected [{rows}, {n}], got {tuple(d.shape)}")
-    if out.dtype != torch.float64 or tuple(out.shape) != (b, h, rows, 4):
-        raise ValueError(f"out: expected fp64 [{b}, {h}, {rows}, 4], got {tuple(out.shape)} {out.dtype}")
+    if out.dtype not in (torch.float32, torch.float64) or tuple(out.shape) != (b, h, rows, 4):
+        raise ValueError(
+            f"out: expected fp32 or fp64 [{b}, {h}, {rows}, 4], got {tuple(out.shape)} {out.dtype}"
+        )
 
 
 def kernel_applies(logits: torch.Tensor) -> bool:
@@ -144,10 +147,16 @@ def softmax_rows(
 ) -> None:
     """Replace ``logits`` [B, h, rows, tokens] by its softmax over the last dim, add the block's
     column sums to ``cols[:, h0 : h0 + h]`` and write the row statistics to ``out`` [B, h, rows, 4]
-    fp64 (see the module's docstring; a view into a larger tensor will do). ``d`` [rows, tokens]:
+    (fp32 for the kernel, which PyTorch ops replace otherwise; see the module's docstring; a view
+    into a larger tensor will do). ``d`` [rows, tokens]:
     each row's distance to every key (0 for the prefix keys), or None (sum_k A d is then 0)."""
     _check(logits, d, cols, h0, out)
-    fits = logits.is_contiguous() and cols.is_contiguous() and out.stride()[2:] == (4, 1)
+    fits = (
+        logits.is_contiguous()
+        and cols.is_contiguous()
+        and out.dtype == torch.float32
+        and out.stride()[2:] == (4, 1)
+    )
     if not (fits and kernel_applies(logits)):
         logits.copy_(torch.softmax(logits, dim=-1))
         row_statistics(logits, num_prefix_tokens, d, cols, h0, definition, eps, out)

@@ -125,7 +125,7 @@ class StreamingStatistics:
     Per patch query q, with A its post-softmax row over patch keys (prefix columns dropped):
     ``p(k|q) = (A + 1e-8) / Z_q`` for NMI and ``(A + 1e-32) / Z'_q`` for the distance. Each block
     is reduced to four sums per row (:func:`unip_analysis.kernels.softmax_rows`: the row's mass,
-    its patch mass, ``sum_k A d`` and ``sum_k (A + eps) log(A + eps)``, kept per row, 32 bytes) and
+    its patch mass, ``sum_k A d`` and ``sum_k (A + eps) log(A + eps)``, kept per row in fp32, 16 bytes) and
     two sums per column, kept in fp64: ``sum_q A[q, k]`` (the sinks) and ``sum_q A[q, k] / Z_q``
     (p(k), the mean over ALL queries, needed before H(K) can be computed). :meth:`result` then gives
     ``NMI = (H(K) - mean_q H(K|q)) / sqrt(H(K) log N)`` and the mean distance in pixels.
@@ -151,6 +151,7 @@ class StreamingStatistics:
         num_prefix_tokens: int,
         device: torch.device | str = "cpu",
         nmi_definition: str = "park",
+        row_dtype: torch.dtype = torch.float32,
     ):
         self.num_prefix_tokens = num_prefix_tokens
         self.nmi_definition = check_nmi_definition(nmi_definition)
@@ -158,8 +159,11 @@ class StreamingStatistics:
         self.num_patches = n = self.centres.shape[0]
         f64 = {"dtype": torch.float64, "device": device}
         tokens = n + num_prefix_tokens
-        # per query row (prefix rows under 'unip' only): kernels.softmax_rows' four sums
-        self.row_sums = torch.zeros(batch, heads, tokens, 4, **f64)
+        # per query row (prefix rows under 'unip' only): kernels.softmax_rows' four sums, each
+        # summed in fp64 and kept in ``row_dtype``: fp32 for the analysis (16 bytes a row; the
+        # memory rule allows 0.05 of one layer's maps, 4 x tokens bytes a row, and at 197 tokens
+        # fp64 would take 0.04 of it), fp64 for maps given in fp64 (map_statistics)
+        self.row_sums = torch.zeros(batch, heads, tokens, 4, dtype=row_dtype, device=device)
         self.d_sum = torch.zeros(n, **f64)  # sum_k d(q, k) per patch query
         # column sums of the patch query rows: [sum_q A, sum_q A / Z_q (park) or R_q A (unip)]
         self.cols = torch.zeros(batch, heads, 2, tokens, **f64)
@@ -236,7 +240,7 @@ class StreamingStatistics:
         """(NMI, mean attention distance in pixels), each float64 [B, H]."""
         self._check_complete()
         n, npt = self.num_patches, self.num_prefix_tokens
-        total, mass, dist, plogp = self.row_sums.unbind(-1)  # [B, H, tokens] each
+        total, mass, dist, plogp = self.row_sums.double().unbind(-1)  # [B, H, tokens] each
         patch = slice(npt, None)
         mass = mass[..., patch]
         distance = ((dist[..., patch] + DISTANCE_EPS * self.d_sum) / (mass + n * DISTANCE_EPS)).sum(-1) / n
@@ -274,7 +278,10 @@ def map_statistics(
     under 'unip' the prefix tokens' rows too, as the first rows of the first block).
     The map is not modified. Returns float64 tensors [B, H]."""
     b, h, n, _ = attn.shape
-    stats = StreamingStatistics(b, h, grid, patch_size, num_prefix_tokens, attn.device, nmi_definition)
+    row_dtype = torch.float64 if attn.dtype == torch.float64 else torch.float32
+    stats = StreamingStatistics(
+        b, h, grid, patch_size, num_prefix_tokens, attn.device, nmi_definition, row_dtype
+    )
     step = rows or n
     first = 0 if nmi_definition == "unip" else num_prefix_tokens
     for q0 in range(first, n, step):
