@@ -34,14 +34,14 @@ def trained_logits(b: int, h: int, rows: int, n: int, npt: int, seed: int = 0) -
 
 def kernel(x, npt, d, cols, h0, definition):
     """softmax_rows, returning the row sums."""
-    out = torch.full((*x.shape[:3], 4), float("nan"))
+    out = torch.full((*x.shape[:3], 4), float("nan"), dtype=torch.float64)
     kernels.softmax_rows(x, npt, d, cols, h0, definition, NMI_EPS, out)
     return out
 
 
 def torch_rows(probs, npt, d, cols, h0, definition):
     """row_statistics, returning the row sums."""
-    out = torch.full((*probs.shape[:3], 4), float("nan"))
+    out = torch.full((*probs.shape[:3], 4), float("nan"), dtype=torch.float64)
     kernels.row_statistics(probs, npt, d, cols, h0, definition, NMI_EPS, out)
     return out
 

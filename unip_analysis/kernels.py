@@ -4,7 +4,7 @@ PyTorch ops where it cannot be built.
 
 Per row q of a block (A the row's softmax, P patch keys k >= npt), :func:`softmax_rows` returns
 ``[sum_k A, sum_{k >= npt} A, sum_k A d(q, k), entropy term]`` (summed in fp64 from fp32 pieces
-of 256 keys, stored in fp32: 16 bytes a row), the entropy term being
+of 256 keys), the entropy term being
 ``sum_{k >= npt} (A + eps) log(A + eps)`` under Park et al.'s NMI and ``sum_k A log A`` under
 UNIP's, and adds each block's column sums to ``cols`` [B, H, 2, tokens] fp64: the plain sum
 over the rows, and the sum weighted by ``1 / (sum_{k >= npt} A + P eps)`` (Park) or by the row's
@@ -147,7 +147,7 @@ def softmax_rows(
 ) -> None:
     """Replace ``logits`` [B, h, rows, tokens] by its softmax over the last dim, add the block's
     column sums to ``cols[:, h0 : h0 + h]`` and write the row statistics to ``out`` [B, h, rows, 4]
-    (fp32 for the kernel, which PyTorch ops replace otherwise; see the module's docstring; a view
+    (fp64 for the kernel, which PyTorch ops replace otherwise; see the module's docstring; a view
     into a larger tensor will do). ``d`` [rows, tokens]:
     each row's distance to every key (0 for the prefix keys), or None (sum_k A d is then 0)."""
     _check(logits, d, cols, h0, out)

@@ -125,7 +125,7 @@ class StreamingStatistics:
     Per patch query q, with A its post-softmax row over patch keys (prefix columns dropped):
     ``p(k|q) = (A + 1e-8) / Z_q`` for NMI and ``(A + 1e-32) / Z'_q`` for the distance. Each block
     is reduced to four sums per row (:func:`unip_analysis.kernels.softmax_rows`: the row's mass,
-    its patch mass, ``sum_k A d`` and ``sum_k (A + eps) log(A + eps)``, kept per row in fp32, 16 bytes) and
+    its patch mass, ``sum_k A d`` and ``sum_k (A + eps) log(A + eps)``, kept per row, 32 bytes) and
     two sums per column, kept in fp64: ``sum_q A[q, k]`` (the sinks) and ``sum_q A[q, k] / Z_q``
     (p(k), the mean over ALL queries, needed before H(K) can be computed). :meth:`result` then gives
     ``NMI = (H(K) - mean_q H(K|q)) / sqrt(H(K) log N)`` and the mean distance in pixels.
@@ -151,7 +151,7 @@ class StreamingStatistics:
         num_prefix_tokens: int,
         device: torch.device | str = "cpu",
         nmi_definition: str = "park",
-        row_dtype: torch.dtype = torch.float32,
+        row_dtype: torch.dtype = torch.float64,
     ):
         self.num_prefix_tokens = num_prefix_tokens
         self.nmi_definition = check_nmi_definition(nmi_definition)
@@ -160,9 +160,8 @@ class StreamingStatistics:
         f64 = {"dtype": torch.float64, "device": device}
         tokens = n + num_prefix_tokens
         # per query row (prefix rows under 'unip' only): kernels.softmax_rows' four sums, each
-        # summed in fp64 and kept in ``row_dtype``: fp32 for the analysis (16 bytes a row; the
-        # memory rule allows 0.05 of one layer's maps, 4 x tokens bytes a row, and at 197 tokens
-        # fp64 would take 0.04 of it), fp64 for maps given in fp64 (map_statistics)
+        # summed in fp64 and kept in ``row_dtype`` (fp64: 32 bytes a row, 8 / tokens of one
+        # layer's maps; fp32 halves that)
         self.row_sums = torch.zeros(batch, heads, tokens, 4, dtype=row_dtype, device=device)
         self.d_sum = torch.zeros(n, **f64)  # sum_k d(q, k) per patch query
         # column sums of the patch query rows: [sum_q A, sum_q A / Z_q (park) or R_q A (unip)]

@@ -88,7 +88,7 @@ static inline float log_clamped(float p) { return logf(p > FLT_MIN ? p : FLT_MIN
    sum_k A d, entropy term); the entropy term is sum_{k >= npt} (A + eps) log(A + eps) under PARK
    and sum_k A log A (A clamped to FLT_MIN inside the log) under UNIP. The row is added to col[k]
    and, weighted by 1 / (mass + (n - npt) eps) (PARK) or by the row's sum (UNIP), to wcol[k]. */
-static void one_row(float* x, long n, long npt, const float* d, float* o, float eps, int definition,
+static void one_row(float* x, long n, long npt, const float* d, double* o, float eps, int definition,
                     float* col, float* wcol) {
   const int park = definition == PARK, unip = definition == UNIP;
   long j = 0;
@@ -218,10 +218,10 @@ static void one_row(float* x, long n, long npt, const float* d, float* o, float 
     dist += td;
     plogp += tp;
   }
-  o[0] = (float)(prefix + mass);
-  o[1] = (float)mass;
-  o[2] = (float)dist;
-  o[3] = (float)plogp;
+  o[0] = prefix + mass;
+  o[1] = mass;
+  o[2] = dist;
+  o[3] = plogp;
 }
 
 /* x: [bh, rows, n] fp32 logits (bh = images x heads, row-major), replaced by their softmax.
@@ -231,7 +231,7 @@ static void one_row(float* x, long n, long npt, const float* d, float* o, float 
    cols + b * stride_b + (h0 + h) * stride_h + c * stride_c + k for image b, head h of the block:
    c = 0 the plain sum over the rows, c = 1 each row weighted by 1 / (mass + (n - npt) eps)
    under PARK, by its sum under UNIP. Returns 0, or 1 where scratch memory could not be had. */
-int unip_attention_rows(float* x, long bh, long rows, long n, long npt, const float* d, float* stats,
+int unip_attention_rows(float* x, long bh, long rows, long n, long npt, const float* d, double* stats,
                         long stats_b, long stats_h, double* cols, long heads, long h0, long stride_b,
                         long stride_h, long stride_c, double eps, int definition, int nthreads) {
   int failed = 0;
@@ -245,7 +245,7 @@ int unip_attention_rows(float* x, long bh, long rows, long n, long npt, const fl
       for (long r = 0; r < rows; ++r) {
         if (!acc) continue;
         float* row = x + (i * rows + r) * n;
-        float* o = stats + (i / heads) * stats_b + (i % heads) * stats_h + r * 4;
+        double* o = stats + (i / heads) * stats_b + (i % heads) * stats_h + r * 4;
         one_row(row, n, npt, d ? d + r * n : NULL, o, (float)eps, definition, acc, acc + n);
         touched = 1;
       }
