@@ -4,6 +4,8 @@ ops in fp64, on logits that look trained: tens in size, a sink column, rows whos
 from __future__ import annotations
 
 import copy
+import os
+import platform
 import shutil
 import warnings
 
@@ -69,6 +71,7 @@ def test_kernel_equals_fp64_reference_within_fp32_rounding(definition, npt, n):
     cols = torch.zeros(b, heads_total, 2, n, dtype=torch.float64)
     assert kernels.kernel_applies(x)
     stats = kernel(x, npt, d, cols, h0, definition)
+    assert not torch.equal(x, torch.softmax(logits, -1)), "the kernel rounds unlike PyTorch: it ran"
     torch.testing.assert_close(x.double(), want_p, rtol=2e-6, atol=1e-12)
     assert (x == 0).any(), "some probabilities underflow in fp32: the test covers them"
     # row sums, patch mass, sum A d: fp32 summation of n terms
@@ -125,6 +128,15 @@ def test_torch_path_equals_kernel_path_through_the_whole_analysis(monkeypatch):
     backbone = trained_like(positional=True)
     data = torch.randn(4, 3, backbone.img_size, backbone.img_size, generator=torch.Generator().manual_seed(0))
     results = {}
+    fallback = kernels.row_statistics
+
+    def not_in_c_mode(*args, **kwargs):  # a silent fallback would make this test compare a path with itself
+        assert os.environ["UNIP_KERNEL"] == "torch", (
+            "the analysis fell back to PyTorch ops with the kernel built"
+        )
+        return fallback(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "row_statistics", not_in_c_mode)
     for mode in ("c", "torch"):
         monkeypatch.setenv("UNIP_KERNEL", mode)
         kernels.library.cache_clear()
@@ -250,3 +262,28 @@ def test_the_threads_are_used_where_torch_has_two(monkeypatch):
     finally:
         torch.set_num_threads(before)
     assert calls == [2]
+
+
+@needs_cc
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="builds the x86-64 baseline")
+def test_the_portable_path_without_avx2_equals_the_fp64_reference(monkeypatch, tmp_path):
+    """The kernel built for the x86-64 baseline (no AVX2: the C loops every other CPU gets)."""
+    import ctypes
+
+    target = tmp_path / "portable.so"
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    kernels._compile(compiler, target, ["-O2", "-march=x86-64", "-fPIC", "-shared"])
+    portable = kernels._declare(ctypes.CDLL(str(target)))
+    monkeypatch.setattr(kernels, "library", lambda: portable)
+    for definition in ("park", "unip"):
+        npt, n = 5, 205
+        logits = trained_logits(2, 2, 11, n, npt, seed=7)
+        d = torch.rand(11, n) * 300
+        d[:, :npt] = 0
+        want_p, want_s, want_c = reference(logits, npt, d, definition, 0, 2)
+        x, cols = logits.clone(), torch.zeros(2, 2, 2, n, dtype=torch.float64)
+        stats = kernel(x, npt, d, cols, 0, definition)
+        torch.testing.assert_close(x.double(), want_p, rtol=2e-6, atol=1e-12)
+        torch.testing.assert_close(stats[..., :3], want_s[..., :3], rtol=2e-6, atol=1e-6)
+        torch.testing.assert_close(stats[..., 3], want_s[..., 3], rtol=0, atol=2e-6)
+        torch.testing.assert_close(cols, want_c, rtol=2e-6, atol=1e-9)

@@ -55,7 +55,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "unip" / "kernels"
 
 
-def _compile(compiler: str, target: Path) -> None:
+def _compile(compiler: str, target: Path, flags: list[str] = _FLAGS) -> None:
     """Build the shared library at ``target`` (with OpenMP where the compiler has it), written
     to a temporary file and renamed, so that concurrent first uses never load half a file."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -63,7 +63,7 @@ def _compile(compiler: str, target: Path) -> None:
     os.close(fd)
     try:
         for extra in (["-fopenmp"], []):
-            cmd = [compiler, *_FLAGS, *extra, str(SOURCE), "-o", tmp, "-lm"]
+            cmd = [compiler, *flags, *extra, str(SOURCE), "-o", tmp, "-lm"]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode == 0:
                 os.replace(tmp, target)
@@ -101,6 +101,11 @@ def library() -> ctypes.CDLL | None:
             stacklevel=2,
         )
         return None
+    return _declare(lib)
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """``lib`` with the kernel's argument types declared."""
     fn = lib.unip_attention_rows
     c_long, ptr = ctypes.c_long, ctypes.c_void_p
     fn.argtypes = [ptr, c_long, c_long, c_long, c_long, ptr, ptr, c_long, c_long, ptr] + [c_long] * 5
@@ -154,7 +159,7 @@ def softmax_rows(
     fits = (
         logits.is_contiguous()
         and cols.is_contiguous()
-        and out.dtype == torch.float32
+        and out.dtype == torch.float64
         and out.stride()[2:] == (4, 1)
     )
     if not (fits and kernel_applies(logits)):
