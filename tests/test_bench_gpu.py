@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from unip_analysis.attention import DEFAULT_BLOCK_BYTES
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_gpu.py"
 
@@ -25,8 +27,9 @@ def test_bench_gpu_dry_run_reports_every_part(tmp_path):
     assert report["dry_run"] and report["device"] == "cpu"
     assert set(parts) == {"analysis", "pretrain_step", "pretrain_loop", "finetune", "predict"}
     # three sizes, each at the CPU's block size and the GPU's
+    cpu_mib = DEFAULT_BLOCK_BYTES / 2**20
     assert [(r["tokens"], r["block_mib"]) for r in parts["analysis"]] == [
-        (t, b) for t in (17, 65, 257) for b in (4, 64)
+        (t, b) for t in (17, 65, 257) for b in (cpu_mib, 64)
     ]
     for r in parts["analysis"]:
         assert r["ratio_stream_over_plain"] > 0 and "peak_gpu_mib" in r and "stream" in r["extra_peak_mib"]
