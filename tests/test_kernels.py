@@ -244,24 +244,26 @@ def test_head_groups_in_threads_give_the_one_thread_results_and_restore_torch_th
             torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
 
 
-def test_the_threads_are_used_where_torch_has_two(monkeypatch):
+def test_the_threads_are_used_from_the_layer_size_on_where_torch_has_two(monkeypatch):
     calls = []
-    monkeypatch.setattr(attention, "THREADS_FROM_BYTES", 4 * 4 * 17 * 17)  # this layer's maps, 1 image
     real = attention._in_threads
     monkeypatch.setattr(
         attention, "_in_threads", lambda fn, parts: calls.append(len(parts)) or real(fn, parts)
     )
     backbone = trained_like(arch="vit_tiny_patch16_224(depth=1,embed_dim=64,num_heads=4,patch_size=8)")
+    maps = 4 * 4 * 17 * 17  # this layer's maps for one image: 4 heads, 17 tokens, fp32
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        observer = analyze.LayerObserver(1, (4, 4), 8, 1)
-        observer.start_batch(1)
-        with torch.no_grad(), attention.observe_attention(backbone.model, observer, block_bytes=512):
-            backbone.model.forward_features(torch.randn(1, 3, 32, 32))
+        for threshold in (maps, maps + 1):
+            monkeypatch.setattr(attention, "THREADS_FROM_BYTES", threshold)
+            observer = analyze.LayerObserver(1, (4, 4), 8, 1)
+            observer.start_batch(1)
+            with torch.no_grad(), attention.observe_attention(backbone.model, observer, block_bytes=512):
+                backbone.model.forward_features(torch.randn(1, 3, 32, 32))
     finally:
         torch.set_num_threads(before)
-    assert calls == [2]
+    assert calls == [2]  # two threads at the threshold, none one byte below it
 
 
 @needs_cc

@@ -18,7 +18,7 @@ from trained_like import TINY_TRAINED_ARCH, TINY_TRAINED_IMG, trained_like
 from unip_analysis import analyze, report, selection
 from unip_analysis.checkpoints import LoadedBackbone, build_vit
 from unip_analysis.errors import SelectionError
-from unip_analysis.metrics import SINK_DOMINATED, SinkSums, sink_statistics
+from unip_analysis.metrics import SINK_DOMINATED, StreamingStatistics, sink_statistics
 from unip_analysis.patterns import default_thresholds
 
 IMG = 32
@@ -85,17 +85,20 @@ def test_sink_statistics_equal_a_direct_computation_on_timm_maps(kind, names):
 def test_streaming_sums_equal_the_whole_map_in_any_blocks():
     g = torch.Generator().manual_seed(0)
     attn = torch.softmax(torch.randn(2, 3, 21, 21, generator=g) * 3, dim=-1)  # 1 prefix + 20 patches
+    attn[..., 0] += 2.0  # a sink: the cls key takes most of every row
+    attn = attn / attn.sum(-1, keepdim=True)
     whole = sink_statistics(attn, 1)
-    sums = SinkSums(2, 3, 21, 1)
+    assert whole[0].min() > 0.5
+    sums = StreamingStatistics(2, 3, (4, 5), 16, 1)
     for q0 in range(1, 21, 6):  # rows in blocks, heads in groups (0, 1) and (2,)
-        sums.add(attn[:, :2, q0 : q0 + 6])
-        sums.add(attn[:, 2:, q0 : q0 + 6], h0=2)
-    for a, b in zip(sums.result(), whole):
+        sums.add_(q0, attn[:, :2, q0 : q0 + 6])
+        sums.add_(q0, attn[:, 2:, q0 : q0 + 6], h0=2)
+    for a, b in zip(sums.sinks(), whole):
         assert torch.equal(a, b) if a.dtype == torch.int64 else torch.allclose(a, b, atol=1e-12)
     with pytest.raises(ValueError, match="saw 6 patch query rows of 20"):
-        partial = SinkSums(2, 3, 21, 1)
-        partial.add(attn[:, :, 1:7])
-        partial.result()
+        partial = StreamingStatistics(2, 3, (4, 5), 16, 1)
+        partial.add_(1, attn[:, :, 1:7])
+        partial.sinks()
 
 
 def sink_model(arch: str = TINY_TRAINED_ARCH, logit: float = 12.0) -> torch.nn.Module:

@@ -69,7 +69,7 @@ class ModelAnalysis:
     notes: list[str] = field(default_factory=list)
     nmi_definition: str = "park"  # what head_nmi holds: metrics.NMI_DEFINITIONS
     explorer: ExplorerData | None = None  # every layer's attention of a few images (--explore-images)
-    # Attention sinks (metrics.SinkSums), per layer [images, heads]: the largest share of the patch
+    # Attention sinks (metrics.sink_result), per layer [images, heads]: the largest share of the patch
     # queries' attention one token receives, the prefix tokens' share, which token (index, prefix
     # first) and its key's norm over the median key norm of the same head and image.
     head_sink_share: list[np.ndarray] = field(default_factory=list)
@@ -194,14 +194,13 @@ class LayerObserver:
     ):
         self.grid, self.patch_size, self.npt, self.device = grid, patch_size, num_prefix_tokens, device
         self.nmi_definition = check_nmi_definition(nmi_definition)
-        self._unip = nmi_definition == "unip"
         self.query_tokens = list(query_tokens)
         self.map_images_left = map_images
         self.nmi: list[list[torch.Tensor]] = [[] for _ in range(depth)]
         self.distance: list[list[torch.Tensor]] = [[] for _ in range(depth)]
         self.maps: list[list[torch.Tensor]] = [[] for _ in range(depth)]
         # per layer, one [B, H] tensor per forward each: sink share, prefix share, sink token, and
-        # the sink token's key norm over the median key norm (metrics.SinkSums)
+        # the sink token's key norm over the median key norm (metrics.sink_result)
         self.sinks: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in range(depth)]
         self._key_norms: torch.Tensor | None = None
         self._stats: StreamingStatistics | None = None
@@ -234,13 +233,15 @@ class LayerObserver:
     def softmax_rows(self, layer: int, q0: int, logits: torch.Tensor, h0: int = 0) -> torch.Tensor:
         """attention.SoftmaxObserver: the block's softmax, taken while the statistics reduce it."""
         probs = (
-            self._stats.add_logits_(q0, logits, h0) if q0 >= self.npt or self._unip else logits.softmax(-1)
+            self._stats.add_logits_(q0, logits, h0)
+            if q0 >= self.npt or self._stats.unip
+            else logits.softmax(-1)
         )
         self._keep_figure_rows(q0, probs, h0)
         return probs
 
     def rows(self, layer: int, q0: int, probs: torch.Tensor, h0: int = 0) -> None:
-        if q0 >= self.npt or self._unip:  # prefix queries: part of UNIP's NMI only
+        if q0 >= self.npt or self._stats.unip:  # prefix queries: part of UNIP's NMI only
             self._stats.add_(q0, probs, h0)
         self._keep_figure_rows(q0, probs, h0)
 

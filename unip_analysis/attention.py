@@ -50,7 +50,7 @@ DEFAULT_BLOCK_BYTES = 2 * 2**20
 MIN_BLOCK_ROWS = 128
 # On the CPU, layers whose maps would take at least this many bytes run their head groups in
 # parallel threads (_in_threads); below it, starting the threads costs more than they save
-# (ViT-B/16 at 224 px, batch 8: 15 MB of maps a layer, 1.24x plain with threads, ~1.0x without).
+# (ViT-B/16 at 224 px, batch 8: 15 MB of maps a layer, 1.20-1.24x plain with threads, 0.98x without).
 THREADS_FROM_BYTES = 64 * 2**20
 
 
@@ -339,11 +339,13 @@ def _streaming_forward(layer: int, observer: AttentionObserver, num_prefix_token
                             observer.rows(layer, q0, probs, h0)
                         del probs, logits
 
-            workers = (
-                min(torch.get_num_threads(), len(starts))
-                if fused is not None and x.device.type == "cpu"
-                else 1
-            )
+            workers = 1
+            if (
+                fused is not None
+                and x.device.type == "cpu"
+                and batch * heads * tokens**2 * 4 >= THREADS_FROM_BYTES
+            ):
+                workers = min(torch.get_num_threads(), len(starts))
             if workers == 1:
                 blocks_of(range(len(starts)))
             else:

@@ -151,7 +151,6 @@ class StreamingStatistics:
         num_prefix_tokens: int,
         device: torch.device | str = "cpu",
         nmi_definition: str = "park",
-        row_dtype: torch.dtype = torch.float64,
     ):
         self.num_prefix_tokens = num_prefix_tokens
         self.nmi_definition = check_nmi_definition(nmi_definition)
@@ -159,10 +158,9 @@ class StreamingStatistics:
         self.num_patches = n = self.centres.shape[0]
         f64 = {"dtype": torch.float64, "device": device}
         tokens = n + num_prefix_tokens
-        # per query row (prefix rows under 'unip' only): kernels.softmax_rows' four sums, each
-        # summed in fp64 and kept in ``row_dtype`` (fp64: 32 bytes a row, 8 / tokens of one
-        # layer's maps; fp32 halves that)
-        self.row_sums = torch.zeros(batch, heads, tokens, 4, dtype=row_dtype, device=device)
+        # per query row (prefix rows under 'unip' only): kernels.softmax_rows' four sums, fp64
+        # (32 bytes a row, 8 / tokens of one layer's maps)
+        self.row_sums = torch.zeros(batch, heads, tokens, 4, **f64)
         self.d_sum = torch.zeros(n, **f64)  # sum_k d(q, k) per patch query
         # column sums of the patch query rows: [sum_q A, sum_q A / Z_q (park) or R_q A (unip)]
         self.cols = torch.zeros(batch, heads, 2, tokens, **f64)
@@ -239,7 +237,7 @@ class StreamingStatistics:
         """(NMI, mean attention distance in pixels), each float64 [B, H]."""
         self._check_complete()
         n, npt = self.num_patches, self.num_prefix_tokens
-        total, mass, dist, plogp = self.row_sums.double().unbind(-1)  # [B, H, tokens] each
+        total, mass, dist, plogp = self.row_sums.unbind(-1)  # [B, H, tokens] each
         patch = slice(npt, None)
         mass = mass[..., patch]
         distance = ((dist[..., patch] + DISTANCE_EPS * self.d_sum) / (mass + n * DISTANCE_EPS)).sum(-1) / n
@@ -259,7 +257,7 @@ class StreamingStatistics:
         return nmi_, distance
 
     def sinks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:meth:`SinkSums.result` of the same patch query rows."""
+        """(sink share, prefix share, sink token) of the same patch query rows (:func:`sink_result`)."""
         self._check_complete()
         return sink_result(self.cols[:, :, 0], self.num_prefix_tokens)
 
@@ -277,10 +275,7 @@ def map_statistics(
     under 'unip' the prefix tokens' rows too, as the first rows of the first block).
     The map is not modified. Returns float64 tensors [B, H]."""
     b, h, n, _ = attn.shape
-    row_dtype = torch.float64 if attn.dtype == torch.float64 else torch.float32
-    stats = StreamingStatistics(
-        b, h, grid, patch_size, num_prefix_tokens, attn.device, nmi_definition, row_dtype
-    )
+    stats = StreamingStatistics(b, h, grid, patch_size, num_prefix_tokens, attn.device, nmi_definition)
     step = rows or n
     first = 0 if nmi_definition == "unip" else num_prefix_tokens
     for q0 in range(first, n, step):
@@ -343,43 +338,14 @@ def shared_attention(n: int) -> torch.Tensor:
 SINK_DOMINATED = 0.5  # a layer whose sink share reaches this sends half its attention to one token
 
 
-class SinkSums:
-    """Where a layer's attention goes, accumulated over blocks of patch query rows (method.md
-    section 10; Darcet et al., "Vision Transformers Need Registers", ICLR 2024).
-
-    With r_j = mean over the patch queries q of A[q, j] (full softmax rows, prefix keys included),
-    per (image, head): ``sink share = max_j r_j``, ``prefix share = sum_{j < npt} r_j`` and the
-    sink token ``argmax_j r_j`` (a token index, prefix tokens first). Kept in fp64: sum_q A[q, j].
-    """
-
-    def __init__(self, batch: int, heads: int, tokens: int, num_prefix_tokens: int, device="cpu"):
-        self.num_prefix_tokens = num_prefix_tokens
-        self.received = torch.zeros(batch, heads, tokens, dtype=torch.float64, device=device)
-        self.rows_per_head = [0] * heads
-
-    def add(self, probs: torch.Tensor, h0: int = 0) -> None:
-        """Add patch query rows [B, h, rows, tokens] of heads ``h0 : h0 + h`` (each row exactly
-        once per head); ``probs`` is not modified."""
-        h = probs.shape[1]
-        # summed in the block's own dtype (a block holds a few hundred rows), then into fp64: an fp64
-        # reduction over the block is ~17x slower on the CPU, on the analysis' hot path
-        self.received[:, h0 : h0 + h] += probs.sum(dim=-2)
-        for i in range(h0, h0 + h):
-            self.rows_per_head[i] += probs.shape[-2]
-
-    def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(sink share float64 [B, H], prefix share float64 [B, H], sink token int64 [B, H])."""
-        patches = self.received.shape[-1] - self.num_prefix_tokens
-        if set(self.rows_per_head) != {patches}:
-            raise ValueError(f"sink sums saw {min(self.rows_per_head)} patch query rows of {patches}")
-        return sink_result(self.received, self.num_prefix_tokens)
-
-
 def sink_result(
     received: torch.Tensor, num_prefix_tokens: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(sink share, prefix share, sink token) from ``sum_q A[q, j]`` over every patch query q,
-    [B, H, tokens] fp64 (:class:`SinkSums`)."""
+    """Where a layer's attention goes (method.md section 10; Darcet et al., "Vision Transformers
+    Need Registers", ICLR 2024), from ``received = sum_q A[q, j]`` over every patch query q
+    [B, H, tokens] fp64 (full softmax rows, prefix keys included). With r_j = received_j / patches,
+    per (image, head): ``sink share = max_j r_j``, ``prefix share = sum_{j < npt} r_j`` and the
+    sink token ``argmax_j r_j`` (a token index, prefix tokens first)."""
     r = received / (received.shape[-1] - num_prefix_tokens)
     share, token = r.max(dim=-1)
     return share, r[..., :num_prefix_tokens].sum(-1), token
@@ -388,8 +354,5 @@ def sink_result(
 def sink_statistics(
     attn: torch.Tensor, num_prefix_tokens: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:class:`SinkSums` of a whole post-softmax map [B, H, N, N] (its patch query rows)."""
-    b, h, n, _ = attn.shape
-    sums = SinkSums(b, h, n, num_prefix_tokens, attn.device)
-    sums.add(attn[:, :, num_prefix_tokens:])
-    return sums.result()
+    """:func:`sink_result` of a whole post-softmax map [B, H, N, N] (its patch query rows)."""
+    return sink_result(attn[:, :, num_prefix_tokens:].sum(dim=-2, dtype=torch.float64), num_prefix_tokens)

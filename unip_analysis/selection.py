@@ -23,7 +23,7 @@ Every NMI in the file (layers, thresholds, robustness) is of the one ``nmi_defin
 (:mod:`unip_analysis.metrics`); :func:`nmi_definition` reads it. The two optional fields came
 later within version 1: files written before them stay readable.
 
-Version 2 adds each layer's attention sinks (:class:`unip_analysis.metrics.SinkSums`, method.md
+Version 2 adds each layer's attention sinks (:func:`unip_analysis.metrics.sink_result`, method.md
 section 10), averaged over heads and images: ``sink_share`` (the largest share of the patch
 queries' attention one token receives), ``prefix_share`` (the prefix tokens' share),
 ``sink_token`` (the most frequent such token: "cls", "dist", "reg0".. or a patch index, 0-based
