@@ -2,7 +2,7 @@
 reduces it to: one small C kernel (``csrc/attention_rows.c``), with the same quantities in
 PyTorch ops where it cannot be built.
 
-Per row q of a block (A the row's softmax, P patch keys k >= npt), :func:`softmax_rows` returns
+Per row q of a block (A the row's softmax, P patch keys k >= npt), :func:`softmax_rows` writes
 ``[sum_k A, sum_{k >= npt} A, sum_k A d(q, k), entropy term]`` (summed in fp64 from fp32 pieces
 of 256 keys), the entropy term being
 ``sum_{k >= npt} (A + eps) log(A + eps)`` under Park et al.'s NMI and ``sum_k A log A`` under
