@@ -19,7 +19,13 @@ def test_write_config_is_plain_json(tmp_path):
     assert data == {"out": str(tmp_path), "betas": [0.9, 0.95], "x": None}
 
 
-def test_scalar_log_truncates_on_resume_and_writes_tensorboard(tmp_path):
+def test_scalar_log_truncates_on_resume_and_writes_tensorboard(tmp_path, monkeypatch):
+    # The worst case for the purge: the killed run's writer got TensorBoard's ninth file counter
+    # and the resumed one its tenth, which sorts first by name within one second.
+    from tensorboard.summary.writer import event_file_writer
+
+    uids = iter([9, 10, 11])
+    monkeypatch.setattr(event_file_writer._global_uid, "get", lambda: next(uids))
     log = runs.ScalarLog(tmp_path)
     for s in range(1, 6):
         log.write({"step": s, "loss": 1.0 / s, "note": "x"})

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -123,7 +124,28 @@ def _tensorboard_writer(folder: Path, purge_step: int | None):
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # torch raises ImportError when tensorboard is missing
         return None
+    if purge_step is not None:
+        _wait_past_event_files(folder)
     return SummaryWriter(log_dir=str(folder), purge_step=None if purge_step is None else purge_step + 1)
+
+
+def _wait_past_event_files(folder: Path) -> None:
+    """Sleep (under a second) until the clock is past the newest event file's second.
+
+    TensorBoard reads a folder's event files in the order of their names,
+    ``events.out.tfevents.<second>.<host>.<pid>.<counter>``, and the purge a resumed writer records
+    only removes events read before it. Two writers started in the same second are ordered by a
+    counter written without padding, so the tenth sorts before the ninth and the killed run's steps
+    survive the purge. A resumed writer's file must therefore carry a later second.
+    """
+    seconds = [
+        int(m.group(1)) for f in folder.glob("events.out.tfevents.*") if (m := _EVENT_SECOND.match(f.name))
+    ]
+    while seconds and int(time.time()) <= max(seconds):
+        time.sleep(max(seconds) + 1.01 - time.time())
+
+
+_EVENT_SECOND = re.compile(r"events\.out\.tfevents\.(\d+)\.")
 
 
 class WaitClock:
