@@ -4,6 +4,7 @@ ops in fp64, on logits that look trained: tens in size, a sink column, rows whos
 from __future__ import annotations
 
 import copy
+import math
 import os
 import platform
 import shutil
@@ -102,6 +103,40 @@ def test_kernel_is_as_accurate_as_pytorch_fp32_at_4097_tokens():
             theirs = (eager[..., i] - want_s[..., i]).abs().max().item()
             assert ours <= 2 * theirs + 1e-9, (definition, i, ours, theirs)
         assert (x.double() - want_p).abs().max() <= 2 * (p32.double() - want_p).abs().max()
+
+
+@needs_cc
+@pytest.mark.parametrize("n", [197, 4097])
+def test_entropy_term_from_the_logits_is_as_accurate_as_the_log(n):
+    """Rows whose every probability is at least the kernel's TAU (1e-7) take (A + eps) log(A + eps)
+    from t - log s and a series in eps / A instead of a log; rows just above and just below TAU, and
+    rows of an untrained model (logits near 0), against fp64 and against PyTorch's fp32 ops."""
+    npt, rows = 1, 24
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(1, 1, rows, n, generator=g) * 0.3  # an untrained model's rows
+    # row r: one key pushed down until its probability is about 10**(-5 - r / 4) (1e-5 to 1e-11)
+    for r in range(8, rows):
+        target = 10 ** (-5 - (r - 8) / 2.5)
+        logits[0, 0, r, npt + r] = math.log(target * n)
+    # row 7: every key but ten at about 1.2e-7, where eps^2 / (2 A) adds up to ~1e-6 over a row
+    logits[0, 0, 7] = 0.0
+    logits[0, 0, 7, -10:] = math.log((1 - 1.2e-7 * (n - 10)) / (10 * 1.2e-7))
+    probs = torch.softmax(logits.double(), -1)
+    smallest = probs[0, 0].min(-1).values
+    assert (smallest >= 1e-7).sum() >= 12 and (smallest < 1e-7).sum() >= 6  # both sides of TAU
+    d = torch.rand(rows, n) * 300
+    d[:, :npt] = 0
+    for definition in ("park", "unip"):
+        want_p, want_s, _ = reference(logits, npt, d, definition, 0, 1)
+        x = logits.clone()
+        got = kernel(x, npt, d, torch.zeros(1, 1, 2, n, dtype=torch.float64), 0, definition)
+        eager = torch_rows(
+            torch.softmax(logits, -1), npt, d, torch.zeros(1, 1, 2, n, dtype=torch.float64), 0, definition
+        )
+        torch.testing.assert_close(got[..., 3], want_s[..., 3], rtol=0, atol=1e-6)
+        ours = (got[..., 3] - want_s[..., 3]).abs().max().item()
+        theirs = (eager[..., 3] - want_s[..., 3]).abs().max().item()
+        assert ours <= 2 * theirs + 1e-9, (definition, ours, theirs)
 
 
 @needs_cc

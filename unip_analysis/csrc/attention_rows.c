@@ -22,6 +22,8 @@
 #endif
 
 #define CHUNK 256 /* elements summed in fp32 lanes before the partial sum goes into a double */
+/* PARK's entropy term without a log where a probability is at least TAU (see one_row) */
+#define TAU 1e-7
 
 enum { PARK = 1, UNIP = 2 };
 
@@ -87,26 +89,46 @@ static inline float log_clamped(float p) { return logf(p > FLT_MIN ? p : FLT_MIN
 /* One row of n logits: softmax in place; o = (sum of the row, sum over the patch keys k >= npt,
    sum_k A d, entropy term); the entropy term is sum_{k >= npt} (A + eps) log(A + eps) under PARK
    and sum_k A log A (A clamped to FLT_MIN inside the log) under UNIP. The row is added to col[k]
-   and, weighted by 1 / (mass + (n - npt) eps) (PARK) or by the row's sum (UNIP), to wcol[k]. */
+   and, weighted by 1 / (mass + (n - npt) eps) (PARK) or by the row's sum (UNIP), to wcol[k].
+   tb: n floats of scratch (the AVX2 path keeps there t, each logit minus the row's maximum).
+
+   The logs come from the logits where they can: with t = x - max and s the sum of exp(t),
+   log A = t - log s. Under UNIP that is the whole term (for A below FLT_MIN both A log A and
+   A (t - log s) are below 1e-36). Under PARK, in a row whose smallest A is at least TAU,
+   (A + eps) log(A + eps) = (A + eps) log A + eps + eps^2 / (2 A) - eps^3 / (6 A^2) + ...,
+   the dropped terms below 1e-12 a key; other rows take log8 (the choice is made once a row, so
+   that the branch is never mispredicted within one). */
 static void one_row(float* x, long n, long npt, const float* d, double* o, float eps, int definition,
-                    float* col, float* wcol) {
+                    float* col, float* wcol, float* tb) {
   const int park = definition == PARK, unip = definition == UNIP;
   long j = 0;
-  float m = -INFINITY;
+  float m = -INFINITY, mn = INFINITY;
 #ifdef __AVX2__
-  __m256 vmax = _mm256_set1_ps(-INFINITY);
-  for (; j + 8 <= n; j += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(x + j));
+  __m256 vmax = _mm256_set1_ps(-INFINITY), vmin = _mm256_set1_ps(INFINITY);
+  for (; j + 8 <= n; j += 8) {
+    const __m256 v = _mm256_loadu_ps(x + j);
+    vmax = _mm256_max_ps(vmax, v);
+    vmin = _mm256_min_ps(vmin, v);
+  }
   if (j < n) {
     const __m256i mask = tail_mask(n - j);
-    const __m256 v = _mm256_blendv_ps(vmax, _mm256_maskload_ps(x + j, mask), _mm256_castsi256_ps(mask));
-    vmax = _mm256_max_ps(vmax, v);
+    const __m256 v = _mm256_maskload_ps(x + j, mask);
+    vmax = _mm256_max_ps(vmax, _mm256_blendv_ps(vmax, v, _mm256_castsi256_ps(mask)));
+    vmin = _mm256_min_ps(vmin, _mm256_blendv_ps(vmin, v, _mm256_castsi256_ps(mask)));
     j = n;
   }
-  float lanes[8];
+  float lanes[8], lanes_min[8];
   _mm256_storeu_ps(lanes, vmax);
-  for (int i = 0; i < 8; ++i) m = lanes[i] > m ? lanes[i] : m;
+  _mm256_storeu_ps(lanes_min, vmin);
+  for (int i = 0; i < 8; ++i) {
+    m = lanes[i] > m ? lanes[i] : m;
+    mn = lanes_min[i] < mn ? lanes_min[i] : mn;
+  }
 #endif
-  for (; j < n; ++j) m = x[j] > m ? x[j] : m;
+  for (; j < n; ++j) {
+    m = x[j] > m ? x[j] : m;
+    mn = x[j] < mn ? x[j] : mn;
+  }
 
   /* exponentials; the prefix keys summed on their own, so that a sink's mass never cancels
      out of the patch sums */
@@ -122,13 +144,17 @@ static void one_row(float* x, long n, long npt, const float* d, double* o, float
 #ifdef __AVX2__
     __m256 acc = _mm256_setzero_ps(), vm = _mm256_set1_ps(m);
     for (; j + 8 <= c1; j += 8) {
-      __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm));
+      const __m256 tj = _mm256_sub_ps(_mm256_loadu_ps(x + j), vm);
+      _mm256_storeu_ps(tb + j, tj);
+      __m256 e = exp8(tj);
       _mm256_storeu_ps(x + j, e);
       acc = _mm256_add_ps(acc, e);
     }
     if (j < c1) {
       const __m256i mask = tail_mask(c1 - j);
-      __m256 e = exp8(_mm256_sub_ps(_mm256_maskload_ps(x + j, mask), vm));
+      const __m256 tj = _mm256_sub_ps(_mm256_maskload_ps(x + j, mask), vm);
+      _mm256_maskstore_ps(tb + j, mask, tj);
+      __m256 e = exp8(tj);
       e = _mm256_and_ps(e, _mm256_castsi256_ps(mask));
       _mm256_maskstore_ps(x + j, mask, e);
       acc = _mm256_add_ps(acc, e);
@@ -147,6 +173,11 @@ static void one_row(float* x, long n, long npt, const float* d, double* o, float
   const float inv = (float)(1.0 / s);
   /* the column weight from these sums: the same as from the normalised row up to fp32 rounding */
   const float w = park ? (float)(1.0 / (s_patch / s + (double)(n - npt) * eps)) : (float)(s * inv);
+  const float log_s = (float)log(s);
+  const int series = park && exp((double)mn - m) / s >= TAU; /* every A of the row >= TAU */
+  (void)log_s; /* the AVX2 path's, as tb and series */
+  (void)tb;
+  (void)series;
 
   double prefix = 0, plogp = 0;
   for (j = 0; j < npt && j < n; ++j) {
@@ -164,8 +195,9 @@ static void one_row(float* x, long n, long npt, const float* d, double* o, float
     j = c0;
 #ifdef __AVX2__
     __m256 aa = _mm256_setzero_ps(), ad = aa, ap = aa;
-    const __m256 vi = _mm256_set1_ps(inv), ve = _mm256_set1_ps(eps), vt = _mm256_set1_ps(FLT_MIN);
-    const __m256 vw = _mm256_set1_ps(w);
+    const __m256 vi = _mm256_set1_ps(inv), ve = _mm256_set1_ps(eps);
+    const __m256 vw = _mm256_set1_ps(w), vls = _mm256_set1_ps(log_s);
+    const __m256 ve2 = _mm256_set1_ps(0.5f * eps * eps), ve3 = _mm256_set1_ps(eps * eps * eps / 6);
     for (; j + 8 <= c1; j += 8) {
       const __m256 p = _mm256_mul_ps(_mm256_loadu_ps(x + j), vi);
       _mm256_storeu_ps(x + j, p);
@@ -175,9 +207,16 @@ static void one_row(float* x, long n, long npt, const float* d, double* o, float
       if (d) ad = _mm256_fmadd_ps(p, _mm256_loadu_ps(d + j), ad);
       if (park) {
         const __m256 a = _mm256_add_ps(p, ve);
-        ap = _mm256_fmadd_ps(a, log8(a), ap);
+        if (series) { /* (A + eps) log A + eps + r (eps^2 / 2 - r eps^3 / 6), r = 1 / A to 12 bits */
+          const __m256 log_p = _mm256_sub_ps(_mm256_loadu_ps(tb + j), vls);
+          const __m256 r = _mm256_rcp_ps(p);
+          const __m256 tail = _mm256_fmadd_ps(r, _mm256_fnmadd_ps(r, ve3, ve2), ve);
+          ap = _mm256_add_ps(ap, _mm256_fmadd_ps(a, log_p, tail));
+        } else {
+          ap = _mm256_fmadd_ps(a, log8(a), ap);
+        }
       } else if (unip) {
-        ap = _mm256_fmadd_ps(p, log8(_mm256_max_ps(p, vt)), ap);
+        ap = _mm256_fmadd_ps(p, _mm256_sub_ps(_mm256_loadu_ps(tb + j), vls), ap);
       }
     }
     if (j < c1) { /* the same on the last elements; lanes past the row read and add 0 */
@@ -191,8 +230,8 @@ static void one_row(float* x, long n, long npt, const float* d, double* o, float
       if (park) {
         const __m256 a = _mm256_add_ps(p, ve);
         ap = _mm256_add_ps(ap, _mm256_and_ps(_mm256_mul_ps(a, log8(a)), _mm256_castsi256_ps(mask)));
-      } else if (unip) {
-        ap = _mm256_fmadd_ps(p, log8(_mm256_max_ps(p, vt)), ap);
+      } else if (unip) { /* p and t read 0 past the row */
+        ap = _mm256_fmadd_ps(p, _mm256_sub_ps(_mm256_maskload_ps(tb + j, mask), vls), ap);
       }
       j = c1;
     }
@@ -237,7 +276,7 @@ int unip_attention_rows(float* x, long bh, long rows, long n, long npt, const fl
   int failed = 0;
 #pragma omp parallel num_threads(nthreads) reduction(| : failed)
   {
-    float* acc = (float*)calloc(2 * (size_t)n, sizeof(float));
+    float* acc = (float*)calloc(3 * (size_t)n, sizeof(float)); /* col, wcol, t */
     if (!acc) failed = 1;
     for (long i = 0; i < bh; ++i) {
       int touched = 0;
@@ -246,7 +285,7 @@ int unip_attention_rows(float* x, long bh, long rows, long n, long npt, const fl
         if (!acc) continue;
         float* row = x + (i * rows + r) * n;
         double* o = stats + (i / heads) * stats_b + (i % heads) * stats_h + r * 4;
-        one_row(row, n, npt, d ? d + r * n : NULL, o, (float)eps, definition, acc, acc + n);
+        one_row(row, n, npt, d ? d + r * n : NULL, o, (float)eps, definition, acc, acc + n, acc + 2 * n);
         touched = 1;
       }
       if (touched) {
