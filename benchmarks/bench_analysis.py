@@ -54,6 +54,9 @@ CONFIGS = [
 QUICK = [
     {"arch": "vit_tiny_patch16_224(depth=2,embed_dim=64,num_heads=2,patch_size=8)", "img": 32, "batch": 2}
 ]
+THREADS_FROM_BYTES = (
+    64 * 2**20
+)  # unip_analysis.attention.THREADS_FROM_BYTES (not imported: the parent stays light)
 STACKED_MAPS_PER_LAYER = 6.0  # a prediction for choosing the depth (c) runs at, on the safe side
 
 
@@ -82,6 +85,29 @@ def peak_rss_mib() -> float:
 
 def one_layer_maps_mib(batch: int, heads: int, tokens: int) -> float:
     return batch * heads * tokens * tokens * 4 / 2**20
+
+
+def live_peak_mib(fn) -> float:
+    """The most bytes of tensors alive at once during ``fn()``, above those alive before it (MiB).
+
+    From torch.profiler's allocation records (every tensor goes through PyTorch's CPU allocator;
+    BLAS scratch, the softmax kernel's 48 KiB of rows a thread and the interpreter do not), so it
+    does not move with the allocator's caching or the machine's other processes, unlike RSS.
+    Allocations made on threads other than this one are not recorded: the analysis' head groups
+    in threads (maps of 64 MiB or more a layer) are outside what it sees."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    records = sorted(
+        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+    )
+    live = peak = 0
+    for _, nbytes in records:
+        live += nbytes
+        peak = max(peak, live)
+    return peak / 2**20
 
 
 def child(
@@ -163,6 +189,7 @@ def child(
             reset_peak_rss()
             fns[variant]()
             peaks[variant] = peak_rss_mib() - base
+        live = {} if cuda else {v: live_peak_mib(fns[v]) for v in variants}
         # Variants alternate repeat by repeat, so that a change in the machine's load between
         # them moves every variant alike and leaves the ratios alone.
         for _ in range(repeats):
@@ -182,7 +209,9 @@ def child(
         v: {
             "median_s": statistics.median(times[v]),
             "median_cpu_s": statistics.median(cpu[v]),
+            "times_s": times[v],
             "peak_extra_mib": peaks[v],
+            "peak_live_extra_mib": live.get(v),
             **shape,
         }
         for v in variants
@@ -358,12 +387,24 @@ def summarize(cfg: dict, a: dict, b: dict, c: dict | None = None) -> dict:
         "peak_extra_mib": {k: round(v["peak_extra_mib"], 1) for k, v in variants},
         "one_layer_maps_mib": round(maps, 4),
         "ratio_stream_over_plain": round(b["median_s"] / a["median_s"], 3),
+        # Two estimators that load on the machine moves less: the median of each repeat's own
+        # ratio (the two forwards of a repeat run back to back) and the ratio of the fastest
+        # repeats (other processes only ever add time).
+        "ratio_paired_median": round(statistics.median(s / p for s, p in zip(b["times_s"], a["times_s"])), 3),
+        "ratio_best_over_best": round(min(b["times_s"]) / min(a["times_s"]), 3),
         # CPU seconds of the timing child (all its threads): on a busy machine wall time also
         # measures the neighbours; on a quiet one the two ratios agree
         "cpu_seconds": {"plain": round(a["median_cpu_s"], 4), "stream": round(b["median_cpu_s"], 4)},
         "ratio_cpu_stream_over_plain": round(b["median_cpu_s"] / a["median_cpu_s"], 3),
         "stream_extra_over_plain_in_layer_maps": round((b["peak_extra_mib"] - a["peak_extra_mib"]) / maps, 3),
     }
+    if a.get("peak_live_extra_mib") is not None and maps * 2**20 < THREADS_FROM_BYTES:
+        # tensors alive at once, from the allocation records (see live_peak_mib); where the
+        # analysis runs head groups in threads their allocations are not recorded: left out
+        result["peak_live_extra_mib"] = {k: round(v["peak_live_extra_mib"], 3) for k, v in variants}
+        result["stream_live_extra_over_plain_in_layer_maps"] = round(
+            (b["peak_live_extra_mib"] - a["peak_live_extra_mib"]) / maps, 3
+        )
     if c is not None:
         result["ratio_stacked_over_stream"] = round(c["median_s"] / b["median_s"], 3)
         result["stacked_extra_over_plain_in_layer_maps"] = round(

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -31,6 +33,31 @@ def test_bench_analysis_quick():
     assert set(res["peak_extra_mib"]) == set(res["seconds"])
     assert "stream_extra_over_plain_in_layer_maps" in res and "stacked_extrapolated_from_depth" not in res
     assert res["ratio_cpu_stream_over_plain"] > 0 and set(res["cpu_seconds"]) == {"plain", "stream"}
+    assert res["ratio_paired_median"] > 0 and res["ratio_best_over_best"] > 0
+    assert set(res["peak_live_extra_mib"]) == set(res["seconds"]) and res["peak_live_extra_mib"]["plain"] > 0
+    assert "stream_live_extra_over_plain_in_layer_maps" in res
+
+
+def test_live_peak_counts_tensors_alive_at_once():
+    """The memory rule's measure: the peak of tensors alive together, above those alive before."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_analysis
+    finally:
+        sys.path.pop(0)
+    kept = torch.ones(2**20)  # alive before: not counted
+
+    def work():
+        a = torch.empty(2**20)  # 4 MiB
+        b = torch.empty(2**19)  # 2 MiB: 6 MiB alive together
+        del a, b
+        c = torch.empty(2**20)  # 4 MiB again, after both were freed
+        del c
+
+    assert bench_analysis.live_peak_mib(work) == pytest.approx(6.0, abs=0.01)
+    assert kept.sum() == 2**20
 
 
 def test_bench_analysis_extrapolates_the_stacked_variant_by_depth():
