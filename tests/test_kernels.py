@@ -140,15 +140,19 @@ def test_entropy_term_from_the_logits_is_as_accurate_as_the_log(n):
 
 
 @needs_cc
-def test_threads_do_not_change_the_results_beyond_rounding():
-    logits = trained_logits(1, 4, 64, 300, 1, seed=5)
+@pytest.mark.parametrize("b,h,rows,threads", [(1, 4, 64, 2), (2, 3, 37, 2), (1, 1, 5, 3), (2, 3, 37, 4)])
+def test_threads_do_not_change_the_results_beyond_rounding(b, h, rows, threads):
+    """Threads take contiguous ranges of (image x head, row): ranges that split an image x head's
+    rows (37 rows, 2 or 4 threads) or hold under one row each (5 rows, 3 threads) add its column
+    sums from two threads."""
+    logits = trained_logits(b, h, rows, 300, 1, seed=5)
     outs = []
-    for threads in (1, 2):
+    for n_threads in (1, threads):
         before = torch.get_num_threads()
-        torch.set_num_threads(threads)
+        torch.set_num_threads(n_threads)
         try:
-            x, cols = logits.clone(), torch.zeros(1, 4, 2, 300, dtype=torch.float64)
-            outs.append((x, kernel(x, 1, None, cols, 0, "park"), cols))
+            x, cols = logits.clone(), torch.zeros(b, h + 1, 2, 300, dtype=torch.float64)
+            outs.append((x, kernel(x, 1, None, cols, 1, "park"), cols))
         finally:
             torch.set_num_threads(before)
     for a, b in zip(*outs):

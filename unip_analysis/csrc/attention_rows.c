@@ -263,6 +263,19 @@ static void one_row(float* x, long n, long npt, const float* d, double* o, float
   o[3] = plogp;
 }
 
+/* acc's two rows of column sums added to image x head i's columns (see unip_attention_rows), then
+   zeroed; one thread at a time */
+static void add_columns(double* cols, float* acc, long n, long i, long heads, long h0, long stride_b,
+                        long stride_h, long stride_c) {
+  double* target = cols + (i / heads) * stride_b + (h0 + i % heads) * stride_h;
+#pragma omp critical
+  for (long k = 0; k < n; ++k) {
+    target[k] += acc[k];
+    target[stride_c + k] += acc[n + k];
+  }
+  memset(acc, 0, 2 * (size_t)n * sizeof(float));
+}
+
 /* x: [bh, rows, n] fp32 logits (bh = images x heads, row-major), replaced by their softmax.
    d: [rows, n] distances from each row's query to every key (0 for prefix keys), or NULL.
    stats: row r of image b, head h of the block at stats + b * stats_b + h * stats_h + r * 4 (see
@@ -274,30 +287,26 @@ int unip_attention_rows(float* x, long bh, long rows, long n, long npt, const fl
                         long stats_b, long stats_h, double* cols, long heads, long h0, long stride_b,
                         long stride_h, long stride_c, double eps, int definition, int nthreads) {
   int failed = 0;
+  const long total = bh * rows;
 #pragma omp parallel num_threads(nthreads) reduction(| : failed)
   {
     float* acc = (float*)calloc(3 * (size_t)n, sizeof(float)); /* col, wcol, t */
     if (!acc) failed = 1;
-    for (long i = 0; i < bh; ++i) {
-      int touched = 0;
+    long held = -1; /* the image x head whose column sums acc holds */
+    /* each thread takes a contiguous range of (image x head, row): one or two images x heads
+       each, no barrier between them; a thread's column sums go out when its image x head changes */
 #pragma omp for schedule(static)
-      for (long r = 0; r < rows; ++r) {
-        if (!acc) continue;
-        float* row = x + (i * rows + r) * n;
-        double* o = stats + (i / heads) * stats_b + (i % heads) * stats_h + r * 4;
-        one_row(row, n, npt, d ? d + r * n : NULL, o, (float)eps, definition, acc, acc + n, acc + 2 * n);
-        touched = 1;
+    for (long ir = 0; ir < total; ++ir) {
+      if (!acc) continue;
+      const long i = ir / rows, r = ir % rows;
+      if (i != held) {
+        if (held >= 0) add_columns(cols, acc, n, held, heads, h0, stride_b, stride_h, stride_c);
+        held = i;
       }
-      if (touched) {
-        double* target = cols + (i / heads) * stride_b + (h0 + i % heads) * stride_h;
-#pragma omp critical
-        for (long k = 0; k < n; ++k) {
-          target[k] += acc[k];
-          target[stride_c + k] += acc[n + k];
-        }
-        memset(acc, 0, 2 * (size_t)n * sizeof(float));
-      }
+      double* o = stats + (i / heads) * stats_b + (i % heads) * stats_h + r * 4;
+      one_row(x + ir * n, n, npt, d ? d + r * n : NULL, o, (float)eps, definition, acc, acc + n, acc + 2 * n);
     }
+    if (acc && held >= 0) add_columns(cols, acc, n, held, heads, h0, stride_b, stride_h, stride_c);
     free(acc);
   }
   return failed;
