@@ -119,8 +119,10 @@ def child(
     depth: int | None,
     device: str = "cpu",
     block_bytes: int | None = None,
+    live: bool = True,
 ) -> dict:
     """Measure each of ``variants`` in this process: {variant: {median_s, peak_extra_mib, ...}}.
+    ``live``: also the peak of live tensors (:func:`live_peak_mib`, one more call per variant).
     On CUDA the peak is the caching allocator's peak above what was allocated before the batch,
     and every timed call ends with a synchronise."""
     import torch
@@ -189,11 +191,13 @@ def child(
             reset_peak_rss()
             fns[variant]()
             peaks[variant] = peak_rss_mib() - base
-        live = {} if cuda else {v: live_peak_mib(fns[v]) for v in variants}
+        live = {v: live_peak_mib(fns[v]) for v in variants} if live and not cuda else {}
         # Variants alternate repeat by repeat, so that a change in the machine's load between
-        # them moves every variant alike and leaves the ratios alone.
-        for _ in range(repeats):
-            for variant in variants:
+        # them moves every variant alike and leaves the ratios alone; every other repeat runs
+        # them in reverse order (a, b, b, a, ...), so that a machine slowing down or speeding up
+        # through a run does not favour the variant that runs first.
+        for i in range(repeats):
+            for variant in variants if i % 2 == 0 else variants[::-1]:
                 sync()
                 c0, t0 = time.process_time(), time.perf_counter()
                 fns[variant]()
@@ -303,8 +307,10 @@ def run_child(
     threads: int,
     depth: int | None = None,
     env: dict | None = None,
+    live: bool = True,
 ) -> dict:
     cmd = [sys.executable, __file__, "--child", ",".join(variants), "--arch", cfg["arch"]]
+    cmd += [] if live else ["--no-live"]
     cmd += ["--img", str(cfg["img"]), "--batch", str(cfg["batch"]), "--repeats", str(repeats)]
     cmd += ["--threads", str(threads)] + (["--depth", str(depth)] if depth is not None else [])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, **(env or {})})
@@ -318,9 +324,9 @@ def run_variants(
     median of ``MEMORY_RUNS`` live-memory children of its own (one repeat each): one child's peak
     moves by about 1 MiB from run to run, which at 224 px is 0.15 of a layer's maps."""
     timed = run_child(variants, cfg, repeats, threads, depth)
-    for v in variants:
+    for v in variants if MEMORY_RUNS else ():  # 0: the timing child's own RSS peak is reported
         peaks = [
-            run_child([v], cfg, 1, threads, depth, LIVE_MEMORY_ENV)[v]["peak_extra_mib"]
+            run_child([v], cfg, 1, threads, depth, LIVE_MEMORY_ENV, live=False)[v]["peak_extra_mib"]
             for _ in range(MEMORY_RUNS)
         ]
         timed[v]["peak_extra_mib"] = statistics.median(peaks)
@@ -375,6 +381,17 @@ def measure(
     return result
 
 
+def paired_interval(b_times: list[float], a_times: list[float], draws: int = 2000) -> list[float]:
+    """A 90 % bootstrap interval of the median of the repeats' own ratios b_i / a_i: how far the
+    machine's noise leaves the ratio uncertain (seeded: the same times give the same interval)."""
+    import random
+
+    ratios = [x / y for x, y in zip(b_times, a_times)]
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(draws))
+    return [round(medians[int(0.05 * draws)], 3), round(medians[int(0.95 * draws) - 1], 3)]
+
+
 def summarize(cfg: dict, a: dict, b: dict, c: dict | None = None) -> dict:
     """One configuration's entry from (a), (b) and, where it ran, (c)."""
     maps = one_layer_maps_mib(cfg["batch"], a["heads"], a["tokens"])
@@ -392,6 +409,8 @@ def summarize(cfg: dict, a: dict, b: dict, c: dict | None = None) -> dict:
         # repeats (other processes only ever add time).
         "ratio_paired_median": round(statistics.median(s / p for s, p in zip(b["times_s"], a["times_s"])), 3),
         "ratio_best_over_best": round(min(b["times_s"]) / min(a["times_s"]), 3),
+        "ratio_paired_90pct_interval": paired_interval(b["times_s"], a["times_s"]),
+        "times_s": {k: [round(t, 4) for t in v["times_s"]] for k, v in (("plain", a), ("stream", b))},
         # CPU seconds of the timing child (all its threads): on a busy machine wall time also
         # measures the neighbours; on a quiet one the two ratios agree
         "cpu_seconds": {"plain": round(a["median_cpu_s"], 4), "stream": round(b["median_cpu_s"], 4)},
@@ -414,6 +433,7 @@ def summarize(cfg: dict, a: dict, b: dict, c: dict | None = None) -> dict:
 
 
 def main() -> int:
+    global MEMORY_RUNS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny model, one repeat (smoke test)")
     ap.add_argument("--repeats", type=int, default=3)
@@ -433,6 +453,12 @@ def main() -> int:
     )
     ap.add_argument("--no-stacked", action="store_true", help="skip the stacked variant (c)")
     ap.add_argument(
+        "--memory-runs",
+        type=int,
+        default=MEMORY_RUNS,
+        help="RSS children per variant (median; 0: none, the timing child's RSS peak and live peak only)",
+    )
+    ap.add_argument(
         "--blocks",
         type=int,
         help="with --no-stacked: time the first N blocks only (every block costs the same; a quick check)",
@@ -443,6 +469,7 @@ def main() -> int:
         help="instead of timing: where one block's time goes per configuration (torch.profiler, first block only)",
     )
     ap.add_argument("--child", help=argparse.SUPPRESS)  # comma-separated variants
+    ap.add_argument("--no-live", action="store_true", help=argparse.SUPPRESS)  # RSS-only memory children
     ap.add_argument("--arch")
     ap.add_argument("--img", type=int)
     ap.add_argument("--batch", type=int)
@@ -454,7 +481,10 @@ def main() -> int:
 
             torch.set_num_threads(args.threads)
         variants = args.child.split(",")
-        print(json.dumps(child(variants, args.arch, args.img, args.batch, args.repeats, args.depth)))
+        report = child(
+            variants, args.arch, args.img, args.batch, args.repeats, args.depth, live=not args.no_live
+        )
+        print(json.dumps(report))
         return 0
     from importlib.metadata import version
 
@@ -470,6 +500,7 @@ def main() -> int:
         report = {"benchmark": "analysis_profile", "threads": torch.get_num_threads(), "results": rows}
         print(json.dumps({**report, "softmax_kernel": library() is not None}))
         return 0
+    MEMORY_RUNS = args.memory_runs
     repeats = 1 if args.quick else args.repeats
     results = [
         measure(

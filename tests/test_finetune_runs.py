@@ -258,6 +258,68 @@ def test_eval_only_refuses_to_replace_metrics_without_overwrite(
     )
 
 
+def test_eval_only_into_a_folder_of_its_own_records_what_made_it(
+    tiny_timm_checkpoint, folder, tmp_path, capsys
+):
+    """--eval-only --out NEW writes run.json (the model's sha256, data, split) before its files; the
+    same evaluation again is refused unless --overwrite, which moves only its own files aside; another
+    model's evaluation, a folder of foreign files and another run's folder are refused in one line."""
+    runs_ = {}
+    for name, seed in (("a", "0"), ("b", "1")):
+        runs_[name] = tmp_path / name
+        args = [
+            *common(tiny_timm_checkpoint, folder),
+            "--iters",
+            "2",
+            "--seed",
+            seed,
+            "--out",
+            str(runs_[name]),
+        ]
+        assert main(args) == 0
+    capsys.readouterr()
+    scored = tmp_path / "scored"
+
+    def rescore(model: Path, *extra: str) -> int:
+        return main(["--eval-only", "--model", str(model), "--out", str(scored), "--no-progress", *extra])
+
+    assert rescore(runs_["a"] / "model.pt") == 0
+    record = json.loads((scored / "run.json").read_text())
+    assert record["command"] == "unip-finetune" and record["identity"]["eval_only"] is True
+    assert list(record["identity"]["digests"]) == [str((runs_["a"] / "model.pt").resolve())]
+    assert {"metrics.json", "log.jsonl"} <= set(record["files"])
+    assert {"metrics.json", "log.jsonl", "run.json"} <= {p.name for p in scored.iterdir()}
+    before = snapshot(scored)
+    capsys.readouterr()
+    assert rescore(runs_["a"] / "model.pt") == 2  # the same evaluation: kept
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already holds a unip-finetune --eval-only result" in err
+    assert rescore(runs_["b"] / "model.pt") == 2  # another model's: refused, even with the same split
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "made with other settings" in err
+    assert snapshot(scored) == before
+    assert rescore(runs_["a"] / "model.pt", "--overwrite") == 0
+    (aside,) = [p for p in scored.iterdir() if p.name.startswith("previous-")]
+    assert (aside / "metrics.json").read_bytes() == before["metrics.json"]
+    assert (scored / "metrics.json").exists() and (scored / "run.json").exists()
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "log.jsonl").write_text("{}\n")  # someone else's log, no run.json
+    assert main(["--eval-only", "--model", str(runs_["a"] / "model.pt"), "--out", str(foreign)]) == 2
+    assert "holds log.jsonl not written by unip-finetune" in capsys.readouterr().err
+    assert [p.name for p in foreign.iterdir()] == ["log.jsonl"]
+    legacy = tmp_path / "legacy"  # an evaluation from before run records: its metrics.json alone
+    legacy.mkdir()
+    (legacy / "metrics.json").write_text("{}")
+    assert main(["--eval-only", "--model", str(runs_["a"] / "model.pt"), "--out", str(legacy)]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    b_before = snapshot(runs_["b"])  # another fine-tuning run's folder: not this evaluation's
+    assert main(["--eval-only", "--model", str(runs_["a"] / "model.pt"), "--out", str(runs_["b"])]) == 2
+    assert "made with other settings" in capsys.readouterr().err
+    assert snapshot(runs_["b"]) == b_before
+
+
 def test_a_model_file_of_an_earlier_version_still_loads(tiny_timm_checkpoint, folder, tmp_path):
     """model.pt files written before the renames record crop / amp / num_workers."""
     from unip_train.finetune.model_file import load_model

@@ -38,7 +38,8 @@ class FinetuneOptions(FinetuneConfig):
 
     eval_only: bool = command.option(
         False, help="re-evaluate --model instead of training; writes metrics.json into --out (default: the "
-        "model's folder, where an existing metrics.json needs --overwrite and is moved aside)",
+        "model's folder, where an existing metrics.json needs --overwrite and is moved aside; another --out is "
+        "recorded in its own run.json)",
         group="evaluation",
     )  # fmt: skip
     model: str | None = command.option(

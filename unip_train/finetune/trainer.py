@@ -6,6 +6,7 @@ run folder holds. From Python: ``run(FinetuneConfig(...)) -> metrics`` and
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -415,6 +416,24 @@ def run_metrics(cfg: FinetuneConfig, conf, eval_set: SegDataset) -> dict:
     }
 
 
+def eval_run(model_path: str | Path, cfg: FinetuneConfig) -> output_folder.Run:
+    """An evaluation of ``model.pt`` in a folder of its own: the model file's sha256, the dataset
+    and split it was scored on; it writes the metrics, the log line and the pictures."""
+    ident = output_folder.identity(
+        {"eval_only": True, "data_root": os.path.abspath(cfg.data_root), "eval_split": cfg.eval_split},
+        digests=[model_path],
+    )
+    outputs = (METRICS, runs.LOG_NAME, *RUN_PICTURES, CONFUSION_CSV)
+    return output_folder.Run(
+        PROG,
+        ident,
+        outputs,
+        [model_path, cfg.data_root],
+        markers=(METRICS,),
+        what=f"a {PROG} --eval-only result",
+    )
+
+
 def evaluate_saved(
     model_path: str | Path,
     data_root: str | None = None,
@@ -425,21 +444,29 @@ def evaluate_saved(
     overwrite: bool = False,
 ) -> dict:
     """Re-evaluate ``model.pt``; writes ``metrics.json`` next to it (or into ``out``) and appends an
-    eval line to that folder's ``log.jsonl``. A ``metrics.json`` already there is refused unless
-    ``overwrite``, which moves it to ``previous-<time>/`` (the rest of the run stays in place)."""
+    eval line to that folder's ``log.jsonl``.
+
+    Next to the model (the run that made it), a ``metrics.json`` already there is refused unless
+    ``overwrite``, which moves it to ``previous-<time>/`` (the rest of the run stays in place).
+    Another ``out`` is a folder of its own (:func:`eval_run`, recorded in its ``run.json``): new,
+    or one that holds the same evaluation (replaced with ``overwrite``); any other folder is refused."""
     model, cfg, ckpt = load_model(model_path)
     cfg = replace(cfg, data_root=data_root or cfg.data_root, eval_split=split or cfg.eval_split)
     target = Path(out) if out is not None else Path(model_path).parent
-    record = output_folder.read_record(target)
-    if record is not None and record["command"] != PROG:
-        raise FinetuneError(
-            f"{target} holds a {record['command']} run ({output_folder.RECORD}); choose another --out"
-        )
-    if (target / METRICS).exists() and not overwrite:
-        raise FinetuneError(
-            f"{target} already holds a {METRICS}; pass --overwrite to re-score into it (the old one is moved "
-            f"to {target}/{command.PREVIOUS_PREFIX}<time>/), or choose another --out"
-        )
+    folder = None
+    if target.resolve() != Path(model_path).resolve().parent:
+        folder = output_folder.check(target, eval_run(model_path, cfg), overwrite=overwrite, can_resume=False)
+    else:
+        record = output_folder.read_record(target)
+        if record is not None and record["command"] != PROG:
+            raise FinetuneError(
+                f"{target} holds a {record['command']} run ({output_folder.RECORD}); choose another --out"
+            )
+        if (target / METRICS).exists() and not overwrite:
+            raise FinetuneError(
+                f"{target} already holds a {METRICS}; pass --overwrite to re-score into it (the old one is moved "
+                f"to {target}/{command.PREVIOUS_PREFIX}<time>/), or choose another --out"
+            )
     dist = du.init_distributed(device)
     try:
         model.to(dist.device)
@@ -462,8 +489,10 @@ def evaluate_saved(
         )  # fmt: skip
         metrics = run_metrics(cfg, conf, eval_set)
         if dist.is_main:
+            if folder is not None:
+                folder.begin()  # the old evaluation's files aside (overwrite), run.json
             target.mkdir(parents=True, exist_ok=True)
-            if (target / METRICS).exists():
+            if folder is None and (target / METRICS).exists():
                 output_folder.move_aside(target, [METRICS])
             atomic_write_text(target / METRICS, json.dumps(runs.plain(metrics), indent=2) + "\n")
             record = {"event": "eval", "miou": metrics["miou"], "pixel_acc": metrics["pixel_acc"]}
