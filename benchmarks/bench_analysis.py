@@ -54,9 +54,6 @@ CONFIGS = [
 QUICK = [
     {"arch": "vit_tiny_patch16_224(depth=2,embed_dim=64,num_heads=2,patch_size=8)", "img": 32, "batch": 2}
 ]
-THREADS_FROM_BYTES = (
-    64 * 2**20
-)  # unip_analysis.attention.THREADS_FROM_BYTES (not imported: the parent stays light)
 STACKED_MAPS_PER_LAYER = 6.0  # a prediction for choosing the depth (c) runs at, on the safe side
 
 
@@ -127,7 +124,12 @@ def child(
     and every timed call ends with a synchronise."""
     import torch
 
-    from unip_analysis.attention import DEFAULT_BLOCK_BYTES, AttentionMaps, observe_attention
+    from unip_analysis.attention import (
+        DEFAULT_BLOCK_BYTES,
+        THREADS_FROM_BYTES,
+        AttentionMaps,
+        observe_attention,
+    )
     from unip_analysis.checkpoints import build_vit
     from unip_analysis.metrics import patch_distance_matrix
 
@@ -191,7 +193,11 @@ def child(
             reset_peak_rss()
             fns[variant]()
             peaks[variant] = peak_rss_mib() - base
-        live = {v: live_peak_mib(fns[v]) for v in variants} if live and not cuda else {}
+        # the profiler records this thread's allocations only: left out where the analysis runs
+        # its head groups in threads of its own
+        maps_bytes = batch * int(model.blocks[0].attn.num_heads) * (grid[0] * grid[1] + npt) ** 2 * 4
+        threaded = torch.get_num_threads() > 1 and maps_bytes >= THREADS_FROM_BYTES
+        live = {v: live_peak_mib(fns[v]) for v in variants} if live and not cuda and not threaded else {}
         # Variants alternate repeat by repeat, so that a change in the machine's load between
         # them moves every variant alike and leaves the ratios alone; every other repeat runs
         # them in reverse order (a, b, b, a, ...), so that a machine slowing down or speeding up
@@ -417,9 +423,9 @@ def summarize(cfg: dict, a: dict, b: dict, c: dict | None = None) -> dict:
         "ratio_cpu_stream_over_plain": round(b["median_cpu_s"] / a["median_cpu_s"], 3),
         "stream_extra_over_plain_in_layer_maps": round((b["peak_extra_mib"] - a["peak_extra_mib"]) / maps, 3),
     }
-    if a.get("peak_live_extra_mib") is not None and maps * 2**20 < THREADS_FROM_BYTES:
-        # tensors alive at once, from the allocation records (see live_peak_mib); where the
-        # analysis runs head groups in threads their allocations are not recorded: left out
+    if a.get("peak_live_extra_mib") is not None and b.get("peak_live_extra_mib") is not None:
+        # tensors alive at once, from the allocation records (see live_peak_mib); left out by the
+        # child where the analysis runs head groups in threads, whose allocations it cannot see
         result["peak_live_extra_mib"] = {k: round(v["peak_live_extra_mib"], 3) for k, v in variants}
         result["stream_live_extra_over_plain_in_layer_maps"] = round(
             (b["peak_live_extra_mib"] - a["peak_live_extra_mib"]) / maps, 3

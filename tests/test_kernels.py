@@ -247,8 +247,15 @@ def test_bad_shapes_are_refused_with_what_was_expected():
         kernel(x, 1, None, torch.zeros(1, 2, 2, 9, dtype=torch.float64), 0, "park")
     with pytest.raises(ValueError, match=r"d: expected \[3, 10\]"):
         kernel(x, 1, torch.zeros(3, 9), cols, 0, "park")
-    with pytest.raises(ValueError, match=r"out: expected fp32 or fp64 \[1, 2, 3, 4\]"):
-        kernels.softmax_rows(x, 1, None, cols, 0, "park", NMI_EPS, torch.zeros(1, 2, 3, 5))
+    with pytest.raises(ValueError, match=r"out: expected fp64 \[1, 2, 3, 4\]"):
+        kernels.softmax_rows(
+            x, 1, None, cols, 0, "park", NMI_EPS, torch.zeros(1, 2, 3, 5, dtype=torch.float64)
+        )
+    # fp32 sums are refused, not sent quietly down the PyTorch path (run 4 of issue 29 measured that)
+    with pytest.raises(
+        ValueError, match=r"out: expected fp64 \[1, 2, 3, 4\], got \(1, 2, 3, 4\) torch.float32"
+    ):
+        kernels.softmax_rows(x, 1, None, cols, 0, "park", NMI_EPS, torch.zeros(1, 2, 3, 4))
 
 
 def test_head_groups_in_threads_give_the_one_thread_results_and_restore_torch_threads(monkeypatch):

@@ -129,10 +129,8 @@ def _check(
         )
     if d is not None and tuple(d.shape) != (rows, n):
         raise ValueError(f"d: expected [{rows}, {n}], got {tuple(d.shape)}")
-    if out.dtype not in (torch.float32, torch.float64) or tuple(out.shape) != (b, h, rows, 4):
-        raise ValueError(
-            f"out: expected fp32 or fp64 [{b}, {h}, {rows}, 4], got {tuple(out.shape)} {out.dtype}"
-        )
+    if out.dtype != torch.float64 or tuple(out.shape) != (b, h, rows, 4):
+        raise ValueError(f"out: expected fp64 [{b}, {h}, {rows}, 4], got {tuple(out.shape)} {out.dtype}")
 
 
 def kernel_applies(logits: torch.Tensor) -> bool:
@@ -152,16 +150,10 @@ def softmax_rows(
 ) -> None:
     """Replace ``logits`` [B, h, rows, tokens] by its softmax over the last dim, add the block's
     column sums to ``cols[:, h0 : h0 + h]`` and write the row statistics to ``out`` [B, h, rows, 4]
-    (fp64 for the kernel, which PyTorch ops replace otherwise; see the module's docstring; a view
-    into a larger tensor will do). ``d`` [rows, tokens]:
+    fp64 (see the module's docstring; a view into a larger tensor will do). ``d`` [rows, tokens]:
     each row's distance to every key (0 for the prefix keys), or None (sum_k A d is then 0)."""
     _check(logits, d, cols, h0, out)
-    fits = (
-        logits.is_contiguous()
-        and cols.is_contiguous()
-        and out.dtype == torch.float64
-        and out.stride()[2:] == (4, 1)
-    )
+    fits = logits.is_contiguous() and cols.is_contiguous() and out.stride()[2:] == (4, 1)
     if not (fits and kernel_applies(logits)):
         logits.copy_(torch.softmax(logits, dim=-1))
         row_statistics(logits, num_prefix_tokens, d, cols, h0, definition, eps, out)
