@@ -35,6 +35,15 @@ def trained_logits(b: int, h: int, rows: int, n: int, npt: int, seed: int = 0) -
     return x
 
 
+def grid_rows(n: int, npt: int, rows: int, p0: int = 3) -> kernels.DistanceRows:
+    """Distances for a block of ``rows`` patch queries from patch ``p0`` on: the most square grid
+    of ``n - npt`` patches, patches 16 px high and 12 wide (so that x and y cannot swap unseen)."""
+    patches = n - npt
+    gh = max(i for i in range(1, math.isqrt(patches) + 1) if patches % i == 0)
+    grid = kernels.GridDistances.build((gh, patches // gh), (16, 12), torch.float32, "cpu")
+    return grid.at(min(p0, patches - rows))
+
+
 def kernel(x, npt, d, cols, h0, definition):
     """softmax_rows, returning the row sums."""
     out = torch.full((*x.shape[:3], 4), float("nan"), dtype=torch.float64)
@@ -54,7 +63,7 @@ def reference(logits, npt, d, definition, h0, heads_total):
     b, h, _, n = logits.shape
     cols = torch.zeros(b, heads_total, 2, n, dtype=torch.float64)
     probs = torch.softmax(logits.double(), dim=-1)
-    stats = torch_rows(probs, npt, None if d is None else d.double(), cols, h0, definition)
+    stats = torch_rows(probs, npt, d, cols, h0, definition)
     return probs, stats, cols
 
 
@@ -65,8 +74,7 @@ def test_kernel_equals_fp64_reference_within_fp32_rounding(definition, npt, n):
     assert kernels.library() is not None
     b, h, rows, h0, heads_total = 2, 3, 37, 1, 5
     logits = trained_logits(b, h, rows, n, npt)
-    d = torch.rand(rows, n) * 500
-    d[:, :npt] = 0
+    d = grid_rows(n, npt, rows)
     want_p, want_s, want_c = reference(logits, npt, d, definition, h0, heads_total)
     x = logits.clone()
     cols = torch.zeros(b, heads_total, 2, n, dtype=torch.float64)
@@ -90,8 +98,7 @@ def test_kernel_is_as_accurate_as_pytorch_fp32_at_4097_tokens():
     fp32 softmax and log (the path without a compiler)."""
     npt, n = 1, 4097
     logits = trained_logits(1, 1, 16, n, npt, seed=3)
-    d = torch.rand(16, n) * 1000
-    d[:, :npt] = 0
+    d = grid_rows(n, npt, 16, p0=2000)
     for definition in ("park", "unip"):
         want_p, want_s, _ = reference(logits, npt, d, definition, 0, 1)
         x = logits.clone()
@@ -124,8 +131,7 @@ def test_entropy_term_from_the_logits_is_as_accurate_as_the_log(n):
     probs = torch.softmax(logits.double(), -1)
     smallest = probs[0, 0].min(-1).values
     assert (smallest >= 1e-7).sum() >= 12 and (smallest < 1e-7).sum() >= 6  # both sides of TAU
-    d = torch.rand(rows, n) * 300
-    d[:, :npt] = 0
+    d = grid_rows(n, npt, rows, p0=n)  # the grid's last rows
     for definition in ("park", "unip"):
         want_p, want_s, _ = reference(logits, npt, d, definition, 0, 1)
         x = logits.clone()
@@ -137,6 +143,35 @@ def test_entropy_term_from_the_logits_is_as_accurate_as_the_log(n):
         ours = (got[..., 3] - want_s[..., 3]).abs().max().item()
         theirs = (eager[..., 3] - want_s[..., 3]).abs().max().item()
         assert ours <= 2 * theirs + 1e-9, (definition, ours, theirs)
+
+
+@pytest.mark.parametrize("grid", [(14, 14), (7, 13), (1, 9), (9, 1), (1, 1), (5, 24), (8, 8), (2, 264)])
+def test_grid_distances_equal_the_dense_matrix(grid):
+    """The table's rows and sums against the [P, P] matrix from torch.cdist (fp64), and the
+    kernel's sum_k A d against the same in fp64: grids whose width is not a multiple of 8 (the
+    kernel copies each row's distances, running past a key row), widths of 8, 24, 264 (read
+    straight from the table, in chunks of whole key rows, one row wider than a chunk), one row or
+    one column, and the grid's last queries (the copies read past the table's end, into its
+    padding)."""
+    patch = (16, 12)
+    full = metrics.patch_distance_matrix(grid, patch)
+    table = kernels.GridDistances.build(grid, patch, torch.float64, "cpu")
+    patches = grid[0] * grid[1]
+    torch.testing.assert_close(table.rows(0, patches), full, rtol=0, atol=0)
+    torch.testing.assert_close(table.sums(), full.sum(1), rtol=1e-12, atol=0)
+    torch.testing.assert_close(table.fp32().rows(0, patches), full.float(), rtol=0, atol=0)
+    if kernels.library() is None:
+        return
+    npt, rows = 1, min(patches, 5)
+    n = npt + patches
+    logits = trained_logits(2, 2, rows, n, npt, seed=13)
+    p0 = patches - rows  # the last rows
+    x, cols = logits.clone(), torch.zeros(2, 2, 2, n, dtype=torch.float64)
+    stats = kernel(x, npt, table.fp32().at(p0), cols, 0, "park")
+    probs = torch.softmax(logits.double(), -1)[..., npt:]
+    want = (probs * full[p0 : p0 + rows]).sum(-1)
+    torch.testing.assert_close(stats[..., 2], want, rtol=2e-6, atol=1e-6)
+    assert want.abs().max() > 10 or patches == 1  # the distances are there to be summed
 
 
 @needs_cc
@@ -245,8 +280,10 @@ def test_bad_shapes_are_refused_with_what_was_expected():
     cols = torch.zeros(1, 2, 2, 10, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"cols: expected fp64 \[1, >= 2, 2, 10\]"):
         kernel(x, 1, None, torch.zeros(1, 2, 2, 9, dtype=torch.float64), 0, "park")
-    with pytest.raises(ValueError, match=r"d: expected \[3, 10\]"):
-        kernel(x, 1, torch.zeros(3, 9), cols, 0, "park")
+    with pytest.raises(ValueError, match=r"d: a grid of 9 patches with rows 0 to 3 in it expected, got 2 x 4"):
+        kernel(x, 1, kernels.GridDistances.build((2, 4), 16, torch.float32, "cpu").at(0), cols, 0, "park")
+    with pytest.raises(ValueError, match=r"d: a grid of 9 patches with rows 7 to 10 in it expected, got 3 x 3"):
+        kernel(x, 1, kernels.GridDistances.build((3, 3), 16, torch.float32, "cpu").at(7), cols, 0, "park")
     with pytest.raises(ValueError, match=r"out: expected fp64 \[1, 2, 3, 4\]"):
         kernels.softmax_rows(
             x, 1, None, cols, 0, "park", NMI_EPS, torch.zeros(1, 2, 3, 5, dtype=torch.float64)
@@ -326,8 +363,7 @@ def test_the_portable_path_without_avx2_equals_the_fp64_reference(monkeypatch, t
     for definition in ("park", "unip"):
         npt, n = 5, 205
         logits = trained_logits(2, 2, 11, n, npt, seed=7)
-        d = torch.rand(11, n) * 300
-        d[:, :npt] = 0
+        d = grid_rows(n, npt, 11, p0=n)
         want_p, want_s, want_c = reference(logits, npt, d, definition, 0, 2)
         x, cols = logits.clone(), torch.zeros(2, 2, 2, n, dtype=torch.float64)
         stats = kernel(x, npt, d, cols, 0, definition)

@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -104,18 +105,90 @@ def library() -> ctypes.CDLL | None:
     return _declare(lib)
 
 
+@dataclass(frozen=True)
+class GridDistances:
+    """Distances in pixels between the patches of a (rows, cols) grid, as one small table instead
+    of a [P, P] matrix: ``d(q, k) = table[|yq - yk|, cols - 1 + xk - xq]`` (``table`` [rows,
+    2 cols - 1], a view into storage with 8 elements to spare, which the kernel's copies may read).
+    At 4,097 tokens that is 32 KiB instead of 64 MiB, or of a [rows, tokens] block of distances
+    computed for every block of query rows and read again for every head."""
+
+    table: torch.Tensor
+    grid: tuple[int, int]
+
+    @classmethod
+    def build(cls, grid: tuple[int, int], patch_size: int | tuple[int, int], dtype, device) -> GridDistances:
+        """``sqrt(dy^2 + dx^2)`` computed in ``dtype``: the offsets are whole pixels, so in fp32 the
+        squares and their sum are exact (below 2^24) and the root is the fp64 distance rounded."""
+        ph, pw = (patch_size, patch_size) if isinstance(patch_size, int) else patch_size
+        rows, cols = grid
+        dy = (torch.arange(rows, device=device) * ph).to(dtype)[:, None]
+        dx = (torch.arange(-(cols - 1), cols, device=device) * pw).to(dtype)[None, :]
+        storage = torch.zeros(rows * (2 * cols - 1) + 8, dtype=dtype, device=device)
+        table = storage[: rows * (2 * cols - 1)].view(rows, 2 * cols - 1)
+        table.copy_((dy * dy + dx * dx).sqrt_())
+        return cls(table, (rows, cols))
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def at(self, p0: int) -> DistanceRows:
+        """The rows of a block whose first query is patch ``p0``."""
+        return DistanceRows(self, p0)
+
+    def fp32(self) -> GridDistances:
+        if self.table.dtype == torch.float32:
+            return self
+        storage = torch.zeros(self.table.numel() + 8, device=self.table.device)
+        table = storage[: self.table.numel()].view(self.table.shape)
+        table.copy_(self.table)
+        return GridDistances(table, self.grid)
+
+    def rows(self, p0: int, p1: int, num_prefix_tokens: int = 0, dtype=None) -> torch.Tensor:
+        """The dense distances of query patches ``p0 : p1`` to every key [p1 - p0, prefix + P],
+        0 for the prefix keys (the path without the kernel)."""
+        rows, cols = self.grid
+        q = torch.arange(p0, p1, device=self.table.device)
+        k = torch.arange(rows * cols, device=self.table.device)
+        dy = (q[:, None] // cols - k[None, :] // cols).abs()
+        dx = k[None, :] % cols - q[:, None] % cols + (cols - 1)
+        d = self.table[dy, dx]
+        return torch.nn.functional.pad(d if dtype is None else d.to(dtype), (num_prefix_tokens, 0))
+
+    def sums(self) -> torch.Tensor:
+        """``sum_k d(q, k)`` per query patch q, fp64 [P], from the table in O(rows^2 cols)."""
+        rows, cols = self.grid
+        t = self.table.double()
+        # window sums along x: s[dy, xq] = sum_xk table[dy, cols - 1 - xq + xk]
+        c = torch.nn.functional.pad(t.cumsum(-1), (1, 0))
+        start = torch.arange(cols - 1, -1, -1, device=t.device)
+        s = c[:, start + cols] - c[:, start]
+        dy = (torch.arange(rows, device=t.device)[:, None] - torch.arange(rows, device=t.device)[None, :]).abs()
+        return s[dy].sum(1).flatten()
+
+
+@dataclass(frozen=True)
+class DistanceRows:
+    """The distances of a block's queries, patches ``p0, p0 + 1, ...``, to every key."""
+
+    grid: GridDistances
+    p0: int
+
+
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     """``lib`` with the kernel's argument types declared."""
     fn = lib.unip_attention_rows
     c_long, ptr = ctypes.c_long, ctypes.c_void_p
-    fn.argtypes = [ptr, c_long, c_long, c_long, c_long, ptr, ptr, c_long, c_long, ptr] + [c_long] * 5
+    fn.argtypes = [ptr, c_long, c_long, c_long, c_long, ptr, c_long, c_long, ptr, c_long, c_long, ptr]
+    fn.argtypes += [c_long] * 5
     fn.argtypes += [ctypes.c_double, ctypes.c_int, ctypes.c_int]
     fn.restype = ctypes.c_int
     return lib
 
 
 def _check(
-    logits: torch.Tensor, d: torch.Tensor | None, cols: torch.Tensor, h0: int, out: torch.Tensor
+    logits: torch.Tensor, d: DistanceRows | None, cols: torch.Tensor, h0: int, out: torch.Tensor, npt: int
 ) -> None:
     b, h, rows, n = logits.shape
     if (
@@ -127,8 +200,11 @@ def _check(
         raise ValueError(
             f"cols: expected fp64 [{b}, >= {h0 + h}, 2, {n}], got {tuple(cols.shape)} {cols.dtype}"
         )
-    if d is not None and tuple(d.shape) != (rows, n):
-        raise ValueError(f"d: expected [{rows}, {n}], got {tuple(d.shape)}")
+    if d is not None and (d.grid.num_patches != n - npt or not 0 <= d.p0 <= d.grid.num_patches - rows):
+        raise ValueError(
+            f"d: a grid of {n - npt} patches with rows {d.p0} to {d.p0 + rows} in it expected, "
+            f"got {d.grid.grid[0]} x {d.grid.grid[1]} patches"
+        )
     if out.dtype != torch.float64 or tuple(out.shape) != (b, h, rows, 4):
         raise ValueError(f"out: expected fp64 [{b}, {h}, {rows}, 4], got {tuple(out.shape)} {out.dtype}")
 
@@ -141,7 +217,7 @@ def kernel_applies(logits: torch.Tensor) -> bool:
 def softmax_rows(
     logits: torch.Tensor,
     num_prefix_tokens: int,
-    d: torch.Tensor | None,
+    d: DistanceRows | None,
     cols: torch.Tensor,
     h0: int,
     definition: str,
@@ -150,20 +226,23 @@ def softmax_rows(
 ) -> None:
     """Replace ``logits`` [B, h, rows, tokens] by its softmax over the last dim, add the block's
     column sums to ``cols[:, h0 : h0 + h]`` and write the row statistics to ``out`` [B, h, rows, 4]
-    fp64 (see the module's docstring; a view into a larger tensor will do). ``d`` [rows, tokens]:
-    each row's distance to every key (0 for the prefix keys), or None (sum_k A d is then 0)."""
-    _check(logits, d, cols, h0, out)
+    fp64 (see the module's docstring; a view into a larger tensor will do). ``d``: the rows' distances
+    to the patch keys (the block's rows are then patch queries ``d.p0, d.p0 + 1, ...``), or None
+    (sum_k A d is then 0)."""
+    _check(logits, d, cols, h0, out, num_prefix_tokens)
     fits = logits.is_contiguous() and cols.is_contiguous() and out.stride()[2:] == (4, 1)
     if not (fits and kernel_applies(logits)):
         logits.copy_(torch.softmax(logits, dim=-1))
         row_statistics(logits, num_prefix_tokens, d, cols, h0, definition, eps, out)
         return
     b, h, rows, n = logits.shape
+    table, grid_w, p0 = None, 1, 0
     if d is not None:
-        d = d.to(torch.float32).contiguous()
+        grid = d.grid.fp32()
+        table, grid_w, p0 = grid.table.data_ptr(), grid.grid[1], d.p0
     s_b, s_h, s_c, _ = cols.stride()
     failed = library().unip_attention_rows(
-        logits.data_ptr(), b * h, rows, n, num_prefix_tokens, None if d is None else d.data_ptr(),
+        logits.data_ptr(), b * h, rows, n, num_prefix_tokens, table, grid_w, p0,
         out.data_ptr(), out.stride(0), out.stride(1), cols.data_ptr(), h, h0, s_b, s_h, s_c, eps,
         DEFINITIONS[definition], torch.get_num_threads(),
     )  # fmt: skip
@@ -174,7 +253,7 @@ def softmax_rows(
 def row_statistics(
     probs: torch.Tensor,
     num_prefix_tokens: int,
-    d: torch.Tensor | None,
+    d: DistanceRows | None,
     cols: torch.Tensor,
     h0: int,
     definition: str,
@@ -184,12 +263,16 @@ def row_statistics(
     """What :func:`softmax_rows` computes, in PyTorch ops, from rows that are already
     probabilities (any float dtype; sums within a row in that dtype, everything else fp64).
     ``probs`` is left as it was."""
-    _check(probs, d, cols, h0, out)
+    _check(probs, d, cols, h0, out, num_prefix_tokens)
     npt = num_prefix_tokens
     a = probs[..., npt:]
     total = probs.sum(dim=-1)
     mass = a.sum(dim=-1)
-    dist = torch.zeros_like(mass) if d is None else torch.linalg.vecdot(probs, d.to(probs.dtype))
+    if d is None:
+        dist = torch.zeros_like(mass)
+    else:
+        rows = d.grid.rows(d.p0, d.p0 + probs.shape[-2], npt, probs.dtype)
+        dist = torch.linalg.vecdot(probs, rows)
     if definition == "park":
         a = a + eps  # A + eps > 0: x log x needs no xlogy (several times slower)
         plogp = torch.log(a).mul_(a).sum(dim=-1)

@@ -13,12 +13,11 @@ The attention distance follows Park et al. under either.
 from __future__ import annotations
 
 import math
-import threading
 
 import numpy as np
 import torch
 
-from .kernels import row_statistics, softmax_rows
+from .kernels import GridDistances, row_statistics, softmax_rows
 
 NMI_EPS = 1e-8  # added before renormalizing the patch rows for NMI, as the reference analysis does
 DISTANCE_EPS = 1e-32  # ... and for the attention distance (method.md section 1)
@@ -108,16 +107,6 @@ def patch_centres(grid: tuple[int, int], patch_size: int | tuple[int, int]) -> t
     return torch.stack([yy.flatten(), xx.flatten()], dim=1).double()
 
 
-def centre_distances(centres: torch.Tensor, p0: int, p1: int, dtype: torch.dtype) -> torch.Tensor:
-    """Distances in pixels from patches ``p0:p1`` to every patch, ``sqrt(dy^2 + dx^2)`` in ``dtype``:
-    [p1 - p0, P]. The offsets are whole pixels, so the squares and their sum are exact in fp32 and
-    the correctly rounded square root equals the float64 distance rounded to fp32."""
-    c = centres.to(dtype)
-    dy = c[p0:p1, 0, None] - c[None, :, 0]
-    dx = c[p0:p1, 1, None] - c[None, :, 1]
-    return dy.mul_(dy).addcmul_(dx, dx).sqrt_()
-
-
 class StreamingStatistics:
     """NMI, mean attention distance and sink sums per (image, head) of one layer, accumulated
     over blocks of query rows so that the layer's map never has to exist (method.md section 1).
@@ -154,14 +143,16 @@ class StreamingStatistics:
     ):
         self.num_prefix_tokens = num_prefix_tokens
         self.nmi_definition = check_nmi_definition(nmi_definition)
-        self.centres = patch_centres(grid, patch_size).to(device)
-        self.num_patches = n = self.centres.shape[0]
+        self.grid, self.patch_size, self.device = tuple(grid), patch_size, device
+        self.num_patches = n = grid[0] * grid[1]
+        self._distances: dict[torch.dtype, GridDistances] = {}  # the grid's table, per dtype of the blocks
         f64 = {"dtype": torch.float64, "device": device}
         tokens = n + num_prefix_tokens
         # per query row (prefix rows under 'unip' only): kernels.softmax_rows' four sums, fp64
         # (32 bytes a row, 8 / tokens of one layer's maps)
         self.row_sums = torch.zeros(batch, heads, tokens, 4, **f64)
-        self.d_sum = torch.zeros(n, **f64)  # sum_k d(q, k) per patch query
+        self.d_sum = self.distances(torch.float64).sums()  # sum_k d(q, k) per patch query
+        self.distances(torch.float32)  # built before the head groups' threads read it
         # column sums of the patch query rows: [sum_q A, sum_q A / Z_q (park) or R_q A (unip)]
         self.cols = torch.zeros(batch, heads, 2, tokens, **f64)
         self.unip = nmi_definition == "unip"
@@ -169,23 +160,17 @@ class StreamingStatistics:
             self.prefix_cols = torch.zeros(batch, heads, 2, tokens, **f64)
         self.rows_per_head = [0] * heads
         self.prefix_rows_per_head = [0] * heads
-        self._local = threading.local()  # each thread's last distance rows (attention._in_threads)
 
     @property
     def rows_seen(self) -> int:
         """Patch query rows every head has received."""
         return min(self.rows_per_head)
 
-    def distance_rows(self, p0: int, rows: int, npt: int, dtype: torch.dtype) -> torch.Tensor:
-        """d [rows, prefix + P] with zeros for the prefix keys, for patch queries ``p0 : p0 + rows``
-        (their sums go to ``d_sum``); kept for the next call, which is the same rows' next head group."""
-        key = (p0, rows, npt, dtype)
-        last = getattr(self._local, "distances", None)
-        if last is None or last[0] != key:
-            d = centre_distances(self.centres, p0, p0 + rows, dtype)
-            self.d_sum[p0 : p0 + rows] = d.sum(-1, dtype=torch.float64)
-            self._local.distances = last = key, torch.nn.functional.pad(d, (npt, 0))
-        return last[1]
+    def distances(self, dtype: torch.dtype) -> GridDistances:
+        """The grid's distances in ``dtype`` (a table of a few KiB, built once per dtype)."""
+        if dtype not in self._distances:
+            self._distances[dtype] = GridDistances.build(self.grid, self.patch_size, dtype, self.device)
+        return self._distances[dtype]
 
     def _block(self, q0: int, rows: int, h0: int, heads: int, dtype: torch.dtype) -> tuple:
         """(distance rows or None, the column sums the block adds to, where its row sums go) for
@@ -194,7 +179,7 @@ class StreamingStatistics:
         npt = self.num_prefix_tokens
         counts = self.rows_per_head if q0 >= npt else self.prefix_rows_per_head
         if q0 >= npt:
-            d, cols = self.distance_rows(q0 - npt, rows, npt, dtype), self.cols
+            d, cols = self.distances(dtype).at(q0 - npt), self.cols
         elif not self.unip:
             raise ValueError(f"rows from {q0} include prefix queries (the first {npt} tokens)")
         elif q0 + rows > npt:

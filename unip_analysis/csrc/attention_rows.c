@@ -98,8 +98,8 @@ static inline float log_clamped(float p) { return logf(p > FLT_MIN ? p : FLT_MIN
    (A + eps) log(A + eps) = (A + eps) log A + eps + eps^2 / (2 A) - eps^3 / (6 A^2) + ...,
    the dropped terms below 1e-12 a key; other rows take log8 (the choice is made once a row, so
    that the branch is never mispredicted within one). */
-static void one_row(float* x, long n, long npt, const float* d, double* o, float eps, int definition,
-                    float* col, float* wcol, float* tb) {
+static void one_row(float* x, long n, long npt, const float* d, const float* table, long gw, long yq,
+                    long xq, double* o, float eps, int definition, float* col, float* wcol, float* tb) {
   const int park = definition == PARK, unip = definition == UNIP;
   long j = 0;
   float m = -INFINITY, mn = INFINITY;
@@ -177,6 +177,10 @@ static void one_row(float* x, long n, long npt, const float* d, double* o, float
   const int series = park && exp((double)mn - m) / s >= TAU; /* every A of the row >= TAU */
   (void)log_s; /* the AVX2 path's, as tb and series */
   (void)tb;
+  (void)table; /* the AVX2 path's too */
+  (void)gw;
+  (void)yq;
+  (void)xq;
   (void)series;
 
   double prefix = 0, plogp = 0;
@@ -189,8 +193,10 @@ static void one_row(float* x, long n, long npt, const float* d, double* o, float
     if (unip) plogp += p * log_clamped(p);
   }
   double mass = 0, dist = 0;
-  for (long c0 = npt; c0 < n; c0 += CHUNK) {
-    const long c1 = c0 + CHUNK < n ? c0 + CHUNK : n;
+  /* with the table, chunks of whole key rows (each a run of the table) */
+  const long chunk = table ? gw * (CHUNK / gw > 0 ? CHUNK / gw : 1) : CHUNK;
+  for (long c0 = npt; c0 < n; c0 += chunk) {
+    const long c1 = c0 + chunk < n ? c0 + chunk : n;
     double ta = 0, td = 0, tp = 0;
     j = c0;
 #ifdef __AVX2__
@@ -198,28 +204,38 @@ static void one_row(float* x, long n, long npt, const float* d, double* o, float
     const __m256 vi = _mm256_set1_ps(inv), ve = _mm256_set1_ps(eps);
     const __m256 vw = _mm256_set1_ps(w), vls = _mm256_set1_ps(log_s);
     const __m256 ve2 = _mm256_set1_ps(0.5f * eps * eps), ve3 = _mm256_set1_ps(eps * eps * eps / 6);
-    for (; j + 8 <= c1; j += 8) {
-      const __m256 p = _mm256_mul_ps(_mm256_loadu_ps(x + j), vi);
-      _mm256_storeu_ps(x + j, p);
-      _mm256_storeu_ps(col + j, _mm256_add_ps(_mm256_loadu_ps(col + j), p));
-      _mm256_storeu_ps(wcol + j, _mm256_fmadd_ps(vw, p, _mm256_loadu_ps(wcol + j)));
-      aa = _mm256_add_ps(aa, p);
-      if (d) ad = _mm256_fmadd_ps(p, _mm256_loadu_ps(d + j), ad);
-      if (park) {
-        const __m256 a = _mm256_add_ps(p, ve);
-        if (series) { /* (A + eps) log A + eps + r (eps^2 / 2 - r eps^3 / 6), r = 1 / A to 12 bits */
-          const __m256 log_p = _mm256_sub_ps(_mm256_loadu_ps(tb + j), vls);
-          const __m256 r = _mm256_rcp_ps(p);
-          const __m256 tail = _mm256_fmadd_ps(r, _mm256_fnmadd_ps(r, ve3, ve2), ve);
-          ap = _mm256_add_ps(ap, _mm256_fmadd_ps(a, log_p, tail));
-        } else {
-          ap = _mm256_fmadd_ps(a, log8(a), ap);
-        }
-      } else if (unip) {
-        ap = _mm256_fmadd_ps(p, _mm256_sub_ps(_mm256_loadu_ps(tb + j), vls), ap);
+    for (long s0 = c0; s0 < c1 && j == s0;) { /* segments: key rows (table) or the whole chunk */
+      const long s1 = table ? s0 + gw : c1;
+      const float* ds = d ? d + s0 : NULL; /* ds[j - s0]: the distance to key j */
+      if (table) {
+        const long yk = (s0 - npt) / gw;
+        ds = table + (yq > yk ? yq - yk : yk - yq) * (2 * gw - 1) + (gw - 1 - xq);
       }
+      for (; j + 8 <= s1; j += 8) {
+        const __m256 p = _mm256_mul_ps(_mm256_loadu_ps(x + j), vi);
+        _mm256_storeu_ps(x + j, p);
+        _mm256_storeu_ps(col + j, _mm256_add_ps(_mm256_loadu_ps(col + j), p));
+        _mm256_storeu_ps(wcol + j, _mm256_fmadd_ps(vw, p, _mm256_loadu_ps(wcol + j)));
+        aa = _mm256_add_ps(aa, p);
+        if (ds) ad = _mm256_fmadd_ps(p, _mm256_loadu_ps(ds + (j - s0)), ad);
+        if (park) {
+          const __m256 a = _mm256_add_ps(p, ve);
+          if (series) { /* (A + eps) log A + eps + r (eps^2 / 2 - r eps^3 / 6), r = 1 / A to 12 bits */
+            const __m256 log_p = _mm256_sub_ps(_mm256_loadu_ps(tb + j), vls);
+            const __m256 r = _mm256_rcp_ps(p);
+            const __m256 tail = _mm256_fmadd_ps(r, _mm256_fnmadd_ps(r, ve3, ve2), ve);
+            ap = _mm256_add_ps(ap, _mm256_fmadd_ps(a, log_p, tail));
+          } else {
+            ap = _mm256_fmadd_ps(a, log8(a), ap);
+          }
+        } else if (unip) {
+          ap = _mm256_fmadd_ps(p, _mm256_sub_ps(_mm256_loadu_ps(tb + j), vls), ap);
+        }
+      }
+      s0 = s1;
     }
-    if (j < c1) { /* the same on the last elements; lanes past the row read and add 0 */
+    if (j < c1) { /* the same on the last elements (never with the table: its chunks are whole key
+                     rows, multiples of 8); lanes past the row read and add 0 */
       const __m256i mask = tail_mask(c1 - j);
       const __m256 p = _mm256_mul_ps(_mm256_maskload_ps(x + j, mask), vi);
       _mm256_maskstore_ps(x + j, mask, p);
@@ -263,6 +279,26 @@ static void one_row(float* x, long n, long npt, const float* d, double* o, float
   o[3] = plogp;
 }
 
+/* The distances of query patch p to every patch key into d[0 .. P - 1] (P = gh x gw, row-major
+   grid): d(q, k) = table[|yq - yk|][gw - 1 - xq + xk], so that each key row's distances are one
+   contiguous run of the table (rows of 2 gw - 1 floats). The copies go 8 floats at a time and may
+   run up to 7 floats past a key row, into the next row's place (written next) or the padding: d
+   and table must have 8 floats to spare after their last element. The table is a few KiB (32 KiB
+   at 4,097 tokens): a row's distances come from the L1 cache instead of a [rows, tokens] block of
+   them computed per block of rows and read from memory per head. */
+static void distance_row(float* d, const float* table, long gh, long gw, long p) {
+  const long yq = p / gw, xq = p % gw, w2 = 2 * gw - 1;
+  for (long yk = 0; yk < gh; ++yk) {
+    const float* src = table + (yq > yk ? yq - yk : yk - yq) * w2 + (gw - 1 - xq);
+    float* dst = d + yk * gw;
+#ifdef __AVX2__
+    for (long c = 0; c < gw; c += 8) _mm256_storeu_ps(dst + c, _mm256_loadu_ps(src + c));
+#else
+    memcpy(dst, src, (size_t)gw * sizeof(float));
+#endif
+  }
+}
+
 /* acc's two rows of column sums added to image x head i's columns (see unip_attention_rows), then
    zeroed; one thread at a time */
 static void add_columns(double* cols, float* acc, long n, long i, long heads, long h0, long stride_b,
@@ -277,20 +313,23 @@ static void add_columns(double* cols, float* acc, long n, long i, long heads, lo
 }
 
 /* x: [bh, rows, n] fp32 logits (bh = images x heads, row-major), replaced by their softmax.
-   d: [rows, n] distances from each row's query to every key (0 for prefix keys), or NULL.
+   table: the patch grid's distances (see distance_row; grid_w patches a row, (n - npt) / grid_w
+   rows), row r of the block being query patch p0 + r; or NULL (no distances: sum_k A d = 0).
    stats: row r of image b, head h of the block at stats + b * stats_b + h * stats_h + r * 4 (see
    one_row). cols: the column sums are added to
    cols + b * stride_b + (h0 + h) * stride_h + c * stride_c + k for image b, head h of the block:
    c = 0 the plain sum over the rows, c = 1 each row weighted by 1 / (mass + (n - npt) eps)
    under PARK, by its sum under UNIP. Returns 0, or 1 where scratch memory could not be had. */
-int unip_attention_rows(float* x, long bh, long rows, long n, long npt, const float* d, double* stats,
+int unip_attention_rows(float* x, long bh, long rows, long n, long npt, const float* table, long grid_w,
+                        long p0, double* stats,
                         long stats_b, long stats_h, double* cols, long heads, long h0, long stride_b,
                         long stride_h, long stride_c, double eps, int definition, int nthreads) {
   int failed = 0;
   const long total = bh * rows;
 #pragma omp parallel num_threads(nthreads) reduction(| : failed)
   {
-    float* acc = (float*)calloc(3 * (size_t)n, sizeof(float)); /* col, wcol, t */
+    /* col, wcol, t, the row's distances (prefix keys 0, 8 floats to spare) */
+    float* acc = (float*)calloc(4 * (size_t)n + 8, sizeof(float));
     if (!acc) failed = 1;
     long held = -1; /* the image x head whose column sums acc holds */
     /* each thread takes a contiguous range of (image x head, row): one or two images x heads
@@ -304,7 +343,18 @@ int unip_attention_rows(float* x, long bh, long rows, long n, long npt, const fl
         held = i;
       }
       double* o = stats + (i / heads) * stats_b + (i % heads) * stats_h + r * 4;
-      one_row(x + ir * n, n, npt, d ? d + r * n : NULL, o, (float)eps, definition, acc, acc + n, acc + 2 * n);
+      float* d = NULL;
+      const float* direct = NULL; /* rows of 8 keys or more: straight from the table */
+      const long p = p0 + r;
+#ifdef __AVX2__
+      if (table && grid_w % 8 == 0) direct = table;
+#endif
+      if (table && !direct) {
+        d = acc + 3 * n;
+        distance_row(d + npt, table, (n - npt) / grid_w, grid_w, p);
+      }
+      one_row(x + ir * n, n, npt, d, direct, grid_w, p / grid_w, p % grid_w, o, (float)eps, definition, acc,
+              acc + n, acc + 2 * n);
     }
     if (acc && held >= 0) add_columns(cols, acc, n, held, heads, h0, stride_b, stride_h, stride_c);
     free(acc);
