@@ -280,9 +280,13 @@ def test_bad_shapes_are_refused_with_what_was_expected():
     cols = torch.zeros(1, 2, 2, 10, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"cols: expected fp64 \[1, >= 2, 2, 10\]"):
         kernel(x, 1, None, torch.zeros(1, 2, 2, 9, dtype=torch.float64), 0, "park")
-    with pytest.raises(ValueError, match=r"d: a grid of 9 patches with rows 0 to 3 in it expected, got 2 x 4"):
+    with pytest.raises(
+        ValueError, match=r"d: a grid of 9 patches with rows 0 to 3 in it expected, got 2 x 4"
+    ):
         kernel(x, 1, kernels.GridDistances.build((2, 4), 16, torch.float32, "cpu").at(0), cols, 0, "park")
-    with pytest.raises(ValueError, match=r"d: a grid of 9 patches with rows 7 to 10 in it expected, got 3 x 3"):
+    with pytest.raises(
+        ValueError, match=r"d: a grid of 9 patches with rows 7 to 10 in it expected, got 3 x 3"
+    ):
         kernel(x, 1, kernels.GridDistances.build((3, 3), 16, torch.float32, "cpu").at(7), cols, 0, "park")
     with pytest.raises(ValueError, match=r"out: expected fp64 \[1, 2, 3, 4\]"):
         kernels.softmax_rows(

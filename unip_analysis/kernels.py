@@ -164,7 +164,9 @@ class GridDistances:
         c = torch.nn.functional.pad(t.cumsum(-1), (1, 0))
         start = torch.arange(cols - 1, -1, -1, device=t.device)
         s = c[:, start + cols] - c[:, start]
-        dy = (torch.arange(rows, device=t.device)[:, None] - torch.arange(rows, device=t.device)[None, :]).abs()
+        dy = (
+            torch.arange(rows, device=t.device)[:, None] - torch.arange(rows, device=t.device)[None, :]
+        ).abs()
         return s[dy].sum(1).flatten()
 
 

@@ -12,6 +12,7 @@ The attention distance follows Park et al. under either.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -107,6 +108,20 @@ def patch_centres(grid: tuple[int, int], patch_size: int | tuple[int, int]) -> t
     return torch.stack([yy.flatten(), xx.flatten()], dim=1).double()
 
 
+@functools.lru_cache(maxsize=32)
+def _grid_distances(
+    grid: tuple[int, int], patch_size, dtype: torch.dtype, device: torch.device
+) -> GridDistances:
+    """One table per geometry, dtype and device, shared by every layer and batch (and by the
+    head groups' threads, which only read it)."""
+    return GridDistances.build(grid, patch_size, dtype, device)
+
+
+@functools.lru_cache(maxsize=32)
+def _distance_sums(grid: tuple[int, int], patch_size, device: torch.device) -> torch.Tensor:
+    return _grid_distances(grid, patch_size, torch.float64, device).sums()
+
+
 class StreamingStatistics:
     """NMI, mean attention distance and sink sums per (image, head) of one layer, accumulated
     over blocks of query rows so that the layer's map never has to exist (method.md section 1).
@@ -143,16 +158,18 @@ class StreamingStatistics:
     ):
         self.num_prefix_tokens = num_prefix_tokens
         self.nmi_definition = check_nmi_definition(nmi_definition)
-        self.grid, self.patch_size, self.device = tuple(grid), patch_size, device
+        self.grid = (int(grid[0]), int(grid[1]))
+        self.patch_size = patch_size if isinstance(patch_size, int) else tuple(int(p) for p in patch_size)
+        self.device = device
         self.num_patches = n = grid[0] * grid[1]
-        self._distances: dict[torch.dtype, GridDistances] = {}  # the grid's table, per dtype of the blocks
         f64 = {"dtype": torch.float64, "device": device}
         tokens = n + num_prefix_tokens
         # per query row (prefix rows under 'unip' only): kernels.softmax_rows' four sums, fp64
         # (32 bytes a row, 8 / tokens of one layer's maps)
         self.row_sums = torch.zeros(batch, heads, tokens, 4, **f64)
-        self.d_sum = self.distances(torch.float64).sums()  # sum_k d(q, k) per patch query
-        self.distances(torch.float32)  # built before the head groups' threads read it
+        self.d_sum = _distance_sums(
+            self.grid, self.patch_size, torch.device(device)
+        )  # sum_k d(q, k) per patch query
         # column sums of the patch query rows: [sum_q A, sum_q A / Z_q (park) or R_q A (unip)]
         self.cols = torch.zeros(batch, heads, 2, tokens, **f64)
         self.unip = nmi_definition == "unip"
@@ -167,10 +184,8 @@ class StreamingStatistics:
         return min(self.rows_per_head)
 
     def distances(self, dtype: torch.dtype) -> GridDistances:
-        """The grid's distances in ``dtype`` (a table of a few KiB, built once per dtype)."""
-        if dtype not in self._distances:
-            self._distances[dtype] = GridDistances.build(self.grid, self.patch_size, dtype, self.device)
-        return self._distances[dtype]
+        """The grid's distances in ``dtype`` (a table of a few KiB)."""
+        return _grid_distances(self.grid, self.patch_size, dtype, torch.device(self.device))
 
     def _block(self, q0: int, rows: int, h0: int, heads: int, dtype: torch.dtype) -> tuple:
         """(distance rows or None, the column sums the block adds to, where its row sums go) for
