@@ -160,6 +160,9 @@ def test_grid_distances_equal_the_dense_matrix(grid):
     torch.testing.assert_close(table.rows(0, patches), full, rtol=0, atol=0)
     torch.testing.assert_close(table.sums(), full.sum(1), rtol=1e-12, atol=0)
     torch.testing.assert_close(table.fp32().rows(0, patches), full.float(), rtol=0, atol=0)
+    bare = kernels.GridDistances(table.table.float().clone(), grid)  # no elements to spare
+    padded = bare.fp32()
+    assert padded is not bare and padded.fp32() is padded
     if kernels.library() is None:
         return
     npt, rows = 1, min(patches, 5)

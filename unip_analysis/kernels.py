@@ -105,7 +105,7 @@ def library() -> ctypes.CDLL | None:
     return _declare(lib)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class GridDistances:
     """Distances in pixels between the patches of a (rows, cols) grid, as one small table instead
     of a [P, P] matrix: ``d(q, k) = table[|yq - yk|, cols - 1 + xk - xq]`` (``table`` [rows,
@@ -138,7 +138,10 @@ class GridDistances:
         return DistanceRows(self, p0)
 
     def fp32(self) -> GridDistances:
-        if self.table.dtype == torch.float32:
+        """The table in fp32, contiguous, with its 8 elements to spare (what the kernel reads)."""
+        t = self.table
+        spare = t.untyped_storage().nbytes() // t.element_size() - t.storage_offset() - t.numel()
+        if t.dtype == torch.float32 and t.is_contiguous() and spare >= 8:
             return self
         storage = torch.zeros(self.table.numel() + 8, device=self.table.device)
         table = storage[: self.table.numel()].view(self.table.shape)
@@ -170,7 +173,7 @@ class GridDistances:
         return s[dy].sum(1).flatten()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class DistanceRows:
     """The distances of a block's queries, patches ``p0, p0 + 1, ...``, to every key."""
 
