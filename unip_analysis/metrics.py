@@ -188,7 +188,7 @@ class StreamingStatistics:
         return _grid_distances(self.grid, self.patch_size, dtype, torch.device(self.device))
 
     def _block(self, q0: int, rows: int, h0: int, heads: int, dtype: torch.dtype) -> tuple:
-        """(distance rows or None, the column sums the block adds to, where its row sums go) for
+        """(the rows' distances or None, the column sums the block adds to, where its row sums go) for
         rows ``q0 : q0 + rows`` of heads ``h0 : h0 + heads``, all prefix or all patch queries;
         counts the rows."""
         npt = self.num_prefix_tokens
