@@ -126,8 +126,9 @@ def child(
 
     from unip_analysis.attention import (
         DEFAULT_BLOCK_BYTES,
-        THREADS_FROM_BYTES,
         AttentionMaps,
+        head_group_threads,
+        heads_per_block,
         observe_attention,
     )
     from unip_analysis.checkpoints import build_vit
@@ -195,8 +196,9 @@ def child(
             peaks[variant] = peak_rss_mib() - base
         # the profiler records this thread's allocations only: left out where the analysis runs
         # its head groups in threads of its own
-        maps_bytes = batch * int(model.blocks[0].attn.num_heads) * (grid[0] * grid[1] + npt) ** 2 * 4
-        threaded = torch.get_num_threads() > 1 and maps_bytes >= THREADS_FROM_BYTES
+        heads, tokens = int(model.blocks[0].attn.num_heads), grid[0] * grid[1] + npt
+        groups = math.ceil(heads / heads_per_block(batch, heads, tokens, block_bytes or DEFAULT_BLOCK_BYTES))
+        threaded = head_group_threads(batch, heads, tokens, groups) > 1
         live = {v: live_peak_mib(fns[v]) for v in variants} if live and not cuda and not threaded else {}
         # Variants alternate repeat by repeat, so that a change in the machine's load between
         # them moves every variant alike and leaves the ratios alone; every other repeat runs

@@ -54,6 +54,14 @@ MIN_BLOCK_ROWS = 128
 THREADS_FROM_BYTES = 64 * 2**20
 
 
+def head_group_threads(batch: int, heads: int, tokens: int, groups: int) -> int:
+    """Threads a CPU layer of the analysis runs its ``groups`` head groups in (1: none): torch's
+    thread count from ``THREADS_FROM_BYTES`` of maps a layer on."""
+    if batch * heads * tokens**2 * 4 < THREADS_FROM_BYTES:
+        return 1
+    return max(1, min(torch.get_num_threads(), groups))
+
+
 # --- which models and attention classes are supported ----------------------------------------
 
 
@@ -340,12 +348,8 @@ def _streaming_forward(layer: int, observer: AttentionObserver, num_prefix_token
                         del probs, logits
 
             workers = 1
-            if (
-                fused is not None
-                and x.device.type == "cpu"
-                and batch * heads * tokens**2 * 4 >= THREADS_FROM_BYTES
-            ):
-                workers = min(torch.get_num_threads(), len(starts))
+            if fused is not None and x.device.type == "cpu":
+                workers = head_group_threads(batch, heads, tokens, len(starts))
             if workers == 1:
                 blocks_of(range(len(starts)))
             else:

@@ -160,16 +160,14 @@ class StreamingStatistics:
         self.nmi_definition = check_nmi_definition(nmi_definition)
         self.grid = (int(grid[0]), int(grid[1]))
         self.patch_size = patch_size if isinstance(patch_size, int) else tuple(int(p) for p in patch_size)
-        self.device = device
+        self.device = torch.device(device)
         self.num_patches = n = grid[0] * grid[1]
         f64 = {"dtype": torch.float64, "device": device}
         tokens = n + num_prefix_tokens
         # per query row (prefix rows under 'unip' only): kernels.softmax_rows' four sums, fp64
         # (32 bytes a row, 8 / tokens of one layer's maps)
         self.row_sums = torch.zeros(batch, heads, tokens, 4, **f64)
-        self.d_sum = _distance_sums(
-            self.grid, self.patch_size, torch.device(device)
-        )  # sum_k d(q, k) per patch query
+        self.d_sum = _distance_sums(self.grid, self.patch_size, self.device)  # sum_k d(q, k) per patch query
         # column sums of the patch query rows: [sum_q A, sum_q A / Z_q (park) or R_q A (unip)]
         self.cols = torch.zeros(batch, heads, 2, tokens, **f64)
         self.unip = nmi_definition == "unip"
@@ -185,7 +183,7 @@ class StreamingStatistics:
 
     def distances(self, dtype: torch.dtype) -> GridDistances:
         """The grid's distances in ``dtype`` (a table of a few KiB)."""
-        return _grid_distances(self.grid, self.patch_size, dtype, torch.device(self.device))
+        return _grid_distances(self.grid, self.patch_size, dtype, self.device)
 
     def _block(self, q0: int, rows: int, h0: int, heads: int, dtype: torch.dtype) -> tuple:
         """(the rows' distances or None, the column sums the block adds to, where its row sums go) for
